@@ -1,0 +1,142 @@
+//! A published message: exchange, routing key, raw content-header properties
+//! and body, in one exact-size buffer shared by every queue it was routed to.
+
+use warren_codec::properties::Properties;
+
+#[derive(Debug)]
+pub struct Message {
+    /// exchange | routing key | properties | body
+    data: Box<[u8]>,
+    exchange_len: u8,
+    routing_key_len: u8,
+    properties_len: u32,
+    pub persistent: bool,
+    pub priority: u8,
+}
+
+impl Message {
+    /// Starts a message whose body will arrive in `body_size` bytes of body
+    /// frames; the buffer is allocated once at its final size.
+    pub fn builder(exchange: &[u8], routing_key: &[u8], properties: &Properties, body_size: usize) -> MessageBuilder {
+        let exchange = &exchange[..exchange.len().min(255)];
+        let routing_key = &routing_key[..routing_key.len().min(255)];
+        let props = properties.as_bytes();
+        let mut data = Vec::with_capacity(exchange.len() + routing_key.len() + props.len() + body_size);
+        data.extend_from_slice(exchange);
+        data.extend_from_slice(routing_key);
+        data.extend_from_slice(props);
+        MessageBuilder {
+            data,
+            exchange_len: exchange.len() as u8,
+            routing_key_len: routing_key.len() as u8,
+            properties_len: props.len() as u32,
+            body_size,
+            persistent: properties.delivery_mode() == Some(2),
+            priority: properties.priority().unwrap_or(0),
+        }
+    }
+
+    pub fn exchange(&self) -> &[u8] {
+        &self.data[..self.exchange_len as usize]
+    }
+
+    pub fn routing_key(&self) -> &[u8] {
+        let start = self.exchange_len as usize;
+        &self.data[start..start + self.routing_key_len as usize]
+    }
+
+    pub fn properties(&self) -> &[u8] {
+        let start = self.exchange_len as usize + self.routing_key_len as usize;
+        &self.data[start..start + self.properties_len as usize]
+    }
+
+    pub fn body(&self) -> &[u8] {
+        let start = self.exchange_len as usize + self.routing_key_len as usize + self.properties_len as usize;
+        &self.data[start..]
+    }
+
+    /// Properties as a view (copies the property bytes; off the hot path).
+    pub fn properties_view(&self) -> Properties {
+        Properties::parse(bytes::Bytes::copy_from_slice(self.properties())).unwrap_or_else(Properties::empty)
+    }
+
+    pub fn body_len(&self) -> usize {
+        self.body().len()
+    }
+
+    /// A copy with different properties (Direct Reply-To, BCC removal).
+    pub fn with_properties(&self, properties: &Properties) -> Message {
+        let mut builder = Message::builder(self.exchange(), self.routing_key(), properties, self.body_len());
+        builder.push_body(self.body());
+        let mut message = builder.finish();
+        message.persistent = self.persistent;
+        message
+    }
+}
+
+pub struct MessageBuilder {
+    data: Vec<u8>,
+    exchange_len: u8,
+    routing_key_len: u8,
+    properties_len: u32,
+    body_size: usize,
+    persistent: bool,
+    priority: u8,
+}
+
+impl MessageBuilder {
+    pub fn body_received(&self) -> usize {
+        self.data.len() - self.exchange_len as usize - self.routing_key_len as usize - self.properties_len as usize
+    }
+
+    pub fn body_size(&self) -> usize {
+        self.body_size
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.body_received() >= self.body_size
+    }
+
+    /// Appends a body frame; returns false if it would exceed the size the
+    /// content header declared.
+    pub fn push_body(&mut self, chunk: &[u8]) -> bool {
+        if self.body_received() + chunk.len() > self.body_size {
+            return false;
+        }
+        self.data.extend_from_slice(chunk);
+        true
+    }
+
+    pub fn finish(self) -> Message {
+        Message {
+            data: self.data.into_boxed_slice(),
+            exchange_len: self.exchange_len,
+            routing_key_len: self.routing_key_len,
+            properties_len: self.properties_len,
+            persistent: self.persistent,
+            priority: self.priority,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_kept_apart_and_body_size_is_enforced() {
+        let props = Properties::parse(bytes::Bytes::from_static(&[0x10, 0, 2])).unwrap();
+        let mut builder = Message::builder(b"ex", b"key", &props, 5);
+        assert!(builder.push_body(b"hel"));
+        assert!(!builder.is_complete());
+        assert!(!builder.push_body(b"lo!"));
+        assert!(builder.push_body(b"lo"));
+        assert!(builder.is_complete());
+        let message = builder.finish();
+        assert_eq!(message.exchange(), b"ex");
+        assert_eq!(message.routing_key(), b"key");
+        assert_eq!(message.properties(), &[0x10, 0, 2]);
+        assert_eq!(message.body(), b"hello");
+        assert!(message.persistent);
+    }
+}

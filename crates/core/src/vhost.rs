@@ -1,0 +1,1161 @@
+//! One virtual host: its exchanges, queues, bindings and the delivery state
+//! of every channel opened on it, behind one lock.
+//!
+//! Invariants:
+//! - a message is in exactly one place per queue it was routed to: a queue's
+//!   ready list, or one channel's unacked list;
+//! - delivery tags on a channel increase by one per delivery, so a channel's
+//!   unacked list is sorted by tag;
+//! - deliveries are written to an [`Outbox`] while the lock is held, so they
+//!   are ordered with every reply the server writes under the same lock.
+//!
+//! Operations that free credit or add messages only mark queues dirty; the
+//! caller runs [`VirtualHostState::run_dispatch`] after writing its own reply
+//! (a `basic.consume-ok` must precede the first delivery).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+use warren_codec::reply::{AmqpError, ReplyCode};
+use warren_codec::types::FieldTable;
+
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::message::Message;
+use crate::queue::{Queue, QueueConsumer};
+
+pub type ConnectionId = u64;
+pub type QueueId = u64;
+
+/// The pseudo-queue of Direct Reply-To.
+pub const REPLY_TO_QUEUE: &str = "amq.rabbitmq.reply-to";
+const REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelKey {
+    pub connection: ConnectionId,
+    pub channel: u16,
+}
+
+/// Where the core writes frames for a connection.
+pub trait Outbox: Send + Sync {
+    fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message);
+    /// The server cancelled a consumer (its queue was deleted).
+    fn consumer_cancelled(&self, channel: u16, consumer_tag: &str);
+    /// True while the connection's unsent bytes are above its limit: the core
+    /// then stops delivering to it until [`VirtualHostState::resume_connection`].
+    fn is_congested(&self) -> bool;
+}
+
+#[derive(Debug)]
+struct Unacked {
+    delivery_tag: u64,
+    queue: QueueId,
+    seq: u64,
+    message: Arc<Message>,
+    /// None for `basic.get`.
+    consumer: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct ConsumerState {
+    queue: QueueId,
+    no_ack: bool,
+    prefetch_count: u16,
+    unacked: u32,
+}
+
+struct ChannelState {
+    outbox: Arc<dyn Outbox>,
+    next_delivery_tag: u64,
+    unacked: VecDeque<Unacked>,
+    unacked_bytes: u64,
+    consumers: HashMap<Arc<str>, ConsumerState>,
+    /// `basic.qos global=true`: shared by every consumer of the channel.
+    prefetch_count: u16,
+    /// Applies to the channel as a whole.
+    prefetch_size: u32,
+    /// `basic.qos global=false`: for consumers created afterwards.
+    consumer_prefetch: u16,
+    flow_active: bool,
+    reply_consumer: Option<(Box<str>, Arc<str>)>,
+}
+
+impl ChannelState {
+    fn can_deliver(&self, tag: &str, size: usize) -> bool {
+        if !self.flow_active || self.outbox.is_congested() {
+            return false;
+        }
+        let Some(consumer) = self.consumers.get(tag) else {
+            return false;
+        };
+        if consumer.no_ack {
+            return true;
+        }
+        if consumer.prefetch_count != 0 && consumer.unacked >= u32::from(consumer.prefetch_count) {
+            return false;
+        }
+        if self.prefetch_count != 0 && self.unacked.len() >= usize::from(self.prefetch_count) {
+            return false;
+        }
+        self.prefetch_size == 0
+            || self.unacked_bytes == 0
+            || self.unacked_bytes + size as u64 <= u64::from(self.prefetch_size)
+    }
+
+    fn next_tag(&mut self) -> u64 {
+        self.next_delivery_tag += 1;
+        self.next_delivery_tag
+    }
+}
+
+/// What `basic.get` hands back.
+pub struct GetResult {
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    pub message_count: u32,
+}
+
+pub struct QueueDeclared {
+    pub name: String,
+    pub message_count: u32,
+    pub consumer_count: u32,
+}
+
+pub struct VirtualHostState {
+    pub name: String,
+    exchanges: HashMap<Box<str>, Exchange>,
+    queue_ids: HashMap<Box<str>, QueueId>,
+    queues: HashMap<QueueId, Queue>,
+    next_queue_id: QueueId,
+    channels: HashMap<ChannelKey, ChannelState>,
+    reply_tokens: HashMap<Box<str>, (ChannelKey, Arc<str>)>,
+    dirty: Vec<QueueId>,
+    scratch_destinations: Vec<Destination>,
+    scratch_queues: Vec<QueueId>,
+}
+
+pub struct VirtualHost {
+    state: Mutex<VirtualHostState>,
+}
+
+impl VirtualHost {
+    pub fn new(name: &str) -> VirtualHost {
+        VirtualHost { state: Mutex::new(VirtualHostState::new(name)) }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, VirtualHostState> {
+        self.state.lock()
+    }
+}
+
+fn soft(code: ReplyCode, text: impl std::fmt::Display) -> AmqpError {
+    AmqpError::soft(code, text, 0, 0)
+}
+
+fn precondition(text: impl std::fmt::Display) -> AmqpError {
+    soft(ReplyCode::PreconditionFailed, text)
+}
+
+fn bool_str(value: bool) -> &'static str {
+    if value {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+/// Queue arguments whose values must be equal on redeclaration.
+const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-queue-type",
+    "x-queue-mode",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+    "x-queue-master-locator",
+];
+
+fn describe(value: Option<&warren_codec::types::AMQPValue>) -> String {
+    use warren_codec::types::AMQPValue as V;
+    match value {
+        None => "none".into(),
+        Some(v) => match v {
+            V::LongString(_) | V::ShortString(_) => {
+                format!("the value '{}' of type 'longstr'", warren_codec::table::as_str(v).unwrap_or(""))
+            }
+            V::Boolean(b) => format!("the value '{b}' of type 'bool'"),
+            other => match warren_codec::table::as_i64(other) {
+                Some(n) => format!("the value '{n}' of type '{}'", int_type(other)),
+                None => format!("the value '{other:?}'"),
+            },
+        },
+    }
+}
+
+fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
+    use warren_codec::types::AMQPValue as V;
+    match value {
+        V::ShortShortInt(_) => "byte",
+        V::ShortShortUInt(_) => "unsignedbyte",
+        V::ShortInt(_) => "short",
+        V::ShortUInt(_) => "unsignedshort",
+        V::LongInt(_) => "signedint",
+        V::LongUInt(_) => "unsignedint",
+        V::Timestamp(_) => "timestamp",
+        _ => "long",
+    }
+}
+
+impl VirtualHostState {
+    pub fn new(name: &str) -> VirtualHostState {
+        let mut state = VirtualHostState {
+            name: name.to_string(),
+            exchanges: HashMap::new(),
+            queue_ids: HashMap::new(),
+            queues: HashMap::new(),
+            next_queue_id: 1,
+            channels: HashMap::new(),
+            reply_tokens: HashMap::new(),
+            dirty: Vec::new(),
+            scratch_destinations: Vec::new(),
+            scratch_queues: Vec::new(),
+        };
+        for (name, kind) in [
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+            ("amq.match", ExchangeKind::Headers),
+        ] {
+            state.exchanges.insert(name.into(), Exchange::new(name, kind, true, false, false, FieldTable::default()));
+        }
+        state
+    }
+
+    fn not_found_queue(&self, name: &str) -> AmqpError {
+        soft(ReplyCode::NotFound, format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    fn not_found_exchange(&self, name: &str) -> AmqpError {
+        soft(ReplyCode::NotFound, format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    fn locked(&self, name: &str) -> AmqpError {
+        soft(
+            ReplyCode::ResourceLocked,
+            format!(
+                "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                self.name
+            ),
+        )
+    }
+
+    /// Looks a queue up on behalf of a connection (404 / 405).
+    fn queue_id(&self, connection: ConnectionId, name: &str) -> Result<QueueId, AmqpError> {
+        let id = *self.queue_ids.get(name).ok_or_else(|| self.not_found_queue(name))?;
+        match self.queues.get(&id) {
+            Some(queue) if queue.is_exclusive_to_other(connection) => Err(self.locked(name)),
+            Some(_) => Ok(id),
+            None => Err(self.not_found_queue(name)),
+        }
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&Queue> {
+        self.queue_ids.get(name).and_then(|id| self.queues.get(id))
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<&Exchange> {
+        self.exchanges.get(name)
+    }
+
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queue_ids.keys().map(|k| k.to_string()).collect()
+    }
+
+    fn mark_dirty(&mut self, queue: QueueId) {
+        if !self.dirty.contains(&queue) {
+            self.dirty.push(queue);
+        }
+    }
+
+    // ---- channels -------------------------------------------------------
+
+    pub fn open_channel(&mut self, key: ChannelKey, outbox: Arc<dyn Outbox>) {
+        self.channels.insert(
+            key,
+            ChannelState {
+                outbox,
+                next_delivery_tag: 0,
+                unacked: VecDeque::new(),
+                unacked_bytes: 0,
+                consumers: HashMap::new(),
+                prefetch_count: 0,
+                prefetch_size: 0,
+                consumer_prefetch: 0,
+                flow_active: true,
+                reply_consumer: None,
+            },
+        );
+    }
+
+    /// Closes a channel: its consumers go away and its unacked messages
+    /// return to their queues, marked redelivered.
+    pub fn close_channel(&mut self, key: ChannelKey) {
+        let Some(channel) = self.channels.remove(&key) else {
+            return;
+        };
+        if let Some((token, _)) = &channel.reply_consumer {
+            self.reply_tokens.remove(token);
+        }
+        for unacked in channel.unacked.into_iter().rev() {
+            self.requeue(unacked);
+        }
+        for (tag, consumer) in channel.consumers {
+            self.detach_consumer(consumer.queue, key, &tag);
+        }
+        self.run_dispatch();
+    }
+
+    /// Closes every channel of a connection and deletes its exclusive queues.
+    pub fn close_connection(&mut self, connection: ConnectionId) {
+        let keys: Vec<ChannelKey> = self.channels.keys().filter(|k| k.connection == connection).copied().collect();
+        for key in keys {
+            self.close_channel(key);
+        }
+        let exclusive: Vec<QueueId> =
+            self.queues.values().filter(|q| q.exclusive_owner == Some(connection)).map(|q| q.id).collect();
+        for id in exclusive {
+            self.remove_queue(id);
+        }
+    }
+
+    /// Delivers again to a connection that was congested.
+    pub fn resume_connection(&mut self, connection: ConnectionId) {
+        let queues: Vec<QueueId> = self
+            .channels
+            .iter()
+            .filter(|(k, _)| k.connection == connection)
+            .flat_map(|(_, c)| c.consumers.values().map(|c| c.queue))
+            .collect();
+        for queue in queues {
+            self.mark_dirty(queue);
+        }
+        self.run_dispatch();
+    }
+
+    pub fn qos(&mut self, key: ChannelKey, prefetch_size: u32, prefetch_count: u16, global: bool) {
+        if let Some(channel) = self.channels.get_mut(&key) {
+            if global {
+                channel.prefetch_count = prefetch_count;
+            } else {
+                channel.consumer_prefetch = prefetch_count;
+            }
+            channel.prefetch_size = prefetch_size;
+            let queues: Vec<QueueId> = channel.consumers.values().map(|c| c.queue).collect();
+            for queue in queues {
+                self.mark_dirty(queue);
+            }
+        }
+    }
+
+    pub fn flow(&mut self, key: ChannelKey, active: bool) {
+        if let Some(channel) = self.channels.get_mut(&key) {
+            channel.flow_active = active;
+            let queues: Vec<QueueId> = channel.consumers.values().map(|c| c.queue).collect();
+            for queue in queues {
+                self.mark_dirty(queue);
+            }
+        }
+    }
+
+    // ---- exchanges ------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn declare_exchange(
+        &mut self,
+        name: &str,
+        kind: &str,
+        passive: bool,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> Result<(), AmqpError> {
+        if name.is_empty() {
+            return if passive {
+                Ok(())
+            } else {
+                Err(soft(ReplyCode::AccessRefused, "operation not permitted on the default exchange"))
+            };
+        }
+        if let Some(existing) = self.exchanges.get(name) {
+            if passive {
+                return Ok(());
+            }
+            if existing.kind.name() != kind {
+                return Err(precondition(format!(
+                    "inequivalent arg 'type' for exchange '{name}' in vhost '{}': received '{kind}' but current is '{}'",
+                    self.name,
+                    existing.kind.name()
+                )));
+            }
+            for (what, received, current) in [
+                ("durable", durable, existing.durable),
+                ("auto_delete", auto_delete, existing.auto_delete),
+                ("internal", internal, existing.internal),
+            ] {
+                if received != current {
+                    return Err(precondition(format!(
+                        "inequivalent arg '{what}' for exchange '{name}' in vhost '{}': received '{}' but current is '{}'",
+                        self.name,
+                        bool_str(received),
+                        bool_str(current)
+                    )));
+                }
+            }
+            return Ok(());
+        }
+        if passive {
+            return Err(self.not_found_exchange(name));
+        }
+        if name.starts_with("amq.") {
+            return Err(soft(
+                ReplyCode::AccessRefused,
+                format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        let kind = ExchangeKind::parse(kind).ok_or_else(|| {
+            AmqpError::hard(ReplyCode::CommandInvalid, format!("invalid exchange type '{kind}'"), 0, 0)
+        })?;
+        self.exchanges.insert(name.into(), Exchange::new(name, kind, durable, auto_delete, internal, arguments));
+        Ok(())
+    }
+
+    pub fn delete_exchange(&mut self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(soft(
+                ReplyCode::AccessRefused,
+                format!("operation not permitted on exchange '{name}'").replace(
+                    "operation not permitted on exchange ''",
+                    "operation not permitted on the default exchange",
+                ),
+            ));
+        }
+        let Some(exchange) = self.exchanges.get(name) else {
+            // RabbitMQ answers delete-ok for a missing exchange.
+            return Ok(());
+        };
+        if if_unused && exchange.has_bindings() {
+            return Err(precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
+        }
+        self.exchanges.remove(name);
+        let destination = Destination::Exchange(name.into());
+        self.unbind_everywhere(&destination);
+        Ok(())
+    }
+
+    /// Removes every binding to `destination`, then auto-deletes source
+    /// exchanges left without bindings.
+    fn unbind_everywhere(&mut self, destination: &Destination) {
+        let mut emptied = Vec::new();
+        for exchange in self.exchanges.values_mut() {
+            if exchange.unbind_destination(destination) > 0 && exchange.auto_delete && !exchange.has_bindings() {
+                emptied.push(exchange.name.clone());
+            }
+        }
+        for name in emptied {
+            self.exchanges.remove(&name);
+            self.unbind_everywhere(&Destination::Exchange(name));
+        }
+    }
+
+    fn source_exchange(&self, name: &str) -> Result<(), AmqpError> {
+        if name.is_empty() {
+            return Err(soft(ReplyCode::AccessRefused, "operation not permitted on the default exchange"));
+        }
+        if self.exchanges.contains_key(name) {
+            Ok(())
+        } else {
+            Err(self.not_found_exchange(name))
+        }
+    }
+
+    fn binding_change(&mut self, source: &str, binding: Binding, bind: bool) -> Result<(), AmqpError> {
+        let vhost = self.name.clone();
+        let Some(exchange) = self.exchanges.get_mut(source) else {
+            return Err(soft(ReplyCode::NotFound, format!("no exchange '{source}' in vhost '{vhost}'")));
+        };
+        if bind {
+            exchange.bind(binding).map_err(|bad| {
+                precondition(format!(
+                    "invalid x-match field value {bad}; expected one of all, any, all-with-x, any-with-x"
+                ))
+            })?;
+        } else {
+            exchange.unbind(&binding);
+            if exchange.auto_delete && !exchange.has_bindings() {
+                self.exchanges.remove(source);
+                self.unbind_everywhere(&Destination::Exchange(source.into()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bind_queue(
+        &mut self,
+        connection: ConnectionId,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> Result<(), AmqpError> {
+        self.source_exchange(exchange)?;
+        let id = self.queue_id(connection, queue)?;
+        let binding = Binding { destination: Destination::Queue(id), routing_key: routing_key.into(), arguments };
+        self.binding_change(exchange, binding, bind)
+    }
+
+    pub fn bind_exchange(
+        &mut self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> Result<(), AmqpError> {
+        self.source_exchange(source)?;
+        self.source_exchange(destination)?;
+        let binding = Binding {
+            destination: Destination::Exchange(destination.into()),
+            routing_key: routing_key.into(),
+            arguments,
+        };
+        self.binding_change(source, binding, bind)
+    }
+
+    // ---- queues ---------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn declare_queue(
+        &mut self,
+        connection: ConnectionId,
+        name: &str,
+        passive: bool,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+    ) -> Result<QueueDeclared, AmqpError> {
+        if passive {
+            let id = self.queue_id(connection, name)?;
+            return Ok(self.declared(id));
+        }
+        if let Some(&id) = self.queue_ids.get(name) {
+            let Some(queue) = self.queues.get(&id) else {
+                return Err(self.not_found_queue(name));
+            };
+            if queue.is_exclusive_to_other(connection) || (exclusive && queue.exclusive_owner.is_none()) {
+                return Err(self.locked(name));
+            }
+            for (what, received, current) in [
+                ("durable", durable, queue.durable),
+                ("exclusive", exclusive, queue.exclusive_owner.is_some()),
+                ("auto_delete", auto_delete, queue.auto_delete),
+            ] {
+                if received != current {
+                    return Err(precondition(format!(
+                        "inequivalent arg '{what}' for queue '{name}' in vhost '{}': received '{}' but current is '{}'",
+                        self.name,
+                        bool_str(received),
+                        bool_str(current)
+                    )));
+                }
+            }
+            for key in EQUIVALENT_QUEUE_ARGS {
+                let received = warren_codec::table::get(&arguments, key);
+                let current = warren_codec::table::get(&queue.arguments, key);
+                if received != current {
+                    return Err(precondition(format!(
+                        "inequivalent arg '{key}' for queue '{name}' in vhost '{}': received {} but current is {}",
+                        self.name,
+                        describe(received),
+                        describe(current)
+                    )));
+                }
+            }
+            return Ok(self.declared(id));
+        }
+        if name.starts_with("amq.") {
+            return Err(soft(
+                ReplyCode::AccessRefused,
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        let name = if name.is_empty() { crate::names::generate("amq.gen-") } else { name.to_string() };
+        let id = self.next_queue_id;
+        self.next_queue_id += 1;
+        let owner = exclusive.then_some(connection);
+        self.queues.insert(id, Queue::new(id, &name, durable, owner, auto_delete, arguments));
+        self.queue_ids.insert(name.as_str().into(), id);
+        Ok(self.declared(id))
+    }
+
+    fn declared(&self, id: QueueId) -> QueueDeclared {
+        match self.queues.get(&id) {
+            Some(queue) => QueueDeclared {
+                name: queue.name.to_string(),
+                message_count: queue.len() as u32,
+                consumer_count: queue.consumers.len() as u32,
+            },
+            None => QueueDeclared { name: String::new(), message_count: 0, consumer_count: 0 },
+        }
+    }
+
+    pub fn purge_queue(&mut self, connection: ConnectionId, name: &str) -> Result<u32, AmqpError> {
+        let id = self.queue_id(connection, name)?;
+        Ok(self.queues.get_mut(&id).map_or(0, |q| q.purge() as u32))
+    }
+
+    pub fn delete_queue(
+        &mut self,
+        connection: ConnectionId,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, AmqpError> {
+        let Some(&id) = self.queue_ids.get(name) else {
+            // RabbitMQ answers delete-ok with 0 for a missing queue.
+            return Ok(0);
+        };
+        let id = self.queue_id(connection, name).map(|_| id)?;
+        if let Some(queue) = self.queues.get(&id) {
+            if if_unused && !queue.consumers.is_empty() {
+                return Err(precondition(format!("queue '{name}' in vhost '{}' in use", self.name)));
+            }
+            if if_empty && !queue.is_empty() {
+                return Err(precondition(format!("queue '{name}' in vhost '{}' not empty", self.name)));
+            }
+        }
+        Ok(self.remove_queue(id))
+    }
+
+    /// Deletes a queue, cancelling its consumers; returns its ready count.
+    fn remove_queue(&mut self, id: QueueId) -> u32 {
+        let Some(queue) = self.queues.remove(&id) else {
+            return 0;
+        };
+        self.queue_ids.remove(&queue.name);
+        for consumer in &queue.consumers {
+            if let Some(channel) = self.channels.get_mut(&consumer.channel) {
+                channel.consumers.remove(&consumer.tag);
+                channel.outbox.consumer_cancelled(consumer.channel.channel, &consumer.tag);
+            }
+        }
+        self.unbind_everywhere(&Destination::Queue(id));
+        queue.len() as u32
+    }
+
+    // ---- publishing -----------------------------------------------------
+
+    /// The Direct Reply-To address of a channel's reply consumer, for
+    /// rewriting `reply_to`.
+    pub fn reply_to_address(&self, key: ChannelKey) -> Option<String> {
+        let channel = self.channels.get(&key)?;
+        let (token, _) = channel.reply_consumer.as_ref()?;
+        Some(format!("{REPLY_TO_PREFIX}{token}"))
+    }
+
+    /// Checks that a publish to `exchange` is allowed (exists, not internal).
+    pub fn check_publish(&self, exchange: &str) -> Result<(), AmqpError> {
+        if exchange.is_empty() {
+            return Ok(());
+        }
+        match self.exchanges.get(exchange) {
+            None => Err(self.not_found_exchange(exchange)),
+            Some(x) if x.internal => Err(soft(
+                ReplyCode::AccessRefused,
+                format!("cannot publish to internal exchange '{exchange}' in vhost '{}'", self.name),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Routes a message and enqueues it; returns how many queues (or reply
+    /// consumers) it reached. `extra_keys` are CC/BCC routing keys.
+    pub fn publish(
+        &mut self,
+        exchange: &str,
+        message: Arc<Message>,
+        extra_keys: &[Vec<u8>],
+    ) -> Result<usize, AmqpError> {
+        self.check_publish(exchange)?;
+        let mut queues = std::mem::take(&mut self.scratch_queues);
+        let mut destinations = std::mem::take(&mut self.scratch_destinations);
+        queues.clear();
+        let mut delivered_direct = 0;
+        let mut headers: Option<Option<FieldTable>> = None;
+        for key in std::iter::once(message.routing_key()).chain(extra_keys.iter().map(Vec::as_slice)) {
+            if exchange.is_empty() {
+                if let Ok(key) = std::str::from_utf8(key) {
+                    if let Some(token) = key.strip_prefix(REPLY_TO_PREFIX) {
+                        delivered_direct += usize::from(self.deliver_reply(token, &message));
+                    } else if let Some(&id) = self.queue_ids.get(key) {
+                        queues.push(id);
+                    }
+                }
+                continue;
+            }
+            let mut visited: Vec<&str> = Vec::new();
+            self.route_exchange(exchange, key, &message, &mut headers, &mut visited, &mut destinations, &mut queues);
+        }
+        queues.sort_unstable();
+        queues.dedup();
+        for &id in &queues {
+            if let Some(queue) = self.queues.get_mut(&id) {
+                queue.push(message.clone());
+                if !queue.consumers.is_empty() && !self.dirty.contains(&id) {
+                    self.dirty.push(id);
+                }
+            }
+        }
+        let routed = queues.len() + delivered_direct;
+        self.scratch_queues = queues;
+        self.scratch_destinations = destinations;
+        Ok(routed)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn route_exchange<'a>(
+        &'a self,
+        name: &'a str,
+        key: &[u8],
+        message: &Message,
+        headers: &mut Option<Option<FieldTable>>,
+        visited: &mut Vec<&'a str>,
+        destinations: &mut Vec<Destination>,
+        queues: &mut Vec<QueueId>,
+    ) {
+        if visited.contains(&name) {
+            return;
+        }
+        visited.push(name);
+        let Some(exchange) = self.exchanges.get(name) else {
+            return;
+        };
+        let before = queues.len();
+        let start = destinations.len();
+        let headers_ref = if exchange.needs_headers() {
+            headers.get_or_insert_with(|| message.properties_view().headers()).as_ref()
+        } else {
+            None
+        };
+        exchange.route(key, headers_ref, destinations);
+        let mut index = start;
+        while index < destinations.len() {
+            match &destinations[index] {
+                Destination::Queue(id) => queues.push(*id),
+                Destination::Exchange(next) => {
+                    let next = next.clone();
+                    if let Some((next_name, _)) = self.exchanges.get_key_value(&*next) {
+                        let mut nested = Vec::new();
+                        self.route_exchange(next_name, key, message, headers, visited, &mut nested, queues);
+                    }
+                }
+            }
+            index += 1;
+        }
+        destinations.truncate(start);
+        if queues.len() == before {
+            if let Some(alternate) = &exchange.alternate_exchange {
+                if let Some((alternate_name, _)) = self.exchanges.get_key_value(&**alternate) {
+                    self.route_exchange(alternate_name, key, message, headers, visited, destinations, queues);
+                }
+            }
+        }
+    }
+
+    fn deliver_reply(&mut self, token: &str, message: &Message) -> bool {
+        let Some((key, tag)) = self.reply_tokens.get(token).cloned() else {
+            return false;
+        };
+        let Some(channel) = self.channels.get_mut(&key) else {
+            return false;
+        };
+        let delivery_tag = channel.next_tag();
+        channel.outbox.deliver(key.channel, &tag, delivery_tag, false, message);
+        true
+    }
+
+    // ---- consuming ------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn consume(
+        &mut self,
+        key: ChannelKey,
+        queue: &str,
+        consumer_tag: &str,
+        no_ack: bool,
+        exclusive: bool,
+    ) -> Result<String, AmqpError> {
+        let tag: Arc<str> =
+            if consumer_tag.is_empty() { crate::names::generate("amq.ctag-").into() } else { consumer_tag.into() };
+        let channel = self.channels.get(&key).ok_or_else(|| soft(ReplyCode::ChannelError, "channel is not open"))?;
+        if channel.consumers.contains_key(&tag) || channel.reply_consumer.as_ref().is_some_and(|(_, t)| *t == tag) {
+            return Err(AmqpError::hard(ReplyCode::NotAllowed, format!("attempt to reuse consumer tag '{tag}'"), 0, 0));
+        }
+        if queue == REPLY_TO_QUEUE {
+            if !no_ack {
+                return Err(precondition("reply consumer cannot acknowledge"));
+            }
+            if channel.reply_consumer.is_some() {
+                return Err(precondition("reply consumer already set"));
+            }
+            let token: Box<str> = crate::names::generate("").into();
+            self.reply_tokens.insert(token.clone(), (key, tag.clone()));
+            if let Some(channel) = self.channels.get_mut(&key) {
+                channel.reply_consumer = Some((token, tag.clone()));
+            }
+            return Ok(tag.to_string());
+        }
+        let id = self.queue_id(key.connection, queue)?;
+        let vhost = &self.name;
+        let Some(q) = self.queues.get_mut(&id) else {
+            return Err(self.not_found_queue(queue));
+        };
+        if q.consumers.iter().any(|c| c.exclusive) || (exclusive && !q.consumers.is_empty()) {
+            return Err(soft(ReplyCode::AccessRefused, format!("queue '{queue}' in vhost '{vhost}' in exclusive use")));
+        }
+        q.consumers.push(QueueConsumer { channel: key, tag: tag.clone(), exclusive });
+        q.had_consumer = true;
+        if let Some(channel) = self.channels.get_mut(&key) {
+            let prefetch_count = channel.consumer_prefetch;
+            channel.consumers.insert(tag.clone(), ConsumerState { queue: id, no_ack, prefetch_count, unacked: 0 });
+        }
+        self.mark_dirty(id);
+        Ok(tag.to_string())
+    }
+
+    /// Cancels a consumer; returns whether it existed.
+    pub fn cancel(&mut self, key: ChannelKey, consumer_tag: &str) -> bool {
+        let Some(channel) = self.channels.get_mut(&key) else {
+            return false;
+        };
+        if channel.reply_consumer.as_ref().is_some_and(|(_, t)| &**t == consumer_tag) {
+            if let Some((token, _)) = channel.reply_consumer.take() {
+                self.reply_tokens.remove(&token);
+            }
+            return true;
+        }
+        let Some(consumer) = channel.consumers.remove(consumer_tag) else {
+            return false;
+        };
+        self.detach_consumer(consumer.queue, key, consumer_tag);
+        true
+    }
+
+    fn detach_consumer(&mut self, queue: QueueId, key: ChannelKey, tag: &str) {
+        let Some(q) = self.queues.get_mut(&queue) else {
+            return;
+        };
+        q.consumers.retain(|c| !(c.channel == key && &*c.tag == tag));
+        if q.auto_delete && q.had_consumer && q.consumers.is_empty() {
+            self.remove_queue(queue);
+        }
+    }
+
+    /// Delivers what can be delivered from every queue marked dirty.
+    pub fn run_dispatch(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            self.dispatch_queue(id);
+        }
+    }
+
+    fn dispatch_queue(&mut self, id: QueueId) {
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return;
+        };
+        let mut refused = 0;
+        while refused < queue.consumers.len() {
+            let Some(front) = queue.front() else {
+                break;
+            };
+            let size = front.message.body_len();
+            let index = queue.cursor % queue.consumers.len();
+            queue.cursor = index + 1;
+            let consumer_channel = queue.consumers[index].channel;
+            let Some(channel) = self.channels.get_mut(&consumer_channel) else {
+                refused += 1;
+                continue;
+            };
+            if !channel.can_deliver(&queue.consumers[index].tag, size) {
+                refused += 1;
+                continue;
+            }
+            refused = 0;
+            let tag = queue.consumers[index].tag.clone();
+            let Some(entry) = queue.pop() else {
+                break;
+            };
+            let delivery_tag = channel.next_tag();
+            channel.outbox.deliver(consumer_channel.channel, &tag, delivery_tag, entry.redelivered, &entry.message);
+            let Some(state) = channel.consumers.get_mut(&tag) else {
+                continue;
+            };
+            if !state.no_ack {
+                state.unacked += 1;
+                channel.unacked_bytes += size as u64;
+                queue.unacked += 1;
+                channel.unacked.push_back(Unacked {
+                    delivery_tag,
+                    queue: id,
+                    seq: entry.seq,
+                    message: entry.message,
+                    consumer: Some(tag),
+                });
+            }
+        }
+    }
+
+    pub fn get(&mut self, key: ChannelKey, queue: &str, no_ack: bool) -> Result<Option<GetResult>, AmqpError> {
+        let id = self.queue_id(key.connection, queue)?;
+        let Some(q) = self.queues.get_mut(&id) else {
+            return Err(self.not_found_queue(queue));
+        };
+        let Some(channel) = self.channels.get_mut(&key) else {
+            return Err(soft(ReplyCode::ChannelError, "channel is not open"));
+        };
+        let Some(entry) = q.pop() else {
+            return Ok(None);
+        };
+        let delivery_tag = channel.next_tag();
+        if !no_ack {
+            q.unacked += 1;
+            channel.unacked_bytes += entry.message.body_len() as u64;
+            channel.unacked.push_back(Unacked {
+                delivery_tag,
+                queue: id,
+                seq: entry.seq,
+                message: entry.message.clone(),
+                consumer: None,
+            });
+        }
+        Ok(Some(GetResult {
+            delivery_tag,
+            redelivered: entry.redelivered,
+            message: entry.message,
+            message_count: q.len() as u32,
+        }))
+    }
+
+    // ---- settling -------------------------------------------------------
+
+    /// Takes the unacked entries an ack/nack/reject names (RabbitMQ's rules:
+    /// `multiple` with tag 0 means all; otherwise the tag must be outstanding).
+    fn take_unacked(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<Vec<Unacked>, AmqpError> {
+        let Some(channel) = self.channels.get_mut(&key) else {
+            return Ok(Vec::new());
+        };
+        let taken: Vec<Unacked> = if multiple && delivery_tag == 0 {
+            channel.unacked.drain(..).collect()
+        } else {
+            let position = channel.unacked.binary_search_by_key(&delivery_tag, |u| u.delivery_tag);
+            match position {
+                Ok(index) if multiple => channel.unacked.drain(..=index).collect(),
+                Ok(index) => channel.unacked.remove(index).into_iter().collect(),
+                Err(_) => return Err(precondition(format!("unknown delivery tag {delivery_tag}"))),
+            }
+        };
+        let mut freed_queues = Vec::new();
+        for unacked in &taken {
+            channel.unacked_bytes = channel.unacked_bytes.saturating_sub(unacked.message.body_len() as u64);
+            if let Some(consumer) = unacked.consumer.as_ref().and_then(|tag| channel.consumers.get_mut(tag)) {
+                consumer.unacked = consumer.unacked.saturating_sub(1);
+            }
+        }
+        if !taken.is_empty() {
+            freed_queues.extend(channel.consumers.values().map(|c| c.queue));
+        }
+        for unacked in &taken {
+            if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+                queue.unacked = queue.unacked.saturating_sub(1);
+            }
+        }
+        for queue in freed_queues {
+            self.mark_dirty(queue);
+        }
+        Ok(taken)
+    }
+
+    pub fn ack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<(), AmqpError> {
+        self.take_unacked(key, delivery_tag, multiple).map(drop)
+    }
+
+    /// `basic.nack` / `basic.reject`: requeue, or drop (dead-lettering
+    /// arrives with queue arguments).
+    pub fn nack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<(), AmqpError> {
+        let taken = self.take_unacked(key, delivery_tag, multiple)?;
+        if requeue {
+            for unacked in taken.into_iter().rev() {
+                self.requeue(unacked);
+            }
+        }
+        Ok(())
+    }
+
+    /// `basic.recover`: every unacked message of the channel is requeued.
+    pub fn recover(&mut self, key: ChannelKey) {
+        if let Ok(taken) = self.take_unacked(key, 0, true) {
+            for unacked in taken.into_iter().rev() {
+                self.requeue(unacked);
+            }
+        }
+    }
+
+    fn requeue(&mut self, unacked: Unacked) {
+        if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+            queue.requeue(unacked.seq, unacked.message);
+            self.mark_dirty(unacked.queue);
+        }
+    }
+
+    pub fn channel_unacked(&self, key: ChannelKey) -> usize {
+        self.channels.get(&key).map_or(0, |c| c.unacked.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_codec::properties::Properties;
+
+    type Delivery = (u16, String, u64, bool, Vec<u8>);
+
+    #[derive(Default)]
+    struct Recorder {
+        deliveries: Mutex<Vec<Delivery>>,
+        cancelled: Mutex<Vec<String>>,
+    }
+
+    impl Outbox for Recorder {
+        fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message) {
+            self.deliveries.lock().push((
+                channel,
+                consumer_tag.into(),
+                delivery_tag,
+                redelivered,
+                message.body().to_vec(),
+            ));
+        }
+        fn consumer_cancelled(&self, _channel: u16, consumer_tag: &str) {
+            self.cancelled.lock().push(consumer_tag.into());
+        }
+        fn is_congested(&self) -> bool {
+            false
+        }
+    }
+
+    fn message(routing_key: &str, body: &[u8]) -> Arc<Message> {
+        let mut builder = Message::builder(b"", routing_key.as_bytes(), &Properties::empty(), body.len());
+        builder.push_body(body);
+        Arc::new(builder.finish())
+    }
+
+    fn setup() -> (VirtualHostState, Arc<Recorder>, ChannelKey) {
+        let mut vhost = VirtualHostState::new("/");
+        let recorder = Arc::new(Recorder::default());
+        let key = ChannelKey { connection: 1, channel: 1 };
+        vhost.open_channel(key, recorder.clone());
+        (vhost, recorder, key)
+    }
+
+    #[test]
+    fn prefetch_limits_deliveries_and_acks_release_more() {
+        let (mut vhost, recorder, key) = setup();
+        vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+        vhost.qos(key, 0, 2, false);
+        vhost.consume(key, "q", "c", false, false).unwrap();
+        for i in 0..5u8 {
+            vhost.publish("", message("q", &[i]), &[]).unwrap();
+        }
+        vhost.run_dispatch();
+        assert_eq!(recorder.deliveries.lock().len(), 2);
+        vhost.ack(key, 2, true).unwrap();
+        vhost.run_dispatch();
+        let bodies: Vec<u8> = recorder.deliveries.lock().iter().map(|d| d.4[0]).collect();
+        assert_eq!(bodies, vec![0, 1, 2, 3]);
+        assert!(vhost.ack(key, 2, false).is_err(), "double ack is an unknown tag");
+    }
+
+    #[test]
+    fn closing_a_channel_requeues_in_original_order_with_redelivered() {
+        let (mut vhost, recorder, key) = setup();
+        vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+        vhost.consume(key, "q", "c", false, false).unwrap();
+        for i in 0..3u8 {
+            vhost.publish("", message("q", &[i]), &[]).unwrap();
+        }
+        vhost.run_dispatch();
+        assert_eq!(recorder.deliveries.lock().len(), 3);
+        vhost.close_channel(key);
+        let queue = vhost.queue("q").unwrap();
+        assert_eq!(queue.len(), 3);
+        assert!(queue.front().unwrap().redelivered);
+        let other = ChannelKey { connection: 1, channel: 2 };
+        vhost.open_channel(other, recorder.clone());
+        let got = vhost.get(other, "q", true).unwrap().unwrap();
+        assert_eq!(got.message.body(), &[0]);
+        assert!(got.redelivered);
+        assert_eq!(got.message_count, 2);
+    }
+
+    #[test]
+    fn round_robin_between_competing_consumers() {
+        let (mut vhost, recorder, key) = setup();
+        vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+        vhost.consume(key, "q", "a", true, false).unwrap();
+        vhost.consume(key, "q", "b", true, false).unwrap();
+        for i in 0..4u8 {
+            vhost.publish("", message("q", &[i]), &[]).unwrap();
+            vhost.run_dispatch();
+        }
+        let tags: Vec<String> = recorder.deliveries.lock().iter().map(|d| d.1.clone()).collect();
+        assert_eq!(tags, vec!["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn exchange_to_exchange_cycles_and_alternate_exchange() {
+        let (mut vhost, _recorder, _key) = setup();
+        let none = FieldTable::default;
+        vhost.declare_exchange("x1", "fanout", false, false, false, false, none()).unwrap();
+        vhost.declare_exchange("x2", "fanout", false, false, false, false, none()).unwrap();
+        vhost.bind_exchange("x2", "x1", "", none(), true).unwrap();
+        vhost.bind_exchange("x1", "x2", "", none(), true).unwrap();
+        vhost.declare_queue(1, "q", false, false, false, false, none()).unwrap();
+        vhost.bind_queue(1, "q", "x2", "", none(), true).unwrap();
+        assert_eq!(vhost.publish("x1", message("k", b"m"), &[]).unwrap(), 1);
+        let mut args = FieldTable::default();
+        args.insert("alternate-exchange".into(), warren_codec::types::AMQPValue::LongString("x1".into()));
+        vhost.declare_exchange("d", "direct", false, false, false, false, args).unwrap();
+        assert_eq!(vhost.publish("d", message("nothing-bound", b"m"), &[]).unwrap(), 1);
+        assert_eq!(vhost.queue("q").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn deleting_a_queue_cancels_its_consumers() {
+        let (mut vhost, recorder, key) = setup();
+        vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+        vhost.consume(key, "q", "c", false, false).unwrap();
+        vhost.delete_queue(1, "q", false, false).unwrap();
+        assert_eq!(*recorder.cancelled.lock(), vec!["c".to_string()]);
+        assert!(vhost.publish("", message("q", b"x"), &[]).unwrap() == 0);
+    }
+}

@@ -1,0 +1,1187 @@
+//! One AMQP connection: handshake (start, tune, open), then the frame loop
+//! that assembles content, applies methods to the virtual host, and answers.
+//!
+//! Invariants:
+//! - every frame a batch of reads yielded is applied under one virtual-host
+//!   lock, and dispatch runs before the lock is released;
+//! - publisher confirms for a batch go out after every `basic.return` of that
+//!   batch, coalesced into one `basic.ack multiple=true` per channel;
+//! - a soft error closes only its channel (its unacked messages are requeued
+//!   at once); a hard error sends `connection.close` and the connection then
+//!   only waits for `close-ok`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use warren_codec::frame::{Frame, FrameDecoder, FrameKind, FRAME_MIN_SIZE};
+use warren_codec::method::{self, BasicPublish, Method};
+use warren_codec::properties::{flag, Properties};
+use warren_codec::reply::{AmqpError, ReplyCode};
+use warren_codec::spec::{self, basic, channel, confirm, connection, exchange, queue, tx, AMQPClass};
+use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
+use warren_codec::{encode, table, PROTOCOL_HEADER};
+use warren_core::message::MessageBuilder;
+use warren_core::vhost::REPLY_TO_QUEUE;
+use warren_core::{ChannelKey, Message, VirtualHost, VirtualHostState};
+
+use crate::auth::{self, AuthError};
+use crate::broker::Broker;
+use crate::outbox::ConnectionOutbox;
+
+const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    StartOk,
+    TuneOk,
+    Open,
+    Running,
+    /// We sent `connection.close` and wait for `close-ok`.
+    Closing,
+    /// Nothing more to read: flush and drop the socket.
+    Done,
+}
+
+struct Content {
+    exchange: String,
+    routing_key: Bytes,
+    mandatory: bool,
+    builder: Option<MessageBuilder>,
+}
+
+enum TxOp {
+    Publish { exchange: String, message: Message, mandatory: bool, extra_keys: Vec<Vec<u8>> },
+    Ack { delivery_tag: u64, multiple: bool },
+    Nack { delivery_tag: u64, multiple: bool, requeue: bool },
+}
+
+#[derive(Default)]
+struct ChannelProto {
+    closing: bool,
+    content: Option<Content>,
+    confirm: bool,
+    published: u64,
+    confirmed: u64,
+    tx: Option<Vec<TxOp>>,
+    last_queue: String,
+}
+
+struct Connection {
+    id: u64,
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    outbox: Arc<ConnectionOutbox>,
+    decoder: FrameDecoder,
+    phase: Phase,
+    vhost: Option<Arc<VirtualHost>>,
+    channel_max: u16,
+    heartbeat_s: u16,
+    channels: HashMap<u16, ChannelProto>,
+    confirm_pending: Vec<u16>,
+    auth_failure_close: bool,
+    user: String,
+}
+
+fn short(value: &str) -> ShortString {
+    ShortString::from(value)
+}
+
+fn server_properties() -> FieldTable {
+    let mut capabilities = FieldTable::default();
+    for name in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "consumer_priorities",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+    ] {
+        capabilities.insert(short(name), AMQPValue::Boolean(true));
+    }
+    let mut props = FieldTable::default();
+    props.insert(short("capabilities"), AMQPValue::FieldTable(capabilities));
+    props.insert(short("cluster_name"), AMQPValue::LongString(LongString::from("warren")));
+    props.insert(short("copyright"), AMQPValue::LongString(LongString::from("Warren contributors")));
+    props.insert(short("information"), AMQPValue::LongString(LongString::from("Warren: an AMQP 0-9-1 message broker")));
+    props.insert(short("platform"), AMQPValue::LongString(LongString::from("Rust")));
+    props.insert(short("product"), AMQPValue::LongString(LongString::from("Warren")));
+    props.insert(short("version"), AMQPValue::LongString(LongString::from(env!("CARGO_PKG_VERSION"))));
+    props
+}
+
+fn client_capability(client_properties: &FieldTable, name: &str) -> bool {
+    match table::get(client_properties, "capabilities") {
+        Some(AMQPValue::FieldTable(caps)) => {
+            matches!(table::get(caps, name), Some(AMQPValue::Boolean(true)))
+        }
+        _ => false,
+    }
+}
+
+fn str_of(bytes: &[u8]) -> Result<&str, AmqpError> {
+    std::str::from_utf8(bytes)
+        .map_err(|_| AmqpError::hard(ReplyCode::SyntaxError, "short string is not valid UTF-8", 0, 0))
+}
+
+/// CC and BCC header routing keys (sender-selected distribution); BCC is
+/// removed from the message the queues receive.
+fn sender_selected(message: Message) -> (Message, Vec<Vec<u8>>) {
+    let properties = message.properties_view();
+    let Some(raw) = properties.headers_raw() else {
+        return (message, Vec::new());
+    };
+    let mentions = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    if !mentions(b"\x02CC") && !mentions(b"\x03BCC") {
+        return (message, Vec::new());
+    }
+    let Some(mut headers) = properties.headers() else {
+        return (message, Vec::new());
+    };
+    let mut keys = Vec::new();
+    for name in ["CC", "BCC"] {
+        if let Some(AMQPValue::FieldArray(array)) = table::get(&headers, name) {
+            keys.extend(array.as_slice().iter().filter_map(table::as_str).map(|k| k.as_bytes().to_vec()));
+        }
+    }
+    if table::get(&headers, "BCC").is_none() {
+        return (message, keys);
+    }
+    let kept: std::collections::BTreeMap<ShortString, AMQPValue> =
+        headers.inner().iter().filter(|(k, _)| k.as_str() != "BCC").map(|(k, v)| (k.clone(), v.clone())).collect();
+    headers = FieldTable::from(kept);
+    let mut encoded = Vec::new();
+    table::encode_table(&headers, &mut encoded);
+    let rewritten = properties.with_field(flag::HEADERS, Some(&encoded));
+    (message.with_properties(&rewritten), keys)
+}
+
+pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let handshake_timeout = Duration::from_secs(broker.config.handshake_timeout_s.max(1));
+
+    let mut header = [0u8; 8];
+    match tokio::time::timeout(handshake_timeout, reader.read_exact(&mut header)).await {
+        Ok(Ok(_)) if header == PROTOCOL_HEADER => {}
+        Ok(Ok(_)) => {
+            debug!(%peer, "bad protocol header");
+            let _ = writer.write_all(&PROTOCOL_HEADER).await;
+            let _ = writer.shutdown().await;
+            return;
+        }
+        _ => return,
+    }
+
+    let id = broker.next_connection_id();
+    let outbox = Arc::new(ConnectionOutbox::new(id, FRAME_MIN_SIZE, broker.config.connection_write_buffer_max));
+    let mut conn = Connection {
+        id,
+        broker: broker.clone(),
+        peer,
+        outbox: outbox.clone(),
+        decoder: FrameDecoder::new(FRAME_MIN_SIZE),
+        phase: Phase::StartOk,
+        vhost: None,
+        channel_max: broker.config.channel_max,
+        heartbeat_s: 0,
+        channels: HashMap::new(),
+        confirm_pending: Vec::new(),
+        auth_failure_close: false,
+        user: String::new(),
+    };
+    conn.send(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: LongString::from(auth::MECHANISMS),
+            locales: LongString::from("en_US"),
+        })),
+    );
+
+    let (heartbeat_tx, heartbeat_rx) = watch::channel(0u16);
+    let writer_task = tokio::spawn(write_loop(writer, outbox.clone(), heartbeat_rx));
+
+    let mut buf = BytesMut::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + handshake_timeout;
+    let mut close_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if conn.phase == Phase::Done {
+            break;
+        }
+        let read_timeout = match (conn.phase, close_deadline) {
+            (Phase::Closing, Some(at)) => at,
+            (Phase::Running, _) if conn.heartbeat_s > 0 => {
+                tokio::time::Instant::now() + Duration::from_secs(u64::from(conn.heartbeat_s) * 2)
+            }
+            (Phase::Running, _) => tokio::time::Instant::now() + Duration::from_secs(86_400 * 365),
+            _ => deadline,
+        };
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            read = tokio::time::timeout_at(read_timeout, reader.read_buf(&mut buf)) => {
+                match read {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(_)) => {}
+                    Err(_) => {
+                        match conn.phase {
+                            Phase::Running => warn!(peer = %conn.peer, heartbeat_s = conn.heartbeat_s, "missed heartbeats from client, closing"),
+                            Phase::Closing => {}
+                            _ => warn!(peer = %conn.peer, "handshake timed out"),
+                        }
+                        break;
+                    }
+                }
+            }
+            _ = shutdown.changed() => {
+                if conn.phase == Phase::Running {
+                    conn.close_connection(AmqpError::hard(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'", 0, 0));
+                    close_deadline = Some(tokio::time::Instant::now() + CLOSE_OK_TIMEOUT);
+                } else {
+                    break;
+                }
+                continue;
+            }
+        }
+        let before = conn.phase;
+        conn.process(&mut buf);
+        if before != Phase::Running && conn.phase == Phase::Running {
+            let _ = heartbeat_tx.send(conn.heartbeat_s);
+        }
+        if conn.phase == Phase::Closing && close_deadline.is_none() {
+            close_deadline = Some(tokio::time::Instant::now() + CLOSE_OK_TIMEOUT);
+        }
+    }
+
+    if let Some(vhost) = &conn.vhost {
+        vhost.lock().close_connection(conn.id);
+    }
+    // Stop the writer after it has flushed what is queued.
+    let _ = heartbeat_tx.send(u16::MAX);
+    outbox.notify.notify_one();
+    let _ = writer_task.await;
+    debug!(peer = %conn.peer, user = %conn.user, "connection closed");
+}
+
+async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<ConnectionOutbox>, mut heartbeat: watch::Receiver<u16>) {
+    let mut spare = BytesMut::with_capacity(512);
+    loop {
+        let interval = *heartbeat.borrow();
+        if interval == u16::MAX {
+            outbox.take(&mut spare);
+            if !spare.is_empty() {
+                let _ = writer.write_all(&spare).await;
+            }
+            let _ = writer.shutdown().await;
+            return;
+        }
+        let wait =
+            if interval == 0 { Duration::from_secs(86_400 * 365) } else { Duration::from_secs(u64::from(interval)) };
+        tokio::select! {
+            _ = outbox.notify.notified() => {}
+            _ = heartbeat.changed() => continue,
+            _ = tokio::time::sleep(wait) => {
+                outbox.write(encode::heartbeat);
+                continue;
+            }
+        }
+        outbox.take(&mut spare);
+        if spare.is_empty() {
+            continue;
+        }
+        if writer.write_all(&spare).await.is_err() {
+            return;
+        }
+        spare.clear();
+        // Do not keep a huge buffer around after a burst.
+        if spare.capacity() > 1 << 20 {
+            spare = BytesMut::with_capacity(512);
+        }
+        outbox.drained();
+    }
+}
+
+impl Connection {
+    fn send(&self, channel: u16, class: AMQPClass) {
+        self.outbox.write(|buf| encode::method(buf, channel, &class));
+    }
+
+    fn key(&self, channel: u16) -> ChannelKey {
+        ChannelKey { connection: self.id, channel }
+    }
+
+    /// Decodes and applies every complete frame in `buf`.
+    fn process(&mut self, buf: &mut BytesMut) {
+        'batch: loop {
+            let vhost = self.vhost.clone();
+            let mut guard = vhost.as_ref().map(|v| v.lock());
+            loop {
+                if matches!(self.phase, Phase::Done) {
+                    break 'batch;
+                }
+                let frame = match self.decoder.decode(buf) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(error) => {
+                        buf.clear();
+                        self.close_connection(error.to_amqp());
+                        self.phase = Phase::Done;
+                        break;
+                    }
+                };
+                let result = self.handle_frame(frame, guard.as_deref_mut());
+                if let Err(error) = result {
+                    self.close_connection(error);
+                }
+                if guard.is_none() && self.vhost.is_some() {
+                    continue 'batch;
+                }
+            }
+            if let Some(state) = guard.as_deref_mut() {
+                state.run_dispatch();
+            }
+            self.flush_confirms();
+            break;
+        }
+    }
+
+    fn flush_confirms(&mut self) {
+        for number in self.confirm_pending.drain(..) {
+            let Some(ch) = self.channels.get_mut(&number) else {
+                continue;
+            };
+            if ch.published > ch.confirmed {
+                let multiple = ch.published - ch.confirmed > 1;
+                let tag = ch.published;
+                ch.confirmed = ch.published;
+                self.outbox.write(|buf| encode::basic_ack(buf, number, tag, multiple));
+            }
+        }
+    }
+
+    fn close_connection(&mut self, error: AmqpError) {
+        if matches!(self.phase, Phase::Closing | Phase::Done) {
+            return;
+        }
+        info!(peer = %self.peer, code = error.code.code(), text = %error.text, "closing connection");
+        self.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: error.code.code(),
+                reply_text: short(&error.text),
+                class_id: error.class_id,
+                method_id: error.method_id,
+            })),
+        );
+        self.phase = Phase::Closing;
+    }
+
+    fn channel_error(&mut self, number: u16, error: AmqpError, state: Option<&mut VirtualHostState>) {
+        debug!(peer = %self.peer, channel = number, code = error.code.code(), text = %error.text, "closing channel");
+        if let Some(state) = state {
+            state.close_channel(self.key(number));
+        }
+        if let Some(ch) = self.channels.get_mut(&number) {
+            ch.closing = true;
+            ch.content = None;
+            ch.tx = None;
+        }
+        self.outbox.write(|buf| {
+            encode::channel_close(buf, number, error.code.code(), &error.text, error.class_id, error.method_id)
+        });
+    }
+
+    fn handle_frame(&mut self, frame: Frame, state: Option<&mut VirtualHostState>) -> Result<(), AmqpError> {
+        if self.phase == Phase::Closing {
+            // Only close-ok (or a crossing close) matters now.
+            if frame.kind == FrameKind::Method {
+                if let Ok(Method::Other(AMQPClass::Connection(m))) = method::decode(&frame.payload) {
+                    match m {
+                        connection::AMQPMethod::CloseOk(_) => self.phase = Phase::Done,
+                        connection::AMQPMethod::Close(_) => {
+                            self.send(
+                                0,
+                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                            );
+                            self.phase = Phase::Done;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            return Ok(());
+        }
+        match frame.kind {
+            FrameKind::Heartbeat => {
+                if frame.channel != 0 {
+                    return Err(AmqpError::hard(ReplyCode::FrameError, "heartbeat frame on non-zero channel", 0, 0));
+                }
+                Ok(())
+            }
+            FrameKind::Method => {
+                let method = method::decode(&frame.payload).map_err(|e| e.to_amqp())?;
+                let (class_id, method_id) = method::ids(&frame.payload);
+                if frame.channel == 0 {
+                    return self.handle_connection_method(method).map_err(|e| e.at(class_id, method_id));
+                }
+                if self.phase != Phase::Running {
+                    return Err(AmqpError::hard(
+                        ReplyCode::ChannelError,
+                        "expected 'connection.open'",
+                        class_id,
+                        method_id,
+                    ));
+                }
+                let mut state = state;
+                let number = frame.channel;
+                match self.channels.get(&number) {
+                    Some(ch) if ch.closing => {
+                        // After channel.close only close-ok and close count.
+                        if let Method::Other(AMQPClass::Channel(channel::AMQPMethod::CloseOk(_))) = method {
+                            self.channels.remove(&number);
+                        } else if let Method::Other(AMQPClass::Channel(channel::AMQPMethod::Close(_))) = method {
+                            self.send(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                            self.channels.remove(&number);
+                        }
+                        return Ok(());
+                    }
+                    Some(ch) if ch.content.is_some() => {
+                        return Err(AmqpError::hard(
+                            ReplyCode::UnexpectedFrame,
+                            "expected content header for class 60, got non content header frame instead",
+                            class_id,
+                            method_id,
+                        ));
+                    }
+                    _ => {}
+                }
+                match self.handle_channel_method(number, method, state.as_deref_mut()) {
+                    Ok(()) => Ok(()),
+                    Err(error) if error.hard => Err(error.at(class_id, method_id)),
+                    Err(error) => {
+                        self.channel_error(number, error.at(class_id, method_id), state);
+                        Ok(())
+                    }
+                }
+            }
+            FrameKind::Header | FrameKind::Body => {
+                let number = frame.channel;
+                let closing = self.channels.get(&number).map(|c| c.closing);
+                match closing {
+                    Some(true) => Ok(()),
+                    Some(false) if number != 0 => self.handle_content(number, frame, state),
+                    _ => Err(AmqpError::hard(
+                        ReplyCode::UnexpectedFrame,
+                        format!("expected method frame, got non method frame instead on channel {number}"),
+                        0,
+                        0,
+                    )),
+                }
+            }
+        }
+    }
+
+    fn handle_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {
+        let Method::Other(AMQPClass::Connection(method)) = method else {
+            return Err(AmqpError::hard(ReplyCode::CommandInvalid, "only connection methods may use channel 0", 0, 0));
+        };
+        use connection::AMQPMethod as M;
+        match (self.phase, method) {
+            (Phase::StartOk, M::StartOk(start_ok)) => {
+                self.auth_failure_close =
+                    client_capability(&start_ok.client_properties, "authentication_failure_close");
+                self.outbox.set_cancel_notify(client_capability(&start_ok.client_properties, "consumer_cancel_notify"));
+                let mechanism = start_ok.mechanism.as_str().to_string();
+                match auth::authenticate(
+                    &self.broker.config.users,
+                    &mechanism,
+                    start_ok.response.as_bytes(),
+                    self.peer.ip(),
+                ) {
+                    Ok(user) => {
+                        self.user = user.name.clone();
+                        let config = &self.broker.config;
+                        self.send(
+                            0,
+                            AMQPClass::Connection(M::Tune(connection::Tune {
+                                channel_max: config.channel_max,
+                                frame_max: config.frame_max,
+                                heartbeat: config.heartbeat_s,
+                            })),
+                        );
+                        self.phase = Phase::TuneOk;
+                        Ok(())
+                    }
+                    Err(AuthError::UnknownMechanism(m)) => Err(AmqpError::hard(
+                        ReplyCode::CommandInvalid,
+                        format!("unknown authentication mechanism '{m}'"),
+                        10,
+                        11,
+                    )),
+                    Err(AuthError::Refused { mechanism, user }) => {
+                        warn!(peer = %self.peer, %user, "login refused");
+                        if self.auth_failure_close {
+                            Err(AmqpError::hard(
+                                ReplyCode::AccessRefused,
+                                format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
+                                10,
+                                11,
+                            ))
+                        } else {
+                            // Pre-capability clients expect the socket to close.
+                            self.phase = Phase::Done;
+                            Ok(())
+                        }
+                    }
+                }
+            }
+            (Phase::StartOk, M::SecureOk(_)) => {
+                Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected connection.secure-ok", 10, 21))
+            }
+            (Phase::TuneOk, M::TuneOk(tune_ok)) => {
+                let config = &self.broker.config;
+                let frame_max = if tune_ok.frame_max == 0 { config.frame_max } else { tune_ok.frame_max };
+                if frame_max < FRAME_MIN_SIZE {
+                    return Err(AmqpError::hard(
+                        ReplyCode::NotAllowed,
+                        format!("frame_max={frame_max} < {FRAME_MIN_SIZE} min size"),
+                        10,
+                        31,
+                    ));
+                }
+                if config.frame_max != 0 && frame_max > config.frame_max {
+                    return Err(AmqpError::hard(
+                        ReplyCode::NotAllowed,
+                        format!("frame_max={frame_max} > {} max size", config.frame_max),
+                        10,
+                        31,
+                    ));
+                }
+                self.channel_max = match (tune_ok.channel_max, config.channel_max) {
+                    (0, server) => server,
+                    (client, 0) => client,
+                    (client, server) => client.min(server),
+                };
+                if self.channel_max == 0 {
+                    self.channel_max = u16::MAX;
+                }
+                self.heartbeat_s = tune_ok.heartbeat;
+                self.decoder = FrameDecoder::new(frame_max);
+                self.outbox.set_frame_max(frame_max);
+                self.phase = Phase::Open;
+                Ok(())
+            }
+            (Phase::Open, M::Open(open)) => {
+                let name = open.virtual_host.as_str();
+                let Some(vhost) = self.broker.vhost(name) else {
+                    return Err(AmqpError::hard(ReplyCode::NotAllowed, format!("vhost {name} not found"), 10, 40));
+                };
+                let _ = self.outbox.vhost.set(vhost.clone());
+                self.vhost = Some(vhost);
+                self.send(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
+                self.phase = Phase::Running;
+                debug!(peer = %self.peer, user = %self.user, vhost = name, "connection open");
+                Ok(())
+            }
+            (_, M::Close(close)) => {
+                debug!(peer = %self.peer, code = close.reply_code, text = close.reply_text.as_str(), "client closed connection");
+                self.send(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {})));
+                self.phase = Phase::Done;
+                Ok(())
+            }
+            (Phase::Running, M::UpdateSecret(_)) => {
+                // Password-based users: the new secret is accepted as is.
+                self.send(0, AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})));
+                Ok(())
+            }
+            (Phase::Running, M::Blocked(_) | M::Unblocked(_)) => Ok(()),
+            (_, other) => Err(AmqpError::hard(
+                ReplyCode::CommandInvalid,
+                format!("unexpected method {other:?} in connection state {:?}", self.phase)
+                    .chars()
+                    .take(200)
+                    .collect::<String>(),
+                0,
+                0,
+            )),
+        }
+    }
+
+    fn handle_channel_method(
+        &mut self,
+        number: u16,
+        method: Method,
+        state: Option<&mut VirtualHostState>,
+    ) -> Result<(), AmqpError> {
+        let Some(state) = state else {
+            return Err(AmqpError::hard(ReplyCode::InternalError, "no virtual host", 0, 0));
+        };
+        let key = self.key(number);
+        if !self.channels.contains_key(&number) {
+            return match method {
+                Method::Other(AMQPClass::Channel(channel::AMQPMethod::Open(_))) => {
+                    if number > self.channel_max {
+                        return Err(AmqpError::hard(
+                            ReplyCode::ChannelError,
+                            format!("channel number {number} exceeds negotiated channel_max {}", self.channel_max),
+                            20,
+                            10,
+                        ));
+                    }
+                    self.channels.insert(number, ChannelProto::default());
+                    state.open_channel(key, self.outbox.clone());
+                    self.send(number, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+                    Ok(())
+                }
+                _ => Err(AmqpError::hard(ReplyCode::ChannelError, "expected 'channel.open'", 0, 0)),
+            };
+        }
+        match method {
+            Method::Publish(publish) => self.start_publish(number, publish, state),
+            Method::Ack { delivery_tag, multiple } => {
+                if let Some(ops) = self.channels.get_mut(&number).and_then(|c| c.tx.as_mut()) {
+                    ops.push(TxOp::Ack { delivery_tag, multiple });
+                    return Ok(());
+                }
+                state.ack(key, delivery_tag, multiple)
+            }
+            Method::Qos { prefetch_size, prefetch_count, global } => {
+                state.qos(key, prefetch_size, prefetch_count, global);
+                self.send(number, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                Ok(())
+            }
+            Method::Other(class) => self.handle_other(number, class, state),
+        }
+    }
+
+    fn queue_name(&self, number: u16, given: &str) -> Result<String, AmqpError> {
+        if !given.is_empty() {
+            return Ok(given.to_string());
+        }
+        match self.channels.get(&number).map(|c| c.last_queue.as_str()) {
+            Some(last) if !last.is_empty() => Ok(last.to_string()),
+            _ => Err(AmqpError::soft(ReplyCode::NotFound, "no previously declared queue", 0, 0)),
+        }
+    }
+
+    fn handle_other(&mut self, number: u16, class: AMQPClass, state: &mut VirtualHostState) -> Result<(), AmqpError> {
+        let key = self.key(number);
+        let conn = self.id;
+        match class {
+            AMQPClass::Channel(m) => match m {
+                channel::AMQPMethod::Open(_) => {
+                    Err(AmqpError::hard(ReplyCode::ChannelError, "second 'channel.open' seen", 0, 0))
+                }
+                channel::AMQPMethod::Close(_) => {
+                    state.close_channel(key);
+                    self.channels.remove(&number);
+                    self.send(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                    Ok(())
+                }
+                channel::AMQPMethod::CloseOk(_) => Ok(()),
+                channel::AMQPMethod::Flow(flow) => {
+                    state.flow(key, flow.active);
+                    self.send(
+                        number,
+                        AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: flow.active })),
+                    );
+                    Ok(())
+                }
+                channel::AMQPMethod::FlowOk(_) => Ok(()),
+                channel::AMQPMethod::OpenOk(_) => {
+                    Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected channel.open-ok", 0, 0))
+                }
+            },
+            AMQPClass::Access(spec::access::AMQPMethod::Request(_)) => {
+                self.send(number, AMQPClass::Access(spec::access::AMQPMethod::RequestOk(spec::access::RequestOk {})));
+                Ok(())
+            }
+            AMQPClass::Exchange(m) => match m {
+                exchange::AMQPMethod::Declare(d) => {
+                    state.declare_exchange(
+                        d.exchange.as_str(),
+                        d.kind.as_str(),
+                        d.passive,
+                        d.durable,
+                        d.auto_delete,
+                        d.internal,
+                        d.arguments,
+                    )?;
+                    if !d.nowait {
+                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                    }
+                    Ok(())
+                }
+                exchange::AMQPMethod::Delete(d) => {
+                    state.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                    if !d.nowait {
+                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                    }
+                    Ok(())
+                }
+                exchange::AMQPMethod::Bind(b) => {
+                    state.bind_exchange(
+                        b.destination.as_str(),
+                        b.source.as_str(),
+                        b.routing_key.as_str(),
+                        b.arguments,
+                        true,
+                    )?;
+                    if !b.nowait {
+                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                    }
+                    Ok(())
+                }
+                exchange::AMQPMethod::Unbind(b) => {
+                    state.bind_exchange(
+                        b.destination.as_str(),
+                        b.source.as_str(),
+                        b.routing_key.as_str(),
+                        b.arguments,
+                        false,
+                    )?;
+                    if !b.nowait {
+                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
+                    }
+                    Ok(())
+                }
+                _ => Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected exchange method from client", 0, 0)),
+            },
+            AMQPClass::Queue(m) => match m {
+                queue::AMQPMethod::Declare(d) => {
+                    let declared = state.declare_queue(
+                        conn,
+                        d.queue.as_str(),
+                        d.passive,
+                        d.durable,
+                        d.exclusive,
+                        d.auto_delete,
+                        d.arguments,
+                    )?;
+                    if let Some(ch) = self.channels.get_mut(&number) {
+                        ch.last_queue = declared.name.clone();
+                    }
+                    if !d.nowait {
+                        self.send(
+                            number,
+                            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                                queue: short(&declared.name),
+                                message_count: declared.message_count,
+                                consumer_count: declared.consumer_count,
+                            })),
+                        );
+                    }
+                    Ok(())
+                }
+                queue::AMQPMethod::Bind(b) => {
+                    let name = self.queue_name(number, b.queue.as_str())?;
+                    state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, true)?;
+                    if !b.nowait {
+                        self.send(number, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                    }
+                    Ok(())
+                }
+                queue::AMQPMethod::Unbind(b) => {
+                    let name = self.queue_name(number, b.queue.as_str())?;
+                    state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, false)?;
+                    self.send(number, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                    Ok(())
+                }
+                queue::AMQPMethod::Purge(p) => {
+                    let name = self.queue_name(number, p.queue.as_str())?;
+                    let message_count = state.purge_queue(conn, &name)?;
+                    if !p.nowait {
+                        self.send(
+                            number,
+                            AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
+                        );
+                    }
+                    Ok(())
+                }
+                queue::AMQPMethod::Delete(d) => {
+                    let name = self.queue_name(number, d.queue.as_str())?;
+                    let message_count = state.delete_queue(conn, &name, d.if_unused, d.if_empty)?;
+                    if !d.nowait {
+                        self.send(
+                            number,
+                            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count })),
+                        );
+                    }
+                    Ok(())
+                }
+                _ => Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected queue method from client", 0, 0)),
+            },
+            AMQPClass::Basic(m) => self.handle_basic(number, m, state),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                let Some(ch) = self.channels.get_mut(&number) else {
+                    return Ok(());
+                };
+                if ch.tx.is_some() {
+                    return Err(AmqpError::soft(
+                        ReplyCode::PreconditionFailed,
+                        "cannot switch from tx to confirm mode",
+                        0,
+                        0,
+                    ));
+                }
+                ch.confirm = true;
+                if !select.nowait {
+                    self.send(number, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                }
+                Ok(())
+            }
+            AMQPClass::Confirm(_) => {
+                Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected confirm method from client", 0, 0))
+            }
+            AMQPClass::Tx(m) => self.handle_tx(number, m, state),
+            AMQPClass::Connection(_) => {
+                Err(AmqpError::hard(ReplyCode::CommandInvalid, "connection method on a non-zero channel", 0, 0))
+            }
+            AMQPClass::Access(_) => {
+                Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected access method from client", 0, 0))
+            }
+        }
+    }
+
+    fn handle_basic(
+        &mut self,
+        number: u16,
+        m: basic::AMQPMethod,
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        let key = self.key(number);
+        match m {
+            basic::AMQPMethod::Consume(c) => {
+                let name = if c.queue.as_str() == REPLY_TO_QUEUE {
+                    REPLY_TO_QUEUE.to_string()
+                } else {
+                    self.queue_name(number, c.queue.as_str())?
+                };
+                let tag = state.consume(key, &name, c.consumer_tag.as_str(), c.no_ack, c.exclusive)?;
+                if !c.nowait {
+                    self.send(
+                        number,
+                        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: short(&tag) })),
+                    );
+                }
+                // Dispatch only after consume-ok is queued.
+                state.run_dispatch();
+                Ok(())
+            }
+            basic::AMQPMethod::Cancel(c) => {
+                state.cancel(key, c.consumer_tag.as_str());
+                if !c.nowait {
+                    self.send(
+                        number,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk { consumer_tag: c.consumer_tag })),
+                    );
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(g) => {
+                let name = self.queue_name(number, g.queue.as_str())?;
+                match state.get(key, &name, g.no_ack)? {
+                    Some(got) => {
+                        let frame_max = self.outbox.frame_max();
+                        self.outbox.write(|buf| {
+                            encode::basic_get_ok(
+                                buf,
+                                number,
+                                got.delivery_tag,
+                                got.redelivered,
+                                got.message.exchange(),
+                                got.message.routing_key(),
+                                got.message_count,
+                            );
+                            encode::content(buf, number, got.message.properties(), got.message.body(), frame_max);
+                        });
+                    }
+                    None => self.send(number, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Nack(n) => self.settle(number, n.delivery_tag, n.multiple, Some(n.requeue), state),
+            basic::AMQPMethod::Reject(r) => self.settle(number, r.delivery_tag, false, Some(r.requeue), state),
+            basic::AMQPMethod::Ack(a) => self.settle(number, a.delivery_tag, a.multiple, None, state),
+            basic::AMQPMethod::Recover(basic::Recover { requeue: false })
+            | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue: false }) => {
+                Err(AmqpError::hard(ReplyCode::NotImplemented, "requeue=false", 60, 110))
+            }
+            basic::AMQPMethod::Recover(_) => {
+                state.recover(key);
+                self.send(number, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(_) => {
+                state.recover(key);
+                Ok(())
+            }
+            basic::AMQPMethod::Qos(_) | basic::AMQPMethod::Publish(_) => Ok(()),
+            _ => Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected basic method from client", 0, 0)),
+        }
+    }
+
+    fn settle(
+        &mut self,
+        number: u16,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        let key = self.key(number);
+        if let Some(ops) = self.channels.get_mut(&number).and_then(|c| c.tx.as_mut()) {
+            ops.push(match requeue {
+                None => TxOp::Ack { delivery_tag, multiple },
+                Some(requeue) => TxOp::Nack { delivery_tag, multiple, requeue },
+            });
+            return Ok(());
+        }
+        match requeue {
+            None => state.ack(key, delivery_tag, multiple),
+            Some(requeue) => state.nack(key, delivery_tag, multiple, requeue),
+        }
+    }
+
+    fn handle_tx(&mut self, number: u16, m: tx::AMQPMethod, state: &mut VirtualHostState) -> Result<(), AmqpError> {
+        let key = self.key(number);
+        let Some(ch) = self.channels.get_mut(&number) else {
+            return Ok(());
+        };
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                if ch.confirm {
+                    return Err(AmqpError::soft(
+                        ReplyCode::PreconditionFailed,
+                        "cannot switch from confirm to tx mode",
+                        0,
+                        0,
+                    ));
+                }
+                if ch.tx.is_none() {
+                    ch.tx = Some(Vec::new());
+                }
+                self.send(number, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(ops) = ch.tx.replace(Vec::new()) else {
+                    return Err(AmqpError::soft(ReplyCode::PreconditionFailed, "channel is not transactional", 0, 0));
+                };
+                for op in ops {
+                    match op {
+                        TxOp::Publish { exchange, message, mandatory, extra_keys } => {
+                            self.route(number, &exchange, Arc::new(message), mandatory, &extra_keys, state)?;
+                        }
+                        TxOp::Ack { delivery_tag, multiple } => state.ack(key, delivery_tag, multiple)?,
+                        TxOp::Nack { delivery_tag, multiple, requeue } => {
+                            state.nack(key, delivery_tag, multiple, requeue)?
+                        }
+                    }
+                }
+                self.send(number, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                if ch.tx.replace(Vec::new()).is_none() {
+                    return Err(AmqpError::soft(ReplyCode::PreconditionFailed, "channel is not transactional", 0, 0));
+                }
+                self.send(number, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                Ok(())
+            }
+            _ => Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected tx method from client", 0, 0)),
+        }
+    }
+
+    // ---- content --------------------------------------------------------
+
+    fn start_publish(
+        &mut self,
+        number: u16,
+        publish: BasicPublish,
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        if publish.immediate {
+            return Err(AmqpError::hard(ReplyCode::NotImplemented, "immediate=true", 60, 40));
+        }
+        let exchange = str_of(&publish.exchange)?.to_string();
+        // Fail fast on a missing exchange; RabbitMQ checks after the body,
+        // with the same result for the client.
+        let _ = state;
+        if let Some(ch) = self.channels.get_mut(&number) {
+            ch.content = Some(Content {
+                exchange,
+                routing_key: publish.routing_key,
+                mandatory: publish.mandatory,
+                builder: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn handle_content(
+        &mut self,
+        number: u16,
+        frame: Frame,
+        state: Option<&mut VirtualHostState>,
+    ) -> Result<(), AmqpError> {
+        let max_message_size = self.broker.config.max_message_size;
+        let key = self.key(number);
+        let unexpected = |text: &str| AmqpError::hard(ReplyCode::UnexpectedFrame, text, 60, 40);
+        let Some(content) = self.channels.get_mut(&number).and_then(|c| c.content.as_mut()) else {
+            return Err(unexpected("expected method frame, got non method frame instead"));
+        };
+        match (frame.kind, content.builder.is_some()) {
+            (FrameKind::Header, false) => {
+                let payload = &frame.payload;
+                if payload.len() < 14 {
+                    return Err(AmqpError::hard(ReplyCode::FrameError, "content header frame too short", 60, 40));
+                }
+                let class_id = u16::from_be_bytes([payload[0], payload[1]]);
+                if class_id != method::CLASS_BASIC {
+                    return Err(AmqpError::hard(
+                        ReplyCode::FrameError,
+                        format!("content header for unknown class {class_id}"),
+                        60,
+                        40,
+                    ));
+                }
+                let mut size_bytes = [0u8; 8];
+                size_bytes.copy_from_slice(&payload[4..12]);
+                let body_size = u64::from_be_bytes(size_bytes);
+                let Some(mut properties) = Properties::parse(payload.slice(12..)) else {
+                    return Err(AmqpError::hard(ReplyCode::FrameError, "malformed content header properties", 60, 40));
+                };
+                if body_size > max_message_size {
+                    let error = AmqpError::soft(
+                        ReplyCode::PreconditionFailed,
+                        format!("message size {body_size} is larger than configured max size {max_message_size}"),
+                        60,
+                        40,
+                    );
+                    self.channel_error(number, error, state);
+                    return Ok(());
+                }
+                if properties.reply_to() == Some(REPLY_TO_QUEUE) {
+                    match state.as_deref().and_then(|s| s.reply_to_address(key)) {
+                        Some(address) => properties = properties.with_reply_to(&address),
+                        None => {
+                            let error = AmqpError::soft(
+                                ReplyCode::PreconditionFailed,
+                                "fast reply consumer does not exist",
+                                60,
+                                40,
+                            );
+                            self.channel_error(number, error, state);
+                            return Ok(());
+                        }
+                    }
+                }
+                let builder = Message::builder(
+                    content.exchange.as_bytes(),
+                    &content.routing_key,
+                    &properties,
+                    body_size as usize,
+                );
+                content.builder = Some(builder);
+            }
+            (FrameKind::Body, true) => {
+                if let Some(builder) = content.builder.as_mut() {
+                    if !builder.push_body(&frame.payload) {
+                        return Err(AmqpError::hard(
+                            ReplyCode::FrameError,
+                            "content body exceeds the size declared in its header",
+                            60,
+                            40,
+                        ));
+                    }
+                }
+            }
+            (FrameKind::Header, true) => return Err(unexpected("expected content body, got content header instead")),
+            _ => return Err(unexpected("expected content header for class 60, got non content header frame instead")),
+        }
+        if !content.builder.as_ref().is_some_and(MessageBuilder::is_complete) {
+            return Ok(());
+        }
+        let Some(ch) = self.channels.get_mut(&number) else {
+            return Ok(());
+        };
+        let Some(Content { exchange, mandatory, builder: Some(builder), .. }) = ch.content.take() else {
+            return Ok(());
+        };
+        let in_tx = ch.tx.is_some();
+        let (message, extra_keys) = sender_selected(builder.finish());
+        let Some(state) = state else {
+            return Ok(());
+        };
+        if in_tx {
+            if let Err(error) = state.check_publish(&exchange) {
+                self.channel_error(number, error.at(60, 40), Some(state));
+                return Ok(());
+            }
+            if let Some(ops) = self.channels.get_mut(&number).and_then(|c| c.tx.as_mut()) {
+                ops.push(TxOp::Publish { exchange, message, mandatory, extra_keys });
+            }
+            return Ok(());
+        }
+        match self.route(number, &exchange, Arc::new(message), mandatory, &extra_keys, state) {
+            Ok(()) => Ok(()),
+            Err(error) if error.hard => Err(error),
+            Err(error) => {
+                self.channel_error(number, error.at(60, 40), Some(state));
+                Ok(())
+            }
+        }
+    }
+
+    /// Routes a complete message; sends `basic.return` when mandatory and
+    /// unroutable; counts it for publisher confirms.
+    fn route(
+        &mut self,
+        number: u16,
+        exchange: &str,
+        message: Arc<Message>,
+        mandatory: bool,
+        extra_keys: &[Vec<u8>],
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        if let Some(ch) = self.channels.get_mut(&number) {
+            if ch.confirm {
+                ch.published += 1;
+                if self.confirm_pending.last() != Some(&number) && !self.confirm_pending.contains(&number) {
+                    self.confirm_pending.push(number);
+                }
+            }
+        }
+        let routed = state.publish(exchange, message.clone(), extra_keys)?;
+        if routed == 0 && mandatory {
+            let frame_max = self.outbox.frame_max();
+            self.outbox.write(|buf| {
+                encode::basic_return(
+                    buf,
+                    number,
+                    ReplyCode::NoRoute.code(),
+                    "NO_ROUTE",
+                    message.exchange(),
+                    message.routing_key(),
+                );
+                encode::content(buf, number, message.properties(), message.body(), frame_max);
+            });
+        }
+        Ok(())
+    }
+}

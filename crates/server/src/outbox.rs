@@ -1,0 +1,110 @@
+//! A connection's outgoing bytes. Anyone holding the connection (its own
+//! reader, or another connection's publish routed to one of its consumers)
+//! appends encoded frames under a short lock; the writer task swaps the
+//! buffer out and writes it with one syscall, so deliveries batch naturally.
+//!
+//! Back-pressure: above `limit` unsent bytes the outbox reports congestion
+//! and the core stops delivering to it; the writer resumes deliveries once
+//! the buffer has drained below half the limit.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use warren_codec::encode;
+use warren_core::{Message, Outbox, VirtualHost};
+
+pub struct ConnectionOutbox {
+    buf: Mutex<BytesMut>,
+    pub(crate) notify: Notify,
+    frame_max: AtomicU32,
+    cancel_notify: AtomicBool,
+    congested: AtomicBool,
+    limit: usize,
+    pub(crate) connection_id: u64,
+    pub(crate) vhost: OnceLock<Arc<VirtualHost>>,
+}
+
+impl ConnectionOutbox {
+    pub fn new(connection_id: u64, frame_max: u32, limit: usize) -> ConnectionOutbox {
+        ConnectionOutbox {
+            buf: Mutex::new(BytesMut::with_capacity(512)),
+            notify: Notify::new(),
+            frame_max: AtomicU32::new(frame_max),
+            cancel_notify: AtomicBool::new(false),
+            congested: AtomicBool::new(false),
+            limit,
+            connection_id,
+            vhost: OnceLock::new(),
+        }
+    }
+
+    pub fn set_frame_max(&self, frame_max: u32) {
+        self.frame_max.store(frame_max, Ordering::Relaxed);
+    }
+
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max.load(Ordering::Relaxed)
+    }
+
+    pub fn set_cancel_notify(&self, enabled: bool) {
+        self.cancel_notify.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Appends frames written by `write` and wakes the writer.
+    pub fn write(&self, write: impl FnOnce(&mut BytesMut)) {
+        let mut buf = self.buf.lock();
+        write(&mut buf);
+        if buf.len() > self.limit {
+            self.congested.store(true, Ordering::Relaxed);
+        }
+        drop(buf);
+        self.notify.notify_one();
+    }
+
+    /// Swaps the pending bytes into `spare` (which must be empty).
+    pub(crate) fn take(&self, spare: &mut BytesMut) {
+        debug_assert!(spare.is_empty());
+        std::mem::swap(&mut *self.buf.lock(), spare);
+    }
+
+    /// Called by the writer after a write: lifts congestion once drained.
+    pub(crate) fn drained(&self) {
+        if self.congested.load(Ordering::Relaxed) && self.buf.lock().len() < self.limit / 2 {
+            self.congested.store(false, Ordering::Relaxed);
+            if let Some(vhost) = self.vhost.get() {
+                vhost.lock().resume_connection(self.connection_id);
+            }
+        }
+    }
+}
+
+impl Outbox for ConnectionOutbox {
+    fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message) {
+        let frame_max = self.frame_max();
+        self.write(|buf| {
+            encode::basic_deliver(
+                buf,
+                channel,
+                consumer_tag.as_bytes(),
+                delivery_tag,
+                redelivered,
+                message.exchange(),
+                message.routing_key(),
+            );
+            encode::content(buf, channel, message.properties(), message.body(), frame_max);
+        });
+    }
+
+    fn consumer_cancelled(&self, channel: u16, consumer_tag: &str) {
+        if self.cancel_notify.load(Ordering::Relaxed) {
+            self.write(|buf| encode::basic_cancel(buf, channel, consumer_tag.as_bytes()));
+        }
+    }
+
+    fn is_congested(&self) -> bool {
+        self.congested.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,121 @@
+//! Listeners and the accept loop, with graceful shutdown: on the shutdown
+//! signal every connection is sent `connection.close` (320) and given a
+//! moment to answer before the process exits.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::config::Config;
+
+pub struct Server {
+    listeners: Vec<TcpListener>,
+    broker: Arc<Broker>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: String, source: std::io::Error },
+    #[error("invalid listen address '{0}'")]
+    Address(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Expands one `bind` entry: `localhost` is both loopback addresses.
+fn expand(entry: &str) -> Result<Vec<IpAddr>, ServerError> {
+    match entry {
+        "localhost" => Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]),
+        other => other
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .map(|ip| vec![ip])
+            .map_err(|_| ServerError::Address(other.to_string())),
+    }
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let mut addresses = Vec::new();
+        for entry in &config.bind {
+            addresses.extend(expand(entry)?);
+        }
+        let mut listeners = Vec::new();
+        let mut port = config.amqp_port;
+        for ip in addresses {
+            let address = SocketAddr::new(ip, port);
+            match TcpListener::bind(address).await {
+                Ok(listener) => {
+                    // With port 0 every further address shares the first one's port.
+                    if port == 0 {
+                        port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+                    }
+                    listeners.push(listener);
+                }
+                Err(source) if ip.is_ipv6() && ip.is_loopback() && !listeners.is_empty() => {
+                    warn!(%address, %source, "IPv6 loopback unavailable; listening on IPv4 only");
+                }
+                Err(source) => return Err(ServerError::Bind { address: address.to_string(), source }),
+            }
+        }
+        Ok(Server { listeners, broker: Arc::new(Broker::new(config)) })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        for address in self.local_addrs() {
+            info!(%address, "listening for AMQP 0-9-1");
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut accepts = JoinSet::new();
+        for listener in self.listeners {
+            let broker = self.broker.clone();
+            let stop = stop_rx.clone();
+            accepts.spawn(async move {
+                let mut stop_accept = stop.clone();
+                let mut tasks = JoinSet::new();
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, peer)) => {
+                                tasks.spawn(crate::connection::serve(stream, peer, broker.clone(), stop.clone()));
+                            }
+                            Err(error) => {
+                                // EMFILE and friends: back off instead of spinning.
+                                warn!(%error, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        },
+                        _ = stop_accept.changed() => break,
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    }
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        }
+        shutdown.await;
+        info!("shutting down: closing connections");
+        let _ = stop_tx.send(true);
+        let drain = async { while accepts.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            warn!("some connections did not close in time");
+        }
+    }
+}

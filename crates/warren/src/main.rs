@@ -1,0 +1,135 @@
+//! `warren`: the broker (default) and its tools (`warren perf`).
+
+mod perf;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use warren_server::{Config, Server};
+
+#[derive(Parser)]
+#[command(name = "warren", version, about = "Warren: an AMQP 0-9-1 message broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Load generator: publish and consume against a broker, print rates and latencies.
+    Perf(perf::PerfArgs),
+}
+
+#[derive(Args, Clone, Default)]
+struct ServeArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "WARREN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// AMQP port [default: 5672].
+    #[arg(long, env = "WARREN_AMQP_PORT")]
+    amqp_port: Option<u16>,
+    /// Address to listen on; repeat for several. `localhost` (the default) means 127.0.0.1 and ::1;
+    /// use 0.0.0.0 or :: to accept remote clients.
+    #[arg(long, env = "WARREN_BIND", value_delimiter = ',')]
+    bind: Vec<String>,
+    /// Data directory [default: ./warren-data].
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval offered to clients, in seconds (0 disables) [default: 60].
+    #[arg(long, env = "WARREN_HEARTBEAT")]
+    heartbeat: Option<u16>,
+    /// Largest frame offered to clients, in bytes [default: 131072].
+    #[arg(long, env = "WARREN_FRAME_MAX")]
+    frame_max: Option<u32>,
+    /// Most channels per connection [default: 2047].
+    #[arg(long, env = "WARREN_CHANNEL_MAX")]
+    channel_max: Option<u16>,
+    /// Largest message body accepted, in bytes [default: 134217728].
+    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
+    max_message_size: Option<u64>,
+    /// Log filter, e.g. `info` or `warren_server=debug` [default: info].
+    #[arg(long, env = "WARREN_LOG", default_value = "info")]
+    log: String,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(port) = self.amqp_port {
+            config.amqp_port = port;
+        }
+        if !self.bind.is_empty() {
+            config.bind = self.bind.clone();
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(heartbeat) = self.heartbeat {
+            config.heartbeat_s = heartbeat;
+        }
+        if let Some(frame_max) = self.frame_max {
+            config.frame_max = frame_max;
+        }
+        if let Some(channel_max) = self.channel_max {
+            config.channel_max = channel_max;
+        }
+        if let Some(size) = self.max_message_size {
+            config.max_message_size = size;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let config = args.config()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let server = Server::bind(config).await?;
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Some(Command::Perf(args)) => runtime.block_on(perf::run(args)),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        None => runtime.block_on(serve(cli.serve)),
+    }
+}

@@ -1,0 +1,6 @@
+use clap::Args;
+#[derive(Args)]
+pub struct PerfArgs {}
+pub async fn run(_args: PerfArgs) -> anyhow::Result<()> {
+    Ok(())
+}
