@@ -200,6 +200,65 @@ fn describe(value: Option<&warren_codec::types::AMQPValue>) -> String {
     }
 }
 
+/// A value as RabbitMQ quotes it when both sides of a comparison have one.
+fn plain(value: &warren_codec::types::AMQPValue) -> String {
+    use warren_codec::types::AMQPValue as V;
+    match value {
+        V::Boolean(b) => b.to_string(),
+        other => warren_codec::table::as_str(other)
+            .map(str::to_string)
+            .or_else(|| warren_codec::table::as_i64(other).map(|n| n.to_string()))
+            .unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// Argument equality as RabbitMQ sees it: integers compare by value
+/// whatever their width.
+fn equivalent(a: Option<&warren_codec::types::AMQPValue>, b: Option<&warren_codec::types::AMQPValue>) -> bool {
+    match (a, b) {
+        (Some(x), Some(y)) => match (warren_codec::table::as_i64(x), warren_codec::table::as_i64(y)) {
+            (Some(m), Some(n)) => m == n,
+            _ => x == y,
+        },
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Types of the queue arguments Warren knows, checked on declaration.
+fn validate_queue_argument(key: &str, value: &warren_codec::types::AMQPValue) -> Result<(), &'static str> {
+    use warren_codec::types::AMQPValue as V;
+    let type_name = match value {
+        V::LongString(_) | V::ShortString(_) => "longstr",
+        V::Boolean(_) => "bool",
+        V::FieldTable(_) => "table",
+        V::FieldArray(_) => "array",
+        V::Void => "void",
+        V::Float(_) | V::Double(_) => "double",
+        V::ByteArray(_) => "binary",
+        _ => "integer",
+    };
+    let wants_integer = matches!(
+        key,
+        "x-message-ttl" | "x-expires" | "x-max-length" | "x-max-length-bytes" | "x-max-priority" | "x-delivery-limit"
+    );
+    let wants_string = matches!(
+        key,
+        "x-dead-letter-exchange" | "x-dead-letter-routing-key" | "x-overflow" | "x-queue-type" | "x-queue-mode"
+    );
+    if wants_integer && type_name != "integer" {
+        return Err(match type_name {
+            "longstr" => "expected integer, got longstr",
+            "bool" => "expected integer, got bool",
+            _ => "expected integer",
+        });
+    }
+    if wants_string && type_name != "longstr" {
+        return Err("expected longstr");
+    }
+    Ok(())
+}
+
 fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
     use warren_codec::types::AMQPValue as V;
     match value {
@@ -390,11 +449,7 @@ impl VirtualHostState {
         arguments: FieldTable,
     ) -> Result<(), AmqpError> {
         if name.is_empty() {
-            return if passive {
-                Ok(())
-            } else {
-                Err(soft(ReplyCode::AccessRefused, "operation not permitted on the default exchange"))
-            };
+            return Err(soft(ReplyCode::AccessRefused, "operation not permitted on the default exchange"));
         }
         if let Some(existing) = self.exchanges.get(name) {
             if passive {
@@ -433,20 +488,20 @@ impl VirtualHostState {
             ));
         }
         let kind = ExchangeKind::parse(kind).ok_or_else(|| {
-            AmqpError::hard(ReplyCode::CommandInvalid, format!("invalid exchange type '{kind}'"), 0, 0)
+            AmqpError::hard(ReplyCode::CommandInvalid, format!("unknown exchange type '{kind}'"), 0, 0)
         })?;
         self.exchanges.insert(name.into(), Exchange::new(name, kind, durable, auto_delete, internal, arguments));
         Ok(())
     }
 
     pub fn delete_exchange(&mut self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty() {
+            return Err(soft(ReplyCode::AccessRefused, "operation not permitted on the default exchange"));
+        }
+        if name.starts_with("amq.") {
             return Err(soft(
                 ReplyCode::AccessRefused,
-                format!("operation not permitted on exchange '{name}'").replace(
-                    "operation not permitted on exchange ''",
-                    "operation not permitted on the default exchange",
-                ),
+                format!("deletion of system exchange '{name}' in vhost '{}' not allowed", self.name),
             ));
         }
         let Some(exchange) = self.exchanges.get(name) else {
@@ -518,6 +573,13 @@ impl VirtualHostState {
         arguments: FieldTable,
         bind: bool,
     ) -> Result<(), AmqpError> {
+        if !bind
+            && (!self.exchanges.contains_key(exchange) || !self.queue_ids.contains_key(queue))
+            && !exchange.is_empty()
+        {
+            // RabbitMQ answers unbind-ok when there is nothing to unbind.
+            return Ok(());
+        }
         self.source_exchange(exchange)?;
         let id = self.queue_id(connection, queue)?;
         let binding = Binding { destination: Destination::Queue(id), routing_key: routing_key.into(), arguments };
@@ -532,6 +594,9 @@ impl VirtualHostState {
         arguments: FieldTable,
         bind: bool,
     ) -> Result<(), AmqpError> {
+        if !bind && (!self.exchanges.contains_key(source) || !self.exchanges.contains_key(destination)) {
+            return Ok(());
+        }
         self.source_exchange(source)?;
         self.source_exchange(destination)?;
         let binding = Binding {
@@ -556,21 +621,31 @@ impl VirtualHostState {
         arguments: FieldTable,
     ) -> Result<QueueDeclared, AmqpError> {
         if passive {
+            if name == REPLY_TO_QUEUE {
+                return Ok(QueueDeclared { name: name.to_string(), message_count: 0, consumer_count: 0 });
+            }
             let id = self.queue_id(connection, name)?;
             return Ok(self.declared(id));
+        }
+        for (key, value) in arguments.inner() {
+            if let Err(problem) = validate_queue_argument(key.as_str(), value) {
+                return Err(precondition(format!(
+                    "invalid arg '{}' for queue '{name}' in vhost '{}': \"{problem}\"",
+                    key.as_str(),
+                    self.name
+                )));
+            }
         }
         if let Some(&id) = self.queue_ids.get(name) {
             let Some(queue) = self.queues.get(&id) else {
                 return Err(self.not_found_queue(name));
             };
-            if queue.is_exclusive_to_other(connection) || (exclusive && queue.exclusive_owner.is_none()) {
+            if queue.is_exclusive_to_other(connection) || exclusive != queue.exclusive_owner.is_some() {
                 return Err(self.locked(name));
             }
-            for (what, received, current) in [
-                ("durable", durable, queue.durable),
-                ("exclusive", exclusive, queue.exclusive_owner.is_some()),
-                ("auto_delete", auto_delete, queue.auto_delete),
-            ] {
+            for (what, received, current) in
+                [("durable", durable, queue.durable), ("auto_delete", auto_delete, queue.auto_delete)]
+            {
                 if received != current {
                     return Err(precondition(format!(
                         "inequivalent arg '{what}' for queue '{name}' in vhost '{}': received '{}' but current is '{}'",
@@ -583,12 +658,14 @@ impl VirtualHostState {
             for key in EQUIVALENT_QUEUE_ARGS {
                 let received = warren_codec::table::get(&arguments, key);
                 let current = warren_codec::table::get(&queue.arguments, key);
-                if received != current {
+                if !equivalent(received, current) {
+                    let (received, current) = match (received, current) {
+                        (Some(r), Some(c)) => (format!("'{}'", plain(r)), format!("'{}'", plain(c))),
+                        (r, c) => (describe(r), describe(c)),
+                    };
                     return Err(precondition(format!(
-                        "inequivalent arg '{key}' for queue '{name}' in vhost '{}': received {} but current is {}",
-                        self.name,
-                        describe(received),
-                        describe(current)
+                        "inequivalent arg '{key}' for queue '{name}' in vhost '{}': received {received} but current is {current}",
+                        self.name
                     )));
                 }
             }

@@ -88,6 +88,8 @@ struct Connection {
     confirm_pending: Vec<u16>,
     auth_failure_close: bool,
     user: String,
+    /// A framing error was seen: input is discarded from then on.
+    unparseable: bool,
 }
 
 fn short(value: &str) -> ShortString {
@@ -199,6 +201,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         confirm_pending: Vec::new(),
         auth_failure_close: false,
         user: String::new(),
+        unparseable: false,
     };
     conn.send(
         0,
@@ -326,6 +329,10 @@ impl Connection {
 
     /// Decodes and applies every complete frame in `buf`.
     fn process(&mut self, buf: &mut BytesMut) {
+        if self.unparseable {
+            buf.clear();
+            return;
+        }
         'batch: loop {
             let vhost = self.vhost.clone();
             let mut guard = vhost.as_ref().map(|v| v.lock());
@@ -337,9 +344,11 @@ impl Connection {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(error) => {
+                        // The stream cannot be parsed past this point: close,
+                        // then discard input until the close-ok timeout.
                         buf.clear();
                         self.close_connection(error.to_amqp());
-                        self.phase = Phase::Done;
+                        self.unparseable = true;
                         break;
                     }
                 };
@@ -486,7 +495,7 @@ impl Connection {
                     Some(false) if number != 0 => self.handle_content(number, frame, state),
                     _ => Err(AmqpError::hard(
                         ReplyCode::UnexpectedFrame,
-                        format!("expected method frame, got non method frame instead on channel {number}"),
+                        "expected method frame, got non method frame instead",
                         0,
                         0,
                     )),
@@ -634,12 +643,17 @@ impl Connection {
         if !self.channels.contains_key(&number) {
             return match method {
                 Method::Other(AMQPClass::Channel(channel::AMQPMethod::Open(_))) => {
-                    if number > self.channel_max {
+                    // As RabbitMQ: the count of open channels is limited, not their numbers.
+                    if self.channels.len() >= usize::from(self.channel_max) {
                         return Err(AmqpError::hard(
-                            ReplyCode::ChannelError,
-                            format!("channel number {number} exceeds negotiated channel_max {}", self.channel_max),
-                            20,
-                            10,
+                            ReplyCode::NotAllowed,
+                            format!(
+                                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                                self.channels.len(),
+                                self.channel_max
+                            ),
+                            0,
+                            0,
                         ));
                     }
                     self.channels.insert(number, ChannelProto::default());
@@ -1075,6 +1089,18 @@ impl Connection {
                     );
                     self.channel_error(number, error, state);
                     return Ok(());
+                }
+                if properties.flags() & flag::USER_ID != 0 {
+                    if let Some(claimed) = properties.user_id().filter(|claimed| *claimed != self.user) {
+                        let error = AmqpError::soft(
+                            ReplyCode::PreconditionFailed,
+                            format!("user_id property set to '{claimed}' but authenticated user was '{}'", self.user),
+                            60,
+                            40,
+                        );
+                        self.channel_error(number, error, state);
+                        return Ok(());
+                    }
                 }
                 if properties.reply_to() == Some(REPLY_TO_QUEUE) {
                     match state.as_deref().and_then(|s| s.reply_to_address(key)) {
