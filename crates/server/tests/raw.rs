@@ -1,0 +1,362 @@
+//! Hostile and malformed input, byte by byte over a raw socket: each case
+//! gets RabbitMQ's reply code (or a clean close), and the broker keeps
+//! serving other clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use common::TestServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warren_codec::frame::{Frame, FrameDecoder, FrameKind};
+use warren_codec::method::{self, Method};
+use warren_codec::spec::{basic, channel, connection, queue, AMQPClass};
+use warren_codec::types::{FieldTable, LongString};
+use warren_codec::{encode, PROTOCOL_HEADER};
+
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl Raw {
+    async fn connect(server: &TestServer) -> Raw {
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        Raw { stream, buf: BytesMut::new(), decoder: FrameDecoder::new(1 << 20) }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn send(&mut self, channel: u16, class: AMQPClass) {
+        let mut out = BytesMut::new();
+        encode::method(&mut out, channel, &class);
+        self.write(&out).await;
+    }
+
+    /// Next frame, or None when the server closed the socket.
+    async fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.decoder.decode(&mut self.buf).unwrap() {
+                return Some(frame);
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), self.stream.read_buf(&mut self.buf)).await;
+            match read.expect("server answered within 5 s") {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn method(&mut self) -> Option<AMQPClass> {
+        loop {
+            let frame = self.frame().await?;
+            if frame.kind == FrameKind::Method {
+                if let Method::Other(class) = method::decode(&frame.payload).unwrap() {
+                    return Some(class);
+                }
+            }
+        }
+    }
+
+    /// Completes the handshake and opens channel 1.
+    async fn open(server: &TestServer, heartbeat: u16) -> Raw {
+        let mut raw = Raw::connect(server).await;
+        raw.write(&PROTOCOL_HEADER).await;
+        assert!(matches!(raw.method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
+        let mut caps = FieldTable::default();
+        caps.insert("authentication_failure_close".into(), true.into());
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), caps.into());
+        raw.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: props,
+                mechanism: "PLAIN".into(),
+                response: LongString::from("\0guest\0guest"),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+        let Some(AMQPClass::Connection(connection::AMQPMethod::Tune(tune))) = raw.method().await else {
+            panic!("tune")
+        };
+        assert_eq!((tune.channel_max, tune.frame_max, tune.heartbeat), (2047, 131_072, 60));
+        raw.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: 8,
+                frame_max: 131_072,
+                heartbeat,
+            })),
+        )
+        .await;
+        raw.send(0, AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: "/".into() })))
+            .await;
+        assert!(matches!(raw.method().await, Some(AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)))));
+        raw.send(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+        assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
+        raw
+    }
+
+    /// Waits for connection.close and returns (code, text).
+    async fn connection_close(&mut self) -> (u16, String) {
+        loop {
+            match self.method().await {
+                Some(AMQPClass::Connection(connection::AMQPMethod::Close(close))) => {
+                    return (close.reply_code, close.reply_text.to_string());
+                }
+                Some(_) => continue,
+                None => panic!("socket closed without connection.close"),
+            }
+        }
+    }
+
+    async fn channel_close(&mut self) -> (u16, String) {
+        loop {
+            match self.method().await {
+                Some(AMQPClass::Channel(channel::AMQPMethod::Close(close))) => {
+                    return (close.reply_code, close.reply_text.to_string());
+                }
+                Some(_) => continue,
+                None => panic!("socket closed without channel.close"),
+            }
+        }
+    }
+}
+
+async fn still_serving(server: &TestServer) {
+    let mut raw = Raw::open(server, 0).await;
+    raw.send(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "".into(),
+            passive: false,
+            durable: false,
+            exclusive: true,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+}
+
+fn frame(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.push(end);
+    out
+}
+
+#[tokio::test]
+async fn wrong_protocol_header_gets_ours_back_and_a_close() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::connect(&server).await;
+    raw.write(b"GET / HTTP/1.1\r\n\r\n").await;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply, PROTOCOL_HEADER);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn framing_errors_close_the_connection_with_501() {
+    let server = TestServer::start().await;
+    // Bad frame-end octet.
+    let mut raw = Raw::open(&server, 0).await;
+    raw.write(&frame(1, 1, &[0, 60, 0, 10, 0, 0, 0, 0, 0, 1, 0], 0x00)).await;
+    assert_eq!(raw.connection_close().await.0, 501);
+    // Unknown frame type.
+    let mut raw = Raw::open(&server, 0).await;
+    raw.write(&frame(9, 1, b"xyz", 0xCE)).await;
+    assert_eq!(raw.connection_close().await.0, 501);
+    // A frame claiming 4 GiB: refused from its header, nothing allocated.
+    let mut raw = Raw::open(&server, 0).await;
+    raw.write(&[3, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF]).await;
+    let (code, text) = raw.connection_close().await;
+    assert_eq!(code, 501);
+    assert!(text.starts_with("FRAME_ERROR - "), "{text}");
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn unknown_methods_and_malformed_arguments_are_connection_errors() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 0).await;
+    raw.write(&frame(1, 1, &[0, 60, 0, 250], 0xCE)).await;
+    assert_eq!(raw.connection_close().await.0, 503);
+    let mut raw = Raw::open(&server, 0).await;
+    // queue.declare cut short in its arguments.
+    raw.write(&frame(1, 1, &[0, 50, 0, 10, 0, 0, 5, b'q'], 0xCE)).await;
+    assert_eq!(raw.connection_close().await.0, 502);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn content_out_of_order_is_unexpected_frame_505() {
+    let server = TestServer::start().await;
+    // Body with no publish before it.
+    let mut raw = Raw::open(&server, 0).await;
+    raw.write(&frame(3, 1, b"body", 0xCE)).await;
+    assert_eq!(
+        raw.connection_close().await,
+        (505, "UNEXPECTED_FRAME - expected method frame, got non method frame instead".into())
+    );
+    // A method where the content header should be.
+    let mut raw = Raw::open(&server, 0).await;
+    let mut out = BytesMut::new();
+    encode::basic_publish(&mut out, 1, b"", b"q", false);
+    encode::basic_publish(&mut out, 1, b"", b"q", false);
+    raw.write(&out).await;
+    assert_eq!(raw.connection_close().await.0, 505);
+    // Content on channel 0.
+    let mut raw = Raw::open(&server, 0).await;
+    raw.write(&frame(2, 0, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], 0xCE)).await;
+    assert_eq!(raw.connection_close().await.0, 505);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn body_larger_than_declared_is_a_frame_error() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 0).await;
+    let mut out = BytesMut::new();
+    encode::basic_publish(&mut out, 1, b"", b"q", false);
+    // Header declares 3 bytes; the body frame carries 5.
+    out.put_slice(&frame(2, 1, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0], 0xCE));
+    out.put_slice(&frame(3, 1, b"12345", 0xCE));
+    raw.write(&out).await;
+    assert_eq!(raw.connection_close().await.0, 501);
+}
+
+#[tokio::test]
+async fn oversized_message_closes_the_channel_with_406() {
+    let server = TestServer::with_config(|c| c.max_message_size = 1000).await;
+    let mut raw = Raw::open(&server, 0).await;
+    let mut out = BytesMut::new();
+    encode::basic_publish(&mut out, 1, b"", b"q", false);
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&2000u64.to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    out.put_slice(&frame(2, 1, &header, 0xCE));
+    out.put_slice(&frame(3, 1, &[0u8; 2000], 0xCE));
+    raw.write(&out).await;
+    let (code, text) = raw.channel_close().await;
+    assert_eq!(code, 406);
+    assert_eq!(text, "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000");
+    // The connection lives on: close-ok, then a new channel works.
+    raw.send(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
+    raw.send(2, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
+}
+
+#[tokio::test]
+async fn channel_misuse_gets_rabbitmq_codes() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    assert_eq!(raw.connection_close().await, (504, "CHANNEL_ERROR - second 'channel.open' seen".into()));
+
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(5, AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 1, global: false }))).await;
+    assert_eq!(raw.connection_close().await, (504, "CHANNEL_ERROR - expected 'channel.open'".into()));
+
+    // channel_max 8 was negotiated: the ninth open channel is refused.
+    let mut raw = Raw::open(&server, 0).await;
+    for number in 2..=8 {
+        raw.send(number, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+        assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
+    }
+    raw.send(9, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    let (code, text) = raw.connection_close().await;
+    assert_eq!(code, 530);
+    assert_eq!(text, "NOT_ALLOWED - number of channels opened (8) has reached the negotiated channel_max (8)");
+
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(1, AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: 42, multiple: false }))).await;
+    let (code, text) = raw.channel_close().await;
+    assert_eq!((code, text.as_str()), (406, "PRECONDITION_FAILED - unknown delivery tag 42"));
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn partial_frame_then_silence_is_cut_by_the_handshake_timeout() {
+    let server = TestServer::with_config(|c| c.handshake_timeout_s = 1).await;
+    let mut raw = Raw::connect(&server).await;
+    raw.write(b"AMQP").await;
+    let mut rest = Vec::new();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_disconnected_after_two_missed_heartbeats() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 1).await;
+    let started = std::time::Instant::now();
+    // Read (and ignore) the server's heartbeats until it hangs up.
+    let mut heartbeats = 0;
+    while let Some(frame) = raw.frame().await {
+        if frame.kind == FrameKind::Heartbeat {
+            heartbeats += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(heartbeats >= 1, "server sends heartbeats while idle");
+    assert!(elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_secs(4), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn many_half_open_connections_do_not_starve_real_clients() {
+    let server = TestServer::with_config(|c| c.handshake_timeout_s = 2).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut raw = Raw::connect(&server).await;
+        raw.write(b"AM").await;
+        idle.push(raw);
+    }
+    still_serving(&server).await;
+    drop(idle);
+}
+
+#[tokio::test]
+async fn refused_logins_get_403_with_authentication_failure_close() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::connect(&server).await;
+    raw.write(&PROTOCOL_HEADER).await;
+    raw.method().await;
+    let mut caps = FieldTable::default();
+    caps.insert("authentication_failure_close".into(), true.into());
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), caps.into());
+    raw.send(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: props,
+            mechanism: "PLAIN".into(),
+            response: LongString::from("\0guest\0nope"),
+            locale: "en_US".into(),
+        })),
+    )
+    .await;
+    assert_eq!(
+        raw.connection_close().await,
+        (
+            403,
+            "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile."
+                .into()
+        )
+    );
+}
