@@ -51,14 +51,15 @@ enum Phase {
 }
 
 struct Content {
-    exchange: String,
+    /// Validated UTF-8; a slice of the method frame, not a copy.
+    exchange: Bytes,
     routing_key: Bytes,
     mandatory: bool,
     builder: Option<MessageBuilder>,
 }
 
 enum TxOp {
-    Publish { exchange: String, message: Message, mandatory: bool, extra_keys: Vec<Vec<u8>> },
+    Publish { exchange: Bytes, message: Message, mandatory: bool, extra_keys: Vec<Vec<u8>> },
     Ack { delivery_tag: u64, multiple: bool },
     Nack { delivery_tag: u64, multiple: bool, requeue: bool },
 }
@@ -139,6 +140,10 @@ fn str_of(bytes: &[u8]) -> Result<&str, AmqpError> {
 /// CC and BCC header routing keys (sender-selected distribution); BCC is
 /// removed from the message the queues receive.
 fn sender_selected(message: Message) -> (Message, Vec<Vec<u8>>) {
+    let flags = message.properties().get(..2).map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
+    if flags & flag::HEADERS == 0 {
+        return (message, Vec::new());
+    }
     let properties = message.properties_view();
     let Some(raw) = properties.headers_raw() else {
         return (message, Vec::new());
@@ -999,7 +1004,8 @@ impl Connection {
                 for op in ops {
                     match op {
                         TxOp::Publish { exchange, message, mandatory, extra_keys } => {
-                            self.route(number, &exchange, Arc::new(message), mandatory, &extra_keys, state)?;
+                            let exchange = str_of(&exchange)?;
+                            self.route(number, exchange, Arc::new(message), mandatory, &extra_keys, state)?;
                         }
                         TxOp::Ack { delivery_tag, multiple } => state.ack(key, delivery_tag, multiple)?,
                         TxOp::Nack { delivery_tag, multiple, requeue } => {
@@ -1032,9 +1038,8 @@ impl Connection {
         if publish.immediate {
             return Err(AmqpError::hard(ReplyCode::NotImplemented, "immediate=true", 60, 40));
         }
-        let exchange = str_of(&publish.exchange)?.to_string();
-        // Fail fast on a missing exchange; RabbitMQ checks after the body,
-        // with the same result for the client.
+        str_of(&publish.exchange)?;
+        let exchange = publish.exchange;
         let _ = state;
         if let Some(ch) = self.channels.get_mut(&number) {
             ch.content = Some(Content {
@@ -1117,12 +1122,8 @@ impl Connection {
                         }
                     }
                 }
-                let builder = Message::builder(
-                    content.exchange.as_bytes(),
-                    &content.routing_key,
-                    &properties,
-                    body_size as usize,
-                );
+                let builder =
+                    Message::builder(&content.exchange, &content.routing_key, &properties, body_size as usize);
                 content.builder = Some(builder);
             }
             (FrameKind::Body, true) => {
@@ -1154,8 +1155,9 @@ impl Connection {
         let Some(state) = state else {
             return Ok(());
         };
+        let exchange_name = str_of(&exchange)?;
         if in_tx {
-            if let Err(error) = state.check_publish(&exchange) {
+            if let Err(error) = state.check_publish(exchange_name) {
                 self.channel_error(number, error.at(60, 40), Some(state));
                 return Ok(());
             }
@@ -1164,7 +1166,7 @@ impl Connection {
             }
             return Ok(());
         }
-        match self.route(number, &exchange, Arc::new(message), mandatory, &extra_keys, state) {
+        match self.route(number, exchange_name, Arc::new(message), mandatory, &extra_keys, state) {
             Ok(()) => Ok(()),
             Err(error) if error.hard => Err(error),
             Err(error) => {

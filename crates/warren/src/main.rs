@@ -1,5 +1,7 @@
 //! `warren`: the broker (default) and its tools (`warren perf`).
 
+#[cfg(feature = "alloc-count")]
+mod alloc_count;
 mod perf;
 
 use std::path::PathBuf;
@@ -121,6 +123,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let server = Server::bind(config).await?;
     server.run(shutdown_signal()).await;
+    #[cfg(feature = "alloc-count")]
+    {
+        let (allocations, bytes) = alloc_count::totals();
+        tracing::info!(allocations, bytes, "heap allocations since start");
+        println!("allocations: {allocations} bytes: {bytes}");
+    }
     Ok(())
 }
 

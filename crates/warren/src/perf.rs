@@ -61,7 +61,7 @@ pub struct PerfArgs {
     /// Seconds to publish for.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Queue name (a fresh one by default; deleted at the end).
+    /// Queue name (a fresh one by default). Deleted at the end unless --publish-only.
     #[arg(long)]
     queue: Option<String>,
     /// Publish persistent messages (delivery_mode 2) to a durable queue.
@@ -79,6 +79,13 @@ pub struct PerfArgs {
     /// Print one JSON line instead of the human summary.
     #[arg(long)]
     json: bool,
+    /// Memory scenario instead of load: open this many idle connections
+    /// (one channel each), report the broker's RSS per connection.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
+    /// With --idle-connections: also declare this many queues.
+    #[arg(long, default_value_t = 0)]
+    idle_queues: usize,
 }
 
 struct Shared {
@@ -424,7 +431,59 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[index.min(sorted.len() - 1)]
 }
 
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Opens idle connections (and queues) and reports what they cost the broker.
+async fn idle(args: PerfArgs) -> anyhow::Result<()> {
+    let pid = args.broker_pid.context("--idle-connections needs --broker-pid")?;
+    let before = rss_kib(pid).context("cannot read the broker's RSS")?;
+    let mut connections = Vec::with_capacity(args.idle_connections);
+    let started = Instant::now();
+    for i in 0..args.idle_connections {
+        let mut conn = Conn::open(&args).await.with_context(|| format!("opening idle connection {i}"))?;
+        if i < args.idle_queues {
+            conn.declare(&format!("idle-{}-{i}", std::process::id()), false).await?;
+        }
+        connections.push(conn);
+        if !args.json && (i + 1) % 1000 == 0 {
+            eprintln!("{} connections open", i + 1);
+        }
+    }
+    let queues_on_extra = args.idle_queues.saturating_sub(args.idle_connections);
+    if queues_on_extra > 0 {
+        let mut conn = Conn::open(&args).await?;
+        for i in 0..queues_on_extra {
+            conn.declare(&format!("idle-{}-x{i}", std::process::id()), false).await?;
+        }
+        connections.push(conn);
+    }
+    let open_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid).context("cannot read the broker's RSS")?;
+    let per_connection = (after.saturating_sub(before)) as f64 / args.idle_connections.max(1) as f64;
+    if args.json {
+        println!(
+            "{{\"connections\":{},\"queues\":{},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"kib_per_connection\":{per_connection:.1},\"open_s\":{open_s:.2}}}",
+            args.idle_connections, args.idle_queues
+        );
+    } else {
+        println!(
+            "{} idle connections, {} queues: broker RSS {} -> {} KiB ({per_connection:.1} KiB per connection); opened in {open_s:.1} s",
+            args.idle_connections, args.idle_queues, before, after
+        );
+    }
+    drop(connections);
+    Ok(())
+}
+
 pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
+    if args.idle_connections > 0 {
+        return idle(args).await;
+    }
     if args.size < 8 {
         bail!("--size must be at least 8 (the send timestamp)");
     }
@@ -490,6 +549,20 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         latencies.extend(c.await??);
     }
     latencies.sort_unstable();
+    if args.queue.is_none() || !args.publish_only {
+        // Leave nothing behind for the next scenario.
+        if let Ok(mut conn) = Conn::open(&args).await {
+            let delete = AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+                queue: queue.as_str().into(),
+                if_unused: false,
+                if_empty: false,
+                nowait: false,
+            }));
+            if conn.send(delete, 1).await.is_ok() {
+                let _ = conn.expect_method().await;
+            }
+        }
+    }
     let publish_rate = published as f64 / elapsed;
     let consume_rate = consumed_in_window as f64 / elapsed;
     let broker_cpu_us = match (cpu_before, cpu_after) {

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Runs the same workloads against Warren and a local RabbitMQ in one run and
+# prints each figure side by side with the ratio.
+#
+#   scripts/bench-vs-rabbitmq.sh            # 10 s per load scenario
+#   DURATION=20 scripts/bench-vs-rabbitmq.sh
+#   IDLE_CONNECTIONS=10000 IDLE_QUEUES=1000 scripts/bench-vs-rabbitmq.sh
+#
+# RabbitMQ comes from the Debian package (scripts/rabbitmq.sh installs and
+# starts a private instance on port 5673). Both brokers run on this machine,
+# one at a time under load, so the comparison shares its noise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
+IDLE_QUEUES=${IDLE_QUEUES:-1000}
+RABBIT_IDLE_CONNECTIONS=${RABBIT_IDLE_CONNECTIONS:-2000}
+RABBIT_PORT=${RABBITMQ_PORT:-5673}
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+cargo build --release --quiet --bin warren
+WARREN=./target/release/warren
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+data_dir=$(mktemp -d)
+$WARREN --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >"$data_dir/warren.log" 2>&1 &
+warren_pid=$!
+trap 'kill $warren_pid 2>/dev/null || true; rm -rf "$data_dir"' EXIT
+for _ in $(seq 1 50); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
+    sleep 0.1
+done
+
+RABBITMQ_PORT=$RABBIT_PORT scripts/rabbitmq.sh start >/dev/null
+rabbit_pid=$(pgrep -f 'beam.smp.*warren-ref' | head -n1 || true)
+if [ -z "$rabbit_pid" ]; then
+    rabbit_pid=$(pgrep -f beam.smp | head -n1)
+fi
+
+results=$(mktemp)
+run() { # name broker port pid args...
+    local name=$1 broker=$2 p=$3 pid=$4
+    shift 4
+    local line
+    line=$($WARREN perf --port "$p" --broker-pid "$pid" --json "$@" 2>/dev/null | tail -n1)
+    echo "$name $broker $line" >>"$results"
+    echo "  $broker $name: $line" >&2
+}
+
+echo "warren pid $warren_pid on $port, rabbitmq pid $rabbit_pid on $RABBIT_PORT; ${DURATION}s per scenario" >&2
+for broker in warren rabbitmq; do
+    if [ "$broker" = warren ]; then p=$port; pid=$warren_pid; else p=$RABBIT_PORT; pid=$rabbit_pid; fi
+    run transient-16B $broker "$p" "$pid" --duration "$DURATION" --size 16 --prefetch 1000 --queue "bench-16-$broker"
+    run transient-1KiB $broker "$p" "$pid" --duration "$DURATION" --size 1024 --prefetch 1000 --queue "bench-1k-$broker"
+    run latency-1k-per-s $broker "$p" "$pid" --duration "$DURATION" --size 16 --rate 1000 --queue "bench-lat-$broker"
+    run confirms-1KiB $broker "$p" "$pid" --duration "$DURATION" --size 1024 --confirm 1000 --queue "bench-conf-$broker"
+done
+# Idle memory on a fresh broker, so load scenarios do not skew the baseline.
+kill $warren_pid 2>/dev/null || true
+wait $warren_pid 2>/dev/null || true
+$WARREN --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >>"$data_dir/warren.log" 2>&1 &
+warren_pid=$!
+for _ in $(seq 1 50); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
+    sleep 0.1
+done
+run idle warren "$port" "$warren_pid" --idle-connections "$IDLE_CONNECTIONS" --idle-queues "$IDLE_QUEUES"
+run idle rabbitmq "$RABBIT_PORT" "$rabbit_pid" --idle-connections "$RABBIT_IDLE_CONNECTIONS" --idle-queues "$IDLE_QUEUES"
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, broker, payload = line.split(" ", 2)
+    try:
+        rows.setdefault(name, {})[broker] = json.loads(payload)
+    except json.JSONDecodeError:
+        rows.setdefault(name, {})[broker] = {}
+def show(name, key, better="higher", unit=""):
+    w = rows.get(name, {}).get("warren", {}).get(key)
+    r = rows.get(name, {}).get("rabbitmq", {}).get(key)
+    ratio = ""
+    if isinstance(w, (int, float)) and isinstance(r, (int, float)) and w and r:
+        ratio = f"{w / r:.2f}x"
+    print(f"| {name} | {key}{unit} | {w} | {r} | {ratio} ({better} is better) |")
+print("| scenario | figure | Warren | RabbitMQ | Warren/RabbitMQ |")
+print("|---|---|---|---|---|")
+for name in ("transient-16B", "transient-1KiB", "confirms-1KiB"):
+    show(name, "consumed_per_s")
+    show(name, "broker_cpu_us_per_msg", "lower")
+show("latency-1k-per-s", "latency_us_p50", "lower")
+show("latency-1k-per-s", "latency_us_p99", "lower")
+show("idle", "kib_per_connection", "lower")
+for broker in ("warren", "rabbitmq"):
+    idle = rows.get("idle", {}).get(broker, {})
+    if idle:
+        print(f"\n{broker}: {idle.get('connections')} idle connections + {idle.get('queues')} queues -> RSS {idle.get('rss_after_kib', 0) / 1024:.0f} MiB")
+PY
