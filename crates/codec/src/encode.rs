@@ -263,3 +263,83 @@ mod tests {
         assert_eq!(frames, 3);
     }
 }
+
+#[cfg(test)]
+mod round_trip {
+    use super::*;
+    use crate::frame::FrameDecoder;
+    use crate::method::{decode, Method};
+    use crate::spec::basic;
+    use proptest::prelude::*;
+
+    fn short() -> impl Strategy<Value = String> {
+        proptest::string::string_regex("[a-zA-Z0-9._:/-]{0,40}").expect("valid regex")
+    }
+
+    fn one_frame(buf: &mut BytesMut) -> crate::frame::Frame {
+        let frame = FrameDecoder::new(131_072).decode(buf).expect("valid frame").expect("complete frame");
+        assert!(buf.is_empty());
+        frame
+    }
+
+    proptest! {
+        #[test]
+        fn hand_written_per_message_methods_match_the_generated_codec(
+            channel in 1u16..2048,
+            consumer_tag in short(),
+            exchange in short(),
+            routing_key in short(),
+            delivery_tag in any::<u64>(),
+            flags in any::<(bool, bool)>(),
+            message_count in any::<u32>(),
+        ) {
+            let mut buf = BytesMut::new();
+            basic_deliver(&mut buf, channel, consumer_tag.as_bytes(), delivery_tag, flags.0, exchange.as_bytes(), routing_key.as_bytes());
+            let frame = one_frame(&mut buf);
+            prop_assert_eq!(frame.channel, channel);
+            prop_assert_eq!(decode(&frame.payload).expect("decodes"), Method::Other(AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag: consumer_tag.as_str().into(),
+                delivery_tag,
+                redelivered: flags.0,
+                exchange: exchange.as_str().into(),
+                routing_key: routing_key.as_str().into(),
+            }))));
+
+            basic_get_ok(&mut buf, channel, delivery_tag, flags.1, exchange.as_bytes(), routing_key.as_bytes(), message_count);
+            let frame = one_frame(&mut buf);
+            prop_assert_eq!(decode(&frame.payload).expect("decodes"), Method::Other(AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                delivery_tag,
+                redelivered: flags.1,
+                exchange: exchange.as_str().into(),
+                routing_key: routing_key.as_str().into(),
+                message_count,
+            }))));
+
+            basic_publish(&mut buf, channel, exchange.as_bytes(), routing_key.as_bytes(), flags.0);
+            let frame = one_frame(&mut buf);
+            match decode(&frame.payload).expect("decodes") {
+                Method::Publish(p) => {
+                    prop_assert_eq!(&p.exchange[..], exchange.as_bytes());
+                    prop_assert_eq!(&p.routing_key[..], routing_key.as_bytes());
+                    prop_assert_eq!(p.mandatory, flags.0);
+                }
+                other => prop_assert!(false, "decoded as {:?}", other),
+            }
+
+            basic_ack(&mut buf, channel, delivery_tag, flags.0);
+            let frame = one_frame(&mut buf);
+            prop_assert_eq!(decode(&frame.payload).expect("decodes"), Method::Ack { delivery_tag, multiple: flags.0 });
+
+            basic_nack(&mut buf, channel, delivery_tag, flags.0, flags.1);
+            let frame = one_frame(&mut buf);
+            prop_assert_eq!(decode(&frame.payload).expect("decodes"), Method::Other(AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag, multiple: flags.0, requeue: flags.1,
+            }))));
+        }
+
+        #[test]
+        fn any_method_payload_decodes_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes::Bytes::from(bytes));
+        }
+    }
+}

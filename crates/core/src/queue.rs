@@ -90,6 +90,11 @@ impl Queue {
         self.ready.push_back(QueuedMessage { seq, message, redelivered: false });
     }
 
+    /// Ready messages in delivery order.
+    pub fn iter(&self) -> impl Iterator<Item = &QueuedMessage> {
+        self.ready.iter()
+    }
+
     pub fn front(&self) -> Option<&QueuedMessage> {
         self.ready.front()
     }
