@@ -51,7 +51,7 @@ const FIELDS: [(u16, FieldKind); 14] = [
     (flag::CLUSTER_ID, FieldKind::ShortStr),
 ];
 
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Properties {
     raw: Bytes,
 }
@@ -98,7 +98,10 @@ impl Properties {
     }
 
     pub fn flags(&self) -> u16 {
-        u16::from_be_bytes([self.raw[0], self.raw[1]])
+        match self.raw.get(..2) {
+            Some(&[high, low]) => u16::from_be_bytes([high, low]),
+            _ => 0,
+        }
     }
 
     /// The encoded bytes of one field, if present.

@@ -360,3 +360,80 @@ async fn refused_logins_get_403_with_authentication_failure_close() {
         )
     );
 }
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_does_not_make_the_broker_buffer_everything() {
+    let server = TestServer::with_config(|c| c.connection_write_buffer_max = 256 * 1024).await;
+    // A no-ack consumer (no prefetch limit applies) that never reads its socket.
+    let mut stalled = Raw::open(&server, 0).await;
+    let declare = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+        queue: "firehose".into(),
+        passive: false,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }));
+    stalled.send(1, declare.clone()).await;
+    stalled.method().await;
+    stalled
+        .send(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: "firehose".into(),
+                consumer_tag: "stalled".into(),
+                no_local: false,
+                no_ack: true,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
+        .await;
+    stalled.method().await;
+
+    // 64 MiB of 64 KiB messages.
+    let mut publisher = Raw::open(&server, 0).await;
+    let body = vec![7u8; 64 * 1024];
+    for _ in 0..1024 {
+        let mut out = BytesMut::new();
+        encode::basic_publish(&mut out, 1, b"", b"firehose", false);
+        let mut header = vec![0, 60, 0, 0];
+        header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        header.extend_from_slice(&[0, 0]);
+        out.put_slice(&frame(2, 1, &header, 0xCE));
+        out.put_slice(&frame(3, 1, &body, 0xCE));
+        publisher.write(&out).await;
+    }
+    // Everything the socket buffers and the outbox could not take stays queued.
+    let mut ready = 0;
+    for _ in 0..50 {
+        let passive = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "firehose".into(),
+            passive: true,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        }));
+        publisher.send(1, passive).await;
+        let Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) = publisher.method().await else { panic!() };
+        ready = ok.message_count;
+        if ready > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready >= 900, "only {ready} of 1024 messages held back; the rest went to an unread socket's buffer");
+
+    // Once the consumer reads again, everything arrives.
+    let mut received = 0usize;
+    while received < 1024 * body.len() {
+        let frame = stalled.frame().await.expect("deliveries resume");
+        if frame.kind == FrameKind::Body {
+            received += frame.payload.len();
+        }
+    }
+}
