@@ -627,7 +627,8 @@ impl VirtualHostState {
     ) -> Result<QueueDeclared, AmqpError> {
         if passive {
             if name == REPLY_TO_QUEUE {
-                return Ok(QueueDeclared { name: name.to_string(), message_count: 0, consumer_count: 0 });
+                // As RabbitMQ: the pseudo-queue always reports one consumer.
+                return Ok(QueueDeclared { name: name.to_string(), message_count: 0, consumer_count: 1 });
             }
             let id = self.queue_id(connection, name)?;
             return Ok(self.declared(id));
