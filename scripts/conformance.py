@@ -15,12 +15,19 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+def silent(w):
+    """No frame: Warren accepted the tune and waits for connection.open until its
+    10 s handshake timeout, which races the probe's own 10 s wait."""
+    result = w.get("result", "")
+    return "no AMQP frame" in result or "nothing received" in result
+
+
 # case name -> a check of Warren's answer (documented deliberate differences)
 DELIBERATE = {
     "basic.qos prefetch_size=1 (non-zero)": lambda w: "TimeoutError" in w.get("result", ""),
-    "tune-ok with channel_max=0 (client asks for no limit)": lambda w: "no AMQP frame" in w.get("result", ""),
-    "tune-ok with channel_max above server's 2047 (4000)": lambda w: "no AMQP frame" in w.get("result", ""),
-    "tune-ok with frame_max=0 (client asks for no limit)": lambda w: "no AMQP frame" in w.get("result", ""),
+    "tune-ok with channel_max=0 (client asks for no limit)": silent,
+    "tune-ok with channel_max above server's 2047 (4000)": silent,
+    "tune-ok with frame_max=0 (client asks for no limit)": silent,
     "login with wrong password, no authentication_failure_close capability": lambda w: "no AMQP frame" in w.get("result", ""),
     "start-ok with unsupported mechanism (AMQPLAIN-XYZ)": lambda w: "COMMAND_INVALID - unknown authentication mechanism" in w.get("result", ""),
     "tune-ok with frame_max below 4096 (1024)": lambda w: "NOT_ALLOWED - frame_max=1024 < 4096" in w.get("result", ""),
