@@ -65,25 +65,27 @@ impl Raw {
         }
     }
 
+    /// Logs in as guest with `password`, announcing authentication_failure_close.
+    async fn start_ok(&mut self, password: &str) {
+        let mut caps = FieldTable::default();
+        caps.insert("authentication_failure_close".into(), true.into());
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), caps.into());
+        let start_ok = connection::StartOk {
+            client_properties: props,
+            mechanism: "PLAIN".into(),
+            response: LongString::from(format!("\0guest\0{password}")),
+            locale: "en_US".into(),
+        };
+        self.send(0, AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok))).await;
+    }
+
     /// Completes the handshake and opens channel 1.
     async fn open(server: &TestServer, heartbeat: u16) -> Raw {
         let mut raw = Raw::connect(server).await;
         raw.write(&PROTOCOL_HEADER).await;
         assert!(matches!(raw.method().await, Some(AMQPClass::Connection(connection::AMQPMethod::Start(_)))));
-        let mut caps = FieldTable::default();
-        caps.insert("authentication_failure_close".into(), true.into());
-        let mut props = FieldTable::default();
-        props.insert("capabilities".into(), caps.into());
-        raw.send(
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: props,
-                mechanism: "PLAIN".into(),
-                response: LongString::from("\0guest\0guest"),
-                locale: "en_US".into(),
-            })),
-        )
-        .await;
+        raw.start_ok("guest").await;
         let Some(AMQPClass::Connection(connection::AMQPMethod::Tune(tune))) = raw.method().await else {
             panic!("tune")
         };
@@ -337,20 +339,7 @@ async fn refused_logins_get_403_with_authentication_failure_close() {
     let mut raw = Raw::connect(&server).await;
     raw.write(&PROTOCOL_HEADER).await;
     raw.method().await;
-    let mut caps = FieldTable::default();
-    caps.insert("authentication_failure_close".into(), true.into());
-    let mut props = FieldTable::default();
-    props.insert("capabilities".into(), caps.into());
-    raw.send(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: props,
-            mechanism: "PLAIN".into(),
-            response: LongString::from("\0guest\0nope"),
-            locale: "en_US".into(),
-        })),
-    )
-    .await;
+    raw.start_ok("nope").await;
     assert_eq!(
         raw.connection_close().await,
         (
