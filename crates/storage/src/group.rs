@@ -1,0 +1,281 @@
+//! Group commit: callers append entries to an in-memory batch and get their
+//! index at once; a dedicated thread writes the batch with one write, makes
+//! it durable with one fsync, and publishes the new durable index. While an
+//! fsync runs, the next batch accumulates, so the batch grows with the
+//! sync's own duration: no timer.
+//!
+//! After a failed write or fsync the log is poisoned: the durable index stops
+//! for good and [`GroupCommit::is_poisoned`] says so; callers must nack or
+//! block, never confirm.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
+use tracing::error;
+
+use crate::error::StorageError;
+use crate::log::Log;
+
+/// When an appended entry counts as durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// After fdatasync of the data (and directory, for new segments).
+    #[default]
+    Always,
+    /// As soon as it is written to the operating system: survives a process
+    /// crash, not a power cut. For users who knowingly trade safety for speed.
+    Never,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Length-prefixed payloads, in index order.
+    buf: Vec<u8>,
+    count: u64,
+    next_index: u64,
+    shutdown: bool,
+}
+
+type Listener = Box<dyn Fn(u64) + Send + Sync>;
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    log: Mutex<Log>,
+    durable: AtomicU64,
+    poisoned: AtomicBool,
+    listener: Listener,
+    policy: FsyncPolicy,
+    syncs: AtomicU64,
+    synced_entries: AtomicU64,
+}
+
+/// Counters for benchmarks: fsyncs and entries made durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub syncs: u64,
+    pub entries: u64,
+}
+
+pub struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GroupCommit {
+    /// Takes over a recovered log. `listener` is called from the commit
+    /// thread with the new durable index after each batch.
+    pub fn start(log: Log, policy: FsyncPolicy, listener: impl Fn(u64) + Send + Sync + 'static) -> GroupCommit {
+        let next_index = log.next_index();
+        let poisoned = log.is_poisoned();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending { next_index, ..Pending::default() }),
+            wake: Condvar::new(),
+            log: Mutex::new(log),
+            durable: AtomicU64::new(next_index - 1),
+            poisoned: AtomicBool::new(poisoned),
+            listener: Box::new(listener),
+            policy,
+            syncs: AtomicU64::new(0),
+            synced_entries: AtomicU64::new(0),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new().name("warren-commit".into()).spawn(move || commit_loop(&worker)).ok();
+        GroupCommit { shared, thread }
+    }
+
+    /// Buffers one entry; returns its index. Durable once
+    /// [`GroupCommit::durable_index`] reaches it.
+    pub fn append(&self, payload: &[u8]) -> Result<u64, StorageError> {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned);
+        }
+        let mut pending = self.shared.pending.lock();
+        let index = pending.next_index;
+        pending.next_index += 1;
+        pending.buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        pending.buf.extend_from_slice(payload);
+        pending.count += 1;
+        if pending.count == 1 {
+            self.shared.wake.notify_one();
+        }
+        Ok(index)
+    }
+
+    pub fn durable_index(&self) -> u64 {
+        self.shared.durable.load(Ordering::Acquire)
+    }
+
+    /// Index the next append will get.
+    pub fn next_index(&self) -> u64 {
+        self.shared.pending.lock().next_index
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+            entries: self.shared.synced_entries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `f` on the log (reads, purges) between commits.
+    pub fn with_log<T>(&self, f: impl FnOnce(&mut Log) -> T) -> T {
+        f(&mut self.shared.log.lock())
+    }
+
+    /// Writes and syncs what is pending, then stops the commit thread.
+    pub fn close(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.pending.lock().shutdown = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn commit_loop(shared: &Shared) {
+    let mut batch = Vec::new();
+    loop {
+        let count = {
+            let mut pending = shared.pending.lock();
+            while pending.count == 0 && !pending.shutdown {
+                shared.wake.wait(&mut pending);
+            }
+            if pending.count == 0 && pending.shutdown {
+                return;
+            }
+            std::mem::swap(&mut pending.buf, &mut batch);
+            std::mem::take(&mut pending.count)
+        };
+        let mut log = shared.log.lock();
+        let payloads = Payloads { bytes: &batch, at: 0 };
+        let result = log.append(0, payloads).and_then(|first| {
+            if shared.policy == FsyncPolicy::Always {
+                log.sync()?;
+            }
+            Ok(first + count - 1)
+        });
+        drop(log);
+        batch.clear();
+        match result {
+            Ok(last) => {
+                shared.syncs.fetch_add(1, Ordering::Relaxed);
+                shared.synced_entries.fetch_add(count, Ordering::Relaxed);
+                shared.durable.store(last, Ordering::Release);
+                (shared.listener)(last);
+            }
+            Err(error) => {
+                shared.poisoned.store(true, Ordering::Release);
+                error!(%error, "group commit failed; the store is poisoned");
+                // Wake whoever waits so they learn about the poison.
+                (shared.listener)(shared.durable.load(Ordering::Acquire));
+                // Drain and drop later appends: they can never become durable.
+                let mut pending = shared.pending.lock();
+                pending.buf.clear();
+                pending.count = 0;
+                if pending.shutdown {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Payloads<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Payloads<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(self.bytes.get(self.at..self.at + 4)?.try_into().ok()?) as usize;
+        let payload = self.bytes.get(self.at + 4..self.at + 4 + len)?;
+        self.at += 4 + len;
+        Some(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LogOptions;
+    use crate::sim::{Faults, SimBackend};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    fn wait_for(gc: &GroupCommit, index: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gc.durable_index() < index {
+            assert!(Instant::now() < deadline, "index {index} never became durable");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn concurrent_appends_share_fsyncs_and_survive_a_power_cut() {
+        let sim = SimBackend::new();
+        let (log, _) = Log::open(Arc::new(sim.clone()), Path::new("/wal"), LogOptions::default()).unwrap();
+        let notified = Arc::new(AtomicU64::new(0));
+        let seen = notified.clone();
+        let gc = Arc::new(GroupCommit::start(log, FsyncPolicy::Always, move |d| seen.store(d, Ordering::SeqCst)));
+        let mut threads = Vec::new();
+        for t in 0..4u8 {
+            let gc = gc.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut last = 0;
+                for i in 0..500u32 {
+                    last = gc.append(&[t, (i % 251) as u8]).unwrap();
+                }
+                last
+            }));
+        }
+        let last = threads.into_iter().map(|t| t.join().unwrap()).max().unwrap();
+        wait_for(&gc, last);
+        assert_eq!(notified.load(Ordering::SeqCst), gc.durable_index());
+        let stats = gc.stats();
+        assert_eq!(stats.entries, 2000);
+        assert!(stats.syncs < 2000, "fsyncs are shared: {stats:?}");
+        drop(gc);
+        sim.power_cut();
+        let (log, recovery) = Log::open(Arc::new(sim), Path::new("/wal"), LogOptions::default()).unwrap();
+        assert_eq!(recovery.entries, 2000);
+        assert_eq!(log.next_index(), 2001);
+    }
+
+    #[test]
+    fn fsync_failure_stops_durability_for_good() {
+        let sim = SimBackend::new();
+        let (log, _) = Log::open(Arc::new(sim.clone()), Path::new("/wal"), LogOptions::default()).unwrap();
+        let gc = GroupCommit::start(log, FsyncPolicy::Always, |_| {});
+        let first = gc.append(b"ok").unwrap();
+        wait_for(&gc, first);
+        sim.set_faults(Faults { fail_syncs: true, ..Faults::default() });
+        let doomed = gc.append(b"doomed").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !gc.is_poisoned() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sim.set_faults(Faults::default());
+        assert!(gc.durable_index() < doomed);
+        assert!(matches!(gc.append(b"later"), Err(StorageError::Poisoned)));
+    }
+}

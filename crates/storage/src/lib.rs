@@ -1,0 +1,27 @@
+//! Warren's storage engine. It stores opaque entries; it knows nothing of
+//! AMQP, queues or messages.
+//!
+//! - [`backend`]: the narrow file interface everything goes through
+//!   ([`backend::FsBackend`] for real files, [`sim::SimBackend`] for tests
+//!   that inject EIO, disk-full and power cuts that lose unsynced bytes).
+//! - [`log`]: a segmented log with the shape of a Raft log: entries carry an
+//!   index, a term and a checksum; append a batch, read, truncate a suffix,
+//!   purge a prefix; recovery cuts a torn tail and reports corruption.
+//! - [`group`]: group commit on a dedicated thread: appends are buffered, one
+//!   write and one fsync cover everything appended since the last sync, and
+//!   the durable index is published after each sync.
+//!
+//! Invariant: an index is reported durable only after the bytes holding it
+//! (and the directory entry of a new segment) were fsynced. After a failed
+//! write or fsync the log is poisoned and never reports durability again.
+
+pub mod backend;
+pub mod error;
+pub mod group;
+pub mod log;
+pub mod sim;
+
+pub use backend::{Backend, FsBackend, StorageFile};
+pub use error::StorageError;
+pub use group::{FsyncPolicy, GroupCommit};
+pub use log::{Entry, Log, LogOptions, Recovery};
