@@ -24,4 +24,4 @@ pub mod topic;
 pub mod vhost;
 
 pub use message::Message;
-pub use vhost::{ChannelKey, ConnectionId, Outbox, QueueId, VirtualHost, VirtualHostState};
+pub use vhost::{ChannelKey, ConnectionId, Definitions, JournalEvent, Outbox, QueueId, VirtualHost, VirtualHostState};

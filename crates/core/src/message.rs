@@ -12,6 +12,9 @@ pub struct Message {
     properties_len: u32,
     pub persistent: bool,
     pub priority: u8,
+    /// Store id of a persistent message (0: not stored). Assigned before
+    /// routing; the journal refers to the message by it.
+    pub id: u64,
 }
 
 impl Message {
@@ -70,6 +73,7 @@ impl Message {
         builder.push_body(self.body());
         let mut message = builder.finish();
         message.persistent = self.persistent;
+        message.id = self.id;
         message
     }
 }
@@ -115,6 +119,7 @@ impl MessageBuilder {
             properties_len: self.properties_len,
             persistent: self.persistent,
             priority: self.priority,
+            id: 0,
         }
     }
 }

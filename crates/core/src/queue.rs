@@ -114,11 +114,23 @@ impl Queue {
         debug_assert!(self.ready.iter().zip(self.ready.iter().skip(1)).all(|(a, b)| a.seq < b.seq));
     }
 
-    pub fn purge(&mut self) -> usize {
+    /// Drops every ready message, handing each to `dropped` first.
+    pub fn purge(&mut self, mut dropped: impl FnMut(&QueuedMessage)) -> usize {
         let count = self.ready.len();
-        self.ready.clear();
+        for entry in self.ready.drain(..) {
+            dropped(&entry);
+        }
         self.ready_bytes = 0;
         count
+    }
+
+    /// Adds a message recovered from the store. It may have been delivered
+    /// before the restart, so it is marked redelivered.
+    pub fn push_recovered(&mut self, message: Arc<Message>) {
+        self.push(message);
+        if let Some(last) = self.ready.back_mut() {
+            last.redelivered = true;
+        }
     }
 
     pub fn is_exclusive_to_other(&self, connection: ConnectionId) -> bool {

@@ -112,6 +112,53 @@ impl ChannelState {
     }
 }
 
+/// What the durable store must record, in the order it happened under the
+/// virtual-host lock. Only persistent messages in durable queues appear.
+#[derive(Debug)]
+pub enum JournalEvent {
+    /// A persistent message entered these durable queues.
+    Published { message: Arc<Message>, queues: Vec<Box<str>> },
+    /// A stored message left a durable queue for good (acked, rejected
+    /// without requeue, purged, or delivered to a no-ack consumer).
+    Settled { queue: Box<str>, message_id: u64 },
+    /// A durable queue was deleted with everything in it.
+    QueueDeleted { queue: Box<str> },
+}
+
+/// Durable definitions of a virtual host, as stored and restored.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Definitions {
+    pub exchanges: Vec<ExchangeDefinition>,
+    pub queues: Vec<QueueDefinition>,
+    pub bindings: Vec<BindingDefinition>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExchangeDefinition {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueDefinition {
+    pub name: String,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BindingDefinition {
+    pub source: String,
+    pub destination: String,
+    pub destination_is_queue: bool,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
 /// What `basic.get` hands back.
 pub struct GetResult {
     pub delivery_tag: u64,
@@ -136,6 +183,8 @@ pub struct VirtualHostState {
     reply_tokens: HashMap<Box<str>, (ChannelKey, Arc<str>)>,
     dirty: Vec<QueueId>,
     next_consumer_id: u64,
+    journal: Vec<JournalEvent>,
+    definitions_changed: bool,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -289,6 +338,8 @@ impl VirtualHostState {
             reply_tokens: HashMap::new(),
             dirty: Vec::new(),
             next_consumer_id: 1,
+            journal: Vec::new(),
+            definitions_changed: false,
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -344,9 +395,118 @@ impl VirtualHostState {
         self.queue_ids.keys().map(|k| k.to_string()).collect()
     }
 
+    /// Moves the journal events recorded so far into `out`.
+    pub fn drain_journal(&mut self, out: &mut Vec<JournalEvent>) {
+        out.append(&mut self.journal);
+    }
+
+    pub fn has_journal(&self) -> bool {
+        !self.journal.is_empty()
+    }
+
+    /// True (once) after durable definitions changed.
+    pub fn take_definitions_changed(&mut self) -> bool {
+        std::mem::take(&mut self.definitions_changed)
+    }
+
+    fn settled(&mut self, queue: QueueId, message: &Message) {
+        if message.id == 0 {
+            return;
+        }
+        if let Some(q) = self.queues.get(&queue).filter(|q| q.durable) {
+            self.journal.push(JournalEvent::Settled { queue: q.name.clone(), message_id: message.id });
+        }
+    }
+
     fn mark_dirty(&mut self, queue: QueueId) {
         if !self.dirty.contains(&queue) {
             self.dirty.push(queue);
+        }
+    }
+
+    // ---- durable state ----------------------------------------------------
+
+    /// The durable exchanges, queues and bindings (exclusive queues excluded).
+    pub fn durable_definitions(&self) -> Definitions {
+        let mut definitions = Definitions::default();
+        let durable_queue = |id: &QueueId| self.queues.get(id).filter(|q| q.durable && q.exclusive_owner.is_none());
+        for exchange in self.exchanges.values().filter(|x| x.durable) {
+            if !exchange.name.starts_with("amq.") {
+                definitions.exchanges.push(ExchangeDefinition {
+                    name: exchange.name.to_string(),
+                    kind: exchange.kind.name().to_string(),
+                    auto_delete: exchange.auto_delete,
+                    internal: exchange.internal,
+                    arguments: exchange.arguments.clone(),
+                });
+            }
+            for binding in exchange.bindings() {
+                let (destination, destination_is_queue) = match &binding.destination {
+                    Destination::Queue(id) => match durable_queue(id) {
+                        Some(q) => (q.name.to_string(), true),
+                        None => continue,
+                    },
+                    Destination::Exchange(name) => match self.exchanges.get(&**name) {
+                        Some(x) if x.durable => (name.to_string(), false),
+                        _ => continue,
+                    },
+                };
+                definitions.bindings.push(BindingDefinition {
+                    source: exchange.name.to_string(),
+                    destination,
+                    destination_is_queue,
+                    routing_key: binding.routing_key.to_string(),
+                    arguments: binding.arguments.clone(),
+                });
+            }
+        }
+        for queue in self.queues.values().filter(|q| q.durable && q.exclusive_owner.is_none()) {
+            definitions.queues.push(QueueDefinition {
+                name: queue.name.to_string(),
+                auto_delete: queue.auto_delete,
+                arguments: queue.arguments.clone(),
+            });
+        }
+        definitions.exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        definitions.queues.sort_by(|a, b| a.name.cmp(&b.name));
+        definitions
+    }
+
+    /// Declares stored definitions (at start, before any client).
+    pub fn restore(&mut self, definitions: &Definitions) {
+        for x in &definitions.exchanges {
+            if let Err(error) =
+                self.declare_exchange(&x.name, &x.kind, false, true, x.auto_delete, x.internal, x.arguments.clone())
+            {
+                tracing::warn!(exchange = %x.name, %error, "stored exchange not restored");
+            }
+        }
+        for q in &definitions.queues {
+            if let Err(error) = self.declare_queue(0, &q.name, false, true, false, q.auto_delete, q.arguments.clone()) {
+                tracing::warn!(queue = %q.name, %error, "stored queue not restored");
+            }
+        }
+        for b in &definitions.bindings {
+            let result = if b.destination_is_queue {
+                self.bind_queue(0, &b.destination, &b.source, &b.routing_key, b.arguments.clone(), true)
+            } else {
+                self.bind_exchange(&b.destination, &b.source, &b.routing_key, b.arguments.clone(), true)
+            };
+            if let Err(error) = result {
+                tracing::warn!(source = %b.source, destination = %b.destination, %error, "stored binding not restored");
+            }
+        }
+        self.definitions_changed = false;
+    }
+
+    /// Puts a message recovered from the store back into a durable queue.
+    pub fn recover_message(&mut self, queue: &str, message: Arc<Message>) -> bool {
+        match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
+            Some(q) if q.durable => {
+                q.push_recovered(message);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -496,6 +656,7 @@ impl VirtualHostState {
             AmqpError::hard(ReplyCode::CommandInvalid, format!("unknown exchange type '{kind}'"), 0, 0)
         })?;
         self.exchanges.insert(name.into(), Exchange::new(name, kind, durable, auto_delete, internal, arguments));
+        self.definitions_changed |= durable;
         Ok(())
     }
 
@@ -516,7 +677,8 @@ impl VirtualHostState {
         if if_unused && exchange.has_bindings() {
             return Err(precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
         }
-        self.exchanges.remove(name);
+        let removed = self.exchanges.remove(name);
+        self.definitions_changed |= removed.is_some_and(|x| x.durable);
         let destination = Destination::Exchange(name.into());
         self.unbind_everywhere(&destination);
         Ok(())
@@ -532,7 +694,8 @@ impl VirtualHostState {
             }
         }
         for name in emptied {
-            self.exchanges.remove(&name);
+            let removed = self.exchanges.remove(&name);
+            self.definitions_changed |= removed.is_some_and(|x| x.durable);
             self.unbind_everywhere(&Destination::Exchange(name));
         }
     }
@@ -548,8 +711,18 @@ impl VirtualHostState {
         }
     }
 
+    fn is_durable(&self, destination: &Destination) -> bool {
+        match destination {
+            Destination::Queue(id) => self.queues.get(id).is_some_and(|q| q.durable),
+            Destination::Exchange(name) => self.exchanges.get(&**name).is_some_and(|x| x.durable),
+        }
+    }
+
     fn binding_change(&mut self, source: &str, binding: Binding, bind: bool) -> Result<(), AmqpError> {
         let vhost = self.name.clone();
+        // Only bindings between durable ends are stored.
+        let stored = self.exchanges.get(source).is_some_and(|x| x.durable) && self.is_durable(&binding.destination);
+        self.definitions_changed |= stored;
         let Some(exchange) = self.exchanges.get_mut(source) else {
             return Err(soft(ReplyCode::NotFound, format!("no exchange '{source}' in vhost '{vhost}'")));
         };
@@ -562,7 +735,8 @@ impl VirtualHostState {
         } else {
             exchange.unbind(&binding);
             if exchange.auto_delete && !exchange.has_bindings() {
-                self.exchanges.remove(source);
+                let removed = self.exchanges.remove(source);
+                self.definitions_changed |= removed.is_some_and(|x| x.durable);
                 self.unbind_everywhere(&Destination::Exchange(source.into()));
             }
         }
@@ -688,6 +862,8 @@ impl VirtualHostState {
         self.next_queue_id += 1;
         let owner = exclusive.then_some(connection);
         self.queues.insert(id, Queue::new(id, &name, durable, owner, auto_delete, arguments));
+        // Exclusive queues go with their connection: never stored.
+        self.definitions_changed |= durable && !exclusive;
         self.queue_ids.insert(name.as_str().into(), id);
         Ok(self.declared(id))
     }
@@ -705,7 +881,17 @@ impl VirtualHostState {
 
     pub fn purge_queue(&mut self, connection: ConnectionId, name: &str) -> Result<u32, AmqpError> {
         let id = self.queue_id(connection, name)?;
-        Ok(self.queues.get_mut(&id).map_or(0, |q| q.purge() as u32))
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return Ok(0);
+        };
+        let journal = &mut self.journal;
+        let (durable, queue_name) = (queue.durable, queue.name.clone());
+        let count = queue.purge(|entry| {
+            if durable && entry.message.id != 0 {
+                journal.push(JournalEvent::Settled { queue: queue_name.clone(), message_id: entry.message.id });
+            }
+        });
+        Ok(count as u32)
     }
 
     pub fn delete_queue(
@@ -737,6 +923,21 @@ impl VirtualHostState {
             return 0;
         };
         self.queue_ids.remove(&queue.name);
+        if queue.durable {
+            // Every stored message it held is settled, ready or unacked, so
+            // the store can reclaim them; then the deletion itself.
+            for entry in queue.iter().filter(|e| e.message.id != 0) {
+                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), message_id: entry.message.id });
+            }
+            for channel in self.channels.values() {
+                for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.id != 0) {
+                    self.journal
+                        .push(JournalEvent::Settled { queue: queue.name.clone(), message_id: unacked.message.id });
+                }
+            }
+            self.journal.push(JournalEvent::QueueDeleted { queue: queue.name.clone() });
+            self.definitions_changed = true;
+        }
         for consumer in &queue.consumers {
             if let Some(channel) = self.channels.get_mut(&consumer.channel) {
                 channel.consumers.remove(&consumer.tag);
@@ -802,13 +1003,20 @@ impl VirtualHostState {
         }
         queues.sort_unstable();
         queues.dedup();
+        let mut durable: Vec<Box<str>> = Vec::new();
         for &id in &queues {
             if let Some(queue) = self.queues.get_mut(&id) {
+                if message.id != 0 && queue.durable {
+                    durable.push(queue.name.clone());
+                }
                 queue.push(message.clone());
                 if !queue.consumers.is_empty() && !self.dirty.contains(&id) {
                     self.dirty.push(id);
                 }
             }
+        }
+        if !durable.is_empty() {
+            self.journal.push(JournalEvent::Published { message: message.clone(), queues: durable });
         }
         let routed = queues.len() + delivered_direct;
         self.scratch_queues = queues;
@@ -997,7 +1205,12 @@ impl VirtualHostState {
             let Some(state) = channel.consumers.get_mut(&tag) else {
                 continue;
             };
-            if !state.no_ack {
+            if state.no_ack {
+                if entry.message.id != 0 && queue.durable {
+                    self.journal
+                        .push(JournalEvent::Settled { queue: queue.name.clone(), message_id: entry.message.id });
+                }
+            } else {
                 state.unacked += 1;
                 channel.unacked_bytes += size as u64;
                 queue.unacked += 1;
@@ -1024,7 +1237,11 @@ impl VirtualHostState {
             return Ok(None);
         };
         let delivery_tag = channel.next_tag();
-        if !no_ack {
+        if no_ack {
+            if entry.message.id != 0 && q.durable {
+                self.journal.push(JournalEvent::Settled { queue: q.name.clone(), message_id: entry.message.id });
+            }
+        } else {
             q.unacked += 1;
             channel.unacked_bytes += entry.message.body_len() as u64;
             channel.unacked.push_back(Unacked {
@@ -1085,7 +1302,10 @@ impl VirtualHostState {
     }
 
     pub fn ack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<(), AmqpError> {
-        self.take_unacked(key, delivery_tag, multiple).map(drop)
+        for unacked in self.take_unacked(key, delivery_tag, multiple)? {
+            self.settled(unacked.queue, &unacked.message);
+        }
+        Ok(())
     }
 
     /// `basic.nack` / `basic.reject`: requeue, or drop (dead-lettering
@@ -1095,6 +1315,10 @@ impl VirtualHostState {
         if requeue {
             for unacked in taken.into_iter().rev() {
                 self.requeue(unacked);
+            }
+        } else {
+            for unacked in taken {
+                self.settled(unacked.queue, &unacked.message);
             }
         }
         Ok(())
@@ -1228,6 +1452,49 @@ mod tests {
         vhost.ack(key, 1, false).unwrap();
         vhost.run_dispatch();
         assert_eq!(recorder.deliveries.lock().len(), 4, "the new consumer still holds its one message");
+    }
+
+    #[test]
+    fn journal_records_persistent_messages_in_durable_queues_and_their_settlement() {
+        let (mut vhost, _recorder, key) = setup();
+        vhost.declare_queue(1, "durable", false, true, false, false, FieldTable::default()).unwrap();
+        vhost.declare_queue(1, "transient", false, false, false, false, FieldTable::default()).unwrap();
+        assert!(vhost.take_definitions_changed());
+        vhost.declare_exchange("fan", "fanout", false, true, false, false, FieldTable::default()).unwrap();
+        vhost.bind_queue(1, "durable", "fan", "", FieldTable::default(), true).unwrap();
+        vhost.bind_queue(1, "transient", "fan", "", FieldTable::default(), true).unwrap();
+        assert!(vhost.take_definitions_changed());
+        let stored = |id: u64| {
+            let mut builder = Message::builder(b"fan", b"", &Properties::empty(), 1);
+            builder.push_body(b"x");
+            let mut message = builder.finish();
+            message.id = id;
+            Arc::new(message)
+        };
+        vhost.publish("fan", stored(7), &[]).unwrap();
+        vhost.publish("fan", stored(0), &[]).unwrap();
+        vhost.publish("fan", stored(8), &[]).unwrap();
+        let got = vhost.get(key, "durable", false).unwrap().unwrap();
+        vhost.ack(key, got.delivery_tag, false).unwrap();
+        vhost.purge_queue(1, "durable").unwrap();
+        let mut events = Vec::new();
+        vhost.drain_journal(&mut events);
+        let summary: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                JournalEvent::Published { message, queues } => format!("P{}{:?}", message.id, queues),
+                JournalEvent::Settled { queue, message_id } => format!("S{message_id}{queue}"),
+                JournalEvent::QueueDeleted { queue } => format!("D{queue}"),
+            })
+            .collect();
+        assert_eq!(summary, vec!["P7[\"durable\"]", "P8[\"durable\"]", "S7durable", "S8durable"]);
+        let definitions = vhost.durable_definitions();
+        assert_eq!(definitions.queues.len(), 1);
+        assert_eq!(definitions.exchanges.len(), 1);
+        assert_eq!(definitions.bindings.len(), 1, "only bindings between durable ends are stored");
+        let mut restored = VirtualHostState::new("/");
+        restored.restore(&definitions);
+        assert_eq!(restored.durable_definitions(), definitions);
     }
 
     #[test]
