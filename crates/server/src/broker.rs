@@ -1,24 +1,41 @@
-//! The broker: its configuration and its virtual hosts.
+//! The broker: its configuration, its virtual hosts and its durable store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use warren_core::VirtualHost;
+use warren_storage::FsyncPolicy;
 
-use crate::config::Config;
+use crate::config::{Config, Fsync};
+use crate::store::{Recovered, Store, StoreError};
 
 pub struct Broker {
     pub config: Config,
     vhosts: RwLock<HashMap<String, Arc<VirtualHost>>>,
     next_connection_id: AtomicU64,
+    pub store: Arc<Store>,
+    pub recovered: Recovered,
 }
 
 impl Broker {
-    pub fn new(config: Config) -> Broker {
-        let vhosts = config.vhosts.iter().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
-        Broker { config, vhosts: RwLock::new(vhosts), next_connection_id: AtomicU64::new(1) }
+    /// Opens the data directory and restores durable state.
+    pub fn open(config: Config) -> Result<Broker, StoreError> {
+        let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
+            config.vhosts.iter().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
+        let policy = match config.fsync {
+            Fsync::Always => FsyncPolicy::Always,
+            Fsync::Never => FsyncPolicy::Never,
+        };
+        let (store, recovered) = Store::open(&config.data_dir, policy, config.segment_bytes_max, &mut vhosts)?;
+        Ok(Broker {
+            config,
+            vhosts: RwLock::new(vhosts.into_iter().collect()),
+            next_connection_id: AtomicU64::new(1),
+            store,
+            recovered,
+        })
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VirtualHost>> {

@@ -41,6 +41,31 @@ pub struct Config {
     /// Unsent bytes above which a connection gets no more deliveries until
     /// its socket drains.
     pub connection_write_buffer_max: usize,
+    /// When a persistent message counts as stored (and is confirmed).
+    pub fsync: Fsync,
+    /// Size at which the message log starts a new segment file.
+    pub segment_bytes_max: u64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Confirm after fsync (group commit): survives power loss.
+    #[default]
+    Always,
+    /// Confirm once written to the OS: survives a broker crash, not a power cut.
+    Never,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(value: &str) -> Result<Fsync, String> {
+        match value {
+            "always" => Ok(Fsync::Always),
+            "never" => Ok(Fsync::Never),
+            other => Err(format!("fsync must be 'always' or 'never', not '{other}'")),
+        }
+    }
 }
 
 impl Default for Config {
@@ -62,6 +87,8 @@ impl Default for Config {
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout_s: 10,
             connection_write_buffer_max: 4 * 1024 * 1024,
+            fsync: Fsync::Always,
+            segment_bytes_max: 16 * 1024 * 1024,
         }
     }
 }

@@ -10,7 +10,7 @@
 //!   at once); a hard error sends `connection.close` and the connection then
 //!   only waits for `close-ok`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,13 +30,16 @@ use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
 use warren_codec::{encode, table, PROTOCOL_HEADER};
 use warren_core::message::MessageBuilder;
 use warren_core::vhost::REPLY_TO_QUEUE;
-use warren_core::{ChannelKey, Message, VirtualHost, VirtualHostState};
+use warren_core::{ChannelKey, JournalEvent, Message, VirtualHost, VirtualHostState};
 
 use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::outbox::ConnectionOutbox;
+use crate::store::Store;
 
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Log index standing for "the store refused this publish: nack it".
+const NACK: u64 = u64::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -71,6 +74,9 @@ struct ChannelProto {
     confirm: bool,
     published: u64,
     confirmed: u64,
+    /// Publishes whose confirm waits for the store: (publish seq, log index),
+    /// in seq order; `NACK` marks one the store refused.
+    awaiting_store: VecDeque<(u64, u64)>,
     tx: Option<Vec<TxOp>>,
     last_queue: String,
 }
@@ -86,11 +92,13 @@ struct Connection {
     channel_max: u16,
     heartbeat_s: u16,
     channels: HashMap<u16, ChannelProto>,
-    confirm_pending: Vec<u16>,
     auth_failure_close: bool,
     user: String,
     /// A framing error was seen: input is discarded from then on.
     unparseable: bool,
+    store: Arc<Store>,
+    journal: Vec<JournalEvent>,
+    record: Vec<u8>,
 }
 
 fn short(value: &str) -> ShortString {
@@ -203,11 +211,14 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         channel_max: broker.config.channel_max,
         heartbeat_s: 0,
         channels: HashMap::new(),
-        confirm_pending: Vec::new(),
         auth_failure_close: false,
         user: String::new(),
         unparseable: false,
+        store: broker.store.clone(),
+        journal: Vec::new(),
+        record: Vec::new(),
     };
+    let mut durable = broker.store.durable_watch();
     conn.send(
         0,
         AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
@@ -255,6 +266,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
                     }
                 }
             }
+            _ = durable.changed(), if conn.awaiting_store() => {
+                conn.flush_confirms();
+                continue;
+            }
             _ = shutdown.changed() => {
                 if conn.phase == Phase::Running {
                     conn.close_connection(AmqpError::hard(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'", 0, 0));
@@ -275,8 +290,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         }
     }
 
-    if let Some(vhost) = &conn.vhost {
-        vhost.lock().close_connection(conn.id);
+    if let Some(vhost) = conn.vhost.clone() {
+        let mut state = vhost.lock();
+        state.close_connection(conn.id);
+        let _ = conn.flush_journal(&mut state);
     }
     // Stop the writer after it has flushed what is queued.
     let _ = heartbeat_tx.send(u16::MAX);
@@ -343,7 +360,7 @@ impl Connection {
             let mut guard = vhost.as_ref().map(|v| v.lock());
             loop {
                 if matches!(self.phase, Phase::Done) {
-                    break 'batch;
+                    break;
                 }
                 let frame = match self.decoder.decode(buf) {
                     Ok(Some(frame)) => frame,
@@ -361,30 +378,79 @@ impl Connection {
                 if let Err(error) = result {
                     self.close_connection(error);
                 }
+                if let Some(state) = guard.as_deref_mut() {
+                    // Settlements and definitions reach the store in the
+                    // order they happened (publishes are appended in `route`).
+                    let _ = self.flush_journal(state);
+                }
                 if guard.is_none() && self.vhost.is_some() {
                     continue 'batch;
                 }
             }
             if let Some(state) = guard.as_deref_mut() {
                 state.run_dispatch();
+                let _ = self.flush_journal(state);
             }
             self.flush_confirms();
             break;
         }
     }
 
+    fn awaiting_store(&self) -> bool {
+        self.channels.values().any(|ch| !ch.awaiting_store.is_empty())
+    }
+
+    /// Sends what can be confirmed: every publish up to the first one still
+    /// waiting for the store, as one `basic.ack multiple`; nacks for
+    /// publishes the store refused.
     fn flush_confirms(&mut self) {
-        for number in self.confirm_pending.drain(..) {
-            let Some(ch) = self.channels.get_mut(&number) else {
-                continue;
-            };
-            if ch.published > ch.confirmed {
-                let multiple = ch.published - ch.confirmed > 1;
-                let tag = ch.published;
-                ch.confirmed = ch.published;
-                self.outbox.write(|buf| encode::basic_ack(buf, number, tag, multiple));
+        let durable = self.store.durable_index();
+        let poisoned = self.store.is_poisoned();
+        for (&number, ch) in self.channels.iter_mut().filter(|(_, ch)| ch.confirm && !ch.closing) {
+            loop {
+                while ch.awaiting_store.front().is_some_and(|&(_, index)| index != NACK && index <= durable) {
+                    ch.awaiting_store.pop_front();
+                }
+                if poisoned {
+                    for entry in ch.awaiting_store.iter_mut() {
+                        entry.1 = NACK;
+                    }
+                }
+                let confirmable = ch.awaiting_store.front().map_or(ch.published, |&(seq, _)| seq - 1);
+                if confirmable > ch.confirmed {
+                    let multiple = confirmable - ch.confirmed > 1;
+                    self.outbox.write(|buf| encode::basic_ack(buf, number, confirmable, multiple));
+                    ch.confirmed = confirmable;
+                }
+                match ch.awaiting_store.front() {
+                    Some(&(seq, NACK)) if seq == ch.confirmed + 1 => {
+                        ch.awaiting_store.pop_front();
+                        self.outbox.write(|buf| encode::basic_nack(buf, number, seq, false, false));
+                        ch.confirmed = seq;
+                    }
+                    _ => break,
+                }
             }
         }
+    }
+
+    /// Appends the virtual host's journal to the store, in order, while its
+    /// lock is held. Returns the log index of the last published entry, or
+    /// `Err` if the store refused (poisoned).
+    fn flush_journal(&mut self, state: &mut VirtualHostState) -> Result<Option<u64>, ()> {
+        if state.take_definitions_changed() {
+            if let Err(error) = self.store.save_definitions(&state.name, state.durable_definitions()) {
+                tracing::error!(%error, "saving durable definitions failed");
+            }
+        }
+        if !state.has_journal() {
+            return Ok(None);
+        }
+        state.drain_journal(&mut self.journal);
+        let vhost = state.name.clone();
+        self.store.append(&vhost, &mut self.journal, &mut self.record).map_err(|error| {
+            tracing::error!(%error, "the store refused journal entries");
+        })
     }
 
     fn close_connection(&mut self, error: AmqpError) {
@@ -1151,7 +1217,10 @@ impl Connection {
             return Ok(());
         };
         let in_tx = ch.tx.is_some();
-        let (message, extra_keys) = sender_selected(builder.finish());
+        let (mut message, extra_keys) = sender_selected(builder.finish());
+        if message.persistent {
+            message.id = self.store.next_message_id();
+        }
         let Some(state) = state else {
             return Ok(());
         };
@@ -1187,15 +1256,22 @@ impl Connection {
         extra_keys: &[Vec<u8>],
         state: &mut VirtualHostState,
     ) -> Result<(), AmqpError> {
-        if let Some(ch) = self.channels.get_mut(&number) {
-            if ch.confirm {
+        let seq = match self.channels.get_mut(&number) {
+            Some(ch) if ch.confirm => {
                 ch.published += 1;
-                if self.confirm_pending.last() != Some(&number) && !self.confirm_pending.contains(&number) {
-                    self.confirm_pending.push(number);
-                }
+                Some(ch.published)
+            }
+            _ => None,
+        };
+        let routed = state.publish(exchange, message.clone(), extra_keys)?;
+        let stored = self.flush_journal(state);
+        if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
+            match stored {
+                Ok(Some(index)) if message.id != 0 => ch.awaiting_store.push_back((seq, index)),
+                Err(()) if message.id != 0 => ch.awaiting_store.push_back((seq, NACK)),
+                _ => {}
             }
         }
-        let routed = state.publish(exchange, message.clone(), extra_keys)?;
         if routed == 0 && mandatory {
             let frame_max = self.outbox.frame_max();
             self.outbox.write(|buf| {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connection;
 pub mod outbox;
 pub mod server;
+pub mod store;
 
 pub use broker::Broker;
 pub use config::Config;

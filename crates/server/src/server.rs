@@ -28,6 +28,8 @@ pub enum ServerError {
     Address(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Expands one `bind` entry: `localhost` is both loopback addresses.
@@ -67,7 +69,8 @@ impl Server {
                 Err(source) => return Err(ServerError::Bind { address: address.to_string(), source }),
             }
         }
-        Ok(Server { listeners, broker: Arc::new(Broker::new(config)) })
+        let broker = Arc::new(Broker::open(config)?);
+        Ok(Server { listeners, broker })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -110,12 +113,29 @@ impl Server {
                 while tasks.join_next().await.is_some() {}
             });
         }
+        // Give disk space back as messages are settled.
+        let janitor_store = self.broker.store.clone();
+        let janitor = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let store = janitor_store.clone();
+                match tokio::task::spawn_blocking(move || store.reclaim()).await {
+                    Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "log segments reclaimed"),
+                    Ok(Err(error)) => warn!(%error, "reclaiming log segments failed"),
+                    _ => {}
+                }
+            }
+        });
         shutdown.await;
+        janitor.abort();
         info!("shutting down: closing connections");
         let _ = stop_tx.send(true);
         let drain = async { while accepts.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
             warn!("some connections did not close in time");
         }
+        let store = self.broker.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
     }
 }

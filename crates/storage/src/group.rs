@@ -61,7 +61,7 @@ pub struct Stats {
 
 pub struct GroupCommit {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl GroupCommit {
@@ -83,7 +83,7 @@ impl GroupCommit {
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new().name("warren-commit".into()).spawn(move || commit_loop(&worker)).ok();
-        GroupCommit { shared, thread }
+        GroupCommit { shared, thread: Mutex::new(thread) }
     }
 
     /// Buffers one entry; returns its index. Durable once
@@ -130,14 +130,11 @@ impl GroupCommit {
     }
 
     /// Writes and syncs what is pending, then stops the commit thread.
-    pub fn close(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Later appends are never committed.
+    pub fn shutdown(&self) {
         self.shared.pending.lock().shutdown = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
+        if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
         }
     }
@@ -145,7 +142,7 @@ impl GroupCommit {
 
 impl Drop for GroupCommit {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }
 

@@ -23,5 +23,5 @@ pub mod sim;
 
 pub use backend::{Backend, FsBackend, StorageFile};
 pub use error::StorageError;
-pub use group::{FsyncPolicy, GroupCommit};
+pub use group::{FsyncPolicy, GroupCommit, Stats};
 pub use log::{Entry, Log, LogOptions, Recovery};

@@ -55,6 +55,10 @@ struct ServeArgs {
     /// Largest message body accepted, in bytes [default: 134217728].
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
     max_message_size: Option<u64>,
+    /// When a persistent message is confirmed: `always` after fsync (default), or `never`
+    /// (once written to the OS: survives a broker crash, not a power cut).
+    #[arg(long, env = "WARREN_FSYNC")]
+    fsync: Option<warren_server::config::Fsync>,
     /// Log filter, e.g. `info` or `warren_server=debug` [default: info].
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
@@ -86,6 +90,9 @@ impl ServeArgs {
         }
         if let Some(size) = self.max_message_size {
             config.max_message_size = size;
+        }
+        if let Some(fsync) = self.fsync {
+            config.fsync = fsync;
         }
         config.validate()?;
         Ok(config)

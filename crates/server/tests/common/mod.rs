@@ -1,16 +1,28 @@
-//! Starts a real Warren server on an ephemeral loopback port for a test.
+//! Starts a real Warren server on an ephemeral loopback port for a test,
+//! with its own data directory (removed when the test ends).
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::oneshot;
 use warren_server::{Config, Server};
 
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    owns_dir: bool,
+}
+
+pub fn temp_data_dir() -> PathBuf {
+    let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("warren-test-{}-{n}", std::process::id()))
 }
 
 impl TestServer {
@@ -19,22 +31,37 @@ impl TestServer {
     }
 
     pub async fn with_config(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = Config { amqp_port: 0, bind: vec!["127.0.0.1".into()], ..Config::default() };
+        let mut config =
+            Config { amqp_port: 0, bind: vec!["127.0.0.1".into()], data_dir: temp_data_dir(), ..Config::default() };
         adjust(&mut config);
-        let server = Server::bind(config).await.expect("bind");
+        Self::from_config(config, true).await
+    }
+
+    async fn from_config(config: Config, owns_dir: bool) -> TestServer {
+        let server = Server::bind(config.clone()).await.expect("bind");
         let addr = server.local_addrs()[0];
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        TestServer { addr, stop: Some(stop), task: Some(task) }
+        TestServer { addr, config, stop: Some(stop), task: Some(task), owns_dir }
     }
 
     pub fn uri(&self) -> String {
         format!("amqp://guest:guest@{}/%2F", self.addr)
     }
 
-    pub async fn stop(mut self) {
+    /// Stops the server cleanly and starts a new one on the same data.
+    pub async fn restart(mut self) -> TestServer {
+        let config = self.config.clone();
+        self.owns_dir = false;
+        self.shutdown().await;
+        let mut restarted = Self::from_config(config, false).await;
+        restarted.owns_dir = true;
+        restarted
+    }
+
+    async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -42,12 +69,19 @@ impl TestServer {
             let _ = task.await;
         }
     }
+
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.config.data_dir);
         }
     }
 }

@@ -1,0 +1,448 @@
+//! The broker's durable state on top of `warren-storage`: persistent
+//! messages of durable queues in one shared log, and durable definitions in
+//! an atomically replaced JSON file.
+//!
+//! Log entries (one per journal event, in the order events happened under
+//! their virtual-host lock):
+//! - `P` published: message id, vhost, durable queues, exchange, routing
+//!   key, properties, body: written once however many queues it reached;
+//! - `S` settled: message id left one queue for good;
+//! - `D` queue deleted.
+//!
+//! Recovery replays the log: a message is restored into every queue that has
+//! not settled it. A message is live while some queue holds it; segments
+//! older than the oldest live message are deleted by [`Store::reclaim`].
+//!
+//! What a confirm means: the `P` entry is fsynced (group commit), see
+//! docs/durability.md.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use warren_codec::properties::Properties;
+use warren_core::vhost::JournalEvent;
+use warren_core::{Definitions, Message, VirtualHost};
+use warren_storage::{Backend, FsBackend, FsyncPolicy, GroupCommit, Log, LogOptions, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot read or write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("definitions file {path} is invalid: {source}")]
+    Definitions { path: PathBuf, source: serde_json::Error },
+}
+
+/// What recovery restored.
+#[derive(Debug, Default, Clone)]
+pub struct Recovered {
+    pub messages: u64,
+    pub queue_entries: u64,
+    pub log: warren_storage::Recovery,
+    pub millis: u128,
+}
+
+#[derive(Default)]
+struct Liveness {
+    /// message id -> (log index of its `P` entry, queues still holding it)
+    by_id: HashMap<u64, (u64, u32)>,
+    /// log index -> message id, to find the oldest live entry
+    by_index: BTreeMap<u64, u64>,
+}
+
+impl Liveness {
+    fn add(&mut self, id: u64, index: u64, refs: u32) {
+        if refs > 0 {
+            self.by_id.insert(id, (index, refs));
+            self.by_index.insert(index, id);
+        }
+    }
+
+    fn settle(&mut self, id: u64) {
+        if let Some(entry) = self.by_id.get_mut(&id) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                let index = entry.0;
+                self.by_id.remove(&id);
+                self.by_index.remove(&index);
+            }
+        }
+    }
+}
+
+pub struct Store {
+    commit: GroupCommit,
+    durable: Arc<watch::Sender<u64>>,
+    live: Mutex<Liveness>,
+    next_message_id: AtomicU64,
+    definitions_path: PathBuf,
+    definitions: Mutex<BTreeMap<String, Definitions>>,
+}
+
+fn put_short(out: &mut Vec<u8>, value: &[u8]) {
+    let len = value.len().min(255);
+    out.push(len as u8);
+    out.extend_from_slice(&value[..len]);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let slice = self.bytes.get(self.at..self.at + n)?;
+        self.at += n;
+        Some(slice)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).and_then(|b| b.try_into().ok()).map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+    }
+    fn short(&mut self) -> Option<&'a [u8]> {
+        let len = self.u8()? as usize;
+        self.take(len)
+    }
+    fn short_str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.short()?).ok()
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let rest = self.bytes.get(self.at..).unwrap_or_default();
+        self.at = self.bytes.len();
+        rest
+    }
+}
+
+pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Box<str>]) {
+    out.push(b'P');
+    out.extend_from_slice(&message.id.to_le_bytes());
+    put_short(out, vhost.as_bytes());
+    out.extend_from_slice(&(queues.len() as u16).to_le_bytes());
+    for queue in queues {
+        put_short(out, queue.as_bytes());
+    }
+    put_short(out, message.exchange());
+    put_short(out, message.routing_key());
+    out.extend_from_slice(&(message.properties().len() as u32).to_le_bytes());
+    out.extend_from_slice(message.properties());
+    out.extend_from_slice(message.body());
+}
+
+fn encode_settled(out: &mut Vec<u8>, vhost: &str, queue: &str, id: u64) {
+    out.push(b'S');
+    out.extend_from_slice(&id.to_le_bytes());
+    put_short(out, vhost.as_bytes());
+    put_short(out, queue.as_bytes());
+}
+
+fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
+    out.push(b'D');
+    put_short(out, vhost.as_bytes());
+    put_short(out, queue.as_bytes());
+}
+
+enum Record<'a> {
+    Published { id: u64, vhost: &'a str, queues: Vec<&'a str>, message: Message },
+    Settled { id: u64, vhost: &'a str, queue: &'a str },
+    Deleted { vhost: &'a str, queue: &'a str },
+}
+
+fn decode(payload: &[u8]) -> Option<Record<'_>> {
+    let mut r = Reader { bytes: payload, at: 0 };
+    match r.u8()? {
+        b'P' => {
+            let id = r.u64()?;
+            let vhost = r.short_str()?;
+            let count = r.u16()?;
+            let mut queues = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                queues.push(r.short_str()?);
+            }
+            let exchange = r.short()?;
+            let routing_key = r.short()?;
+            let props_len = r.u32()? as usize;
+            let properties = Properties::parse(Bytes::copy_from_slice(r.take(props_len)?))?;
+            let body = r.rest();
+            let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
+            builder.push_body(body);
+            let mut message = builder.finish();
+            message.id = id;
+            Some(Record::Published { id, vhost, queues, message })
+        }
+        b'S' => {
+            let id = r.u64()?;
+            Some(Record::Settled { id, vhost: r.short_str()?, queue: r.short_str()? })
+        }
+        b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
+        _ => None,
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
+    file.write_all(bytes).map_err(io_error(&tmp))?;
+    file.sync_all().map_err(io_error(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_error(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the data directory, restores durable definitions and messages
+    /// into the virtual hosts (creating stored vhosts that are missing).
+    pub fn open(
+        data_dir: &Path,
+        policy: FsyncPolicy,
+        segment_bytes_max: u64,
+        vhosts: &mut BTreeMap<String, Arc<VirtualHost>>,
+    ) -> Result<(Arc<Store>, Recovered), StoreError> {
+        Self::open_with(Arc::new(FsBackend), data_dir, policy, segment_bytes_max, vhosts)
+    }
+
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        data_dir: &Path,
+        policy: FsyncPolicy,
+        segment_bytes_max: u64,
+        vhosts: &mut BTreeMap<String, Arc<VirtualHost>>,
+    ) -> Result<(Arc<Store>, Recovered), StoreError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
+        let definitions_path = data_dir.join("definitions.json");
+        let stored: BTreeMap<String, Definitions> = match std::fs::read(&definitions_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StoreError::Definitions { path: definitions_path.clone(), source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io_error(&definitions_path)(e)),
+        };
+        for (name, definitions) in &stored {
+            let vhost = vhosts.entry(name.clone()).or_insert_with(|| Arc::new(VirtualHost::new(name)));
+            vhost.lock().restore(definitions);
+        }
+
+        let (log, log_recovery) = Log::open(backend, &data_dir.join("wal"), LogOptions { segment_bytes_max })?;
+        // Replay: live messages and the queues still holding them.
+        let mut live: BTreeMap<u64, (u64, Arc<Message>, String, Vec<String>)> = BTreeMap::new();
+        let mut max_id = 0;
+        let mut undecodable = 0u64;
+        log.scan(0, |entry| match decode(&entry.payload) {
+            Some(Record::Published { id, vhost, queues, message }) => {
+                max_id = max_id.max(id);
+                let queues = queues.into_iter().map(str::to_string).collect();
+                live.insert(id, (entry.index, Arc::new(message), vhost.to_string(), queues));
+            }
+            Some(Record::Settled { id, vhost, queue }) => {
+                if let Some((_, _, v, queues)) = live.get_mut(&id) {
+                    if v == vhost {
+                        if let Some(i) = queues.iter().position(|q| q == queue) {
+                            queues.swap_remove(i);
+                        }
+                    }
+                    if queues.is_empty() {
+                        live.remove(&id);
+                    }
+                }
+            }
+            Some(Record::Deleted { vhost, queue }) => {
+                live.retain(|_, (_, _, v, queues)| {
+                    if v == vhost {
+                        queues.retain(|q| q != queue);
+                    }
+                    !queues.is_empty()
+                });
+            }
+            None => undecodable += 1,
+        })?;
+        if undecodable > 0 {
+            warn!(undecodable, "log entries that are not Warren records were skipped");
+        }
+        let mut liveness = Liveness::default();
+        let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
+        for (id, (index, message, vhost, queues)) in live {
+            let Some(vhost) = vhosts.get(&vhost) else { continue };
+            let mut state = vhost.lock();
+            let mut refs = 0;
+            for queue in &queues {
+                if state.recover_message(queue, message.clone()) {
+                    refs += 1;
+                }
+            }
+            drop(state);
+            if refs > 0 {
+                recovered.messages += 1;
+                recovered.queue_entries += u64::from(refs);
+                liveness.add(id, index, refs);
+            }
+        }
+
+        let (durable_tx, _) = watch::channel(log.next_index().saturating_sub(1));
+        let durable = Arc::new(durable_tx);
+        let notify = durable.clone();
+        let commit = GroupCommit::start(log, policy, move |index| {
+            notify.send_replace(index);
+        });
+        recovered.millis = started.elapsed().as_millis();
+        info!(
+            messages = recovered.messages,
+            queue_entries = recovered.queue_entries,
+            millis = recovered.millis,
+            "durable state recovered"
+        );
+        let store = Store {
+            commit,
+            durable,
+            live: Mutex::new(liveness),
+            next_message_id: AtomicU64::new(max_id + 1),
+            definitions_path,
+            definitions: Mutex::new(stored),
+        };
+        Ok((Arc::new(store), recovered))
+    }
+
+    pub fn next_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Durable log index, as a watch for connections waiting on confirms.
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    pub fn durable_index(&self) -> u64 {
+        self.commit.durable_index()
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.commit.is_poisoned()
+    }
+
+    pub fn commit_stats(&self) -> warren_storage::group::Stats {
+        self.commit.stats()
+    }
+
+    /// Appends journal events of one virtual host, in order. Returns the log
+    /// index of the last `P` entry, which a publisher confirm waits for.
+    pub fn append(
+        &self,
+        vhost: &str,
+        events: &mut Vec<JournalEvent>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Option<u64>, StorageError> {
+        let mut last_published = None;
+        let mut result = Ok(());
+        let mut live = self.live.lock();
+        for event in events.drain(..) {
+            if result.is_err() {
+                continue;
+            }
+            scratch.clear();
+            match &event {
+                JournalEvent::Published { message, queues } => encode_published(scratch, vhost, message, queues),
+                JournalEvent::Settled { queue, message_id } => encode_settled(scratch, vhost, queue, *message_id),
+                JournalEvent::QueueDeleted { queue } => encode_deleted(scratch, vhost, queue),
+            }
+            match self.commit.append(scratch) {
+                Ok(index) => match event {
+                    JournalEvent::Published { message, queues } => {
+                        live.add(message.id, index, queues.len() as u32);
+                        last_published = Some(index);
+                    }
+                    JournalEvent::Settled { message_id, .. } => live.settle(message_id),
+                    JournalEvent::QueueDeleted { .. } => {}
+                },
+                Err(error) => result = Err(error),
+            }
+        }
+        result.map(|()| last_published)
+    }
+
+    /// Stores a virtual host's durable definitions (atomically, fsynced).
+    pub fn save_definitions(&self, vhost: &str, definitions: Definitions) -> Result<(), StoreError> {
+        let mut all = self.definitions.lock();
+        all.insert(vhost.to_string(), definitions);
+        let bytes = serde_json::to_vec_pretty(&*all)
+            .map_err(|source| StoreError::Definitions { path: self.definitions_path.clone(), source })?;
+        replace_file(&self.definitions_path, &bytes)
+    }
+
+    /// Deletes log segments that hold no live message. Blocking (it may wait
+    /// for an fsync): run it off the async runtime.
+    pub fn reclaim(&self) -> Result<usize, StorageError> {
+        let oldest_live = self.live.lock().by_index.keys().next().copied();
+        let durable = self.commit.durable_index();
+        // Only what is durable may be purged past; live messages pin the rest.
+        let before = oldest_live.unwrap_or(durable + 1).min(durable + 1);
+        self.commit.with_log(|log| log.purge_prefix(before))
+    }
+
+    /// Commits what is pending and stops the commit thread (shutdown).
+    pub fn shutdown(&self) {
+        self.commit.shutdown();
+    }
+
+    /// Log size on disk and segment count.
+    pub fn disk_usage(&self) -> (u64, usize) {
+        self.commit.with_log(|log| (log.bytes(), log.segment_count()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let props = Properties::parse(Bytes::from_static(&[0x10, 0, 2])).unwrap();
+        let mut builder = Message::builder(b"ex", b"rk", &props, 3);
+        builder.push_body(b"abc");
+        let mut message = builder.finish();
+        message.id = 42;
+        let mut out = Vec::new();
+        encode_published(&mut out, "/", &message, &["q1".into(), "q2".into()]);
+        match decode(&out) {
+            Some(Record::Published { id, vhost, queues, message: m }) => {
+                assert_eq!((id, vhost, queues), (42, "/", vec!["q1", "q2"]));
+                assert_eq!(
+                    (m.exchange(), m.routing_key(), m.properties(), m.body()),
+                    (&b"ex"[..], &b"rk"[..], &[0x10, 0, 2][..], &b"abc"[..])
+                );
+                assert!(m.persistent);
+            }
+            _ => panic!("not decoded"),
+        }
+        out.clear();
+        encode_settled(&mut out, "/", "q1", 42);
+        assert!(matches!(decode(&out), Some(Record::Settled { id: 42, vhost: "/", queue: "q1" })));
+        out.clear();
+        encode_deleted(&mut out, "v", "q");
+        assert!(matches!(decode(&out), Some(Record::Deleted { vhost: "v", queue: "q" })));
+        assert!(decode(b"Zjunk").is_none());
+        assert!(decode(b"P\x01").is_none());
+    }
+}
