@@ -22,13 +22,20 @@ pub struct Broker {
 impl Broker {
     /// Opens the data directory and restores durable state.
     pub fn open(config: Config) -> Result<Broker, StoreError> {
+        Self::open_with(config, Arc::new(warren_storage::FsBackend))
+    }
+
+    /// Same, with the message log on the given storage backend (tests use a
+    /// simulated disk to cut power).
+    pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, StoreError> {
         let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
             config.vhosts.iter().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
         let policy = match config.fsync {
             Fsync::Always => FsyncPolicy::Always,
             Fsync::Never => FsyncPolicy::Never,
         };
-        let (store, recovered) = Store::open(&config.data_dir, policy, config.segment_bytes_max, &mut vhosts)?;
+        let (store, recovered) =
+            Store::open_with(backend, &config.data_dir, policy, config.segment_bytes_max, &mut vhosts)?;
         Ok(Broker {
             config,
             vhosts: RwLock::new(vhosts.into_iter().collect()),

@@ -765,7 +765,6 @@ impl Connection {
 
     fn handle_other(&mut self, number: u16, class: AMQPClass, state: &mut VirtualHostState) -> Result<(), AmqpError> {
         let key = self.key(number);
-        let conn = self.id;
         match class {
             AMQPClass::Channel(m) => match m {
                 channel::AMQPMethod::Open(_) => {
@@ -795,121 +794,8 @@ impl Connection {
                 self.send(number, AMQPClass::Access(spec::access::AMQPMethod::RequestOk(spec::access::RequestOk {})));
                 Ok(())
             }
-            AMQPClass::Exchange(m) => match m {
-                exchange::AMQPMethod::Declare(d) => {
-                    state.declare_exchange(
-                        d.exchange.as_str(),
-                        d.kind.as_str(),
-                        d.passive,
-                        d.durable,
-                        d.auto_delete,
-                        d.internal,
-                        d.arguments,
-                    )?;
-                    if !d.nowait {
-                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
-                    }
-                    Ok(())
-                }
-                exchange::AMQPMethod::Delete(d) => {
-                    state.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                    if !d.nowait {
-                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
-                    }
-                    Ok(())
-                }
-                exchange::AMQPMethod::Bind(b) => {
-                    state.bind_exchange(
-                        b.destination.as_str(),
-                        b.source.as_str(),
-                        b.routing_key.as_str(),
-                        b.arguments,
-                        true,
-                    )?;
-                    if !b.nowait {
-                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
-                    }
-                    Ok(())
-                }
-                exchange::AMQPMethod::Unbind(b) => {
-                    state.bind_exchange(
-                        b.destination.as_str(),
-                        b.source.as_str(),
-                        b.routing_key.as_str(),
-                        b.arguments,
-                        false,
-                    )?;
-                    if !b.nowait {
-                        self.send(number, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
-                    }
-                    Ok(())
-                }
-                _ => Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected exchange method from client", 0, 0)),
-            },
-            AMQPClass::Queue(m) => match m {
-                queue::AMQPMethod::Declare(d) => {
-                    let declared = state.declare_queue(
-                        conn,
-                        d.queue.as_str(),
-                        d.passive,
-                        d.durable,
-                        d.exclusive,
-                        d.auto_delete,
-                        d.arguments,
-                    )?;
-                    if let Some(ch) = self.channels.get_mut(&number) {
-                        ch.last_queue = declared.name.clone();
-                    }
-                    if !d.nowait {
-                        self.send(
-                            number,
-                            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                                queue: short(&declared.name),
-                                message_count: declared.message_count,
-                                consumer_count: declared.consumer_count,
-                            })),
-                        );
-                    }
-                    Ok(())
-                }
-                queue::AMQPMethod::Bind(b) => {
-                    let name = self.queue_name(number, b.queue.as_str())?;
-                    state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, true)?;
-                    if !b.nowait {
-                        self.send(number, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
-                    }
-                    Ok(())
-                }
-                queue::AMQPMethod::Unbind(b) => {
-                    let name = self.queue_name(number, b.queue.as_str())?;
-                    state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, false)?;
-                    self.send(number, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
-                    Ok(())
-                }
-                queue::AMQPMethod::Purge(p) => {
-                    let name = self.queue_name(number, p.queue.as_str())?;
-                    let message_count = state.purge_queue(conn, &name)?;
-                    if !p.nowait {
-                        self.send(
-                            number,
-                            AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
-                        );
-                    }
-                    Ok(())
-                }
-                queue::AMQPMethod::Delete(d) => {
-                    let name = self.queue_name(number, d.queue.as_str())?;
-                    let message_count = state.delete_queue(conn, &name, d.if_unused, d.if_empty)?;
-                    if !d.nowait {
-                        self.send(
-                            number,
-                            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count })),
-                        );
-                    }
-                    Ok(())
-                }
-                _ => Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected queue method from client", 0, 0)),
-            },
+            AMQPClass::Exchange(m) => self.handle_exchange(number, m, state),
+            AMQPClass::Queue(m) => self.handle_queue(number, m, state),
             AMQPClass::Basic(m) => self.handle_basic(number, m, state),
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 let Some(ch) = self.channels.get_mut(&number) else {
@@ -940,6 +826,113 @@ impl Connection {
                 Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected access method from client", 0, 0))
             }
         }
+    }
+
+    /// Durable definitions reach disk before the client hears the reply.
+    fn reply_stored(&mut self, number: u16, reply: AMQPClass, nowait: bool, state: &mut VirtualHostState) {
+        let _ = self.flush_journal(state);
+        if !nowait {
+            self.send(number, reply);
+        }
+    }
+
+    fn handle_exchange(
+        &mut self,
+        number: u16,
+        m: exchange::AMQPMethod,
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        use exchange::AMQPMethod as M;
+        match m {
+            M::Declare(d) => {
+                let kind = d.kind.as_str();
+                let name = d.exchange.as_str();
+                state.declare_exchange(name, kind, d.passive, d.durable, d.auto_delete, d.internal, d.arguments)?;
+                self.reply_stored(number, AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})), d.nowait, state);
+            }
+            M::Delete(d) => {
+                state.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                self.reply_stored(number, AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})), d.nowait, state);
+            }
+            M::Bind(b) => {
+                let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
+                state.bind_exchange(destination, source, key, b.arguments, true)?;
+                self.reply_stored(number, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})), b.nowait, state);
+            }
+            M::Unbind(b) => {
+                let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
+                state.bind_exchange(destination, source, key, b.arguments, false)?;
+                self.reply_stored(number, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})), b.nowait, state);
+            }
+            _ => {
+                return Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected exchange method from client", 0, 0));
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_queue(
+        &mut self,
+        number: u16,
+        m: queue::AMQPMethod,
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        use queue::AMQPMethod as M;
+        let conn = self.id;
+        match m {
+            M::Declare(d) => {
+                let declared = state.declare_queue(
+                    conn,
+                    d.queue.as_str(),
+                    d.passive,
+                    d.durable,
+                    d.exclusive,
+                    d.auto_delete,
+                    d.arguments,
+                )?;
+                if let Some(ch) = self.channels.get_mut(&number) {
+                    ch.last_queue = declared.name.clone();
+                }
+                let ok = queue::DeclareOk {
+                    queue: short(&declared.name),
+                    message_count: declared.message_count,
+                    consumer_count: declared.consumer_count,
+                };
+                self.reply_stored(number, AMQPClass::Queue(M::DeclareOk(ok)), d.nowait, state);
+            }
+            M::Bind(b) => {
+                let name = self.queue_name(number, b.queue.as_str())?;
+                state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, true)?;
+                self.reply_stored(number, AMQPClass::Queue(M::BindOk(queue::BindOk {})), b.nowait, state);
+            }
+            M::Unbind(b) => {
+                let name = self.queue_name(number, b.queue.as_str())?;
+                state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, false)?;
+                self.reply_stored(number, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})), false, state);
+            }
+            M::Purge(p) => {
+                let name = self.queue_name(number, p.queue.as_str())?;
+                let message_count = state.purge_queue(conn, &name)?;
+                self.reply_stored(
+                    number,
+                    AMQPClass::Queue(M::PurgeOk(queue::PurgeOk { message_count })),
+                    p.nowait,
+                    state,
+                );
+            }
+            M::Delete(d) => {
+                let name = self.queue_name(number, d.queue.as_str())?;
+                let message_count = state.delete_queue(conn, &name, d.if_unused, d.if_empty)?;
+                self.reply_stored(
+                    number,
+                    AMQPClass::Queue(M::DeleteOk(queue::DeleteOk { message_count })),
+                    d.nowait,
+                    state,
+                );
+            }
+            _ => return Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected queue method from client", 0, 0)),
+        }
+        Ok(())
     }
 
     fn handle_basic(

@@ -46,6 +46,11 @@ fn expand(entry: &str) -> Result<Vec<IpAddr>, ServerError> {
 
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        Self::bind_with(config, Arc::new(warren_storage::FsBackend)).await
+    }
+
+    /// Binds with the message log on a given storage backend.
+    pub async fn bind_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Server, ServerError> {
         config.validate()?;
         let mut addresses = Vec::new();
         for entry in &config.bind {
@@ -69,7 +74,7 @@ impl Server {
                 Err(source) => return Err(ServerError::Bind { address: address.to_string(), source }),
             }
         }
-        let broker = Arc::new(Broker::open(config)?);
+        let broker = Arc::new(Broker::open_with(config, backend)?);
         Ok(Server { listeners, broker })
     }
 

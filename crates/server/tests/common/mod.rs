@@ -85,3 +85,17 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// A server whose message log lives on a simulated disk that can lose power.
+pub async fn start_on(
+    backend: std::sync::Arc<dyn warren_storage::Backend>,
+    config: Config,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let server = Server::bind_with(config, backend).await.expect("bind");
+    let addr = server.local_addrs()[0];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}

@@ -1,0 +1,202 @@
+//! The kill -9 loop: a real broker process, real clients publishing
+//! persistent messages with confirms and consuming with acks, SIGKILL at a
+//! random moment, restart, repeat. The checker then counts every message:
+//! confirmed but never delivered (lost, must be 0), delivered twice
+//! (duplicates, allowed at-least-once), and restart times.
+//!
+//! Default: 10 cycles. `WARREN_KILL9_CYCLES=100 cargo test --release -p warren --test kill9`
+//! runs the long version.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use parking_lot_free::Mutex;
+
+mod parking_lot_free {
+    /// std's Mutex with poisoning ignored (a panicking client task must not
+    /// hide the history from the checker).
+    pub struct Mutex<T>(std::sync::Mutex<T>);
+    impl<T> Mutex<T> {
+        pub fn new(value: T) -> Self {
+            Mutex(std::sync::Mutex::new(value))
+        }
+        pub fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start(port: u16, data: &Path) -> (Child, Duration) {
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["--amqp-port", &port.to_string(), "--bind", "127.0.0.1", "--log", "warn", "--data-dir"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "broker did not come back");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, started.elapsed())
+}
+
+#[derive(Default)]
+struct History {
+    confirmed: BTreeSet<u64>,
+    /// seq -> (deliveries, any with redelivered set)
+    delivered: BTreeMap<u64, (u32, bool)>,
+}
+
+async fn publisher(uri: String, next: Arc<AtomicU64>, history: Arc<Mutex<History>>, stop: Arc<AtomicBool>) {
+    let Ok(conn) = Connection::connect(&uri, ConnectionProperties::default()).await else { return };
+    let Ok(ch) = conn.create_channel().await else { return };
+    if ch.confirm_select(ConfirmSelectOptions::default()).await.is_err() {
+        return;
+    }
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    if ch.queue_declare("torture".into(), durable, FieldTable::default()).await.is_err() {
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let mut window = Vec::new();
+        for _ in 0..50 {
+            let seq = next.fetch_add(1, Ordering::Relaxed);
+            let props = BasicProperties::default().with_delivery_mode(2);
+            match ch
+                .basic_publish("".into(), "torture".into(), BasicPublishOptions::default(), &seq.to_be_bytes(), props)
+                .await
+            {
+                Ok(confirm) => window.push((seq, confirm)),
+                Err(_) => return,
+            }
+        }
+        for (seq, confirm) in window {
+            match confirm.await {
+                Ok(c) if c.is_ack() => {
+                    history.lock().confirmed.insert(seq);
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+async fn consumer(uri: String, history: Arc<Mutex<History>>, stop: Arc<AtomicBool>) {
+    let Ok(conn) = Connection::connect(&uri, ConnectionProperties::default()).await else { return };
+    let Ok(ch) = conn.create_channel().await else { return };
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    if ch.queue_declare("torture".into(), durable, FieldTable::default()).await.is_err() {
+        return;
+    }
+    let _ = ch.basic_qos(100, BasicQosOptions::default()).await;
+    let Ok(mut deliveries) =
+        ch.basic_consume("torture".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await
+    else {
+        return;
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await else {
+            continue;
+        };
+        let seq = u64::from_be_bytes(delivery.data[..8].try_into().unwrap());
+        {
+            let mut h = history.lock();
+            let entry = h.delivered.entry(seq).or_default();
+            entry.0 += 1;
+            entry.1 |= delivery.redelivered;
+        }
+        if delivery.acker.ack(BasicAckOptions::default()).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn kill9_loop_loses_no_confirmed_message() {
+    let cycles: usize = std::env::var("WARREN_KILL9_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let data = std::env::temp_dir().join(format!("warren-kill9-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port();
+    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
+    let history = Arc::new(Mutex::new(History::default()));
+    let next = Arc::new(AtomicU64::new(0));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut restart_ms = Vec::new();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(std::process::id());
+    for _ in 0..cycles {
+        let (mut broker, took) = start(port, &data);
+        restart_ms.push(took.as_millis() as u64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = runtime.block_on(async {
+            vec![
+                tokio::spawn(publisher(uri.clone(), next.clone(), history.clone(), stop.clone())),
+                tokio::spawn(consumer(uri.clone(), history.clone(), stop.clone())),
+            ]
+        });
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(300 + seed % 700));
+        broker.kill().unwrap(); // SIGKILL
+        broker.wait().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        runtime.block_on(async {
+            for task in tasks {
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            }
+        });
+    }
+    // Final drain on a clean broker.
+    let (mut broker, took) = start(port, &data);
+    restart_ms.push(took.as_millis() as u64);
+    runtime.block_on(async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare("torture".into(), durable, FieldTable::default()).await.unwrap();
+        while let Some(m) = ch.basic_get("torture".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            let seq = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
+            let mut h = history.lock();
+            let entry = h.delivered.entry(seq).or_default();
+            entry.0 += 1;
+            entry.1 |= m.delivery.redelivered;
+        }
+    });
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+
+    let h = history.lock();
+    let lost: Vec<u64> = h.confirmed.iter().filter(|seq| !h.delivered.contains_key(seq)).copied().collect();
+    let duplicates = h.delivered.values().filter(|(n, _)| *n > 1).count();
+    let unflagged_duplicates = h.delivered.values().filter(|(n, redelivered)| *n > 1 && !redelivered).count();
+    restart_ms.sort_unstable();
+    println!(
+        "kill -9 loop: cycles {cycles}, confirmed {}, delivered {}, confirmed-then-lost {}, duplicates {duplicates} ({unflagged_duplicates} without redelivered), restart ms p50 {} max {}",
+        h.confirmed.len(),
+        h.delivered.len(),
+        lost.len(),
+        restart_ms[restart_ms.len() / 2],
+        restart_ms[restart_ms.len() - 1],
+    );
+    assert!(h.confirmed.len() > 100 * cycles, "the workload ran: {} confirmed", h.confirmed.len());
+    assert!(lost.is_empty(), "confirmed then lost: {:?}", &lost[..lost.len().min(20)]);
+    assert_eq!(unflagged_duplicates, 0, "a message delivered twice must carry redelivered the second time");
+    let _ = std::fs::remove_dir_all(&data);
+}
