@@ -122,8 +122,24 @@ impl Server {
         let janitor_store = self.broker.store.clone();
         let janitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last = janitor_store.commit_stats();
+            let mut seconds = 0u64;
             loop {
                 tick.tick().await;
+                seconds += 1;
+                if seconds % 10 == 0 {
+                    let now = janitor_store.commit_stats();
+                    let (syncs, entries) = (now.syncs - last.syncs, now.entries - last.entries);
+                    if syncs > 0 {
+                        info!(
+                            fsyncs_per_s = syncs / 10,
+                            entries_per_s = entries / 10,
+                            entries_per_fsync = entries / syncs,
+                            "group commit"
+                        );
+                    }
+                    last = now;
+                }
                 let store = janitor_store.clone();
                 match tokio::task::spawn_blocking(move || store.reclaim()).await {
                     Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "log segments reclaimed"),

@@ -90,6 +90,8 @@ pub struct PerfArgs {
 
 struct Shared {
     start: Instant,
+    /// Publish-to-confirm latencies in microseconds (per write batch).
+    confirm_latencies_us: parking_lot::Mutex<Vec<u32>>,
     published: AtomicU64,
     confirmed: AtomicU64,
     consumed: AtomicU64,
@@ -257,6 +259,9 @@ async fn producer(args: PerfArgs, queue: String, shared: Arc<Shared>, rate: u64)
 
     let Conn { mut reader, mut writer, decoder, mut buf, .. } = conn;
     let confirmed = Arc::new(AtomicU64::new(0));
+    // (last sequence number of a write batch, when it was sent)
+    let batches: Arc<parking_lot::Mutex<std::collections::VecDeque<(u64, u64)>>> = Arc::default();
+    let reader_batches = batches.clone();
     let confirm_notify = Arc::new(Notify::new());
     if args.confirm > 0 {
         let confirmed = confirmed.clone();
@@ -270,6 +275,14 @@ async fn producer(args: PerfArgs, queue: String, shared: Arc<Shared>, rate: u64)
                         let now = if multiple { delivery_tag.max(before) } else { before + 1 };
                         confirmed.store(now, Ordering::Relaxed);
                         shared.confirmed.fetch_add(now - before, Ordering::Relaxed);
+                        let at = shared.now_ns();
+                        let mut batches = reader_batches.lock();
+                        while batches.front().is_some_and(|(last, _)| *last <= now) {
+                            if let Some((_, sent)) = batches.pop_front() {
+                                shared.confirm_latencies_us.lock().push((at.saturating_sub(sent) / 1000) as u32);
+                            }
+                        }
+                        drop(batches);
                         notify.notify_one();
                     }
                 }
@@ -318,6 +331,9 @@ async fn producer(args: PerfArgs, queue: String, shared: Arc<Shared>, rate: u64)
             let at = out.len() + body_at;
             out.put_slice(&template);
             out[at..at + 8].copy_from_slice(&now);
+        }
+        if args.confirm > 0 {
+            batches.lock().push_back((sent + batch as u64, u64::from_be_bytes(now)));
         }
         writer.write_all(&out).await?;
         sent += batch as u64;
@@ -490,6 +506,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     let queue = args.queue.clone().unwrap_or_else(|| format!("perf-{}", std::process::id()));
     let shared = Arc::new(Shared {
         start: Instant::now(),
+        confirm_latencies_us: parking_lot::Mutex::new(Vec::new()),
         published: AtomicU64::new(0),
         confirmed: AtomicU64::new(0),
         consumed: AtomicU64::new(0),
@@ -576,6 +593,9 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         (Some(a), Some(b)) => Some((b - a) * 1e6 / published.max(1) as f64),
         _ => None,
     };
+    let mut confirm_latencies = std::mem::take(&mut *shared.confirm_latencies_us.lock());
+    confirm_latencies.sort_unstable();
+    let (c50, c99) = (percentile(&confirm_latencies, 0.50), percentile(&confirm_latencies, 0.99));
     let (p50, p95, p99, max) = (
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.95),
@@ -584,7 +604,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     );
     if args.json {
         println!(
-            "{{\"published_per_s\":{publish_rate:.0},\"consumed_per_s\":{consume_rate:.0},\"published\":{published},\"confirmed\":{confirmed},\"latency_us_p50\":{p50},\"latency_us_p95\":{p95},\"latency_us_p99\":{p99},\"latency_us_max\":{max},\"broker_cpu_us_per_msg\":{},\"client_cpu_us_per_msg\":{}}}",
+            "{{\"published_per_s\":{publish_rate:.0},\"consumed_per_s\":{consume_rate:.0},\"published\":{published},\"confirmed\":{confirmed},\"latency_us_p50\":{p50},\"latency_us_p95\":{p95},\"latency_us_p99\":{p99},\"latency_us_max\":{max},\"confirm_us_p50\":{c50},\"confirm_us_p99\":{c99},\"broker_cpu_us_per_msg\":{},\"client_cpu_us_per_msg\":{}}}",
             broker_cpu_us.map_or("null".into(), |v| format!("{v:.2}")),
             client_cpu_us.map_or("null".into(), |v| format!("{v:.2}")),
         );
@@ -592,6 +612,9 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         println!("published: {published} ({publish_rate:.0} msg/s), confirmed: {confirmed}");
         println!("consumed:  {consume_rate:.0} msg/s");
         println!("latency (us): p50 {p50}  p95 {p95}  p99 {p99}  max {max}");
+        if args.confirm > 0 {
+            println!("confirm latency (us): p50 {c50}  p99 {c99}");
+        }
         if let Some(cpu) = broker_cpu_us {
             println!("broker CPU: {cpu:.2} us/msg");
         }
