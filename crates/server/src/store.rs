@@ -16,7 +16,7 @@
 //! What a confirm means: the `P` entry is fsynced (group commit), see
 //! docs/durability.md.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,31 +50,41 @@ pub struct Recovered {
     pub millis: u128,
 }
 
+/// Which log entries may still be needed, counted per bucket of message ids
+/// (ids are handed out in publish order), so the cost is one small entry
+/// per 4096 messages, not one per message.
 #[derive(Default)]
 struct Liveness {
-    /// message id -> (log index of its `P` entry, queues still holding it)
-    by_id: HashMap<u64, (u64, u32)>,
-    /// log index -> message id, to find the oldest live entry
-    by_index: BTreeMap<u64, u64>,
+    /// id bucket -> (queue entries still holding its messages, lowest log
+    /// index of its `P` entries)
+    buckets: BTreeMap<u64, (u64, u64)>,
 }
+
+const BUCKET_IDS: u64 = 4096;
 
 impl Liveness {
     fn add(&mut self, id: u64, index: u64, refs: u32) {
         if refs > 0 {
-            self.by_id.insert(id, (index, refs));
-            self.by_index.insert(index, id);
+            let bucket = self.buckets.entry(id / BUCKET_IDS).or_insert((0, index));
+            bucket.0 += u64::from(refs);
+            bucket.1 = bucket.1.min(index);
         }
     }
 
     fn settle(&mut self, id: u64) {
-        if let Some(entry) = self.by_id.get_mut(&id) {
-            entry.1 = entry.1.saturating_sub(1);
-            if entry.1 == 0 {
-                let index = entry.0;
-                self.by_id.remove(&id);
-                self.by_index.remove(&index);
+        if let Some(bucket) = self.buckets.get_mut(&(id / BUCKET_IDS)) {
+            bucket.0 = bucket.0.saturating_sub(1);
+            if bucket.0 == 0 {
+                self.buckets.remove(&(id / BUCKET_IDS));
             }
         }
+    }
+
+    /// The lowest log index a live message may sit at. Ids from different
+    /// virtual hosts can reach the log slightly out of order, so this is the
+    /// minimum over all live buckets, not the first bucket's.
+    fn oldest_index(&self) -> Option<u64> {
+        self.buckets.values().map(|(_, index)| *index).min()
     }
 }
 
@@ -394,7 +404,7 @@ impl Store {
     /// Deletes log segments that hold no live message. Blocking (it may wait
     /// for an fsync): run it off the async runtime.
     pub fn reclaim(&self) -> Result<usize, StorageError> {
-        let oldest_live = self.live.lock().by_index.keys().next().copied();
+        let oldest_live = self.live.lock().oldest_index();
         let durable = self.commit.durable_index();
         // Only what is durable may be purged past; live messages pin the rest.
         let before = oldest_live.unwrap_or(durable + 1).min(durable + 1);
@@ -415,6 +425,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness_tracks_the_oldest_needed_entry_per_bucket() {
+        let mut live = Liveness::default();
+        live.add(1, 10, 2);
+        live.add(2, 11, 1);
+        live.add(BUCKET_IDS + 1, 9, 1);
+        assert_eq!(live.oldest_index(), Some(9));
+        live.settle(BUCKET_IDS + 1);
+        assert_eq!(live.oldest_index(), Some(10));
+        live.settle(1);
+        live.settle(1);
+        assert_eq!(live.oldest_index(), Some(10), "id 2 still holds the bucket");
+        live.settle(2);
+        assert_eq!(live.oldest_index(), None);
+    }
 
     #[test]
     fn records_round_trip() {

@@ -221,3 +221,38 @@ async fn disk_space_is_given_back_once_messages_are_acknowledged() {
     }
     assert!(now <= 2 * 64 * 1024 + 4096 * 16, "disk use {now} of {full} after everything was acknowledged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_flip_at_rest_costs_one_message_and_the_rest_is_served() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("fragile".into(), durable, FieldTable::default()).await.unwrap();
+    for i in 0..20u8 {
+        let body = vec![i; 300];
+        ch.basic_publish("".into(), "fragile".into(), BasicPublishOptions::default(), &body, persistent())
+            .await
+            .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    let config = server.stop_keeping_data().await;
+    let data_dir = config.data_dir.clone();
+
+    // Flip one bit in the body of the 11th message (all bodies are distinct runs).
+    let wal = data_dir.join("wal");
+    let segment = std::fs::read_dir(&wal).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let run = vec![10u8; 300];
+    let at = bytes.windows(300).position(|w| w == run.as_slice()).unwrap();
+    bytes[at + 150] ^= 0x04;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let server = TestServer::with_config(|c| *c = config).await;
+    let (_conn, ch) = open(&server).await;
+    let bodies = drain(&ch, "fragile").await;
+    let firsts: Vec<u8> = bodies.iter().map(|(b, _)| b[0]).collect();
+    let expected: Vec<u8> = (0..20).filter(|i| *i != 10).collect();
+    assert_eq!(firsts, expected, "the corrupt message is dropped, never served; the others are");
+    assert!(bodies.iter().all(|(b, _)| b.iter().all(|x| *x == b[0])), "no altered payload served");
+}

@@ -120,3 +120,72 @@ async fn confirming_before_fsync_is_caught_by_the_checker() {
     }
     assert!(caught, "confirming before fsync must show up as confirmed-then-lost messages");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_nacks_publishers_and_loses_nothing_confirmed() {
+    let sim = SimBackend::new();
+    let data_dir = common::temp_data_dir();
+    let config = Config {
+        amqp_port: 0,
+        bind: vec!["127.0.0.1".into()],
+        data_dir: data_dir.clone(),
+        segment_bytes_max: 64 * 1024,
+        ..Config::default()
+    };
+    sim.set_faults(Faults { capacity_bytes: Some(256 * 1024), ..Faults::default() });
+    let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config.clone()).await;
+    let conn =
+        Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("full".into(), durable, FieldTable::default()).await.unwrap();
+    let body = vec![9u8; 1024];
+    let (mut acked, mut nacked) = (BTreeSet::new(), 0);
+    for seq in 0..600u64 {
+        let mut payload = seq.to_be_bytes().to_vec();
+        payload.extend_from_slice(&body);
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let confirm =
+            ch.basic_publish("".into(), "full".into(), BasicPublishOptions::default(), &payload, props).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), confirm).await {
+            Ok(Ok(c)) if c.is_ack() => {
+                acked.insert(seq);
+            }
+            Ok(Ok(_)) => nacked += 1,
+            other => panic!("publisher neither acked nor nacked: {other:?}"),
+        }
+    }
+    println!("disk full: acked {}, nacked {nacked}", acked.len());
+    assert!(!acked.is_empty() && nacked > 0, "the disk filled up part way: acked {}, nacked {nacked}", acked.len());
+    let _ = stop.send(());
+    let _ = task.await;
+
+    // Space comes back; the broker restarts and serves every confirmed message.
+    sim.set_faults(Faults::default());
+    let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config).await;
+    let conn =
+        Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut recovered = BTreeSet::new();
+    while let Some(m) = ch.basic_get("full".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        recovered.insert(u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap()));
+    }
+    assert!(acked.is_subset(&recovered), "confirmed then lost: {:?}", acked.difference(&recovered).collect::<Vec<_>>());
+    // And it accepts new persistent messages again.
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "full".into(),
+            BasicPublishOptions::default(),
+            b"again",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+    let _ = stop.send(());
+    let _ = task.await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

@@ -73,6 +73,13 @@ impl TestServer {
     pub async fn stop(mut self) {
         self.shutdown().await;
     }
+
+    /// Stops cleanly and leaves the data directory for the caller.
+    pub async fn stop_keeping_data(mut self) -> Config {
+        self.owns_dir = false;
+        self.shutdown().await;
+        self.config.clone()
+    }
 }
 
 impl Drop for TestServer {
