@@ -127,7 +127,7 @@ impl Server {
             loop {
                 tick.tick().await;
                 seconds += 1;
-                if seconds % 10 == 0 {
+                if seconds.is_multiple_of(10) {
                     let now = janitor_store.commit_stats();
                     let (syncs, entries) = (now.syncs - last.syncs, now.entries - last.entries);
                     if syncs > 0 {
