@@ -12,9 +12,9 @@ pub struct Message {
     properties_len: u32,
     pub persistent: bool,
     pub priority: u8,
-    /// Store id of a persistent message (0: not stored). Assigned before
-    /// routing; the journal refers to the message by it.
-    pub id: u64,
+    /// Log index of the stored copy (0: not stored). Set by the server once
+    /// the message's entry is appended; the journal refers to it by this.
+    stored: std::sync::atomic::AtomicU64,
 }
 
 impl Message {
@@ -63,6 +63,15 @@ impl Message {
         Properties::parse(bytes::Bytes::copy_from_slice(self.properties())).unwrap_or_else(Properties::empty)
     }
 
+    /// Log index of the stored copy, 0 if not stored.
+    pub fn stored_index(&self) -> u64 {
+        self.stored.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_stored_index(&self, index: u64) {
+        self.stored.store(index, std::sync::atomic::Ordering::Release);
+    }
+
     pub fn body_len(&self) -> usize {
         self.body().len()
     }
@@ -73,7 +82,6 @@ impl Message {
         builder.push_body(self.body());
         let mut message = builder.finish();
         message.persistent = self.persistent;
-        message.id = self.id;
         message
     }
 }
@@ -119,7 +127,7 @@ impl MessageBuilder {
             properties_len: self.properties_len,
             persistent: self.persistent,
             priority: self.priority,
-            id: 0,
+            stored: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

@@ -116,11 +116,13 @@ impl ChannelState {
 /// virtual-host lock. Only persistent messages in durable queues appear.
 #[derive(Debug)]
 pub enum JournalEvent {
-    /// A persistent message entered these durable queues.
+    /// A persistent message entered these durable queues. Whoever stores
+    /// it records the log index in the message (`set_stored_index`).
     Published { message: Arc<Message>, queues: Vec<Box<str>> },
-    /// A stored message left a durable queue for good (acked, rejected
-    /// without requeue, purged, or delivered to a no-ack consumer).
-    Settled { queue: Box<str>, message_id: u64 },
+    /// A stored message (by log index) left a durable queue for good
+    /// (acked, rejected without requeue, purged, or delivered to a no-ack
+    /// consumer).
+    Settled { queue: Box<str>, stored: u64 },
     /// A durable queue was deleted with everything in it.
     QueueDeleted { queue: Box<str> },
 }
@@ -410,11 +412,12 @@ impl VirtualHostState {
     }
 
     fn settled(&mut self, queue: QueueId, message: &Message) {
-        if message.id == 0 {
+        let stored = message.stored_index();
+        if stored == 0 {
             return;
         }
         if let Some(q) = self.queues.get(&queue).filter(|q| q.durable) {
-            self.journal.push(JournalEvent::Settled { queue: q.name.clone(), message_id: message.id });
+            self.journal.push(JournalEvent::Settled { queue: q.name.clone(), stored });
         }
     }
 
@@ -887,8 +890,9 @@ impl VirtualHostState {
         let journal = &mut self.journal;
         let (durable, queue_name) = (queue.durable, queue.name.clone());
         let count = queue.purge(|entry| {
-            if durable && entry.message.id != 0 {
-                journal.push(JournalEvent::Settled { queue: queue_name.clone(), message_id: entry.message.id });
+            let stored = entry.message.stored_index();
+            if durable && stored != 0 {
+                journal.push(JournalEvent::Settled { queue: queue_name.clone(), stored });
             }
         });
         Ok(count as u32)
@@ -926,13 +930,16 @@ impl VirtualHostState {
         if queue.durable {
             // Every stored message it held is settled, ready or unacked, so
             // the store can reclaim them; then the deletion itself.
-            for entry in queue.iter().filter(|e| e.message.id != 0) {
-                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), message_id: entry.message.id });
+            for entry in queue.iter().filter(|e| e.message.stored_index() != 0) {
+                let stored = entry.message.stored_index();
+                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored });
             }
             for channel in self.channels.values() {
-                for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.id != 0) {
-                    self.journal
-                        .push(JournalEvent::Settled { queue: queue.name.clone(), message_id: unacked.message.id });
+                for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.stored_index() != 0) {
+                    self.journal.push(JournalEvent::Settled {
+                        queue: queue.name.clone(),
+                        stored: unacked.message.stored_index(),
+                    });
                 }
             }
             self.journal.push(JournalEvent::QueueDeleted { queue: queue.name.clone() });
@@ -1006,7 +1013,7 @@ impl VirtualHostState {
         let mut durable: Vec<Box<str>> = Vec::new();
         for &id in &queues {
             if let Some(queue) = self.queues.get_mut(&id) {
-                if message.id != 0 && queue.durable {
+                if message.persistent && queue.durable {
                     durable.push(queue.name.clone());
                 }
                 queue.push(message.clone());
@@ -1206,9 +1213,9 @@ impl VirtualHostState {
                 continue;
             };
             if state.no_ack {
-                if entry.message.id != 0 && queue.durable {
-                    self.journal
-                        .push(JournalEvent::Settled { queue: queue.name.clone(), message_id: entry.message.id });
+                if entry.message.stored_index() != 0 && queue.durable {
+                    let stored = entry.message.stored_index();
+                    self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored });
                 }
             } else {
                 state.unacked += 1;
@@ -1238,8 +1245,9 @@ impl VirtualHostState {
         };
         let delivery_tag = channel.next_tag();
         if no_ack {
-            if entry.message.id != 0 && q.durable {
-                self.journal.push(JournalEvent::Settled { queue: q.name.clone(), message_id: entry.message.id });
+            if entry.message.stored_index() != 0 && q.durable {
+                let stored = entry.message.stored_index();
+                self.journal.push(JournalEvent::Settled { queue: q.name.clone(), stored });
             }
         } else {
             q.unacked += 1;
@@ -1464,26 +1472,34 @@ mod tests {
         vhost.bind_queue(1, "durable", "fan", "", FieldTable::default(), true).unwrap();
         vhost.bind_queue(1, "transient", "fan", "", FieldTable::default(), true).unwrap();
         assert!(vhost.take_definitions_changed());
-        let stored = |id: u64| {
-            let mut builder = Message::builder(b"fan", b"", &Properties::empty(), 1);
+        let props = Properties::parse(bytes::Bytes::from_static(&[0x10, 0, 2])).unwrap();
+        let transient = Properties::empty();
+        let mut events = Vec::new();
+        // What a store does: record where each published message went.
+        let mut publish = |vhost: &mut VirtualHostState, index: u64, persistent: bool| {
+            let mut builder = Message::builder(b"fan", b"", if persistent { &props } else { &transient }, 1);
             builder.push_body(b"x");
-            let mut message = builder.finish();
-            message.id = id;
-            Arc::new(message)
+            vhost.publish("fan", Arc::new(builder.finish()), &[]).unwrap();
+            let start = events.len();
+            vhost.drain_journal(&mut events);
+            for event in &events[start..] {
+                if let JournalEvent::Published { message, .. } = event {
+                    message.set_stored_index(index);
+                }
+            }
         };
-        vhost.publish("fan", stored(7), &[]).unwrap();
-        vhost.publish("fan", stored(0), &[]).unwrap();
-        vhost.publish("fan", stored(8), &[]).unwrap();
+        publish(&mut vhost, 7, true);
+        publish(&mut vhost, 0, false);
+        publish(&mut vhost, 8, true);
         let got = vhost.get(key, "durable", false).unwrap().unwrap();
         vhost.ack(key, got.delivery_tag, false).unwrap();
         vhost.purge_queue(1, "durable").unwrap();
-        let mut events = Vec::new();
         vhost.drain_journal(&mut events);
         let summary: Vec<String> = events
             .iter()
             .map(|e| match e {
-                JournalEvent::Published { message, queues } => format!("P{}{:?}", message.id, queues),
-                JournalEvent::Settled { queue, message_id } => format!("S{message_id}{queue}"),
+                JournalEvent::Published { message, queues } => format!("P{}{:?}", message.stored_index(), queues),
+                JournalEvent::Settled { queue, stored } => format!("S{stored}{queue}"),
                 JournalEvent::QueueDeleted { queue } => format!("D{queue}"),
             })
             .collect();

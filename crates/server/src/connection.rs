@@ -1210,10 +1210,7 @@ impl Connection {
             return Ok(());
         };
         let in_tx = ch.tx.is_some();
-        let (mut message, extra_keys) = sender_selected(builder.finish());
-        if message.persistent {
-            message.id = self.store.next_message_id();
-        }
+        let (message, extra_keys) = sender_selected(builder.finish());
         let Some(state) = state else {
             return Ok(());
         };
@@ -1260,8 +1257,8 @@ impl Connection {
         let stored = self.flush_journal(state);
         if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
             match stored {
-                Ok(Some(index)) if message.id != 0 => ch.awaiting_store.push_back((seq, index)),
-                Err(()) if message.id != 0 => ch.awaiting_store.push_back((seq, NACK)),
+                Ok(Some(index)) => ch.awaiting_store.push_back((seq, index)),
+                Err(()) if message.persistent => ch.awaiting_store.push_back((seq, NACK)),
                 _ => {}
             }
         }

@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,41 +49,37 @@ pub struct Recovered {
     pub millis: u128,
 }
 
-/// Which log entries may still be needed, counted per bucket of message ids
-/// (ids are handed out in publish order), so the cost is one small entry
-/// per 4096 messages, not one per message.
+/// Which log entries are still needed: queue entries holding stored
+/// messages, counted per bucket of 4096 log indices, so the cost is one
+/// small entry per bucket, not one per message.
 #[derive(Default)]
 struct Liveness {
-    /// id bucket -> (queue entries still holding its messages, lowest log
-    /// index of its `P` entries)
-    buckets: BTreeMap<u64, (u64, u64)>,
+    /// index bucket -> queue entries still holding its messages
+    buckets: BTreeMap<u64, u64>,
 }
 
-const BUCKET_IDS: u64 = 4096;
+const BUCKET_INDICES: u64 = 4096;
 
 impl Liveness {
-    fn add(&mut self, id: u64, index: u64, refs: u32) {
+    fn add(&mut self, index: u64, refs: u32) {
         if refs > 0 {
-            let bucket = self.buckets.entry(id / BUCKET_IDS).or_insert((0, index));
-            bucket.0 += u64::from(refs);
-            bucket.1 = bucket.1.min(index);
+            *self.buckets.entry(index / BUCKET_INDICES).or_insert(0) += u64::from(refs);
         }
     }
 
-    fn settle(&mut self, id: u64) {
-        if let Some(bucket) = self.buckets.get_mut(&(id / BUCKET_IDS)) {
-            bucket.0 = bucket.0.saturating_sub(1);
-            if bucket.0 == 0 {
-                self.buckets.remove(&(id / BUCKET_IDS));
+    fn settle(&mut self, index: u64) {
+        let bucket = index / BUCKET_INDICES;
+        if let Some(count) = self.buckets.get_mut(&bucket) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.buckets.remove(&bucket);
             }
         }
     }
 
-    /// The lowest log index a live message may sit at. Ids from different
-    /// virtual hosts can reach the log slightly out of order, so this is the
-    /// minimum over all live buckets, not the first bucket's.
+    /// Every entry below this index is dead.
     fn oldest_index(&self) -> Option<u64> {
-        self.buckets.values().map(|(_, index)| *index).min()
+        self.buckets.keys().next().map(|bucket| bucket * BUCKET_INDICES)
     }
 }
 
@@ -92,7 +87,6 @@ pub struct Store {
     commit: GroupCommit,
     durable: Arc<watch::Sender<u64>>,
     live: Mutex<Liveness>,
-    next_message_id: AtomicU64,
     definitions_path: PathBuf,
     definitions: Mutex<BTreeMap<String, Definitions>>,
 }
@@ -142,7 +136,6 @@ impl<'a> Reader<'a> {
 
 pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Box<str>]) {
     out.push(b'P');
-    out.extend_from_slice(&message.id.to_le_bytes());
     put_short(out, vhost.as_bytes());
     out.extend_from_slice(&(queues.len() as u16).to_le_bytes());
     for queue in queues {
@@ -155,9 +148,10 @@ pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queue
     out.extend_from_slice(message.body());
 }
 
-fn encode_settled(out: &mut Vec<u8>, vhost: &str, queue: &str, id: u64) {
+/// `stored`: the log index of the message's `P` entry.
+fn encode_settled(out: &mut Vec<u8>, vhost: &str, queue: &str, stored: u64) {
     out.push(b'S');
-    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&stored.to_le_bytes());
     put_short(out, vhost.as_bytes());
     put_short(out, queue.as_bytes());
 }
@@ -169,8 +163,8 @@ fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
 }
 
 enum Record<'a> {
-    Published { id: u64, vhost: &'a str, queues: Vec<&'a str>, message: Message },
-    Settled { id: u64, vhost: &'a str, queue: &'a str },
+    Published { vhost: &'a str, queues: Vec<&'a str>, message: Message },
+    Settled { stored: u64, vhost: &'a str, queue: &'a str },
     Deleted { vhost: &'a str, queue: &'a str },
 }
 
@@ -178,7 +172,6 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
     let mut r = Reader { bytes: payload, at: 0 };
     match r.u8()? {
         b'P' => {
-            let id = r.u64()?;
             let vhost = r.short_str()?;
             let count = r.u16()?;
             let mut queues = Vec::with_capacity(count as usize);
@@ -192,13 +185,11 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
             let body = r.rest();
             let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
             builder.push_body(body);
-            let mut message = builder.finish();
-            message.id = id;
-            Some(Record::Published { id, vhost, queues, message })
+            Some(Record::Published { vhost, queues, message: builder.finish() })
         }
         b'S' => {
-            let id = r.u64()?;
-            Some(Record::Settled { id, vhost: r.short_str()?, queue: r.short_str()? })
+            let stored = r.u64()?;
+            Some(Record::Settled { stored, vhost: r.short_str()?, queue: r.short_str()? })
         }
         b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
         _ => None,
@@ -258,29 +249,29 @@ impl Store {
 
         let (log, log_recovery) = Log::open(backend, &data_dir.join("wal"), LogOptions { segment_bytes_max })?;
         // Replay: live messages and the queues still holding them.
-        let mut live: BTreeMap<u64, (u64, Arc<Message>, String, Vec<String>)> = BTreeMap::new();
-        let mut max_id = 0;
+        // log index of a `P` entry -> (message, vhost, queues still holding it)
+        let mut live: BTreeMap<u64, (Arc<Message>, String, Vec<String>)> = BTreeMap::new();
         let mut undecodable = 0u64;
         log.scan(0, |entry| match decode(&entry.payload) {
-            Some(Record::Published { id, vhost, queues, message }) => {
-                max_id = max_id.max(id);
+            Some(Record::Published { vhost, queues, message }) => {
+                message.set_stored_index(entry.index);
                 let queues = queues.into_iter().map(str::to_string).collect();
-                live.insert(id, (entry.index, Arc::new(message), vhost.to_string(), queues));
+                live.insert(entry.index, (Arc::new(message), vhost.to_string(), queues));
             }
-            Some(Record::Settled { id, vhost, queue }) => {
-                if let Some((_, _, v, queues)) = live.get_mut(&id) {
+            Some(Record::Settled { stored, vhost, queue }) => {
+                if let Some((_, v, queues)) = live.get_mut(&stored) {
                     if v == vhost {
                         if let Some(i) = queues.iter().position(|q| q == queue) {
                             queues.swap_remove(i);
                         }
                     }
                     if queues.is_empty() {
-                        live.remove(&id);
+                        live.remove(&stored);
                     }
                 }
             }
             Some(Record::Deleted { vhost, queue }) => {
-                live.retain(|_, (_, _, v, queues)| {
+                live.retain(|_, (_, v, queues)| {
                     if v == vhost {
                         queues.retain(|q| q != queue);
                     }
@@ -294,7 +285,7 @@ impl Store {
         }
         let mut liveness = Liveness::default();
         let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
-        for (id, (index, message, vhost, queues)) in live {
+        for (index, (message, vhost, queues)) in live {
             let Some(vhost) = vhosts.get(&vhost) else { continue };
             let mut state = vhost.lock();
             let mut refs = 0;
@@ -307,7 +298,7 @@ impl Store {
             if refs > 0 {
                 recovered.messages += 1;
                 recovered.queue_entries += u64::from(refs);
-                liveness.add(id, index, refs);
+                liveness.add(index, refs);
             }
         }
 
@@ -324,19 +315,9 @@ impl Store {
             millis = recovered.millis,
             "durable state recovered"
         );
-        let store = Store {
-            commit,
-            durable,
-            live: Mutex::new(liveness),
-            next_message_id: AtomicU64::new(max_id + 1),
-            definitions_path,
-            definitions: Mutex::new(stored),
-        };
+        let store =
+            Store { commit, durable, live: Mutex::new(liveness), definitions_path, definitions: Mutex::new(stored) };
         Ok((Arc::new(store), recovered))
-    }
-
-    pub fn next_message_id(&self) -> u64 {
-        self.next_message_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Durable log index, as a watch for connections waiting on confirms.
@@ -374,16 +355,17 @@ impl Store {
             scratch.clear();
             match &event {
                 JournalEvent::Published { message, queues } => encode_published(scratch, vhost, message, queues),
-                JournalEvent::Settled { queue, message_id } => encode_settled(scratch, vhost, queue, *message_id),
+                JournalEvent::Settled { queue, stored } => encode_settled(scratch, vhost, queue, *stored),
                 JournalEvent::QueueDeleted { queue } => encode_deleted(scratch, vhost, queue),
             }
             match self.commit.append(scratch) {
                 Ok(index) => match event {
                     JournalEvent::Published { message, queues } => {
-                        live.add(message.id, index, queues.len() as u32);
+                        message.set_stored_index(index);
+                        live.add(index, queues.len() as u32);
                         last_published = Some(index);
                     }
-                    JournalEvent::Settled { message_id, .. } => live.settle(message_id),
+                    JournalEvent::Settled { stored, .. } => live.settle(stored),
                     JournalEvent::QueueDeleted { .. } => {}
                 },
                 Err(error) => result = Err(error),
@@ -429,16 +411,16 @@ mod tests {
     #[test]
     fn liveness_tracks_the_oldest_needed_entry_per_bucket() {
         let mut live = Liveness::default();
-        live.add(1, 10, 2);
-        live.add(2, 11, 1);
-        live.add(BUCKET_IDS + 1, 9, 1);
-        assert_eq!(live.oldest_index(), Some(9));
-        live.settle(BUCKET_IDS + 1);
-        assert_eq!(live.oldest_index(), Some(10));
-        live.settle(1);
-        live.settle(1);
-        assert_eq!(live.oldest_index(), Some(10), "id 2 still holds the bucket");
-        live.settle(2);
+        live.add(10, 2);
+        live.add(11, 1);
+        live.add(BUCKET_INDICES + 1, 1);
+        assert_eq!(live.oldest_index(), Some(0));
+        live.settle(10);
+        live.settle(10);
+        assert_eq!(live.oldest_index(), Some(0), "entry 11 still holds the first bucket");
+        live.settle(11);
+        assert_eq!(live.oldest_index(), Some(BUCKET_INDICES));
+        live.settle(BUCKET_INDICES + 1);
         assert_eq!(live.oldest_index(), None);
     }
 
@@ -447,13 +429,12 @@ mod tests {
         let props = Properties::parse(Bytes::from_static(&[0x10, 0, 2])).unwrap();
         let mut builder = Message::builder(b"ex", b"rk", &props, 3);
         builder.push_body(b"abc");
-        let mut message = builder.finish();
-        message.id = 42;
+        let message = builder.finish();
         let mut out = Vec::new();
         encode_published(&mut out, "/", &message, &["q1".into(), "q2".into()]);
         match decode(&out) {
-            Some(Record::Published { id, vhost, queues, message: m }) => {
-                assert_eq!((id, vhost, queues), (42, "/", vec!["q1", "q2"]));
+            Some(Record::Published { vhost, queues, message: m }) => {
+                assert_eq!((vhost, queues), ("/", vec!["q1", "q2"]));
                 assert_eq!(
                     (m.exchange(), m.routing_key(), m.properties(), m.body()),
                     (&b"ex"[..], &b"rk"[..], &[0x10, 0, 2][..], &b"abc"[..])
@@ -464,7 +445,7 @@ mod tests {
         }
         out.clear();
         encode_settled(&mut out, "/", "q1", 42);
-        assert!(matches!(decode(&out), Some(Record::Settled { id: 42, vhost: "/", queue: "q1" })));
+        assert!(matches!(decode(&out), Some(Record::Settled { stored: 42, vhost: "/", queue: "q1" })));
         out.clear();
         encode_deleted(&mut out, "v", "q");
         assert!(matches!(decode(&out), Some(Record::Deleted { vhost: "v", queue: "q" })));
