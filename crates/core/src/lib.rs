@@ -24,4 +24,5 @@ pub mod topic;
 pub mod vhost;
 
 pub use message::Message;
+pub use queue::MessageLoader;
 pub use vhost::{ChannelKey, ConnectionId, Definitions, JournalEvent, Outbox, QueueId, VirtualHost, VirtualHostState};

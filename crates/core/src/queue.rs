@@ -1,11 +1,18 @@
 //! A queue: ready messages in FIFO order by sequence number, the consumers
 //! attached to it, and a round-robin cursor over them.
 //!
-//! Invariant: `ready` is sorted by `seq`; a requeued message goes back to the
-//! position its sequence number gives it, so it is redelivered before
-//! anything published after it.
+//! Invariants:
+//! - `ready` is sorted by `seq`; a requeued message goes back to the position
+//!   its sequence number gives it, so it is redelivered before anything
+//!   published after it;
+//! - an entry is either loaded (the message in memory) or paged out (only
+//!   the log index of its stored copy). Only stored messages are paged out,
+//!   and only once their log entry is readable; the first `window` entries
+//!   are never paged out by the queue itself, so a consumer mostly reads
+//!   from memory while a deep queue costs 24 bytes per message.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use warren_codec::types::FieldTable;
@@ -13,11 +20,63 @@ use warren_codec::types::FieldTable;
 use crate::message::Message;
 use crate::{ChannelKey, ConnectionId, QueueId};
 
+/// Reads stored messages back (implemented by the server over its log).
+pub trait MessageLoader: Send + Sync {
+    /// The message whose log entry has this index, if it can be read.
+    fn load(&self, stored: u64) -> Option<Message>;
+    /// Entries up to this index can be loaded.
+    fn readable_upto(&self) -> u64;
+}
+
+/// A ready message handed out by [`Queue::pop`].
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
     pub seq: u64,
     pub message: Arc<Message>,
     pub redelivered: bool,
+}
+
+#[derive(Debug)]
+enum Body {
+    Loaded(Arc<Message>),
+    Paged(NonZeroU64),
+}
+
+/// 24 bytes: the sequence number with the redelivered flag in its top bit,
+/// and the body.
+#[derive(Debug)]
+struct Entry {
+    seq_flags: u64,
+    body: Body,
+}
+
+const REDELIVERED: u64 = 1 << 63;
+
+impl Entry {
+    fn seq(&self) -> u64 {
+        self.seq_flags & !REDELIVERED
+    }
+
+    fn redelivered(&self) -> bool {
+        self.seq_flags & REDELIVERED != 0
+    }
+
+    fn stored_index(&self) -> u64 {
+        match &self.body {
+            Body::Loaded(message) => message.stored_index(),
+            Body::Paged(index) => index.get(),
+        }
+    }
+}
+
+/// A view of a ready entry.
+pub struct EntryRef<'a> {
+    pub seq: u64,
+    pub redelivered: bool,
+    /// None when the body is paged out.
+    pub message: Option<&'a Arc<Message>>,
+    /// Log index of the stored copy, 0 if not stored.
+    pub stored: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -27,6 +86,9 @@ pub struct QueueConsumer {
     pub exclusive: bool,
 }
 
+/// Entries at the head of a queue that stay in memory.
+pub const LOADED_WINDOW: usize = 1024;
+
 #[derive(Debug)]
 pub struct Queue {
     pub id: QueueId,
@@ -35,9 +97,12 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
-    ready: VecDeque<QueuedMessage>,
-    ready_bytes: u64,
+    ready: VecDeque<Entry>,
     next_seq: u64,
+    /// Position from which entries may still be paged out.
+    page_cursor: usize,
+    /// Stored messages that could not be read back (dropped, to be settled).
+    pub(crate) unreadable: Vec<u64>,
     pub consumers: Vec<QueueConsumer>,
     pub(crate) cursor: usize,
     pub(crate) had_consumer: bool,
@@ -62,8 +127,9 @@ impl Queue {
             auto_delete,
             arguments,
             ready: VecDeque::new(),
-            ready_bytes: 0,
             next_seq: 0,
+            page_cursor: 0,
+            unreadable: Vec::new(),
             consumers: Vec::new(),
             cursor: 0,
             had_consumer: false,
@@ -79,58 +145,124 @@ impl Queue {
         self.ready.is_empty()
     }
 
-    pub fn ready_bytes(&self) -> u64 {
-        self.ready_bytes
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     pub fn push(&mut self, message: Arc<Message>) {
-        self.ready_bytes += message.body_len() as u64;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.ready.push_back(QueuedMessage { seq, message, redelivered: false });
+        let seq = self.next_seq();
+        self.ready.push_back(Entry { seq_flags: seq, body: Body::Loaded(message) });
     }
 
-    /// Ready messages in delivery order.
-    pub fn iter(&self) -> impl Iterator<Item = &QueuedMessage> {
-        self.ready.iter()
+    /// Adds a message recovered from the store, paged out. It may have been
+    /// delivered before the restart, so it is marked redelivered.
+    pub fn push_stored(&mut self, stored: u64) {
+        let Some(index) = NonZeroU64::new(stored) else {
+            return;
+        };
+        let seq = self.next_seq();
+        self.ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index) });
     }
 
-    pub fn front(&self) -> Option<&QueuedMessage> {
-        self.ready.front()
+    /// Body size of the next message, when known without reading it.
+    pub fn front_size(&self) -> Option<usize> {
+        self.ready.front().map(|entry| match &entry.body {
+            Body::Loaded(message) => message.body_len(),
+            Body::Paged(_) => 0,
+        })
     }
 
-    pub fn pop(&mut self) -> Option<QueuedMessage> {
-        let entry = self.ready.pop_front()?;
-        self.ready_bytes -= entry.message.body_len() as u64;
-        Some(entry)
+    pub fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
+        self.ready.iter().map(|entry| EntryRef {
+            seq: entry.seq(),
+            redelivered: entry.redelivered(),
+            message: match &entry.body {
+                Body::Loaded(message) => Some(message),
+                Body::Paged(_) => None,
+            },
+            stored: entry.stored_index(),
+        })
+    }
+
+    /// Takes the next message, reading it back from the store if it was
+    /// paged out. Stored messages that cannot be read are skipped and kept
+    /// in `unreadable` for the caller to settle.
+    pub fn pop(&mut self, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
+        loop {
+            let entry = self.ready.pop_front()?;
+            self.page_cursor = self.page_cursor.saturating_sub(1);
+            let (seq, redelivered) = (entry.seq(), entry.redelivered());
+            let message = match entry.body {
+                Body::Loaded(message) => message,
+                Body::Paged(index) => match loader.and_then(|l| l.load(index.get())) {
+                    Some(message) => {
+                        message.set_stored_index(index.get());
+                        Arc::new(message)
+                    }
+                    None => {
+                        tracing::error!(queue = %self.name, stored = index.get(), "stored message cannot be read back; dropped");
+                        self.unreadable.push(index.get());
+                        continue;
+                    }
+                },
+            };
+            return Some(QueuedMessage { seq, message, redelivered });
+        }
     }
 
     /// Puts a delivered message back where it was, marked redelivered.
     pub fn requeue(&mut self, seq: u64, message: Arc<Message>) {
-        self.ready_bytes += message.body_len() as u64;
-        let entry = QueuedMessage { seq, message, redelivered: true };
-        let position = self.ready.partition_point(|m| m.seq < seq);
+        let entry = Entry { seq_flags: seq | REDELIVERED, body: Body::Loaded(message) };
+        let position = self.ready.partition_point(|m| m.seq() < seq);
         self.ready.insert(position, entry);
-        debug_assert!(self.ready.iter().zip(self.ready.iter().skip(1)).all(|(a, b)| a.seq < b.seq));
+        if position < self.page_cursor {
+            self.page_cursor += 1;
+        }
+        debug_assert!(self.ready.iter().zip(self.ready.iter().skip(1)).all(|(a, b)| a.seq() < b.seq()));
     }
 
-    /// Drops every ready message, handing each to `dropped` first.
-    pub fn purge(&mut self, mut dropped: impl FnMut(&QueuedMessage)) -> usize {
+    /// Pages out up to `budget` stored messages beyond the loaded window
+    /// whose log entries are readable. Cheap enough to call on every publish.
+    pub fn page_out(&mut self, readable: u64, budget: usize) {
+        self.page_cursor = self.page_cursor.max(LOADED_WINDOW);
+        let mut converted = 0;
+        while converted < budget && self.page_cursor < self.ready.len() {
+            let Some(entry) = self.ready.get_mut(self.page_cursor) else { break };
+            match &entry.body {
+                Body::Paged(_) => {}
+                Body::Loaded(message) => {
+                    let stored = message.stored_index();
+                    if stored == 0 {
+                        if message.persistent {
+                            // Its log entry is on its way: try again later.
+                            break;
+                        }
+                        // Transient: stays in memory.
+                    } else if stored <= readable {
+                        if let Some(index) = NonZeroU64::new(stored) {
+                            entry.body = Body::Paged(index);
+                            converted += 1;
+                        }
+                    } else {
+                        break;
+                    }
+                }
+            }
+            self.page_cursor += 1;
+        }
+    }
+
+    /// Drops every ready message, handing each one's stored index (0 when
+    /// not stored) to `dropped` first.
+    pub fn purge(&mut self, mut dropped: impl FnMut(u64)) -> usize {
         let count = self.ready.len();
         for entry in self.ready.drain(..) {
-            dropped(&entry);
+            dropped(entry.stored_index());
         }
-        self.ready_bytes = 0;
+        self.page_cursor = 0;
         count
-    }
-
-    /// Adds a message recovered from the store. It may have been delivered
-    /// before the restart, so it is marked redelivered.
-    pub fn push_recovered(&mut self, message: Arc<Message>) {
-        self.push(message);
-        if let Some(last) = self.ready.back_mut() {
-            last.redelivered = true;
-        }
     }
 
     pub fn is_exclusive_to_other(&self, connection: ConnectionId) -> bool {
@@ -155,12 +287,58 @@ mod tests {
         for body in [b"a", b"b", b"c", b"d"] {
             queue.push(msg(body));
         }
-        let a = queue.pop().unwrap();
-        let b = queue.pop().unwrap();
+        let a = queue.pop(None).unwrap();
+        let b = queue.pop(None).unwrap();
         queue.requeue(b.seq, b.message);
         queue.requeue(a.seq, a.message);
-        let order: Vec<u8> = std::iter::from_fn(|| queue.pop()).map(|m| m.message.body()[0]).collect();
+        let order: Vec<u8> = std::iter::from_fn(|| queue.pop(None)).map(|m| m.message.body()[0]).collect();
         assert_eq!(order, b"abcd");
-        assert_eq!(queue.ready_bytes(), 0);
+    }
+
+    struct Disk;
+
+    impl MessageLoader for Disk {
+        fn load(&self, stored: u64) -> Option<Message> {
+            (stored != 13).then(|| {
+                let body = stored.to_be_bytes();
+                let mut builder = Message::builder(b"", b"q", &Properties::empty(), body.len());
+                builder.push_body(&body);
+                builder.finish()
+            })
+        }
+        fn readable_upto(&self) -> u64 {
+            u64::MAX
+        }
+    }
+
+    #[test]
+    fn deep_queues_page_out_stored_messages_and_read_them_back_in_order() {
+        let persistent = Properties::parse(bytes::Bytes::from_static(&[0x10, 0, 2])).unwrap();
+        let mut queue = Queue::new(1, "q", true, None, false, FieldTable::default());
+        let total = LOADED_WINDOW as u64 + 50;
+        for i in 1..=total {
+            let body = i.to_be_bytes();
+            let mut builder = Message::builder(b"", b"q", &persistent, body.len());
+            builder.push_body(&body);
+            let message = Arc::new(builder.finish());
+            message.set_stored_index(i);
+            queue.push(message);
+            queue.page_out(Disk.readable_upto(), 2);
+        }
+        let paged = queue.iter().filter(|e| e.message.is_none()).count();
+        assert_eq!(paged, 50, "everything beyond the window is paged out");
+        let mut seen = Vec::new();
+        while let Some(m) = queue.pop(Some(&Disk)) {
+            assert_eq!(m.message.stored_index(), u64::from_be_bytes(m.message.body().try_into().unwrap()));
+            seen.push(m.message.stored_index());
+        }
+        let expected: Vec<u64> = (1..=total).filter(|i| *i != 13 || (*i as usize) <= LOADED_WINDOW).collect();
+        assert_eq!(seen, expected);
+        assert!(queue.unreadable.is_empty() || queue.unreadable == vec![13]);
+    }
+
+    #[test]
+    fn entries_stay_small() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
     }
 }

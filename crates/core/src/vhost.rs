@@ -22,7 +22,7 @@ use warren_codec::types::FieldTable;
 
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::message::Message;
-use crate::queue::{Queue, QueueConsumer};
+use crate::queue::{MessageLoader, Queue, QueueConsumer, LOADED_WINDOW};
 
 pub type ConnectionId = u64;
 pub type QueueId = u64;
@@ -187,6 +187,7 @@ pub struct VirtualHostState {
     next_consumer_id: u64,
     journal: Vec<JournalEvent>,
     definitions_changed: bool,
+    loader: Option<Arc<dyn MessageLoader>>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -342,6 +343,7 @@ impl VirtualHostState {
             next_consumer_id: 1,
             journal: Vec::new(),
             definitions_changed: false,
+            loader: None,
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -503,14 +505,21 @@ impl VirtualHostState {
     }
 
     /// Puts a message recovered from the store back into a durable queue.
-    pub fn recover_message(&mut self, queue: &str, message: Arc<Message>) -> bool {
+    /// Puts a message recovered from the store back into a durable queue,
+    /// paged out (read back from the log when delivered).
+    pub fn recover_stored(&mut self, queue: &str, stored: u64) -> bool {
         match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
             Some(q) if q.durable => {
-                q.push_recovered(message);
+                q.push_stored(stored);
                 true
             }
             _ => false,
         }
+    }
+
+    /// Where paged-out messages are read back from.
+    pub fn set_loader(&mut self, loader: Arc<dyn MessageLoader>) {
+        self.loader = Some(loader);
     }
 
     // ---- channels -------------------------------------------------------
@@ -889,8 +898,7 @@ impl VirtualHostState {
         };
         let journal = &mut self.journal;
         let (durable, queue_name) = (queue.durable, queue.name.clone());
-        let count = queue.purge(|entry| {
-            let stored = entry.message.stored_index();
+        let count = queue.purge(|stored| {
             if durable && stored != 0 {
                 journal.push(JournalEvent::Settled { queue: queue_name.clone(), stored });
             }
@@ -930,9 +938,8 @@ impl VirtualHostState {
         if queue.durable {
             // Every stored message it held is settled, ready or unacked, so
             // the store can reclaim them; then the deletion itself.
-            for entry in queue.iter().filter(|e| e.message.stored_index() != 0) {
-                let stored = entry.message.stored_index();
-                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored });
+            for entry in queue.iter().filter(|e| e.stored != 0) {
+                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: entry.stored });
             }
             for channel in self.channels.values() {
                 for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.stored_index() != 0) {
@@ -1017,6 +1024,11 @@ impl VirtualHostState {
                     durable.push(queue.name.clone());
                 }
                 queue.push(message.clone());
+                if queue.durable && queue.len() > LOADED_WINDOW {
+                    if let Some(loader) = &self.loader {
+                        queue.page_out(loader.readable_upto(), 2);
+                    }
+                }
                 if !queue.consumers.is_empty() && !self.dirty.contains(&id) {
                     self.dirty.push(id);
                 }
@@ -1187,10 +1199,9 @@ impl VirtualHostState {
         };
         let mut refused = 0;
         while refused < queue.consumers.len() {
-            let Some(front) = queue.front() else {
+            let Some(size) = queue.front_size() else {
                 break;
             };
-            let size = front.message.body_len();
             let index = queue.cursor % queue.consumers.len();
             queue.cursor = index + 1;
             let consumer_channel = queue.consumers[index].channel;
@@ -1204,9 +1215,10 @@ impl VirtualHostState {
             }
             refused = 0;
             let tag = queue.consumers[index].tag.clone();
-            let Some(entry) = queue.pop() else {
+            let Some(entry) = queue.pop(self.loader.as_deref()) else {
                 break;
             };
+            let size = entry.message.body_len();
             let delivery_tag = channel.next_tag();
             channel.outbox.deliver(consumer_channel.channel, &tag, delivery_tag, entry.redelivered, &entry.message);
             let Some(state) = channel.consumers.get_mut(&tag) else {
@@ -1230,6 +1242,18 @@ impl VirtualHostState {
                 });
             }
         }
+        self.settle_unreadable(id);
+    }
+
+    /// Stored messages a queue could not read back are gone: settle them so
+    /// the store can reclaim their space.
+    fn settle_unreadable(&mut self, id: QueueId) {
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return;
+        };
+        for stored in queue.unreadable.drain(..) {
+            self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored });
+        }
     }
 
     pub fn get(&mut self, key: ChannelKey, queue: &str, no_ack: bool) -> Result<Option<GetResult>, AmqpError> {
@@ -1240,7 +1264,11 @@ impl VirtualHostState {
         let Some(channel) = self.channels.get_mut(&key) else {
             return Err(soft(ReplyCode::ChannelError, "channel is not open"));
         };
-        let Some(entry) = q.pop() else {
+        let popped = q.pop(self.loader.as_deref());
+        for stored in q.unreadable.drain(..) {
+            self.journal.push(JournalEvent::Settled { queue: q.name.clone(), stored });
+        }
+        let Some(entry) = popped else {
             return Ok(None);
         };
         let delivery_tag = channel.next_tag();
@@ -1429,7 +1457,7 @@ mod tests {
         vhost.close_channel(key);
         let queue = vhost.queue("q").unwrap();
         assert_eq!(queue.len(), 3);
-        assert!(queue.front().unwrap().redelivered);
+        assert!(queue.iter().next().unwrap().redelivered);
         let other = ChannelKey { connection: 1, channel: 2 };
         vhost.open_channel(other, recorder.clone());
         let got = vhost.get(other, "q", true).unwrap().unwrap();
@@ -1714,7 +1742,7 @@ mod model {
                 seen = recorder.deliveries.lock().len();
 
                 // Conservation: ready + unacked + settled is every id once.
-                let mut all: Vec<u32> = vhost.queue("q").unwrap().iter().map(|m| u32::from_be_bytes(m.message.body()[..4].try_into().unwrap())).collect();
+                let mut all: Vec<u32> = vhost.queue("q").unwrap().iter().map(|m| u32::from_be_bytes(m.message.unwrap().body()[..4].try_into().unwrap())).collect();
                 for (c, list) in &outstanding {
                     prop_assert_eq!(vhost.channel_unacked(key(*c)), list.len());
                     all.extend(list.iter().map(|t| t.1));

@@ -36,6 +36,9 @@ impl Broker {
         };
         let (store, recovered) =
             Store::open_with(backend, &config.data_dir, policy, config.segment_bytes_max, &mut vhosts)?;
+        for vhost in vhosts.values() {
+            vhost.lock().set_loader(store.clone());
+        }
         Ok(Broker {
             config,
             vhosts: RwLock::new(vhosts.into_iter().collect()),

@@ -16,7 +16,7 @@
 //! What a confirm means: the `P` entry is fsynced (group commit), see
 //! docs/durability.md.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use warren_codec::properties::Properties;
 use warren_core::vhost::JournalEvent;
-use warren_core::{Definitions, Message, VirtualHost};
+use warren_core::{Definitions, Message, MessageLoader, VirtualHost};
 use warren_storage::{Backend, FsBackend, FsyncPolicy, GroupCommit, Log, LogOptions, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -163,9 +163,22 @@ fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
 }
 
 enum Record<'a> {
-    Published { vhost: &'a str, queues: Vec<&'a str>, message: Message },
-    Settled { stored: u64, vhost: &'a str, queue: &'a str },
-    Deleted { vhost: &'a str, queue: &'a str },
+    /// `message`: the encoded exchange, routing key, properties and body
+    /// (see [`decode_message`]); recovery does not need to build it.
+    Published {
+        vhost: &'a str,
+        queues: Vec<&'a str>,
+        message: &'a [u8],
+    },
+    Settled {
+        stored: u64,
+        vhost: &'a str,
+        queue: &'a str,
+    },
+    Deleted {
+        vhost: &'a str,
+        queue: &'a str,
+    },
 }
 
 fn decode(payload: &[u8]) -> Option<Record<'_>> {
@@ -178,14 +191,7 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
             for _ in 0..count {
                 queues.push(r.short_str()?);
             }
-            let exchange = r.short()?;
-            let routing_key = r.short()?;
-            let props_len = r.u32()? as usize;
-            let properties = Properties::parse(Bytes::copy_from_slice(r.take(props_len)?))?;
-            let body = r.rest();
-            let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
-            builder.push_body(body);
-            Some(Record::Published { vhost, queues, message: builder.finish() })
+            Some(Record::Published { vhost, queues, message: r.rest() })
         }
         b'S' => {
             let stored = r.u64()?;
@@ -194,6 +200,19 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
         b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
         _ => None,
     }
+}
+
+/// Builds the message of a `P` entry from its encoded tail.
+fn decode_message(encoded: &[u8]) -> Option<Message> {
+    let mut r = Reader { bytes: encoded, at: 0 };
+    let exchange = r.short()?;
+    let routing_key = r.short()?;
+    let props_len = r.u32()? as usize;
+    let properties = Properties::parse(Bytes::copy_from_slice(r.take(props_len)?))?;
+    let body = r.rest();
+    let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
+    builder.push_body(body);
+    Some(builder.finish())
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -250,20 +269,29 @@ impl Store {
         let (log, log_recovery) = Log::open(backend, &data_dir.join("wal"), LogOptions { segment_bytes_max })?;
         // Replay: live messages and the queues still holding them.
         // log index of a `P` entry -> (message, vhost, queues still holding it)
-        let mut live: BTreeMap<u64, (Arc<Message>, String, Vec<String>)> = BTreeMap::new();
+        // Replay. Queues are interned: a live message costs its log index
+        // and the small ids of the queues still holding it.
+        let mut queue_ids: HashMap<(String, String), u32> = HashMap::new();
+        let mut queue_names: Vec<(String, String)> = Vec::new();
+        let mut intern = |vhost: &str, queue: &str| -> u32 {
+            let key = (vhost.to_string(), queue.to_string());
+            *queue_ids.entry(key.clone()).or_insert_with(|| {
+                queue_names.push(key);
+                (queue_names.len() - 1) as u32
+            })
+        };
+        let mut live: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
         let mut undecodable = 0u64;
         log.scan(0, |entry| match decode(&entry.payload) {
-            Some(Record::Published { vhost, queues, message }) => {
-                message.set_stored_index(entry.index);
-                let queues = queues.into_iter().map(str::to_string).collect();
-                live.insert(entry.index, (Arc::new(message), vhost.to_string(), queues));
+            Some(Record::Published { vhost, queues, .. }) => {
+                let queues = queues.into_iter().map(|q| intern(vhost, q)).collect();
+                live.insert(entry.index, queues);
             }
             Some(Record::Settled { stored, vhost, queue }) => {
-                if let Some((_, v, queues)) = live.get_mut(&stored) {
-                    if v == vhost {
-                        if let Some(i) = queues.iter().position(|q| q == queue) {
-                            queues.swap_remove(i);
-                        }
+                let id = intern(vhost, queue);
+                if let Some(queues) = live.get_mut(&stored) {
+                    if let Some(i) = queues.iter().position(|q| *q == id) {
+                        queues.swap_remove(i);
                     }
                     if queues.is_empty() {
                         live.remove(&stored);
@@ -271,10 +299,9 @@ impl Store {
                 }
             }
             Some(Record::Deleted { vhost, queue }) => {
-                live.retain(|_, (_, v, queues)| {
-                    if v == vhost {
-                        queues.retain(|q| q != queue);
-                    }
+                let id = intern(vhost, queue);
+                live.retain(|_, queues| {
+                    queues.retain(|q| *q != id);
                     !queues.is_empty()
                 });
             }
@@ -285,16 +312,15 @@ impl Store {
         }
         let mut liveness = Liveness::default();
         let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
-        for (index, (message, vhost, queues)) in live {
-            let Some(vhost) = vhosts.get(&vhost) else { continue };
-            let mut state = vhost.lock();
+        for (index, queues) in live {
             let mut refs = 0;
-            for queue in &queues {
-                if state.recover_message(queue, message.clone()) {
+            for id in queues {
+                let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
+                let Some(vhost) = vhosts.get(vhost) else { continue };
+                if vhost.lock().recover_stored(queue, index) {
                     refs += 1;
                 }
             }
-            drop(state);
             if refs > 0 {
                 recovered.messages += 1;
                 recovered.queue_entries += u64::from(refs);
@@ -404,6 +430,26 @@ impl Store {
     }
 }
 
+impl MessageLoader for Store {
+    fn load(&self, stored: u64) -> Option<Message> {
+        let entry = match self.commit.read(stored) {
+            Ok(entry) => entry,
+            Err(error) => {
+                warn!(stored, %error, "stored message cannot be read");
+                return None;
+            }
+        };
+        match decode(&entry.payload) {
+            Some(Record::Published { message, .. }) => decode_message(message),
+            _ => None,
+        }
+    }
+
+    fn readable_upto(&self) -> u64 {
+        self.commit.written_index()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,8 +479,9 @@ mod tests {
         let mut out = Vec::new();
         encode_published(&mut out, "/", &message, &["q1".into(), "q2".into()]);
         match decode(&out) {
-            Some(Record::Published { vhost, queues, message: m }) => {
+            Some(Record::Published { vhost, queues, message: encoded }) => {
                 assert_eq!((vhost, queues), ("/", vec!["q1", "q2"]));
+                let m = decode_message(encoded).unwrap();
                 assert_eq!(
                     (m.exchange(), m.routing_key(), m.properties(), m.body()),
                     (&b"ex"[..], &b"rk"[..], &[0x10, 0, 2][..], &b"abc"[..])

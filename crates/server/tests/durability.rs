@@ -256,3 +256,34 @@ async fn a_bit_flip_at_rest_costs_one_message_and_the_rest_is_served() {
     assert_eq!(firsts, expected, "the corrupt message is dropped, never served; the others are");
     assert!(bodies.iter().all(|(b, _)| b.iter().all(|x| *x == b[0])), "no altered payload served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_queue_pages_bodies_out_and_serves_them_back_in_order() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("deep".into(), durable, FieldTable::default()).await.unwrap();
+    // Far beyond the in-memory window, with transient messages mixed in.
+    for i in 0..2500u32 {
+        let mut body = i.to_be_bytes().to_vec();
+        body.extend_from_slice(&[(i % 251) as u8; 200]);
+        let props = if i % 1000 == 999 { BasicProperties::default() } else { persistent() };
+        ch.basic_publish("".into(), "deep".into(), BasicPublishOptions::default(), &body, props).await.unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    let mut next = 0u32;
+    while let Some(m) = ch.basic_get("deep".into(), BasicGetOptions::default()).await.unwrap() {
+        let i = u32::from_be_bytes(m.delivery.data[..4].try_into().unwrap());
+        assert_eq!(i, next, "FIFO across the in-memory window and the paged-out part");
+        assert!(m.delivery.data[4..].iter().all(|b| *b == (i % 251) as u8), "body of {i} intact");
+        assert_eq!(m.delivery.properties.delivery_mode().unwrap_or(1) == 2, i % 1000 != 999);
+        if i % 2 == 0 {
+            m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        } else {
+            m.delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await.unwrap();
+        }
+        next += 1;
+    }
+    assert_eq!(next, 2500);
+}

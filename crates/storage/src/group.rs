@@ -45,6 +45,8 @@ struct Shared {
     wake: Condvar,
     log: Mutex<Log>,
     durable: AtomicU64,
+    /// Last index written to the files (readable), durable or not.
+    written: AtomicU64,
     poisoned: AtomicBool,
     listener: Listener,
     policy: FsyncPolicy,
@@ -75,6 +77,7 @@ impl GroupCommit {
             wake: Condvar::new(),
             log: Mutex::new(log),
             durable: AtomicU64::new(next_index - 1),
+            written: AtomicU64::new(next_index - 1),
             poisoned: AtomicBool::new(poisoned),
             listener: Box::new(listener),
             policy,
@@ -106,6 +109,16 @@ impl GroupCommit {
 
     pub fn durable_index(&self) -> u64 {
         self.shared.durable.load(Ordering::Acquire)
+    }
+
+    /// Entries up to this index can be read back with [`GroupCommit::read`].
+    pub fn written_index(&self) -> u64 {
+        self.shared.written.load(Ordering::Acquire)
+    }
+
+    /// Reads a written entry (checksum verified).
+    pub fn read(&self, index: u64) -> Result<crate::log::Entry, StorageError> {
+        self.shared.log.lock().read(index)
     }
 
     /// Index the next append will get.
@@ -160,15 +173,19 @@ fn commit_loop(shared: &Shared) {
             std::mem::swap(&mut pending.buf, &mut batch);
             std::mem::take(&mut pending.count)
         };
-        let mut log = shared.log.lock();
+        // Append under the log lock; fsync outside it, so reads of written
+        // entries are not held up by the disk.
         let payloads = Payloads { bytes: &batch, at: 0 };
-        let result = log.append(0, payloads).and_then(|first| {
+        let appended = shared.log.lock().append(0, payloads).map(|first| first + count - 1);
+        let result = appended.and_then(|last| {
+            shared.written.store(last, Ordering::Release);
             if shared.policy == FsyncPolicy::Always {
-                log.sync()?;
+                let plan = shared.log.lock().prepare_sync()?;
+                let outcome = plan.run();
+                shared.log.lock().finish_sync(plan, outcome)?;
             }
-            Ok(first + count - 1)
+            Ok(last)
         });
-        drop(log);
         batch.clear();
         match result {
             Ok(last) => {

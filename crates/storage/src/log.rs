@@ -58,7 +58,7 @@ pub struct Recovery {
 struct Segment {
     first_index: u64,
     path: PathBuf,
-    file: Box<dyn StorageFile>,
+    file: Arc<dyn StorageFile>,
     len: u64,
     /// Offset of each entry, by `index - first_index`; `MISSING` for holes.
     offsets: Vec<u32>,
@@ -68,6 +68,25 @@ struct Segment {
 impl Segment {
     fn last_index(&self) -> Option<u64> {
         (!self.offsets.is_empty()).then(|| self.first_index + self.offsets.len() as u64 - 1)
+    }
+}
+
+/// The fsyncs one sync needs; see [`Log::prepare_sync`].
+pub struct SyncPlan {
+    files: Vec<(PathBuf, Arc<dyn StorageFile>)>,
+    dir: Option<(Arc<dyn Backend>, PathBuf)>,
+    first_index_after: u64,
+}
+
+impl SyncPlan {
+    pub fn run(&self) -> Result<(), StorageError> {
+        for (path, file) in &self.files {
+            file.sync().map_err(|e| StorageError::io(path, e))?;
+        }
+        if let Some((backend, dir)) = &self.dir {
+            backend.sync_dir(dir).map_err(|e| StorageError::io(dir, e))?;
+        }
+        Ok(())
     }
 }
 
@@ -169,7 +188,8 @@ impl Log {
 
     fn recover_segment(&mut self, first_index: u64, last: bool, recovery: &mut Recovery) -> Result<(), StorageError> {
         let path = self.dir.join(segment_name(first_index));
-        let file = self.backend.open(&path, false).map_err(|e| StorageError::io(&path, e))?;
+        let file: Arc<dyn StorageFile> =
+            self.backend.open(&path, false).map_err(|e| StorageError::io(&path, e))?.into();
         let file_len = file.size().map_err(|e| StorageError::io(&path, e))?;
         let mut bytes = vec![0u8; file_len as usize];
         file.read_exact_at(&mut bytes, 0).map_err(|e| StorageError::io(&path, e))?;
@@ -261,8 +281,8 @@ impl Log {
 
     fn start_segment(&mut self) -> Result<(), StorageError> {
         let path = self.dir.join(segment_name(self.next_index));
-        let file = match self.backend.open(&path, true) {
-            Ok(file) => file,
+        let file: Arc<dyn StorageFile> = match self.backend.open(&path, true) {
+            Ok(file) => file.into(),
             Err(e) => return self.poison(StorageError::io(&path, e)),
         };
         let mut header = MAGIC.to_vec();
@@ -320,26 +340,42 @@ impl Log {
 
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> Result<(), StorageError> {
+        let plan = self.prepare_sync()?;
+        let result = plan.run();
+        self.finish_sync(plan, result)
+    }
+
+    /// What a sync must fsync, taken under the caller's lock so the fsyncs
+    /// themselves can run without it (reads go on meanwhile).
+    pub fn prepare_sync(&mut self) -> Result<SyncPlan, StorageError> {
         if self.poisoned {
             return Err(StorageError::Poisoned);
         }
-        let mut failure = None;
-        for segment in self.segments.iter_mut().filter(|s| s.dirty) {
-            if let Err(e) = segment.file.sync() {
-                failure = Some(StorageError::io(&segment.path, e));
-                break;
+        let files = self.segments.iter().filter(|s| s.dirty).map(|s| (s.path.clone(), s.file.clone())).collect();
+        let dir = self.dir_dirty.then(|| (self.backend.clone(), self.dir.clone()));
+        Ok(SyncPlan { files, dir, first_index_after: self.next_index })
+    }
+
+    /// Records the outcome of a plan: segments clean on success, the log
+    /// poisoned on failure.
+    pub fn finish_sync(&mut self, plan: SyncPlan, result: Result<(), StorageError>) -> Result<(), StorageError> {
+        match result {
+            Ok(()) => {
+                for segment in self.segments.iter_mut() {
+                    if plan.files.iter().any(|(path, _)| *path == segment.path) {
+                        // Only clean if nothing was appended since the plan.
+                        let last = segment.last_index().unwrap_or(0);
+                        if last < plan.first_index_after {
+                            segment.dirty = false;
+                        }
+                    }
+                }
+                if plan.dir.is_some() {
+                    self.dir_dirty = false;
+                }
+                Ok(())
             }
-            segment.dirty = false;
-        }
-        if failure.is_none() && self.dir_dirty {
-            match self.backend.sync_dir(&self.dir) {
-                Ok(()) => self.dir_dirty = false,
-                Err(e) => failure = Some(StorageError::io(&self.dir, e)),
-            }
-        }
-        match failure {
-            Some(error) => self.poison(error),
-            None => Ok(()),
+            Err(error) => self.poison(error),
         }
     }
 
