@@ -266,65 +266,68 @@ impl Store {
             vhost.lock().restore(definitions);
         }
 
-        let (log, log_recovery) = Log::open(backend, &data_dir.join("wal"), LogOptions { segment_bytes_max })?;
-        // Replay: live messages and the queues still holding them.
-        // log index of a `P` entry -> (message, vhost, queues still holding it)
-        // Replay. Queues are interned: a live message costs its log index
-        // and the small ids of the queues still holding it.
+        // Replay while the log recovers (each segment read and checksummed
+        // once). Queues are interned; every (entry, queue) pair costs 16
+        // bytes, in index order, so settling is a binary search.
         let mut queue_ids: HashMap<(String, String), u32> = HashMap::new();
         let mut queue_names: Vec<(String, String)> = Vec::new();
         let mut intern = |vhost: &str, queue: &str| -> u32 {
-            let key = (vhost.to_string(), queue.to_string());
-            *queue_ids.entry(key.clone()).or_insert_with(|| {
-                queue_names.push(key);
-                (queue_names.len() - 1) as u32
-            })
-        };
-        let mut live: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
-        let mut undecodable = 0u64;
-        log.scan(0, |entry| match decode(&entry.payload) {
-            Some(Record::Published { vhost, queues, .. }) => {
-                let queues = queues.into_iter().map(|q| intern(vhost, q)).collect();
-                live.insert(entry.index, queues);
+            if let Some(id) = queue_ids.get(&(vhost.to_string(), queue.to_string())) {
+                return *id;
             }
-            Some(Record::Settled { stored, vhost, queue }) => {
-                let id = intern(vhost, queue);
-                if let Some(queues) = live.get_mut(&stored) {
-                    if let Some(i) = queues.iter().position(|q| *q == id) {
-                        queues.swap_remove(i);
-                    }
-                    if queues.is_empty() {
-                        live.remove(&stored);
+            queue_names.push((vhost.to_string(), queue.to_string()));
+            let id = (queue_names.len() - 1) as u32;
+            queue_ids.insert((vhost.to_string(), queue.to_string()), id);
+            id
+        };
+        const SETTLED: u32 = u32::MAX;
+        let mut live: Vec<(u64, u32)> = Vec::new();
+        let mut undecodable = 0u64;
+        let (log, log_recovery) = Log::open_visiting(
+            backend,
+            &data_dir.join("wal"),
+            LogOptions { segment_bytes_max },
+            |index, _, payload| match decode(payload) {
+                Some(Record::Published { vhost, queues, .. }) => {
+                    for queue in queues {
+                        live.push((index, intern(vhost, queue)));
                     }
                 }
-            }
-            Some(Record::Deleted { vhost, queue }) => {
-                let id = intern(vhost, queue);
-                live.retain(|_, queues| {
-                    queues.retain(|q| *q != id);
-                    !queues.is_empty()
-                });
-            }
-            None => undecodable += 1,
-        })?;
+                Some(Record::Settled { stored, vhost, queue }) => {
+                    let id = intern(vhost, queue);
+                    let start = live.partition_point(|(i, _)| *i < stored);
+                    for pair in live[start..].iter_mut().take_while(|(i, _)| *i == stored) {
+                        if pair.1 == id {
+                            pair.1 = SETTLED;
+                            break;
+                        }
+                    }
+                }
+                Some(Record::Deleted { vhost, queue }) => {
+                    let id = intern(vhost, queue);
+                    for pair in live.iter_mut().filter(|(_, q)| *q == id) {
+                        pair.1 = SETTLED;
+                    }
+                }
+                None => undecodable += 1,
+            },
+        )?;
         if undecodable > 0 {
             warn!(undecodable, "log entries that are not Warren records were skipped");
         }
         let mut liveness = Liveness::default();
         let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
-        for (index, queues) in live {
-            let mut refs = 0;
-            for id in queues {
-                let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
-                let Some(vhost) = vhosts.get(vhost) else { continue };
-                if vhost.lock().recover_stored(queue, index) {
-                    refs += 1;
+        let mut previous = 0;
+        for (index, id) in live.into_iter().filter(|(_, q)| *q != SETTLED) {
+            let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
+            let Some(vhost) = vhosts.get(vhost) else { continue };
+            if vhost.lock().recover_stored(queue, index) {
+                recovered.queue_entries += 1;
+                if index != previous {
+                    recovered.messages += 1;
+                    previous = index;
                 }
-            }
-            if refs > 0 {
-                recovered.messages += 1;
-                recovered.queue_entries += u64::from(refs);
-                liveness.add(index, refs);
+                liveness.add(index, 1);
             }
         }
 

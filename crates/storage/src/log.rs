@@ -151,6 +151,18 @@ fn segment_name(first_index: u64) -> String {
 impl Log {
     /// Opens (or creates) the log in `dir`, recovering what is there.
     pub fn open(backend: Arc<dyn Backend>, dir: &Path, options: LogOptions) -> Result<(Log, Recovery), StorageError> {
+        Self::open_visiting(backend, dir, options, |_, _, _| {})
+    }
+
+    /// Opens the log and hands every valid entry (index, term, payload) to
+    /// `visit` in order while recovering, so a replay reads and checksums
+    /// each segment once.
+    pub fn open_visiting(
+        backend: Arc<dyn Backend>,
+        dir: &Path,
+        options: LogOptions,
+        mut visit: impl FnMut(u64, u64, &[u8]),
+    ) -> Result<(Log, Recovery), StorageError> {
         backend.create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let mut firsts: Vec<u64> = backend
             .list(dir)
@@ -172,7 +184,7 @@ impl Log {
         let count = firsts.len();
         for (position, first_index) in firsts.into_iter().enumerate() {
             let last = position + 1 == count;
-            log.recover_segment(first_index, last, &mut recovery)?;
+            log.recover_segment(first_index, last, &mut recovery, &mut visit)?;
         }
         recovery.segments = log.segments.len();
         if let Some(segment) = log.segments.last() {
@@ -186,7 +198,13 @@ impl Log {
         Ok((log, recovery))
     }
 
-    fn recover_segment(&mut self, first_index: u64, last: bool, recovery: &mut Recovery) -> Result<(), StorageError> {
+    fn recover_segment(
+        &mut self,
+        first_index: u64,
+        last: bool,
+        recovery: &mut Recovery,
+        visit: &mut dyn FnMut(u64, u64, &[u8]),
+    ) -> Result<(), StorageError> {
         let path = self.dir.join(segment_name(first_index));
         let file: Arc<dyn StorageFile> =
             self.backend.open(&path, false).map_err(|e| StorageError::io(&path, e))?.into();
@@ -217,9 +235,11 @@ impl Log {
             if h.index != expected || end > bytes.len() {
                 break;
             }
-            if checksum(h.index, h.term, &bytes[at + RECORD_HEADER..end]) == h.crc {
+            let payload = &bytes[at + RECORD_HEADER..end];
+            if checksum(h.index, h.term, payload) == h.crc {
                 offsets.push(at as u32);
                 recovery.entries += 1;
+                visit(h.index, h.term, payload);
             } else {
                 // A damaged record. At the very end of the last segment it is
                 // a torn write; elsewhere it is corruption: skip it, keep going.

@@ -70,6 +70,10 @@ pub struct PerfArgs {
     /// Only publish (fill the queue); no consumers.
     #[arg(long)]
     publish_only: bool,
+    /// Only consume (drain a filled queue, e.g. after --publish-only); stops
+    /// after --duration or once nothing arrived for a second.
+    #[arg(long)]
+    consume_only: bool,
     /// Stop after this many messages per producer (0: no limit).
     #[arg(long, default_value_t = 0)]
     count: u64,
@@ -527,13 +531,23 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     let measure_start = Instant::now();
     let consumed_before = shared.consumed.load(Ordering::Relaxed);
     let mut producers = Vec::new();
-    for _ in 0..args.producers {
+    let producer_count = if args.consume_only { 0 } else { args.producers };
+    for _ in 0..producer_count {
         producers.push(tokio::spawn(producer(args.clone(), queue.clone(), shared.clone(), per_producer_rate)));
     }
     let deadline = measure_start + Duration::from_secs(args.duration);
     let mut last_report = Instant::now();
-    while Instant::now() < deadline && !producers.iter().all(|p| p.is_finished()) {
+    let mut last_consumed = (0, Instant::now());
+    while Instant::now() < deadline && (args.consume_only || !producers.iter().all(|p| p.is_finished())) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if args.consume_only {
+            let consumed = shared.consumed.load(Ordering::Relaxed);
+            if consumed != last_consumed.0 {
+                last_consumed = (consumed, Instant::now());
+            } else if consumed > 0 && last_consumed.1.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        }
         if !args.json && last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             eprintln!(
@@ -545,7 +559,12 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let elapsed = measure_start.elapsed().as_secs_f64();
+    let elapsed = if args.consume_only {
+        // The drain ended when the last message arrived.
+        last_consumed.1.duration_since(measure_start).as_secs_f64().max(0.001)
+    } else {
+        measure_start.elapsed().as_secs_f64()
+    };
     let consumed_in_window = shared.consumed.load(Ordering::Relaxed) - consumed_before;
     let published = shared.published.load(Ordering::Relaxed);
     let cpu_after = args.broker_pid.and_then(cpu_seconds);
@@ -566,7 +585,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         latencies.extend(c.await??);
     }
     latencies.sort_unstable();
-    if args.queue.is_none() || !args.publish_only {
+    if !args.publish_only && !args.consume_only {
         // Leave nothing behind for the next scenario.
         if let Ok(mut conn) = Conn::open(&args).await {
             let delete = AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
