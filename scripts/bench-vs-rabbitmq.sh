@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
+DEEP=${DEEP:-1000000}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 IDLE_QUEUES=${IDLE_QUEUES:-1000}
 RABBIT_IDLE_CONNECTIONS=${RABBIT_IDLE_CONNECTIONS:-2000}
@@ -55,6 +56,10 @@ for broker in warren rabbitmq; do
     run transient-1KiB $broker "$p" "$pid" --duration "$DURATION" --size 1024 --prefetch 1000 --queue "bench-1k-$broker"
     run latency-1k-per-s $broker "$p" "$pid" --duration "$DURATION" --size 16 --rate 1000 --queue "bench-lat-$broker"
     run confirms-1KiB $broker "$p" "$pid" --duration "$DURATION" --size 1024 --confirm 1000 --queue "bench-conf-$broker"
+    run persistent-1KiB $broker "$p" "$pid" --duration "$DURATION" --size 1024 --confirm 1000 --persistent --queue "bench-pers-$broker"
+    # A deep durable queue: fill with no consumer, then drain.
+    run deep-fill $broker "$p" "$pid" --publish-only --persistent --confirm 1000 --size 1024 --count "$DEEP" --duration 600 --queue "bench-deep-$broker"
+    run deep-drain $broker "$p" "$pid" --consume-only --persistent --prefetch 1000 --duration 600 --queue "bench-deep-$broker"
 done
 # Idle memory on a fresh broker, so load scenarios do not skew the baseline.
 kill $warren_pid 2>/dev/null || true
@@ -86,9 +91,16 @@ def show(name, key, better="higher", unit=""):
     print(f"| {name} | {key}{unit} | {w} | {r} | {ratio} ({better} is better) |")
 print("| scenario | figure | Warren | RabbitMQ | Warren/RabbitMQ |")
 print("|---|---|---|---|---|")
-for name in ("transient-16B", "transient-1KiB", "confirms-1KiB"):
+for name in ("transient-16B", "transient-1KiB", "confirms-1KiB", "persistent-1KiB"):
     show(name, "consumed_per_s")
     show(name, "broker_cpu_us_per_msg", "lower")
+show("persistent-1KiB", "confirm_us_p99", "lower")
+show("deep-fill", "published_per_s")
+show("deep-drain", "consumed_per_s")
+for broker in ("warren", "rabbitmq"):
+    fill = rows.get("deep-fill", {}).get(broker, {})
+    if fill.get("rss_after_kib") is not None and fill.get("rss_before_kib") is not None:
+        print(f"| deep-fill | {broker} RSS growth MiB | {(fill['rss_after_kib'] - fill['rss_before_kib']) / 1024:.0f} | | |")
 show("latency-1k-per-s", "latency_us_p50", "lower")
 show("latency-1k-per-s", "latency_us_p99", "lower")
 show("idle", "kib_per_connection", "lower")

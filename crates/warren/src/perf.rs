@@ -527,6 +527,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     }
     let per_producer_rate = if args.rate > 0 { (args.rate / args.producers.max(1) as u64).max(1) } else { 0 };
     let cpu_before = args.broker_pid.and_then(cpu_seconds);
+    let rss_before = args.broker_pid.and_then(rss_kib);
     let self_cpu_before = cpu_seconds(std::process::id());
     let measure_start = Instant::now();
     let consumed_before = shared.consumed.load(Ordering::Relaxed);
@@ -568,6 +569,7 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     let consumed_in_window = shared.consumed.load(Ordering::Relaxed) - consumed_before;
     let published = shared.published.load(Ordering::Relaxed);
     let cpu_after = args.broker_pid.and_then(cpu_seconds);
+    let rss_after = args.broker_pid.and_then(rss_kib);
     let self_cpu_after = cpu_seconds(std::process::id());
     shared.stop_publishing.store(true, Ordering::Relaxed);
     for p in producers {
@@ -623,9 +625,11 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
     );
     if args.json {
         println!(
-            "{{\"published_per_s\":{publish_rate:.0},\"consumed_per_s\":{consume_rate:.0},\"published\":{published},\"confirmed\":{confirmed},\"latency_us_p50\":{p50},\"latency_us_p95\":{p95},\"latency_us_p99\":{p99},\"latency_us_max\":{max},\"confirm_us_p50\":{c50},\"confirm_us_p99\":{c99},\"broker_cpu_us_per_msg\":{},\"client_cpu_us_per_msg\":{}}}",
+            "{{\"published_per_s\":{publish_rate:.0},\"consumed_per_s\":{consume_rate:.0},\"published\":{published},\"confirmed\":{confirmed},\"latency_us_p50\":{p50},\"latency_us_p95\":{p95},\"latency_us_p99\":{p99},\"latency_us_max\":{max},\"confirm_us_p50\":{c50},\"confirm_us_p99\":{c99},\"broker_cpu_us_per_msg\":{},\"client_cpu_us_per_msg\":{},\"rss_before_kib\":{},\"rss_after_kib\":{}}}",
             broker_cpu_us.map_or("null".into(), |v| format!("{v:.2}")),
             client_cpu_us.map_or("null".into(), |v| format!("{v:.2}")),
+            rss_before.map_or("null".into(), |v| v.to_string()),
+            rss_after.map_or("null".into(), |v| v.to_string()),
         );
     } else {
         println!("published: {published} ({publish_rate:.0} msg/s), confirmed: {confirmed}");
@@ -639,6 +643,9 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         }
         if let Some(cpu) = client_cpu_us {
             println!("perf client CPU: {cpu:.2} us/msg");
+        }
+        if let (Some(before), Some(after)) = (rss_before, rss_after) {
+            println!("broker RSS: {before} -> {after} KiB");
         }
     }
     Ok(())
