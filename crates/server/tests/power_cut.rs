@@ -62,6 +62,29 @@ async fn publish_until_cut(uri: String, cut_after: Duration, sim: SimBackend) ->
     }
 }
 
+/// Restarts the broker on what the simulated disk kept (faults cleared),
+/// drains `queue` (numbered messages) and runs `then` on the channel
+/// before stopping.
+async fn restart_and_drain<F, Fut>(sim: &SimBackend, config: Config, queue: &str, then: F) -> BTreeSet<u64>
+where
+    F: FnOnce(lapin::Channel) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    sim.set_faults(Faults::default());
+    let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config).await;
+    let conn =
+        Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut recovered = BTreeSet::new();
+    while let Some(m) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        recovered.insert(u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap()));
+    }
+    then(ch).await;
+    let _ = stop.send(());
+    let _ = task.await;
+    recovered
+}
+
 /// Runs one power cut; returns (confirmed, confirmed-then-lost).
 async fn one_cut(fsync: Fsync) -> (usize, usize) {
     let sim = SimBackend::new();
@@ -81,17 +104,7 @@ async fn one_cut(fsync: Fsync) -> (usize, usize) {
     let _ = task.await;
 
     // Power is back.
-    sim.set_faults(Faults::default());
-    let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config).await;
-    let conn =
-        Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut recovered = BTreeSet::new();
-    while let Some(m) = ch.basic_get("power".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-        recovered.insert(u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap()));
-    }
-    let _ = stop.send(());
-    let _ = task.await;
+    let recovered = restart_and_drain(&sim, config, "power", |_| async {}).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let lost = confirmed.difference(&recovered).count();
     (confirmed.len(), lost)
@@ -161,31 +174,16 @@ async fn a_full_disk_nacks_publishers_and_loses_nothing_confirmed() {
     let _ = stop.send(());
     let _ = task.await;
 
-    // Space comes back; the broker restarts and serves every confirmed message.
-    sim.set_faults(Faults::default());
-    let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config).await;
-    let conn =
-        Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut recovered = BTreeSet::new();
-    while let Some(m) = ch.basic_get("full".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-        recovered.insert(u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap()));
-    }
+    // Space comes back; the broker restarts, serves every confirmed message
+    // and accepts new persistent messages again.
+    let recovered = restart_and_drain(&sim, config, "full", |ch| async move {
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let confirm =
+            ch.basic_publish("".into(), "full".into(), BasicPublishOptions::default(), b"again", props).await.unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    })
+    .await;
     assert!(acked.is_subset(&recovered), "confirmed then lost: {:?}", acked.difference(&recovered).collect::<Vec<_>>());
-    // And it accepts new persistent messages again.
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            "full".into(),
-            BasicPublishOptions::default(),
-            b"again",
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
-    assert!(confirm.await.unwrap().is_ack());
-    let _ = stop.send(());
-    let _ = task.await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
