@@ -254,6 +254,18 @@ impl Queue {
         }
     }
 
+    /// Points entries stored at an old log index to the index their message
+    /// was moved to (compaction). Loaded entries follow their message.
+    pub fn rekey(&mut self, moved: &std::collections::HashMap<u64, u64>) {
+        for entry in self.ready.iter_mut() {
+            if let Body::Paged(index) = &mut entry.body {
+                if let Some(new) = moved.get(&index.get()).and_then(|n| NonZeroU64::new(*n)) {
+                    *index = new;
+                }
+            }
+        }
+    }
+
     /// Drops every ready message, handing each one's stored index (0 when
     /// not stored) to `dropped` first.
     pub fn purge(&mut self, mut dropped: impl FnMut(u64)) -> usize {

@@ -517,6 +517,49 @@ impl VirtualHostState {
         }
     }
 
+    /// Stored messages whose log index is in `range`, with the durable
+    /// queues holding them (ready or unacked), for compaction.
+    pub fn stored_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, Vec<Box<str>>)> {
+        let mut found: std::collections::BTreeMap<u64, Vec<Box<str>>> = std::collections::BTreeMap::new();
+        for queue in self.queues.values().filter(|q| q.durable) {
+            for entry in queue.iter().filter(|e| range.contains(&e.stored)) {
+                found.entry(entry.stored).or_default().push(queue.name.clone());
+            }
+        }
+        for channel in self.channels.values() {
+            for unacked in &channel.unacked {
+                let stored = unacked.message.stored_index();
+                if range.contains(&stored) {
+                    if let Some(queue) = self.queues.get(&unacked.queue).filter(|q| q.durable) {
+                        found.entry(stored).or_default().push(queue.name.clone());
+                    }
+                }
+            }
+        }
+        found.into_iter().collect()
+    }
+
+    /// Re-keys stored messages moved to new log indices (compaction).
+    pub fn rekey_stored(&mut self, moved: &HashMap<u64, u64>) {
+        for queue in self.queues.values_mut().filter(|q| q.durable) {
+            for entry in queue.iter() {
+                if let Some(message) = entry.message {
+                    if let Some(new) = moved.get(&entry.stored) {
+                        message.set_stored_index(*new);
+                    }
+                }
+            }
+            queue.rekey(moved);
+        }
+        for channel in self.channels.values() {
+            for unacked in &channel.unacked {
+                if let Some(new) = moved.get(&unacked.message.stored_index()) {
+                    unacked.message.set_stored_index(*new);
+                }
+            }
+        }
+    }
+
     /// Where paged-out messages are read back from.
     pub fn set_loader(&mut self, loader: Arc<dyn MessageLoader>) {
         self.loader = Some(loader);

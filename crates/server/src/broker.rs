@@ -52,6 +52,10 @@ impl Broker {
         self.vhosts.read().get(name).cloned()
     }
 
+    pub fn vhosts(&self) -> Vec<Arc<VirtualHost>> {
+        self.vhosts.read().values().cloned().collect()
+    }
+
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }

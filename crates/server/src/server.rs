@@ -120,6 +120,7 @@ impl Server {
         }
         // Give disk space back as messages are settled.
         let janitor_store = self.broker.store.clone();
+        let janitor_broker = self.broker.clone();
         let janitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut last = janitor_store.commit_stats();
@@ -141,7 +142,8 @@ impl Server {
                     last = now;
                 }
                 let store = janitor_store.clone();
-                match tokio::task::spawn_blocking(move || store.reclaim()).await {
+                let vhosts = janitor_broker.vhosts();
+                match tokio::task::spawn_blocking(move || store.compact(&vhosts).and_then(|_| store.reclaim())).await {
                     Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "log segments reclaimed"),
                     Ok(Err(error)) => warn!(%error, "reclaiming log segments failed"),
                     _ => {}

@@ -4,10 +4,13 @@
 //!
 //! Log entries (one per journal event, in the order events happened under
 //! their virtual-host lock):
-//! - `P` published: message id, vhost, durable queues, exchange, routing
-//!   key, properties, body: written once however many queues it reached;
-//! - `S` settled: message id left one queue for good;
-//! - `D` queue deleted.
+//! - `P` published: vhost, durable queues, exchange, routing key,
+//!   properties, body: written once however many queues it reached; its log
+//!   index is the message's store id;
+//! - `S` settled: the message at a log index left one queue for good;
+//! - `D` queue deleted;
+//! - `M` moved: a live message rewritten at the head by compaction, with
+//!   the index of the copy it replaces.
 //!
 //! Recovery replays the log: a message is restored into every queue that has
 //! not settled it. A message is live while some queue holds it; segments
@@ -50,7 +53,7 @@ pub struct Recovered {
 }
 
 /// Which log entries are still needed: queue entries holding stored
-/// messages, counted per bucket of 4096 log indices, so the cost is one
+/// messages, counted per bucket of 64 log indices, so the cost is one
 /// small entry per bucket, not one per message.
 #[derive(Default)]
 struct Liveness {
@@ -58,7 +61,7 @@ struct Liveness {
     buckets: BTreeMap<u64, u64>,
 }
 
-const BUCKET_INDICES: u64 = 4096;
+const BUCKET_INDICES: u64 = 64;
 
 impl Liveness {
     fn add(&mut self, index: u64, refs: u32) {
@@ -77,6 +80,14 @@ impl Liveness {
         }
     }
 
+    /// Live queue entries in buckets overlapping `range` (an upper bound
+    /// for the range itself).
+    fn count_in(&self, range: std::ops::Range<u64>) -> u64 {
+        let first = range.start / BUCKET_INDICES;
+        let last = range.end.saturating_sub(1) / BUCKET_INDICES;
+        self.buckets.range(first..=last).map(|(_, count)| *count).sum()
+    }
+
     /// Every entry below this index is dead.
     fn oldest_index(&self) -> Option<u64> {
         self.buckets.keys().next().map(|bucket| bucket * BUCKET_INDICES)
@@ -87,6 +98,9 @@ pub struct Store {
     commit: GroupCommit,
     durable: Arc<watch::Sender<u64>>,
     live: Mutex<Liveness>,
+    /// Highest log index written by compaction; nothing is purged until it
+    /// is durable.
+    moved_until: Mutex<u64>,
     definitions_path: PathBuf,
     definitions: Mutex<BTreeMap<String, Definitions>>,
 }
@@ -170,6 +184,15 @@ enum Record<'a> {
         queues: Vec<&'a str>,
         message: &'a [u8],
     },
+    /// A live message rewritten at the log's head by compaction: its old
+    /// entry counts as settled for these queues in the same record, so a
+    /// crash can never leave both copies live.
+    Moved {
+        from: u64,
+        vhost: &'a str,
+        queues: Vec<&'a str>,
+        message: &'a [u8],
+    },
     Settled {
         stored: u64,
         vhost: &'a str,
@@ -184,14 +207,19 @@ enum Record<'a> {
 fn decode(payload: &[u8]) -> Option<Record<'_>> {
     let mut r = Reader { bytes: payload, at: 0 };
     match r.u8()? {
-        b'P' => {
+        tag @ (b'P' | b'M') => {
+            let from = if tag == b'M' { Some(r.u64()?) } else { None };
             let vhost = r.short_str()?;
             let count = r.u16()?;
             let mut queues = Vec::with_capacity(count as usize);
             for _ in 0..count {
                 queues.push(r.short_str()?);
             }
-            Some(Record::Published { vhost, queues, message: r.rest() })
+            let message = r.rest();
+            Some(match from {
+                Some(from) => Record::Moved { from, vhost, queues, message },
+                None => Record::Published { vhost, queues, message },
+            })
         }
         b'S' => {
             let stored = r.u64()?;
@@ -293,6 +321,16 @@ impl Store {
                         live.push((index, intern(vhost, queue)));
                     }
                 }
+                Some(Record::Moved { from, vhost, queues, .. }) => {
+                    let ids: Vec<u32> = queues.iter().map(|q| intern(vhost, q)).collect();
+                    let start = live.partition_point(|(i, _)| *i < from);
+                    for pair in live[start..].iter_mut().take_while(|(i, _)| *i == from) {
+                        if ids.contains(&pair.1) {
+                            pair.1 = SETTLED;
+                        }
+                    }
+                    live.extend(ids.into_iter().map(|id| (index, id)));
+                }
                 Some(Record::Settled { stored, vhost, queue }) => {
                     let id = intern(vhost, queue);
                     let start = live.partition_point(|(i, _)| *i < stored);
@@ -344,8 +382,14 @@ impl Store {
             millis = recovered.millis,
             "durable state recovered"
         );
-        let store =
-            Store { commit, durable, live: Mutex::new(liveness), definitions_path, definitions: Mutex::new(stored) };
+        let store = Store {
+            commit,
+            durable,
+            live: Mutex::new(liveness),
+            moved_until: Mutex::new(0),
+            definitions_path,
+            definitions: Mutex::new(stored),
+        };
         Ok((Arc::new(store), recovered))
     }
 
@@ -417,9 +461,75 @@ impl Store {
     pub fn reclaim(&self) -> Result<usize, StorageError> {
         let oldest_live = self.live.lock().oldest_index();
         let durable = self.commit.durable_index();
+        if durable < *self.moved_until.lock() {
+            // Moved copies are not durable yet: the originals must stay.
+            return Ok(0);
+        }
         // Only what is durable may be purged past; live messages pin the rest.
         let before = oldest_live.unwrap_or(durable + 1).min(durable + 1);
         self.commit.with_log(|log| log.purge_prefix(before))
+    }
+
+    /// Compaction: when the oldest segment holds only a few live messages
+    /// (say one old unacknowledged message in a mostly acknowledged file),
+    /// rewrite them at the head of the log and re-key them in their queues,
+    /// so the segment can be deleted. Blocking; takes each vhost's lock.
+    /// Returns how many messages were moved.
+    pub fn compact(&self, vhosts: &[Arc<VirtualHost>]) -> Result<usize, StorageError> {
+        const MOVE_AT_MOST: u64 = 256;
+        if self.commit.durable_index() < *self.moved_until.lock() {
+            return Ok(0);
+        }
+        let starts = self.commit.with_log(|log| log.segment_starts());
+        let (Some(&first), Some(&second)) = (starts.first(), starts.get(1)) else {
+            return Ok(0);
+        };
+        if starts.len() < 3 {
+            return Ok(0);
+        }
+        let live_in_first = self.live.lock().count_in(first..second);
+        if live_in_first == 0 || live_in_first > MOVE_AT_MOST {
+            return Ok(0);
+        }
+        let mut moved_count = 0;
+        let mut scratch = Vec::new();
+        for vhost in vhosts {
+            let mut state = vhost.lock();
+            let name = state.name.clone();
+            let mut moved = HashMap::new();
+            for (old, queues) in state.stored_in(first..second) {
+                let entry = self.commit.read(old)?;
+                let Some(Record::Published { message, .. } | Record::Moved { message, .. }) = decode(&entry.payload)
+                else {
+                    continue;
+                };
+                scratch.clear();
+                scratch.push(b'M');
+                scratch.extend_from_slice(&old.to_le_bytes());
+                put_short(&mut scratch, name.as_bytes());
+                scratch.extend_from_slice(&(queues.len() as u16).to_le_bytes());
+                for queue in &queues {
+                    put_short(&mut scratch, queue.as_bytes());
+                }
+                scratch.extend_from_slice(message);
+                let new = self.commit.append(&scratch)?;
+                let mut live = self.live.lock();
+                for _ in &queues {
+                    live.settle(old);
+                }
+                live.add(new, queues.len() as u32);
+                drop(live);
+                moved.insert(old, new);
+                let mut until = self.moved_until.lock();
+                *until = (*until).max(new);
+            }
+            moved_count += moved.len();
+            state.rekey_stored(&moved);
+        }
+        if moved_count > 0 {
+            info!(moved = moved_count, segment = first, "compacted: live messages moved out of the oldest segment");
+        }
+        Ok(moved_count)
     }
 
     /// Commits what is pending and stops the commit thread (shutdown).
@@ -443,7 +553,7 @@ impl MessageLoader for Store {
             }
         };
         match decode(&entry.payload) {
-            Some(Record::Published { message, .. }) => decode_message(message),
+            Some(Record::Published { message, .. } | Record::Moved { message, .. }) => decode_message(message),
             _ => None,
         }
     }
