@@ -7,7 +7,8 @@
 //! - `P` published: vhost, durable queues, exchange, routing key,
 //!   properties, body: written once however many queues it reached; its log
 //!   index is the message's store id;
-//! - `S` settled: the message at a log index left one queue for good;
+//! - `S` settled: messages (by log index) that left queues for good, one
+//!   entry per run of settlements (an ack with `multiple`, a purge);
 //! - `D` queue deleted;
 //! - `M` moved: a live message rewritten at the head by compaction, with
 //!   the index of the copy it replaces.
@@ -162,12 +163,15 @@ pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queue
     out.extend_from_slice(message.body());
 }
 
-/// `stored`: the log index of the message's `P` entry.
-fn encode_settled(out: &mut Vec<u8>, vhost: &str, queue: &str, stored: u64) {
+/// Settlements in one vhost: (queue, log index of the message's `P` entry).
+fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Box<str>, u64)]) {
     out.push(b'S');
-    out.extend_from_slice(&stored.to_le_bytes());
     put_short(out, vhost.as_bytes());
-    put_short(out, queue.as_bytes());
+    out.extend_from_slice(&(settled.len() as u32).to_le_bytes());
+    for (queue, stored) in settled {
+        out.extend_from_slice(&stored.to_le_bytes());
+        put_short(out, queue.as_bytes());
+    }
 }
 
 fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
@@ -194,9 +198,8 @@ enum Record<'a> {
         message: &'a [u8],
     },
     Settled {
-        stored: u64,
         vhost: &'a str,
-        queue: &'a str,
+        settled: Vec<(u64, &'a str)>,
     },
     Deleted {
         vhost: &'a str,
@@ -222,8 +225,14 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
             })
         }
         b'S' => {
-            let stored = r.u64()?;
-            Some(Record::Settled { stored, vhost: r.short_str()?, queue: r.short_str()? })
+            let vhost = r.short_str()?;
+            let count = r.u32()? as usize;
+            let mut settled = Vec::with_capacity(count.min(65_536));
+            for _ in 0..count {
+                let stored = r.u64()?;
+                settled.push((stored, r.short_str()?));
+            }
+            Some(Record::Settled { vhost, settled })
         }
         b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
         _ => None,
@@ -331,13 +340,15 @@ impl Store {
                     }
                     live.extend(ids.into_iter().map(|id| (index, id)));
                 }
-                Some(Record::Settled { stored, vhost, queue }) => {
-                    let id = intern(vhost, queue);
-                    let start = live.partition_point(|(i, _)| *i < stored);
-                    for pair in live[start..].iter_mut().take_while(|(i, _)| *i == stored) {
-                        if pair.1 == id {
-                            pair.1 = SETTLED;
-                            break;
+                Some(Record::Settled { vhost, settled }) => {
+                    for (stored, queue) in settled {
+                        let id = intern(vhost, queue);
+                        let start = live.partition_point(|(i, _)| *i < stored);
+                        for pair in live[start..].iter_mut().take_while(|(i, _)| *i == stored) {
+                            if pair.1 == id {
+                                pair.1 = SETTLED;
+                                break;
+                            }
                         }
                     }
                 }
@@ -419,32 +430,40 @@ impl Store {
         scratch: &mut Vec<u8>,
     ) -> Result<Option<u64>, StorageError> {
         let mut last_published = None;
-        let mut result = Ok(());
         let mut live = self.live.lock();
-        for event in events.drain(..) {
-            if result.is_err() {
-                continue;
-            }
+        let mut events = events.drain(..).peekable();
+        while let Some(event) = events.next() {
             scratch.clear();
-            match &event {
-                JournalEvent::Published { message, queues } => encode_published(scratch, vhost, message, queues),
-                JournalEvent::Settled { queue, stored } => encode_settled(scratch, vhost, queue, *stored),
-                JournalEvent::QueueDeleted { queue } => encode_deleted(scratch, vhost, queue),
-            }
-            match self.commit.append(scratch) {
-                Ok(index) => match event {
-                    JournalEvent::Published { message, queues } => {
-                        message.set_stored_index(index);
-                        live.add(index, queues.len() as u32);
-                        last_published = Some(index);
+            match event {
+                JournalEvent::Published { message, queues } => {
+                    encode_published(scratch, vhost, &message, &queues);
+                    let index = self.commit.append(scratch)?;
+                    message.set_stored_index(index);
+                    live.add(index, queues.len() as u32);
+                    last_published = Some(index);
+                }
+                JournalEvent::Settled { queue, stored } => {
+                    // A run of settlements (an ack with `multiple`, a purge)
+                    // becomes one entry.
+                    let mut settled = vec![(queue, stored)];
+                    while let Some(JournalEvent::Settled { .. }) = events.peek() {
+                        if let Some(JournalEvent::Settled { queue, stored }) = events.next() {
+                            settled.push((queue, stored));
+                        }
                     }
-                    JournalEvent::Settled { stored, .. } => live.settle(stored),
-                    JournalEvent::QueueDeleted { .. } => {}
-                },
-                Err(error) => result = Err(error),
+                    encode_settled(scratch, vhost, &settled);
+                    self.commit.append(scratch)?;
+                    for (_, stored) in settled {
+                        live.settle(stored);
+                    }
+                }
+                JournalEvent::QueueDeleted { queue } => {
+                    encode_deleted(scratch, vhost, &queue);
+                    self.commit.append(scratch)?;
+                }
             }
         }
-        result.map(|()| last_published)
+        Ok(last_published)
     }
 
     /// Stores a virtual host's durable definitions (atomically, fsynced).
@@ -604,8 +623,13 @@ mod tests {
             _ => panic!("not decoded"),
         }
         out.clear();
-        encode_settled(&mut out, "/", "q1", 42);
-        assert!(matches!(decode(&out), Some(Record::Settled { stored: 42, vhost: "/", queue: "q1" })));
+        encode_settled(&mut out, "/", &[("q1".into(), 42), ("q2".into(), 43)]);
+        match decode(&out) {
+            Some(Record::Settled { vhost, settled }) => {
+                assert_eq!((vhost, settled), ("/", vec![(42, "q1"), (43, "q2")]))
+            }
+            _ => panic!("not decoded"),
+        }
         out.clear();
         encode_deleted(&mut out, "v", "q");
         assert!(matches!(decode(&out), Some(Record::Deleted { vhost: "v", queue: "q" })));
