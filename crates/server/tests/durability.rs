@@ -23,6 +23,11 @@ fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
+/// Bytes of the message log on disk.
+fn size(wal: &std::path::Path) -> u64 {
+    std::fs::read_dir(wal).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
 /// Ready messages of a queue, on a channel of its own (a 404 closes it).
 async fn count(conn: &Connection, queue: &str) -> Option<u32> {
     let ch = conn.create_channel().await.unwrap();
@@ -202,9 +207,6 @@ async fn disk_space_is_given_back_once_messages_are_acknowledged() {
     }
     ch.wait_for_confirms().await.unwrap();
     let wal = server.config.data_dir.join("wal");
-    let size = |dir: &std::path::Path| -> u64 {
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
-    };
     let full = size(&wal);
     assert!(full > 800 * 1024, "{full}");
     while let Some(m) = ch.basic_get("bulk".into(), BasicGetOptions::default()).await.unwrap() {
@@ -311,9 +313,6 @@ async fn one_old_unacknowledged_message_does_not_pin_the_disk() {
         m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
     }
     let wal = server.config.data_dir.join("wal");
-    let size = |dir: &std::path::Path| -> u64 {
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
-    };
     let limit = 3 * 64 * 1024 + 4096 * 16;
     let mut now = size(&wal);
     for _ in 0..60 {

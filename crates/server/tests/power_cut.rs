@@ -85,18 +85,21 @@ where
     recovered
 }
 
+fn sim_config(data_dir: &std::path::Path, segment_bytes_max: u64) -> Config {
+    Config {
+        amqp_port: 0,
+        bind: vec!["127.0.0.1".into()],
+        data_dir: data_dir.to_path_buf(),
+        segment_bytes_max,
+        ..Config::default()
+    }
+}
+
 /// Runs one power cut; returns (confirmed, confirmed-then-lost).
 async fn one_cut(fsync: Fsync) -> (usize, usize) {
     let sim = SimBackend::new();
     let data_dir = common::temp_data_dir();
-    let config = Config {
-        amqp_port: 0,
-        bind: vec!["127.0.0.1".into()],
-        data_dir: data_dir.clone(),
-        fsync,
-        segment_bytes_max: 256 * 1024,
-        ..Config::default()
-    };
+    let config = Config { fsync, ..sim_config(&data_dir, 256 * 1024) };
     let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config.clone()).await;
     let uri = format!("amqp://guest:guest@{addr}/%2F");
     let confirmed = publish_until_cut(uri, Duration::from_millis(600), sim.clone()).await;
@@ -138,13 +141,7 @@ async fn confirming_before_fsync_is_caught_by_the_checker() {
 async fn a_full_disk_nacks_publishers_and_loses_nothing_confirmed() {
     let sim = SimBackend::new();
     let data_dir = common::temp_data_dir();
-    let config = Config {
-        amqp_port: 0,
-        bind: vec!["127.0.0.1".into()],
-        data_dir: data_dir.clone(),
-        segment_bytes_max: 64 * 1024,
-        ..Config::default()
-    };
+    let config = sim_config(&data_dir, 64 * 1024);
     sim.set_faults(Faults { capacity_bytes: Some(256 * 1024), ..Faults::default() });
     let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config.clone()).await;
     let conn =
