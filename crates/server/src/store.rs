@@ -516,8 +516,11 @@ impl Store {
             let mut state = vhost.lock();
             let name = state.name.clone();
             let mut moved = HashMap::new();
+            let mut failure = None;
             for (old, queues) in state.stored_in(first..second) {
-                let entry = self.commit.read(old)?;
+                // An unreadable entry stays where it is (its queue will find
+                // out when delivering it); the others still move.
+                let Ok(entry) = self.commit.read(old) else { continue };
                 let Some(Record::Published { message, .. } | Record::Moved { message, .. }) = decode(&entry.payload)
                 else {
                     continue;
@@ -531,7 +534,13 @@ impl Store {
                     put_short(&mut scratch, queue.as_bytes());
                 }
                 scratch.extend_from_slice(message);
-                let new = self.commit.append(&scratch)?;
+                let new = match self.commit.append(&scratch) {
+                    Ok(new) => new,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                };
                 let mut live = self.live.lock();
                 for _ in &queues {
                     live.settle(old);
@@ -543,7 +552,11 @@ impl Store {
                 *until = (*until).max(new);
             }
             moved_count += moved.len();
+            // Whatever was appended is re-keyed, even if a later append failed.
             state.rekey_stored(&moved);
+            if let Some(error) = failure {
+                return Err(error);
+            }
         }
         if moved_count > 0 {
             info!(moved = moved_count, segment = first, "compacted: live messages moved out of the oldest segment");
