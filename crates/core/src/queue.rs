@@ -92,7 +92,7 @@ pub const LOADED_WINDOW: usize = 1024;
 #[derive(Debug)]
 pub struct Queue {
     pub id: QueueId,
-    pub name: Box<str>,
+    pub name: Arc<str>,
     pub durable: bool,
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,

@@ -118,13 +118,13 @@ impl ChannelState {
 pub enum JournalEvent {
     /// A persistent message entered these durable queues. Whoever stores
     /// it records the log index in the message (`set_stored_index`).
-    Published { message: Arc<Message>, queues: Vec<Box<str>> },
+    Published { message: Arc<Message>, queues: Vec<Arc<str>> },
     /// A stored message (by log index) left a durable queue for good
     /// (acked, rejected without requeue, purged, or delivered to a no-ack
     /// consumer).
-    Settled { queue: Box<str>, stored: u64 },
+    Settled { queue: Arc<str>, stored: u64 },
     /// A durable queue was deleted with everything in it.
-    QueueDeleted { queue: Box<str> },
+    QueueDeleted { queue: Arc<str> },
 }
 
 /// Durable definitions of a virtual host, as stored and restored.
@@ -519,8 +519,8 @@ impl VirtualHostState {
 
     /// Stored messages whose log index is in `range`, with the durable
     /// queues holding them (ready or unacked), for compaction.
-    pub fn stored_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, Vec<Box<str>>)> {
-        let mut found: std::collections::BTreeMap<u64, Vec<Box<str>>> = std::collections::BTreeMap::new();
+    pub fn stored_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, Vec<Arc<str>>)> {
+        let mut found: std::collections::BTreeMap<u64, Vec<Arc<str>>> = std::collections::BTreeMap::new();
         for queue in self.queues.values().filter(|q| q.durable) {
             for entry in queue.iter().filter(|e| range.contains(&e.stored)) {
                 found.entry(entry.stored).or_default().push(queue.name.clone());
@@ -630,6 +630,15 @@ impl VirtualHostState {
         self.run_dispatch();
     }
 
+    /// The queues a channel's consumers read from may deliver again.
+    fn channel_queues_dirty(&mut self, key: ChannelKey) {
+        let queues: Vec<QueueId> =
+            self.channels.get(&key).map(|c| c.consumers.values().map(|c| c.queue).collect()).unwrap_or_default();
+        for queue in queues {
+            self.mark_dirty(queue);
+        }
+    }
+
     pub fn qos(&mut self, key: ChannelKey, prefetch_size: u32, prefetch_count: u16, global: bool) {
         if let Some(channel) = self.channels.get_mut(&key) {
             if global {
@@ -638,21 +647,15 @@ impl VirtualHostState {
                 channel.consumer_prefetch = prefetch_count;
             }
             channel.prefetch_size = prefetch_size;
-            let queues: Vec<QueueId> = channel.consumers.values().map(|c| c.queue).collect();
-            for queue in queues {
-                self.mark_dirty(queue);
-            }
         }
+        self.channel_queues_dirty(key);
     }
 
     pub fn flow(&mut self, key: ChannelKey, active: bool) {
         if let Some(channel) = self.channels.get_mut(&key) {
             channel.flow_active = active;
-            let queues: Vec<QueueId> = channel.consumers.values().map(|c| c.queue).collect();
-            for queue in queues {
-                self.mark_dirty(queue);
-            }
         }
+        self.channel_queues_dirty(key);
     }
 
     // ---- exchanges ------------------------------------------------------
@@ -977,7 +980,7 @@ impl VirtualHostState {
         let Some(queue) = self.queues.remove(&id) else {
             return 0;
         };
-        self.queue_ids.remove(&queue.name);
+        self.queue_ids.remove(&*queue.name);
         if queue.durable {
             // Every stored message it held is settled, ready or unacked, so
             // the store can reclaim them; then the deletion itself.
@@ -1060,7 +1063,7 @@ impl VirtualHostState {
         }
         queues.sort_unstable();
         queues.dedup();
-        let mut durable: Vec<Box<str>> = Vec::new();
+        let mut durable: Vec<Arc<str>> = Vec::new();
         for &id in &queues {
             if let Some(queue) = self.queues.get_mut(&id) {
                 if message.persistent && queue.durable {

@@ -447,8 +447,7 @@ impl Connection {
             return Ok(None);
         }
         state.drain_journal(&mut self.journal);
-        let vhost = state.name.clone();
-        self.store.append(&vhost, &mut self.journal, &mut self.record).map_err(|error| {
+        self.store.append(&state.name, &mut self.journal, &mut self.record).map_err(|error| {
             tracing::error!(%error, "the store refused journal entries");
         })
     }
@@ -736,7 +735,7 @@ impl Connection {
             };
         }
         match method {
-            Method::Publish(publish) => self.start_publish(number, publish, state),
+            Method::Publish(publish) => self.start_publish(number, publish),
             Method::Ack { delivery_tag, multiple } => {
                 if let Some(ops) = self.channels.get_mut(&number).and_then(|c| c.tx.as_mut()) {
                     ops.push(TxOp::Ack { delivery_tag, multiple });
@@ -1088,18 +1087,12 @@ impl Connection {
 
     // ---- content --------------------------------------------------------
 
-    fn start_publish(
-        &mut self,
-        number: u16,
-        publish: BasicPublish,
-        state: &mut VirtualHostState,
-    ) -> Result<(), AmqpError> {
+    fn start_publish(&mut self, number: u16, publish: BasicPublish) -> Result<(), AmqpError> {
         if publish.immediate {
             return Err(AmqpError::hard(ReplyCode::NotImplemented, "immediate=true", 60, 40));
         }
         str_of(&publish.exchange)?;
         let exchange = publish.exchange;
-        let _ = state;
         if let Some(ch) = self.channels.get_mut(&number) {
             ch.content = Some(Content {
                 exchange,

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use warren_codec::properties::Properties;
 use warren_core::vhost::JournalEvent;
 use warren_core::{Definitions, Message, MessageLoader, VirtualHost};
-use warren_storage::{Backend, FsBackend, FsyncPolicy, GroupCommit, Log, LogOptions, StorageError};
+use warren_storage::{Backend, FsyncPolicy, GroupCommit, Log, LogOptions, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -149,7 +149,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Box<str>]) {
+pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Arc<str>]) {
     out.push(b'P');
     put_short(out, vhost.as_bytes());
     out.extend_from_slice(&(queues.len() as u16).to_le_bytes());
@@ -164,7 +164,7 @@ pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queue
 }
 
 /// Settlements in one vhost: (queue, log index of the message's `P` entry).
-fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Box<str>, u64)]) {
+fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Arc<str>, u64)]) {
     out.push(b'S');
     put_short(out, vhost.as_bytes());
     out.extend_from_slice(&(settled.len() as u32).to_le_bytes());
@@ -271,17 +271,9 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Opens the data directory, restores durable definitions and messages
-    /// into the virtual hosts (creating stored vhosts that are missing).
-    pub fn open(
-        data_dir: &Path,
-        policy: FsyncPolicy,
-        segment_bytes_max: u64,
-        vhosts: &mut BTreeMap<String, Arc<VirtualHost>>,
-    ) -> Result<(Arc<Store>, Recovered), StoreError> {
-        Self::open_with(Arc::new(FsBackend), data_dir, policy, segment_bytes_max, vhosts)
-    }
-
+    /// Opens the data directory with the message log on `backend`, restores
+    /// durable definitions and messages into the virtual hosts (creating
+    /// stored vhosts that are missing).
     pub fn open_with(
         backend: Arc<dyn Backend>,
         data_dir: &Path,
