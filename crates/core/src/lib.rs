@@ -2,7 +2,8 @@
 //! queues, consumers, and the delivery side of channels (prefetch, unacked
 //! messages, delivery tags).
 //!
-//! The core does no I/O and reads no clock. Frames leave through the
+//! The core does no I/O and reads time only through the [`Clock`] it is
+//! given (TTLs, queue expiry, `x-death` times). Frames leave through the
 //! [`Outbox`] trait, which the server implements on top of a connection's
 //! write buffer. All state of one virtual host sits behind one lock
 //! ([`VirtualHost::lock`]); the server takes it once per batch of frames read
@@ -15,14 +16,50 @@
 //! so a log-backed queue can later replace the in-memory entries without the
 //! channel layer noticing.
 
+pub mod dead_letter;
 pub mod exchange;
 pub mod headers;
 pub mod message;
 pub mod names;
 pub mod queue;
+pub mod settings;
 pub mod topic;
 pub mod vhost;
 
 pub use message::Message;
 pub use queue::MessageLoader;
 pub use vhost::{ChannelKey, ConnectionId, Definitions, JournalEvent, Outbox, QueueId, VirtualHost, VirtualHostState};
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Default)]
+pub struct ManualClock(std::sync::atomic::AtomicU64);
+
+impl ManualClock {
+    pub fn new(now_ms: u64) -> ManualClock {
+        ManualClock(std::sync::atomic::AtomicU64::new(now_ms))
+    }
+
+    pub fn advance(&self, millis: u64) {
+        self.0.fetch_add(millis, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -12,9 +12,27 @@ pub struct Message {
     properties_len: u32,
     pub persistent: bool,
     pub priority: u8,
+    /// Per-message TTL from the `expiration` property, in milliseconds
+    /// (`NO_EXPIRATION` when absent).
+    expiration: u64,
+    /// When the message entered the broker, in milliseconds since the Unix
+    /// epoch; set when a TTL applies to it (0: not recorded). Stored with
+    /// the message so expiry survives restarts.
+    arrived: std::sync::atomic::AtomicU64,
     /// Log index of the stored copy (0: not stored). Set by the server once
     /// the message's entry is appended; the journal refers to it by this.
     stored: std::sync::atomic::AtomicU64,
+}
+
+const NO_EXPIRATION: u64 = u64::MAX;
+
+/// Reads an `expiration` property as RabbitMQ does: a non-negative decimal
+/// integer of milliseconds.
+pub fn parse_expiration(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
 }
 
 impl Message {
@@ -36,6 +54,7 @@ impl Message {
             body_size,
             persistent: properties.delivery_mode() == Some(2),
             priority: properties.priority().unwrap_or(0),
+            expiration: properties.expiration().and_then(parse_expiration).unwrap_or(NO_EXPIRATION),
         }
     }
 
@@ -76,6 +95,36 @@ impl Message {
         self.body().len()
     }
 
+    /// The `expiration` property in milliseconds, if set.
+    pub fn expiration(&self) -> Option<u64> {
+        (self.expiration != NO_EXPIRATION).then_some(self.expiration)
+    }
+
+    /// Arrival time in milliseconds since the epoch (0: not recorded).
+    pub fn arrived(&self) -> u64 {
+        self.arrived.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the arrival time once; later calls keep the first.
+    pub fn set_arrived(&self, millis: u64) {
+        let _ = self.arrived.compare_exchange(
+            0,
+            millis,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// When this message expires in a queue whose `x-message-ttl` is
+    /// `queue_ttl`: the smaller of the two TTLs after arrival.
+    pub fn deadline(&self, queue_ttl: Option<u64>) -> Option<u64> {
+        let ttl = match (queue_ttl, self.expiration()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(self.arrived().saturating_add(ttl))
+    }
+
     /// A copy with different properties (Direct Reply-To, BCC removal).
     pub fn with_properties(&self, properties: &Properties) -> Message {
         let mut builder = Message::builder(self.exchange(), self.routing_key(), properties, self.body_len());
@@ -94,6 +143,7 @@ pub struct MessageBuilder {
     body_size: usize,
     persistent: bool,
     priority: u8,
+    expiration: u64,
 }
 
 impl MessageBuilder {
@@ -127,6 +177,8 @@ impl MessageBuilder {
             properties_len: self.properties_len,
             persistent: self.persistent,
             priority: self.priority,
+            expiration: self.expiration,
+            arrived: std::sync::atomic::AtomicU64::new(0),
             stored: std::sync::atomic::AtomicU64::new(0),
         }
     }

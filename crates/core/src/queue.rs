@@ -11,13 +11,15 @@
 //!   are never paged out by the queue itself, so a consumer mostly reads
 //!   from memory while a deep queue costs 24 bytes per message.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use warren_codec::types::FieldTable;
 
 use crate::message::Message;
+use crate::settings::QueueSettings;
 use crate::{ChannelKey, ConnectionId, QueueId};
 
 /// Reads stored messages back (implemented by the server over its log).
@@ -97,7 +99,19 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
+    pub settings: QueueSettings,
     ready: VecDeque<Entry>,
+    /// Body bytes of the ready messages (`x-max-length-bytes`).
+    ready_bytes: u64,
+    /// Returns so far of messages that were delivered and came back, by
+    /// sequence number (`x-delivery-limit`, `x-delivery-count`).
+    pub(crate) returns: HashMap<u64, u64>,
+    /// Deadlines of messages with their own `expiration`, soonest first, so
+    /// they leave the queue wherever they are in it. Entries of messages
+    /// already gone are skipped when they come up.
+    expiring: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Last time the queue was used (`x-expires`), milliseconds.
+    pub(crate) last_used: u64,
     next_seq: u64,
     /// Position from which entries may still be paged out.
     page_cursor: usize,
@@ -126,7 +140,12 @@ impl Queue {
             exclusive_owner,
             auto_delete,
             arguments,
+            settings: QueueSettings::default(),
             ready: VecDeque::new(),
+            ready_bytes: 0,
+            returns: HashMap::new(),
+            expiring: BinaryHeap::new(),
+            last_used: 0,
             next_seq: 0,
             page_cursor: 0,
             unreadable: Vec::new(),
@@ -151,17 +170,30 @@ impl Queue {
         seq
     }
 
+    /// Body bytes of the ready messages.
+    pub fn bytes(&self) -> u64 {
+        self.ready_bytes
+    }
+
     pub fn push(&mut self, message: Arc<Message>) {
         let seq = self.next_seq();
+        self.ready_bytes += message.body_len() as u64;
+        if message.expiration().is_some() {
+            if let Some(deadline) = message.deadline(self.settings.message_ttl) {
+                self.expiring.push(Reverse((deadline, seq)));
+            }
+        }
         self.ready.push_back(Entry { seq_flags: seq, body: Body::Loaded(message) });
     }
 
-    /// Adds a message recovered from the store, paged out. It may have been
-    /// delivered before the restart, so it is marked redelivered.
-    pub fn push_stored(&mut self, stored: u64) {
+    /// Adds a message recovered from the store (`size` body bytes), paged
+    /// out. It may have been delivered before the restart, so it is marked
+    /// redelivered.
+    pub fn push_stored(&mut self, stored: u64, size: u64) {
         let Some(index) = NonZeroU64::new(stored) else {
             return;
         };
+        self.ready_bytes += size;
         let seq = self.next_seq();
         self.ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index) });
     }
@@ -208,12 +240,102 @@ impl Queue {
                     }
                 },
             };
+            self.ready_bytes = self.ready_bytes.saturating_sub(message.body_len() as u64);
             return Some(QueuedMessage { seq, message, redelivered });
         }
     }
 
+    /// Makes sure the head entry is in memory; false if the queue is empty.
+    fn load_front(&mut self, loader: Option<&dyn MessageLoader>) -> bool {
+        loop {
+            let Some(entry) = self.ready.front_mut() else {
+                return false;
+            };
+            let Body::Paged(index) = entry.body else {
+                return true;
+            };
+            match loader.and_then(|l| l.load(index.get())) {
+                Some(message) => {
+                    message.set_stored_index(index.get());
+                    entry.body = Body::Loaded(Arc::new(message));
+                    return true;
+                }
+                None => {
+                    tracing::error!(queue = %self.name, stored = index.get(), "stored message cannot be read back; dropped");
+                    self.unreadable.push(index.get());
+                    self.ready.pop_front();
+                    self.page_cursor = self.page_cursor.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Takes the head if it has expired by `now` (deadlines are due when
+    /// strictly in the past, so a TTL of 0 still reaches a waiting consumer).
+    pub fn pop_expired_head(&mut self, now: u64, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
+        if !self.load_front(loader) {
+            return None;
+        }
+        let Body::Loaded(message) = &self.ready.front()?.body else {
+            return None;
+        };
+        let deadline = message.deadline(self.settings.message_ttl)?;
+        if deadline < now {
+            self.pop(loader)
+        } else {
+            None
+        }
+    }
+
+    /// Takes messages whose own `expiration` passed by `now`, wherever they
+    /// are in the queue.
+    pub fn pop_expired_anywhere(&mut self, now: u64, loader: Option<&dyn MessageLoader>, out: &mut Vec<QueuedMessage>) {
+        while let Some(&Reverse((deadline, seq))) = self.expiring.peek() {
+            if deadline >= now {
+                break;
+            }
+            self.expiring.pop();
+            let Ok(position) = self.ready.binary_search_by_key(&seq, Entry::seq) else {
+                continue;
+            };
+            let Some(entry) = self.ready.remove(position) else {
+                continue;
+            };
+            if position < self.page_cursor {
+                self.page_cursor -= 1;
+            }
+            let redelivered = entry.redelivered();
+            let message = match entry.body {
+                Body::Loaded(message) => message,
+                Body::Paged(index) => match loader.and_then(|l| l.load(index.get())) {
+                    Some(message) => {
+                        message.set_stored_index(index.get());
+                        Arc::new(message)
+                    }
+                    None => {
+                        self.unreadable.push(index.get());
+                        continue;
+                    }
+                },
+            };
+            self.ready_bytes = self.ready_bytes.saturating_sub(message.body_len() as u64);
+            out.push(QueuedMessage { seq, message, redelivered });
+        }
+    }
+
+    /// Earliest pending per-message deadline.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiring.peek().map(|Reverse((deadline, _))| *deadline)
+    }
+
     /// Puts a delivered message back where it was, marked redelivered.
     pub fn requeue(&mut self, seq: u64, message: Arc<Message>) {
+        self.ready_bytes += message.body_len() as u64;
+        if message.expiration().is_some() {
+            if let Some(deadline) = message.deadline(self.settings.message_ttl) {
+                self.expiring.push(Reverse((deadline, seq)));
+            }
+        }
         let entry = Entry { seq_flags: seq | REDELIVERED, body: Body::Loaded(message) };
         let position = self.ready.partition_point(|m| m.seq() < seq);
         self.ready.insert(position, entry);
@@ -271,9 +393,12 @@ impl Queue {
     pub fn purge(&mut self, mut dropped: impl FnMut(u64)) -> usize {
         let count = self.ready.len();
         for entry in self.ready.drain(..) {
+            self.returns.remove(&entry.seq());
             dropped(entry.stored_index());
         }
         self.page_cursor = 0;
+        self.ready_bytes = 0;
+        self.expiring.clear();
         count
     }
 

@@ -13,16 +13,19 @@
 //! caller runs [`VirtualHostState::run_dispatch`] after writing its own reply
 //! (a `basic.consume-ok` must precede the first delivery).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 use warren_codec::reply::{AmqpError, ReplyCode};
 use warren_codec::types::FieldTable;
 
+use crate::dead_letter::{self, Reason};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::message::Message;
-use crate::queue::{MessageLoader, Queue, QueueConsumer, LOADED_WINDOW};
+use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
+use crate::settings::{Overflow, QueueSettings};
+use crate::{Clock, SystemClock};
 
 pub type ConnectionId = u64;
 pub type QueueId = u64;
@@ -169,6 +172,42 @@ pub struct GetResult {
     pub message_count: u32,
 }
 
+/// What `publish` did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    /// Queues (and reply consumers) the message was routed to.
+    pub queues: usize,
+    /// A queue refused it (`x-overflow` reject-publish): a publisher in
+    /// confirm mode gets a nack.
+    pub rejected: bool,
+}
+
+/// A message leaving a queue for its dead-letter exchange (or for nowhere).
+/// The source queue's settings are captured when it dies.
+struct DeadLetter {
+    source: Arc<str>,
+    /// The message was in the source queue's store: settle it there once
+    /// the copy is routed.
+    settle: bool,
+    exchange: Option<Arc<str>>,
+    routing_key: Option<Arc<str>>,
+    message: Arc<Message>,
+    reason: Reason,
+}
+
+/// Expired messages are taken at most this many per queue per tick, so an
+/// expiring backlog never holds the lock for long.
+const EXPIRE_PER_TICK: usize = 4096;
+
+enum Enqueued {
+    /// In the queue; `durable` when it must be stored with it.
+    Accepted { durable: bool },
+    /// Refused by the queue's length limit.
+    Rejected,
+    /// Accepted and dropped at once by the length limit.
+    Dropped,
+}
+
 pub struct QueueDeclared {
     pub name: String,
     pub message_count: u32,
@@ -188,6 +227,11 @@ pub struct VirtualHostState {
     journal: Vec<JournalEvent>,
     definitions_changed: bool,
     loader: Option<Arc<dyn MessageLoader>>,
+    clock: Arc<dyn Clock>,
+    dead_letters: VecDeque<DeadLetter>,
+    dead_lettering: bool,
+    /// Queues with a TTL, an expiry or messages with their own expiration.
+    timed: BTreeSet<QueueId>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -344,6 +388,10 @@ impl VirtualHostState {
             journal: Vec::new(),
             definitions_changed: false,
             loader: None,
+            clock: Arc::new(SystemClock),
+            dead_letters: VecDeque::new(),
+            dead_lettering: false,
+            timed: BTreeSet::new(),
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -413,14 +461,128 @@ impl VirtualHostState {
         std::mem::take(&mut self.definitions_changed)
     }
 
-    fn settled(&mut self, queue: QueueId, message: &Message) {
-        let stored = message.stored_index();
-        if stored == 0 {
+    fn settled(&mut self, unacked: &Unacked) {
+        let Some(q) = self.queues.get_mut(&unacked.queue) else {
             return;
+        };
+        if !q.returns.is_empty() {
+            q.returns.remove(&unacked.seq);
         }
-        if let Some(q) = self.queues.get(&queue).filter(|q| q.durable) {
+        let stored = unacked.message.stored_index();
+        if stored != 0 && q.durable {
             self.journal.push(JournalEvent::Settled { queue: q.name.clone(), stored });
         }
+    }
+
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
+    }
+
+    /// True while some queue has a TTL, an expiry or expiring messages:
+    /// [`VirtualHostState::tick`] then has work.
+    pub fn has_timers(&self) -> bool {
+        !self.timed.is_empty()
+    }
+
+    /// Expires messages whose deadline passed (wherever they are in their
+    /// queue) and queues unused for longer than `x-expires`. Call it often
+    /// (every 10 ms): it does a bounded amount of work each time.
+    pub fn tick(&mut self) {
+        let now = self.clock.now_ms();
+        let ids: Vec<QueueId> = self.timed.iter().copied().collect();
+        let mut expired = Vec::new();
+        for id in ids {
+            let Some(queue) = self.queues.get_mut(&id) else {
+                self.timed.remove(&id);
+                continue;
+            };
+            if let Some(expires) = queue.settings.expires {
+                if queue.consumers.is_empty() && now.saturating_sub(queue.last_used) >= expires {
+                    tracing::debug!(queue = %queue.name, "queue expired");
+                    self.remove_queue(id);
+                    continue;
+                }
+            }
+            expired.clear();
+            if queue.settings.has_ttl() {
+                while expired.len() < EXPIRE_PER_TICK {
+                    match queue.pop_expired_head(now, self.loader.as_deref()) {
+                        Some(message) => expired.push(message),
+                        None => break,
+                    }
+                }
+            }
+            queue.pop_expired_anywhere(now, self.loader.as_deref(), &mut expired);
+            if !queue.settings.is_timed() && queue.next_expiry().is_none() {
+                self.timed.remove(&id);
+            }
+            for message in expired.drain(..) {
+                self.dead_letter(id, message, Reason::Expired);
+            }
+            self.settle_unreadable(id);
+        }
+        self.process_dead_letters();
+    }
+
+    /// Queues a message that left queue `id` for good to be dead-lettered
+    /// (or just settled when the queue has no dead-letter exchange).
+    fn dead_letter(&mut self, id: QueueId, entry: QueuedMessage, reason: Reason) {
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return;
+        };
+        if !queue.returns.is_empty() {
+            queue.returns.remove(&entry.seq);
+        }
+        self.dead_letters.push_back(DeadLetter {
+            source: queue.name.clone(),
+            settle: queue.durable && entry.message.stored_index() != 0,
+            exchange: queue.settings.dead_letter_exchange.clone(),
+            routing_key: queue.settings.dead_letter_routing_key.clone(),
+            message: entry.message,
+            reason,
+        });
+    }
+
+    /// Routes queued dead letters to their exchanges. The copy is journaled
+    /// before the original is settled, so a crash in between duplicates a
+    /// message rather than losing it. Dead letters caused by enqueueing a
+    /// dead letter (a full target queue) are handled in the same loop, not
+    /// recursively.
+    fn process_dead_letters(&mut self) {
+        if self.dead_lettering {
+            return;
+        }
+        self.dead_lettering = true;
+        while let Some(dead) = self.dead_letters.pop_front() {
+            if let Some(exchange) = dead.exchange.as_deref() {
+                if exchange.is_empty() || self.exchanges.contains_key(exchange) {
+                    let target =
+                        dead_letter::Target { queue: &dead.source, exchange, routing_key: dead.routing_key.as_deref() };
+                    let (copy, keys) =
+                        dead_letter::copy(&dead.message, dead.reason, &target, self.clock.now_ms() / 1000);
+                    let copy = Arc::new(copy);
+                    let mut queues = Vec::new();
+                    self.route_message(exchange, &copy, keys.get(1..).unwrap_or_default(), &mut queues);
+                    if dead.reason != Reason::Rejected {
+                        queues.retain(|id| match self.queues.get(id) {
+                            Some(q) if dead_letter::cycles(&copy, &q.name) => {
+                                tracing::warn!(queue = %q.name, "dead-letter cycle detected: message dropped");
+                                false
+                            }
+                            _ => true,
+                        });
+                    }
+                    self.enqueue_all(&queues, &copy);
+                } else {
+                    tracing::debug!(exchange, queue = %dead.source, "dead-letter exchange missing: message dropped");
+                }
+            }
+            let stored = dead.message.stored_index();
+            if dead.settle && stored != 0 {
+                self.journal.push(JournalEvent::Settled { queue: dead.source, stored });
+            }
+        }
+        self.dead_lettering = false;
     }
 
     fn mark_dirty(&mut self, queue: QueueId) {
@@ -504,13 +666,12 @@ impl VirtualHostState {
         self.definitions_changed = false;
     }
 
-    /// Puts a message recovered from the store back into a durable queue.
     /// Puts a message recovered from the store back into a durable queue,
     /// paged out (read back from the log when delivered).
-    pub fn recover_stored(&mut self, queue: &str, stored: u64) -> bool {
+    pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64) -> bool {
         match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
             Some(q) if q.durable => {
-                q.push_stored(stored);
+                q.push_stored(stored, size);
                 true
             }
             _ => false,
@@ -863,6 +1024,10 @@ impl VirtualHostState {
                 return Ok(QueueDeclared { name: name.to_string(), message_count: 0, consumer_count: 1 });
             }
             let id = self.queue_id(connection, name)?;
+            let now = self.clock.now_ms();
+            if let Some(queue) = self.queues.get_mut(&id) {
+                queue.last_used = now;
+            }
             return Ok(self.declared(id));
         }
         for (key, value) in arguments.inner() {
@@ -874,7 +1039,14 @@ impl VirtualHostState {
                 )));
             }
         }
+        let settings = QueueSettings::from_arguments(&arguments).map_err(|(key, problem)| {
+            precondition(format!("invalid arg '{key}' for queue '{name}' in vhost '{}': {problem}", self.name))
+        })?;
+        let now = self.clock.now_ms();
         if let Some(&id) = self.queue_ids.get(name) {
+            if let Some(queue) = self.queues.get_mut(&id) {
+                queue.last_used = now;
+            }
             let Some(queue) = self.queues.get(&id) else {
                 return Err(self.not_found_queue(name));
             };
@@ -919,7 +1091,13 @@ impl VirtualHostState {
         let id = self.next_queue_id;
         self.next_queue_id += 1;
         let owner = exclusive.then_some(connection);
-        self.queues.insert(id, Queue::new(id, &name, durable, owner, auto_delete, arguments));
+        let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments);
+        if settings.is_timed() {
+            self.timed.insert(id);
+        }
+        queue.settings = settings;
+        queue.last_used = now;
+        self.queues.insert(id, queue);
         // Exclusive queues go with their connection: never stored.
         self.definitions_changed |= durable && !exclusive;
         self.queue_ids.insert(name.as_str().into(), id);
@@ -981,6 +1159,7 @@ impl VirtualHostState {
             return 0;
         };
         self.queue_ids.remove(&*queue.name);
+        self.timed.remove(&id);
         if queue.durable {
             // Every stored message it held is settled, ready or unacked, so
             // the store can reclaim them; then the deletion itself.
@@ -1033,25 +1212,42 @@ impl VirtualHostState {
         }
     }
 
-    /// Routes a message and enqueues it; returns how many queues (or reply
-    /// consumers) it reached. `extra_keys` are CC/BCC routing keys.
+    /// Routes a message and enqueues it. `extra_keys` are CC/BCC routing
+    /// keys.
     pub fn publish(
         &mut self,
         exchange: &str,
         message: Arc<Message>,
         extra_keys: &[Vec<u8>],
-    ) -> Result<usize, AmqpError> {
+    ) -> Result<Routed, AmqpError> {
         self.check_publish(exchange)?;
         let mut queues = std::mem::take(&mut self.scratch_queues);
-        let mut destinations = std::mem::take(&mut self.scratch_destinations);
         queues.clear();
+        let direct = self.route_message(exchange, &message, extra_keys, &mut queues);
+        let rejected = self.enqueue_all(&queues, &message);
+        let routed = Routed { queues: queues.len() + direct, rejected };
+        self.scratch_queues = queues;
+        self.process_dead_letters();
+        Ok(routed)
+    }
+
+    /// The queues a message goes to (sorted, no duplicates); Direct Reply-To
+    /// deliveries are made on the way and counted in the result.
+    fn route_message(
+        &mut self,
+        exchange: &str,
+        message: &Arc<Message>,
+        extra_keys: &[Vec<u8>],
+        queues: &mut Vec<QueueId>,
+    ) -> usize {
+        let mut destinations = std::mem::take(&mut self.scratch_destinations);
         let mut delivered_direct = 0;
         let mut headers: Option<Option<FieldTable>> = None;
         for key in std::iter::once(message.routing_key()).chain(extra_keys.iter().map(Vec::as_slice)) {
             if exchange.is_empty() {
                 if let Ok(key) = std::str::from_utf8(key) {
                     if let Some(token) = key.strip_prefix(REPLY_TO_PREFIX) {
-                        delivered_direct += usize::from(self.deliver_reply(token, &message));
+                        delivered_direct += usize::from(self.deliver_reply(token, message));
                     } else if let Some(&id) = self.queue_ids.get(key) {
                         queues.push(id);
                     }
@@ -1059,34 +1255,98 @@ impl VirtualHostState {
                 continue;
             }
             let mut visited: Vec<&str> = Vec::new();
-            self.route_exchange(exchange, key, &message, &mut headers, &mut visited, &mut destinations, &mut queues);
+            self.route_exchange(exchange, key, message, &mut headers, &mut visited, &mut destinations, queues);
         }
         queues.sort_unstable();
         queues.dedup();
+        self.scratch_destinations = destinations;
+        delivered_direct
+    }
+
+    /// Enqueues a routed message in each queue and journals it for the
+    /// durable ones; true if a queue refused it.
+    fn enqueue_all(&mut self, queues: &[QueueId], message: &Arc<Message>) -> bool {
         let mut durable: Vec<Arc<str>> = Vec::new();
-        for &id in &queues {
-            if let Some(queue) = self.queues.get_mut(&id) {
-                if message.persistent && queue.durable {
-                    durable.push(queue.name.clone());
-                }
-                queue.push(message.clone());
-                if queue.durable && queue.len() > LOADED_WINDOW {
-                    if let Some(loader) = &self.loader {
-                        queue.page_out(loader.readable_upto(), 2);
+        let mut rejected = false;
+        for &id in queues {
+            match self.enqueue(id, message) {
+                Enqueued::Accepted { durable: true } => {
+                    if let Some(queue) = self.queues.get(&id) {
+                        durable.push(queue.name.clone());
                     }
                 }
-                if !queue.consumers.is_empty() && !self.dirty.contains(&id) {
-                    self.dirty.push(id);
-                }
+                Enqueued::Accepted { durable: false } | Enqueued::Dropped => {}
+                Enqueued::Rejected => rejected = true,
             }
         }
         if !durable.is_empty() {
             self.journal.push(JournalEvent::Published { message: message.clone(), queues: durable });
         }
-        let routed = queues.len() + delivered_direct;
-        self.scratch_queues = queues;
-        self.scratch_destinations = destinations;
-        Ok(routed)
+        rejected
+    }
+
+    /// Puts a message in one queue, applying its TTL and length limit.
+    fn enqueue(&mut self, id: QueueId, message: &Arc<Message>) -> Enqueued {
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return Enqueued::Dropped;
+        };
+        if queue.settings.has_ttl() || message.expiration().is_some() {
+            message.set_arrived(self.clock.now_ms());
+            if !self.timed.contains(&id) {
+                self.timed.insert(id);
+            }
+        }
+        let settings = &queue.settings;
+        let limited = settings.max_length.is_some() || settings.max_length_bytes.is_some();
+        if limited && settings.overflow != Overflow::DropHead {
+            let full = settings.max_length.is_some_and(|max| queue.len() as u64 >= max)
+                || settings.max_length_bytes.is_some_and(|max| queue.bytes() + message.body_len() as u64 > max);
+            if full {
+                if settings.overflow == Overflow::RejectPublishDlx {
+                    self.dead_letters.push_back(DeadLetter {
+                        source: queue.name.clone(),
+                        settle: false,
+                        exchange: settings.dead_letter_exchange.clone(),
+                        routing_key: settings.dead_letter_routing_key.clone(),
+                        message: message.clone(),
+                        reason: Reason::Maxlen,
+                    });
+                }
+                return Enqueued::Rejected;
+            }
+        }
+        queue.push(message.clone());
+        let mut dropped_itself = false;
+        if limited && queue.settings.overflow == Overflow::DropHead {
+            let (max_length, max_bytes) = (queue.settings.max_length, queue.settings.max_length_bytes);
+            let mut heads = Vec::new();
+            while max_length.is_some_and(|max| queue.len() as u64 > max)
+                || max_bytes.is_some_and(|max| queue.bytes() > max)
+            {
+                let Some(head) = queue.pop(self.loader.as_deref()) else { break };
+                dropped_itself |= Arc::ptr_eq(&head.message, message);
+                heads.push(head);
+            }
+            for head in heads {
+                self.dead_letter(id, head, Reason::Maxlen);
+            }
+            self.settle_unreadable(id);
+        }
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return Enqueued::Dropped;
+        };
+        if dropped_itself {
+            return Enqueued::Dropped;
+        }
+        if queue.durable && queue.len() > LOADED_WINDOW {
+            if let Some(loader) = &self.loader {
+                queue.page_out(loader.readable_upto(), 2);
+            }
+        }
+        if !queue.consumers.is_empty() && !self.dirty.contains(&id) {
+            self.dirty.push(id);
+        }
+        Enqueued::Accepted { durable: message.persistent && queue.durable }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1192,6 +1452,7 @@ impl VirtualHostState {
         }
         q.consumers.push(QueueConsumer { channel: key, tag: tag.clone(), exclusive });
         q.had_consumer = true;
+        q.last_used = self.clock.now_ms();
         let consumer_id = self.next_consumer_id;
         self.next_consumer_id += 1;
         if let Some(channel) = self.channels.get_mut(&key) {
@@ -1227,6 +1488,7 @@ impl VirtualHostState {
             return;
         };
         q.consumers.retain(|c| !(c.channel == key && &*c.tag == tag));
+        q.last_used = self.clock.now_ms();
         if q.auto_delete && q.had_consumer && q.consumers.is_empty() {
             self.remove_queue(queue);
         }
@@ -1243,6 +1505,8 @@ impl VirtualHostState {
         let Some(queue) = self.queues.get_mut(&id) else {
             return;
         };
+        let mut expired = Vec::new();
+        let mut now = None;
         let mut refused = 0;
         while refused < queue.consumers.len() {
             let Some(size) = queue.front_size() else {
@@ -1264,9 +1528,29 @@ impl VirtualHostState {
             let Some(entry) = queue.pop(self.loader.as_deref()) else {
                 break;
             };
+            if queue.settings.has_ttl() || entry.message.expiration().is_some() {
+                let now = *now.get_or_insert_with(|| self.clock.now_ms());
+                if entry.message.deadline(queue.settings.message_ttl).is_some_and(|deadline| deadline < now) {
+                    // Never delivered after its deadline.
+                    expired.push(entry);
+                    continue;
+                }
+            }
             let size = entry.message.body_len();
             let delivery_tag = channel.next_tag();
-            channel.outbox.deliver(consumer_channel.channel, &tag, delivery_tag, entry.redelivered, &entry.message);
+            match queue.returns.get(&entry.seq) {
+                Some(&returns) if queue.settings.delivery_limit.is_some() => {
+                    let copy = dead_letter::with_delivery_count(&entry.message, returns);
+                    channel.outbox.deliver(consumer_channel.channel, &tag, delivery_tag, entry.redelivered, &copy);
+                }
+                _ => channel.outbox.deliver(
+                    consumer_channel.channel,
+                    &tag,
+                    delivery_tag,
+                    entry.redelivered,
+                    &entry.message,
+                ),
+            }
             let Some(state) = channel.consumers.get_mut(&tag) else {
                 continue;
             };
@@ -1288,7 +1572,11 @@ impl VirtualHostState {
                 });
             }
         }
+        for entry in expired {
+            self.dead_letter(id, entry, Reason::Expired);
+        }
         self.settle_unreadable(id);
+        self.process_dead_letters();
     }
 
     /// Stored messages a queue could not read back are gone: settle them so
@@ -1307,14 +1595,42 @@ impl VirtualHostState {
         let Some(q) = self.queues.get_mut(&id) else {
             return Err(self.not_found_queue(queue));
         };
-        let Some(channel) = self.channels.get_mut(&key) else {
+        if !self.channels.contains_key(&key) {
             return Err(soft(ReplyCode::ChannelError, "channel is not open"));
+        }
+        let now = self.clock.now_ms();
+        q.last_used = now;
+        let mut expired = Vec::new();
+        let popped = loop {
+            let Some(entry) = q.pop(self.loader.as_deref()) else {
+                break None;
+            };
+            if entry.message.deadline(q.settings.message_ttl).is_some_and(|deadline| deadline < now) {
+                expired.push(entry);
+                continue;
+            }
+            break Some(entry);
         };
-        let popped = q.pop(self.loader.as_deref());
         for stored in q.unreadable.drain(..) {
             self.journal.push(JournalEvent::Settled { queue: q.name.clone(), stored });
         }
+        let delivered = match (&popped, q.settings.delivery_limit) {
+            (Some(entry), Some(_)) => {
+                q.returns.get(&entry.seq).map(|&n| Arc::new(dead_letter::with_delivery_count(&entry.message, n)))
+            }
+            _ => None,
+        };
+        let message_count = q.len() as u32;
+        if !expired.is_empty() {
+            for entry in expired {
+                self.dead_letter(id, entry, Reason::Expired);
+            }
+            self.process_dead_letters();
+        }
         let Some(entry) = popped else {
+            return Ok(None);
+        };
+        let (Some(q), Some(channel)) = (self.queues.get_mut(&id), self.channels.get_mut(&key)) else {
             return Ok(None);
         };
         let delivery_tag = channel.next_tag();
@@ -1337,8 +1653,8 @@ impl VirtualHostState {
         Ok(Some(GetResult {
             delivery_tag,
             redelivered: entry.redelivered,
-            message: entry.message,
-            message_count: q.len() as u32,
+            message: delivered.unwrap_or(entry.message),
+            message_count,
         }))
     }
 
@@ -1385,13 +1701,13 @@ impl VirtualHostState {
 
     pub fn ack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<(), AmqpError> {
         for unacked in self.take_unacked(key, delivery_tag, multiple)? {
-            self.settled(unacked.queue, &unacked.message);
+            self.settled(&unacked);
         }
         Ok(())
     }
 
-    /// `basic.nack` / `basic.reject`: requeue, or drop (dead-lettering
-    /// arrives with queue arguments).
+    /// `basic.nack` / `basic.reject`: requeue, or dead-letter (dropped when
+    /// the queue has no dead-letter exchange).
     pub fn nack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<(), AmqpError> {
         let taken = self.take_unacked(key, delivery_tag, multiple)?;
         if requeue {
@@ -1400,8 +1716,10 @@ impl VirtualHostState {
             }
         } else {
             for unacked in taken {
-                self.settled(unacked.queue, &unacked.message);
+                let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: false };
+                self.dead_letter(unacked.queue, entry, Reason::Rejected);
             }
+            self.process_dead_letters();
         }
         Ok(())
     }
@@ -1415,11 +1733,24 @@ impl VirtualHostState {
         }
     }
 
+    /// Returns a delivered message to its queue, or dead-letters it once it
+    /// came back more often than the queue's delivery limit allows.
     fn requeue(&mut self, unacked: Unacked) {
-        if let Some(queue) = self.queues.get_mut(&unacked.queue) {
-            queue.requeue(unacked.seq, unacked.message);
-            self.mark_dirty(unacked.queue);
+        let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+            return;
+        };
+        if let Some(limit) = queue.settings.delivery_limit {
+            let returns = queue.returns.entry(unacked.seq).or_insert(0);
+            *returns += 1;
+            if *returns > limit {
+                let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
+                self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
+                self.process_dead_letters();
+                return;
+            }
         }
+        queue.requeue(unacked.seq, unacked.message);
+        self.mark_dirty(unacked.queue);
     }
 
     pub fn channel_unacked(&self, key: ChannelKey) -> usize {
@@ -1470,6 +1801,158 @@ mod tests {
         let key = ChannelKey { connection: 1, channel: 1 };
         vhost.open_channel(key, recorder.clone());
         (vhost, recorder, key)
+    }
+
+    fn args(pairs: &[(&str, warren_codec::types::AMQPValue)]) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in pairs {
+            table.insert((*key).into(), value.clone());
+        }
+        table
+    }
+
+    fn text(value: &str) -> warren_codec::types::AMQPValue {
+        warren_codec::types::AMQPValue::LongString(value.into())
+    }
+
+    fn int(value: i64) -> warren_codec::types::AMQPValue {
+        warren_codec::types::AMQPValue::LongLongInt(value)
+    }
+
+    fn bodies(vhost: &mut VirtualHostState, key: ChannelKey, queue: &str) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| vhost.get(key, queue, true).unwrap()).map(|m| m.message.body().to_vec()).collect()
+    }
+
+    fn with_expiration(routing_key: &str, body: &[u8], millis: &str) -> Arc<Message> {
+        let mut encoded = vec![millis.len() as u8];
+        encoded.extend_from_slice(millis.as_bytes());
+        let props = Properties::empty().with_field(warren_codec::properties::flag::EXPIRATION, Some(&encoded));
+        let mut builder = Message::builder(b"", routing_key.as_bytes(), &props, body.len());
+        builder.push_body(body);
+        Arc::new(builder.finish())
+    }
+
+    #[test]
+    fn rejected_messages_go_to_the_dead_letter_exchange_and_cycles_stop() {
+        let (mut vhost, recorder, key) = setup();
+        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
+        vhost.declare_queue(1, "work", false, false, false, false, dl).unwrap();
+        vhost.consume(key, "work", "c", false, false).unwrap();
+        vhost.publish("", message("work", b"a"), &[]).unwrap();
+        vhost.publish("", message("work", b"b"), &[]).unwrap();
+        vhost.run_dispatch();
+        assert_eq!(recorder.deliveries.lock().len(), 2);
+        vhost.nack(key, 2, true, false).unwrap();
+        vhost.cancel(key, "c");
+        assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"a".to_vec(), b"b".to_vec()]);
+
+        // An expiring queue dead-lettering into itself: dropped as a cycle.
+        let clock = Arc::new(crate::ManualClock::new(1_000));
+        vhost.set_clock(clock.clone());
+        let selfish = args(&[
+            ("x-message-ttl", int(10)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("loop")),
+        ]);
+        vhost.declare_queue(1, "loop", false, false, false, false, selfish).unwrap();
+        vhost.publish("", message("loop", b"x"), &[]).unwrap();
+        clock.advance(10);
+        vhost.tick();
+        assert_eq!(vhost.queue("loop").map(Queue::len), Some(1), "due only once strictly past its deadline");
+        clock.advance(1);
+        vhost.tick();
+        assert_eq!(vhost.queue("loop").map(Queue::len), Some(0), "back into the queue it died in: a cycle, dropped");
+    }
+
+    #[test]
+    fn length_limits_drop_the_head_or_refuse_the_publish() {
+        let (mut vhost, _, key) = setup();
+        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        let drop_head = args(&[
+            ("x-max-length", int(2)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("dlq")),
+        ]);
+        vhost.declare_queue(1, "head", false, false, false, false, drop_head).unwrap();
+        for body in [b"1", b"2", b"3"] {
+            assert!(!vhost.publish("", message("head", body), &[]).unwrap().rejected);
+        }
+        assert_eq!(bodies(&mut vhost, key, "head"), vec![b"2".to_vec(), b"3".to_vec()]);
+        assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"1".to_vec()]);
+
+        let reject = args(&[("x-max-length-bytes", int(10)), ("x-overflow", text("reject-publish"))]);
+        vhost.declare_queue(1, "bytes", false, false, false, false, reject).unwrap();
+        let outcomes: Vec<bool> = [&b"123456"[..], b"1234", b"1"]
+            .iter()
+            .map(|body| vhost.publish("", message("bytes", body), &[]).unwrap().rejected)
+            .collect();
+        assert_eq!(outcomes, vec![false, false, true]);
+        assert_eq!(vhost.queue("bytes").map(Queue::bytes), Some(10));
+    }
+
+    #[test]
+    fn expired_messages_leave_from_anywhere_and_are_never_delivered() {
+        let (mut vhost, recorder, key) = setup();
+        let clock = Arc::new(crate::ManualClock::new(5_000));
+        vhost.set_clock(clock.clone());
+        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
+        vhost.declare_queue(1, "q", false, false, false, false, dl).unwrap();
+        vhost.publish("", with_expiration("q", b"long", "1000"), &[]).unwrap();
+        vhost.publish("", with_expiration("q", b"short", "10"), &[]).unwrap();
+        vhost.publish("", message("q", b"forever"), &[]).unwrap();
+        clock.advance(11);
+        vhost.tick();
+        assert_eq!(vhost.queue("q").map(Queue::len), Some(2), "the short one left from behind the head");
+        assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"short".to_vec()]);
+
+        // Due but not yet ticked: a consumer still never sees it.
+        clock.advance(1_000);
+        vhost.consume(key, "q", "c", true, false).unwrap();
+        vhost.run_dispatch();
+        let delivered: Vec<Vec<u8>> = recorder.deliveries.lock().iter().map(|d| d.4.clone()).collect();
+        assert_eq!(delivered, vec![b"forever".to_vec()]);
+        assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"long".to_vec()]);
+
+        // x-expires: an unused queue goes away.
+        vhost.declare_queue(1, "brief", false, false, false, false, args(&[("x-expires", int(100))])).unwrap();
+        clock.advance(99);
+        vhost.tick();
+        assert!(vhost.queue("brief").is_some());
+        clock.advance(1);
+        vhost.tick();
+        assert!(vhost.queue("brief").is_none());
+    }
+
+    #[test]
+    fn a_delivery_limit_counts_returns_then_dead_letters() {
+        let (mut vhost, recorder, key) = setup();
+        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        let limited = args(&[
+            ("x-delivery-limit", int(1)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("dlq")),
+        ]);
+        vhost.declare_queue(1, "q", false, false, false, false, limited).unwrap();
+        vhost.publish("", message("q", b"poison"), &[]).unwrap();
+        vhost.consume(key, "q", "c", false, false).unwrap();
+        vhost.run_dispatch();
+        vhost.nack(key, 1, false, true).unwrap();
+        vhost.run_dispatch();
+        {
+            let deliveries = recorder.deliveries.lock();
+            assert_eq!(deliveries.len(), 2);
+            assert!(deliveries[1].3, "second delivery is flagged redelivered");
+        }
+        vhost.nack(key, 2, false, true).unwrap();
+        vhost.run_dispatch();
+        assert_eq!(recorder.deliveries.lock().len(), 2, "not delivered a third time");
+        vhost.cancel(key, "c");
+        let dead = vhost.get(key, "dlq", true).unwrap().unwrap();
+        let headers = dead.message.properties_view().headers().unwrap();
+        let first = warren_codec::table::get(&headers, "x-first-death-reason").and_then(warren_codec::table::as_str);
+        assert_eq!(first, Some("delivery_limit"));
     }
 
     #[test]
@@ -1611,11 +2094,11 @@ mod tests {
         vhost.bind_exchange("x1", "x2", "", none(), true).unwrap();
         vhost.declare_queue(1, "q", false, false, false, false, none()).unwrap();
         vhost.bind_queue(1, "q", "x2", "", none(), true).unwrap();
-        assert_eq!(vhost.publish("x1", message("k", b"m"), &[]).unwrap(), 1);
+        assert_eq!(vhost.publish("x1", message("k", b"m"), &[]).unwrap().queues, 1);
         let mut args = FieldTable::default();
         args.insert("alternate-exchange".into(), warren_codec::types::AMQPValue::LongString("x1".into()));
         vhost.declare_exchange("d", "direct", false, false, false, false, args).unwrap();
-        assert_eq!(vhost.publish("d", message("nothing-bound", b"m"), &[]).unwrap(), 1);
+        assert_eq!(vhost.publish("d", message("nothing-bound", b"m"), &[]).unwrap().queues, 1);
         assert_eq!(vhost.queue("q").unwrap().len(), 2);
     }
 
@@ -1626,7 +2109,7 @@ mod tests {
         vhost.consume(key, "q", "c", false, false).unwrap();
         vhost.delete_queue(1, "q", false, false).unwrap();
         assert_eq!(*recorder.cancelled.lock(), vec!["c".to_string()]);
-        assert!(vhost.publish("", message("q", b"x"), &[]).unwrap() == 0);
+        assert!(vhost.publish("", message("q", b"x"), &[]).unwrap().queues == 0);
     }
 }
 

@@ -438,18 +438,7 @@ impl Connection {
     /// lock is held. Returns the log index of the last published entry, or
     /// `Err` if the store refused (poisoned).
     fn flush_journal(&mut self, state: &mut VirtualHostState) -> Result<Option<u64>, ()> {
-        if state.take_definitions_changed() {
-            if let Err(error) = self.store.save_definitions(&state.name, state.durable_definitions()) {
-                tracing::error!(%error, "saving durable definitions failed");
-            }
-        }
-        if !state.has_journal() {
-            return Ok(None);
-        }
-        state.drain_journal(&mut self.journal);
-        self.store.append(&state.name, &mut self.journal, &mut self.record).map_err(|error| {
-            tracing::error!(%error, "the store refused journal entries");
-        })
+        self.store.flush(state, &mut self.journal, &mut self.record).map_err(drop)
     }
 
     fn close_connection(&mut self, error: AmqpError) {
@@ -1250,12 +1239,14 @@ impl Connection {
         let stored = self.flush_journal(state);
         if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
             match stored {
+                // A queue at its length limit refused it (reject-publish).
+                _ if routed.rejected => ch.awaiting_store.push_back((seq, NACK)),
                 Ok(Some(index)) => ch.awaiting_store.push_back((seq, index)),
                 Err(()) if message.persistent => ch.awaiting_store.push_back((seq, NACK)),
                 _ => {}
             }
         }
-        if routed == 0 && mandatory {
+        if routed.queues == 0 && mandatory {
             let frame_max = self.outbox.frame_max();
             self.outbox.write(|buf| {
                 encode::basic_return(

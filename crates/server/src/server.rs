@@ -118,6 +118,26 @@ impl Server {
                 while tasks.join_next().await.is_some() {}
             });
         }
+        // Expire messages and queues on time (TTL, x-expires): every 10 ms,
+        // only virtual hosts that have something timed.
+        let timer_broker = self.broker.clone();
+        let timers = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let (mut events, mut scratch) = (Vec::new(), Vec::new());
+            loop {
+                tick.tick().await;
+                for vhost in timer_broker.vhosts() {
+                    let mut state = vhost.lock();
+                    if !state.has_timers() {
+                        continue;
+                    }
+                    state.tick();
+                    state.run_dispatch();
+                    let _ = timer_broker.store.flush(&mut state, &mut events, &mut scratch);
+                }
+            }
+        });
         // Give disk space back as messages are settled.
         let janitor_store = self.broker.store.clone();
         let janitor_broker = self.broker.clone();
@@ -152,6 +172,7 @@ impl Server {
         });
         shutdown.await;
         janitor.abort();
+        timers.abort();
         info!("shutting down: closing connections");
         let _ = stop_tx.send(true);
         let drain = async { while accepts.join_next().await.is_some() {} };

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use warren_codec::properties::Properties;
 use warren_core::vhost::JournalEvent;
-use warren_core::{Definitions, Message, MessageLoader, VirtualHost};
+use warren_core::{Definitions, Message, MessageLoader, VirtualHost, VirtualHostState};
 use warren_storage::{Backend, FsyncPolicy, GroupCommit, Log, LogOptions, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +160,7 @@ pub fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queue
     put_short(out, message.routing_key());
     out.extend_from_slice(&(message.properties().len() as u32).to_le_bytes());
     out.extend_from_slice(message.properties());
+    out.extend_from_slice(&message.arrived().to_le_bytes());
     out.extend_from_slice(message.body());
 }
 
@@ -246,10 +247,24 @@ fn decode_message(encoded: &[u8]) -> Option<Message> {
     let routing_key = r.short()?;
     let props_len = r.u32()? as usize;
     let properties = Properties::parse(Bytes::copy_from_slice(r.take(props_len)?))?;
+    let arrived = r.u64()?;
     let body = r.rest();
     let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
     builder.push_body(body);
-    Some(builder.finish())
+    let message = builder.finish();
+    message.set_arrived(arrived);
+    Some(message)
+}
+
+/// Body size of an encoded message, without building it.
+fn encoded_body_len(encoded: &[u8]) -> Option<u64> {
+    let mut r = Reader { bytes: encoded, at: 0 };
+    r.short()?;
+    r.short()?;
+    let props_len = r.u32()? as usize;
+    r.take(props_len)?;
+    r.u64()?;
+    Some(r.rest().len() as u64)
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -310,35 +325,38 @@ impl Store {
             id
         };
         const SETTLED: u32 = u32::MAX;
-        let mut live: Vec<(u64, u32)> = Vec::new();
+        // (log index, queue, body size): 16 bytes per queue entry.
+        let mut live: Vec<(u64, u32, u32)> = Vec::new();
         let mut undecodable = 0u64;
         let (log, log_recovery) = Log::open_visiting(
             backend,
             &data_dir.join("wal"),
             LogOptions { segment_bytes_max },
             |index, _, payload| match decode(payload) {
-                Some(Record::Published { vhost, queues, .. }) => {
+                Some(Record::Published { vhost, queues, message }) => {
+                    let size = encoded_body_len(message).unwrap_or(0).min(u64::from(u32::MAX)) as u32;
                     for queue in queues {
-                        live.push((index, intern(vhost, queue)));
+                        live.push((index, intern(vhost, queue), size));
                     }
                 }
-                Some(Record::Moved { from, vhost, queues, .. }) => {
+                Some(Record::Moved { from, vhost, queues, message }) => {
+                    let size = encoded_body_len(message).unwrap_or(0).min(u64::from(u32::MAX)) as u32;
                     let ids: Vec<u32> = queues.iter().map(|q| intern(vhost, q)).collect();
-                    let start = live.partition_point(|(i, _)| *i < from);
-                    for pair in live[start..].iter_mut().take_while(|(i, _)| *i == from) {
-                        if ids.contains(&pair.1) {
-                            pair.1 = SETTLED;
+                    let start = live.partition_point(|(i, _, _)| *i < from);
+                    for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i == from) {
+                        if ids.contains(&entry.1) {
+                            entry.1 = SETTLED;
                         }
                     }
-                    live.extend(ids.into_iter().map(|id| (index, id)));
+                    live.extend(ids.into_iter().map(|id| (index, id, size)));
                 }
                 Some(Record::Settled { vhost, settled }) => {
                     for (stored, queue) in settled {
                         let id = intern(vhost, queue);
-                        let start = live.partition_point(|(i, _)| *i < stored);
-                        for pair in live[start..].iter_mut().take_while(|(i, _)| *i == stored) {
-                            if pair.1 == id {
-                                pair.1 = SETTLED;
+                        let start = live.partition_point(|(i, _, _)| *i < stored);
+                        for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i == stored) {
+                            if entry.1 == id {
+                                entry.1 = SETTLED;
                                 break;
                             }
                         }
@@ -346,8 +364,8 @@ impl Store {
                 }
                 Some(Record::Deleted { vhost, queue }) => {
                     let id = intern(vhost, queue);
-                    for pair in live.iter_mut().filter(|(_, q)| *q == id) {
-                        pair.1 = SETTLED;
+                    for entry in live.iter_mut().filter(|(_, q, _)| *q == id) {
+                        entry.1 = SETTLED;
                     }
                 }
                 None => undecodable += 1,
@@ -359,10 +377,10 @@ impl Store {
         let mut liveness = Liveness::default();
         let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
         let mut previous = 0;
-        for (index, id) in live.into_iter().filter(|(_, q)| *q != SETTLED) {
+        for (index, id, size) in live.into_iter().filter(|(_, q, _)| *q != SETTLED) {
             let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
             let Some(vhost) = vhosts.get(vhost) else { continue };
-            if vhost.lock().recover_stored(queue, index) {
+            if vhost.lock().recover_stored(queue, index, u64::from(size)) {
                 recovered.queue_entries += 1;
                 if index != previous {
                     recovered.messages += 1;
@@ -456,6 +474,31 @@ impl Store {
             }
         }
         Ok(last_published)
+    }
+
+    /// Writes what a virtual host's last operations changed, while its lock
+    /// is held (so log order is lock order): durable definitions first,
+    /// then its journal. Returns the log index of the last `P` entry, or
+    /// the error (already logged) if the store refused (poisoned). `events`
+    /// and `scratch` are the caller's reusable buffers.
+    pub fn flush(
+        &self,
+        state: &mut VirtualHostState,
+        events: &mut Vec<JournalEvent>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Option<u64>, StorageError> {
+        if state.take_definitions_changed() {
+            if let Err(error) = self.save_definitions(&state.name, state.durable_definitions()) {
+                tracing::error!(%error, "saving durable definitions failed");
+            }
+        }
+        if !state.has_journal() {
+            return Ok(None);
+        }
+        state.drain_journal(events);
+        self.append(&state.name, events, scratch).inspect_err(|error| {
+            tracing::error!(%error, "the store refused journal entries");
+        })
     }
 
     /// Stores a virtual host's durable definitions (atomically, fsynced).

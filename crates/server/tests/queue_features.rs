@@ -1,0 +1,308 @@
+//! Queue features driven by `x-` arguments and message properties, through
+//! lapin against a real server: dead-lettering, TTL, queue expiry, length
+//! limits, delivery limits, and their survival across restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use futures_lite::StreamExt;
+use lapin::message::BasicGetMessage;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+async fn open(server: &TestServer) -> (Connection, Channel) {
+    let conn = Connection::connect(&server.uri(), ConnectionProperties::default()).await.expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in pairs {
+        table.insert((*key).into(), value.clone());
+    }
+    table
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+fn long(value: i64) -> AMQPValue {
+    AMQPValue::LongLongInt(value)
+}
+
+async fn queue(ch: &Channel, name: &str, durable: bool, arguments: FieldTable) {
+    ch.queue_declare(name.into(), QueueDeclareOptions { durable, ..Default::default() }, arguments).await.unwrap();
+}
+
+/// A queue dead-lettering to `dlq` through the default exchange.
+fn to_dlq(mut extra: Vec<(&str, AMQPValue)>) -> FieldTable {
+    extra.push(("x-dead-letter-exchange", text("")));
+    extra.push(("x-dead-letter-routing-key", text("dlq")));
+    args(&extra)
+}
+
+async fn publish(ch: &Channel, queue: &str, body: &[u8], properties: BasicProperties) {
+    ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties).await.unwrap();
+}
+
+async fn get(ch: &Channel, queue: &str) -> Option<BasicGetMessage> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap()
+}
+
+/// Waits until `queue` holds `expected` ready messages.
+async fn wait_count(ch: &Channel, queue: &str, expected: u32) {
+    for _ in 0..200 {
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if q.message_count() == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("queue {queue} never reached {expected} messages");
+}
+
+fn header<'a>(headers: &'a FieldTable, key: &str) -> &'a AMQPValue {
+    headers.inner().get(key).unwrap_or_else(|| panic!("no header {key} in {headers:?}"))
+}
+
+fn string(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => s.to_string(),
+        other => panic!("not a long string: {other:?}"),
+    }
+}
+
+/// The x-death entries of a dead-lettered message, most recent first.
+fn deaths(message: &BasicGetMessage) -> Vec<FieldTable> {
+    let headers = message.delivery.properties.headers().as_ref().expect("headers");
+    match header(headers, "x-death") {
+        AMQPValue::FieldArray(array) => array
+            .as_slice()
+            .iter()
+            .map(|d| match d {
+                AMQPValue::FieldTable(t) => t.clone(),
+                other => panic!("x-death entry is {other:?}"),
+            })
+            .collect(),
+        other => panic!("x-death is {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_messages_are_dead_lettered_with_their_history() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    ch.exchange_declare("dlx".into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    queue(&ch, "dlq", false, FieldTable::default()).await;
+    ch.queue_bind("dlq".into(), "dlx".into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    queue(&ch, "work", false, args(&[("x-dead-letter-exchange", text("dlx"))])).await;
+    let properties = BasicProperties::default().with_message_id("m1".into()).with_expiration("60000".into());
+    publish(&ch, "work", b"job", properties).await;
+    let job = ch.basic_get("work".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    job.delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+    wait_count(&ch, "dlq", 1).await;
+
+    let dead = get(&ch, "dlq").await.unwrap();
+    assert_eq!(dead.delivery.data, b"job");
+    assert_eq!(dead.delivery.exchange.as_str(), "dlx");
+    assert_eq!(dead.delivery.routing_key.as_str(), "work");
+    assert_eq!(dead.delivery.properties.message_id().as_ref().map(|s| s.as_str()), Some("m1"));
+    assert!(dead.delivery.properties.expiration().is_none(), "expiration is removed");
+    let headers = dead.delivery.properties.headers().as_ref().unwrap();
+    assert_eq!(string(header(headers, "x-first-death-reason")), "rejected");
+    assert_eq!(string(header(headers, "x-first-death-queue")), "work");
+    assert_eq!(string(header(headers, "x-first-death-exchange")), "");
+    let history = deaths(&dead);
+    assert_eq!(history.len(), 1);
+    let death = &history[0];
+    assert_eq!(header(death, "count"), &AMQPValue::LongLongInt(1));
+    assert_eq!(string(header(death, "reason")), "rejected");
+    assert_eq!(string(header(death, "queue")), "work");
+    assert_eq!(string(header(death, "exchange")), "");
+    assert_eq!(string(header(death, "original-expiration")), "60000");
+    assert!(matches!(header(death, "time"), AMQPValue::Timestamp(t) if *t > 1_600_000_000));
+    match header(death, "routing-keys") {
+        AMQPValue::FieldArray(keys) => assert_eq!(keys.as_slice(), &[text("work")]),
+        other => panic!("routing-keys is {other:?}"),
+    }
+
+    // Rejected again from the dead-letter queue's own consumer into a
+    // second queue: the history grows, most recent first.
+    queue(&ch, "dlq2", false, FieldTable::default()).await;
+    queue(
+        &ch,
+        "retry",
+        false,
+        args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq2"))]),
+    )
+    .await;
+    ch.basic_publish("".into(), "retry".into(), BasicPublishOptions::default(), b"job", dead.delivery.properties)
+        .await
+        .unwrap();
+    let again = ch.basic_get("retry".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    again.delivery.acker.nack(BasicNackOptions { requeue: false, multiple: false }).await.unwrap();
+    wait_count(&ch, "dlq2", 1).await;
+    let twice = get(&ch, "dlq2").await.unwrap();
+    let history: Vec<String> = deaths(&twice).iter().map(|d| string(header(d, "queue"))).collect();
+    assert_eq!(history, vec!["retry", "work"]);
+    let headers = twice.delivery.properties.headers().as_ref().unwrap();
+    assert_eq!(string(header(headers, "x-first-death-queue")), "work", "the first death is kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn length_limits_drop_the_oldest_or_nack_the_publisher() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    queue(&ch, "dlq", false, FieldTable::default()).await;
+
+    queue(&ch, "newest", false, to_dlq(vec![("x-max-length", long(2))])).await;
+    for body in [b"1", b"2", b"3"] {
+        publish(&ch, "newest", body, BasicProperties::default()).await;
+    }
+    wait_count(&ch, "dlq", 1).await;
+    let dropped = get(&ch, "dlq").await.unwrap();
+    assert_eq!(dropped.delivery.data, b"1");
+    assert_eq!(string(header(&deaths(&dropped)[0], "reason")), "maxlen");
+    assert_eq!(get(&ch, "newest").await.unwrap().delivery.data, b"2");
+
+    for (name, overflow) in [("refusing", "reject-publish"), ("refusing-dlx", "reject-publish-dlx")] {
+        queue(&ch, name, false, to_dlq(vec![("x-max-length", long(2)), ("x-overflow", text(overflow))])).await;
+        let mut outcomes = Vec::new();
+        for body in [b"a", b"b", b"c"] {
+            let confirm = ch
+                .basic_publish("".into(), name.into(), BasicPublishOptions::default(), body, BasicProperties::default())
+                .await
+                .unwrap();
+            outcomes.push(confirm.await.unwrap().is_ack());
+        }
+        assert_eq!(outcomes, vec![true, true, false], "{overflow}: the third publish is nacked");
+        assert_eq!(get(&ch, name).await.unwrap().delivery.data, b"a");
+    }
+    // Only reject-publish-dlx dead-letters what it refuses.
+    wait_count(&ch, "dlq", 1).await;
+    let refused = get(&ch, "dlq").await.unwrap();
+    assert_eq!(refused.delivery.data, b"c");
+    assert_eq!(string(header(&deaths(&refused)[0], "queue")), "refusing-dlx");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_expire_wherever_they_are_and_unused_queues_go_away() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    queue(&ch, "dlq", false, FieldTable::default()).await;
+    queue(&ch, "mixed", false, to_dlq(vec![])).await;
+    publish(&ch, "mixed", b"stays", BasicProperties::default()).await;
+    publish(&ch, "mixed", b"brief", BasicProperties::default().with_expiration("30".into())).await;
+    wait_count(&ch, "dlq", 1).await;
+    let expired = get(&ch, "dlq").await.unwrap();
+    assert_eq!(expired.delivery.data, b"brief", "expired from behind the head");
+    assert_eq!(string(header(&deaths(&expired)[0], "reason")), "expired");
+    wait_count(&ch, "mixed", 1).await;
+
+    queue(&ch, "ttl", false, to_dlq(vec![("x-message-ttl", long(30))])).await;
+    for body in [b"1", b"2", b"3"] {
+        publish(&ch, "ttl", body, BasicProperties::default()).await;
+    }
+    wait_count(&ch, "dlq", 3).await;
+    wait_count(&ch, "ttl", 0).await;
+
+    queue(&ch, "brief-queue", false, args(&[("x-expires", long(50))])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gone = ch
+        .queue_declare(
+            "brief-queue".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(gone.to_string().contains("404") || format!("{gone:?}").contains("NOT_FOUND"), "{gone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_its_delivery_limit() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    queue(&ch, "dlq", false, FieldTable::default()).await;
+    queue(&ch, "jobs", false, to_dlq(vec![("x-delivery-limit", long(2))])).await;
+    publish(&ch, "jobs", b"poison", BasicProperties::default()).await;
+    let mut consumer = ch
+        .basic_consume("jobs".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+        let count = delivery.properties.headers().as_ref().and_then(|h| h.inner().get("x-delivery-count").cloned());
+        counts.push(count);
+        delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
+    }
+    assert_eq!(counts, vec![None, Some(AMQPValue::LongLongInt(1)), Some(AMQPValue::LongLongInt(2))]);
+    wait_count(&ch, "dlq", 1).await;
+    let dead = get(&ch, "dlq").await.unwrap();
+    assert_eq!(string(header(&deaths(&dead)[0], "reason")), "delivery_limit");
+    assert!(tokio::time::timeout(Duration::from_millis(200), consumer.next()).await.is_err(), "not delivered again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_and_dead_letters_survive_a_restart() {
+    let server = TestServer::start().await;
+    {
+        let (_conn, ch) = open(&server).await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        queue(&ch, "dlq", true, FieldTable::default()).await;
+        queue(&ch, "slow", true, to_dlq(vec![("x-message-ttl", long(1500))])).await;
+        queue(&ch, "rejects", true, to_dlq(vec![])).await;
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        for (queue, body) in [("slow", &b"expiring"[..]), ("rejects", b"rejected")] {
+            ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, persistent.clone())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let rejected = ch.basic_get("rejects".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+        rejected.delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+        wait_count(&ch, "dlq", 1).await;
+    }
+    let started = std::time::Instant::now();
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    let q = ch
+        .queue_declare(
+            "slow".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 1, "still within its TTL after the restart");
+    wait_count(&ch, "rejects", 0).await;
+    // The TTL counts from the original arrival, not from the restart.
+    wait_count(&ch, "dlq", 2).await;
+    assert!(started.elapsed() < Duration::from_millis(1500 + 1000));
+    let first = get(&ch, "dlq").await.unwrap();
+    assert_eq!(first.delivery.data, b"rejected");
+    let second = get(&ch, "dlq").await.unwrap();
+    assert_eq!(second.delivery.data, b"expiring");
+    assert_eq!(string(header(&deaths(&second)[0], "reason")), "expired");
+}
