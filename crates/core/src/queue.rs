@@ -86,10 +86,46 @@ pub struct QueueConsumer {
     pub channel: ChannelKey,
     pub tag: Arc<str>,
     pub exclusive: bool,
+    /// `x-priority`: higher is served first.
+    pub priority: i64,
 }
 
 /// Entries at the head of a queue that stay in memory.
 pub const LOADED_WINDOW: usize = 1024;
+
+/// Ready entries of one priority, in sequence order.
+#[derive(Debug, Default)]
+struct Lane {
+    ready: VecDeque<Entry>,
+    /// Position from which entries may still be paged out.
+    page_cursor: usize,
+}
+
+impl Lane {
+    fn position(&self, seq: u64) -> Result<usize, usize> {
+        self.ready.binary_search_by_key(&seq, Entry::seq)
+    }
+
+    /// Takes the entry at `position`, reading it back if it was paged out;
+    /// `Err(stored)` if it could not be read.
+    fn take(&mut self, position: usize, loader: Option<&dyn MessageLoader>) -> Option<Result<QueuedMessage, u64>> {
+        let entry = self.ready.remove(position)?;
+        if position < self.page_cursor {
+            self.page_cursor -= 1;
+        }
+        let (seq, redelivered) = (entry.seq(), entry.redelivered());
+        Some(match entry.body {
+            Body::Loaded(message) => Ok(QueuedMessage { seq, message, redelivered }),
+            Body::Paged(index) => match loader.and_then(|l| l.load(index.get())) {
+                Some(message) => {
+                    message.set_stored_index(index.get());
+                    Ok(QueuedMessage { seq, message: Arc::new(message), redelivered })
+                }
+                None => Err(index.get()),
+            },
+        })
+    }
+}
 
 #[derive(Debug)]
 pub struct Queue {
@@ -99,8 +135,11 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
-    pub settings: QueueSettings,
-    ready: VecDeque<Entry>,
+    pub(crate) settings: QueueSettings,
+    /// One lane per priority (`x-max-priority` + 1), or one; higher lanes
+    /// are served first.
+    lanes: Vec<Lane>,
+    ready_len: usize,
     /// Body bytes of the ready messages (`x-max-length-bytes`).
     ready_bytes: u64,
     /// Returns so far of messages that were delivered and came back, by
@@ -113,8 +152,6 @@ pub struct Queue {
     /// Last time the queue was used (`x-expires`), milliseconds.
     pub(crate) last_used: u64,
     next_seq: u64,
-    /// Position from which entries may still be paged out.
-    page_cursor: usize,
     /// Stored messages that could not be read back (dropped, to be settled).
     pub(crate) unreadable: Vec<u64>,
     pub consumers: Vec<QueueConsumer>,
@@ -132,7 +169,9 @@ impl Queue {
         exclusive_owner: Option<ConnectionId>,
         auto_delete: bool,
         arguments: FieldTable,
+        settings: QueueSettings,
     ) -> Queue {
+        let lanes = settings.max_priority.map_or(1, |max| usize::from(max) + 1);
         Queue {
             id,
             name: name.into(),
@@ -140,14 +179,14 @@ impl Queue {
             exclusive_owner,
             auto_delete,
             arguments,
-            settings: QueueSettings::default(),
-            ready: VecDeque::new(),
+            settings,
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            ready_len: 0,
             ready_bytes: 0,
             returns: HashMap::new(),
             expiring: BinaryHeap::new(),
             last_used: 0,
             next_seq: 0,
-            page_cursor: 0,
             unreadable: Vec::new(),
             consumers: Vec::new(),
             cursor: 0,
@@ -156,12 +195,16 @@ impl Queue {
         }
     }
 
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
     pub fn len(&self) -> usize {
-        self.ready.len()
+        self.ready_len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
+        self.ready_len == 0
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -175,39 +218,60 @@ impl Queue {
         self.ready_bytes
     }
 
-    pub fn push(&mut self, message: Arc<Message>) {
-        let seq = self.next_seq();
-        self.ready_bytes += message.body_len() as u64;
+    /// The lane of a message priority: above the queue's maximum counts as
+    /// the maximum, as in RabbitMQ.
+    fn lane_of(&self, priority: u8) -> usize {
+        usize::from(priority).min(self.lanes.len() - 1)
+    }
+
+    /// The highest lane holding something.
+    fn top_lane(&self) -> Option<usize> {
+        self.lanes.iter().rposition(|lane| !lane.ready.is_empty())
+    }
+
+    fn track_expiry(&mut self, message: &Message, seq: u64) {
         if message.expiration().is_some() {
             if let Some(deadline) = message.deadline(self.settings.message_ttl) {
                 self.expiring.push(Reverse((deadline, seq)));
             }
         }
-        self.ready.push_back(Entry { seq_flags: seq, body: Body::Loaded(message) });
+    }
+
+    pub fn push(&mut self, message: Arc<Message>) {
+        let seq = self.next_seq();
+        self.ready_bytes += message.body_len() as u64;
+        self.ready_len += 1;
+        self.track_expiry(&message, seq);
+        let lane = self.lane_of(message.priority);
+        self.lanes[lane].ready.push_back(Entry { seq_flags: seq, body: Body::Loaded(message) });
     }
 
     /// Adds a message recovered from the store (`size` body bytes), paged
     /// out. It may have been delivered before the restart, so it is marked
     /// redelivered.
-    pub fn push_stored(&mut self, stored: u64, size: u64) {
+    pub fn push_stored(&mut self, stored: u64, size: u64, priority: u8) {
         let Some(index) = NonZeroU64::new(stored) else {
             return;
         };
         self.ready_bytes += size;
+        self.ready_len += 1;
         let seq = self.next_seq();
-        self.ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index) });
+        let lane = self.lane_of(priority);
+        self.lanes[lane].ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index) });
     }
 
     /// Body size of the next message, when known without reading it.
     pub fn front_size(&self) -> Option<usize> {
-        self.ready.front().map(|entry| match &entry.body {
+        let lane = &self.lanes[self.top_lane()?];
+        lane.ready.front().map(|entry| match &entry.body {
             Body::Loaded(message) => message.body_len(),
             Body::Paged(_) => 0,
         })
     }
 
+    /// Every ready entry, highest priority first, in delivery order.
     pub fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
-        self.ready.iter().map(|entry| EntryRef {
+        self.lanes.iter().rev().flat_map(|lane| lane.ready.iter()).map(|entry| EntryRef {
             seq: entry.seq(),
             redelivered: entry.redelivered(),
             message: match &entry.body {
@@ -218,37 +282,41 @@ impl Queue {
         })
     }
 
+    /// Takes from `lane` at `position`, keeping the counters; unreadable
+    /// stored messages are dropped into `unreadable`.
+    fn take_at(&mut self, lane: usize, position: usize, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
+        let taken = self.lanes[lane].take(position, loader)?;
+        self.ready_len -= 1;
+        match taken {
+            Ok(message) => {
+                self.ready_bytes = self.ready_bytes.saturating_sub(message.message.body_len() as u64);
+                Some(message)
+            }
+            Err(stored) => {
+                tracing::error!(queue = %self.name, stored, "stored message cannot be read back; dropped");
+                self.unreadable.push(stored);
+                None
+            }
+        }
+    }
+
     /// Takes the next message, reading it back from the store if it was
     /// paged out. Stored messages that cannot be read are skipped and kept
     /// in `unreadable` for the caller to settle.
     pub fn pop(&mut self, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
         loop {
-            let entry = self.ready.pop_front()?;
-            self.page_cursor = self.page_cursor.saturating_sub(1);
-            let (seq, redelivered) = (entry.seq(), entry.redelivered());
-            let message = match entry.body {
-                Body::Loaded(message) => message,
-                Body::Paged(index) => match loader.and_then(|l| l.load(index.get())) {
-                    Some(message) => {
-                        message.set_stored_index(index.get());
-                        Arc::new(message)
-                    }
-                    None => {
-                        tracing::error!(queue = %self.name, stored = index.get(), "stored message cannot be read back; dropped");
-                        self.unreadable.push(index.get());
-                        continue;
-                    }
-                },
-            };
-            self.ready_bytes = self.ready_bytes.saturating_sub(message.body_len() as u64);
-            return Some(QueuedMessage { seq, message, redelivered });
+            let lane = self.top_lane()?;
+            if let Some(message) = self.take_at(lane, 0, loader) {
+                return Some(message);
+            }
         }
     }
 
-    /// Makes sure the head entry is in memory; false if the queue is empty.
-    fn load_front(&mut self, loader: Option<&dyn MessageLoader>) -> bool {
+    /// Makes sure the head entry of `lane` is in memory; false if the lane
+    /// is empty.
+    fn load_front(&mut self, lane: usize, loader: Option<&dyn MessageLoader>) -> bool {
         loop {
-            let Some(entry) = self.ready.front_mut() else {
+            let Some(entry) = self.lanes[lane].ready.front_mut() else {
                 return false;
             };
             let Body::Paged(index) = entry.body else {
@@ -261,30 +329,28 @@ impl Queue {
                     return true;
                 }
                 None => {
-                    tracing::error!(queue = %self.name, stored = index.get(), "stored message cannot be read back; dropped");
-                    self.unreadable.push(index.get());
-                    self.ready.pop_front();
-                    self.page_cursor = self.page_cursor.saturating_sub(1);
+                    let _ = self.take_at(lane, 0, None);
                 }
             }
         }
     }
 
-    /// Takes the head if it has expired by `now` (deadlines are due when
-    /// strictly in the past, so a TTL of 0 still reaches a waiting consumer).
+    /// Takes a lane's head if it has expired by `now` (deadlines are due
+    /// when strictly in the past, so a TTL of 0 still reaches a waiting
+    /// consumer). Under a queue TTL each lane is in deadline order.
     pub fn pop_expired_head(&mut self, now: u64, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
-        if !self.load_front(loader) {
-            return None;
+        for lane in (0..self.lanes.len()).rev() {
+            if !self.load_front(lane, loader) {
+                continue;
+            }
+            let Some(Body::Loaded(message)) = self.lanes[lane].ready.front().map(|e| &e.body) else {
+                continue;
+            };
+            if message.deadline(self.settings.message_ttl).is_some_and(|deadline| deadline < now) {
+                return self.take_at(lane, 0, loader);
+            }
         }
-        let Body::Loaded(message) = &self.ready.front()?.body else {
-            return None;
-        };
-        let deadline = message.deadline(self.settings.message_ttl)?;
-        if deadline < now {
-            self.pop(loader)
-        } else {
-            None
-        }
+        None
     }
 
     /// Takes messages whose own `expiration` passed by `now`, wherever they
@@ -295,31 +361,10 @@ impl Queue {
                 break;
             }
             self.expiring.pop();
-            let Ok(position) = self.ready.binary_search_by_key(&seq, Entry::seq) else {
-                continue;
-            };
-            let Some(entry) = self.ready.remove(position) else {
-                continue;
-            };
-            if position < self.page_cursor {
-                self.page_cursor -= 1;
+            let found = (0..self.lanes.len()).find_map(|lane| self.lanes[lane].position(seq).ok().map(|p| (lane, p)));
+            if let Some((lane, position)) = found {
+                out.extend(self.take_at(lane, position, loader));
             }
-            let redelivered = entry.redelivered();
-            let message = match entry.body {
-                Body::Loaded(message) => message,
-                Body::Paged(index) => match loader.and_then(|l| l.load(index.get())) {
-                    Some(message) => {
-                        message.set_stored_index(index.get());
-                        Arc::new(message)
-                    }
-                    None => {
-                        self.unreadable.push(index.get());
-                        continue;
-                    }
-                },
-            };
-            self.ready_bytes = self.ready_bytes.saturating_sub(message.body_len() as u64);
-            out.push(QueuedMessage { seq, message, redelivered });
         }
     }
 
@@ -331,55 +376,57 @@ impl Queue {
     /// Puts a delivered message back where it was, marked redelivered.
     pub fn requeue(&mut self, seq: u64, message: Arc<Message>) {
         self.ready_bytes += message.body_len() as u64;
-        if message.expiration().is_some() {
-            if let Some(deadline) = message.deadline(self.settings.message_ttl) {
-                self.expiring.push(Reverse((deadline, seq)));
-            }
-        }
+        self.ready_len += 1;
+        self.track_expiry(&message, seq);
+        let lane = self.lane_of(message.priority);
+        let lane = &mut self.lanes[lane];
         let entry = Entry { seq_flags: seq | REDELIVERED, body: Body::Loaded(message) };
-        let position = self.ready.partition_point(|m| m.seq() < seq);
-        self.ready.insert(position, entry);
-        if position < self.page_cursor {
-            self.page_cursor += 1;
+        let position = lane.ready.partition_point(|m| m.seq() < seq);
+        lane.ready.insert(position, entry);
+        if position < lane.page_cursor {
+            lane.page_cursor += 1;
         }
-        debug_assert!(self.ready.iter().zip(self.ready.iter().skip(1)).all(|(a, b)| a.seq() < b.seq()));
+        debug_assert!(lane.ready.iter().zip(lane.ready.iter().skip(1)).all(|(a, b)| a.seq() < b.seq()));
     }
 
-    /// Pages out up to `budget` stored messages beyond the loaded window
-    /// whose log entries are readable. Cheap enough to call on every publish.
+    /// Pages out up to `budget` stored messages beyond each lane's loaded
+    /// window whose log entries are readable. Cheap enough to call on every
+    /// publish.
     pub fn page_out(&mut self, readable: u64, budget: usize) {
-        self.page_cursor = self.page_cursor.max(LOADED_WINDOW);
         let mut converted = 0;
-        while converted < budget && self.page_cursor < self.ready.len() {
-            let Some(entry) = self.ready.get_mut(self.page_cursor) else { break };
-            match &entry.body {
-                Body::Paged(_) => {}
-                Body::Loaded(message) => {
-                    let stored = message.stored_index();
-                    if stored == 0 {
-                        if message.persistent {
-                            // Its log entry is on its way: try again later.
+        for lane in self.lanes.iter_mut().rev() {
+            lane.page_cursor = lane.page_cursor.max(LOADED_WINDOW);
+            while converted < budget && lane.page_cursor < lane.ready.len() {
+                let Some(entry) = lane.ready.get_mut(lane.page_cursor) else { break };
+                match &entry.body {
+                    Body::Paged(_) => {}
+                    Body::Loaded(message) => {
+                        let stored = message.stored_index();
+                        if stored == 0 {
+                            if message.persistent {
+                                // Its log entry is on its way: try again later.
+                                break;
+                            }
+                            // Transient: stays in memory.
+                        } else if stored <= readable {
+                            if let Some(index) = NonZeroU64::new(stored) {
+                                entry.body = Body::Paged(index);
+                                converted += 1;
+                            }
+                        } else {
                             break;
                         }
-                        // Transient: stays in memory.
-                    } else if stored <= readable {
-                        if let Some(index) = NonZeroU64::new(stored) {
-                            entry.body = Body::Paged(index);
-                            converted += 1;
-                        }
-                    } else {
-                        break;
                     }
                 }
+                lane.page_cursor += 1;
             }
-            self.page_cursor += 1;
         }
     }
 
     /// Points entries stored at an old log index to the index their message
     /// was moved to (compaction). Loaded entries follow their message.
     pub fn rekey(&mut self, moved: &std::collections::HashMap<u64, u64>) {
-        for entry in self.ready.iter_mut() {
+        for entry in self.lanes.iter_mut().flat_map(|lane| lane.ready.iter_mut()) {
             if let Body::Paged(index) = &mut entry.body {
                 if let Some(new) = moved.get(&index.get()).and_then(|n| NonZeroU64::new(*n)) {
                     *index = new;
@@ -391,12 +438,15 @@ impl Queue {
     /// Drops every ready message, handing each one's stored index (0 when
     /// not stored) to `dropped` first.
     pub fn purge(&mut self, mut dropped: impl FnMut(u64)) -> usize {
-        let count = self.ready.len();
-        for entry in self.ready.drain(..) {
-            self.returns.remove(&entry.seq());
-            dropped(entry.stored_index());
+        let count = self.ready_len;
+        for lane in &mut self.lanes {
+            for entry in lane.ready.drain(..) {
+                self.returns.remove(&entry.seq());
+                dropped(entry.stored_index());
+            }
+            lane.page_cursor = 0;
         }
-        self.page_cursor = 0;
+        self.ready_len = 0;
         self.ready_bytes = 0;
         self.expiring.clear();
         count
@@ -420,7 +470,7 @@ mod tests {
 
     #[test]
     fn requeued_messages_return_to_their_original_position() {
-        let mut queue = Queue::new(1, "q", false, None, false, FieldTable::default());
+        let mut queue = Queue::new(1, "q", false, None, false, FieldTable::default(), QueueSettings::default());
         for body in [b"a", b"b", b"c", b"d"] {
             queue.push(msg(body));
         }
@@ -451,7 +501,7 @@ mod tests {
     #[test]
     fn deep_queues_page_out_stored_messages_and_read_them_back_in_order() {
         let persistent = Properties::parse(bytes::Bytes::from_static(&[0x10, 0, 2])).unwrap();
-        let mut queue = Queue::new(1, "q", true, None, false, FieldTable::default());
+        let mut queue = Queue::new(1, "q", true, None, false, FieldTable::default(), QueueSettings::default());
         let total = LOADED_WINDOW as u64 + 50;
         for i in 1..=total {
             let body = i.to_be_bytes();

@@ -35,6 +35,8 @@ pub struct QueueSettings {
     /// `x-delivery-limit`: returns allowed before the message is dead-lettered.
     pub delivery_limit: Option<u64>,
     pub max_priority: Option<u8>,
+    /// `x-single-active-consumer`: one consumer at a time gets messages.
+    pub single_active_consumer: bool,
 }
 
 impl QueueSettings {
@@ -84,6 +86,13 @@ impl QueueSettings {
             Some("reject-publish") => Overflow::RejectPublish,
             Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
             Some(other) => return Err(("x-overflow", format!("{{invalid_overflow,<<\"{other}\">>}}"))),
+        };
+        settings.single_active_consumer = match table::get(arguments, "x-single-active-consumer") {
+            None => false,
+            Some(AMQPValue::Boolean(on)) => *on,
+            Some(other) => {
+                return Err(("x-single-active-consumer", format!("{{unacceptable_type,{}}}", type_name(other))))
+            }
         };
         settings.dead_letter_exchange = string("x-dead-letter-exchange")?.map(Arc::from);
         settings.dead_letter_routing_key = string("x-dead-letter-routing-key")?.map(Arc::from);

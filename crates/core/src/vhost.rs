@@ -373,6 +373,34 @@ fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
     }
 }
 
+/// The consumer the next message of `queue` goes to: round-robin among the
+/// highest-priority consumers that can take it, lower priorities only when
+/// all higher ones are full; with a single active consumer, only the first
+/// registered one.
+fn pick_consumer(queue: &mut Queue, channels: &HashMap<ChannelKey, ChannelState>, size: usize) -> Option<usize> {
+    let can_take = |consumer: &QueueConsumer| {
+        channels.get(&consumer.channel).is_some_and(|channel| channel.can_deliver(&consumer.tag, size))
+    };
+    if queue.settings.single_active_consumer {
+        return queue.consumers.first().filter(|c| can_take(c)).map(|_| 0);
+    }
+    let count = queue.consumers.len();
+    let mut start = 0;
+    while start < count {
+        let priority = queue.consumers[start].priority;
+        let group = queue.consumers[start..].iter().take_while(|c| c.priority == priority).count();
+        for k in 0..group {
+            let index = start + (queue.cursor + k) % group;
+            if can_take(&queue.consumers[index]) {
+                queue.cursor = index - start + 1;
+                return Some(index);
+            }
+        }
+        start += group;
+    }
+    None
+}
+
 impl VirtualHostState {
     pub fn new(name: &str) -> VirtualHostState {
         let mut state = VirtualHostState {
@@ -668,10 +696,10 @@ impl VirtualHostState {
 
     /// Puts a message recovered from the store back into a durable queue,
     /// paged out (read back from the log when delivered).
-    pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64) -> bool {
+    pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64, priority: u8) -> bool {
         match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
             Some(q) if q.durable => {
-                q.push_stored(stored, size);
+                q.push_stored(stored, size, priority);
                 true
             }
             _ => false,
@@ -1091,11 +1119,10 @@ impl VirtualHostState {
         let id = self.next_queue_id;
         self.next_queue_id += 1;
         let owner = exclusive.then_some(connection);
-        let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments);
         if settings.is_timed() {
             self.timed.insert(id);
         }
-        queue.settings = settings;
+        let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments, settings);
         queue.last_used = now;
         self.queues.insert(id, queue);
         // Exclusive queues go with their connection: never stored.
@@ -1421,6 +1448,7 @@ impl VirtualHostState {
         consumer_tag: &str,
         no_ack: bool,
         exclusive: bool,
+        arguments: &FieldTable,
     ) -> Result<String, AmqpError> {
         let tag: Arc<str> =
             if consumer_tag.is_empty() { crate::names::generate("amq.ctag-").into() } else { consumer_tag.into() };
@@ -1443,6 +1471,16 @@ impl VirtualHostState {
             return Ok(tag.to_string());
         }
         let id = self.queue_id(key.connection, queue)?;
+        let priority = match warren_codec::table::get(arguments, "x-priority") {
+            None => 0,
+            Some(value) => warren_codec::table::as_i64(value).ok_or_else(|| {
+                precondition(format!(
+                    "invalid arg 'x-priority' for queue '{queue}' in vhost '{}': {{unacceptable_type,{}}}",
+                    self.name,
+                    if warren_codec::table::as_str(value).is_some() { "longstr" } else { "non_integer" }
+                ))
+            })?,
+        };
         let vhost = &self.name;
         let Some(q) = self.queues.get_mut(&id) else {
             return Err(self.not_found_queue(queue));
@@ -1450,7 +1488,9 @@ impl VirtualHostState {
         if q.consumers.iter().any(|c| c.exclusive) || (exclusive && !q.consumers.is_empty()) {
             return Err(soft(ReplyCode::AccessRefused, format!("queue '{queue}' in vhost '{vhost}' in exclusive use")));
         }
-        q.consumers.push(QueueConsumer { channel: key, tag: tag.clone(), exclusive });
+        // Sorted by priority, highest first; registration order within one.
+        let position = q.consumers.partition_point(|c| c.priority >= priority);
+        q.consumers.insert(position, QueueConsumer { channel: key, tag: tag.clone(), exclusive, priority });
         q.had_consumer = true;
         q.last_used = self.clock.now_ms();
         let consumer_id = self.next_consumer_id;
@@ -1507,23 +1547,17 @@ impl VirtualHostState {
         };
         let mut expired = Vec::new();
         let mut now = None;
-        let mut refused = 0;
-        while refused < queue.consumers.len() {
+        loop {
             let Some(size) = queue.front_size() else {
                 break;
             };
-            let index = queue.cursor % queue.consumers.len();
-            queue.cursor = index + 1;
+            let Some(index) = pick_consumer(queue, &self.channels, size) else {
+                break;
+            };
             let consumer_channel = queue.consumers[index].channel;
             let Some(channel) = self.channels.get_mut(&consumer_channel) else {
-                refused += 1;
-                continue;
+                break;
             };
-            if !channel.can_deliver(&queue.consumers[index].tag, size) {
-                refused += 1;
-                continue;
-            }
-            refused = 0;
             let tag = queue.consumers[index].tag.clone();
             let Some(entry) = queue.pop(self.loader.as_deref()) else {
                 break;
@@ -1838,7 +1872,7 @@ mod tests {
         vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
         let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
         vhost.declare_queue(1, "work", false, false, false, false, dl).unwrap();
-        vhost.consume(key, "work", "c", false, false).unwrap();
+        vhost.consume(key, "work", "c", false, false, &FieldTable::default()).unwrap();
         vhost.publish("", message("work", b"a"), &[]).unwrap();
         vhost.publish("", message("work", b"b"), &[]).unwrap();
         vhost.run_dispatch();
@@ -1909,7 +1943,7 @@ mod tests {
 
         // Due but not yet ticked: a consumer still never sees it.
         clock.advance(1_000);
-        vhost.consume(key, "q", "c", true, false).unwrap();
+        vhost.consume(key, "q", "c", true, false, &FieldTable::default()).unwrap();
         vhost.run_dispatch();
         let delivered: Vec<Vec<u8>> = recorder.deliveries.lock().iter().map(|d| d.4.clone()).collect();
         assert_eq!(delivered, vec![b"forever".to_vec()]);
@@ -1936,7 +1970,7 @@ mod tests {
         ]);
         vhost.declare_queue(1, "q", false, false, false, false, limited).unwrap();
         vhost.publish("", message("q", b"poison"), &[]).unwrap();
-        vhost.consume(key, "q", "c", false, false).unwrap();
+        vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
         vhost.run_dispatch();
         vhost.nack(key, 1, false, true).unwrap();
         vhost.run_dispatch();
@@ -1960,7 +1994,7 @@ mod tests {
         let (mut vhost, recorder, key) = setup();
         vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
         vhost.qos(key, 0, 2, false);
-        vhost.consume(key, "q", "c", false, false).unwrap();
+        vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
         for i in 0..5u8 {
             vhost.publish("", message("q", &[i]), &[]).unwrap();
         }
@@ -1977,7 +2011,7 @@ mod tests {
     fn closing_a_channel_requeues_in_original_order_with_redelivered() {
         let (mut vhost, recorder, key) = setup();
         vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
-        vhost.consume(key, "q", "c", false, false).unwrap();
+        vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
         for i in 0..3u8 {
             vhost.publish("", message("q", &[i]), &[]).unwrap();
         }
@@ -2004,14 +2038,14 @@ mod tests {
         for i in 0..3u8 {
             vhost.publish("", message("q", &[i]), &[]).unwrap();
         }
-        vhost.consume(key, "q", "tag", false, false).unwrap();
+        vhost.consume(key, "q", "tag", false, false, &FieldTable::default()).unwrap();
         vhost.run_dispatch();
         assert!(vhost.cancel(key, "tag"));
         for i in 3..5u8 {
             vhost.publish("", message("q", &[i]), &[]).unwrap();
         }
         vhost.qos(key, 0, 1, false);
-        vhost.consume(key, "q", "tag", false, false).unwrap();
+        vhost.consume(key, "q", "tag", false, false, &FieldTable::default()).unwrap();
         vhost.run_dispatch();
         assert_eq!(recorder.deliveries.lock().len(), 4);
         vhost.ack(key, 1, false).unwrap();
@@ -2074,8 +2108,8 @@ mod tests {
     fn round_robin_between_competing_consumers() {
         let (mut vhost, recorder, key) = setup();
         vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
-        vhost.consume(key, "q", "a", true, false).unwrap();
-        vhost.consume(key, "q", "b", true, false).unwrap();
+        vhost.consume(key, "q", "a", true, false, &FieldTable::default()).unwrap();
+        vhost.consume(key, "q", "b", true, false, &FieldTable::default()).unwrap();
         for i in 0..4u8 {
             vhost.publish("", message("q", &[i]), &[]).unwrap();
             vhost.run_dispatch();
@@ -2106,7 +2140,7 @@ mod tests {
     fn deleting_a_queue_cancels_its_consumers() {
         let (mut vhost, recorder, key) = setup();
         vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
-        vhost.consume(key, "q", "c", false, false).unwrap();
+        vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
         vhost.delete_queue(1, "q", false, false).unwrap();
         assert_eq!(*recorder.cancelled.lock(), vec!["c".to_string()]);
         assert!(vhost.publish("", message("q", b"x"), &[]).unwrap().queues == 0);
@@ -2199,7 +2233,7 @@ mod model {
                         if let std::collections::btree_map::Entry::Vacant(slot) = consuming.entry(c) {
                             vhost.qos(key(c), 0, prefetch, false);
                             let no_ack = prefetch == 3;
-                            vhost.consume(key(c), "q", "tag", no_ack, false).unwrap();
+                            vhost.consume(key(c), "q", "tag", no_ack, false, &FieldTable::default()).unwrap();
                             slot.insert((no_ack, prefetch));
                             consumer_tags.insert(c, Default::default());
                         }

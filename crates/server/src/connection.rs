@@ -937,7 +937,7 @@ impl Connection {
                 } else {
                     self.queue_name(number, c.queue.as_str())?
                 };
-                let tag = state.consume(key, &name, c.consumer_tag.as_str(), c.no_ack, c.exclusive)?;
+                let tag = state.consume(key, &name, c.consumer_tag.as_str(), c.no_ack, c.exclusive, &c.arguments)?;
                 if !c.nowait {
                     self.send(
                         number,

@@ -256,16 +256,29 @@ fn decode_message(encoded: &[u8]) -> Option<Message> {
     Some(message)
 }
 
-/// Body size of an encoded message, without building it.
-fn encoded_body_len(encoded: &[u8]) -> Option<u64> {
+/// What recovery needs of an encoded message without building it: its
+/// body size (saturated to `u32`) and priority.
+fn encoded_summary(encoded: &[u8]) -> Option<(u32, u8)> {
     let mut r = Reader { bytes: encoded, at: 0 };
     r.short()?;
     r.short()?;
     let props_len = r.u32()? as usize;
-    r.take(props_len)?;
+    let properties = r.take(props_len)?;
     r.u64()?;
-    Some(r.rest().len() as u64)
+    let size = r.rest().len().min(u32::MAX as usize) as u32;
+    let flags = properties.get(..2).map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
+    let priority = if flags & warren_codec::properties::flag::PRIORITY != 0 {
+        Properties::parse(Bytes::copy_from_slice(properties)).and_then(|p| p.priority()).unwrap_or(0)
+    } else {
+        0
+    };
+    Some((size, priority))
 }
+
+/// Recovery keeps a message's priority in the top byte of its log index
+/// (indices stay far below 2^56).
+const PRIORITY_SHIFT: u32 = 56;
+const INDEX_MASK: u64 = (1 << PRIORITY_SHIFT) - 1;
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
@@ -325,7 +338,8 @@ impl Store {
             id
         };
         const SETTLED: u32 = u32::MAX;
-        // (log index, queue, body size): 16 bytes per queue entry.
+        // (priority << 56 | log index, queue, body size): 16 bytes per
+        // queue entry, in index order.
         let mut live: Vec<(u64, u32, u32)> = Vec::new();
         let mut undecodable = 0u64;
         let (log, log_recovery) = Log::open_visiting(
@@ -334,27 +348,29 @@ impl Store {
             LogOptions { segment_bytes_max },
             |index, _, payload| match decode(payload) {
                 Some(Record::Published { vhost, queues, message }) => {
-                    let size = encoded_body_len(message).unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+                    let (size, priority) = encoded_summary(message).unwrap_or((0, 0));
+                    let key = index | u64::from(priority) << PRIORITY_SHIFT;
                     for queue in queues {
-                        live.push((index, intern(vhost, queue), size));
+                        live.push((key, intern(vhost, queue), size));
                     }
                 }
                 Some(Record::Moved { from, vhost, queues, message }) => {
-                    let size = encoded_body_len(message).unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+                    let (size, priority) = encoded_summary(message).unwrap_or((0, 0));
+                    let key = index | u64::from(priority) << PRIORITY_SHIFT;
                     let ids: Vec<u32> = queues.iter().map(|q| intern(vhost, q)).collect();
-                    let start = live.partition_point(|(i, _, _)| *i < from);
-                    for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i == from) {
+                    let start = live.partition_point(|(i, _, _)| *i & INDEX_MASK < from);
+                    for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i & INDEX_MASK == from) {
                         if ids.contains(&entry.1) {
                             entry.1 = SETTLED;
                         }
                     }
-                    live.extend(ids.into_iter().map(|id| (index, id, size)));
+                    live.extend(ids.into_iter().map(|id| (key, id, size)));
                 }
                 Some(Record::Settled { vhost, settled }) => {
                     for (stored, queue) in settled {
                         let id = intern(vhost, queue);
-                        let start = live.partition_point(|(i, _, _)| *i < stored);
-                        for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i == stored) {
+                        let start = live.partition_point(|(i, _, _)| *i & INDEX_MASK < stored);
+                        for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i & INDEX_MASK == stored) {
                             if entry.1 == id {
                                 entry.1 = SETTLED;
                                 break;
@@ -377,10 +393,11 @@ impl Store {
         let mut liveness = Liveness::default();
         let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
         let mut previous = 0;
-        for (index, id, size) in live.into_iter().filter(|(_, q, _)| *q != SETTLED) {
+        for (key, id, size) in live.into_iter().filter(|(_, q, _)| *q != SETTLED) {
+            let (index, priority) = (key & INDEX_MASK, (key >> PRIORITY_SHIFT) as u8);
             let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
             let Some(vhost) = vhosts.get(vhost) else { continue };
-            if vhost.lock().recover_stored(queue, index, u64::from(size)) {
+            if vhost.lock().recover_stored(queue, index, u64::from(size), priority) {
                 recovered.queue_entries += 1;
                 if index != previous {
                     recovered.messages += 1;

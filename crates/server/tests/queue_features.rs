@@ -306,3 +306,94 @@ async fn ttl_and_dead_letters_survive_a_restart() {
     assert_eq!(second.delivery.data, b"expiring");
     assert_eq!(string(header(&deaths(&second)[0], "reason")), "expired");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_are_served_highest_first_and_survive_a_restart() {
+    let server = TestServer::start().await;
+    let sent: [(&str, Option<u8>); 7] = [
+        ("none", None),
+        ("p0", Some(0)),
+        ("p5a", Some(5)),
+        ("p1", Some(1)),
+        ("p5b", Some(5)),
+        ("p9", Some(9)),
+        ("p3", Some(3)),
+    ];
+    {
+        let (_conn, ch) = open(&server).await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        queue(&ch, "ranked", true, args(&[("x-max-priority", long(5))])).await;
+        for (body, priority) in sent {
+            let mut properties = BasicProperties::default().with_delivery_mode(2);
+            if let Some(priority) = priority {
+                properties = properties.with_priority(priority);
+            }
+            ch.basic_publish("".into(), "ranked".into(), BasicPublishOptions::default(), body.as_bytes(), properties)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    // Above the maximum counts as the maximum; FIFO within a priority.
+    let expected: Vec<&str> = vec!["p5a", "p5b", "p9", "p3", "p1", "none", "p0"];
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    let mut order = Vec::new();
+    while let Some(message) = get(&ch, "ranked").await {
+        order.push(String::from_utf8(message.delivery.data).unwrap());
+    }
+    assert_eq!(order, expected);
+}
+
+/// Counts what each consumer receives within a short quiet period.
+async fn drain(consumer: &mut lapin::Consumer) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await {
+        bodies.push(delivery.data);
+    }
+    bodies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_consumers_are_served_first_and_single_active_consumer_fails_over() {
+    let server = TestServer::start().await;
+    let (conn, ch) = open(&server).await;
+    queue(&ch, "shared", false, FieldTable::default()).await;
+    let mut consumers = Vec::new();
+    for (tag, priority) in [("low", 0), ("high", 10)] {
+        let channel = conn.create_channel().await.unwrap();
+        channel.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+        let consumer = channel
+            .basic_consume(
+                "shared".into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                args(&[("x-priority", long(priority))]),
+            )
+            .await
+            .unwrap();
+        consumers.push((channel, consumer));
+    }
+    for i in 0..6u8 {
+        publish(&ch, "shared", &[i], BasicProperties::default()).await;
+    }
+    let low = drain(&mut consumers[0].1).await;
+    let high = drain(&mut consumers[1].1).await;
+    assert_eq!((high.len(), low.len()), (5, 1), "the high-priority consumer fills its prefetch first");
+
+    queue(&ch, "single", false, args(&[("x-single-active-consumer", AMQPValue::Boolean(true))])).await;
+    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let mut first = ch.basic_consume("single".into(), "first".into(), options, FieldTable::default()).await.unwrap();
+    let mut second = ch.basic_consume("single".into(), "second".into(), options, FieldTable::default()).await.unwrap();
+    for i in 0..4u8 {
+        publish(&ch, "single", &[i], BasicProperties::default()).await;
+    }
+    assert_eq!(drain(&mut first).await.len(), 4);
+    assert!(drain(&mut second).await.is_empty(), "an inactive consumer gets nothing");
+    ch.basic_cancel("first".into(), BasicCancelOptions::default()).await.unwrap();
+    for i in 0..2u8 {
+        publish(&ch, "single", &[i], BasicProperties::default()).await;
+    }
+    assert_eq!(drain(&mut second).await.len(), 2, "the next consumer takes over");
+}
