@@ -1547,10 +1547,7 @@ impl VirtualHostState {
         };
         let mut expired = Vec::new();
         let mut now = None;
-        loop {
-            let Some(size) = queue.front_size() else {
-                break;
-            };
+        while let Some(size) = queue.front_size() {
             let Some(index) = pick_consumer(queue, &self.channels, size) else {
                 break;
             };
