@@ -60,9 +60,7 @@ pub fn copy(message: &Message, reason: Reason, target: &Target<'_>, now_secs: u6
     // The first routing key is the one of `basic.publish`; the others came
     // from CC (BCC never reaches a queue).
     let mut original_keys = vec![message.routing_key().to_vec()];
-    if let Some(AMQPValue::FieldArray(cc)) = headers.get("CC") {
-        original_keys.extend(cc.as_slice().iter().filter_map(table::as_str).map(|k| k.as_bytes().to_vec()));
-    }
+    original_keys.extend(cc_of(&headers));
     let mut info: Vec<(&str, AMQPValue)> = vec![
         ("reason", text(reason.as_str())),
         ("queue", text(target.queue)),
@@ -130,6 +128,23 @@ pub fn copy(message: &Message, reason: Reason, target: &Target<'_>, now_secs: u6
     let mut copy = builder.finish();
     copy.persistent = message.persistent;
     (copy, routing_keys)
+}
+
+fn cc_of(headers: &BTreeMap<ShortString, AMQPValue>) -> Vec<Vec<u8>> {
+    match headers.get("CC") {
+        Some(AMQPValue::FieldArray(cc)) => {
+            cc.as_slice().iter().filter_map(table::as_str).map(|k| k.as_bytes().to_vec()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The CC routing keys a message was published with (kept in its headers).
+pub fn cc_keys(message: &Message) -> Vec<Vec<u8>> {
+    if message.properties().get(..2).is_none_or(|f| f[0] & 0x20 == 0) {
+        return Vec::new();
+    }
+    message.properties_view().headers().map(|h| cc_of(h.inner())).unwrap_or_default()
 }
 
 fn death_entry(count: i64, info: &[(&str, AMQPValue)]) -> FieldTable {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use warren_codec::types::FieldTable;
 
 use crate::headers::{self, MatchMode};
+use crate::scheduler::Scheduler;
 use crate::topic::TopicTrie;
 use crate::QueueId;
 
@@ -71,8 +72,25 @@ pub struct Exchange {
     pub internal: bool,
     pub arguments: FieldTable,
     pub alternate_exchange: Option<Box<str>>,
+    /// An `x-delayed-message` exchange (routing by `kind`, its
+    /// `x-delayed-type`): messages with an `x-delay` header wait here.
+    pub delayed: Option<Delayed>,
     bindings: Vec<Binding>,
     table: Table,
+}
+
+/// Prefix of the log name of a delayed exchange's scheduled messages.
+pub const DELAYED_PREFIX: &str = "amq.delayed/";
+
+/// The exchange type name of delayed-message exchanges.
+pub const DELAYED_TYPE: &str = "x-delayed-message";
+
+#[derive(Debug)]
+pub struct Delayed {
+    /// The name scheduled messages are stored under in the log (a queue
+    /// name no client can declare).
+    pub store_name: std::sync::Arc<str>,
+    pub scheduler: Scheduler,
 }
 
 impl Exchange {
@@ -101,8 +119,25 @@ impl Exchange {
             internal,
             arguments,
             alternate_exchange,
+            delayed: None,
             bindings: Vec::new(),
             table,
+        }
+    }
+
+    /// Makes this a delayed-message exchange routing as its `kind`.
+    pub fn with_delay(mut self) -> Self {
+        let store_name = format!("{}{}", DELAYED_PREFIX, self.name).into();
+        self.delayed = Some(Delayed { store_name, scheduler: Scheduler::default() });
+        self
+    }
+
+    /// The type a client declared.
+    pub fn type_name(&self) -> &'static str {
+        if self.delayed.is_some() {
+            DELAYED_TYPE
+        } else {
+            self.kind.name()
         }
     }
 

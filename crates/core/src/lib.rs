@@ -22,6 +22,7 @@ pub mod headers;
 pub mod message;
 pub mod names;
 pub mod queue;
+pub mod scheduler;
 pub mod settings;
 pub mod topic;
 pub mod vhost;

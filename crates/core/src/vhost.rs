@@ -21,7 +21,7 @@ use warren_codec::reply::{AmqpError, ReplyCode};
 use warren_codec::types::FieldTable;
 
 use crate::dead_letter::{self, Reason};
-use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, DELAYED_PREFIX, DELAYED_TYPE};
 use crate::message::Message;
 use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
 use crate::settings::{Overflow, QueueSettings};
@@ -232,6 +232,8 @@ pub struct VirtualHostState {
     dead_lettering: bool,
     /// Queues with a TTL, an expiry or messages with their own expiration.
     timed: BTreeSet<QueueId>,
+    /// Delayed-message exchanges holding scheduled messages.
+    delaying: BTreeSet<Box<str>>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -373,6 +375,21 @@ fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
     }
 }
 
+/// The `x-delay` header of a message, in milliseconds.
+fn delay_of(message: &Message) -> Option<u64> {
+    if message.properties().get(..2).is_none_or(|f| f[0] & 0x20 == 0) {
+        return None;
+    }
+    let headers = message.properties_view().headers()?;
+    let delay = warren_codec::table::get(&headers, "x-delay").and_then(warren_codec::table::as_i64)?;
+    Some(delay.max(0) as u64)
+}
+
+/// When a scheduled message is due: its arrival plus its delay.
+fn due_of(message: &Message) -> u64 {
+    message.arrived().saturating_add(delay_of(message).unwrap_or(0))
+}
+
 /// The consumer the next message of `queue` goes to: round-robin among the
 /// highest-priority consumers that can take it, lower priorities only when
 /// all higher ones are full; with a single active consumer, only the first
@@ -420,6 +437,7 @@ impl VirtualHostState {
             dead_letters: VecDeque::new(),
             dead_lettering: false,
             timed: BTreeSet::new(),
+            delaying: BTreeSet::new(),
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -509,7 +527,7 @@ impl VirtualHostState {
     /// True while some queue has a TTL, an expiry or expiring messages:
     /// [`VirtualHostState::tick`] then has work.
     pub fn has_timers(&self) -> bool {
-        !self.timed.is_empty()
+        !self.timed.is_empty() || !self.delaying.is_empty()
     }
 
     /// Expires messages whose deadline passed (wherever they are in their
@@ -548,6 +566,51 @@ impl VirtualHostState {
                 self.dead_letter(id, message, Reason::Expired);
             }
             self.settle_unreadable(id);
+        }
+        self.process_dead_letters();
+        self.release_delayed(now);
+    }
+
+    /// Routes scheduled messages that are due (at most `DELAYED_PER_TICK`
+    /// per exchange per tick).
+    fn release_delayed(&mut self, now: u64) {
+        const DELAYED_PER_TICK: usize = 10_000;
+        let names: Vec<Box<str>> = self.delaying.iter().cloned().collect();
+        let readable = self.loader.as_ref().map_or(0, |l| l.readable_upto());
+        let (mut due, mut unreadable) = (Vec::new(), Vec::new());
+        for name in names {
+            let Some(exchange) = self.exchanges.get_mut(&name) else {
+                self.delaying.remove(&name);
+                continue;
+            };
+            let durable = exchange.durable;
+            let Some(delayed) = exchange.delayed.as_mut() else {
+                self.delaying.remove(&name);
+                continue;
+            };
+            delayed.scheduler.settle_staging(readable, self.loader.as_deref(), due_of);
+            due.clear();
+            delayed.scheduler.pop_due(now, DELAYED_PER_TICK, self.loader.as_deref(), &mut due, &mut unreadable);
+            if delayed.scheduler.is_empty() {
+                self.delaying.remove(&name);
+            }
+            let store_name = delayed.store_name.clone();
+            for stored in unreadable.drain(..) {
+                self.journal.push(JournalEvent::Settled { queue: store_name.clone(), stored });
+            }
+            for message in due.drain(..) {
+                // Routed as a new message; its scheduled copy is settled
+                // after the routed one is journaled.
+                let scheduled = message.stored_index();
+                message.set_stored_index(0);
+                let mut queues = Vec::new();
+                let cc = dead_letter::cc_keys(&message);
+                self.route_message(&name, &message, &cc, &mut queues);
+                self.enqueue_all(&queues, &message);
+                if durable && scheduled != 0 {
+                    self.journal.push(JournalEvent::Settled { queue: store_name.clone(), stored: scheduled });
+                }
+            }
         }
         self.process_dead_letters();
     }
@@ -629,7 +692,7 @@ impl VirtualHostState {
             if !exchange.name.starts_with("amq.") {
                 definitions.exchanges.push(ExchangeDefinition {
                     name: exchange.name.to_string(),
-                    kind: exchange.kind.name().to_string(),
+                    kind: exchange.type_name().to_string(),
                     auto_delete: exchange.auto_delete,
                     internal: exchange.internal,
                     arguments: exchange.arguments.clone(),
@@ -697,6 +760,16 @@ impl VirtualHostState {
     /// Puts a message recovered from the store back into a durable queue,
     /// paged out (read back from the log when delivered).
     pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64, priority: u8) -> bool {
+        if let Some(exchange) = queue.strip_prefix(DELAYED_PREFIX) {
+            return match self.exchanges.get_mut(exchange).and_then(|x| x.delayed.as_mut()) {
+                Some(delayed) => {
+                    delayed.scheduler.recover(stored);
+                    self.delaying.insert(exchange.into());
+                    true
+                }
+                None => false,
+            };
+        }
         match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
             Some(q) if q.durable => {
                 q.push_stored(stored, size, priority);
@@ -725,6 +798,13 @@ impl VirtualHostState {
                 }
             }
         }
+        for exchange in self.exchanges.values().filter(|x| x.durable) {
+            if let Some(delayed) = &exchange.delayed {
+                for stored in delayed.scheduler.stored().filter(|s| range.contains(s)) {
+                    found.entry(stored).or_default().push(delayed.store_name.clone());
+                }
+            }
+        }
         found.into_iter().collect()
     }
 
@@ -745,6 +825,11 @@ impl VirtualHostState {
                 if let Some(new) = moved.get(&unacked.message.stored_index()) {
                     unacked.message.set_stored_index(*new);
                 }
+            }
+        }
+        for exchange in self.exchanges.values_mut() {
+            if let Some(delayed) = &mut exchange.delayed {
+                delayed.scheduler.rekey(moved);
             }
         }
     }
@@ -867,11 +952,11 @@ impl VirtualHostState {
             if passive {
                 return Ok(());
             }
-            if existing.kind.name() != kind {
+            if existing.type_name() != kind {
                 return Err(precondition(format!(
                     "inequivalent arg 'type' for exchange '{name}' in vhost '{}': received '{kind}' but current is '{}'",
                     self.name,
-                    existing.kind.name()
+                    existing.type_name()
                 )));
             }
             for (what, received, current) in [
@@ -899,10 +984,31 @@ impl VirtualHostState {
                 format!("exchange name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
-        let kind = ExchangeKind::parse(kind).ok_or_else(|| {
-            AmqpError::hard(ReplyCode::CommandInvalid, format!("unknown exchange type '{kind}'"), 0, 0)
-        })?;
-        self.exchanges.insert(name.into(), Exchange::new(name, kind, durable, auto_delete, internal, arguments));
+        let unknown =
+            |kind: &str| AmqpError::hard(ReplyCode::CommandInvalid, format!("unknown exchange type '{kind}'"), 0, 0);
+        let delayed = kind == DELAYED_TYPE;
+        let kind = if delayed {
+            // As the RabbitMQ delayed-message plugin: routing follows the
+            // type named by `x-delayed-type`.
+            match warren_codec::table::get(&arguments, "x-delayed-type").and_then(warren_codec::table::as_str) {
+                Some(DELAYED_TYPE) => {
+                    return Err(precondition(
+                        "Invalid argument, 'x-delayed-message' can't be used for 'x-delayed-type'",
+                    ))
+                }
+                Some(inner) => ExchangeKind::parse(inner).ok_or_else(|| unknown(inner))?,
+                None => {
+                    return Err(precondition("Invalid argument, 'x-delayed-type' must be an existing exchange type"))
+                }
+            }
+        } else {
+            ExchangeKind::parse(kind).ok_or_else(|| unknown(kind))?
+        };
+        let mut exchange = Exchange::new(name, kind, durable, auto_delete, internal, arguments);
+        if delayed {
+            exchange = exchange.with_delay();
+        }
+        self.exchanges.insert(name.into(), exchange);
         self.definitions_changed |= durable;
         Ok(())
     }
@@ -924,8 +1030,21 @@ impl VirtualHostState {
         if if_unused && exchange.has_bindings() {
             return Err(precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
         }
-        let removed = self.exchanges.remove(name);
-        self.definitions_changed |= removed.is_some_and(|x| x.durable);
+        if let Some(exchange) = self.exchanges.remove(name) {
+            self.definitions_changed |= exchange.durable;
+            if let Some(mut delayed) = exchange.delayed {
+                // Scheduled messages go with their exchange.
+                let journal = &mut self.journal;
+                let store_name = delayed.store_name.clone();
+                delayed.scheduler.clear(|stored| {
+                    journal.push(JournalEvent::Settled { queue: store_name.clone(), stored });
+                });
+                if exchange.durable {
+                    self.journal.push(JournalEvent::QueueDeleted { queue: store_name });
+                }
+                self.delaying.remove(name);
+            }
+        }
         let destination = Destination::Exchange(name.into());
         self.unbind_everywhere(&destination);
         Ok(())
@@ -1248,6 +1367,9 @@ impl VirtualHostState {
         extra_keys: &[Vec<u8>],
     ) -> Result<Routed, AmqpError> {
         self.check_publish(exchange)?;
+        if let Some(routed) = self.schedule(exchange, &message) {
+            return Ok(routed);
+        }
         let mut queues = std::mem::take(&mut self.scratch_queues);
         queues.clear();
         let direct = self.route_message(exchange, &message, extra_keys, &mut queues);
@@ -1256,6 +1378,28 @@ impl VirtualHostState {
         self.scratch_queues = queues;
         self.process_dead_letters();
         Ok(routed)
+    }
+
+    /// Holds a message published to a delayed-message exchange with a
+    /// positive `x-delay` header until it is due; `None` to route it now.
+    /// A held message counts as routed: it is not returned as unroutable
+    /// (the plugin returns it, since no queue is known yet).
+    fn schedule(&mut self, exchange: &str, message: &Arc<Message>) -> Option<Routed> {
+        let x = self.exchanges.get_mut(exchange)?;
+        let delayed = x.delayed.as_mut()?;
+        let delay = delay_of(message).filter(|delay| *delay > 0)?;
+        message.set_arrived(self.clock.now_ms());
+        let due = message.arrived().saturating_add(delay);
+        let stored = x.durable && message.persistent;
+        if stored {
+            self.journal
+                .push(JournalEvent::Published { message: message.clone(), queues: vec![delayed.store_name.clone()] });
+        }
+        delayed.scheduler.schedule(due, message.clone(), stored);
+        if !self.delaying.contains(exchange) {
+            self.delaying.insert(exchange.into());
+        }
+        Some(Routed { queues: 1, rejected: false })
     }
 
     /// The queues a message goes to (sorted, no duplicates); Direct Reply-To

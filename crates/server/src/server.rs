@@ -118,11 +118,12 @@ impl Server {
                 while tasks.join_next().await.is_some() {}
             });
         }
-        // Expire messages and queues on time (TTL, x-expires): every 10 ms,
-        // only virtual hosts that have something timed.
+        // Expire messages and queues, release delayed messages: every 5 ms
+        // (so a due time is met within 10 ms), only in virtual hosts that
+        // have something timed.
         let timer_broker = self.broker.clone();
         let timers = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let (mut events, mut scratch) = (Vec::new(), Vec::new());
             loop {

@@ -397,3 +397,75 @@ async fn higher_priority_consumers_are_served_first_and_single_active_consumer_f
     }
     assert_eq!(drain(&mut second).await.len(), 2, "the next consumer takes over");
 }
+
+fn delayed(millis: i64) -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2).with_headers(args(&[("x-delay", long(millis))]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    let refused = ch
+        .exchange_declare(
+            "no-type".into(),
+            ExchangeKind::Custom("x-delayed-message".into()),
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{refused:?}").contains("'x-delayed-type' must be an existing exchange type"), "{refused:?}");
+
+    let (_conn, ch) = open(&server).await;
+    ch.exchange_declare(
+        "later".into(),
+        ExchangeKind::Custom("x-delayed-message".into()),
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        args(&[("x-delayed-type", text("direct"))]),
+    )
+    .await
+    .unwrap();
+    queue(&ch, "timed", true, FieldTable::default()).await;
+    ch.queue_bind("timed".into(), "later".into(), "k".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let sent = std::time::Instant::now();
+    for (body, properties) in
+        [(&b"soon"[..], delayed(200)), (b"now", BasicProperties::default()), (b"restart", delayed(1500))]
+    {
+        let confirm = ch
+            .basic_publish(
+                "later".into(),
+                "k".into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                properties,
+            )
+            .await
+            .unwrap();
+        drop(confirm);
+    }
+    wait_count(&ch, "timed", 1).await;
+    assert_eq!(get(&ch, "timed").await.unwrap().delivery.data, b"now", "no x-delay: routed at once");
+    wait_count(&ch, "timed", 1).await;
+    assert!(sent.elapsed() >= Duration::from_millis(200), "not released early");
+    assert_eq!(get(&ch, "timed").await.unwrap().delivery.data, b"soon");
+
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    let q = ch
+        .queue_declare(
+            "timed".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0, "still waiting after the restart");
+    wait_count(&ch, "timed", 1).await;
+    assert!(sent.elapsed() >= Duration::from_millis(1500));
+    let message = get(&ch, "timed").await.unwrap();
+    assert_eq!(message.delivery.data, b"restart");
+    assert_eq!(message.delivery.exchange.as_str(), "later");
+}
