@@ -26,13 +26,25 @@ pub struct Message {
 
 const NO_EXPIRATION: u64 = u64::MAX;
 
-/// Reads an `expiration` property as RabbitMQ does: a non-negative decimal
-/// integer of milliseconds.
-pub fn parse_expiration(value: &str) -> Option<u64> {
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+/// Reads an `expiration` property as RabbitMQ does: a decimal integer of
+/// milliseconds, at least 0. `Err` carries RabbitMQ's description of what
+/// is wrong (`no_integer`, `{value_negative,-1}`, `{leftover_string,".5"}`).
+pub fn parse_expiration(value: &str) -> Result<u64, String> {
+    let bytes = value.as_bytes();
+    let sign = usize::from(matches!(bytes.first(), Some(b'+' | b'-')));
+    let digits = bytes[sign..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return Err("no_integer".into());
     }
-    value.parse().ok()
+    let (number, rest) = value.split_at(sign + digits);
+    if !rest.is_empty() {
+        return Err(format!("{{leftover_string,\"{rest}\"}}"));
+    }
+    let number: i128 = number.parse().map_err(|_| "no_integer".to_string())?;
+    if number < 0 {
+        return Err(format!("{{value_negative,{number}}}"));
+    }
+    Ok(u64::try_from(number).unwrap_or(u64::MAX))
 }
 
 impl Message {
@@ -54,7 +66,7 @@ impl Message {
             body_size,
             persistent: properties.delivery_mode() == Some(2),
             priority: properties.priority().unwrap_or(0),
-            expiration: properties.expiration().and_then(parse_expiration).unwrap_or(NO_EXPIRATION),
+            expiration: properties.expiration().and_then(|e| parse_expiration(e).ok()).unwrap_or(NO_EXPIRATION),
         }
     }
 
@@ -187,6 +199,17 @@ impl MessageBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expirations_are_read_as_rabbitmq_reads_them() {
+        assert_eq!(parse_expiration("60000"), Ok(60000));
+        assert_eq!(parse_expiration("+5"), Ok(5));
+        assert_eq!(parse_expiration("0"), Ok(0));
+        assert_eq!(parse_expiration("abc").unwrap_err(), "no_integer");
+        assert_eq!(parse_expiration("").unwrap_err(), "no_integer");
+        assert_eq!(parse_expiration("-1").unwrap_err(), "{value_negative,-1}");
+        assert_eq!(parse_expiration("1.5").unwrap_err(), "{leftover_string,\".5\"}");
+    }
 
     #[test]
     fn parts_are_kept_apart_and_body_size_is_enforced() {

@@ -361,6 +361,23 @@ fn validate_queue_argument(key: &str, value: &warren_codec::types::AMQPValue) ->
     Ok(())
 }
 
+/// RabbitMQ's name of a field value's type.
+fn value_type(value: &warren_codec::types::AMQPValue) -> &'static str {
+    use warren_codec::types::AMQPValue as V;
+    match value {
+        V::LongString(_) | V::ShortString(_) => "longstr",
+        V::Boolean(_) => "bool",
+        V::FieldTable(_) => "table",
+        V::FieldArray(_) => "array",
+        V::Void => "void",
+        V::Float(_) => "float",
+        V::Double(_) => "double",
+        V::ByteArray(_) => "binary",
+        V::DecimalValue(_) => "decimal",
+        other => int_type(other),
+    }
+}
+
 fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
     use warren_codec::types::AMQPValue as V;
     match value {
@@ -1178,10 +1195,19 @@ impl VirtualHostState {
             return Ok(self.declared(id));
         }
         for (key, value) in arguments.inner() {
-            if let Err(problem) = validate_queue_argument(key.as_str(), value) {
+            let key = key.as_str();
+            if matches!(key, "x-dead-letter-exchange" | "x-dead-letter-routing-key")
+                && warren_codec::table::as_str(value).is_none()
+            {
                 return Err(precondition(format!(
-                    "invalid arg '{}' for queue '{name}' in vhost '{}': \"{problem}\"",
-                    key.as_str(),
+                    "invalid type '{}' for arg '{key}' in queue '{name}' in vhost '{}'",
+                    value_type(value),
+                    self.name
+                )));
+            }
+            if let Err(problem) = validate_queue_argument(key, value) {
+                return Err(precondition(format!(
+                    "invalid arg '{key}' for queue '{name}' in vhost '{}': \"{problem}\"",
                     self.name
                 )));
             }
@@ -1713,8 +1739,9 @@ impl VirtualHostState {
             }
             let size = entry.message.body_len();
             let delivery_tag = channel.next_tag();
-            match queue.returns.get(&entry.seq) {
-                Some(&returns) if queue.settings.delivery_limit.is_some() => {
+            match queue.returns.get(&entry.seq).copied().unwrap_or(0) {
+                // As quorum queues: the count is sent from the first delivery.
+                returns if queue.settings.delivery_limit.is_some() => {
                     let copy = dead_letter::with_delivery_count(&entry.message, returns);
                     channel.outbox.deliver(consumer_channel.channel, &tag, delivery_tag, entry.redelivered, &copy);
                 }
@@ -1791,7 +1818,8 @@ impl VirtualHostState {
         }
         let delivered = match (&popped, q.settings.delivery_limit) {
             (Some(entry), Some(_)) => {
-                q.returns.get(&entry.seq).map(|&n| Arc::new(dead_letter::with_delivery_count(&entry.message, n)))
+                let returns = q.returns.get(&entry.seq).copied().unwrap_or(0);
+                Some(Arc::new(dead_letter::with_delivery_count(&entry.message, returns)))
             }
             _ => None,
         };

@@ -1148,6 +1148,13 @@ impl Connection {
                         return Ok(());
                     }
                 }
+                if let Some(Err(problem)) = properties.expiration().map(warren_core::message::parse_expiration) {
+                    let text =
+                        format!("invalid expiration '{}': {problem}", properties.expiration().unwrap_or_default());
+                    let error = AmqpError::soft(ReplyCode::PreconditionFailed, text, 60, 40);
+                    self.channel_error(number, error, state);
+                    return Ok(());
+                }
                 if properties.reply_to() == Some(REPLY_TO_QUEUE) {
                     match state.as_deref().and_then(|s| s.reply_to_address(key)) {
                         Some(address) => properties = properties.with_reply_to(&address),
