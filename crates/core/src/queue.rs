@@ -151,6 +151,10 @@ pub struct Queue {
     expiring: BinaryHeap<Reverse<(u64, u64)>>,
     /// Last time the queue was used (`x-expires`), milliseconds.
     pub(crate) last_used: u64,
+    /// Messages waiting for a retry (`x-retry-*`): (due, seq) soonest first,
+    /// and the messages by seq. They are neither ready nor unacked.
+    retry_due: BinaryHeap<Reverse<(u64, u64)>>,
+    retrying: HashMap<u64, Arc<Message>>,
     next_seq: u64,
     /// Stored messages that could not be read back (dropped, to be settled).
     pub(crate) unreadable: Vec<u64>,
@@ -186,6 +190,8 @@ impl Queue {
             returns: HashMap::new(),
             expiring: BinaryHeap::new(),
             last_used: 0,
+            retry_due: BinaryHeap::new(),
+            retrying: HashMap::new(),
             next_seq: 0,
             unreadable: Vec::new(),
             consumers: Vec::new(),
@@ -366,6 +372,40 @@ impl Queue {
                 out.extend(self.take_at(lane, position, loader));
             }
         }
+    }
+
+    /// Holds a returned message until `due`, then it is ready again at its
+    /// original position.
+    pub fn retry_later(&mut self, seq: u64, message: Arc<Message>, due: u64) {
+        self.retrying.insert(seq, message);
+        self.retry_due.push(Reverse((due, seq)));
+    }
+
+    /// Messages waiting for a retry.
+    pub fn retrying(&self) -> impl Iterator<Item = &Arc<Message>> {
+        self.retrying.values()
+    }
+
+    /// Makes retries due by `now` ready again; returns how many.
+    pub fn release_retries(&mut self, now: u64) -> usize {
+        let mut released = 0;
+        while let Some(&Reverse((due, seq))) = self.retry_due.peek() {
+            if due > now {
+                break;
+            }
+            self.retry_due.pop();
+            if let Some(message) = self.retrying.remove(&seq) {
+                self.requeue(seq, message);
+                released += 1;
+            }
+        }
+        released
+    }
+
+    /// Drops the messages waiting for a retry (queue deleted).
+    pub fn take_retrying(&mut self) -> Vec<Arc<Message>> {
+        self.retry_due.clear();
+        self.retrying.drain().map(|(_, message)| message).collect()
     }
 
     /// Earliest pending per-message deadline.

@@ -37,6 +37,44 @@ pub struct QueueSettings {
     pub max_priority: Option<u8>,
     /// `x-single-active-consumer`: one consumer at a time gets messages.
     pub single_active_consumer: bool,
+    /// `x-consumer-timeout`: milliseconds a delivery may stay unacknowledged
+    /// before it is taken back.
+    pub consumer_timeout: Option<u64>,
+    /// `x-retry-*`: rejected (or timed-out) messages come back after a
+    /// growing delay instead of being dead-lettered at once.
+    pub retry: Option<Retry>,
+}
+
+/// Retry with exponential backoff (`x-retry-delay`, `x-retry-multiplier`,
+/// `x-retry-max-delay`, `x-retry-jitter`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Retry {
+    /// Delay before the first retry, milliseconds.
+    pub delay: u64,
+    /// Each further retry waits this many times longer.
+    pub multiplier: f64,
+    pub max_delay: Option<u64>,
+    /// Fraction (0 to 1) by which a delay is randomly shortened or
+    /// lengthened, so retries of many messages spread out.
+    pub jitter: f64,
+}
+
+impl Retry {
+    /// The delay before retry number `attempt` (1 for the first), with
+    /// `noise` in [-1, 1] scaled by the jitter.
+    pub fn delay_for(&self, attempt: u64, noise: f64) -> u64 {
+        let exponent = attempt.saturating_sub(1).min(1000) as i32;
+        let mut delay = self.delay as f64 * self.multiplier.powi(exponent);
+        if let Some(max) = self.max_delay {
+            delay = delay.min(max as f64);
+        }
+        delay *= 1.0 + self.jitter * noise.clamp(-1.0, 1.0);
+        if delay.is_finite() {
+            delay.max(0.0).min(u64::MAX as f64) as u64
+        } else {
+            u64::MAX
+        }
+    }
 }
 
 impl QueueSettings {
@@ -94,6 +132,38 @@ impl QueueSettings {
                 return Err(("x-single-active-consumer", format!("{{unacceptable_type,{}}}", type_name(other))))
             }
         };
+        let number = |key: &'static str| -> Result<Option<f64>, (&'static str, String)> {
+            match table::get(arguments, key) {
+                None => Ok(None),
+                Some(AMQPValue::Double(d)) => Ok(Some(*d)),
+                Some(AMQPValue::Float(f)) => Ok(Some(f64::from(*f))),
+                Some(value) => table::as_i64(value)
+                    .map(|n| Some(n as f64))
+                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", type_name(value)))),
+            }
+        };
+        settings.consumer_timeout = non_negative("x-consumer-timeout")?;
+        settings.retry = match non_negative("x-retry-delay")? {
+            None => {
+                for key in ["x-retry-multiplier", "x-retry-max-delay", "x-retry-jitter"] {
+                    if table::get(arguments, key).is_some() {
+                        return Err((key, "requires x-retry-delay".into()));
+                    }
+                }
+                None
+            }
+            Some(delay) => {
+                let multiplier = number("x-retry-multiplier")?.unwrap_or(2.0);
+                if !(1.0..=1000.0).contains(&multiplier) {
+                    return Err(("x-retry-multiplier", format!("{{value_out_of_range,{multiplier}}}")));
+                }
+                let jitter = number("x-retry-jitter")?.unwrap_or(0.0);
+                if !(0.0..=1.0).contains(&jitter) {
+                    return Err(("x-retry-jitter", format!("{{value_out_of_range,{jitter}}}")));
+                }
+                Some(Retry { delay, multiplier, max_delay: non_negative("x-retry-max-delay")?, jitter })
+            }
+        };
         settings.dead_letter_exchange = string("x-dead-letter-exchange")?.map(Arc::from);
         settings.dead_letter_routing_key = string("x-dead-letter-routing-key")?.map(Arc::from);
         if settings.dead_letter_routing_key.is_some() && settings.dead_letter_exchange.is_none() {
@@ -111,6 +181,11 @@ impl QueueSettings {
     /// of the queue itself).
     pub fn is_timed(&self) -> bool {
         self.message_ttl.is_some() || self.expires.is_some()
+    }
+
+    /// The delivery acknowledgement timeout of this queue's consumers.
+    pub fn consumer_timeout(&self, default: Option<u64>) -> Option<u64> {
+        self.consumer_timeout.or(default)
     }
 }
 
@@ -165,6 +240,28 @@ mod tests {
         assert_eq!(settings.dead_letter_routing_key.as_deref(), Some("dead"));
         assert_eq!(settings.delivery_limit, Some(3));
         assert_eq!(settings.max_priority, Some(10));
+    }
+
+    #[test]
+    fn retry_delays_grow_up_to_the_maximum() {
+        let settings = QueueSettings::from_arguments(&args(&[
+            ("x-retry-delay", AMQPValue::LongInt(100)),
+            ("x-retry-multiplier", AMQPValue::Double(3.0)),
+            ("x-retry-max-delay", AMQPValue::LongInt(2_000)),
+            ("x-retry-jitter", AMQPValue::Double(0.5)),
+        ]))
+        .unwrap();
+        let retry = settings.retry.unwrap();
+        let delays: Vec<u64> = (1..=5).map(|n| retry.delay_for(n, 0.0)).collect();
+        assert_eq!(delays, vec![100, 300, 900, 2_000, 2_000]);
+        assert_eq!(retry.delay_for(1, 1.0), 150);
+        assert_eq!(retry.delay_for(1, -1.0), 50);
+        let bad = |pairs: &[(&str, AMQPValue)]| QueueSettings::from_arguments(&args(pairs)).unwrap_err().0;
+        assert_eq!(bad(&[("x-retry-multiplier", AMQPValue::Double(2.0))]), "x-retry-multiplier");
+        assert_eq!(
+            bad(&[("x-retry-delay", AMQPValue::LongInt(1)), ("x-retry-jitter", AMQPValue::Double(2.0))]),
+            "x-retry-jitter"
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ struct Unacked {
     message: Arc<Message>,
     /// None for `basic.get`.
     consumer: Option<(Arc<str>, u64)>,
+    /// When it was delivered (coarse clock), for the consumer timeout.
+    delivered_at: u64,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,9 @@ struct ChannelState {
     consumer_prefetch: u16,
     flow_active: bool,
     reply_consumer: Option<(Box<str>, Arc<str>)>,
+    /// Delivery tags taken back after the consumer timeout: acknowledging
+    /// one later is not an error.
+    timed_out: BTreeSet<u64>,
 }
 
 impl ChannelState {
@@ -234,6 +239,13 @@ pub struct VirtualHostState {
     timed: BTreeSet<QueueId>,
     /// Delayed-message exchanges holding scheduled messages.
     delaying: BTreeSet<Box<str>>,
+    /// The clock as last read by a periodic call, for stamping deliveries
+    /// without reading the clock per message.
+    coarse_now: u64,
+    /// Delivery acknowledgement timeout of queues without their own.
+    default_consumer_timeout: Option<u64>,
+    /// Shortest consumer timeout of any queue declared so far.
+    shortest_consumer_timeout: Option<u64>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -392,6 +404,16 @@ fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
     }
 }
 
+/// Deterministic noise in [-1, 1] for retry jitter (splitmix64 of the
+/// message's sequence number and attempt).
+fn noise(seq: u64, attempt: u64) -> f64 {
+    let mut z = seq ^ attempt.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+}
+
 /// The `x-delay` header of a message, in milliseconds.
 fn delay_of(message: &Message) -> Option<u64> {
     if message.properties().get(..2).is_none_or(|f| f[0] & 0x20 == 0) {
@@ -455,6 +477,9 @@ impl VirtualHostState {
             dead_lettering: false,
             timed: BTreeSet::new(),
             delaying: BTreeSet::new(),
+            coarse_now: 0,
+            default_consumer_timeout: None,
+            shortest_consumer_timeout: None,
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -552,6 +577,7 @@ impl VirtualHostState {
     /// (every 10 ms): it does a bounded amount of work each time.
     pub fn tick(&mut self) {
         let now = self.clock.now_ms();
+        self.coarse_now = now;
         let ids: Vec<QueueId> = self.timed.iter().copied().collect();
         let mut expired = Vec::new();
         for id in ids {
@@ -576,7 +602,10 @@ impl VirtualHostState {
                 }
             }
             queue.pop_expired_anywhere(now, self.loader.as_deref(), &mut expired);
-            if !queue.settings.is_timed() && queue.next_expiry().is_none() {
+            if queue.release_retries(now) > 0 && !queue.consumers.is_empty() && !self.dirty.contains(&id) {
+                self.dirty.push(id);
+            }
+            if !queue.settings.is_timed() && queue.next_expiry().is_none() && queue.retrying().next().is_none() {
                 self.timed.remove(&id);
             }
             for message in expired.drain(..) {
@@ -586,6 +615,58 @@ impl VirtualHostState {
         }
         self.process_dead_letters();
         self.release_delayed(now);
+    }
+
+    /// Sets the delivery acknowledgement timeout of queues that have no
+    /// `x-consumer-timeout`.
+    pub fn set_consumer_timeout(&mut self, millis: Option<u64>) {
+        self.default_consumer_timeout = millis;
+    }
+
+    /// Takes back deliveries unacknowledged for longer than their queue's
+    /// consumer timeout: they return to their queue (or wait for a retry)
+    /// with their delivery count raised, and the channel stays open; a late
+    /// ack of one is ignored. Call it periodically (every 100 ms).
+    pub fn check_consumer_timeouts(&mut self) {
+        let now = self.clock.now_ms();
+        self.coarse_now = now;
+        let shortest = match (self.default_consumer_timeout, self.shortest_consumer_timeout) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(timeout) => timeout,
+                None => return,
+            },
+        };
+        let mut expired: Vec<(ChannelKey, u64)> = Vec::new();
+        for (key, channel) in &self.channels {
+            // Oldest first: stop at the first delivery younger than the
+            // shortest timeout.
+            for unacked in channel.unacked.iter().take_while(|u| u.delivered_at.saturating_add(shortest) <= now) {
+                let timeout = self
+                    .queues
+                    .get(&unacked.queue)
+                    .and_then(|q| q.settings.consumer_timeout(self.default_consumer_timeout));
+                if timeout.is_some_and(|t| unacked.delivered_at.saturating_add(t) <= now) {
+                    expired.push((*key, unacked.delivery_tag));
+                }
+            }
+        }
+        for (key, delivery_tag) in expired {
+            let Ok(taken) = self.take_unacked(key, delivery_tag, false) else { continue };
+            if let Some(channel) = self.channels.get_mut(&key) {
+                channel.timed_out.insert(delivery_tag);
+            }
+            for unacked in taken {
+                tracing::info!(
+                    connection = key.connection,
+                    channel = key.channel,
+                    delivery_tag,
+                    "delivery not acknowledged in time: taken back"
+                );
+                self.give_up(unacked, Reason::Expired);
+            }
+        }
+        self.run_dispatch();
     }
 
     /// Routes scheduled messages that are due (at most `DELAYED_PER_TICK`
@@ -804,6 +885,9 @@ impl VirtualHostState {
             for entry in queue.iter().filter(|e| range.contains(&e.stored)) {
                 found.entry(entry.stored).or_default().push(queue.name.clone());
             }
+            for stored in queue.retrying().map(|m| m.stored_index()).filter(|s| range.contains(s)) {
+                found.entry(stored).or_default().push(queue.name.clone());
+            }
         }
         for channel in self.channels.values() {
             for unacked in &channel.unacked {
@@ -833,6 +917,11 @@ impl VirtualHostState {
                     if let Some(new) = moved.get(&entry.stored) {
                         message.set_stored_index(*new);
                     }
+                }
+            }
+            for message in queue.retrying() {
+                if let Some(new) = moved.get(&message.stored_index()) {
+                    message.set_stored_index(*new);
                 }
             }
             queue.rekey(moved);
@@ -872,6 +961,7 @@ impl VirtualHostState {
                 consumer_prefetch: 0,
                 flow_active: true,
                 reply_consumer: None,
+                timed_out: BTreeSet::new(),
             },
         );
     }
@@ -1267,6 +1357,9 @@ impl VirtualHostState {
         if settings.is_timed() {
             self.timed.insert(id);
         }
+        if let Some(timeout) = settings.consumer_timeout {
+            self.shortest_consumer_timeout = Some(self.shortest_consumer_timeout.map_or(timeout, |t| t.min(timeout)));
+        }
         let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments, settings);
         queue.last_used = now;
         self.queues.insert(id, queue);
@@ -1345,6 +1438,9 @@ impl VirtualHostState {
                         stored: unacked.message.stored_index(),
                     });
                 }
+            }
+            for message in queue.retrying().filter(|m| m.stored_index() != 0) {
+                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: message.stored_index() });
             }
             self.journal.push(JournalEvent::QueueDeleted { queue: queue.name.clone() });
             self.definitions_changed = true;
@@ -1771,6 +1867,7 @@ impl VirtualHostState {
                     seq: entry.seq,
                     message: entry.message,
                     consumer: Some((tag, state.id)),
+                    delivered_at: self.coarse_now,
                 });
             }
         }
@@ -1851,6 +1948,7 @@ impl VirtualHostState {
                 seq: entry.seq,
                 message: entry.message.clone(),
                 consumer: None,
+                delivered_at: self.coarse_now,
             });
         }
         Ok(Some(GetResult {
@@ -1873,9 +1971,16 @@ impl VirtualHostState {
             channel.unacked.drain(..).collect()
         } else {
             let position = channel.unacked.binary_search_by_key(&delivery_tag, |u| u.delivery_tag);
+            let timed_out = !channel.timed_out.is_empty() && channel.timed_out.remove(&delivery_tag);
+            if multiple && !channel.timed_out.is_empty() {
+                channel.timed_out.retain(|tag| *tag > delivery_tag);
+            }
             match position {
                 Ok(index) if multiple => channel.unacked.drain(..=index).collect(),
                 Ok(index) => channel.unacked.remove(index).into_iter().collect(),
+                // Settling a delivery taken back by the consumer timeout.
+                Err(end) if timed_out && multiple => channel.unacked.drain(..end).collect(),
+                Err(_) if timed_out => Vec::new(),
                 Err(_) => return Err(precondition(format!("unknown delivery tag {delivery_tag}"))),
             }
         };
@@ -1919,8 +2024,7 @@ impl VirtualHostState {
             }
         } else {
             for unacked in taken {
-                let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: false };
-                self.dead_letter(unacked.queue, entry, Reason::Rejected);
+                self.give_up(unacked, Reason::Rejected);
             }
             self.process_dead_letters();
         }
@@ -1936,16 +2040,49 @@ impl VirtualHostState {
         }
     }
 
+    /// A delivery its consumer gave up on: rejected without requeue
+    /// (`Rejected`) or not acknowledged in time (`Expired`). With `x-retry-*`
+    /// it comes back after a growing delay (up to the delivery limit); else
+    /// a rejected message is dead-lettered and a timed-out one requeued.
+    fn give_up(&mut self, unacked: Unacked, reason: Reason) {
+        let now = self.clock.now_ms();
+        let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+            return;
+        };
+        let Some(retry) = queue.settings.retry else {
+            match reason {
+                Reason::Rejected => {
+                    let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
+                    self.dead_letter(unacked.queue, entry, Reason::Rejected);
+                }
+                _ => self.requeue(unacked),
+            }
+            return;
+        };
+        let returns = queue.returns.entry(unacked.seq).or_insert(0);
+        *returns += 1;
+        let attempt = *returns;
+        if queue.settings.delivery_limit.is_some_and(|limit| attempt > limit) {
+            let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
+            self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
+            self.process_dead_letters();
+            return;
+        }
+        let delay = retry.delay_for(attempt, noise(unacked.seq, attempt));
+        queue.retry_later(unacked.seq, unacked.message, now.saturating_add(delay));
+        self.timed.insert(unacked.queue);
+    }
+
     /// Returns a delivered message to its queue, or dead-letters it once it
     /// came back more often than the queue's delivery limit allows.
     fn requeue(&mut self, unacked: Unacked) {
         let Some(queue) = self.queues.get_mut(&unacked.queue) else {
             return;
         };
-        if let Some(limit) = queue.settings.delivery_limit {
+        if queue.settings.delivery_limit.is_some() || queue.settings.retry.is_some() {
             let returns = queue.returns.entry(unacked.seq).or_insert(0);
             *returns += 1;
-            if *returns > limit {
+            if queue.settings.delivery_limit.is_some_and(|limit| *returns > limit) {
                 let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
                 self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
                 self.process_dead_letters();

@@ -36,8 +36,11 @@ impl Broker {
         };
         let (store, recovered) =
             Store::open_with(backend, &config.data_dir, policy, config.segment_bytes_max, &mut vhosts)?;
+        let consumer_timeout = (config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms);
         for vhost in vhosts.values() {
-            vhost.lock().set_loader(store.clone());
+            let mut state = vhost.lock();
+            state.set_loader(store.clone());
+            state.set_consumer_timeout(consumer_timeout);
         }
         Ok(Broker {
             config,

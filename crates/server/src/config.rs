@@ -45,6 +45,10 @@ pub struct Config {
     pub fsync: Fsync,
     /// Size at which the message log starts a new segment file.
     pub segment_bytes_max: u64,
+    /// A delivery unacknowledged for this long (milliseconds) is taken back
+    /// and returned to its queue (or retried); its channel stays open.
+    /// Queues override it with `x-consumer-timeout`. 0 = no timeout.
+    pub consumer_timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -89,6 +93,7 @@ impl Default for Config {
             connection_write_buffer_max: 4 * 1024 * 1024,
             fsync: Fsync::Always,
             segment_bytes_max: 16 * 1024 * 1024,
+            consumer_timeout_ms: 30 * 60 * 1000,
         }
     }
 }

@@ -126,11 +126,15 @@ impl Server {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let (mut events, mut scratch) = (Vec::new(), Vec::new());
-            loop {
+            for ticks in 0u64.. {
                 tick.tick().await;
+                // Consumer timeouts are checked every 100 ms.
+                let check_consumers = ticks.is_multiple_of(20);
                 for vhost in timer_broker.vhosts() {
                     let mut state = vhost.lock();
-                    if !state.has_timers() {
+                    if check_consumers {
+                        state.check_consumer_timeouts();
+                    } else if !state.has_timers() {
                         continue;
                     }
                     state.tick();

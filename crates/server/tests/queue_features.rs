@@ -470,3 +470,56 @@ async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
     assert_eq!(message.delivery.data, b"restart");
     assert_eq!(message.delivery.exchange.as_str(), "later");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_messages_are_retried_with_growing_delays_then_dead_lettered() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    queue(&ch, "dlq", false, FieldTable::default()).await;
+    let retrying = to_dlq(vec![
+        ("x-retry-delay", long(100)),
+        ("x-retry-multiplier", AMQPValue::Double(3.0)),
+        ("x-delivery-limit", long(2)),
+    ]);
+    queue(&ch, "flaky", false, retrying).await;
+    publish(&ch, "flaky", b"try me", BasicProperties::default()).await;
+    let mut consumer = ch
+        .basic_consume("flaky".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+        arrivals.push(std::time::Instant::now());
+        delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+    }
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= Duration::from_millis(100), "first retry after 100 ms: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(300), "second after 300 ms: {gaps:?}");
+    wait_count(&ch, "dlq", 1).await;
+    let dead = get(&ch, "dlq").await.unwrap();
+    assert_eq!(string(header(&deaths(&dead)[0], "reason")), "delivery_limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_delivery_is_taken_back_after_the_consumer_timeout() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    queue(&ch, "slow-work", false, args(&[("x-consumer-timeout", long(200))])).await;
+    publish(&ch, "slow-work", b"job", BasicProperties::default()).await;
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume("slow-work".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    assert!(!first.redelivered);
+    let second = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    assert!(second.redelivered, "taken back and delivered again");
+    assert_eq!(second.data, b"job");
+    // The late ack of the first delivery is not an error; the channel lives on.
+    first.acker.ack(BasicAckOptions::default()).await.unwrap();
+    second.acker.ack(BasicAckOptions::default()).await.unwrap();
+    wait_count(&ch, "slow-work", 0).await;
+    assert!(ch.status().connected());
+}

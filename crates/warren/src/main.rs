@@ -59,6 +59,10 @@ struct ServeArgs {
     /// (once written to the OS: survives a broker crash, not a power cut).
     #[arg(long, env = "WARREN_FSYNC")]
     fsync: Option<warren_server::config::Fsync>,
+    /// Milliseconds a delivery may stay unacknowledged before it is taken back and returned to
+    /// its queue; 0 = never [default: 1800000].
+    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT")]
+    consumer_timeout: Option<u64>,
     /// Log filter, e.g. `info` or `warren_server=debug` [default: info].
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
@@ -93,6 +97,9 @@ impl ServeArgs {
         }
         if let Some(fsync) = self.fsync {
             config.fsync = fsync;
+        }
+        if let Some(millis) = self.consumer_timeout {
+            config.consumer_timeout_ms = millis;
         }
         config.validate()?;
         Ok(config)
