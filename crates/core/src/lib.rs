@@ -21,6 +21,7 @@ pub mod exchange;
 pub mod headers;
 pub mod message;
 pub mod names;
+pub mod policy;
 pub mod queue;
 pub mod scheduler;
 pub mod settings;

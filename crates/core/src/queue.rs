@@ -205,6 +205,13 @@ impl Queue {
         &self.settings
     }
 
+    /// New settings (a policy changed). The priority lanes stay as they
+    /// were declared.
+    pub(crate) fn update_settings(&mut self, mut settings: QueueSettings) {
+        settings.max_priority = self.settings.max_priority;
+        self.settings = settings;
+    }
+
     pub fn len(&self) -> usize {
         self.ready_len
     }

@@ -23,6 +23,7 @@ use warren_codec::types::FieldTable;
 use crate::dead_letter::{self, Reason};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, DELAYED_PREFIX, DELAYED_TYPE};
 use crate::message::Message;
+use crate::policy::{self, Policy};
 use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
 use crate::settings::{Overflow, QueueSettings};
 use crate::{Clock, SystemClock};
@@ -246,6 +247,7 @@ pub struct VirtualHostState {
     default_consumer_timeout: Option<u64>,
     /// Shortest consumer timeout of any queue declared so far.
     shortest_consumer_timeout: Option<u64>,
+    policies: Vec<Policy>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -480,6 +482,7 @@ impl VirtualHostState {
             coarse_now: 0,
             default_consumer_timeout: None,
             shortest_consumer_timeout: None,
+            policies: Vec::new(),
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -615,6 +618,43 @@ impl VirtualHostState {
         }
         self.process_dead_letters();
         self.release_delayed(now);
+    }
+
+    /// Replaces the policies and applies them to every queue and exchange.
+    pub fn set_policies(&mut self, policies: Vec<Policy>) {
+        self.policies = policies;
+        let ids: Vec<QueueId> = self.queues.keys().copied().collect();
+        for id in ids {
+            let Some(queue) = self.queues.get(&id) else { continue };
+            let settings = self.queue_settings(&queue.name, &queue.arguments);
+            if let Ok(settings) = settings {
+                if settings.is_timed() {
+                    self.timed.insert(id);
+                }
+                self.note_consumer_timeout(&settings);
+                if let Some(queue) = self.queues.get_mut(&id) {
+                    queue.update_settings(settings);
+                }
+            }
+        }
+        for exchange in self.exchanges.values_mut() {
+            let policy = policy::effective(&self.policies, &exchange.name, false);
+            exchange.alternate_exchange = policy::alternate_exchange(&exchange.arguments, policy).map(Into::into);
+        }
+    }
+
+    /// A queue's settings: its arguments with its policy folded in.
+    fn queue_settings(&self, name: &str, arguments: &FieldTable) -> Result<QueueSettings, (&'static str, String)> {
+        match policy::effective(&self.policies, name, true) {
+            Some(policy) => QueueSettings::from_arguments(&policy::merge(arguments, &policy.definition)),
+            None => QueueSettings::from_arguments(arguments),
+        }
+    }
+
+    fn note_consumer_timeout(&mut self, settings: &QueueSettings) {
+        if let Some(timeout) = settings.consumer_timeout {
+            self.shortest_consumer_timeout = Some(self.shortest_consumer_timeout.map_or(timeout, |t| t.min(timeout)));
+        }
     }
 
     /// Sets the delivery acknowledgement timeout of queues that have no
@@ -1115,6 +1155,8 @@ impl VirtualHostState {
         if delayed {
             exchange = exchange.with_delay();
         }
+        let policy = policy::effective(&self.policies, name, false);
+        exchange.alternate_exchange = policy::alternate_exchange(&exchange.arguments, policy).map(Into::into);
         self.exchanges.insert(name.into(), exchange);
         self.definitions_changed |= durable;
         Ok(())
@@ -1302,9 +1344,10 @@ impl VirtualHostState {
                 )));
             }
         }
-        let settings = QueueSettings::from_arguments(&arguments).map_err(|(key, problem)| {
+        let invalid = |(key, problem): (&str, String)| {
             precondition(format!("invalid arg '{key}' for queue '{name}' in vhost '{}': {problem}", self.name))
-        })?;
+        };
+        QueueSettings::from_arguments(&arguments).map_err(invalid)?;
         let now = self.clock.now_ms();
         if let Some(&id) = self.queue_ids.get(name) {
             if let Some(queue) = self.queues.get_mut(&id) {
@@ -1354,12 +1397,11 @@ impl VirtualHostState {
         let id = self.next_queue_id;
         self.next_queue_id += 1;
         let owner = exclusive.then_some(connection);
+        let settings = self.queue_settings(&name, &arguments).map_err(invalid)?;
         if settings.is_timed() {
             self.timed.insert(id);
         }
-        if let Some(timeout) = settings.consumer_timeout {
-            self.shortest_consumer_timeout = Some(self.shortest_consumer_timeout.map_or(timeout, |t| t.min(timeout)));
-        }
+        self.note_consumer_timeout(&settings);
         let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments, settings);
         queue.last_used = now;
         self.queues.insert(id, queue);

@@ -30,6 +30,11 @@ impl Broker {
     pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, StoreError> {
         let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
             config.vhosts.iter().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
+        for (name, vhost) in &vhosts {
+            // Validated with the configuration; an invalid one is skipped.
+            let policies = config.policies.iter().filter(|p| &p.vhost == name).filter_map(|p| p.to_policy().ok());
+            vhost.lock().set_policies(policies.collect());
+        }
         let policy = match config.fsync {
             Fsync::Always => FsyncPolicy::Always,
             Fsync::Never => FsyncPolicy::Never,

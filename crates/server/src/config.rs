@@ -18,7 +18,7 @@ pub struct User {
     pub loopback_only: bool,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// AMQP port; 0 picks a free one (tests).
@@ -49,6 +49,64 @@ pub struct Config {
     /// and returned to its queue (or retried); its channel stays open.
     /// Queues override it with `x-consumer-timeout`. 0 = no timeout.
     pub consumer_timeout_ms: u64,
+    /// Settings applied by name pattern to queues and exchanges.
+    pub policies: Vec<PolicyConfig>,
+}
+
+/// A policy as RabbitMQ defines one: `definition` uses RabbitMQ's keys
+/// (`max-length`, `message-ttl`, `dead-letter-exchange`, ...).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    /// A regular expression matched against queue or exchange names.
+    pub pattern: String,
+    /// `queues`, `exchanges` or `all`.
+    #[serde(default = "default_apply_to", rename = "apply-to", alias = "apply_to")]
+    pub apply_to: String,
+    #[serde(default)]
+    pub priority: i64,
+    pub definition: toml::Table,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+fn default_apply_to() -> String {
+    "all".into()
+}
+
+impl PolicyConfig {
+    pub fn to_policy(&self) -> Result<warren_core::policy::Policy, ConfigError> {
+        use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
+        let apply_to = warren_core::policy::ApplyTo::parse(&self.apply_to).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "policy '{}': apply-to must be queues, exchanges or all, not '{}'",
+                self.name, self.apply_to
+            ))
+        })?;
+        let mut definition = FieldTable::default();
+        for (key, value) in &self.definition {
+            let value = match value {
+                toml::Value::Integer(n) => AMQPValue::LongLongInt(*n),
+                toml::Value::Float(f) => AMQPValue::Double(*f),
+                toml::Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                toml::Value::Boolean(b) => AMQPValue::Boolean(*b),
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "policy '{}': unsupported value for '{key}': {other}",
+                        self.name
+                    )))
+                }
+            };
+            definition.insert(ShortString::from(key.as_str()), value);
+        }
+        warren_core::policy::Policy::new(&self.name, &self.pattern, apply_to, self.priority, definition)
+            .map_err(|error| ConfigError::Invalid(error.to_string()))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -94,6 +152,7 @@ impl Default for Config {
             fsync: Fsync::Always,
             segment_bytes_max: 16 * 1024 * 1024,
             consumer_timeout_ms: 30 * 60 * 1000,
+            policies: Vec::new(),
         }
     }
 }
@@ -127,6 +186,15 @@ impl Config {
         if self.bind.is_empty() {
             return Err(ConfigError::Invalid("bind lists no address".into()));
         }
+        for policy in &self.policies {
+            policy.to_policy()?;
+            if !self.vhosts.contains(&policy.vhost) {
+                return Err(ConfigError::Invalid(format!(
+                    "policy '{}' names vhost '{}', which is not configured",
+                    policy.name, policy.vhost
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -145,5 +213,20 @@ mod tests {
         assert_eq!(config.users[0].name, "app");
         assert_eq!(config.frame_max, 131_072);
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn policies_are_read_and_checked() {
+        let text = "[[policies]]\nname = \"jobs\"\npattern = \"^jobs\\\\.\"\napply-to = \"queues\"\n\
+                    [policies.definition]\nmax-length = 10\ndead-letter-exchange = \"dlx\"\n";
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        let policy = config.policies[0].to_policy().unwrap();
+        assert_eq!(policy.name, "jobs");
+        let bad: Config = toml::from_str(&text.replace("max-length = 10", "max-length = -1")).unwrap();
+        assert!(bad.validate().is_err());
+        let elsewhere: Config =
+            toml::from_str(&text.replace("name = \"jobs\"", "name = \"jobs\"\nvhost = \"nope\"")).unwrap();
+        assert!(elsewhere.validate().is_err());
     }
 }

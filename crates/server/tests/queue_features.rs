@@ -523,3 +523,29 @@ async fn an_unacknowledged_delivery_is_taken_back_after_the_consumer_timeout() {
     wait_count(&ch, "slow-work", 0).await;
     assert!(ch.status().connected());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_from_the_configuration_apply_with_rabbitmq_precedence() {
+    let policy: warren_server::config::PolicyConfig = toml::from_str(
+        "name = \"capped\"\npattern = \"^capped\\\\.\"\napply-to = \"queues\"\n[definition]\n\
+         max-length = 2\ndead-letter-exchange = \"\"\ndead-letter-routing-key = \"dlq\"\n",
+    )
+    .unwrap();
+    let server = TestServer::with_config(|config| config.policies = vec![policy]).await;
+    let (_conn, ch) = open(&server).await;
+    queue(&ch, "dlq", false, FieldTable::default()).await;
+    queue(&ch, "capped.plain", false, FieldTable::default()).await;
+    queue(&ch, "capped.tighter", false, args(&[("x-max-length", long(1))])).await;
+    queue(&ch, "free", false, FieldTable::default()).await;
+    for queue in ["capped.plain", "capped.tighter", "free"] {
+        for body in [b"1", b"2", b"3"] {
+            publish(&ch, queue, body, BasicProperties::default()).await;
+        }
+    }
+    wait_count(&ch, "capped.plain", 2).await;
+    wait_count(&ch, "capped.tighter", 1).await;
+    wait_count(&ch, "free", 3).await;
+    // 1 from capped.plain and 2 from capped.tighter, dead-lettered by the
+    // policy's exchange.
+    wait_count(&ch, "dlq", 3).await;
+}
