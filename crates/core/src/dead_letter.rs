@@ -185,9 +185,14 @@ pub fn cycles(copy: &Message, queue: &str) -> bool {
 /// A copy of `message` whose headers carry `x-delivery-count` (sent on
 /// redelivery from queues with a delivery limit).
 pub fn with_delivery_count(message: &Message, count: u64) -> Message {
+    with_header(message, "x-delivery-count", AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)))
+}
+
+/// A copy of `message` with one header set.
+pub fn with_header(message: &Message, name: &str, value: AMQPValue) -> Message {
     let properties = message.properties_view();
     let mut headers = properties.headers().unwrap_or_default();
-    headers.insert(key("x-delivery-count"), AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)));
+    headers.insert(key(name), value);
     let mut encoded = Vec::new();
     table::encode_table(&headers, &mut encoded);
     let properties = properties.with_field(flag::HEADERS, Some(&encoded));

@@ -41,7 +41,9 @@ pub struct QueuedMessage {
 #[derive(Debug)]
 enum Body {
     Loaded(Arc<Message>),
-    Paged(NonZeroU64),
+    /// The log index, and the arrival second when known (0 if not): enough
+    /// to tell that a message is past its queue TTL without reading it.
+    Paged(NonZeroU64, u32),
 }
 
 /// 24 bytes: the sequence number with the redelivered flag in its top bit,
@@ -66,7 +68,7 @@ impl Entry {
     fn stored_index(&self) -> u64 {
         match &self.body {
             Body::Loaded(message) => message.stored_index(),
-            Body::Paged(index) => index.get(),
+            Body::Paged(index, _) => index.get(),
         }
     }
 }
@@ -116,7 +118,7 @@ impl Lane {
         let (seq, redelivered) = (entry.seq(), entry.redelivered());
         Some(match entry.body {
             Body::Loaded(message) => Ok(QueuedMessage { seq, message, redelivered }),
-            Body::Paged(index) => match loader.and_then(|l| l.load(index.get())) {
+            Body::Paged(index, _) => match loader.and_then(|l| l.load(index.get())) {
                 Some(message) => {
                     message.set_stored_index(index.get());
                     Ok(QueuedMessage { seq, message: Arc::new(message), redelivered })
@@ -270,7 +272,7 @@ impl Queue {
         self.ready_len += 1;
         let seq = self.next_seq();
         let lane = self.lane_of(priority);
-        self.lanes[lane].ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index) });
+        self.lanes[lane].ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index, 0) });
     }
 
     /// Body size of the next message, when known without reading it.
@@ -278,7 +280,7 @@ impl Queue {
         let lane = &self.lanes[self.top_lane()?];
         lane.ready.front().map(|entry| match &entry.body {
             Body::Loaded(message) => message.body_len(),
-            Body::Paged(_) => 0,
+            Body::Paged(..) => 0,
         })
     }
 
@@ -289,7 +291,7 @@ impl Queue {
             redelivered: entry.redelivered(),
             message: match &entry.body {
                 Body::Loaded(message) => Some(message),
-                Body::Paged(_) => None,
+                Body::Paged(..) => None,
             },
             stored: entry.stored_index(),
         })
@@ -332,7 +334,7 @@ impl Queue {
             let Some(entry) = self.lanes[lane].ready.front_mut() else {
                 return false;
             };
-            let Body::Paged(index) = entry.body else {
+            let Body::Paged(index, _) = entry.body else {
                 return true;
             };
             match loader.and_then(|l| l.load(index.get())) {
@@ -351,8 +353,35 @@ impl Queue {
     /// Takes a lane's head if it has expired by `now` (deadlines are due
     /// when strictly in the past, so a TTL of 0 still reaches a waiting
     /// consumer). Under a queue TTL each lane is in deadline order.
-    pub fn pop_expired_head(&mut self, now: u64, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
+    /// With `need_body` false (no dead-letter exchange), a paged message
+    /// whose arrival second shows it is past the TTL is dropped unread and
+    /// its log index returned as `Err`.
+    pub fn pop_expired_head(
+        &mut self,
+        now: u64,
+        loader: Option<&dyn MessageLoader>,
+        need_body: bool,
+    ) -> Option<Result<QueuedMessage, u64>> {
         for lane in (0..self.lanes.len()).rev() {
+            if let (false, Some(ttl)) = (need_body, self.settings.message_ttl) {
+                if let Some(Entry { body: Body::Paged(index, arrived_s), .. }) = self.lanes[lane].ready.front() {
+                    // The latest it could have arrived is the end of that second.
+                    let latest = u64::from(*arrived_s) * 1000 + 999;
+                    if *arrived_s != 0 && latest.saturating_add(ttl) < now {
+                        let stored = index.get();
+                        let _ = self.lanes[lane].ready.pop_front();
+                        let lane = &mut self.lanes[lane];
+                        lane.page_cursor = lane.page_cursor.saturating_sub(1);
+                        self.ready_len -= 1;
+                        // Its size is unknown unread; the byte count is
+                        // corrected when the queue empties.
+                        if self.ready_len == 0 {
+                            self.ready_bytes = 0;
+                        }
+                        return Some(Err(stored));
+                    }
+                }
+            }
             if !self.load_front(lane, loader) {
                 continue;
             }
@@ -360,7 +389,7 @@ impl Queue {
                 continue;
             };
             if message.deadline(self.settings.message_ttl).is_some_and(|deadline| deadline < now) {
-                return self.take_at(lane, 0, loader);
+                return self.take_at(lane, 0, loader).map(Ok);
             }
         }
         None
@@ -446,7 +475,7 @@ impl Queue {
             while converted < budget && lane.page_cursor < lane.ready.len() {
                 let Some(entry) = lane.ready.get_mut(lane.page_cursor) else { break };
                 match &entry.body {
-                    Body::Paged(_) => {}
+                    Body::Paged(..) => {}
                     Body::Loaded(message) => {
                         let stored = message.stored_index();
                         if stored == 0 {
@@ -457,7 +486,8 @@ impl Queue {
                             // Transient: stays in memory.
                         } else if stored <= readable {
                             if let Some(index) = NonZeroU64::new(stored) {
-                                entry.body = Body::Paged(index);
+                                let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
+                                entry.body = Body::Paged(index, arrived_s);
                                 converted += 1;
                             }
                         } else {
@@ -474,7 +504,7 @@ impl Queue {
     /// was moved to (compaction). Loaded entries follow their message.
     pub fn rekey(&mut self, moved: &std::collections::HashMap<u64, u64>) {
         for entry in self.lanes.iter_mut().flat_map(|lane| lane.ready.iter_mut()) {
-            if let Body::Paged(index) = &mut entry.body {
+            if let Body::Paged(index, _) = &mut entry.body {
                 if let Some(new) = moved.get(&index.get()).and_then(|n| NonZeroU64::new(*n)) {
                     *index = new;
                 }

@@ -203,7 +203,7 @@ struct DeadLetter {
 
 /// Expired messages are taken at most this many per queue per tick, so an
 /// expiring backlog never holds the lock for long.
-const EXPIRE_PER_TICK: usize = 4096;
+const EXPIRE_PER_TICK: usize = 2048;
 
 enum Enqueued {
     /// In the queue; `durable` when it must be stored with it.
@@ -281,6 +281,11 @@ fn bool_str(value: bool) -> &'static str {
         "false"
     }
 }
+
+/// Queue types a client may ask for. Every queue is Warren's one kind of
+/// queue (durable when declared durable); the name is accepted so that
+/// clients written for quorum queues and streams declare without error.
+const QUEUE_TYPES: &[&str] = &["classic", "quorum", "stream"];
 
 /// Queue arguments whose values must be equal on redeclaration.
 const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
@@ -422,7 +427,9 @@ fn delay_of(message: &Message) -> Option<u64> {
         return None;
     }
     let headers = message.properties_view().headers()?;
-    let delay = warren_codec::table::get(&headers, "x-delay").and_then(warren_codec::table::as_i64)?;
+    let value = warren_codec::table::get(&headers, "x-delay")?;
+    let delay = warren_codec::table::as_i64(value)
+        .or_else(|| warren_codec::table::as_str(value).and_then(|s| s.trim().parse().ok()))?;
     Some(delay.max(0) as u64)
 }
 
@@ -597,9 +604,17 @@ impl VirtualHostState {
             }
             expired.clear();
             if queue.settings.has_ttl() {
-                while expired.len() < EXPIRE_PER_TICK {
-                    match queue.pop_expired_head(now, self.loader.as_deref()) {
-                        Some(message) => expired.push(message),
+                let need_body =
+                    queue.settings.dead_letter_exchange.is_some() || queue.settings.max_length_bytes.is_some();
+                let mut taken = 0;
+                while taken < EXPIRE_PER_TICK {
+                    taken += 1;
+                    match queue.pop_expired_head(now, self.loader.as_deref(), need_body) {
+                        Some(Ok(message)) => expired.push(message),
+                        Some(Err(stored)) if queue.durable => {
+                            self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored })
+                        }
+                        Some(Err(_)) => {}
                         None => break,
                     }
                 }
@@ -740,7 +755,16 @@ impl VirtualHostState {
                 // Routed as a new message; its scheduled copy is settled
                 // after the routed one is journaled.
                 let scheduled = message.stored_index();
-                message.set_stored_index(0);
+                // As the plugin: the released message carries `x-delay`
+                // negated, so publishing it to a delayed exchange again does
+                // not delay it twice.
+                let message = Arc::new(dead_letter::with_header(
+                    &message,
+                    "x-delay",
+                    warren_codec::types::AMQPValue::LongInt(
+                        -(delay_of(&message).unwrap_or(0).min(i32::MAX as u64) as i32),
+                    ),
+                ));
                 let mut queues = Vec::new();
                 let cc = dead_letter::cc_keys(&message);
                 self.route_message(&name, &message, &cc, &mut queues);
@@ -1336,6 +1360,14 @@ impl VirtualHostState {
                     value_type(value),
                     self.name
                 )));
+            }
+            if key == "x-queue-type" {
+                if let Some(kind) = warren_codec::table::as_str(value).filter(|k| !QUEUE_TYPES.contains(k)) {
+                    return Err(precondition(format!(
+                        "invalid arg '{key}' for queue '{name}' in vhost '{}': \"unsupported queue type '{kind}'\"",
+                        self.name
+                    )));
+                }
             }
             if let Err(problem) = validate_queue_argument(key, value) {
                 return Err(precondition(format!(

@@ -538,7 +538,7 @@ impl Store {
         }
         // Only what is durable may be purged past; live messages pin the rest.
         let before = oldest_live.unwrap_or(durable + 1).min(durable + 1);
-        self.commit.with_log(|log| log.purge_prefix(before))
+        self.commit.purge_prefix(before)
     }
 
     /// Compaction: when the oldest segment holds only a few live messages

@@ -142,6 +142,17 @@ impl GroupCommit {
         f(&mut self.shared.log.lock())
     }
 
+    /// Deletes segments holding only entries below `before`. The files are
+    /// deleted (and the directory synced) without holding the log, so
+    /// appends and their fsyncs go on meanwhile. Returns how many.
+    pub fn purge_prefix(&self, before: u64) -> Result<usize, StorageError> {
+        let detached = self.shared.log.lock().detach_prefix(before);
+        match detached.remove() {
+            Ok(()) => Ok(detached.len()),
+            Err(error) => Err(self.shared.log.lock().poison_with(error)),
+        }
+    }
+
     /// Writes and syncs what is pending, then stops the commit thread.
     /// Later appends are never committed.
     pub fn shutdown(&self) {

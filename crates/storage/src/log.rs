@@ -495,18 +495,32 @@ impl Log {
     /// Deletes whole segments holding only entries below `before`. The active
     /// segment is never deleted. Returns the number of segments removed.
     pub fn purge_prefix(&mut self, before: u64) -> Result<usize, StorageError> {
-        let mut removed = 0;
-        while self.segments.len() > 1 && self.segments[1].first_index <= before {
-            let path = self.segments[0].path.clone();
-            self.segments.remove(0);
-            // One removal made durable at a time, oldest first, so a crash
-            // never leaves an older segment back without the newer ones.
-            if let Err(e) = self.backend.remove(&path).and_then(|_| self.backend.sync_dir(&self.dir)) {
-                return self.poison(StorageError::io(&path, e));
-            }
-            removed += 1;
+        let detached = self.detach_prefix(before);
+        let count = detached.paths.len();
+        match detached.remove() {
+            Ok(()) => Ok(count),
+            Err(error) => self.poison(error),
         }
-        Ok(removed)
+    }
+
+    /// The first half of [`Log::purge_prefix`]: forgets the segments that
+    /// hold only entries below `before`, returning their files for
+    /// [`Detached::remove`], which the caller runs without holding the log
+    /// (deleting files and syncing the directory must not stall appends).
+    pub fn detach_prefix(&mut self, before: u64) -> Detached {
+        let mut paths = Vec::new();
+        while self.segments.len() > 1 && self.segments[1].first_index <= before {
+            paths.push(self.segments.remove(0).path);
+        }
+        Detached { backend: self.backend.clone(), dir: self.dir.clone(), paths }
+    }
+
+    /// Marks the log failed after a [`Detached::remove`] error.
+    pub fn poison_with(&mut self, error: StorageError) -> StorageError {
+        match self.poison::<()>(error) {
+            Err(error) => error,
+            Ok(()) => StorageError::Poisoned,
+        }
     }
 
     /// The segment an index lives in, by its first index (for liveness
@@ -519,6 +533,36 @@ impl Log {
     /// First indices of all segments, oldest first.
     pub fn segment_starts(&self) -> Vec<u64> {
         self.segments.iter().map(|s| s.first_index).collect()
+    }
+}
+
+/// Segment files the log no longer uses, to delete.
+pub struct Detached {
+    backend: Arc<dyn Backend>,
+    dir: PathBuf,
+    paths: Vec<PathBuf>,
+}
+
+impl Detached {
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Deletes the files one at a time, oldest first, each made durable
+    /// before the next, so a crash never leaves an older segment back
+    /// without the newer ones.
+    pub fn remove(&self) -> Result<(), StorageError> {
+        for path in &self.paths {
+            self.backend
+                .remove(path)
+                .and_then(|_| self.backend.sync_dir(&self.dir))
+                .map_err(|e| StorageError::io(path, e))?;
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use warren_codec::frame::{Frame, FrameDecoder, FrameKind};
 use warren_codec::method::{self, Method};
-use warren_codec::spec::{basic, channel, confirm, connection, queue, AMQPClass};
+use warren_codec::spec::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
 use warren_codec::types::{AMQPValue, FieldTable, LongString};
 use warren_codec::{encode, PROTOCOL_HEADER};
 
@@ -90,6 +90,63 @@ pub struct PerfArgs {
     /// With --idle-connections: also declare this many queues.
     #[arg(long, default_value_t = 0)]
     idle_queues: usize,
+    /// Queue argument for the declared queue, `KEY=VALUE` (an integer value
+    /// is sent as a number), e.g. `x-message-ttl=60000`. Repeatable.
+    #[arg(long = "queue-arg", value_name = "KEY=VALUE")]
+    queue_args: Vec<String>,
+    /// Message priority property to publish with.
+    #[arg(long)]
+    priority: Option<u8>,
+    /// Delayed-message scenario: schedule this many messages on an
+    /// `x-delayed-message` exchange, due at --due-rate per second after
+    /// all are published; report the broker's RSS growth while they wait
+    /// and how late each is delivered.
+    #[arg(long, default_value_t = 0)]
+    delayed: u64,
+    /// With --delayed: messages falling due per second.
+    #[arg(long, default_value_t = 10_000)]
+    due_rate: u64,
+    /// Expiry scenario: fill a queue with this many messages under a
+    /// --ttl-ms queue TTL, then time how fast they expire while a probe
+    /// publisher (1,000 msg/s with confirms) measures its confirm latency.
+    #[arg(long, default_value_t = 0)]
+    expire: u64,
+    /// With --expire: the queue's x-message-ttl.
+    #[arg(long, default_value_t = 5_000)]
+    ttl_ms: u64,
+}
+
+impl PerfArgs {
+    fn arguments(&self) -> anyhow::Result<FieldTable> {
+        let mut table = FieldTable::default();
+        for pair in &self.queue_args {
+            let (key, value) =
+                pair.split_once('=').with_context(|| format!("--queue-arg {pair}: expected KEY=VALUE"))?;
+            let value = match value.parse::<i64>() {
+                Ok(n) => AMQPValue::LongLongInt(n),
+                Err(_) => AMQPValue::LongString(LongString::from(value)),
+            };
+            table.insert(key.into(), value);
+        }
+        Ok(table)
+    }
+
+    /// Content-header properties: delivery mode and priority as asked.
+    fn properties(&self) -> Vec<u8> {
+        let mut flags = 0u16;
+        let mut fields = Vec::new();
+        if self.persistent {
+            flags |= 1 << 12;
+            fields.push(2);
+        }
+        if let Some(priority) = self.priority {
+            flags |= 1 << 11;
+            fields.push(priority);
+        }
+        let mut out = flags.to_be_bytes().to_vec();
+        out.extend_from_slice(&fields);
+        out
+    }
 }
 
 struct Shared {
@@ -217,6 +274,10 @@ impl Conn {
     }
 
     async fn declare(&mut self, name: &str, durable: bool) -> anyhow::Result<()> {
+        self.declare_with(name, durable, FieldTable::default()).await
+    }
+
+    async fn declare_with(&mut self, name: &str, durable: bool, arguments: FieldTable) -> anyhow::Result<()> {
         self.send(
             AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
                 queue: name.into(),
@@ -225,11 +286,44 @@ impl Conn {
                 exclusive: false,
                 auto_delete: false,
                 nowait: false,
+                arguments,
+            })),
+            1,
+        )
+        .await?;
+        self.expect_method().await?;
+        Ok(())
+    }
+
+    /// Ready messages in a queue (passive declare).
+    async fn message_count(&mut self, name: &str) -> anyhow::Result<u32> {
+        self.send(
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: name.into(),
+                passive: true,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
                 arguments: FieldTable::default(),
             })),
             1,
         )
         .await?;
+        match self.expect_method().await? {
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => Ok(ok.message_count),
+            other => bail!("expected queue.declare-ok, got {other:?}"),
+        }
+    }
+
+    async fn delete_queue(&mut self, name: &str) -> anyhow::Result<()> {
+        let delete = AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: name.into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        }));
+        self.send(delete, 1).await?;
         self.expect_method().await?;
         Ok(())
     }
@@ -247,7 +341,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 async fn producer(args: PerfArgs, queue: String, shared: Arc<Shared>, rate: u64) -> anyhow::Result<()> {
     let mut conn = Conn::open(&args).await?;
-    conn.declare(&queue, args.persistent).await?;
+    conn.declare_with(&queue, args.persistent, args.arguments()?).await?;
     if args.confirm > 0 {
         conn.send(AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })), 1).await?;
         conn.expect_method().await?;
@@ -255,10 +349,10 @@ async fn producer(args: PerfArgs, queue: String, shared: Arc<Shared>, rate: u64)
     // One pre-encoded message; only the timestamp changes per send.
     let mut template = BytesMut::new();
     encode::basic_publish(&mut template, 1, b"", queue.as_bytes(), false);
-    let properties: &[u8] = if args.persistent { &[0x10, 0x00, 2] } else { &[0, 0] };
+    let properties = args.properties();
     let body = vec![0xABu8; args.size.max(8)];
     let body_at = template.len() + 7 + 12 + properties.len() + 1 + 7;
-    encode::content(&mut template, 1, properties, &body, conn.frame_max);
+    encode::content(&mut template, 1, &properties, &body, conn.frame_max);
     let template = template.freeze();
 
     let Conn { mut reader, mut writer, decoder, mut buf, .. } = conn;
@@ -354,7 +448,7 @@ async fn producer(args: PerfArgs, queue: String, shared: Arc<Shared>, rate: u64)
 
 async fn consumer(args: PerfArgs, queue: String, shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
     let mut conn = Conn::open(&args).await?;
-    conn.declare(&queue, args.persistent).await?;
+    conn.declare_with(&queue, args.persistent, args.arguments()?).await?;
     conn.send(AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: args.prefetch, global: false })), 1)
         .await?;
     conn.expect_method().await?;
@@ -404,7 +498,9 @@ async fn consumer(args: PerfArgs, queue: String, shared: Arc<Shared>) -> anyhow:
                 }
                 FrameKind::Body if first_body_frame => {
                     first_body_frame = false;
-                    if let Some(stamp) = frame.payload.get(..8) {
+                    // Delayed messages are timed from their due time.
+                    let stamp_at = if args.delayed > 0 { 8 } else { 0 };
+                    if let Some(stamp) = frame.payload.get(stamp_at..stamp_at + 8) {
                         let sent = u64::from_be_bytes(stamp.try_into().unwrap_or([0; 8]));
                         let now = shared.now_ns();
                         latencies_us.push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
@@ -500,15 +596,8 @@ async fn idle(args: PerfArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
-    if args.idle_connections > 0 {
-        return idle(args).await;
-    }
-    if args.size < 8 {
-        bail!("--size must be at least 8 (the send timestamp)");
-    }
-    let queue = args.queue.clone().unwrap_or_else(|| format!("perf-{}", std::process::id()));
-    let shared = Arc::new(Shared {
+fn new_shared() -> Arc<Shared> {
+    Arc::new(Shared {
         start: Instant::now(),
         confirm_latencies_us: parking_lot::Mutex::new(Vec::new()),
         published: AtomicU64::new(0),
@@ -516,7 +605,203 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         consumed: AtomicU64::new(0),
         stop_publishing: AtomicBool::new(false),
         stop_consuming: AtomicBool::new(false),
-    });
+    })
+}
+
+/// Schedules `--delayed` messages on a delayed-message exchange, due at
+/// `--due-rate` per second once all are published, and reports RSS growth
+/// and lateness.
+async fn delayed(args: PerfArgs) -> anyhow::Result<()> {
+    let pid = args.broker_pid.context("--delayed needs --broker-pid")?;
+    let queue = format!("perf-delayed-{}", std::process::id());
+    let exchange_name = queue.clone();
+    let shared = new_shared();
+    let mut conn = Conn::open(&args).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-delayed-type".into(), AMQPValue::LongString(LongString::from("direct")));
+    conn.send(
+        AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+            exchange: exchange_name.as_str().into(),
+            kind: "x-delayed-message".into(),
+            passive: false,
+            durable: args.persistent,
+            auto_delete: false,
+            internal: false,
+            nowait: false,
+            arguments,
+        })),
+        1,
+    )
+    .await?;
+    conn.expect_method().await?;
+    conn.declare(&queue, args.persistent).await?;
+    conn.send(
+        AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+            queue: queue.as_str().into(),
+            exchange: exchange_name.as_str().into(),
+            routing_key: "k".into(),
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+        1,
+    )
+    .await?;
+    conn.expect_method().await?;
+    conn.send(AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })), 1).await?;
+    conn.expect_method().await?;
+    let consumer_task = tokio::spawn(consumer(args.clone(), queue.clone(), shared.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let rss_before = rss_kib(pid).context("cannot read the broker's RSS")?;
+    // Due times start after a lead long enough to publish everything (at a
+    // conservative 20,000 msg/s) and are spread at --due-rate.
+    let lead_ms = args.delayed * 1000 / 20_000 + 2_000;
+    let due_rate = args.due_rate.max(1);
+    let started = Instant::now();
+    let body_len = args.size.max(16);
+    let mut out = BytesMut::with_capacity(256 * 1024);
+    for i in 0..args.delayed {
+        let sent_ns = shared.now_ns();
+        let delay_ms = lead_ms.saturating_sub(started.elapsed().as_millis() as u64) + i * 1000 / due_rate;
+        let due_ns = sent_ns + delay_ms * 1_000_000;
+        let mut headers = FieldTable::default();
+        headers.insert("x-delay".into(), AMQPValue::LongLongInt(delay_ms as i64));
+        let mut properties = Vec::new();
+        let flags: u16 = (1 << 13) | if args.persistent { 1 << 12 } else { 0 };
+        properties.extend_from_slice(&flags.to_be_bytes());
+        warren_codec::table::encode_table(&headers, &mut properties);
+        if args.persistent {
+            properties.push(2);
+        }
+        let mut body = vec![0u8; body_len];
+        body[..8].copy_from_slice(&sent_ns.to_be_bytes());
+        body[8..16].copy_from_slice(&due_ns.to_be_bytes());
+        encode::basic_publish(&mut out, 1, exchange_name.as_bytes(), b"k", false);
+        encode::content(&mut out, 1, &properties, &body, conn.frame_max);
+        // Every 1,000 a round trip, so the broker's arrival time (which its
+        // x-delay counts from) stays within a few ms of the send time.
+        if (i + 1) % 1000 == 0 || i + 1 == args.delayed {
+            conn.writer.write_all(&out).await?;
+            out.clear();
+            conn.message_count(&queue).await?;
+        }
+    }
+    // All scheduled: a round trip on the same channel proves it.
+    conn.message_count(&queue).await?;
+    let publish_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_scheduled = rss_kib(pid).context("cannot read the broker's RSS")?;
+    if !args.json {
+        eprintln!(
+            "{} scheduled in {publish_s:.1} s; broker RSS {rss_before} -> {rss_scheduled} KiB; waiting for them",
+            args.delayed
+        );
+    }
+    let spread_s = args.delayed as f64 / due_rate as f64;
+    let deadline = Instant::now() + Duration::from_secs_f64(lead_ms as f64 / 1000.0 + spread_s + 10.0);
+    while shared.consumed.load(Ordering::Relaxed) < args.delayed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shared.stop_consuming.store(true, Ordering::Relaxed);
+    let mut lateness = consumer_task.await??;
+    lateness.sort_unstable();
+    let delivered = lateness.len();
+    let _ = conn.delete_queue(&queue).await;
+    let (p50, p99, max) =
+        (percentile(&lateness, 0.5), percentile(&lateness, 0.99), lateness.last().copied().unwrap_or(0));
+    let growth_mib = rss_scheduled.saturating_sub(rss_before) as f64 / 1024.0;
+    if args.json {
+        println!(
+            "{{\"scheduled\":{},\"delivered\":{delivered},\"due_per_s\":{due_rate},\"rss_before_kib\":{rss_before},\"rss_scheduled_kib\":{rss_scheduled},\"rss_growth_mib\":{growth_mib:.1},\"late_us_p50\":{p50},\"late_us_p99\":{p99},\"late_us_max\":{max}}}",
+            args.delayed
+        );
+    } else {
+        println!("scheduled {} (published in {publish_s:.1} s), delivered {delivered}", args.delayed);
+        println!("broker RSS while scheduled: +{growth_mib:.1} MiB ({rss_before} -> {rss_scheduled} KiB)");
+        println!("lateness after due time (us), at {due_rate} due/s: p50 {p50}  p99 {p99}  max {max}");
+    }
+    Ok(())
+}
+
+/// Fills a queue under a TTL and times its expiry, with a probe publisher
+/// measuring confirm latency meanwhile.
+async fn expire(args: PerfArgs) -> anyhow::Result<()> {
+    let queue = format!("perf-expire-{}", std::process::id());
+    let mut fill_args = args.clone();
+    fill_args.count = args.expire;
+    fill_args.confirm = fill_args.confirm.max(1000);
+    fill_args.rate = 0;
+    fill_args.queue_args.push(format!("x-message-ttl={}", args.ttl_ms));
+    let shared = new_shared();
+    let fill_started = Instant::now();
+    producer(fill_args, queue.clone(), shared.clone(), 0).await?;
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    let mut watcher = Conn::open(&args).await?;
+    let filled = watcher.message_count(&queue).await?;
+    if !args.json {
+        eprintln!("{filled} messages queued in {fill_s:.1} s; waiting for the TTL");
+    }
+    // The probe: 1,000 msg/s with confirms into another queue.
+    let probe_queue = format!("{queue}-probe");
+    let probe_shared = new_shared();
+    let mut probe_args = args.clone();
+    probe_args.queue_args.clear();
+    probe_args.confirm = 100;
+    probe_args.count = 0;
+    let probe = tokio::spawn(producer(probe_args, probe_queue.clone(), probe_shared.clone(), 1000));
+    let mut first_drop = None;
+    let mut last = filled;
+    let poll_deadline = Instant::now() + Duration::from_millis(args.ttl_ms) + Duration::from_secs(120);
+    let emptied = loop {
+        let count = watcher.message_count(&queue).await?;
+        if count < last && first_drop.is_none() {
+            first_drop = Some(Instant::now());
+        }
+        last = count;
+        if count == 0 {
+            break Instant::now();
+        }
+        if Instant::now() > poll_deadline {
+            bail!("queue still holds {count} messages");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    probe_shared.stop_publishing.store(true, Ordering::Relaxed);
+    probe.await??;
+    let expiry_s = emptied.duration_since(first_drop.unwrap_or(emptied)).as_secs_f64().max(0.001);
+    let rate = f64::from(filled) / expiry_s;
+    let mut confirm = std::mem::take(&mut *probe_shared.confirm_latencies_us.lock());
+    confirm.sort_unstable();
+    let (c50, c99, cmax) =
+        (percentile(&confirm, 0.5), percentile(&confirm, 0.99), confirm.last().copied().unwrap_or(0));
+    let _ = watcher.delete_queue(&queue).await;
+    let _ = watcher.delete_queue(&probe_queue).await;
+    if args.json {
+        println!(
+            "{{\"expired\":{filled},\"expiry_s\":{expiry_s:.3},\"expired_per_s\":{rate:.0},\"probe_confirm_us_p50\":{c50},\"probe_confirm_us_p99\":{c99},\"probe_confirm_us_max\":{cmax}}}"
+        );
+    } else {
+        println!("{filled} messages expired in {expiry_s:.2} s: {rate:.0} msg/s");
+        println!("probe publisher meanwhile, confirm latency (us): p50 {c50}  p99 {c99}  max {cmax}");
+    }
+    Ok(())
+}
+
+pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
+    if args.idle_connections > 0 {
+        return idle(args).await;
+    }
+    if args.delayed > 0 {
+        return delayed(args).await;
+    }
+    if args.expire > 0 {
+        return expire(args).await;
+    }
+    if args.size < 8 {
+        bail!("--size must be at least 8 (the send timestamp)");
+    }
+    let queue = args.queue.clone().unwrap_or_else(|| format!("perf-{}", std::process::id()));
+    let shared = new_shared();
     let mut consumers = Vec::new();
     if !args.publish_only {
         for _ in 0..args.consumers {
