@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""Runs the RabbitMQ reference probes (scripts/reference/error_cases.py) against
-a Warren broker and compares every reply with RabbitMQ's recorded answers
-(docs/rabbitmq-reference.json). Class/method ids are not compared. Cases where
-Warren differs on purpose (docs/rabbitmq-reference.md) must differ in the
-documented way. Exits non-zero on any other difference.
+"""Runs the RabbitMQ reference probes against a Warren broker and compares the
+answers with RabbitMQ's recorded ones:
+
+- scripts/reference/error_cases.py vs docs/rabbitmq-reference.json: every
+  close (scope, reply code, exact text); class/method ids are not compared.
+- scripts/reference/queue_features.py vs docs/rabbitmq-queue-features.json:
+  everything a client sees in each case (bodies, properties, header values,
+  their Python and wire types, top-level header key order, confirms, closes).
+
+Cases where Warren differs on purpose (docs/rabbitmq-reference.md, "Where
+Warren differs on purpose") must differ in exactly the documented way. Exits
+non-zero on any other difference.
 
     REF_PORT=5672 python3 scripts/conformance.py
 """
@@ -14,6 +21,27 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+def probe(script, **env):
+    """The JSON output of one reference probe run against REF_PORT."""
+    run = subprocess.run(
+        [sys.executable, os.path.join(HERE, "reference", script), "--json"],
+        env=dict(os.environ, **env), capture_output=True, text=True, timeout=600,
+    )
+    if run.returncode != 0:
+        print(run.stderr, file=sys.stderr)
+        sys.exit(f"{script} failed with {run.returncode}")
+    return {e["case"]: e for e in json.loads(run.stdout)}
+
+
+def recorded(name):
+    with open(os.path.join(ROOT, "docs", name)) as f:
+        return {e["case"]: e for e in json.load(f)}
+
+
+# ---------------------------------------------------------------- error cases
+
 
 def silent(w):
     """No frame: Warren accepted the tune and waits for connection.open until its
@@ -41,31 +69,105 @@ def comparable(entry):
     return {k: v for k, v in (entry or {}).items() if k not in ("class_id", "method_id", "method")}
 
 
-def main():
-    expected = {e["case"]: e for e in json.load(open(os.path.join(ROOT, "docs", "rabbitmq-reference.json")))}
-    env = dict(os.environ, REF_SET_LIMIT="0")
-    run = subprocess.run(
-        [sys.executable, os.path.join(HERE, "reference", "error_cases.py"), "--json"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    if run.returncode != 0:
-        print(run.stderr, file=sys.stderr)
-        sys.exit(f"error_cases.py failed with {run.returncode}")
-    actual = {e["case"]: e for e in json.loads(run.stdout)}
-    failures = []
+def error_cases():
+    """Prints every difference; returns (cases, failures)."""
+    expected = recorded("rabbitmq-reference.json")
+    actual = probe("error_cases.py", REF_SET_LIMIT="0")
+    failures = 0
     for case, reference in expected.items():
         if "max size" in json.dumps(reference) and "max_message_size" in case:
             continue
         got = actual.get(case)
         if case in DELIBERATE:
-            if got is None or not DELIBERATE[case](got):
-                failures.append((case, reference, got))
-        elif comparable(reference) != comparable(got):
-            failures.append((case, reference, got))
-    for case, reference, got in failures:
-        print(f"DIFFERS: {case}\n  rabbitmq: {comparable(reference)}\n  warren:   {comparable(got)}")
-    print(f"conformance: {len(expected) - len(failures)} passed, {len(failures)} failed")
-    sys.exit(1 if failures else 0)
+            ok = got is not None and DELIBERATE[case](got)
+        else:
+            ok = comparable(reference) == comparable(got)
+        if not ok:
+            failures += 1
+            print(f"DIFFERS: {case}\n  rabbitmq: {comparable(reference)}\n  warren:   {comparable(got)}")
+    return len(expected), failures
+
+
+# ------------------------------------------------------------- queue features
+
+
+def sorted_x_death_keys(value):
+    """RabbitMQ writes a new x-death entry as count, reason, queue, time,
+    exchange, routing-keys[, original-expiration] (re-encoded entries come
+    back sorted); Warren always sorts the keys. Same keys, same values."""
+    if isinstance(value, dict):
+        return {k: [sorted(keys) for keys in v] if k == "x_death_key_order" else sorted_x_death_keys(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [sorted_x_death_keys(v) for v in value]
+    return value
+
+
+def delivery_limit_on_any_queue(reference):
+    """Warren accepts x-delivery-limit on every queue; RabbitMQ 3.10 only on
+    quorum queues (406 for a classic queue). The other declares must match."""
+    documented = {"arguments": {"x-delivery-limit": 2}, "result": "declare-ok"}
+    return dict(reference, declares=[documented if d["arguments"] == documented["arguments"] else d
+                                     for d in reference["declares"]])
+
+
+# Applied to every case: the reference turned into Warren's documented answer.
+DELIBERATE_EVERYWHERE = sorted_x_death_keys
+
+# case name -> the reference turned into Warren's documented answer. Warren has
+# no separate quorum queue type but accepts x-queue-type=quorum, and its
+# x-delivery-limit (x-delivery-count 0, 1, 2, then dead-lettered with reason
+# delivery_limit) answers the quorum case as RabbitMQ does: no entry needed.
+DELIBERATE_QUEUE_FEATURES = {
+    "queue.declare argument errors": delivery_limit_on_any_queue,
+}
+
+
+MISSING = "<missing>"
+
+
+def differences(expected, got, path=""):
+    """(path, expected, got) for every leaf that differs. Dicts compare by
+    keys (their order is recorded separately where it matters), lists by
+    position."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        for key in list(expected) + [k for k in got if k not in expected]:
+            yield from differences(expected.get(key, MISSING), got.get(key, MISSING), f"{path}/{key}")
+    elif isinstance(expected, list) and isinstance(got, list) and len(expected) == len(got):
+        for i, (e, g) in enumerate(zip(expected, got)):
+            yield from differences(e, g, f"{path}/{i}")
+    elif expected != got or type(expected) is not type(got):
+        yield path, expected, got
+
+
+def queue_features():
+    """Prints every difference; returns (cases, failures)."""
+    expected = recorded("rabbitmq-queue-features.json")
+    actual = probe("queue_features.py")
+    failures = 0
+    for case, reference in expected.items():
+        reference = DELIBERATE_EVERYWHERE(reference)
+        if case in DELIBERATE_QUEUE_FEATURES:
+            reference = DELIBERATE_QUEUE_FEATURES[case](reference)
+        diffs = list(differences(reference, actual.get(case)))
+        if diffs:
+            failures += 1
+            print(f"DIFFERS: {case}")
+            for path, want, got in diffs:
+                print(f"  {path or '/'}\n    expected: {json.dumps(want)}\n    warren:   {json.dumps(got)}")
+    return len(expected), failures
+
+
+def main():
+    total = 0
+    failed = 0
+    for name, compare in (("error cases", error_cases), ("queue features", queue_features)):
+        cases, failures = compare()
+        print(f"conformance ({name}): {cases - failures} passed, {failures} failed")
+        total += cases
+        failed += failures
+    print(f"conformance: {total - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

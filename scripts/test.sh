@@ -25,5 +25,6 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" python3 -m pytest -q tests/pika
-# RabbitMQ conformance: 85 recorded error cases, same codes and texts.
+# RabbitMQ conformance: 85 recorded error cases (same codes and texts) and the
+# recorded queue-feature cases (docs/rabbitmq-queue-features.json).
 REF_PORT="$port" python3 scripts/conformance.py

@@ -21,3 +21,6 @@ python3 direct_reply_to.py
 echo
 echo "### max_message_size"
 python3 max_message_size.py
+echo
+echo "### queue features (JSON; reference copy in docs/rabbitmq-queue-features.json)"
+python3 queue_features.py
