@@ -148,6 +148,10 @@ impl Properties {
         self.short_str(flag::CORRELATION_ID)
     }
 
+    pub fn message_id(&self) -> Option<&str> {
+        self.short_str(flag::MESSAGE_ID)
+    }
+
     pub fn user_id(&self) -> Option<&str> {
         self.short_str(flag::USER_ID)
     }

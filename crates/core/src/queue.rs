@@ -30,6 +30,73 @@ pub trait MessageLoader: Send + Sync {
     fn readable_upto(&self) -> u64;
 }
 
+/// Keys of messages seen recently (deduplication), oldest first.
+#[derive(Debug, Default)]
+pub struct DedupWindow {
+    /// key -> when it is forgotten (ms)
+    keys: HashMap<Arc<[u8]>, u64>,
+    order: VecDeque<(u64, Arc<[u8]>)>,
+    /// Changed since the last snapshot.
+    pub(crate) changed: bool,
+}
+
+impl DedupWindow {
+    /// True if `key` was seen and not yet forgotten.
+    pub fn contains(&self, key: &[u8], now: u64) -> bool {
+        self.keys.get(key).is_some_and(|until| *until > now)
+    }
+
+    /// True if `key` was seen and not yet forgotten; else remembers it
+    /// until `now + window`.
+    pub fn seen(&mut self, key: &[u8], now: u64, window: u64, max_keys: usize) -> bool {
+        if self.contains(key, now) {
+            return true;
+        }
+        self.remember(Arc::from(key), now.saturating_add(window), max_keys);
+        false
+    }
+
+    pub fn remember(&mut self, key: Arc<[u8]>, until: u64, max_keys: usize) {
+        self.keys.insert(key.clone(), until);
+        self.order.push_back((until, key));
+        self.changed = true;
+        while self.keys.len() > max_keys {
+            let Some((until, key)) = self.order.pop_front() else { break };
+            if self.keys.get(&key) == Some(&until) {
+                self.keys.remove(&key);
+            }
+        }
+    }
+
+    /// Forgets keys whose window ended by `now`.
+    pub fn expire(&mut self, now: u64) {
+        while let Some((until, _)) = self.order.front() {
+            if *until > now {
+                break;
+            }
+            if let Some((until, key)) = self.order.pop_front() {
+                if self.keys.get(&key) == Some(&until) {
+                    self.keys.remove(&key);
+                    self.changed = true;
+                }
+            }
+        }
+    }
+
+    /// Every remembered key with the time it is forgotten.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], u64)> {
+        self.keys.iter().map(|(key, until)| (&**key, *until))
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
 /// A ready message handed out by [`Queue::pop`].
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
@@ -157,6 +224,8 @@ pub struct Queue {
     /// and the messages by seq. They are neither ready nor unacked.
     retry_due: BinaryHeap<Reverse<(u64, u64)>>,
     retrying: HashMap<u64, Arc<Message>>,
+    /// Deduplication keys (`x-message-deduplication`).
+    pub(crate) dedup: DedupWindow,
     next_seq: u64,
     /// Stored messages that could not be read back (dropped, to be settled).
     pub(crate) unreadable: Vec<u64>,
@@ -194,6 +263,7 @@ impl Queue {
             last_used: 0,
             retry_due: BinaryHeap::new(),
             retrying: HashMap::new(),
+            dedup: DedupWindow::default(),
             next_seq: 0,
             unreadable: Vec::new(),
             consumers: Vec::new(),
@@ -599,6 +669,19 @@ mod tests {
         let expected: Vec<u64> = (1..=total).filter(|i| *i != 13 || (*i as usize) <= LOADED_WINDOW).collect();
         assert_eq!(seen, expected);
         assert!(queue.unreadable.is_empty() || queue.unreadable == vec![13]);
+    }
+
+    #[test]
+    fn the_dedup_window_forgets_old_keys_and_keeps_within_its_size() {
+        let mut window = DedupWindow::default();
+        assert!(!window.seen(b"a", 0, 100, 2));
+        assert!(window.seen(b"a", 50, 100, 2));
+        assert!(!window.seen(b"b", 60, 100, 2));
+        assert!(!window.seen(b"c", 70, 100, 2), "a third key pushes the oldest out");
+        assert!(!window.seen(b"a", 80, 100, 2));
+        window.expire(170);
+        assert_eq!(window.len(), 1, "b and c are forgotten, a (seen again at 80) is not");
+        assert!(window.seen(b"a", 170, 100, 2));
     }
 
     #[test]

@@ -43,7 +43,26 @@ pub struct QueueSettings {
     /// `x-retry-*`: rejected (or timed-out) messages come back after a
     /// growing delay instead of being dead-lettered at once.
     pub retry: Option<Retry>,
+    /// `x-message-deduplication`: a message whose key was seen within the
+    /// window is confirmed but not enqueued.
+    pub dedup: Option<Dedup>,
 }
+
+/// Deduplication (the arguments of the RabbitMQ message-deduplication
+/// plugin): the key is the `x-deduplication-header` header, else the
+/// `message_id` property.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dedup {
+    /// `x-cache-ttl`: how long a key is remembered, milliseconds.
+    pub window: u64,
+    /// `x-cache-size`: most keys remembered; the oldest go first.
+    pub max_keys: usize,
+}
+
+/// Dedup window when `x-cache-ttl` is not given: 10 minutes.
+pub const DEFAULT_DEDUP_WINDOW: u64 = 10 * 60 * 1000;
+/// Most dedup keys per queue when `x-cache-size` is not given.
+pub const DEFAULT_DEDUP_KEYS: usize = 1_000_000;
 
 /// Retry with exponential backoff (`x-retry-delay`, `x-retry-multiplier`,
 /// `x-retry-max-delay`, `x-retry-jitter`).
@@ -164,6 +183,24 @@ impl QueueSettings {
                 Some(Retry { delay, multiplier, max_delay: non_negative("x-retry-max-delay")?, jitter })
             }
         };
+        settings.dedup = match table::get(arguments, "x-message-deduplication") {
+            None | Some(AMQPValue::Boolean(false)) => None,
+            Some(AMQPValue::Boolean(true)) => Some(Dedup {
+                window: match non_negative("x-cache-ttl")? {
+                    Some(0) => return Err(("x-cache-ttl", "{value_zero,0}".into())),
+                    Some(ttl) => ttl,
+                    None => DEFAULT_DEDUP_WINDOW,
+                },
+                max_keys: match non_negative("x-cache-size")? {
+                    Some(0) => return Err(("x-cache-size", "{value_zero,0}".into())),
+                    Some(size) => usize::try_from(size).unwrap_or(usize::MAX),
+                    None => DEFAULT_DEDUP_KEYS,
+                },
+            }),
+            Some(other) => {
+                return Err(("x-message-deduplication", format!("{{unacceptable_type,{}}}", type_name(other))))
+            }
+        };
         settings.dead_letter_exchange = string("x-dead-letter-exchange")?.map(Arc::from);
         settings.dead_letter_routing_key = string("x-dead-letter-routing-key")?.map(Arc::from);
         if settings.dead_letter_routing_key.is_some() && settings.dead_letter_exchange.is_none() {
@@ -180,7 +217,7 @@ impl QueueSettings {
     /// True when this queue needs the periodic tick (expiry of messages or
     /// of the queue itself).
     pub fn is_timed(&self) -> bool {
-        self.message_ttl.is_some() || self.expires.is_some()
+        self.message_ttl.is_some() || self.expires.is_some() || self.dedup.is_some()
     }
 
     /// The delivery acknowledgement timeout of this queue's consumers.

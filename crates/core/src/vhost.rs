@@ -178,6 +178,9 @@ pub struct GetResult {
     pub message_count: u32,
 }
 
+/// Deduplication keys with the time (ms) each is forgotten.
+pub type DedupEntries = Vec<(Vec<u8>, u64)>;
+
 /// What `publish` did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Routed {
@@ -208,6 +211,8 @@ const EXPIRE_PER_TICK: usize = 2048;
 enum Enqueued {
     /// In the queue; `durable` when it must be stored with it.
     Accepted { durable: bool },
+    /// Seen within the queue's deduplication window: confirmed, not queued.
+    Duplicate,
     /// Refused by the queue's length limit.
     Rejected,
     /// Accepted and dropped at once by the length limit.
@@ -409,6 +414,26 @@ fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
         V::Timestamp(_) => "timestamp",
         _ => "long",
     }
+}
+
+/// A message's deduplication key: its `x-deduplication-header` header (a
+/// string or bytes; other values by their text), else its `message_id`.
+fn dedup_key(message: &Message) -> Option<Vec<u8>> {
+    let properties = message.properties_view();
+    if let Some(headers) = properties.headers() {
+        if let Some(value) = warren_codec::table::get(&headers, "x-deduplication-header") {
+            return Some(match value {
+                warren_codec::types::AMQPValue::ByteArray(bytes) => bytes.as_slice().to_vec(),
+                other => match warren_codec::table::as_str(other) {
+                    Some(text) => text.as_bytes().to_vec(),
+                    None => warren_codec::table::as_i64(other)
+                        .map_or_else(|| format!("{other:?}"), |n| n.to_string())
+                        .into_bytes(),
+                },
+            });
+        }
+    }
+    properties.message_id().map(|id| id.as_bytes().to_vec())
 }
 
 /// Deterministic noise in [-1, 1] for retry jitter (splitmix64 of the
@@ -620,6 +645,7 @@ impl VirtualHostState {
                 }
             }
             queue.pop_expired_anywhere(now, self.loader.as_deref(), &mut expired);
+            queue.dedup.expire(now);
             if queue.release_retries(now) > 0 && !queue.consumers.is_empty() && !self.dirty.contains(&id) {
                 self.dirty.push(id);
             }
@@ -670,6 +696,31 @@ impl VirtualHostState {
         if let Some(timeout) = settings.consumer_timeout {
             self.shortest_consumer_timeout = Some(self.shortest_consumer_timeout.map_or(timeout, |t| t.min(timeout)));
         }
+    }
+
+    /// Deduplication windows of durable queues that changed since the last
+    /// call: (queue, [(key, forgotten at ms)]).
+    pub fn take_dedup_changes(&mut self) -> Vec<(String, DedupEntries)> {
+        let mut changed = Vec::new();
+        for queue in self.queues.values_mut().filter(|q| q.durable && q.dedup.changed) {
+            queue.dedup.changed = false;
+            let entries = queue.dedup.entries().map(|(key, until)| (key.to_vec(), until)).collect();
+            changed.push((queue.name.to_string(), entries));
+        }
+        changed
+    }
+
+    /// Restores a durable queue's deduplication keys (at start).
+    pub fn restore_dedup(&mut self, queue: &str, entries: &[(Vec<u8>, u64)]) {
+        let now = self.clock.now_ms();
+        let Some(q) = self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) else { return };
+        let Some(dedup) = q.settings.dedup else { return };
+        let mut sorted: Vec<&(Vec<u8>, u64)> = entries.iter().filter(|(_, until)| *until > now).collect();
+        sorted.sort_by_key(|(_, until)| *until);
+        for (key, until) in sorted {
+            q.dedup.remember(Arc::from(key.as_slice()), *until, dedup.max_keys);
+        }
+        q.dedup.changed = false;
     }
 
     /// Sets the delivery acknowledgement timeout of queues that have no
@@ -1642,7 +1693,7 @@ impl VirtualHostState {
                         durable.push(queue.name.clone());
                     }
                 }
-                Enqueued::Accepted { durable: false } | Enqueued::Dropped => {}
+                Enqueued::Accepted { durable: false } | Enqueued::Dropped | Enqueued::Duplicate => {}
                 Enqueued::Rejected => rejected = true,
             }
         }
@@ -1657,6 +1708,18 @@ impl VirtualHostState {
         let Some(queue) = self.queues.get_mut(&id) else {
             return Enqueued::Dropped;
         };
+        // The key is remembered only once the message is accepted, so a
+        // publish refused by a length limit can be retried.
+        let mut dedup_key_now = None;
+        if queue.settings.dedup.is_some() {
+            if let Some(key) = dedup_key(message) {
+                let now = self.clock.now_ms();
+                if queue.dedup.contains(&key, now) {
+                    return Enqueued::Duplicate;
+                }
+                dedup_key_now = Some((key, now));
+            }
+        }
         if queue.settings.has_ttl() || message.expiration().is_some() {
             message.set_arrived(self.clock.now_ms());
             if !self.timed.contains(&id) {
@@ -1683,6 +1746,9 @@ impl VirtualHostState {
             }
         }
         queue.push(message.clone());
+        if let (Some((key, now)), Some(dedup)) = (dedup_key_now, queue.settings.dedup) {
+            queue.dedup.remember(Arc::from(key.as_slice()), now.saturating_add(dedup.window), dedup.max_keys);
+        }
         let mut dropped_itself = false;
         if limited && queue.settings.overflow == Overflow::DropHead {
             let (max_length, max_bytes) = (queue.settings.max_length, queue.settings.max_length_bytes);

@@ -168,6 +168,12 @@ impl Server {
                 }
                 let store = janitor_store.clone();
                 let vhosts = janitor_broker.vhosts();
+                let dedup_store = janitor_store.clone();
+                let dedup_vhosts = vhosts.clone();
+                if let Ok(Err(error)) = tokio::task::spawn_blocking(move || dedup_store.save_dedup(&dedup_vhosts)).await
+                {
+                    warn!(%error, "saving deduplication keys failed");
+                }
                 match tokio::task::spawn_blocking(move || store.compact(&vhosts).and_then(|_| store.reclaim())).await {
                     Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "log segments reclaimed"),
                     Ok(Err(error)) => warn!(%error, "reclaiming log segments failed"),
@@ -185,6 +191,13 @@ impl Server {
             warn!("some connections did not close in time");
         }
         let store = self.broker.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        let vhosts = self.broker.vhosts();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(error) = store.save_dedup(&vhosts) {
+                warn!(%error, "saving deduplication keys failed");
+            }
+            store.shutdown()
+        })
+        .await;
     }
 }

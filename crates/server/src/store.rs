@@ -104,6 +104,22 @@ pub struct Store {
     moved_until: Mutex<u64>,
     definitions_path: PathBuf,
     definitions: Mutex<BTreeMap<String, Definitions>>,
+    dedup_path: PathBuf,
+    /// vhost -> queue -> deduplication keys (hex) and when each is forgotten.
+    dedup: Mutex<DedupKeys>,
+}
+
+type DedupKeys = BTreeMap<String, BTreeMap<String, Vec<(String, u64)>>>;
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 fn put_short(out: &mut Vec<u8>, value: &[u8]) {
@@ -420,6 +436,24 @@ impl Store {
             millis = recovered.millis,
             "durable state recovered"
         );
+        // Deduplication windows, written every second by the janitor.
+        let dedup_path = data_dir.join("dedup.json");
+        let dedup: DedupKeys = match std::fs::read(&dedup_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                warn!(%error, "deduplication keys unreadable; starting with empty windows");
+                DedupKeys::new()
+            }),
+            Err(_) => DedupKeys::new(),
+        };
+        for (vhost_name, queues) in &dedup {
+            let Some(vhost) = vhosts.get(vhost_name) else { continue };
+            let mut state = vhost.lock();
+            for (queue, keys) in queues {
+                let keys: Vec<(Vec<u8>, u64)> =
+                    keys.iter().filter_map(|(key, until)| Some((from_hex(key)?, *until))).collect();
+                state.restore_dedup(queue, &keys);
+            }
+        }
         let store = Store {
             commit,
             durable,
@@ -427,6 +461,8 @@ impl Store {
             moved_until: Mutex::new(0),
             definitions_path,
             definitions: Mutex::new(stored),
+            dedup_path,
+            dedup: Mutex::new(dedup),
         };
         Ok((Arc::new(store), recovered))
     }
@@ -525,6 +561,29 @@ impl Store {
         let bytes = serde_json::to_vec_pretty(&*all)
             .map_err(|source| StoreError::Definitions { path: self.definitions_path.clone(), source })?;
         replace_file(&self.definitions_path, &bytes)
+    }
+
+    /// Stores the deduplication windows that changed in each virtual host
+    /// (atomically replaced file). Blocking: run it off the async runtime.
+    pub fn save_dedup(&self, vhosts: &[Arc<VirtualHost>]) -> Result<(), StoreError> {
+        let mut all = self.dedup.lock();
+        let mut changed = false;
+        for vhost in vhosts {
+            let mut state = vhost.lock();
+            let changes = state.take_dedup_changes();
+            let queues = all.entry(state.name.clone()).or_default();
+            for (queue, keys) in changes {
+                changed = true;
+                queues.insert(queue, keys.iter().map(|(key, until)| (to_hex(key), *until)).collect());
+            }
+            queues.retain(|queue, _| state.queue(queue).is_some());
+        }
+        if !changed {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(&*all)
+            .map_err(|source| StoreError::Definitions { path: self.dedup_path.clone(), source })?;
+        replace_file(&self.dedup_path, &bytes)
     }
 
     /// Deletes log segments that hold no live message. Blocking (it may wait
@@ -665,6 +724,13 @@ mod tests {
         assert_eq!(live.oldest_index(), Some(BUCKET_INDICES));
         live.settle(BUCKET_INDICES + 1);
         assert_eq!(live.oldest_index(), None);
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(from_hex(&to_hex(b"\x00\xffid-1")), Some(b"\x00\xffid-1".to_vec()));
+        assert_eq!(from_hex("abc"), None);
+        assert_eq!(from_hex("zz"), None);
     }
 
     #[test]

@@ -549,3 +549,44 @@ async fn policies_from_the_configuration_apply_with_rabbitmq_precedence() {
     // policy's exchange.
     wait_count(&ch, "dlq", 3).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_confirmed_but_not_queued_and_the_window_survives_a_restart() {
+    let server = TestServer::start().await;
+    let dedup = || args(&[("x-message-deduplication", AMQPValue::Boolean(true)), ("x-cache-ttl", long(60_000))]);
+    let publish_ids = |ch: Channel, ids: Vec<&'static str>| async move {
+        let mut acks = Vec::new();
+        for id in ids {
+            let properties = BasicProperties::default().with_delivery_mode(2).with_message_id(id.into());
+            let confirm = ch
+                .basic_publish("".into(), "orders".into(), BasicPublishOptions::default(), id.as_bytes(), properties)
+                .await
+                .unwrap();
+            acks.push(confirm.await.unwrap().is_ack());
+        }
+        acks
+    };
+    {
+        let (_conn, ch) = open(&server).await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        queue(&ch, "orders", true, dedup()).await;
+        let acks = publish_ids(ch.clone(), vec!["o-1", "o-2", "o-1"]).await;
+        assert_eq!(acks, vec![true, true, true], "a duplicate is confirmed too");
+        // A header key takes precedence over message_id.
+        let keyed = BasicProperties::default()
+            .with_message_id("o-3".into())
+            .with_headers(args(&[("x-deduplication-header", text("o-1"))]));
+        publish(&ch, "orders", b"same key as o-1", keyed).await;
+        wait_count(&ch, "orders", 2).await;
+        let bodies: Vec<Vec<u8>> =
+            vec![get(&ch, "orders").await.unwrap().delivery.data, get(&ch, "orders").await.unwrap().delivery.data];
+        assert_eq!(bodies, vec![b"o-1".to_vec(), b"o-2".to_vec()]);
+    }
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let acks = publish_ids(ch.clone(), vec!["o-2", "o-4"]).await;
+    assert_eq!(acks, vec![true, true]);
+    wait_count(&ch, "orders", 1).await;
+    assert_eq!(get(&ch, "orders").await.unwrap().delivery.data, b"o-4", "o-2 was remembered across the restart");
+}
