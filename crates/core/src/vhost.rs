@@ -49,6 +49,9 @@ pub trait Outbox: Send + Sync {
     /// True while the connection's unsent bytes are above its limit: the core
     /// then stops delivering to it until [`VirtualHostState::resume_connection`].
     fn is_congested(&self) -> bool;
+    /// The core wants this channel closed with 406 and `text` (a delivery
+    /// acknowledgement timeout in RabbitMQ's close-the-channel mode).
+    fn fail_channel(&self, _channel: u16, _text: &str) {}
 }
 
 #[derive(Debug)]
@@ -91,6 +94,8 @@ struct ChannelState {
     /// Delivery tags taken back after the consumer timeout: acknowledging
     /// one later is not an error.
     timed_out: BTreeSet<u64>,
+    /// Asked to be closed for a consumer timeout (close-channel mode).
+    failing: bool,
 }
 
 impl ChannelState {
@@ -250,6 +255,8 @@ pub struct VirtualHostState {
     coarse_now: u64,
     /// Delivery acknowledgement timeout of queues without their own.
     default_consumer_timeout: Option<u64>,
+    /// RabbitMQ's behaviour on a consumer timeout: close the channel.
+    timeout_closes_channel: bool,
     /// Shortest consumer timeout of any queue declared so far.
     shortest_consumer_timeout: Option<u64>,
     policies: Vec<Policy>,
@@ -513,6 +520,7 @@ impl VirtualHostState {
             delaying: BTreeSet::new(),
             coarse_now: 0,
             default_consumer_timeout: None,
+            timeout_closes_channel: false,
             shortest_consumer_timeout: None,
             policies: Vec::new(),
             scratch_destinations: Vec::new(),
@@ -729,6 +737,12 @@ impl VirtualHostState {
         self.default_consumer_timeout = millis;
     }
 
+    /// Makes a consumer timeout close the channel (406), as RabbitMQ does,
+    /// instead of taking the delivery back.
+    pub fn set_consumer_timeout_closes_channel(&mut self, close: bool) {
+        self.timeout_closes_channel = close;
+    }
+
     /// Takes back deliveries unacknowledged for longer than their queue's
     /// consumer timeout: they return to their queue (or wait for a retry)
     /// with their delivery count raised, and the channel stays open; a late
@@ -744,7 +758,7 @@ impl VirtualHostState {
             },
         };
         let mut expired: Vec<(ChannelKey, u64)> = Vec::new();
-        for (key, channel) in &self.channels {
+        for (key, channel) in self.channels.iter_mut().filter(|(_, c)| !c.failing) {
             // Oldest first: stop at the first delivery younger than the
             // shortest timeout.
             for unacked in channel.unacked.iter().take_while(|u| u.delivered_at.saturating_add(shortest) <= now) {
@@ -752,7 +766,18 @@ impl VirtualHostState {
                     .queues
                     .get(&unacked.queue)
                     .and_then(|q| q.settings.consumer_timeout(self.default_consumer_timeout));
-                if timeout.is_some_and(|t| unacked.delivered_at.saturating_add(t) <= now) {
+                if let Some(timeout) = timeout.filter(|t| unacked.delivered_at.saturating_add(*t) <= now) {
+                    if self.timeout_closes_channel {
+                        // RabbitMQ's wording; the connection closes the
+                        // channel, which requeues its deliveries.
+                        let text = format!(
+                            "delivery acknowledgement on channel {} timed out. Timeout value used: {timeout} ms. This timeout value can be configured, see consumers doc guide to learn more",
+                            key.channel
+                        );
+                        channel.outbox.fail_channel(key.channel, &text);
+                        channel.failing = true;
+                        break;
+                    }
                     expired.push((*key, unacked.delivery_tag));
                 }
             }
@@ -1077,6 +1102,7 @@ impl VirtualHostState {
                 flow_active: true,
                 reply_consumer: None,
                 timed_out: BTreeSet::new(),
+                failing: false,
             },
         );
     }

@@ -46,6 +46,9 @@ impl Broker {
             let mut state = vhost.lock();
             state.set_loader(store.clone());
             state.set_consumer_timeout(consumer_timeout);
+            state.set_consumer_timeout_closes_channel(
+                config.consumer_timeout_action == crate::config::ConsumerTimeoutAction::CloseChannel,
+            );
         }
         Ok(Broker {
             config,

@@ -49,6 +49,10 @@ pub struct Config {
     /// and returned to its queue (or retried); its channel stays open.
     /// Queues override it with `x-consumer-timeout`. 0 = no timeout.
     pub consumer_timeout_ms: u64,
+    /// What a consumer timeout does: `requeue` (take that delivery back,
+    /// the channel stays open) or `close-channel` (RabbitMQ: 406, the
+    /// channel closes and all its deliveries are requeued).
+    pub consumer_timeout_action: ConsumerTimeoutAction,
     /// Settings applied by name pattern to queues and exchanges.
     pub policies: Vec<PolicyConfig>,
 }
@@ -110,6 +114,14 @@ impl PolicyConfig {
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsumerTimeoutAction {
+    #[default]
+    Requeue,
+    CloseChannel,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Fsync {
     /// Confirm after fsync (group commit): survives power loss.
@@ -152,6 +164,7 @@ impl Default for Config {
             fsync: Fsync::Always,
             segment_bytes_max: 16 * 1024 * 1024,
             consumer_timeout_ms: 30 * 60 * 1000,
+            consumer_timeout_action: ConsumerTimeoutAction::Requeue,
             policies: Vec::new(),
         }
     }

@@ -270,6 +270,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
                 conn.flush_confirms();
                 continue;
             }
+            _ = outbox.failed_notify.notified() => {
+                conn.fail_channels();
+                continue;
+            }
             _ = shutdown.changed() => {
                 if conn.phase == Phase::Running {
                     conn.close_connection(AmqpError::hard(ReplyCode::ConnectionForced, "broker forced connection closure with reason 'shutdown'", 0, 0));
@@ -456,6 +460,22 @@ impl Connection {
             })),
         );
         self.phase = Phase::Closing;
+    }
+
+    /// Closes the channels the core asked to close (consumer timeout in
+    /// close-channel mode) with 406.
+    fn fail_channels(&mut self) {
+        let failed = self.outbox.take_failed();
+        let Some(vhost) = self.vhost.clone() else { return };
+        let mut state = vhost.lock();
+        for (number, text) in failed {
+            if self.channels.get(&number).is_some_and(|ch| !ch.closing) {
+                let error = AmqpError::soft(ReplyCode::PreconditionFailed, text, 0, 0);
+                self.channel_error(number, error, Some(&mut state));
+            }
+        }
+        state.run_dispatch();
+        let _ = self.flush_journal(&mut state);
     }
 
     fn channel_error(&mut self, number: u16, error: AmqpError, state: Option<&mut VirtualHostState>) {

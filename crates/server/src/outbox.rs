@@ -25,6 +25,9 @@ pub struct ConnectionOutbox {
     limit: usize,
     pub(crate) connection_id: u64,
     pub(crate) vhost: OnceLock<Arc<VirtualHost>>,
+    /// Channels the core asked to close (consumer timeout), with the text.
+    failed: Mutex<Vec<(u16, String)>>,
+    pub(crate) failed_notify: Notify,
 }
 
 impl ConnectionOutbox {
@@ -38,6 +41,8 @@ impl ConnectionOutbox {
             limit,
             connection_id,
             vhost: OnceLock::new(),
+            failed: Mutex::new(Vec::new()),
+            failed_notify: Notify::new(),
         }
     }
 
@@ -62,6 +67,10 @@ impl ConnectionOutbox {
         }
         drop(buf);
         self.notify.notify_one();
+    }
+
+    pub(crate) fn take_failed(&self) -> Vec<(u16, String)> {
+        std::mem::take(&mut *self.failed.lock())
     }
 
     /// Swaps the pending bytes into `spare` (which must be empty).
@@ -106,5 +115,10 @@ impl Outbox for ConnectionOutbox {
 
     fn is_congested(&self) -> bool {
         self.congested.load(Ordering::Relaxed)
+    }
+
+    fn fail_channel(&self, channel: u16, text: &str) {
+        self.failed.lock().push((channel, text.to_string()));
+        self.failed_notify.notify_one();
     }
 }

@@ -590,3 +590,27 @@ async fn duplicates_are_confirmed_but_not_queued_and_the_window_survives_a_resta
     wait_count(&ch, "orders", 1).await;
     assert_eq!(get(&ch, "orders").await.unwrap().delivery.data, b"o-4", "o-2 was remembered across the restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_timeout_can_close_the_channel_as_rabbitmq_does() {
+    let server = TestServer::with_config(|config| {
+        config.consumer_timeout_action = warren_server::config::ConsumerTimeoutAction::CloseChannel;
+    })
+    .await;
+    let (conn, ch) = open(&server).await;
+    queue(&ch, "strict", false, args(&[("x-consumer-timeout", long(200))])).await;
+    publish(&ch, "strict", b"job", BasicProperties::default()).await;
+    let worker = conn.create_channel().await.unwrap();
+    let mut consumer = worker
+        .basic_consume("strict".into(), "w".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let _held = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    // The consumer sees its channel closed with RabbitMQ's 406.
+    let closed = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap();
+    let reason = format!("{closed:?}");
+    assert!(reason.contains("PRECONDITION_FAILED - delivery acknowledgement on channel 2 timed out"), "{reason}");
+    assert!(!worker.status().connected(), "the channel was closed");
+    // Its delivery went back to the queue; the other channel is untouched.
+    wait_count(&ch, "strict", 1).await;
+}
