@@ -184,3 +184,87 @@ async fn a_full_disk_nacks_publishers_and_loses_nothing_confirmed() {
     assert!(acked.is_subset(&recovered), "confirmed then lost: {:?}", acked.difference(&recovered).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// Dead-lettering while the power goes: every confirmed message is after
+/// restart in its queue or in the dead-letter queue (the copy is written
+/// before the original is settled); some may be in both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettering_through_a_power_cut_loses_nothing() {
+    for _ in 0..3 {
+        let sim = SimBackend::new();
+        let data_dir = common::temp_data_dir();
+        let config = sim_config(&data_dir, 128 * 1024);
+        let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config.clone()).await;
+        let conn = Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare("dlq".into(), durable, FieldTable::default()).await.unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-dead-letter-exchange".into(), lapin::types::AMQPValue::LongString("".into()));
+        arguments.insert("x-dead-letter-routing-key".into(), lapin::types::AMQPValue::LongString("dlq".into()));
+        ch.queue_declare("src".into(), durable, arguments).await.unwrap();
+        let mut confirmed = BTreeSet::new();
+        for seq in 0..1500u64 {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            let confirm = ch
+                .basic_publish("".into(), "src".into(), BasicPublishOptions::default(), &seq.to_be_bytes(), props)
+                .await
+                .unwrap();
+            if seq % 100 == 99 {
+                confirm.await.unwrap();
+            }
+        }
+        confirmed.extend(0..1500u64);
+        // A consumer rejects everything; the power goes part way.
+        let consumer = conn.create_channel().await.unwrap();
+        let cutter = sim.clone();
+        let cut = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cutter.set_faults(Faults { crash_after_ops: Some(0), ..Faults::default() });
+            cutter.power_cut();
+            cutter.set_faults(Faults { crash_after_ops: Some(0), ..Faults::default() });
+        });
+        let mut rejected = 0;
+        while !cut.is_finished() {
+            let Ok(Ok(Some(m))) = tokio::time::timeout(
+                Duration::from_secs(1),
+                consumer.basic_get("src".into(), BasicGetOptions::default()),
+            )
+            .await
+            else {
+                break;
+            };
+            let _ = m.delivery.acker.reject(BasicRejectOptions { requeue: false }).await;
+            rejected += 1;
+        }
+        cut.await.unwrap();
+        let _ = stop.send(());
+        let _ = task.await;
+
+        let mut in_dlq = BTreeSet::new();
+        let in_src = restart_and_drain(&sim, config, "src", |ch| {
+            let in_dlq = &mut in_dlq;
+            async move {
+                while let Some(m) = ch.basic_get("dlq".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+                    in_dlq.insert(u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap()));
+                }
+            }
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let both = in_src.intersection(&in_dlq).count();
+        let all: BTreeSet<u64> = in_src.union(&in_dlq).copied().collect();
+        let lost: Vec<&u64> = confirmed.difference(&all).collect();
+        println!(
+            "dead-lettering power cut: rejected {rejected}, in source {}, dead-lettered {}, in both {both}, lost {}",
+            in_src.len(),
+            in_dlq.len(),
+            lost.len()
+        );
+        assert!(rejected > 50 && !in_dlq.is_empty(), "dead-lettering ran: {rejected} rejected");
+        assert!(lost.is_empty(), "confirmed then lost: {lost:?}");
+    }
+}

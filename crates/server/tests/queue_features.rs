@@ -281,6 +281,8 @@ async fn ttl_and_dead_letters_survive_a_restart() {
                 .await
                 .unwrap();
         }
+        let bounded = args(&[("x-max-length", long(1)), ("x-overflow", text("reject-publish"))]);
+        queue(&ch, "bounded", true, bounded).await;
         let rejected = ch.basic_get("rejects".into(), BasicGetOptions::default()).await.unwrap().unwrap();
         rejected.delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
         wait_count(&ch, "dlq", 1).await;
@@ -303,6 +305,23 @@ async fn ttl_and_dead_letters_survive_a_restart() {
     assert!(started.elapsed() < Duration::from_millis(1500 + 1000));
     let first = get(&ch, "dlq").await.unwrap();
     assert_eq!(first.delivery.data, b"rejected");
+    // The length limit is still in force.
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut outcomes = Vec::new();
+    for body in [b"1", b"2"] {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "bounded".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        outcomes.push(confirm.await.unwrap().is_ack());
+    }
+    assert_eq!(outcomes, vec![true, false]);
     let second = get(&ch, "dlq").await.unwrap();
     assert_eq!(second.delivery.data, b"expiring");
     assert_eq!(string(header(&deaths(&second)[0], "reason")), "expired");
