@@ -334,15 +334,17 @@ impl Queue {
     /// Adds a message recovered from the store (`size` body bytes), paged
     /// out. It may have been delivered before the restart, so it is marked
     /// redelivered.
-    pub fn push_stored(&mut self, stored: u64, size: u64, priority: u8) {
+    /// Returns its sequence number.
+    pub fn push_stored(&mut self, stored: u64, size: u64, priority: u8) -> u64 {
         let Some(index) = NonZeroU64::new(stored) else {
-            return;
+            return u64::MAX;
         };
         self.ready_bytes += size;
         self.ready_len += 1;
         let seq = self.next_seq();
         let lane = self.lane_of(priority);
         self.lanes[lane].ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index, 0) });
+        seq
     }
 
     /// Body size of the next message, when known without reading it.

@@ -139,6 +139,9 @@ pub enum JournalEvent {
     Settled { queue: Arc<str>, stored: u64 },
     /// A durable queue was deleted with everything in it.
     QueueDeleted { queue: Arc<str> },
+    /// A stored message came back to a queue that counts returns
+    /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far.
+    Returned { queue: Arc<str>, stored: u64, returns: u64 },
 }
 
 /// Durable definitions of a virtual host, as stored and restored.
@@ -997,7 +1000,7 @@ impl VirtualHostState {
 
     /// Puts a message recovered from the store back into a durable queue,
     /// paged out (read back from the log when delivered).
-    pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64, priority: u8) -> bool {
+    pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64, priority: u8, returns: u64) -> bool {
         if let Some(exchange) = queue.strip_prefix(DELAYED_PREFIX) {
             return match self.exchanges.get_mut(exchange).and_then(|x| x.delayed.as_mut()) {
                 Some(delayed) => {
@@ -1010,7 +1013,10 @@ impl VirtualHostState {
         }
         match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
             Some(q) if q.durable => {
-                q.push_stored(stored, size, priority);
+                let seq = q.push_stored(stored, size, priority);
+                if returns > 0 {
+                    q.returns.insert(seq, returns);
+                }
                 true
             }
             _ => false,
@@ -2228,6 +2234,10 @@ impl VirtualHostState {
         let returns = queue.returns.entry(unacked.seq).or_insert(0);
         *returns += 1;
         let attempt = *returns;
+        let stored = unacked.message.stored_index();
+        if queue.durable && stored != 0 {
+            self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns: attempt });
+        }
         if queue.settings.delivery_limit.is_some_and(|limit| attempt > limit) {
             let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
             self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
@@ -2248,7 +2258,12 @@ impl VirtualHostState {
         if queue.settings.delivery_limit.is_some() || queue.settings.retry.is_some() {
             let returns = queue.returns.entry(unacked.seq).or_insert(0);
             *returns += 1;
-            if queue.settings.delivery_limit.is_some_and(|limit| *returns > limit) {
+            let returns = *returns;
+            let stored = unacked.message.stored_index();
+            if queue.durable && stored != 0 {
+                self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns });
+            }
+            if queue.settings.delivery_limit.is_some_and(|limit| returns > limit) {
                 let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
                 self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
                 self.process_dead_letters();
@@ -2564,6 +2579,7 @@ mod tests {
                 JournalEvent::Published { message, queues } => format!("P{}{:?}", message.stored_index(), queues),
                 JournalEvent::Settled { queue, stored } => format!("S{stored}{queue}"),
                 JournalEvent::QueueDeleted { queue } => format!("D{queue}"),
+                JournalEvent::Returned { queue, stored, returns } => format!("R{stored}{queue}{returns}"),
             })
             .collect();
         assert_eq!(summary, vec!["P7[\"durable\"]", "P8[\"durable\"]", "S7durable", "S8durable"]);

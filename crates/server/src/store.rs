@@ -191,6 +191,15 @@ fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Arc<str>, u64)]) {
     }
 }
 
+/// A stored message's return count in one queue.
+fn encode_returned(out: &mut Vec<u8>, vhost: &str, queue: &str, stored: u64, returns: u64) {
+    out.push(b'R');
+    put_short(out, vhost.as_bytes());
+    put_short(out, queue.as_bytes());
+    out.extend_from_slice(&stored.to_le_bytes());
+    out.extend_from_slice(&returns.to_le_bytes());
+}
+
 fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
     out.push(b'D');
     put_short(out, vhost.as_bytes());
@@ -222,6 +231,12 @@ enum Record<'a> {
         vhost: &'a str,
         queue: &'a str,
     },
+    Returned {
+        vhost: &'a str,
+        queue: &'a str,
+        stored: u64,
+        returns: u64,
+    },
 }
 
 fn decode(payload: &[u8]) -> Option<Record<'_>> {
@@ -252,6 +267,9 @@ fn decode(payload: &[u8]) -> Option<Record<'_>> {
             Some(Record::Settled { vhost, settled })
         }
         b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
+        b'R' => {
+            Some(Record::Returned { vhost: r.short_str()?, queue: r.short_str()?, stored: r.u64()?, returns: r.u64()? })
+        }
         _ => None,
     }
 }
@@ -354,6 +372,8 @@ impl Store {
             id
         };
         const SETTLED: u32 = u32::MAX;
+        // Return counts by (log index, queue); moved entries carry theirs.
+        let mut returns: HashMap<(u64, u32), u64> = HashMap::new();
         // (priority << 56 | log index, queue, body size): 16 bytes per
         // queue entry, in index order.
         let mut live: Vec<(u64, u32, u32)> = Vec::new();
@@ -380,7 +400,15 @@ impl Store {
                             entry.1 = SETTLED;
                         }
                     }
+                    for id in &ids {
+                        if let Some(count) = returns.remove(&(from, *id)) {
+                            returns.insert((index, *id), count);
+                        }
+                    }
                     live.extend(ids.into_iter().map(|id| (key, id, size)));
+                }
+                Some(Record::Returned { vhost, queue, stored, returns: count }) => {
+                    returns.insert((stored, intern(vhost, queue)), count);
                 }
                 Some(Record::Settled { vhost, settled }) => {
                     for (stored, queue) in settled {
@@ -413,7 +441,8 @@ impl Store {
             let (index, priority) = (key & INDEX_MASK, (key >> PRIORITY_SHIFT) as u8);
             let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
             let Some(vhost) = vhosts.get(vhost) else { continue };
-            if vhost.lock().recover_stored(queue, index, u64::from(size), priority) {
+            let count = returns.get(&(index, id)).copied().unwrap_or(0);
+            if vhost.lock().recover_stored(queue, index, u64::from(size), priority, count) {
                 recovered.queue_entries += 1;
                 if index != previous {
                     recovered.messages += 1;
@@ -522,6 +551,10 @@ impl Store {
                 }
                 JournalEvent::QueueDeleted { queue } => {
                     encode_deleted(scratch, vhost, &queue);
+                    self.commit.append(scratch)?;
+                }
+                JournalEvent::Returned { queue, stored, returns } => {
+                    encode_returned(scratch, vhost, &queue, stored, returns);
                     self.commit.append(scratch)?;
                 }
             }
@@ -764,6 +797,9 @@ mod tests {
         out.clear();
         encode_deleted(&mut out, "v", "q");
         assert!(matches!(decode(&out), Some(Record::Deleted { vhost: "v", queue: "q" })));
+        out.clear();
+        encode_returned(&mut out, "v", "q", 7, 3);
+        assert!(matches!(decode(&out), Some(Record::Returned { vhost: "v", queue: "q", stored: 7, returns: 3 })));
         assert!(decode(b"Zjunk").is_none());
         assert!(decode(b"P\x01").is_none());
     }

@@ -633,3 +633,37 @@ async fn the_consumer_timeout_can_close_the_channel_as_rabbitmq_does() {
     // Its delivery went back to the queue; the other channel is untouched.
     wait_count(&ch, "strict", 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_counts_survive_a_restart() {
+    let server = TestServer::start().await;
+    let limited = || to_dlq(vec![("x-delivery-limit", long(2))]);
+    let count_of = |message: &BasicGetMessage| {
+        message.delivery.properties.headers().as_ref().and_then(|h| h.inner().get("x-delivery-count").cloned())
+    };
+    {
+        let (_conn, ch) = open(&server).await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        queue(&ch, "dlq", true, FieldTable::default()).await;
+        queue(&ch, "counted", true, limited()).await;
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        ch.basic_publish("".into(), "counted".into(), BasicPublishOptions::default(), b"poison", persistent)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        for expected in 0..2 {
+            let m = ch.basic_get("counted".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+            assert_eq!(count_of(&m), Some(AMQPValue::LongLongInt(expected)));
+            m.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
+        }
+        wait_count(&ch, "counted", 1).await;
+    }
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    let m = ch.basic_get("counted".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    assert_eq!(count_of(&m), Some(AMQPValue::LongLongInt(2)), "the count went on from where it was");
+    m.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
+    wait_count(&ch, "dlq", 1).await;
+    wait_count(&ch, "counted", 0).await;
+}
