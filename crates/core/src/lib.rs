@@ -19,6 +19,7 @@
 pub mod dead_letter;
 pub mod exchange;
 pub mod headers;
+mod lane;
 pub mod message;
 pub mod names;
 pub mod policy;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use warren_codec::types::FieldTable;
 
+use crate::lane::{Body, Entry, Lane};
 use crate::message::Message;
 use crate::settings::QueueSettings;
 use crate::{ChannelKey, ConnectionId, QueueId};
@@ -105,41 +106,6 @@ pub struct QueuedMessage {
     pub redelivered: bool,
 }
 
-#[derive(Debug)]
-enum Body {
-    Loaded(Arc<Message>),
-    /// The log index, and the arrival second when known (0 if not): enough
-    /// to tell that a message is past its queue TTL without reading it.
-    Paged(NonZeroU64, u32),
-}
-
-/// 24 bytes: the sequence number with the redelivered flag in its top bit,
-/// and the body.
-#[derive(Debug)]
-struct Entry {
-    seq_flags: u64,
-    body: Body,
-}
-
-const REDELIVERED: u64 = 1 << 63;
-
-impl Entry {
-    fn seq(&self) -> u64 {
-        self.seq_flags & !REDELIVERED
-    }
-
-    fn redelivered(&self) -> bool {
-        self.seq_flags & REDELIVERED != 0
-    }
-
-    fn stored_index(&self) -> u64 {
-        match &self.body {
-            Body::Loaded(message) => message.stored_index(),
-            Body::Paged(index, _) => index.get(),
-        }
-    }
-}
-
 /// A view of a ready entry.
 pub struct EntryRef<'a> {
     pub seq: u64,
@@ -161,40 +127,6 @@ pub struct QueueConsumer {
 
 /// Entries at the head of a queue that stay in memory.
 pub const LOADED_WINDOW: usize = 1024;
-
-/// Ready entries of one priority, in sequence order.
-#[derive(Debug, Default)]
-struct Lane {
-    ready: VecDeque<Entry>,
-    /// Position from which entries may still be paged out.
-    page_cursor: usize,
-}
-
-impl Lane {
-    fn position(&self, seq: u64) -> Result<usize, usize> {
-        self.ready.binary_search_by_key(&seq, Entry::seq)
-    }
-
-    /// Takes the entry at `position`, reading it back if it was paged out;
-    /// `Err(stored)` if it could not be read.
-    fn take(&mut self, position: usize, loader: Option<&dyn MessageLoader>) -> Option<Result<QueuedMessage, u64>> {
-        let entry = self.ready.remove(position)?;
-        if position < self.page_cursor {
-            self.page_cursor -= 1;
-        }
-        let (seq, redelivered) = (entry.seq(), entry.redelivered());
-        Some(match entry.body {
-            Body::Loaded(message) => Ok(QueuedMessage { seq, message, redelivered }),
-            Body::Paged(index, _) => match loader.and_then(|l| l.load(index.get())) {
-                Some(message) => {
-                    message.set_stored_index(index.get());
-                    Ok(QueuedMessage { seq, message: Arc::new(message), redelivered })
-                }
-                None => Err(index.get()),
-            },
-        })
-    }
-}
 
 #[derive(Debug)]
 pub struct Queue {
@@ -311,7 +243,7 @@ impl Queue {
 
     /// The highest lane holding something.
     fn top_lane(&self) -> Option<usize> {
-        self.lanes.iter().rposition(|lane| !lane.ready.is_empty())
+        self.lanes.iter().rposition(|lane| !lane.is_empty())
     }
 
     fn track_expiry(&mut self, message: &Message, seq: u64) {
@@ -328,7 +260,7 @@ impl Queue {
         self.ready_len += 1;
         self.track_expiry(&message, seq);
         let lane = self.lane_of(message.priority);
-        self.lanes[lane].ready.push_back(Entry { seq_flags: seq, body: Body::Loaded(message) });
+        self.lanes[lane].push(Entry::new(seq, false, Body::Loaded(message)), LOADED_WINDOW);
     }
 
     /// Adds a message recovered from the store (`size` body bytes), paged
@@ -343,48 +275,61 @@ impl Queue {
         self.ready_len += 1;
         let seq = self.next_seq();
         let lane = self.lane_of(priority);
-        self.lanes[lane].ready.push_back(Entry { seq_flags: seq | REDELIVERED, body: Body::Paged(index, 0) });
+        self.lanes[lane].push_paged(seq, true, index, 0);
         seq
     }
 
     /// Body size of the next message, when known without reading it.
-    pub fn front_size(&self) -> Option<usize> {
-        let lane = &self.lanes[self.top_lane()?];
-        lane.ready.front().map(|entry| match &entry.body {
+    pub fn front_size(&mut self) -> Option<usize> {
+        let lane = self.top_lane()?;
+        self.lanes[lane].front_mut().map(|entry| match &entry.body {
             Body::Loaded(message) => message.body_len(),
             Body::Paged(..) => 0,
         })
     }
 
     /// Every ready entry, highest priority first, in delivery order.
-    pub fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
-        self.lanes.iter().rev().flat_map(|lane| lane.ready.iter()).map(|entry| EntryRef {
-            seq: entry.seq(),
-            redelivered: entry.redelivered(),
-            message: match &entry.body {
-                Body::Loaded(message) => Some(message),
-                Body::Paged(..) => None,
-            },
-            stored: entry.stored_index(),
-        })
+    pub fn entries(&self) -> Vec<EntryRef<'_>> {
+        let mut all = Vec::with_capacity(self.ready_len);
+        self.for_each_entry(|entry| all.push(entry));
+        all
     }
 
-    /// Takes from `lane` at `position`, keeping the counters; unreadable
-    /// stored messages are dropped into `unreadable`.
-    fn take_at(&mut self, lane: usize, position: usize, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
-        let taken = self.lanes[lane].take(position, loader)?;
-        self.ready_len -= 1;
-        match taken {
-            Ok(message) => {
-                self.ready_bytes = self.ready_bytes.saturating_sub(message.message.body_len() as u64);
-                Some(message)
-            }
-            Err(stored) => {
-                tracing::error!(queue = %self.name, stored, "stored message cannot be read back; dropped");
-                self.unreadable.push(stored);
-                None
-            }
+    /// Every ready entry, highest priority first, in delivery order.
+    pub fn for_each_entry<'a>(&'a self, mut visit: impl FnMut(EntryRef<'a>)) {
+        for lane in self.lanes.iter().rev() {
+            lane.for_each(|view| {
+                visit(EntryRef {
+                    seq: view.seq,
+                    redelivered: view.redelivered,
+                    message: view.message,
+                    stored: view.stored,
+                })
+            });
         }
+    }
+
+    /// Turns a taken entry into a message, reading it back if it was paged
+    /// out; unreadable stored messages are dropped into `unreadable`.
+    fn materialize(&mut self, entry: Entry, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
+        self.ready_len -= 1;
+        let (seq, redelivered) = (entry.seq(), entry.redelivered());
+        let message = match entry.body {
+            Body::Loaded(message) => message,
+            Body::Paged(index, _) => match loader.and_then(|l| l.load(index.get())) {
+                Some(message) => {
+                    message.set_stored_index(index.get());
+                    Arc::new(message)
+                }
+                None => {
+                    tracing::error!(queue = %self.name, stored = index.get(), "stored message cannot be read back; dropped");
+                    self.unreadable.push(index.get());
+                    return None;
+                }
+            },
+        };
+        self.ready_bytes = self.ready_bytes.saturating_sub(message.body_len() as u64);
+        Some(QueuedMessage { seq, message, redelivered })
     }
 
     /// Takes the next message, reading it back from the store if it was
@@ -393,7 +338,8 @@ impl Queue {
     pub fn pop(&mut self, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
         loop {
             let lane = self.top_lane()?;
-            if let Some(message) = self.take_at(lane, 0, loader) {
+            let entry = self.lanes[lane].pop_front()?;
+            if let Some(message) = self.materialize(entry, loader) {
                 return Some(message);
             }
         }
@@ -403,7 +349,7 @@ impl Queue {
     /// is empty.
     fn load_front(&mut self, lane: usize, loader: Option<&dyn MessageLoader>) -> bool {
         loop {
-            let Some(entry) = self.lanes[lane].ready.front_mut() else {
+            let Some(entry) = self.lanes[lane].front_mut() else {
                 return false;
             };
             let Body::Paged(index, _) = entry.body else {
@@ -416,7 +362,9 @@ impl Queue {
                     return true;
                 }
                 None => {
-                    let _ = self.take_at(lane, 0, None);
+                    if let Some(entry) = self.lanes[lane].pop_front() {
+                        let _ = self.materialize(entry, None);
+                    }
                 }
             }
         }
@@ -436,14 +384,12 @@ impl Queue {
     ) -> Option<Result<QueuedMessage, u64>> {
         for lane in (0..self.lanes.len()).rev() {
             if let (false, Some(ttl)) = (need_body, self.settings.message_ttl) {
-                if let Some(Entry { body: Body::Paged(index, arrived_s), .. }) = self.lanes[lane].ready.front() {
+                if let Some(Entry { body: Body::Paged(index, arrived_s), .. }) = self.lanes[lane].front_mut() {
                     // The latest it could have arrived is the end of that second.
                     let latest = u64::from(*arrived_s) * 1000 + 999;
                     if *arrived_s != 0 && latest.saturating_add(ttl) < now {
                         let stored = index.get();
-                        let _ = self.lanes[lane].ready.pop_front();
-                        let lane = &mut self.lanes[lane];
-                        lane.page_cursor = lane.page_cursor.saturating_sub(1);
+                        let _ = self.lanes[lane].pop_front();
                         self.ready_len -= 1;
                         // Its size is unknown unread; the byte count is
                         // corrected when the queue empties.
@@ -457,11 +403,12 @@ impl Queue {
             if !self.load_front(lane, loader) {
                 continue;
             }
-            let Some(Body::Loaded(message)) = self.lanes[lane].ready.front().map(|e| &e.body) else {
+            let Some(Body::Loaded(message)) = self.lanes[lane].front_mut().map(|e| &e.body) else {
                 continue;
             };
             if message.deadline(self.settings.message_ttl).is_some_and(|deadline| deadline < now) {
-                return self.take_at(lane, 0, loader).map(Ok);
+                let entry = self.lanes[lane].pop_front()?;
+                return self.materialize(entry, loader).map(Ok);
             }
         }
         None
@@ -475,9 +422,9 @@ impl Queue {
                 break;
             }
             self.expiring.pop();
-            let found = (0..self.lanes.len()).find_map(|lane| self.lanes[lane].position(seq).ok().map(|p| (lane, p)));
-            if let Some((lane, position)) = found {
-                out.extend(self.take_at(lane, position, loader));
+            let found = (0..self.lanes.len()).find_map(|lane| self.lanes[lane].remove_seq(seq));
+            if let Some(entry) = found {
+                out.extend(self.materialize(entry, loader));
             }
         }
     }
@@ -527,47 +474,18 @@ impl Queue {
         self.ready_len += 1;
         self.track_expiry(&message, seq);
         let lane = self.lane_of(message.priority);
-        let lane = &mut self.lanes[lane];
-        let entry = Entry { seq_flags: seq | REDELIVERED, body: Body::Loaded(message) };
-        let position = lane.ready.partition_point(|m| m.seq() < seq);
-        lane.ready.insert(position, entry);
-        if position < lane.page_cursor {
-            lane.page_cursor += 1;
-        }
-        debug_assert!(lane.ready.iter().zip(lane.ready.iter().skip(1)).all(|(a, b)| a.seq() < b.seq()));
+        self.lanes[lane].requeue(Entry::new(seq, true, Body::Loaded(message)));
     }
 
     /// Pages out up to `budget` stored messages beyond each lane's loaded
     /// window whose log entries are readable. Cheap enough to call on every
     /// publish.
     pub fn page_out(&mut self, readable: u64, budget: usize) {
-        let mut converted = 0;
+        let mut left = budget;
         for lane in self.lanes.iter_mut().rev() {
-            lane.page_cursor = lane.page_cursor.max(LOADED_WINDOW);
-            while converted < budget && lane.page_cursor < lane.ready.len() {
-                let Some(entry) = lane.ready.get_mut(lane.page_cursor) else { break };
-                match &entry.body {
-                    Body::Paged(..) => {}
-                    Body::Loaded(message) => {
-                        let stored = message.stored_index();
-                        if stored == 0 {
-                            if message.persistent {
-                                // Its log entry is on its way: try again later.
-                                break;
-                            }
-                            // Transient: stays in memory.
-                        } else if stored <= readable {
-                            if let Some(index) = NonZeroU64::new(stored) {
-                                let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
-                                entry.body = Body::Paged(index, arrived_s);
-                                converted += 1;
-                            }
-                        } else {
-                            break;
-                        }
-                    }
-                }
-                lane.page_cursor += 1;
+            left = left.saturating_sub(lane.page_out(readable, left, LOADED_WINDOW));
+            if left == 0 {
+                break;
             }
         }
     }
@@ -575,12 +493,8 @@ impl Queue {
     /// Points entries stored at an old log index to the index their message
     /// was moved to (compaction). Loaded entries follow their message.
     pub fn rekey(&mut self, moved: &std::collections::HashMap<u64, u64>) {
-        for entry in self.lanes.iter_mut().flat_map(|lane| lane.ready.iter_mut()) {
-            if let Body::Paged(index, _) = &mut entry.body {
-                if let Some(new) = moved.get(&index.get()).and_then(|n| NonZeroU64::new(*n)) {
-                    *index = new;
-                }
-            }
+        for lane in &mut self.lanes {
+            lane.rekey(moved);
         }
     }
 
@@ -588,12 +502,12 @@ impl Queue {
     /// not stored) to `dropped` first.
     pub fn purge(&mut self, mut dropped: impl FnMut(u64)) -> usize {
         let count = self.ready_len;
+        let returns = &mut self.returns;
         for lane in &mut self.lanes {
-            for entry in lane.ready.drain(..) {
-                self.returns.remove(&entry.seq());
-                dropped(entry.stored_index());
-            }
-            lane.page_cursor = 0;
+            lane.drain(|seq, stored| {
+                returns.remove(&seq);
+                dropped(stored);
+            });
         }
         self.ready_len = 0;
         self.ready_bytes = 0;
@@ -661,7 +575,7 @@ mod tests {
             queue.push(message);
             queue.page_out(Disk.readable_upto(), 2);
         }
-        let paged = queue.iter().filter(|e| e.message.is_none()).count();
+        let paged = queue.entries().iter().filter(|e| e.message.is_none()).count();
         assert_eq!(paged, 50, "everything beyond the window is paged out");
         let mut seen = Vec::new();
         while let Some(m) = queue.pop(Some(&Disk)) {

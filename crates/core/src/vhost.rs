@@ -1028,9 +1028,11 @@ impl VirtualHostState {
     pub fn stored_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, Vec<Arc<str>>)> {
         let mut found: std::collections::BTreeMap<u64, Vec<Arc<str>>> = std::collections::BTreeMap::new();
         for queue in self.queues.values().filter(|q| q.durable) {
-            for entry in queue.iter().filter(|e| range.contains(&e.stored)) {
-                found.entry(entry.stored).or_default().push(queue.name.clone());
-            }
+            queue.for_each_entry(|entry| {
+                if range.contains(&entry.stored) {
+                    found.entry(entry.stored).or_default().push(queue.name.clone());
+                }
+            });
             for stored in queue.retrying().map(|m| m.stored_index()).filter(|s| range.contains(s)) {
                 found.entry(stored).or_default().push(queue.name.clone());
             }
@@ -1058,13 +1060,13 @@ impl VirtualHostState {
     /// Re-keys stored messages moved to new log indices (compaction).
     pub fn rekey_stored(&mut self, moved: &HashMap<u64, u64>) {
         for queue in self.queues.values_mut().filter(|q| q.durable) {
-            for entry in queue.iter() {
+            queue.for_each_entry(|entry| {
                 if let Some(message) = entry.message {
                     if let Some(new) = moved.get(&entry.stored) {
                         message.set_stored_index(*new);
                     }
                 }
-            }
+            });
             for message in queue.retrying() {
                 if let Some(new) = moved.get(&message.stored_index()) {
                     message.set_stored_index(*new);
@@ -1585,9 +1587,12 @@ impl VirtualHostState {
         if queue.durable {
             // Every stored message it held is settled, ready or unacked, so
             // the store can reclaim them; then the deletion itself.
-            for entry in queue.iter().filter(|e| e.stored != 0) {
-                self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: entry.stored });
-            }
+            let journal = &mut self.journal;
+            queue.for_each_entry(|entry| {
+                if entry.stored != 0 {
+                    journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: entry.stored });
+                }
+            });
             for channel in self.channels.values() {
                 for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.stored_index() != 0) {
                     self.journal.push(JournalEvent::Settled {
@@ -2507,7 +2512,7 @@ mod tests {
         vhost.close_channel(key);
         let queue = vhost.queue("q").unwrap();
         assert_eq!(queue.len(), 3);
-        assert!(queue.iter().next().unwrap().redelivered);
+        assert!(queue.entries()[0].redelivered);
         let other = ChannelKey { connection: 1, channel: 2 };
         vhost.open_channel(other, recorder.clone());
         let got = vhost.get(other, "q", true).unwrap().unwrap();
@@ -2793,7 +2798,7 @@ mod model {
                 seen = recorder.deliveries.lock().len();
 
                 // Conservation: ready + unacked + settled is every id once.
-                let mut all: Vec<u32> = vhost.queue("q").unwrap().iter().map(|m| u32::from_be_bytes(m.message.unwrap().body()[..4].try_into().unwrap())).collect();
+                let mut all: Vec<u32> = vhost.queue("q").unwrap().entries().into_iter().map(|m| u32::from_be_bytes(m.message.unwrap().body()[..4].try_into().unwrap())).collect();
                 for (c, list) in &outstanding {
                     prop_assert_eq!(vhost.channel_unacked(key(*c)), list.len());
                     all.extend(list.iter().map(|t| t.1));

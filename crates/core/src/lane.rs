@@ -1,0 +1,598 @@
+//! The ready messages of one queue priority, in sequence order, in three
+//! parts: a loaded `front` (the head window, and requeued messages), a
+//! compact paged `middle`, and the newest messages at the `back` waiting to
+//! be paged out.
+//!
+//! The middle is what makes a deep durable queue cheap: runs of paged
+//! entries with consecutive sequence numbers, each entry two varints (log
+//! index and arrival second, as deltas from the previous entry), so about
+//! 2 to 3 bytes per message instead of a 24-byte entry. Entries that cannot
+//! be paged (transient messages) sit in the middle as single entries, so
+//! they never hold up the paging of the ones behind them.
+//!
+//! Invariant: every sequence number in `front` < every one in `middle` <
+//! every one in `back`; within each part they increase.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use crate::message::Message;
+
+const REDELIVERED: u64 = 1 << 63;
+
+/// Most entries in one run, so that splitting or re-keying one is cheap.
+const RUN_MAX: u32 = 4096;
+
+#[derive(Debug)]
+pub(crate) enum Body {
+    Loaded(Arc<Message>),
+    /// The log index, and the arrival second when known (0 if not): enough
+    /// to tell that a message is past its queue TTL without reading it.
+    Paged(NonZeroU64, u32),
+}
+
+/// 24 bytes: the sequence number with the redelivered flag in its top bit,
+/// and the body.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) seq_flags: u64,
+    pub(crate) body: Body,
+}
+
+impl Entry {
+    pub(crate) fn new(seq: u64, redelivered: bool, body: Body) -> Entry {
+        Entry { seq_flags: seq | if redelivered { REDELIVERED } else { 0 }, body }
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq_flags & !REDELIVERED
+    }
+
+    pub(crate) fn redelivered(&self) -> bool {
+        self.seq_flags & REDELIVERED != 0
+    }
+
+    pub(crate) fn stored_index(&self) -> u64 {
+        match &self.body {
+            Body::Loaded(message) => message.stored_index(),
+            Body::Paged(index, _) => index.get(),
+        }
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let mut value = 0u64;
+    let mut shift = 0;
+    while let Some(&byte) = bytes.get(*at) {
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 || shift >= 63 {
+            break;
+        }
+        shift += 7;
+    }
+    value
+}
+
+fn zigzag(delta: i64) -> u64 {
+    ((delta << 1) ^ (delta >> 63)) as u64
+}
+
+fn unzigzag(value: u64) -> i64 {
+    ((value >> 1) as i64) ^ -((value & 1) as i64)
+}
+
+/// Paged entries with consecutive sequence numbers.
+#[derive(Debug)]
+struct Run {
+    redelivered: bool,
+    /// Sequence number, log index and arrival second of the next entry to
+    /// be read, and where its encoding starts.
+    seq: u64,
+    index: u64,
+    arrived_s: u32,
+    at: usize,
+    /// Entries left from `at`.
+    len: u32,
+    /// Encoded entries: the first holds its index and arrival second in
+    /// the fields above; each later one (index delta, arrival delta) as
+    /// zigzag varints.
+    bytes: Vec<u8>,
+    /// The last entry, for appending.
+    last_index: u64,
+    last_arrived_s: u32,
+}
+
+impl Run {
+    fn new(seq: u64, redelivered: bool, index: u64, arrived_s: u32) -> Run {
+        Run {
+            redelivered,
+            seq,
+            index,
+            arrived_s,
+            at: 0,
+            len: 1,
+            bytes: Vec::new(),
+            last_index: index,
+            last_arrived_s: arrived_s,
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq + u64::from(self.len)
+    }
+
+    /// Appends the entry after the last one, if it fits this run.
+    fn try_push(&mut self, seq: u64, redelivered: bool, index: u64, arrived_s: u32) -> bool {
+        if seq != self.next_seq() || redelivered != self.redelivered || self.len >= RUN_MAX {
+            return false;
+        }
+        put_varint(&mut self.bytes, zigzag(index as i64 - self.last_index as i64));
+        put_varint(&mut self.bytes, zigzag(i64::from(arrived_s) - i64::from(self.last_arrived_s)));
+        self.last_index = index;
+        self.last_arrived_s = arrived_s;
+        self.len += 1;
+        true
+    }
+
+    /// The first entry, as a paged entry.
+    fn first(&self) -> Entry {
+        let index = NonZeroU64::new(self.index).unwrap_or(NonZeroU64::MIN);
+        Entry::new(self.seq, self.redelivered, Body::Paged(index, self.arrived_s))
+    }
+
+    /// Drops the first entry; false when the run is then empty.
+    fn advance(&mut self) -> bool {
+        self.len -= 1;
+        if self.len == 0 {
+            return false;
+        }
+        self.index = (self.index as i64 + unzigzag(get_varint(&self.bytes, &mut self.at))) as u64;
+        self.arrived_s = (i64::from(self.arrived_s) + unzigzag(get_varint(&self.bytes, &mut self.at))) as u32;
+        self.seq += 1;
+        if self.at > 4096 && self.at * 2 > self.bytes.len() {
+            // Give back what was read.
+            self.bytes.drain(..self.at);
+            self.at = 0;
+        }
+        true
+    }
+
+    /// Every entry: (seq, log index, arrival second).
+    fn decode(&self) -> Vec<(u64, u64, u32)> {
+        let mut out = Vec::with_capacity(self.len as usize);
+        let (mut index, mut arrived_s, mut at) = (self.index, self.arrived_s, self.at);
+        for k in 0..u64::from(self.len) {
+            if k > 0 {
+                index = (index as i64 + unzigzag(get_varint(&self.bytes, &mut at))) as u64;
+                arrived_s = (i64::from(arrived_s) + unzigzag(get_varint(&self.bytes, &mut at))) as u32;
+            }
+            out.push((self.seq + k, index, arrived_s));
+        }
+        out
+    }
+
+    /// Runs holding `entries` (consecutive or not) in order.
+    fn encode(redelivered: bool, entries: &[(u64, u64, u32)]) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        for &(seq, index, arrived_s) in entries {
+            let fits = runs.last_mut().is_some_and(|run| run.try_push(seq, redelivered, index, arrived_s));
+            if !fits {
+                runs.push(Run::new(seq, redelivered, index, arrived_s));
+            }
+        }
+        runs
+    }
+}
+
+#[derive(Debug)]
+enum Item {
+    Run(Run),
+    /// An entry that is not paged (a transient message) amid paged ones.
+    Single(Entry),
+}
+
+impl Item {
+    fn first_seq(&self) -> u64 {
+        match self {
+            Item::Run(run) => run.seq,
+            Item::Single(entry) => entry.seq(),
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        match self {
+            Item::Run(run) => run.next_seq() - 1,
+            Item::Single(entry) => entry.seq(),
+        }
+    }
+}
+
+/// A view of an entry (paged entries have no message).
+pub(crate) struct View<'a> {
+    pub(crate) seq: u64,
+    pub(crate) redelivered: bool,
+    pub(crate) message: Option<&'a Arc<Message>>,
+    pub(crate) stored: u64,
+}
+
+impl<'a> View<'a> {
+    fn of(entry: &'a Entry) -> View<'a> {
+        View {
+            seq: entry.seq(),
+            redelivered: entry.redelivered(),
+            message: match &entry.body {
+                Body::Loaded(message) => Some(message),
+                Body::Paged(..) => None,
+            },
+            stored: entry.stored_index(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Lane {
+    front: VecDeque<Entry>,
+    middle: VecDeque<Item>,
+    middle_len: usize,
+    back: VecDeque<Entry>,
+}
+
+impl Lane {
+    pub(crate) fn len(&self) -> usize {
+        self.front.len() + self.middle_len + self.back.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds the newest entry: to the loaded head window while there is
+    /// room and nothing paged, else to the back.
+    pub(crate) fn push(&mut self, entry: Entry, window: usize) {
+        if self.middle.is_empty() && self.back.is_empty() && self.front.len() < window {
+            self.front.push_back(entry);
+        } else {
+            self.back.push_back(entry);
+        }
+    }
+
+    /// Adds the newest entry straight to the paged middle (recovery).
+    pub(crate) fn push_paged(&mut self, seq: u64, redelivered: bool, index: NonZeroU64, arrived_s: u32) {
+        if !self.back.is_empty() {
+            self.back.push_back(Entry::new(seq, redelivered, Body::Paged(index, arrived_s)));
+            return;
+        }
+        self.append_middle(seq, redelivered, index.get(), arrived_s);
+    }
+
+    fn append_middle(&mut self, seq: u64, redelivered: bool, index: u64, arrived_s: u32) {
+        self.middle_len += 1;
+        if let Some(Item::Run(run)) = self.middle.back_mut() {
+            if run.try_push(seq, redelivered, index, arrived_s) {
+                return;
+            }
+        }
+        self.middle.push_back(Item::Run(Run::new(seq, redelivered, index, arrived_s)));
+    }
+
+    /// The first entry, brought to the front (unpacked from the middle if
+    /// the front is empty).
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Entry> {
+        if self.front.is_empty() {
+            self.unpack_one();
+        }
+        self.front.front_mut()
+    }
+
+    fn unpack_one(&mut self) {
+        match self.middle.front_mut() {
+            Some(Item::Run(run)) => {
+                self.front.push_back(run.first());
+                self.middle_len -= 1;
+                if !run.advance() {
+                    self.middle.pop_front();
+                }
+            }
+            Some(Item::Single(_)) => {
+                if let Some(Item::Single(entry)) = self.middle.pop_front() {
+                    self.middle_len -= 1;
+                    self.front.push_back(entry);
+                }
+            }
+            None => {
+                if let Some(entry) = self.back.pop_front() {
+                    self.front.push_back(entry);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Entry> {
+        if self.front.is_empty() {
+            self.unpack_one();
+        }
+        self.front.pop_front()
+    }
+
+    /// Puts a delivered entry back at its position: it is older than
+    /// anything never delivered, so it goes into the front.
+    pub(crate) fn requeue(&mut self, entry: Entry) {
+        let seq = entry.seq();
+        let position = self.front.partition_point(|e| e.seq() < seq);
+        self.front.insert(position, entry);
+    }
+
+    /// Takes the entry with this sequence number, wherever it is.
+    pub(crate) fn remove_seq(&mut self, seq: u64) -> Option<Entry> {
+        if let Ok(position) = self.front.binary_search_by_key(&seq, Entry::seq) {
+            return self.front.remove(position);
+        }
+        if let Ok(position) = self.back.binary_search_by_key(&seq, Entry::seq) {
+            return self.back.remove(position);
+        }
+        let position = self.middle.partition_point(|item| item.last_seq() < seq);
+        let item = self.middle.get(position)?;
+        if item.first_seq() > seq {
+            return None;
+        }
+        let found = match self.middle.remove(position)? {
+            Item::Single(entry) => entry,
+            Item::Run(run) => {
+                let entries = run.decode();
+                let k = (seq - run.seq) as usize;
+                let (seq, index, arrived_s) = entries[k];
+                let before = Run::encode(run.redelivered, &entries[..k]);
+                let after = Run::encode(run.redelivered, &entries[k + 1..]);
+                for (offset, run) in before.into_iter().chain(after).enumerate() {
+                    self.middle.insert(position + offset, Item::Run(run));
+                }
+                let index = NonZeroU64::new(index).unwrap_or(NonZeroU64::MIN);
+                Entry::new(seq, run.redelivered, Body::Paged(index, arrived_s))
+            }
+        };
+        self.middle_len -= 1;
+        Some(found)
+    }
+
+    /// Moves up to `budget` entries from the back into the paged middle,
+    /// oldest first, once the front is a full window: stored messages whose
+    /// log entry is readable become paged, transient ones stay loaded; a
+    /// persistent message not yet stored stops it. Returns how many moved.
+    pub(crate) fn page_out(&mut self, readable: u64, budget: usize, window: usize) -> usize {
+        let mut moved = 0;
+        while self.front.len() < window && self.middle.is_empty() {
+            let Some(entry) = self.back.pop_front() else { break };
+            self.front.push_back(entry);
+        }
+        while moved < budget {
+            let Some(entry) = self.back.front() else { break };
+            let (seq, redelivered) = (entry.seq(), entry.redelivered());
+            match &entry.body {
+                Body::Paged(index, arrived_s) => {
+                    let (index, arrived_s) = (index.get(), *arrived_s);
+                    self.back.pop_front();
+                    self.append_middle(seq, redelivered, index, arrived_s);
+                }
+                Body::Loaded(message) => {
+                    let stored = message.stored_index();
+                    if stored != 0 && stored <= readable {
+                        let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
+                        self.back.pop_front();
+                        self.append_middle(seq, redelivered, stored, arrived_s);
+                    } else if stored == 0 && !message.persistent {
+                        if let Some(entry) = self.back.pop_front() {
+                            self.middle.push_back(Item::Single(entry));
+                            self.middle_len += 1;
+                        }
+                    } else {
+                        // Its log entry is on its way: try again later.
+                        break;
+                    }
+                }
+            }
+            moved += 1;
+        }
+        moved
+    }
+
+    /// Every entry in order (paged ones decoded), to `visit`.
+    pub(crate) fn for_each<'a>(&'a self, mut visit: impl FnMut(View<'a>)) {
+        for entry in &self.front {
+            visit(View::of(entry));
+        }
+        for item in &self.middle {
+            match item {
+                Item::Single(entry) => visit(View::of(entry)),
+                Item::Run(run) => {
+                    for (seq, index, _) in run.decode() {
+                        visit(View { seq, redelivered: run.redelivered, message: None, stored: index });
+                    }
+                }
+            }
+        }
+        for entry in &self.back {
+            visit(View::of(entry));
+        }
+    }
+
+    /// Points paged entries at the log indices their messages moved to.
+    pub(crate) fn rekey(&mut self, moved: &std::collections::HashMap<u64, u64>) {
+        let mut rekey_entry = |entry: &mut Entry| {
+            if let Body::Paged(index, _) = &mut entry.body {
+                if let Some(new) = moved.get(&index.get()).and_then(|n| NonZeroU64::new(*n)) {
+                    *index = new;
+                }
+            }
+        };
+        self.front.iter_mut().for_each(&mut rekey_entry);
+        self.back.iter_mut().for_each(&mut rekey_entry);
+        let mut rebuilt = VecDeque::with_capacity(self.middle.len());
+        for item in self.middle.drain(..) {
+            match item {
+                Item::Single(mut entry) => {
+                    rekey_entry(&mut entry);
+                    rebuilt.push_back(Item::Single(entry));
+                }
+                Item::Run(run) => {
+                    let mut entries = run.decode();
+                    if !entries.iter().any(|(_, index, _)| moved.contains_key(index)) {
+                        rebuilt.push_back(Item::Run(run));
+                        continue;
+                    }
+                    for entry in &mut entries {
+                        if let Some(new) = moved.get(&entry.1) {
+                            entry.1 = *new;
+                        }
+                    }
+                    rebuilt.extend(Run::encode(run.redelivered, &entries).into_iter().map(Item::Run));
+                }
+            }
+        }
+        self.middle = rebuilt;
+    }
+
+    /// Drops everything, handing each entry to `dropped`.
+    pub(crate) fn drain(&mut self, mut dropped: impl FnMut(u64, u64)) {
+        self.for_each(|view| dropped(view.seq, view.stored));
+        self.front.clear();
+        self.middle.clear();
+        self.middle_len = 0;
+        self.back.clear();
+    }
+
+    /// Bytes held for paged entries in the middle.
+    #[cfg(test)]
+    pub(crate) fn middle_bytes(&self) -> usize {
+        self.middle
+            .iter()
+            .map(|item| match item {
+                Item::Run(run) => std::mem::size_of::<Run>() + run.bytes.capacity(),
+                Item::Single(_) => std::mem::size_of::<Item>(),
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn paged(seq: u64, index: u64) -> Entry {
+        Entry::new(seq, false, Body::Paged(NonZeroU64::new(index).unwrap(), (index / 7) as u32))
+    }
+
+    #[test]
+    fn varints_and_zigzag_round_trip() {
+        for value in [0i64, 1, -1, 63, -64, 1 << 40, -(1 << 40), i64::MAX, i64::MIN + 1] {
+            let mut out = Vec::new();
+            put_varint(&mut out, zigzag(value));
+            let mut at = 0;
+            assert_eq!(unzigzag(get_varint(&out, &mut at)), value);
+            assert_eq!(at, out.len());
+        }
+    }
+
+    #[test]
+    fn a_deep_lane_costs_a_few_bytes_per_paged_message() {
+        let mut lane = Lane::default();
+        for seq in 0..100_000u64 {
+            lane.push(paged(seq, 10 + seq * 2), 16);
+            lane.page_out(u64::MAX, 2, 16);
+        }
+        lane.page_out(u64::MAX, usize::MAX, 16);
+        assert_eq!(lane.len(), 100_000);
+        let per_message = lane.middle_bytes() as f64 / (100_000 - 16) as f64;
+        assert!(per_message < 3.0, "{per_message} bytes per paged message");
+        let mut seqs = Vec::new();
+        while let Some(entry) = lane.pop_front() {
+            assert_eq!(entry.stored_index(), 10 + entry.seq() * 2);
+            seqs.push(entry.seq());
+        }
+        assert_eq!(seqs, (0..100_000).collect::<Vec<_>>());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push,
+        PageOut(usize),
+        Pop,
+        Requeue,
+        Remove(u64),
+        Rekey(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Push),
+            2 => (0usize..5).prop_map(Op::PageOut),
+            2 => Just(Op::Pop),
+            1 => Just(Op::Requeue),
+            1 => (0u64..200).prop_map(Op::Remove),
+            1 => (0u64..200).prop_map(Op::Rekey),
+        ]
+    }
+
+    proptest! {
+        /// The lane behaves as a sorted list of (seq, index) whatever the
+        /// mix of pushes, paging, pops, requeues, removals and re-keys.
+        #[test]
+        fn lane_agrees_with_a_sorted_list(ops in proptest::collection::vec(op(), 1..300)) {
+            let mut lane = Lane::default();
+            let mut model: Vec<(u64, u64)> = Vec::new();
+            let mut popped: Vec<(u64, u64)> = Vec::new();
+            let mut next_seq = 0u64;
+            for op in ops {
+                match op {
+                    Op::Push => {
+                        lane.push(paged(next_seq, 1000 + next_seq * 3), 4);
+                        model.push((next_seq, 1000 + next_seq * 3));
+                        next_seq += 1;
+                    }
+                    Op::PageOut(budget) => {
+                        lane.page_out(u64::MAX, budget, 4);
+                    }
+                    Op::Pop => {
+                        let got = lane.pop_front().map(|e| (e.seq(), e.stored_index()));
+                        let want = if model.is_empty() { None } else { Some(model.remove(0)) };
+                        prop_assert_eq!(got, want);
+                        popped.extend(got);
+                    }
+                    Op::Requeue => {
+                        if let Some((seq, index)) = popped.pop() {
+                            lane.requeue(paged(seq, index));
+                            let position = model.partition_point(|(s, _)| *s < seq);
+                            model.insert(position, (seq, index));
+                        }
+                    }
+                    Op::Remove(seq) => {
+                        let got = lane.remove_seq(seq).map(|e| (e.seq(), e.stored_index()));
+                        let want = model.iter().position(|(s, _)| *s == seq).map(|p| model.remove(p));
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Rekey(seq) => {
+                        if let Some(entry) = model.iter_mut().find(|(s, _)| *s == seq) {
+                            let moved: std::collections::HashMap<u64, u64> = [(entry.1, entry.1 + 1_000_000)].into();
+                            entry.1 += 1_000_000;
+                            lane.rekey(&moved);
+                        }
+                    }
+                }
+                prop_assert_eq!(lane.len(), model.len());
+                let mut seen = Vec::new();
+                lane.for_each(|view| seen.push((view.seq, view.stored)));
+                prop_assert_eq!(&seen, &model);
+            }
+        }
+    }
+}
