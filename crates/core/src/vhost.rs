@@ -263,6 +263,8 @@ pub struct VirtualHostState {
     /// Shortest consumer timeout of any queue declared so far.
     shortest_consumer_timeout: Option<u64>,
     policies: Vec<Policy>,
+    /// The queue recovery last filled (recovery visits long runs of one).
+    recovering: Option<(Arc<str>, QueueId)>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
 }
@@ -526,6 +528,7 @@ impl VirtualHostState {
             timeout_closes_channel: false,
             shortest_consumer_timeout: None,
             policies: Vec::new(),
+            recovering: None,
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
         };
@@ -1011,8 +1014,15 @@ impl VirtualHostState {
                 None => false,
             };
         }
-        match self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) {
+        let id = match &self.recovering {
+            Some((name, id)) if &**name == queue => Some(*id),
+            _ => self.queue_ids.get(queue).copied(),
+        };
+        match id.and_then(|id| self.queues.get_mut(&id)) {
             Some(q) if q.durable => {
+                if self.recovering.as_ref().is_none_or(|(_, id)| *id != q.id) {
+                    self.recovering = Some((q.name.clone(), q.id));
+                }
                 let seq = q.push_stored(stored, size, priority);
                 if returns > 0 {
                     q.returns.insert(seq, returns);

@@ -66,8 +66,12 @@ const BUCKET_INDICES: u64 = 64;
 
 impl Liveness {
     fn add(&mut self, index: u64, refs: u32) {
+        self.add_to_bucket(index / BUCKET_INDICES, u64::from(refs));
+    }
+
+    fn add_to_bucket(&mut self, bucket: u64, refs: u64) {
         if refs > 0 {
-            *self.buckets.entry(index / BUCKET_INDICES).or_insert(0) += u64::from(refs);
+            *self.buckets.entry(bucket).or_insert(0) += refs;
         }
     }
 
@@ -362,13 +366,27 @@ impl Store {
         // bytes, in index order, so settling is a binary search.
         let mut queue_ids: HashMap<(String, String), u32> = HashMap::new();
         let mut queue_names: Vec<(String, String)> = Vec::new();
+        // Consecutive records mostly name the same queue: that one is
+        // checked first, without allocating.
+        let mut last_interned: Option<u32> = None;
         let mut intern = |vhost: &str, queue: &str| -> u32 {
-            if let Some(id) = queue_ids.get(&(vhost.to_string(), queue.to_string())) {
-                return *id;
+            if let Some(id) = last_interned {
+                if let Some((v, q)) = queue_names.get(id as usize) {
+                    if v == vhost && q == queue {
+                        return id;
+                    }
+                }
             }
-            queue_names.push((vhost.to_string(), queue.to_string()));
-            let id = (queue_names.len() - 1) as u32;
-            queue_ids.insert((vhost.to_string(), queue.to_string()), id);
+            let id = match queue_ids.get(&(vhost.to_string(), queue.to_string())) {
+                Some(id) => *id,
+                None => {
+                    queue_names.push((vhost.to_string(), queue.to_string()));
+                    let id = (queue_names.len() - 1) as u32;
+                    queue_ids.insert((vhost.to_string(), queue.to_string()), id);
+                    id
+                }
+            };
+            last_interned = Some(id);
             id
         };
         const SETTLED: u32 = u32::MAX;
@@ -437,19 +455,40 @@ impl Store {
         let mut liveness = Liveness::default();
         let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
         let mut previous = 0;
+        let mut bucket_run: Option<(u64, u64)> = None;
+        // One lock per run of entries in the same virtual host.
+        let mut locked: Option<(&str, parking_lot::MutexGuard<'_, warren_core::VirtualHostState>)> = None;
         for (key, id, size) in live.into_iter().filter(|(_, q, _)| *q != SETTLED) {
             let (index, priority) = (key & INDEX_MASK, (key >> PRIORITY_SHIFT) as u8);
-            let Some((vhost, queue)) = queue_names.get(id as usize) else { continue };
-            let Some(vhost) = vhosts.get(vhost) else { continue };
-            let count = returns.get(&(index, id)).copied().unwrap_or(0);
-            if vhost.lock().recover_stored(queue, index, u64::from(size), priority, count) {
+            let Some((vhost_name, queue)) = queue_names.get(id as usize) else { continue };
+            if locked.as_ref().is_none_or(|(name, _)| *name != vhost_name.as_str()) {
+                locked = None;
+                let Some(vhost) = vhosts.get(vhost_name) else { continue };
+                locked = Some((vhost_name.as_str(), vhost.lock()));
+            }
+            let Some((_, state)) = locked.as_mut() else { continue };
+            let count = if returns.is_empty() { 0 } else { returns.get(&(index, id)).copied().unwrap_or(0) };
+            if state.recover_stored(queue, index, u64::from(size), priority, count) {
                 recovered.queue_entries += 1;
                 if index != previous {
                     recovered.messages += 1;
                     previous = index;
                 }
-                liveness.add(index, 1);
+                // Entries come in index order: count a bucket's run at once.
+                let bucket = index / BUCKET_INDICES;
+                match &mut bucket_run {
+                    Some((b, refs)) if *b == bucket => *refs += 1,
+                    _ => {
+                        if let Some((b, refs)) = bucket_run.replace((bucket, 1)) {
+                            liveness.add_to_bucket(b, refs);
+                        }
+                    }
+                }
             }
+        }
+        drop(locked);
+        if let Some((bucket, refs)) = bucket_run {
+            liveness.add_to_bucket(bucket, refs);
         }
 
         let (durable_tx, _) = watch::channel(log.next_index().saturating_sub(1));

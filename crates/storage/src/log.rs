@@ -182,9 +182,12 @@ impl Log {
         };
         let mut recovery = Recovery::default();
         let count = firsts.len();
+        // One buffer for every segment: no 16 MiB allocation (and zeroing)
+        // per segment.
+        let mut bytes = Vec::new();
         for (position, first_index) in firsts.into_iter().enumerate() {
             let last = position + 1 == count;
-            log.recover_segment(first_index, last, &mut recovery, &mut visit)?;
+            log.recover_segment(first_index, last, &mut recovery, &mut visit, &mut bytes)?;
         }
         recovery.segments = log.segments.len();
         if let Some(segment) = log.segments.last() {
@@ -204,13 +207,21 @@ impl Log {
         last: bool,
         recovery: &mut Recovery,
         visit: &mut dyn FnMut(u64, u64, &[u8]),
+        buffer: &mut Vec<u8>,
     ) -> Result<(), StorageError> {
         let path = self.dir.join(segment_name(first_index));
         let file: Arc<dyn StorageFile> =
             self.backend.open(&path, false).map_err(|e| StorageError::io(&path, e))?.into();
         let file_len = file.size().map_err(|e| StorageError::io(&path, e))?;
-        let mut bytes = vec![0u8; file_len as usize];
-        file.read_exact_at(&mut bytes, 0).map_err(|e| StorageError::io(&path, e))?;
+        let mapped = if file_len > 0 { file.map().filter(|m| m.len() as u64 == file_len) } else { None };
+        let bytes: &[u8] = match &mapped {
+            Some(map) => map,
+            None => {
+                buffer.resize(file_len as usize, 0);
+                file.read_exact_at(buffer, 0).map_err(|e| StorageError::io(&path, e))?;
+                buffer
+            }
+        };
         let header_ok =
             bytes.len() >= SEGMENT_HEADER as usize && &bytes[..8] == MAGIC && bytes[8..16] == first_index.to_le_bytes();
         if !header_ok {
@@ -230,7 +241,7 @@ impl Log {
         let mut expected = first_index;
         let mut valid_end = at;
         while at < bytes.len() {
-            let Some(h) = header_at(&bytes, at) else { break };
+            let Some(h) = header_at(bytes, at) else { break };
             let end = at + RECORD_HEADER + h.len;
             if h.index != expected || end > bytes.len() {
                 break;
@@ -243,7 +254,7 @@ impl Log {
             } else {
                 // A damaged record. At the very end of the last segment it is
                 // a torn write; elsewhere it is corruption: skip it, keep going.
-                if last && !valid_at(&bytes, end, expected + 1) {
+                if last && !valid_at(bytes, end, expected + 1) {
                     break;
                 }
                 warn!(segment = %path.display(), offset = at, index = h.index, "corrupt record skipped");
@@ -254,8 +265,11 @@ impl Log {
             at = end;
             valid_end = end;
         }
-        if valid_end < bytes.len() {
-            let rest = (bytes.len() - valid_end) as u64;
+        let total = bytes.len();
+        // Unmapped before the file may be truncated.
+        drop(mapped);
+        if valid_end < total {
+            let rest = (total - valid_end) as u64;
             if last {
                 recovery.torn_bytes_cut += rest;
                 file.set_len(valid_end as u64).map_err(|e| StorageError::io(&path, e))?;
