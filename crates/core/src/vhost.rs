@@ -2714,7 +2714,14 @@ mod model {
             for c in 1..=2 {
                 vhost.open_channel(key(c), recorder.clone());
             }
-            vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+            // Rejected messages, and those returned more than twice, go to
+            // "dlq": they must neither vanish nor be duplicated.
+            vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+            let mut arguments = FieldTable::default();
+            arguments.insert("x-dead-letter-exchange".into(), warren_codec::types::AMQPValue::LongString("".into()));
+            arguments.insert("x-dead-letter-routing-key".into(), warren_codec::types::AMQPValue::LongString("dlq".into()));
+            arguments.insert("x-delivery-limit".into(), warren_codec::types::AMQPValue::LongLongInt(2));
+            vhost.declare_queue(1, "q", false, false, false, false, arguments).unwrap();
             let mut published = 0u32;
             let mut settled: Vec<u32> = Vec::new();
             // Per channel: outstanding (delivery tag, id), in tag order.
@@ -2772,8 +2779,8 @@ mod model {
                                 vhost.nack(key(c), tag, multiple, true).unwrap();
                             }
                             Op::Nack(_, _, _, false) => {
+                                // Dead-lettered into "dlq", counted there.
                                 vhost.nack(key(c), tag, multiple, false).unwrap();
-                                settled.extend(taken.iter().map(|t| t.1));
                             }
                             _ => {
                                 vhost.ack(key(c), tag, multiple).unwrap();
@@ -2807,8 +2814,11 @@ mod model {
                 }
                 seen = recorder.deliveries.lock().len();
 
-                // Conservation: ready + unacked + settled is every id once.
-                let mut all: Vec<u32> = vhost.queue("q").unwrap().entries().into_iter().map(|m| u32::from_be_bytes(m.message.unwrap().body()[..4].try_into().unwrap())).collect();
+                // Conservation: ready + dead-lettered + unacked + settled is
+                // every id once.
+                let body_id = |m: crate::queue::EntryRef<'_>| u32::from_be_bytes(m.message.unwrap().body()[..4].try_into().unwrap());
+                let mut all: Vec<u32> = vhost.queue("q").unwrap().entries().into_iter().map(body_id).collect();
+                all.extend(vhost.queue("dlq").unwrap().entries().into_iter().map(body_id));
                 for (c, list) in &outstanding {
                     prop_assert_eq!(vhost.channel_unacked(key(*c)), list.len());
                     all.extend(list.iter().map(|t| t.1));
