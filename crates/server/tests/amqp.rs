@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{wait_count, TestServer};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
@@ -52,24 +52,6 @@ fn reply_text(error: &lapin::Error) -> String {
 
 async fn get_body(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap().map(|m| m.delivery.data)
-}
-
-async fn wait_count(ch: &Channel, queue: &str, expected: u32) {
-    for _ in 0..100 {
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        if q.message_count() == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("queue {queue} never reached {expected} messages");
 }
 
 fn every_field_type() -> FieldTable {

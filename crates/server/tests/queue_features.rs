@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{wait_count, TestServer};
 use futures_lite::StreamExt;
 use lapin::message::BasicGetMessage;
 use lapin::options::*;
@@ -54,25 +54,6 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8], properties: BasicProper
 
 async fn get(ch: &Channel, queue: &str) -> Option<BasicGetMessage> {
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap()
-}
-
-/// Waits until `queue` holds `expected` ready messages.
-async fn wait_count(ch: &Channel, queue: &str, expected: u32) {
-    for _ in 0..200 {
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        if q.message_count() == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("queue {queue} never reached {expected} messages");
 }
 
 fn header<'a>(headers: &'a FieldTable, key: &str) -> &'a AMQPValue {

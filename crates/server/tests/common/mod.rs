@@ -106,3 +106,23 @@ pub async fn start_on(
     }));
     (addr, stop, task)
 }
+
+/// Waits until `queue` holds `expected` ready messages (passive declares,
+/// for up to 2 s); panics otherwise.
+pub async fn wait_count(ch: &lapin::Channel, queue: &str, expected: u32) {
+    for _ in 0..200 {
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        if q.message_count() == expected {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("queue {queue} never reached {expected} messages");
+}
