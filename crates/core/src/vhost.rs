@@ -253,6 +253,9 @@ pub struct VirtualHostState {
     timed: BTreeSet<QueueId>,
     /// Delayed-message exchanges holding scheduled messages.
     delaying: BTreeSet<Box<str>>,
+    /// How many delayed-message exchanges exist: publishing skips the
+    /// delay check while there are none.
+    delayed_exchanges: usize,
     /// The clock as last read by a periodic call, for stamping deliveries
     /// without reading the clock per message.
     coarse_now: u64,
@@ -523,6 +526,7 @@ impl VirtualHostState {
             dead_lettering: false,
             timed: BTreeSet::new(),
             delaying: BTreeSet::new(),
+            delayed_exchanges: 0,
             coarse_now: 0,
             default_consumer_timeout: None,
             timeout_closes_channel: false,
@@ -1273,6 +1277,7 @@ impl VirtualHostState {
         let mut exchange = Exchange::new(name, kind, durable, auto_delete, internal, arguments);
         if delayed {
             exchange = exchange.with_delay();
+            self.delayed_exchanges += 1;
         }
         let policy = policy::effective(&self.policies, name, false);
         exchange.alternate_exchange = policy::alternate_exchange(&exchange.arguments, policy).map(Into::into);
@@ -1301,6 +1306,7 @@ impl VirtualHostState {
         if let Some(exchange) = self.exchanges.remove(name) {
             self.definitions_changed |= exchange.durable;
             if let Some(mut delayed) = exchange.delayed {
+                self.delayed_exchanges = self.delayed_exchanges.saturating_sub(1);
                 // Scheduled messages go with their exchange.
                 let journal = &mut self.journal;
                 let store_name = delayed.store_name.clone();
@@ -1679,6 +1685,9 @@ impl VirtualHostState {
     /// A held message counts as routed: it is not returned as unroutable
     /// (the plugin returns it, since no queue is known yet).
     fn schedule(&mut self, exchange: &str, message: &Arc<Message>) -> Option<Routed> {
+        if self.delayed_exchanges == 0 {
+            return None;
+        }
         let x = self.exchanges.get_mut(exchange)?;
         let delayed = x.delayed.as_mut()?;
         let delay = delay_of(message).filter(|delay| *delay > 0)?;
