@@ -29,6 +29,24 @@ pub mod settings;
 pub mod topic;
 pub mod vhost;
 
+#[cfg(test)]
+pub(crate) mod test_support {
+    use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    /// A field table (queue arguments, headers, a policy definition).
+    pub fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in pairs {
+            table.insert(ShortString::from(*key), value.clone());
+        }
+        table
+    }
+
+    pub fn text(value: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(value))
+    }
+}
+
 pub use message::Message;
 pub use queue::MessageLoader;
 pub use vhost::{ChannelKey, ConnectionId, Definitions, JournalEvent, Outbox, QueueId, VirtualHost, VirtualHostState};

@@ -145,15 +145,8 @@ pub fn alternate_exchange(arguments: &FieldTable, policy: Option<&Policy>) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::table;
     use warren_codec::types::{AMQPValue, LongString};
-
-    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-        let mut t = FieldTable::default();
-        for (k, v) in pairs {
-            t.insert(ShortString::from(*k), v.clone());
-        }
-        t
-    }
 
     #[test]
     fn highest_priority_matching_policy_applies_with_rabbitmq_precedence() {

@@ -106,7 +106,7 @@ impl QueueSettings {
                 None => Ok(None),
                 Some(value) => table::as_i64(value)
                     .map(Some)
-                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", type_name(value)))),
+                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", value_type(value)))),
             }
         };
         let non_negative = |key: &'static str| -> Result<Option<u64>, (&'static str, String)> {
@@ -120,7 +120,7 @@ impl QueueSettings {
                 None => Ok(None),
                 Some(value) => table::as_str(value)
                     .map(Some)
-                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", type_name(value)))),
+                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", value_type(value)))),
             }
         };
         settings.message_ttl = non_negative("x-message-ttl")?;
@@ -148,7 +148,7 @@ impl QueueSettings {
             None => false,
             Some(AMQPValue::Boolean(on)) => *on,
             Some(other) => {
-                return Err(("x-single-active-consumer", format!("{{unacceptable_type,{}}}", type_name(other))))
+                return Err(("x-single-active-consumer", format!("{{unacceptable_type,{}}}", value_type(other))))
             }
         };
         let number = |key: &'static str| -> Result<Option<f64>, (&'static str, String)> {
@@ -158,7 +158,7 @@ impl QueueSettings {
                 Some(AMQPValue::Float(f)) => Ok(Some(f64::from(*f))),
                 Some(value) => table::as_i64(value)
                     .map(|n| Some(n as f64))
-                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", type_name(value)))),
+                    .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", value_type(value)))),
             }
         };
         settings.consumer_timeout = non_negative("x-consumer-timeout")?;
@@ -198,7 +198,7 @@ impl QueueSettings {
                 },
             }),
             Some(other) => {
-                return Err(("x-message-deduplication", format!("{{unacceptable_type,{}}}", type_name(other))))
+                return Err(("x-message-deduplication", format!("{{unacceptable_type,{}}}", value_type(other))))
             }
         };
         settings.dead_letter_exchange = string("x-dead-letter-exchange")?.map(Arc::from);
@@ -226,15 +226,31 @@ impl QueueSettings {
     }
 }
 
-fn type_name(value: &AMQPValue) -> &'static str {
+/// RabbitMQ's name of a field value's type.
+pub(crate) fn value_type(value: &AMQPValue) -> &'static str {
     match value {
         AMQPValue::LongString(_) | AMQPValue::ShortString(_) => "longstr",
         AMQPValue::Boolean(_) => "bool",
         AMQPValue::FieldTable(_) => "table",
         AMQPValue::FieldArray(_) => "array",
         AMQPValue::Void => "void",
-        AMQPValue::Float(_) | AMQPValue::Double(_) => "double",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
         AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::DecimalValue(_) => "decimal",
+        other => int_type(other),
+    }
+}
+
+pub(crate) fn int_type(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::Timestamp(_) => "timestamp",
         _ => "long",
     }
 }
@@ -242,19 +258,7 @@ fn type_name(value: &AMQPValue) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warren_codec::types::{LongString, ShortString};
-
-    fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-        let mut table = FieldTable::default();
-        for (key, value) in pairs {
-            table.insert(ShortString::from(*key), value.clone());
-        }
-        table
-    }
-
-    fn text(value: &str) -> AMQPValue {
-        AMQPValue::LongString(LongString::from(value))
-    }
+    use crate::test_support::{table as args, text};
 
     #[test]
     fn reads_every_argument() {

@@ -25,7 +25,7 @@ use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, DELAYED_PREF
 use crate::message::Message;
 use crate::policy::{self, Policy};
 use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
-use crate::settings::{Overflow, QueueSettings};
+use crate::settings::{int_type, value_type, Overflow, QueueSettings};
 use crate::{Clock, SystemClock};
 
 pub type ConnectionId = u64;
@@ -398,37 +398,6 @@ fn validate_queue_argument(key: &str, value: &warren_codec::types::AMQPValue) ->
         return Err("expected longstr");
     }
     Ok(())
-}
-
-/// RabbitMQ's name of a field value's type.
-fn value_type(value: &warren_codec::types::AMQPValue) -> &'static str {
-    use warren_codec::types::AMQPValue as V;
-    match value {
-        V::LongString(_) | V::ShortString(_) => "longstr",
-        V::Boolean(_) => "bool",
-        V::FieldTable(_) => "table",
-        V::FieldArray(_) => "array",
-        V::Void => "void",
-        V::Float(_) => "float",
-        V::Double(_) => "double",
-        V::ByteArray(_) => "binary",
-        V::DecimalValue(_) => "decimal",
-        other => int_type(other),
-    }
-}
-
-fn int_type(value: &warren_codec::types::AMQPValue) -> &'static str {
-    use warren_codec::types::AMQPValue as V;
-    match value {
-        V::ShortShortInt(_) => "byte",
-        V::ShortShortUInt(_) => "unsignedbyte",
-        V::ShortInt(_) => "short",
-        V::ShortUInt(_) => "unsignedshort",
-        V::LongInt(_) => "signedint",
-        V::LongUInt(_) => "unsignedint",
-        V::Timestamp(_) => "timestamp",
-        _ => "long",
-    }
 }
 
 /// A message's deduplication key: its `x-deduplication-header` header (a
@@ -1939,7 +1908,7 @@ impl VirtualHostState {
                 precondition(format!(
                     "invalid arg 'x-priority' for queue '{queue}' in vhost '{}': {{unacceptable_type,{}}}",
                     self.name,
-                    if warren_codec::table::as_str(value).is_some() { "longstr" } else { "non_integer" }
+                    value_type(value)
                 ))
             })?,
         };
@@ -2031,13 +2000,14 @@ impl VirtualHostState {
             }
             let size = entry.message.body_len();
             let delivery_tag = channel.next_tag();
-            match queue.returns.get(&entry.seq).copied().unwrap_or(0) {
+            match queue.settings.delivery_limit {
                 // As quorum queues: the count is sent from the first delivery.
-                returns if queue.settings.delivery_limit.is_some() => {
+                Some(_) => {
+                    let returns = queue.returns.get(&entry.seq).copied().unwrap_or(0);
                     let copy = dead_letter::with_delivery_count(&entry.message, returns);
                     channel.outbox.deliver(consumer_channel.channel, &tag, delivery_tag, entry.redelivered, &copy);
                 }
-                _ => channel.outbox.deliver(
+                None => channel.outbox.deliver(
                     consumer_channel.channel,
                     &tag,
                     delivery_tag,
@@ -2241,11 +2211,7 @@ impl VirtualHostState {
     /// it comes back after a growing delay (up to the delivery limit); else
     /// a rejected message is dead-lettered and a timed-out one requeued.
     fn give_up(&mut self, unacked: Unacked, reason: Reason) {
-        let now = self.clock.now_ms();
-        let Some(queue) = self.queues.get_mut(&unacked.queue) else {
-            return;
-        };
-        let Some(retry) = queue.settings.retry else {
+        let Some(retry) = self.queues.get(&unacked.queue).and_then(|q| q.settings.retry) else {
             match reason {
                 Reason::Rejected => {
                     let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
@@ -2255,19 +2221,10 @@ impl VirtualHostState {
             }
             return;
         };
-        let returns = queue.returns.entry(unacked.seq).or_insert(0);
-        *returns += 1;
-        let attempt = *returns;
-        let stored = unacked.message.stored_index();
-        if queue.durable && stored != 0 {
-            self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns: attempt });
-        }
-        if queue.settings.delivery_limit.is_some_and(|limit| attempt > limit) {
-            let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
-            self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
-            self.process_dead_letters();
-            return;
-        }
+        let Some(unacked) = self.count_return(unacked) else { return };
+        let now = self.clock.now_ms();
+        let Some(queue) = self.queues.get_mut(&unacked.queue) else { return };
+        let attempt = queue.returns.get(&unacked.seq).copied().unwrap_or(1);
         let delay = retry.delay_for(attempt, noise(unacked.seq, attempt));
         queue.retry_later(unacked.seq, unacked.message, now.saturating_add(delay));
         self.timed.insert(unacked.queue);
@@ -2276,26 +2233,36 @@ impl VirtualHostState {
     /// Returns a delivered message to its queue, or dead-letters it once it
     /// came back more often than the queue's delivery limit allows.
     fn requeue(&mut self, unacked: Unacked) {
-        let Some(queue) = self.queues.get_mut(&unacked.queue) else {
-            return;
-        };
-        if queue.settings.delivery_limit.is_some() || queue.settings.retry.is_some() {
-            let returns = queue.returns.entry(unacked.seq).or_insert(0);
-            *returns += 1;
-            let returns = *returns;
-            let stored = unacked.message.stored_index();
-            if queue.durable && stored != 0 {
-                self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns });
-            }
-            if queue.settings.delivery_limit.is_some_and(|limit| returns > limit) {
-                let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
-                self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
-                self.process_dead_letters();
-                return;
-            }
+        let Some(unacked) = self.count_return(unacked) else { return };
+        if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+            queue.requeue(unacked.seq, unacked.message);
+            self.mark_dirty(unacked.queue);
         }
-        queue.requeue(unacked.seq, unacked.message);
-        self.mark_dirty(unacked.queue);
+    }
+
+    /// Counts one more return of a delivered message, in queues that count
+    /// them (`x-delivery-limit`, `x-retry-*`; journaled when stored). Over
+    /// the delivery limit the message is dead-lettered and `None` returned;
+    /// otherwise it is handed back for the caller to put somewhere.
+    fn count_return(&mut self, unacked: Unacked) -> Option<Unacked> {
+        let queue = self.queues.get_mut(&unacked.queue)?;
+        if queue.settings.delivery_limit.is_none() && queue.settings.retry.is_none() {
+            return Some(unacked);
+        }
+        let returns = queue.returns.entry(unacked.seq).or_insert(0);
+        *returns += 1;
+        let returns = *returns;
+        let stored = unacked.message.stored_index();
+        if queue.durable && stored != 0 {
+            self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns });
+        }
+        if queue.settings.delivery_limit.is_some_and(|limit| returns > limit) {
+            let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };
+            self.dead_letter(unacked.queue, entry, Reason::DeliveryLimit);
+            self.process_dead_letters();
+            return None;
+        }
+        Some(unacked)
     }
 
     pub fn channel_unacked(&self, key: ChannelKey) -> usize {
@@ -2348,17 +2315,7 @@ mod tests {
         (vhost, recorder, key)
     }
 
-    fn args(pairs: &[(&str, warren_codec::types::AMQPValue)]) -> FieldTable {
-        let mut table = FieldTable::default();
-        for (key, value) in pairs {
-            table.insert((*key).into(), value.clone());
-        }
-        table
-    }
-
-    fn text(value: &str) -> warren_codec::types::AMQPValue {
-        warren_codec::types::AMQPValue::LongString(value.into())
-    }
+    use crate::test_support::{table as args, text};
 
     fn int(value: i64) -> warren_codec::types::AMQPValue {
         warren_codec::types::AMQPValue::LongLongInt(value)
