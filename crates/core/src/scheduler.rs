@@ -62,16 +62,15 @@ impl Scheduler {
         loader: Option<&dyn MessageLoader>,
         due_of: impl Fn(&Message) -> u64,
     ) {
-        let mut kept = Vec::new();
-        for (due, message) in self.staging.drain(..) {
+        let heap = &mut self.heap;
+        self.staging.retain(|(due, message)| {
             let stored = message.stored_index();
-            if stored != 0 && stored <= readable {
-                self.heap.push(Reverse((due, stored | STORED)));
-            } else {
-                kept.push((due, message));
+            let readable = stored != 0 && stored <= readable;
+            if readable {
+                heap.push(Reverse((*due, stored | STORED)));
             }
-        }
-        self.staging = kept;
+            !readable
+        });
         if let Some(loader) = loader {
             for stored in self.recovered.drain(..) {
                 match loader.load(stored) {

@@ -212,6 +212,19 @@ struct DeadLetter {
     reason: Reason,
 }
 
+impl DeadLetter {
+    fn new(source: &Queue, message: Arc<Message>, reason: Reason, settle: bool) -> DeadLetter {
+        DeadLetter {
+            source: source.name.clone(),
+            settle,
+            exchange: source.settings.dead_letter_exchange.clone(),
+            routing_key: source.settings.dead_letter_routing_key.clone(),
+            message,
+            reason,
+        }
+    }
+}
+
 /// Expired messages are taken at most this many per queue per tick, so an
 /// expiring backlog never holds the lock for long.
 const EXPIRE_PER_TICK: usize = 2048;
@@ -841,14 +854,8 @@ impl VirtualHostState {
         if !queue.returns.is_empty() {
             queue.returns.remove(&entry.seq);
         }
-        self.dead_letters.push_back(DeadLetter {
-            source: queue.name.clone(),
-            settle: queue.durable && entry.message.stored_index() != 0,
-            exchange: queue.settings.dead_letter_exchange.clone(),
-            routing_key: queue.settings.dead_letter_routing_key.clone(),
-            message: entry.message,
-            reason,
-        });
+        let settle = queue.durable && entry.message.stored_index() != 0;
+        self.dead_letters.push_back(DeadLetter::new(queue, entry.message, reason, settle));
     }
 
     /// Routes queued dead letters to their exchanges. The copy is journaled
@@ -1758,14 +1765,8 @@ impl VirtualHostState {
                 || settings.max_length_bytes.is_some_and(|max| queue.bytes() + message.body_len() as u64 > max);
             if full {
                 if settings.overflow == Overflow::RejectPublishDlx {
-                    self.dead_letters.push_back(DeadLetter {
-                        source: queue.name.clone(),
-                        settle: false,
-                        exchange: settings.dead_letter_exchange.clone(),
-                        routing_key: settings.dead_letter_routing_key.clone(),
-                        message: message.clone(),
-                        reason: Reason::Maxlen,
-                    });
+                    // Never in the queue: nothing to settle.
+                    self.dead_letters.push_back(DeadLetter::new(queue, message.clone(), Reason::Maxlen, false));
                 }
                 return Enqueued::Rejected;
             }

@@ -278,38 +278,14 @@ impl Conn {
     }
 
     async fn declare_with(&mut self, name: &str, durable: bool, arguments: FieldTable) -> anyhow::Result<()> {
-        self.send(
-            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-                queue: name.into(),
-                passive: false,
-                durable,
-                exclusive: false,
-                auto_delete: false,
-                nowait: false,
-                arguments,
-            })),
-            1,
-        )
-        .await?;
+        self.send(queue_declare(name, false, durable, arguments), 1).await?;
         self.expect_method().await?;
         Ok(())
     }
 
     /// Ready messages in a queue (passive declare).
     async fn message_count(&mut self, name: &str) -> anyhow::Result<u32> {
-        self.send(
-            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-                queue: name.into(),
-                passive: true,
-                durable: false,
-                exclusive: false,
-                auto_delete: false,
-                nowait: false,
-                arguments: FieldTable::default(),
-            })),
-            1,
-        )
-        .await?;
+        self.send(queue_declare(name, true, false, FieldTable::default()), 1).await?;
         match self.expect_method().await? {
             AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => Ok(ok.message_count),
             other => bail!("expected queue.declare-ok, got {other:?}"),
@@ -327,6 +303,18 @@ impl Conn {
         self.expect_method().await?;
         Ok(())
     }
+}
+
+fn queue_declare(name: &str, passive: bool, durable: bool, arguments: FieldTable) -> AMQPClass {
+    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+        queue: name.into(),
+        passive,
+        durable,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+        arguments,
+    }))
 }
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
