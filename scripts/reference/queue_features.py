@@ -490,6 +490,16 @@ def _():
 # ---------------------------------------------------------------- priorities
 
 
+def get_order(p, q):
+    """Every message of q by basic.get: body and priority, in order."""
+    order = []
+    got = p.get(q, 0)
+    while got:
+        order.append({"body": got[2].decode(), "priority": got[1].priority})
+        got = p.get(q, 0)
+    return order
+
+
 @case("x-max-priority=5: priorities 0,5,1,5,9,3 published, then basic.get all")
 def _():
     with Probe() as p:
@@ -498,12 +508,7 @@ def _():
         for body, prio in (("p0", 0), ("p5-a", 5), ("p1", 1), ("p5-b", 5), ("p9", 9),
                            ("p3", 3)):
             p.ch.basic_publish("", q, body.encode(), pika.BasicProperties(priority=prio))
-        order = []
-        got = p.get(q, 0)
-        while got:
-            order.append({"body": got[2].decode(), "priority": got[1].priority})
-            got = p.get(q, 0)
-        return {"get_order": order}
+        return {"get_order": get_order(p, q)}
 
 
 @case("x-max-priority=5: priority absent mixed with priorities 2 and 0")
@@ -513,12 +518,7 @@ def _():
         p.ch.confirm_delivery()
         for body, prio in (("none-a", None), ("p2", 2), ("none-b", None), ("p0", 0)):
             p.ch.basic_publish("", q, body.encode(), pika.BasicProperties(priority=prio))
-        order = []
-        got = p.get(q, 0)
-        while got:
-            order.append({"body": got[2].decode(), "priority": got[1].priority})
-            got = p.get(q, 0)
-        return {"get_order": order}
+        return {"get_order": get_order(p, q)}
 
 
 @case("priorities published to a queue without x-max-priority")
