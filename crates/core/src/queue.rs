@@ -49,6 +49,7 @@ impl DedupWindow {
 
     /// True if `key` was seen and not yet forgotten; else remembers it
     /// until `now + window`.
+    #[cfg(test)]
     pub fn seen(&mut self, key: &[u8], now: u64, window: u64, max_keys: usize) -> bool {
         if self.contains(key, now) {
             return true;
@@ -203,10 +204,6 @@ impl Queue {
             had_consumer: false,
             unacked: 0,
         }
-    }
-
-    pub fn settings(&self) -> &QueueSettings {
-        &self.settings
     }
 
     /// New settings (a policy changed). The priority lanes stay as they
@@ -455,12 +452,6 @@ impl Queue {
             }
         }
         released
-    }
-
-    /// Drops the messages waiting for a retry (queue deleted).
-    pub fn take_retrying(&mut self) -> Vec<Arc<Message>> {
-        self.retry_due.clear();
-        self.retrying.drain().map(|(_, message)| message).collect()
     }
 
     /// Earliest pending per-message deadline.

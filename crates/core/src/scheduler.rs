@@ -82,6 +82,7 @@ impl Scheduler {
     }
 
     /// Earliest due time.
+    #[cfg(test)]
     pub fn next_due(&self) -> Option<u64> {
         let staged = self.staging.iter().map(|(due, _)| *due).min();
         let heaped = self.heap.peek().map(|Reverse((due, _))| *due);
