@@ -283,6 +283,8 @@ pub struct VirtualHostState {
     recovering: Option<(Arc<str>, QueueId)>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
+    /// The virtual host's queue limit (RabbitMQ's `max-queues`).
+    max_queues: Option<u64>,
 }
 
 pub struct VirtualHost {
@@ -517,6 +519,7 @@ impl VirtualHostState {
             recovering: None,
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
+            max_queues: None,
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -731,6 +734,28 @@ impl VirtualHostState {
 
     /// Makes a consumer timeout close the channel (406), as RabbitMQ does,
     /// instead of taking the delivery back.
+    pub fn set_max_queues(&mut self, max: Option<u64>) {
+        self.max_queues = max;
+    }
+
+    pub fn channel_consumer_count(&self, key: ChannelKey) -> usize {
+        self.channels.get(&key).map_or(0, |c| c.consumers.len())
+    }
+
+    /// Deletes every queue (their stored messages settled) and every
+    /// exchange but the predeclared ones: the virtual host is going away.
+    pub fn delete_everything(&mut self) {
+        let ids: Vec<QueueId> = self.queues.keys().copied().collect();
+        for id in ids {
+            self.remove_queue(id);
+        }
+        let names: Vec<String> =
+            self.exchanges.keys().filter(|n| !n.is_empty() && !n.starts_with("amq.")).map(|n| n.to_string()).collect();
+        for name in names {
+            let _ = self.delete_exchange(&name, false);
+        }
+    }
+
     pub fn set_consumer_timeout_closes_channel(&mut self, close: bool) {
         self.timeout_closes_channel = close;
     }
@@ -1415,6 +1440,24 @@ impl VirtualHostState {
         auto_delete: bool,
         arguments: FieldTable,
     ) -> Result<QueueDeclared, AmqpError> {
+        self.declare_queue_as(connection, name, passive, durable, exclusive, auto_delete, arguments, &mut |_| Ok(()))
+    }
+
+    /// `declare_queue` with `admit` asked first about the queue's final
+    /// name (a server-generated one for `""`), before any other check, as
+    /// RabbitMQ checks configure permission. Passive declares skip it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn declare_queue_as(
+        &mut self,
+        connection: ConnectionId,
+        name: &str,
+        passive: bool,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+        admit: &mut dyn FnMut(&str) -> Result<(), AmqpError>,
+    ) -> Result<QueueDeclared, AmqpError> {
         if passive {
             if name == REPLY_TO_QUEUE {
                 // As RabbitMQ: the pseudo-queue always reports one consumer.
@@ -1427,6 +1470,15 @@ impl VirtualHostState {
             }
             return Ok(self.declared(id));
         }
+        let server_named = name.is_empty();
+        let generated;
+        let name = if server_named {
+            generated = crate::names::generate("amq.gen-");
+            generated.as_str()
+        } else {
+            name
+        };
+        admit(name)?;
         for (key, value) in arguments.inner() {
             let key = key.as_str();
             if matches!(key, "x-dead-letter-exchange" | "x-dead-letter-routing-key")
@@ -1496,13 +1548,20 @@ impl VirtualHostState {
             }
             return Ok(self.declared(id));
         }
-        if name.starts_with("amq.") {
+        if !server_named && name.starts_with("amq.") {
             return Err(soft(
                 ReplyCode::AccessRefused,
                 format!("queue name '{name}' contains reserved prefix 'amq.*'"),
             ));
         }
-        let name = if name.is_empty() { crate::names::generate("amq.gen-") } else { name.to_string() };
+        if self.max_queues.is_some_and(|max| self.queues.len() as u64 >= max) {
+            return Err(precondition(format!(
+                "cannot declare queue '{name}': queue limit in vhost '{}' ({}) is reached",
+                self.name,
+                self.max_queues.unwrap_or_default()
+            )));
+        }
+        let name = name.to_string();
         let id = self.next_queue_id;
         self.next_queue_id += 1;
         let owner = exclusive.then_some(connection);

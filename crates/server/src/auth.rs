@@ -1,10 +1,9 @@
-//! SASL PLAIN and AMQPLAIN against the configured users.
+//! SASL PLAIN and AMQPLAIN: reading the credentials a client sends.
+//! Checking them against users is `access` and `password`'s business.
 
 use std::net::IpAddr;
 
 use warren_codec::table;
-
-use crate::config::User;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum AuthError {
@@ -43,50 +42,30 @@ fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
     }
 }
 
-/// Constant-time comparison, so response timing does not leak a password.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn authenticate<'a>(
-    users: &'a [User],
-    mechanism: &str,
-    response: &[u8],
-    peer: IpAddr,
-) -> Result<&'a User, AuthError> {
+/// The (user, password) a SASL response carries, or why it is refused.
+pub fn login(mechanism: &str, response: &[u8]) -> Result<(String, String), AuthError> {
     if !MECHANISMS.split(' ').any(|m| m == mechanism) {
         return Err(AuthError::UnknownMechanism(mechanism.to_string()));
     }
-    let refused = |user: &str| AuthError::Refused { mechanism: mechanism.to_string(), user: user.to_string() };
-    let (name, password) = credentials(mechanism, response).ok_or_else(|| refused(""))?;
-    let user = users.iter().find(|u| u.name == name).ok_or_else(|| refused(&name))?;
-    if !same(user.password.as_bytes(), password.as_bytes()) {
-        return Err(refused(&name));
-    }
-    if user.loopback_only && !peer.is_loopback() && !peer.to_canonical().is_loopback() {
-        return Err(refused(&name));
-    }
-    Ok(user)
+    credentials(mechanism, response)
+        .ok_or_else(|| AuthError::Refused { mechanism: mechanism.to_string(), user: String::new() })
+}
+
+/// Whether a peer counts as loopback (IPv4-mapped IPv6 included).
+pub fn is_loopback(peer: IpAddr) -> bool {
+    peer.is_loopback() || peer.to_canonical().is_loopback()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn users() -> Vec<User> {
-        vec![User { name: "guest".into(), password: "guest".into(), tags: vec![], loopback_only: true }]
-    }
-
     #[test]
-    fn plain_and_amqplain_with_loopback_rule() {
-        let local: IpAddr = "127.0.0.1".parse().unwrap();
-        let remote: IpAddr = "10.1.2.3".parse().unwrap();
-        assert!(authenticate(&users(), "PLAIN", b"\0guest\0guest", local).is_ok());
-        assert!(authenticate(&users(), "PLAIN", b"\0guest\0guest", "::1".parse().unwrap()).is_ok());
-        assert!(matches!(authenticate(&users(), "PLAIN", b"\0guest\0guest", remote), Err(AuthError::Refused { .. })));
-        assert!(matches!(authenticate(&users(), "PLAIN", b"\0guest\0nope", local), Err(AuthError::Refused { .. })));
-        assert!(matches!(authenticate(&users(), "PLAIN", b"garbage", local), Err(AuthError::Refused { .. })));
-        assert!(matches!(authenticate(&users(), "EXTERNAL", b"", local), Err(AuthError::UnknownMechanism(_))));
+    fn plain_and_amqplain_credentials() {
+        assert_eq!(login("PLAIN", b"\0guest\0pw").unwrap(), ("guest".to_string(), "pw".to_string()));
+        assert!(matches!(login("PLAIN", b"garbage"), Err(AuthError::Refused { .. })));
+        assert!(matches!(login("PLAIN", b"\0a\0b\0c"), Err(AuthError::Refused { .. })));
+        assert!(matches!(login("EXTERNAL", b""), Err(AuthError::UnknownMechanism(_))));
         let mut amqplain = Vec::new();
         for (k, v) in [("LOGIN", "guest"), ("PASSWORD", "guest")] {
             amqplain.push(k.len() as u8);
@@ -95,6 +74,9 @@ mod tests {
             amqplain.extend_from_slice(&(v.len() as u32).to_be_bytes());
             amqplain.extend_from_slice(v.as_bytes());
         }
-        assert!(authenticate(&users(), "AMQPLAIN", &amqplain, local).is_ok());
+        assert_eq!(login("AMQPLAIN", &amqplain).unwrap(), ("guest".to_string(), "guest".to_string()));
+        assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(is_loopback("::1".parse().unwrap()));
+        assert!(!is_loopback("10.1.2.3".parse().unwrap()));
     }
 }

@@ -1,15 +1,47 @@
-//! The broker: its configuration, its virtual hosts and its durable store.
+//! The broker: its configuration, its virtual hosts, its durable store, the
+//! access definitions, and the registry of open connections that limits are
+//! counted against.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tracing::{info, warn};
+use warren_codec::reply::ReplyCode;
 use warren_core::VirtualHost;
 use warren_storage::FsyncPolicy;
 
+use crate::access::{Access, AccessError, AccessFile, Definitions, Seed, User};
 use crate::config::{Config, Fsync};
+use crate::outbox::ConnectionOutbox;
+use crate::password::LoginCache;
 use crate::store::{Recovered, Store, StoreError};
+
+/// An open connection, as limits and runtime changes see it.
+struct Registered {
+    user: String,
+    vhost: String,
+    outbox: Arc<ConnectionOutbox>,
+}
+
+#[derive(Default)]
+struct Registry {
+    connections: HashMap<u64, Registered>,
+    per_vhost: HashMap<String, u64>,
+    per_user: HashMap<String, u64>,
+    user_channels: HashMap<String, u64>,
+}
+
+fn decrement(map: &mut HashMap<String, u64>, key: &str, by: u64) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(by);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
 
 pub struct Broker {
     pub config: Config,
@@ -17,6 +49,19 @@ pub struct Broker {
     next_connection_id: AtomicU64,
     pub store: Arc<Store>,
     pub recovered: Recovered,
+    access: RwLock<Arc<Access>>,
+    /// Bumped whenever `access` is replaced; connections re-read their
+    /// permissions when it moves.
+    access_generation: AtomicU64,
+    access_file: AccessFile,
+    /// (modified time, length, inode) of the access file last loaded.
+    access_stamp: Mutex<Option<(SystemTime, u64, u64)>>,
+    registry: Mutex<Registry>,
+    login_cache: LoginCache,
+    logins: Mutex<HashSet<[u8; 32]>>,
+    /// Password checks running at once: the KDF takes 19 MiB and tens of
+    /// milliseconds each, so a login storm must queue, not fan out.
+    verify_slots: tokio::sync::Semaphore,
 }
 
 impl Broker {
@@ -28,35 +73,62 @@ impl Broker {
     /// Same, with the message log on the given storage backend (tests use a
     /// simulated disk to cut power).
     pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, StoreError> {
+        let access_file = AccessFile::new(&config.data_dir);
+        let definitions = load_access(&config, &access_file).map_err(StoreError::Access)?;
+        let access = Access::compile(&definitions);
         let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
-            config.vhosts.iter().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
-        for (name, vhost) in &vhosts {
-            // Validated with the configuration; an invalid one is skipped.
-            let policies = config.policies.iter().filter(|p| &p.vhost == name).filter_map(|p| p.to_policy().ok());
-            vhost.lock().set_policies(policies.collect());
-        }
+            access.vhost_names().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
         let policy = match config.fsync {
             Fsync::Always => FsyncPolicy::Always,
             Fsync::Never => FsyncPolicy::Never,
         };
         let (store, recovered) =
             Store::open_with(backend, &config.data_dir, policy, config.segment_bytes_max, &mut vhosts)?;
-        let consumer_timeout = (config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms);
-        for vhost in vhosts.values() {
-            let mut state = vhost.lock();
-            state.set_loader(store.clone());
-            state.set_consumer_timeout(consumer_timeout);
-            state.set_consumer_timeout_closes_channel(
-                config.consumer_timeout_action == crate::config::ConsumerTimeoutAction::CloseChannel,
-            );
-        }
-        Ok(Broker {
+        // Stored contents of a virtual host deleted while the broker was
+        // down (or during a crash) go now.
+        let orphaned: Vec<String> = vhosts.keys().filter(|n| access.vhost_limits(n).is_none()).cloned().collect();
+        let broker = Broker {
             config,
-            vhosts: RwLock::new(vhosts.into_iter().collect()),
+            vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
             store,
             recovered,
-        })
+            access: RwLock::new(Arc::new(access)),
+            access_generation: AtomicU64::new(1),
+            access_stamp: Mutex::new(stamp(&access_file)),
+            access_file,
+            registry: Mutex::new(Registry::default()),
+            login_cache: LoginCache::new(),
+            logins: Mutex::new(HashSet::new()),
+            verify_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            ),
+        };
+        for (name, vhost) in vhosts {
+            broker.prepare_vhost(&vhost);
+            broker.vhosts.write().insert(name, vhost);
+        }
+        for name in orphaned {
+            info!(vhost = %name, "removing the contents of a deleted virtual host");
+            broker.remove_vhost(&name);
+        }
+        Ok(broker)
+    }
+
+    fn prepare_vhost(&self, vhost: &VirtualHost) {
+        let config = &self.config;
+        let mut state = vhost.lock();
+        // Validated with the configuration; an invalid one is skipped.
+        let name = state.name.clone();
+        let policies = config.policies.iter().filter(|p| p.vhost == name).filter_map(|p| p.to_policy().ok());
+        state.set_policies(policies.collect());
+        state.set_loader(self.store.clone());
+        state.set_consumer_timeout((config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms));
+        state.set_consumer_timeout_closes_channel(
+            config.consumer_timeout_action == crate::config::ConsumerTimeoutAction::CloseChannel,
+        );
+        let limits = self.access.read().vhost_limits(&state.name).unwrap_or_default();
+        state.set_max_queues(limits.max_queues);
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VirtualHost>> {
@@ -70,4 +142,221 @@ impl Broker {
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    // ---- access ---------------------------------------------------------
+
+    pub fn access(&self) -> Arc<Access> {
+        self.access.read().clone()
+    }
+
+    pub fn access_generation(&self) -> u64 {
+        self.access_generation.load(Ordering::Acquire)
+    }
+
+    pub fn access_file(&self) -> &AccessFile {
+        &self.access_file
+    }
+
+    /// Whether this password was already proved right for this user (and
+    /// its current hash) since the broker started.
+    pub fn login_cached(&self, user: &User, password: &str) -> bool {
+        self.logins.lock().contains(&self.login_cache.digest(&user.name, user.password_hash(), password))
+    }
+
+    /// Checks a password with the slow KDF, off the async workers and at
+    /// most one per core at a time.
+    pub async fn verify_password(&self, user: Arc<User>, password: String) -> bool {
+        let digest = self.login_cache.digest(&user.name, user.password_hash(), &password);
+        let Ok(_slot) = self.verify_slots.acquire().await else {
+            return false;
+        };
+        let ok = tokio::task::spawn_blocking(move || user.verify(&password)).await.unwrap_or(false);
+        if ok {
+            let mut logins = self.logins.lock();
+            if logins.len() > 100_000 {
+                logins.clear();
+            }
+            logins.insert(digest);
+        }
+        ok
+    }
+
+    /// Re-reads the access file if it changed on disk and applies it:
+    /// virtual hosts created or deleted, connections of deleted users or
+    /// virtual hosts closed, limits updated. Returns whether it changed.
+    pub fn reload_access(&self) -> Result<bool, AccessError> {
+        let now = stamp(&self.access_file);
+        if now == *self.access_stamp.lock() {
+            return Ok(false);
+        }
+        let Some(definitions) = self.access_file.read()? else {
+            return Ok(false);
+        };
+        *self.access_stamp.lock() = now;
+        self.apply(&definitions);
+        Ok(true)
+    }
+
+    fn apply(&self, definitions: &Definitions) {
+        let access = Arc::new(Access::compile(definitions));
+        *self.access.write() = access.clone();
+        self.access_generation.fetch_add(1, Ordering::AcqRel);
+        let existing: Vec<String> = self.vhosts.read().keys().cloned().collect();
+        for name in access.vhost_names().filter(|n| !existing.contains(n)) {
+            info!(vhost = %name, "virtual host created");
+            let vhost = Arc::new(VirtualHost::new(name));
+            self.prepare_vhost(&vhost);
+            self.vhosts.write().insert(name.clone(), vhost);
+        }
+        for name in existing.iter().filter(|n| access.vhost_limits(n).is_none()) {
+            info!(vhost = %name, "virtual host deleted");
+            self.force_close(|r| &r.vhost == name, &format!("vhost '{name}' is deleted"));
+            self.remove_vhost(name);
+        }
+        for vhost in self.vhosts() {
+            let mut state = vhost.lock();
+            let limits = access.vhost_limits(&state.name).unwrap_or_default();
+            state.set_max_queues(limits.max_queues);
+        }
+        let gone: Vec<String> = {
+            let registry = self.registry.lock();
+            registry.per_user.keys().filter(|u| access.user(u).is_none()).cloned().collect()
+        };
+        for user in gone {
+            info!(%user, "user deleted: closing its connections");
+            self.force_close(|r| r.user == user, &format!("user '{user}' was deleted"));
+        }
+    }
+
+    /// Deletes a virtual host's queues (settling their stored messages) and
+    /// definitions, and forgets it.
+    fn remove_vhost(&self, name: &str) {
+        let Some(vhost) = self.vhosts.write().remove(name) else {
+            return;
+        };
+        let mut state = vhost.lock();
+        state.delete_everything();
+        let (mut events, mut scratch) = (Vec::new(), Vec::new());
+        let _ = self.store.flush(&mut state, &mut events, &mut scratch);
+        if let Err(error) = self.store.forget_vhost(name) {
+            warn!(%error, vhost = %name, "removing the virtual host's definitions failed");
+        }
+    }
+
+    fn force_close(&self, select: impl Fn(&Registered) -> bool, text: &str) {
+        let registry = self.registry.lock();
+        for registered in registry.connections.values().filter(|r| select(r)) {
+            registered.outbox.force_close(ReplyCode::ConnectionForced, text);
+        }
+    }
+
+    // ---- connection limits ----------------------------------------------
+
+    /// Counts a connection opening `vhost` as `user`, or refuses it with
+    /// RabbitMQ's 530 text when a limit is reached.
+    pub fn register(&self, id: u64, user: &User, vhost: &str, outbox: Arc<ConnectionOutbox>) -> Result<(), String> {
+        let access = self.access();
+        let mut registry = self.registry.lock();
+        let max = self.config.max_connections;
+        if max > 0 && registry.connections.len() as u64 >= max {
+            return Err(format!("connection refused: node connection limit ({max}) is reached"));
+        }
+        if let Some(max) = access.vhost_limits(vhost).and_then(|l| l.max_connections) {
+            if registry.per_vhost.get(vhost).copied().unwrap_or(0) >= max {
+                return Err(format!(
+                    "access to vhost '{vhost}' refused for user '{}': connection limit ({max}) is reached",
+                    user.name
+                ));
+            }
+        }
+        if let Some(max) = user.limits.max_connections {
+            if registry.per_user.get(&user.name).copied().unwrap_or(0) >= max {
+                return Err(format!(
+                    "access to vhost '{vhost}' refused for user '{}': user connection limit ({max}) is reached",
+                    user.name
+                ));
+            }
+        }
+        *registry.per_vhost.entry(vhost.to_string()).or_default() += 1;
+        *registry.per_user.entry(user.name.clone()).or_default() += 1;
+        registry.connections.insert(id, Registered { user: user.name.clone(), vhost: vhost.to_string(), outbox });
+        Ok(())
+    }
+
+    pub fn unregister(&self, id: u64, channels: u64) {
+        let mut registry = self.registry.lock();
+        if let Some(registered) = registry.connections.remove(&id) {
+            decrement(&mut registry.per_vhost, &registered.vhost, 1);
+            decrement(&mut registry.per_user, &registered.user, 1);
+            decrement(&mut registry.user_channels, &registered.user, channels);
+        }
+    }
+
+    /// Counts a channel against its user's `max-channels`; `Err` is
+    /// RabbitMQ's text.
+    pub fn open_channel(&self, user: &User) -> Result<(), String> {
+        let mut registry = self.registry.lock();
+        let open = registry.user_channels.entry(user.name.clone()).or_default();
+        if let Some(max) = user.limits.max_channels {
+            if *open >= max {
+                return Err(format!(
+                    "number of channels opened for user '{}' has reached the maximum allowed user limit ({max})",
+                    user.name
+                ));
+            }
+        }
+        *open += 1;
+        Ok(())
+    }
+
+    pub fn close_channel(&self, user: &str) {
+        decrement(&mut self.registry.lock().user_channels, user, 1);
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.registry.lock().connections.len()
+    }
+}
+
+/// Identifies a version of the access file: every update replaces it by
+/// rename, so the inode changes even when time and size do not.
+fn stamp(file: &AccessFile) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file.path()).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// Reads the access file, seeding it on first start, and applies the
+/// configuration's users and virtual hosts.
+pub fn load_access(config: &Config, file: &AccessFile) -> Result<Definitions, AccessError> {
+    let guest_tags = vec!["administrator".to_string()];
+    let mut seed_vhosts = config.vhosts.clone();
+    // Virtual hosts that hold durable definitions from before access
+    // definitions existed keep existing.
+    if let Ok(bytes) = std::fs::read(config.data_dir.join("definitions.json")) {
+        if let Ok(stored) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&bytes) {
+            seed_vhosts.extend(stored.into_keys().filter(|v| !config.vhosts.contains(v)));
+        }
+    }
+    let mut seed = Seed { vhosts: &seed_vhosts, users: Vec::new() };
+    if config.users.is_empty() && config.default_user {
+        seed.users.push(("guest", "guest", &guest_tags));
+    }
+    let (definitions, ()) = file.update(&seed, |definitions| {
+        for vhost in &config.vhosts {
+            if !definitions.has_vhost(vhost) {
+                definitions.add_vhost(vhost)?;
+            }
+        }
+        for user in &config.users {
+            definitions.upsert_user(&user.name, &user.password, &user.tags)?;
+            for vhost in &config.vhosts {
+                if !definitions.permissions.iter().any(|p| p.user == user.name && &p.vhost == vhost) {
+                    definitions.set_permissions(vhost, &user.name, ".*", ".*", ".*")?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(definitions)
 }

@@ -32,6 +32,7 @@ use warren_core::message::MessageBuilder;
 use warren_core::vhost::REPLY_TO_QUEUE;
 use warren_core::{ChannelKey, JournalEvent, Message, VirtualHost, VirtualHostState};
 
+use crate::access::{Permission, Permissions, Resource, User};
 use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::outbox::ConnectionOutbox;
@@ -94,11 +95,26 @@ struct Connection {
     channels: HashMap<u16, ChannelProto>,
     auth_failure_close: bool,
     user: String,
+    /// The logged-in user (after start-ok).
+    account: Option<Arc<User>>,
+    /// A password waiting for the KDF: (user, password, mechanism).
+    pending_login: Option<(Arc<User>, String, String)>,
+    /// Permissions in the open virtual host, and the access generation
+    /// they were read at.
+    permissions: Option<Arc<Permissions>>,
+    permissions_generation: u64,
+    /// Counted in the broker's registry (after connection.open).
+    registered: bool,
+    vhost_name: String,
     /// A framing error was seen: input is discarded from then on.
     unparseable: bool,
     store: Arc<Store>,
     journal: Vec<JournalEvent>,
     record: Vec<u8>,
+}
+
+fn access_refused(text: String) -> AmqpError {
+    AmqpError::soft(ReplyCode::AccessRefused, text, 0, 0)
 }
 
 fn short(value: &str) -> ShortString {
@@ -213,6 +229,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         channels: HashMap::new(),
         auth_failure_close: false,
         user: String::new(),
+        account: None,
+        pending_login: None,
+        permissions: None,
+        permissions_generation: 0,
+        registered: false,
+        vhost_name: String::new(),
         unparseable: false,
         store: broker.store.clone(),
         journal: Vec::new(),
@@ -271,6 +293,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
                 continue;
             }
             _ = outbox.failed_notify.notified() => {
+                if let Some((code, text)) = outbox.take_forced() {
+                    if conn.phase == Phase::Running {
+                        conn.close_connection(AmqpError::hard(code, text, 0, 0));
+                        close_deadline = Some(tokio::time::Instant::now() + CLOSE_OK_TIMEOUT);
+                    }
+                }
                 conn.fail_channels();
                 continue;
             }
@@ -286,6 +314,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         }
         let before = conn.phase;
         conn.process(&mut buf);
+        if let Some((user, password, mechanism)) = conn.pending_login.take() {
+            let ok = broker.verify_password(user.clone(), password).await;
+            conn.finish_login(ok, user, &mechanism);
+            conn.process(&mut buf);
+        }
         if before != Phase::Running && conn.phase == Phase::Running {
             let _ = heartbeat_tx.send(conn.heartbeat_s);
         }
@@ -298,6 +331,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         let mut state = vhost.lock();
         state.close_connection(conn.id);
         let _ = conn.flush_journal(&mut state);
+    }
+    if conn.registered {
+        broker.unregister(conn.id, conn.channels.len() as u64);
     }
     // Stop the writer after it has flushed what is queued.
     let _ = heartbeat_tx.send(u16::MAX);
@@ -382,6 +418,9 @@ impl Connection {
                 if let Err(error) = result {
                     self.close_connection(error);
                 }
+                if self.pending_login.is_some() {
+                    break;
+                }
                 if let Some(state) = guard.as_deref_mut() {
                     // Settlements and definitions reach the store in the
                     // order they happened (publishes are appended in `route`).
@@ -398,6 +437,103 @@ impl Connection {
             self.flush_confirms();
             break;
         }
+    }
+
+    fn login_accepted(&mut self, user: Arc<User>) {
+        self.user = user.name.clone();
+        self.account = Some(user);
+        let config = &self.broker.config;
+        self.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: config.channel_max,
+                frame_max: config.frame_max,
+                heartbeat: config.heartbeat_s,
+            })),
+        );
+        self.phase = Phase::TuneOk;
+    }
+
+    fn login_refused(&mut self, mechanism: &str, user: &str) -> Result<(), AmqpError> {
+        warn!(peer = %self.peer, %user, "login refused");
+        if self.auth_failure_close {
+            Err(AmqpError::hard(
+                ReplyCode::AccessRefused,
+                format!(
+                    "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+                ),
+                10,
+                11,
+            ))
+        } else {
+            // Pre-capability clients expect the socket to close.
+            self.phase = Phase::Done;
+            Ok(())
+        }
+    }
+
+    /// Ends a login that waited for the password check.
+    fn finish_login(&mut self, ok: bool, user: Arc<User>, mechanism: &str) {
+        if ok {
+            self.login_accepted(user);
+        } else if let Err(error) = self.login_refused(mechanism, &user.name) {
+            self.close_connection(error);
+        }
+    }
+
+    fn forget_channel(&mut self, number: u16) {
+        if self.channels.remove(&number).is_some() && self.account.is_some() {
+            self.broker.close_channel(&self.user);
+        }
+    }
+
+    /// Checks a permission as RabbitMQ does (403, channel closed), with the
+    /// permissions re-read if the access definitions changed.
+    fn allow(&mut self, permission: Permission, resource: Resource, name: &str) -> Result<(), AmqpError> {
+        self.current_permissions().check(permission, resource, name).map_err(access_refused)
+    }
+
+    fn allow_topic(
+        &mut self,
+        permission: Permission,
+        exchange: &str,
+        routing_key: &str,
+        state: &VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        let permissions = self.current_permissions();
+        if !permissions.has_topic_rules(exchange) || state.exchange(exchange).is_none_or(|e| e.type_name() != "topic") {
+            return Ok(());
+        }
+        permissions.check_topic(permission, exchange, routing_key).map_err(access_refused)
+    }
+
+    /// queue.bind and unbind: write on the queue, read on the exchange (and
+    /// its topic permission for the binding key).
+    fn allow_bind(
+        &mut self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        state: &VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        self.allow(Permission::Write, Resource::Queue, queue)?;
+        self.allow(Permission::Read, Resource::Exchange, exchange)?;
+        self.allow_topic(Permission::Read, exchange, routing_key, state)
+    }
+
+    fn current_permissions(&mut self) -> Arc<Permissions> {
+        let generation = self.broker.access_generation();
+        if generation != self.permissions_generation || self.permissions.is_none() {
+            let vhost = &self.vhost_name;
+            self.permissions = Some(
+                self.broker
+                    .access()
+                    .permissions(&self.user, vhost)
+                    .unwrap_or_else(|| Arc::new(Permissions::none(&self.user, vhost))),
+            );
+            self.permissions_generation = generation;
+        }
+        self.permissions.clone().unwrap_or_else(|| Arc::new(Permissions::none(&self.user, "")))
     }
 
     fn awaiting_store(&self) -> bool {
@@ -540,10 +676,10 @@ impl Connection {
                     Some(ch) if ch.closing => {
                         // After channel.close only close-ok and close count.
                         if let Method::Other(AMQPClass::Channel(channel::AMQPMethod::CloseOk(_))) = method {
-                            self.channels.remove(&number);
+                            self.forget_channel(number);
                         } else if let Method::Other(AMQPClass::Channel(channel::AMQPMethod::Close(_))) = method {
                             self.send(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
-                            self.channels.remove(&number);
+                            self.forget_channel(number);
                         }
                         return Ok(());
                     }
@@ -594,48 +730,31 @@ impl Connection {
                     client_capability(&start_ok.client_properties, "authentication_failure_close");
                 self.outbox.set_cancel_notify(client_capability(&start_ok.client_properties, "consumer_cancel_notify"));
                 let mechanism = start_ok.mechanism.as_str().to_string();
-                match auth::authenticate(
-                    &self.broker.config.users,
-                    &mechanism,
-                    start_ok.response.as_bytes(),
-                    self.peer.ip(),
-                ) {
-                    Ok(user) => {
-                        self.user = user.name.clone();
-                        let config = &self.broker.config;
-                        self.send(
-                            0,
-                            AMQPClass::Connection(M::Tune(connection::Tune {
-                                channel_max: config.channel_max,
-                                frame_max: config.frame_max,
-                                heartbeat: config.heartbeat_s,
-                            })),
-                        );
-                        self.phase = Phase::TuneOk;
-                        Ok(())
+                let (name, password) = match auth::login(&mechanism, start_ok.response.as_bytes()) {
+                    Ok(credentials) => credentials,
+                    Err(AuthError::UnknownMechanism(m)) => {
+                        return Err(AmqpError::hard(
+                            ReplyCode::CommandInvalid,
+                            format!("unknown authentication mechanism '{m}'"),
+                            10,
+                            11,
+                        ))
                     }
-                    Err(AuthError::UnknownMechanism(m)) => Err(AmqpError::hard(
-                        ReplyCode::CommandInvalid,
-                        format!("unknown authentication mechanism '{m}'"),
-                        10,
-                        11,
-                    )),
-                    Err(AuthError::Refused { mechanism, user }) => {
-                        warn!(peer = %self.peer, %user, "login refused");
-                        if self.auth_failure_close {
-                            Err(AmqpError::hard(
-                                ReplyCode::AccessRefused,
-                                format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
-                                10,
-                                11,
-                            ))
-                        } else {
-                            // Pre-capability clients expect the socket to close.
-                            self.phase = Phase::Done;
-                            Ok(())
-                        }
-                    }
+                    Err(AuthError::Refused { .. }) => return self.login_refused(&mechanism, ""),
+                };
+                let Some(user) = self.broker.access().user(&name) else {
+                    return self.login_refused(&mechanism, &name);
+                };
+                if self.broker.config.loopback_only(&name) && !auth::is_loopback(self.peer.ip()) {
+                    return self.login_refused(&mechanism, &name);
                 }
+                if self.broker.login_cached(&user, &password) {
+                    self.login_accepted(user);
+                } else {
+                    // The KDF runs off this task; see `serve`.
+                    self.pending_login = Some((user, password, mechanism));
+                }
+                Ok(())
             }
             (Phase::StartOk, M::SecureOk(_)) => {
                 Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected connection.secure-ok", 10, 21))
@@ -678,6 +797,24 @@ impl Connection {
                 let Some(vhost) = self.broker.vhost(name) else {
                     return Err(AmqpError::hard(ReplyCode::NotAllowed, format!("vhost {name} not found"), 10, 40));
                 };
+                let Some(user) = self.account.clone() else {
+                    return Err(AmqpError::hard(ReplyCode::InternalError, "no user", 10, 40));
+                };
+                let Some(permissions) = self.broker.access().permissions(&user.name, name) else {
+                    return Err(AmqpError::hard(
+                        ReplyCode::NotAllowed,
+                        format!("access to vhost '{name}' refused for user '{}'", user.name),
+                        10,
+                        40,
+                    ));
+                };
+                self.broker
+                    .register(self.id, &user, name, self.outbox.clone())
+                    .map_err(|text| AmqpError::hard(ReplyCode::NotAllowed, text, 10, 40))?;
+                self.registered = true;
+                self.permissions = Some(permissions);
+                self.vhost_name = name.to_string();
+                self.permissions_generation = self.broker.access_generation();
                 let _ = self.outbox.vhost.set(vhost.clone());
                 self.vhost = Some(vhost);
                 self.send(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
@@ -735,6 +872,11 @@ impl Connection {
                             0,
                         ));
                     }
+                    if let Some(user) = &self.account {
+                        self.broker
+                            .open_channel(user)
+                            .map_err(|text| AmqpError::hard(ReplyCode::NotAllowed, text, 0, 0))?;
+                    }
                     self.channels.insert(number, ChannelProto::default());
                     state.open_channel(key, self.outbox.clone());
                     self.send(number, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
@@ -744,7 +886,12 @@ impl Connection {
             };
         }
         match method {
-            Method::Publish(publish) => self.start_publish(number, publish),
+            Method::Publish(publish) => {
+                let exchange = str_of(&publish.exchange)?;
+                self.allow(Permission::Write, Resource::Exchange, exchange)?;
+                self.allow_topic(Permission::Write, exchange, str_of(&publish.routing_key)?, state)?;
+                self.start_publish(number, publish)
+            }
             Method::Ack { delivery_tag, multiple } => {
                 if let Some(ops) = self.channels.get_mut(&number).and_then(|c| c.tx.as_mut()) {
                     ops.push(TxOp::Ack { delivery_tag, multiple });
@@ -780,7 +927,7 @@ impl Connection {
                 }
                 channel::AMQPMethod::Close(_) => {
                     state.close_channel(key);
-                    self.channels.remove(&number);
+                    self.forget_channel(number);
                     self.send(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
                     Ok(())
                 }
@@ -855,20 +1002,28 @@ impl Connection {
             M::Declare(d) => {
                 let kind = d.kind.as_str();
                 let name = d.exchange.as_str();
+                if !d.passive {
+                    self.allow(Permission::Configure, Resource::Exchange, name)?;
+                }
                 state.declare_exchange(name, kind, d.passive, d.durable, d.auto_delete, d.internal, d.arguments)?;
                 self.reply_stored(number, AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})), d.nowait, state);
             }
             M::Delete(d) => {
+                self.allow(Permission::Configure, Resource::Exchange, d.exchange.as_str())?;
                 state.delete_exchange(d.exchange.as_str(), d.if_unused)?;
                 self.reply_stored(number, AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})), d.nowait, state);
             }
             M::Bind(b) => {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
+                self.allow(Permission::Write, Resource::Exchange, destination)?;
+                self.allow(Permission::Read, Resource::Exchange, source)?;
                 state.bind_exchange(destination, source, key, b.arguments, true)?;
                 self.reply_stored(number, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})), b.nowait, state);
             }
             M::Unbind(b) => {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
+                self.allow(Permission::Write, Resource::Exchange, destination)?;
+                self.allow(Permission::Read, Resource::Exchange, source)?;
                 state.bind_exchange(destination, source, key, b.arguments, false)?;
                 self.reply_stored(number, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})), b.nowait, state);
             }
@@ -889,7 +1044,8 @@ impl Connection {
         let conn = self.id;
         match m {
             M::Declare(d) => {
-                let declared = state.declare_queue(
+                let permissions = self.current_permissions();
+                let declared = state.declare_queue_as(
                     conn,
                     d.queue.as_str(),
                     d.passive,
@@ -897,6 +1053,7 @@ impl Connection {
                     d.exclusive,
                     d.auto_delete,
                     d.arguments,
+                    &mut |name| permissions.check(Permission::Configure, Resource::Queue, name).map_err(access_refused),
                 )?;
                 if let Some(ch) = self.channels.get_mut(&number) {
                     ch.last_queue = declared.name.clone();
@@ -910,16 +1067,19 @@ impl Connection {
             }
             M::Bind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
+                self.allow_bind(&name, b.exchange.as_str(), b.routing_key.as_str(), state)?;
                 state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, true)?;
                 self.reply_stored(number, AMQPClass::Queue(M::BindOk(queue::BindOk {})), b.nowait, state);
             }
             M::Unbind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
+                self.allow_bind(&name, b.exchange.as_str(), b.routing_key.as_str(), state)?;
                 state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, false)?;
                 self.reply_stored(number, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})), false, state);
             }
             M::Purge(p) => {
                 let name = self.queue_name(number, p.queue.as_str())?;
+                self.allow(Permission::Read, Resource::Queue, &name)?;
                 let message_count = state.purge_queue(conn, &name)?;
                 self.reply_stored(
                     number,
@@ -930,6 +1090,7 @@ impl Connection {
             }
             M::Delete(d) => {
                 let name = self.queue_name(number, d.queue.as_str())?;
+                self.allow(Permission::Configure, Resource::Queue, &name)?;
                 let message_count = state.delete_queue(conn, &name, d.if_unused, d.if_empty)?;
                 self.reply_stored(
                     number,
@@ -955,8 +1116,19 @@ impl Connection {
                 let name = if c.queue.as_str() == REPLY_TO_QUEUE {
                     REPLY_TO_QUEUE.to_string()
                 } else {
-                    self.queue_name(number, c.queue.as_str())?
+                    let name = self.queue_name(number, c.queue.as_str())?;
+                    self.allow(Permission::Read, Resource::Queue, &name)?;
+                    name
                 };
+                let max = self.broker.config.consumer_max_per_channel;
+                if max > 0 && state.channel_consumer_count(key) as u64 >= max {
+                    return Err(AmqpError::soft(
+                        ReplyCode::NotAllowed,
+                        format!("reached maximum ({max}) of consumers per channel"),
+                        0,
+                        0,
+                    ));
+                }
                 let tag = state.consume(key, &name, c.consumer_tag.as_str(), c.no_ack, c.exclusive, &c.arguments)?;
                 if !c.nowait {
                     self.send(
@@ -980,6 +1152,7 @@ impl Connection {
             }
             basic::AMQPMethod::Get(g) => {
                 let name = self.queue_name(number, g.queue.as_str())?;
+                self.allow(Permission::Read, Resource::Queue, &name)?;
                 match state.get(key, &name, g.no_ack)? {
                     Some(got) => {
                         let frame_max = self.outbox.frame_max();

@@ -8,11 +8,13 @@
 //! Deliveries from other connections land in the same outbox, so a busy
 //! consumer receives many frames per syscall.
 
+pub mod access;
 pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod outbox;
+pub mod password;
 pub mod server;
 pub mod store;
 

@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use warren_codec::encode;
+use warren_codec::reply::ReplyCode;
 use warren_core::{Message, Outbox, VirtualHost};
 
 pub struct ConnectionOutbox {
@@ -28,6 +29,9 @@ pub struct ConnectionOutbox {
     /// Channels the core asked to close (consumer timeout), with the text.
     failed: Mutex<Vec<(u16, String)>>,
     pub(crate) failed_notify: Notify,
+    /// Set when the broker closes the connection from outside (its user or
+    /// virtual host was deleted): reply code and text.
+    forced: Mutex<Option<(ReplyCode, String)>>,
 }
 
 impl ConnectionOutbox {
@@ -43,6 +47,7 @@ impl ConnectionOutbox {
             vhost: OnceLock::new(),
             failed: Mutex::new(Vec::new()),
             failed_notify: Notify::new(),
+            forced: Mutex::new(None),
         }
     }
 
@@ -67,6 +72,16 @@ impl ConnectionOutbox {
         }
         drop(buf);
         self.notify.notify_one();
+    }
+
+    /// Asks the connection's reader to close the connection.
+    pub(crate) fn force_close(&self, code: ReplyCode, text: &str) {
+        *self.forced.lock() = Some((code, text.to_string()));
+        self.failed_notify.notify_one();
+    }
+
+    pub(crate) fn take_forced(&self) -> Option<(ReplyCode, String)> {
+        self.forced.lock().take()
     }
 
     pub(crate) fn take_failed(&self) -> Vec<(u16, String)> {

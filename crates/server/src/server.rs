@@ -15,6 +15,9 @@ use tracing::{info, warn};
 use crate::broker::Broker;
 use crate::config::Config;
 
+/// How often the access file is checked for changes.
+const ACCESS_POLL: Duration = Duration::from_millis(250);
+
 pub struct Server {
     listeners: Vec<TcpListener>,
     broker: Arc<Broker>,
@@ -181,7 +184,23 @@ impl Server {
                 }
             }
         });
+        // Apply access changes `warren ctl` wrote (users, permissions, virtual
+        // hosts, limits) within a quarter of a second.
+        let access_broker = self.broker.clone();
+        let access_watch = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ACCESS_POLL);
+            loop {
+                tick.tick().await;
+                let broker = access_broker.clone();
+                match tokio::task::spawn_blocking(move || broker.reload_access()).await {
+                    Ok(Ok(true)) => info!("access definitions reloaded"),
+                    Ok(Err(error)) => warn!(%error, "access definitions not reloaded"),
+                    _ => {}
+                }
+            }
+        });
         shutdown.await;
+        access_watch.abort();
         janitor.abort();
         timers.abort();
         info!("shutting down: closing connections");

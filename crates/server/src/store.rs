@@ -42,6 +42,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("definitions file {path} is invalid: {source}")]
     Definitions { path: PathBuf, source: serde_json::Error },
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
 }
 
 /// What recovery restored.
@@ -323,7 +325,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
@@ -630,6 +632,17 @@ impl Store {
     pub fn save_definitions(&self, vhost: &str, definitions: Definitions) -> Result<(), StoreError> {
         let mut all = self.definitions.lock();
         all.insert(vhost.to_string(), definitions);
+        let bytes = serde_json::to_vec_pretty(&*all)
+            .map_err(|source| StoreError::Definitions { path: self.definitions_path.clone(), source })?;
+        replace_file(&self.definitions_path, &bytes)
+    }
+
+    /// Drops a deleted virtual host's durable definitions.
+    pub fn forget_vhost(&self, vhost: &str) -> Result<(), StoreError> {
+        let mut all = self.definitions.lock();
+        if all.remove(vhost).is_none() {
+            return Ok(());
+        }
         let bytes = serde_json::to_vec_pretty(&*all)
             .map_err(|source| StoreError::Definitions { path: self.definitions_path.clone(), source })?;
         replace_file(&self.definitions_path, &bytes)

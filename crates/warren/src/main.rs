@@ -1,7 +1,8 @@
-//! `warren`: the broker (default) and its tools (`warren perf`).
+//! `warren`: the broker (default) and its tools (`warren perf`, `warren ctl`).
 
 #[cfg(feature = "alloc-count")]
 mod alloc_count;
+mod ctl;
 mod perf;
 
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ enum Command {
     Serve(ServeArgs),
     /// Load generator: publish and consume against a broker, print rates and latencies.
     Perf(perf::PerfArgs),
+    /// Manage users, virtual hosts, permissions and limits (rabbitmqctl's commands).
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -151,6 +154,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Some(Command::Perf(args)) => runtime.block_on(perf::run(args)),
+        Some(Command::Ctl(args)) => ctl::run(args),
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
         None => runtime.block_on(serve(cli.serve)),
     }

@@ -96,3 +96,79 @@ fn serves_clients_from_a_config_file_and_exits_cleanly_on_sigterm() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn ctl(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_warren")).arg("ctl").arg("--data-dir").arg(data_dir).args(args).output().unwrap()
+}
+
+#[test]
+fn ctl_manages_users_vhosts_and_permissions_of_a_running_broker() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("warren-cli-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    // Before the first start: the file is seeded as the broker would seed it.
+    let out = ctl(&data, &["add_vhost", "shop"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["--amqp-port", &port.to_string(), "--bind", "127.0.0.1", "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    // While it runs, with the password on standard input.
+    let mut add = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .arg("ctl")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["add_user", "cart"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    add.stdin.take().unwrap().write_all(b"pa55\n").unwrap();
+    assert!(add.wait().unwrap().success());
+    assert!(ctl(&data, &["set_permissions", "-p", "shop", "cart", "^cart\\.", "^cart\\.", "^cart\\."])
+        .status
+        .success());
+    let refused = ctl(&data, &["set_permissions", "-p", "nowhere", "cart", ".*", ".*", ".*"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no such virtual host 'nowhere'"));
+    let users = String::from_utf8(ctl(&data, &["list_users"]).stdout).unwrap();
+    assert!(users.contains("guest\t[administrator]") && users.contains("cart\t[]"), "{users}");
+    assert!(ctl(&data, &["authenticate_user", "cart", "pa55"]).status.success());
+    assert!(!ctl(&data, &["authenticate_user", "cart", "nope"]).status.success());
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        // Applied within the broker's quarter-second poll.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let uri = format!("amqp://cart:pa55@127.0.0.1:{port}/shop");
+        let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .queue_declare("cart.orders".into(), lapin::options::QueueDeclareOptions::default(), Default::default())
+            .await
+            .unwrap();
+        let err = channel
+            .queue_declare("orders".into(), lapin::options::QueueDeclareOptions::default(), Default::default())
+            .await
+            .unwrap_err();
+        assert!(format!("{err:?}").contains("ACCESS_REFUSED"), "{err:?}");
+        let export = dir.join("export.json");
+        assert!(ctl(&data, &["export_definitions", export.to_str().unwrap()]).status.success());
+        assert!(ctl(&data, &["delete_user", "cart"]).status.success());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!conn.status().connected(), "a deleted user's connection is closed");
+        // Importing the export brings the user back with the same password.
+        assert!(ctl(&data, &["import_definitions", export.to_str().unwrap()]).status.success());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await.unwrap();
+    });
+    broker.kill().unwrap();
+    let _ = broker.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,6 +15,7 @@ static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub config: Config,
+    pub broker: std::sync::Arc<warren_server::Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     owns_dir: bool,
@@ -40,11 +41,29 @@ impl TestServer {
     async fn from_config(config: Config, owns_dir: bool) -> TestServer {
         let server = Server::bind(config.clone()).await.expect("bind");
         let addr = server.local_addrs()[0];
+        let broker = server.broker();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        TestServer { addr, config, stop: Some(stop), task: Some(task), owns_dir }
+        TestServer { addr, config, broker, stop: Some(stop), task: Some(task), owns_dir }
+    }
+
+    /// Changes the access definitions as `warren ctl` does (through the
+    /// file) and applies them at once.
+    pub fn ctl(
+        &self,
+        change: impl FnOnce(&mut warren_server::access::Definitions) -> Result<(), warren_server::access::AccessError>,
+    ) {
+        let seed = warren_server::access::Seed { vhosts: &[], users: Vec::new() };
+        self.broker.access_file().update(&seed, change).expect("access change");
+        self.broker.reload_access().expect("reload");
+    }
+
+    /// A URI for `user` on virtual host `vhost`.
+    pub fn uri_as(&self, user: &str, password: &str, vhost: &str) -> String {
+        let vhost = vhost.replace('%', "%25").replace('/', "%2F");
+        format!("amqp://{user}:{password}@{}/{vhost}", self.addr)
     }
 
     pub fn uri(&self) -> String {

@@ -1,0 +1,125 @@
+//! Resource alarms, as RabbitMQ raises them: memory above the high
+//! watermark, or free disk space below the limit. While one is on,
+//! connections that publish are sent `connection.blocked` and their sockets
+//! are not read; consumers keep draining. When both clear, they are sent
+//! `connection.unblocked` and reading resumes.
+//!
+//! Memory is the process's resident set as the kernel counts it (what the
+//! OOM killer sees), read from `/proc/self/status`.
+
+use std::path::Path;
+
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AlarmState {
+    pub memory: bool,
+    pub disk: bool,
+}
+
+impl AlarmState {
+    pub fn any(self) -> bool {
+        self.memory || self.disk
+    }
+
+    /// The reason sent in `connection.blocked` (RabbitMQ's wording).
+    pub fn reason(self) -> &'static str {
+        match (self.memory, self.disk) {
+            (true, true) => "low on memory and disk",
+            (true, false) => "low on memory",
+            (false, true) => "low on disk",
+            (false, false) => "",
+        }
+    }
+}
+
+/// The alarm state, watched by every connection.
+pub struct Alarms {
+    tx: watch::Sender<AlarmState>,
+}
+
+impl Default for Alarms {
+    fn default() -> Self {
+        Alarms { tx: watch::channel(AlarmState::default()).0 }
+    }
+}
+
+impl Alarms {
+    pub fn subscribe(&self) -> watch::Receiver<AlarmState> {
+        self.tx.subscribe()
+    }
+
+    pub fn state(&self) -> AlarmState {
+        *self.tx.borrow()
+    }
+
+    /// Sets one alarm; returns whether it changed.
+    pub fn set(&self, memory: Option<bool>, disk: Option<bool>) -> bool {
+        self.tx.send_if_modified(|state| {
+            let before = *state;
+            if let Some(memory) = memory {
+                state.memory = memory;
+            }
+            if let Some(disk) = disk {
+                state.disk = disk;
+            }
+            *state != before
+        })
+    }
+}
+
+/// The process's resident set size in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kib_field(&status, "VmRSS:")
+}
+
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Memory available to this process: the machine's, or its cgroup's limit
+/// if lower.
+pub fn total_memory() -> Option<u64> {
+    let machine = kib_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal:")?;
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(machine, |limit| limit.min(machine)))
+}
+
+/// Free space for unprivileged writers on the file system holding `path`.
+pub fn disk_free(path: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_plausible() {
+        let rss = resident_bytes().unwrap();
+        let total = total_memory().unwrap();
+        assert!(rss > 1 << 20 && rss < total, "rss {rss}, total {total}");
+        assert!(disk_free(&std::env::temp_dir()).is_some());
+        assert_eq!(kib_field("VmRSS:\t  1234 kB\n", "VmRSS:"), Some(1234 * 1024));
+    }
+
+    #[test]
+    fn alarms_change_only_when_a_flag_does() {
+        let alarms = Alarms::default();
+        let mut rx = alarms.subscribe();
+        assert!(!alarms.set(Some(false), None));
+        assert!(alarms.set(Some(true), None));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().reason(), "low on memory");
+        assert!(alarms.set(None, Some(true)));
+        assert_eq!(alarms.state().reason(), "low on memory and disk");
+        assert!(alarms.set(Some(false), Some(false)));
+        assert!(!alarms.state().any());
+    }
+}

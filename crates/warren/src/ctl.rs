@@ -1,0 +1,294 @@
+//! `warren ctl`: users, virtual hosts, permissions and limits, with
+//! rabbitmqctl's command names and arguments. It edits the access file in
+//! the data directory; a running broker applies the change within a
+//! quarter of a second, and a stopped one at its next start.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use warren_server::access::{AccessFile, Definitions, Seed, KNOWN_TAGS};
+use warren_server::Config;
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// TOML configuration file (for its data directory and configured users).
+    #[arg(long, env = "WARREN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./warren-data, or the configuration's].
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Args)]
+struct VhostArg {
+    /// Virtual host.
+    #[arg(short = 'p', long = "vhost", default_value = "/")]
+    vhost: String,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Creates a user; the password is read from standard input if omitted.
+    #[command(name = "add_user")]
+    AddUser { name: String, password: Option<String> },
+    /// Deletes a user, its permissions, and closes its connections.
+    #[command(name = "delete_user")]
+    DeleteUser { name: String },
+    /// Sets a new password; the password is read from standard input if omitted.
+    #[command(name = "change_password")]
+    ChangePassword { name: String, password: Option<String> },
+    /// Removes the password: only certificate (EXTERNAL) logins remain.
+    #[command(name = "clear_password")]
+    ClearPassword { name: String },
+    /// Checks a password against the stored hash.
+    #[command(name = "authenticate_user")]
+    AuthenticateUser { name: String, password: Option<String> },
+    /// Replaces a user's tags (administrator, management, monitoring, policymaker, impersonator).
+    #[command(name = "set_user_tags")]
+    SetUserTags { name: String, tags: Vec<String> },
+    #[command(name = "list_users")]
+    ListUsers,
+    #[command(name = "add_vhost")]
+    AddVhost { name: String },
+    /// Deletes a virtual host with everything in it and closes its connections.
+    #[command(name = "delete_vhost")]
+    DeleteVhost { name: String },
+    #[command(name = "list_vhosts")]
+    ListVhosts,
+    /// Grants configure, write and read regular expressions in a virtual host.
+    #[command(name = "set_permissions")]
+    SetPermissions {
+        #[command(flatten)]
+        vhost: VhostArg,
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+    },
+    #[command(name = "clear_permissions")]
+    ClearPermissions {
+        #[command(flatten)]
+        vhost: VhostArg,
+        user: String,
+    },
+    #[command(name = "list_permissions")]
+    ListPermissions {
+        #[command(flatten)]
+        vhost: VhostArg,
+    },
+    #[command(name = "list_user_permissions")]
+    ListUserPermissions { user: String },
+    /// Restricts routing keys on a topic exchange ({username} and {vhost} expand).
+    #[command(name = "set_topic_permissions")]
+    SetTopicPermissions {
+        #[command(flatten)]
+        vhost: VhostArg,
+        user: String,
+        exchange: String,
+        write: String,
+        read: String,
+    },
+    #[command(name = "clear_topic_permissions")]
+    ClearTopicPermissions {
+        #[command(flatten)]
+        vhost: VhostArg,
+        user: String,
+        exchange: Option<String>,
+    },
+    #[command(name = "list_topic_permissions")]
+    ListTopicPermissions {
+        #[command(flatten)]
+        vhost: VhostArg,
+    },
+    /// Sets a virtual host's limits: '{"max-connections": N, "max-queues": N}' (negative = none).
+    #[command(name = "set_vhost_limits")]
+    SetVhostLimits {
+        #[command(flatten)]
+        vhost: VhostArg,
+        limits: String,
+    },
+    #[command(name = "clear_vhost_limits")]
+    ClearVhostLimits {
+        #[command(flatten)]
+        vhost: VhostArg,
+    },
+    /// Sets a user's limits: '{"max-connections": N, "max-channels": N}' (negative = none).
+    #[command(name = "set_user_limits")]
+    SetUserLimits { user: String, limits: String },
+    #[command(name = "clear_user_limits")]
+    ClearUserLimits { user: String },
+    /// Adds users, virtual hosts, permissions and limits from a definitions file (a RabbitMQ
+    /// export works: its password hashes are kept).
+    #[command(name = "import_definitions")]
+    ImportDefinitions { file: PathBuf },
+    /// Writes the access definitions as JSON ("-" = standard output).
+    #[command(name = "export_definitions")]
+    ExportDefinitions { file: PathBuf },
+}
+
+fn password_or_stdin(password: Option<String>) -> anyhow::Result<String> {
+    if let Some(password) = password {
+        return Ok(password);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn config(args: &CtlArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    println!("{}", header.join("\t"));
+    for row in rows {
+        println!("{}", row.join("\t"));
+    }
+}
+
+pub fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let config = config(&args)?;
+    let file = AccessFile::new(&config.data_dir);
+    // Seeds a new file exactly as the broker's first start would.
+    let current = warren_server::broker::load_access(&config, &file)?;
+    let update = |change: &dyn Fn(&mut Definitions) -> Result<(), warren_server::access::AccessError>| {
+        file.update(&Seed { vhosts: &[], users: Vec::new() }, change).map(drop)
+    };
+    use CtlCommand as C;
+    match args.command {
+        C::AddUser { name, password } => {
+            let password = password_or_stdin(password)?;
+            println!("Adding user \"{name}\" ...");
+            update(&|d| d.add_user(&name, &password))?;
+        }
+        C::DeleteUser { name } => {
+            println!("Deleting user \"{name}\" ...");
+            update(&|d| d.delete_user(&name))?;
+        }
+        C::ChangePassword { name, password } => {
+            let password = password_or_stdin(password)?;
+            println!("Changing password for user \"{name}\" ...");
+            update(&|d| d.change_password(&name, &password))?;
+        }
+        C::ClearPassword { name } => {
+            println!("Clearing password for user \"{name}\" ...");
+            update(&|d| d.clear_password(&name))?;
+        }
+        C::AuthenticateUser { name, password } => {
+            let password = password_or_stdin(password)?;
+            let access = warren_server::access::Access::compile(&current);
+            match access.user(&name) {
+                Some(user) if user.verify(&password) => println!("Success"),
+                _ => anyhow::bail!("Error: failed to authenticate user \"{name}\""),
+            }
+        }
+        C::SetUserTags { name, tags } => {
+            for tag in tags.iter().filter(|t| !KNOWN_TAGS.contains(&t.as_str())) {
+                eprintln!("note: '{tag}' is not a tag Warren knows; it is stored anyway");
+            }
+            println!("Setting tags for user \"{name}\" to [{}] ...", tags.join(", "));
+            update(&|d| d.set_user_tags(&name, &tags))?;
+        }
+        C::ListUsers => print_table(
+            &["user", "tags"],
+            current.users.iter().map(|u| vec![u.name.clone(), format!("[{}]", u.tags.join(", "))]).collect(),
+        ),
+        C::AddVhost { name } => {
+            println!("Adding vhost \"{name}\" ...");
+            update(&|d| d.add_vhost(&name))?;
+        }
+        C::DeleteVhost { name } => {
+            println!("Deleting vhost \"{name}\" ...");
+            update(&|d| d.delete_vhost(&name))?;
+        }
+        C::ListVhosts => print_table(&["name"], current.vhosts.iter().map(|v| vec![v.name.clone()]).collect()),
+        C::SetPermissions { vhost: VhostArg { vhost }, user, configure, write, read } => {
+            println!("Setting permissions for user \"{user}\" in vhost \"{vhost}\" ...");
+            update(&|d| d.set_permissions(&vhost, &user, &configure, &write, &read))?;
+        }
+        C::ClearPermissions { vhost: VhostArg { vhost }, user } => {
+            println!("Clearing permissions for user \"{user}\" in vhost \"{vhost}\" ...");
+            update(&|d| d.clear_permissions(&vhost, &user))?;
+        }
+        C::ListPermissions { vhost: VhostArg { vhost } } => print_table(
+            &["user", "configure", "write", "read"],
+            current
+                .permissions
+                .iter()
+                .filter(|p| p.vhost == vhost)
+                .map(|p| vec![p.user.clone(), p.configure.clone(), p.write.clone(), p.read.clone()])
+                .collect(),
+        ),
+        C::ListUserPermissions { user } => print_table(
+            &["vhost", "configure", "write", "read"],
+            current
+                .permissions
+                .iter()
+                .filter(|p| p.user == user)
+                .map(|p| vec![p.vhost.clone(), p.configure.clone(), p.write.clone(), p.read.clone()])
+                .collect(),
+        ),
+        C::SetTopicPermissions { vhost: VhostArg { vhost }, user, exchange, write, read } => {
+            println!("Setting topic permissions on \"{exchange}\" for user \"{user}\" in vhost \"{vhost}\" ...");
+            update(&|d| d.set_topic_permissions(&vhost, &user, &exchange, &write, &read))?;
+        }
+        C::ClearTopicPermissions { vhost: VhostArg { vhost }, user, exchange } => {
+            println!("Clearing topic permissions for user \"{user}\" in vhost \"{vhost}\" ...");
+            update(&|d| d.clear_topic_permissions(&vhost, &user, exchange.as_deref()))?;
+        }
+        C::ListTopicPermissions { vhost: VhostArg { vhost } } => print_table(
+            &["user", "exchange", "write", "read"],
+            current
+                .topic_permissions
+                .iter()
+                .filter(|p| p.vhost == vhost)
+                .map(|p| vec![p.user.clone(), p.exchange.clone(), p.write.clone(), p.read.clone()])
+                .collect(),
+        ),
+        C::SetVhostLimits { vhost: VhostArg { vhost }, limits } => {
+            println!("Applying limits to vhost \"{vhost}\" ...");
+            update(&|d| d.set_vhost_limits(&vhost, &limits))?;
+        }
+        C::ClearVhostLimits { vhost: VhostArg { vhost } } => {
+            println!("Clearing limits of vhost \"{vhost}\" ...");
+            update(&|d| d.clear_vhost_limits(&vhost))?;
+        }
+        C::SetUserLimits { user, limits } => {
+            println!("Setting limits for user \"{user}\" ...");
+            update(&|d| d.set_user_limits(&user, &limits))?;
+        }
+        C::ClearUserLimits { user } => {
+            println!("Clearing limits of user \"{user}\" ...");
+            update(&|d| d.clear_user_limits(&user))?;
+        }
+        C::ImportDefinitions { file: path } => {
+            let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let imported: Definitions = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not a definitions file", path.display()))?;
+            let counts = (imported.users.len(), imported.vhosts.len(), imported.permissions.len());
+            println!("Importing definitions from \"{}\" ...", path.display());
+            update(&|d| d.import(imported.clone()))?;
+            println!("{} users, {} virtual hosts, {} permissions imported", counts.0, counts.1, counts.2);
+        }
+        C::ExportDefinitions { file: path } => {
+            let text = serde_json::to_string_pretty(&current)?;
+            if path.as_os_str() == "-" {
+                println!("{text}");
+            } else {
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
