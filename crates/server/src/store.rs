@@ -748,7 +748,17 @@ impl Store {
                 *until = (*until).max(new);
             }
             moved_count += moved.len();
-            // Whatever was appended is re-keyed, even if a later append failed.
+            // Queued messages may be read back as soon as they are re-keyed,
+            // so their new entries must be readable first (the vhost stays
+            // locked meanwhile: nothing can read in between).
+            if let Some(&last) = moved.values().max() {
+                if let Err(error) = self.commit.wait_written(last) {
+                    failure.get_or_insert(error);
+                    moved.retain(|_, new| *new <= self.commit.written_index());
+                }
+            }
+            // Whatever was appended and written is re-keyed, even if a later
+            // append failed.
             state.rekey_stored(&moved);
             if let Some(error) = failure {
                 return Err(error);

@@ -116,6 +116,20 @@ impl GroupCommit {
         self.shared.written.load(Ordering::Acquire)
     }
 
+    /// Waits until `index` has been written (is readable), or the log is
+    /// poisoned. Appending callers that hand an index to readers before the
+    /// commit thread has written it (compaction re-keying queued messages)
+    /// wait here first.
+    pub fn wait_written(&self, index: u64) -> Result<(), StorageError> {
+        while self.written_index() < index {
+            if self.is_poisoned() {
+                return Err(StorageError::Poisoned);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
     /// Reads a written entry (checksum verified).
     pub fn read(&self, index: u64) -> Result<crate::log::Entry, StorageError> {
         self.shared.log.lock().read(index)
@@ -302,5 +316,18 @@ mod tests {
         sim.set_faults(Faults::default());
         assert!(gc.durable_index() < doomed);
         assert!(matches!(gc.append(b"later"), Err(StorageError::Poisoned)));
+    }
+
+    #[test]
+    fn wait_written_returns_once_an_append_is_readable() {
+        let sim = SimBackend::new();
+        let (log, _) = Log::open(Arc::new(sim.clone()), Path::new("/wal"), LogOptions::default()).unwrap();
+        let gc = GroupCommit::start(log, FsyncPolicy::Always, |_| {});
+        let index = gc.append(b"moved").unwrap();
+        gc.wait_written(index).unwrap();
+        assert_eq!(&gc.read(index).unwrap().payload[..], b"moved");
+        sim.set_faults(Faults { fail_writes: true, ..Faults::default() });
+        let doomed = gc.append(b"never written").unwrap();
+        assert!(matches!(gc.wait_written(doomed), Err(StorageError::Poisoned)));
     }
 }
