@@ -28,6 +28,9 @@ WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" python3 -m pytest -q te
 # RabbitMQ conformance: 85 recorded error cases (same codes and texts) and the
 # recorded queue-feature cases (docs/rabbitmq-queue-features.json).
 REF_PORT="$port" python3 scripts/conformance.py
+# Resource alarms: publishers at 10x the consumer's rate under a memory
+# watermark (peak RSS, blocked/unblocked, nothing lost), and the disk alarm.
+WARREN_BIN=./target/debug/warren python3 -m pytest -q tests/overload
 # The shop example end to end: broker, cart (Rust), inventory (Python), with
 # inventory killed mid-backlog; zero lost, zero duplicated.
 WARREN_BIN=./target/debug/warren SHOP_CART_BIN=./target/debug/shop-cart python3 -m pytest -q tests/shop

@@ -84,9 +84,8 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 /// if lower.
 pub fn total_memory() -> Option<u64> {
     let machine = kib_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal:")?;
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|text| text.trim().parse::<u64>().ok());
+    let cgroup =
+        std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|text| text.trim().parse::<u64>().ok());
     Some(cgroup.map_or(machine, |limit| limit.min(machine)))
 }
 

@@ -62,6 +62,7 @@ pub struct Broker {
     /// Password checks running at once: the KDF takes 19 MiB and tens of
     /// milliseconds each, so a login storm must queue, not fan out.
     verify_slots: tokio::sync::Semaphore,
+    pub alarms: crate::alarm::Alarms,
 }
 
 impl Broker {
@@ -103,6 +104,7 @@ impl Broker {
             verify_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             ),
+            alarms: crate::alarm::Alarms::default(),
         };
         for (name, vhost) in vhosts {
             broker.prepare_vhost(&vhost);
@@ -224,7 +226,7 @@ impl Broker {
         };
         for user in gone {
             info!(%user, "user deleted: closing its connections");
-            self.force_close(|r| r.user == user, &format!("user '{user}' was deleted"));
+            self.force_close(|r| r.user == user, &format!("user '{user}' is deleted"));
         }
     }
 
@@ -272,7 +274,7 @@ impl Broker {
         if let Some(max) = user.limits.max_connections {
             if registry.per_user.get(&user.name).copied().unwrap_or(0) >= max {
                 return Err(format!(
-                    "access to vhost '{vhost}' refused for user '{}': user connection limit ({max}) is reached",
+                    "connection refused for user '{}': user connection limit ({max}) is reached",
                     user.name
                 ));
             }
@@ -300,7 +302,7 @@ impl Broker {
         if let Some(max) = user.limits.max_channels {
             if *open >= max {
                 return Err(format!(
-                    "number of channels opened for user '{}' has reached the maximum allowed user limit ({max})",
+                    "number of channels opened for user '{}' has reached the maximum allowed user limit of ({max})",
                     user.name
                 ));
             }

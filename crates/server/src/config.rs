@@ -42,8 +42,21 @@ pub struct Config {
     /// Most open connections on this node (0 = no limit); more are refused at
     /// `connection.open` with 530.
     pub max_connections: u64,
-    /// Most consumers on one channel (0 = no limit); more get 406.
+    /// Most consumers on one channel (0 = no limit); more close the
+    /// connection with 530, as in RabbitMQ.
     pub consumer_max_per_channel: u64,
+    /// Memory alarm threshold as a fraction of the machine's (or cgroup's)
+    /// memory, RabbitMQ's `vm_memory_high_watermark.relative`.
+    pub memory_high_watermark: f64,
+    /// Absolute memory alarm threshold in bytes; overrides the relative one
+    /// when non-zero.
+    pub memory_high_watermark_bytes: u64,
+    /// Disk alarm when the data directory's file system has less free space
+    /// than this, in bytes (RabbitMQ's `disk_free_limit.absolute`).
+    pub disk_free_limit_bytes: u64,
+    /// How often memory is measured, milliseconds (disk: ten times less
+    /// often).
+    pub resource_check_interval_ms: u64,
     /// Largest frame offered in `connection.tune`.
     pub frame_max: u32,
     /// Most channels per connection offered in `connection.tune`.
@@ -170,6 +183,10 @@ impl Default for Config {
             loopback_users: vec!["guest".into()],
             max_connections: 0,
             consumer_max_per_channel: 0,
+            memory_high_watermark: 0.4,
+            memory_high_watermark_bytes: 0,
+            disk_free_limit_bytes: 50_000_000,
+            resource_check_interval_ms: 100,
             frame_max: 131_072,
             channel_max: 2047,
             heartbeat_s: 60,
@@ -211,6 +228,12 @@ impl Config {
                 self.frame_max
             )));
         }
+        if !(self.memory_high_watermark > 0.0 && self.memory_high_watermark <= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "memory_high_watermark {} must be a fraction in (0, 1]",
+                self.memory_high_watermark
+            )));
+        }
         if self.bind.is_empty() {
             return Err(ConfigError::Invalid("bind lists no address".into()));
         }
@@ -218,6 +241,15 @@ impl Config {
             policy.to_policy()?;
         }
         Ok(())
+    }
+
+    /// The memory alarm threshold in bytes (`None` if total memory is unknown
+    /// and no absolute value is set).
+    pub fn memory_limit(&self) -> Option<u64> {
+        if self.memory_high_watermark_bytes > 0 {
+            return Some(self.memory_high_watermark_bytes);
+        }
+        crate::alarm::total_memory().map(|total| (total as f64 * self.memory_high_watermark) as u64)
     }
 
     /// Whether `user` may log in only from loopback.

@@ -33,6 +33,7 @@ use warren_core::vhost::REPLY_TO_QUEUE;
 use warren_core::{ChannelKey, JournalEvent, Message, VirtualHost, VirtualHostState};
 
 use crate::access::{Permission, Permissions, Resource, User};
+use crate::alarm::AlarmState;
 use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::outbox::ConnectionOutbox;
@@ -106,6 +107,12 @@ struct Connection {
     /// Counted in the broker's registry (after connection.open).
     registered: bool,
     vhost_name: String,
+    /// Has published: resource alarms block it.
+    publisher: bool,
+    /// The client understands `connection.blocked`.
+    blocked_capability: bool,
+    /// Reading is suspended by a resource alarm.
+    blocked: bool,
     /// A framing error was seen: input is discarded from then on.
     unparseable: bool,
     store: Arc<Store>,
@@ -235,12 +242,16 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         permissions_generation: 0,
         registered: false,
         vhost_name: String::new(),
+        publisher: false,
+        blocked_capability: false,
+        blocked: false,
         unparseable: false,
         store: broker.store.clone(),
         journal: Vec::new(),
         record: Vec::new(),
     };
     let mut durable = broker.store.durable_watch();
+    let mut alarms = broker.alarms.subscribe();
     conn.send(
         0,
         AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
@@ -274,7 +285,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
             buf.reserve(16 * 1024);
         }
         tokio::select! {
-            read = tokio::time::timeout_at(read_timeout, reader.read_buf(&mut buf)) => {
+            read = tokio::time::timeout_at(read_timeout, reader.read_buf(&mut buf)), if !conn.blocked => {
                 match read {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(_)) => {}
@@ -287,6 +298,10 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
                         break;
                     }
                 }
+            }
+            _ = alarms.changed() => {
+                conn.apply_alarm(*alarms.borrow_and_update());
+                continue;
             }
             _ = durable.changed(), if conn.awaiting_store() => {
                 conn.flush_confirms();
@@ -318,6 +333,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
             let ok = broker.verify_password(user.clone(), password).await;
             conn.finish_login(ok, user, &mechanism);
             conn.process(&mut buf);
+        }
+        if conn.publisher && !conn.blocked {
+            conn.apply_alarm(*alarms.borrow());
         }
         if before != Phase::Running && conn.phase == Phase::Running {
             let _ = heartbeat_tx.send(conn.heartbeat_s);
@@ -437,6 +455,26 @@ impl Connection {
             self.flush_confirms();
             break;
         }
+    }
+
+    /// Stops or resumes reading a publishing connection as resource alarms
+    /// rise and clear, telling clients that asked to be told.
+    fn apply_alarm(&mut self, alarm: AlarmState) {
+        let block = alarm.any() && self.publisher && self.phase == Phase::Running;
+        if block == self.blocked {
+            return;
+        }
+        self.blocked = block;
+        info!(peer = %self.peer, blocked = block, reason = alarm.reason(), "publisher flow");
+        if !self.blocked_capability {
+            return;
+        }
+        let method = if block {
+            connection::AMQPMethod::Blocked(connection::Blocked { reason: short(alarm.reason()) })
+        } else {
+            connection::AMQPMethod::Unblocked(connection::Unblocked {})
+        };
+        self.send(0, AMQPClass::Connection(method));
     }
 
     fn login_accepted(&mut self, user: Arc<User>) {
@@ -729,6 +767,7 @@ impl Connection {
                 self.auth_failure_close =
                     client_capability(&start_ok.client_properties, "authentication_failure_close");
                 self.outbox.set_cancel_notify(client_capability(&start_ok.client_properties, "consumer_cancel_notify"));
+                self.blocked_capability = client_capability(&start_ok.client_properties, "connection.blocked");
                 let mechanism = start_ok.mechanism.as_str().to_string();
                 let (name, password) = match auth::login(&mechanism, start_ok.response.as_bytes()) {
                     Ok(credentials) => credentials,
@@ -1017,6 +1056,7 @@ impl Connection {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
                 self.allow(Permission::Write, Resource::Exchange, destination)?;
                 self.allow(Permission::Read, Resource::Exchange, source)?;
+                self.allow_topic(Permission::Read, source, key, state)?;
                 state.bind_exchange(destination, source, key, b.arguments, true)?;
                 self.reply_stored(number, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})), b.nowait, state);
             }
@@ -1024,6 +1064,7 @@ impl Connection {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
                 self.allow(Permission::Write, Resource::Exchange, destination)?;
                 self.allow(Permission::Read, Resource::Exchange, source)?;
+                self.allow_topic(Permission::Read, source, key, state)?;
                 state.bind_exchange(destination, source, key, b.arguments, false)?;
                 self.reply_stored(number, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})), b.nowait, state);
             }
@@ -1122,7 +1163,8 @@ impl Connection {
                 };
                 let max = self.broker.config.consumer_max_per_channel;
                 if max > 0 && state.channel_consumer_count(key) as u64 >= max {
-                    return Err(AmqpError::soft(
+                    // As RabbitMQ: a connection error.
+                    return Err(AmqpError::hard(
                         ReplyCode::NotAllowed,
                         format!("reached maximum ({max}) of consumers per channel"),
                         0,
@@ -1274,6 +1316,7 @@ impl Connection {
             return Err(AmqpError::hard(ReplyCode::NotImplemented, "immediate=true", 60, 40));
         }
         str_of(&publish.exchange)?;
+        self.publisher = true;
         let exchange = publish.exchange;
         if let Some(ch) = self.channels.get_mut(&number) {
             ch.content = Some(Content {

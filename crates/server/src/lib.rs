@@ -9,6 +9,7 @@
 //! consumer receives many frames per syscall.
 
 pub mod access;
+pub mod alarm;
 pub mod auth;
 pub mod broker;
 pub mod config;

@@ -199,7 +199,9 @@ impl Server {
                 }
             }
         });
+        let monitor = tokio::spawn(watch_resources(self.broker.clone()));
         shutdown.await;
+        monitor.abort();
         access_watch.abort();
         janitor.abort();
         timers.abort();
@@ -218,5 +220,42 @@ impl Server {
             store.shutdown()
         })
         .await;
+    }
+}
+
+/// Raises and clears the memory and disk alarms. The memory alarm clears
+/// only below 95% of the watermark, so it does not flap around it.
+async fn watch_resources(broker: Arc<Broker>) {
+    let config = &broker.config;
+    let memory_limit = config.memory_limit();
+    let disk_limit = config.disk_free_limit_bytes;
+    info!(memory_limit = ?memory_limit, disk_free_limit = disk_limit, "resource alarms armed");
+    let mut tick = tokio::time::interval(Duration::from_millis(config.resource_check_interval_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    for n in 0u64.. {
+        tick.tick().await;
+        if let (Some(limit), Some(used)) = (memory_limit, crate::alarm::resident_bytes()) {
+            let on = broker.alarms.state().memory;
+            let alarm = if on { used >= limit / 20 * 19 } else { used > limit };
+            if broker.alarms.set(Some(alarm), None) {
+                if alarm {
+                    warn!(used, limit, "memory alarm set: publishers blocked");
+                } else {
+                    info!(used, limit, "memory alarm cleared");
+                }
+            }
+        }
+        if n.is_multiple_of(10) {
+            if let Some(free) = crate::alarm::disk_free(&config.data_dir) {
+                let alarm = free < disk_limit;
+                if broker.alarms.set(None, Some(alarm)) {
+                    if alarm {
+                        warn!(free, limit = disk_limit, "disk alarm set: publishers blocked");
+                    } else {
+                        info!(free, limit = disk_limit, "disk alarm cleared");
+                    }
+                }
+            }
+        }
     }
 }

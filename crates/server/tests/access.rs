@@ -275,7 +275,7 @@ async fn vhost_and_user_limits() {
     let err = connect(&server.uri_as("u", "pw", "v")).await.unwrap_err();
     assert_eq!(
         reply(&err),
-        (530, "NOT_ALLOWED - access to vhost 'v' refused for user 'u': user connection limit (2) is reached".into())
+        (530, "NOT_ALLOWED - connection refused for user 'u': user connection limit (2) is reached".into())
     );
     let _c1 = c.create_channel().await.unwrap();
     let _c2 = c.create_channel().await.unwrap();
@@ -302,6 +302,8 @@ async fn node_connection_and_consumer_limits() {
         .await
         .unwrap_err();
     assert_eq!(reply(&err), (530, "NOT_ALLOWED - reached maximum (1) of consumers per channel".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!a.status().connected(), "a connection error, as in RabbitMQ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,18 @@ mod perf;
 
 use std::path::PathBuf;
 
+/// jemalloc gives freed memory back to the kernel within a second (its
+/// background threads purge dirty pages), so the resident set the memory
+/// alarm watches falls once queues drain; glibc's arenas keep it.
+#[cfg(all(not(target_env = "msvc"), not(feature = "alloc-count")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(not(target_env = "msvc"), not(feature = "alloc-count")))]
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;

@@ -1,0 +1,62 @@
+"""Resource alarms end to end through pika, each against its own broker
+(WARREN_BIN, else target/{release,debug}/warren).
+
+- test_overload...: publishers at ten times the consumer's rate for 20 s
+  under a 128 MiB memory watermark (tests/overload/overload.py runs the same
+  for minutes).
+- test_disk_alarm...: a disk free limit above any disk's size raises the disk
+  alarm at start; a publisher is blocked after its first publish, and a
+  consumer on another connection is served throughout.
+"""
+
+import os
+import sys
+import threading
+
+import pika
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import overload  # noqa: E402
+
+
+def test_overload_stays_under_the_watermark_and_loses_nothing():
+    result = overload.run(seconds=20, watermark_mb=128, publishers=4, body_kib=16, margin=0.10)
+    print(result)
+    assert all(result["checks"].values()), result
+    assert result["memory_alarms"] >= 1, result
+
+
+def test_disk_alarm_blocks_publishers_but_not_consumers():
+    broker = overload.Broker(watermark=0, extra_config="disk_free_limit_bytes = %d\n" % (1 << 62))
+    try:
+        consumer = pika.BlockingConnection(broker.params())
+        cch = consumer.channel()
+        cch.queue_declare("disk", durable=True)
+
+        publisher = pika.BlockingConnection(broker.params())
+        reasons = []
+        publisher.add_on_connection_blocked_callback(lambda _conn, frame: reasons.append(frame.method.reason))
+        pch = publisher.channel()
+        pch.confirm_delivery()
+        # A connection is blocked once it publishes: its first publish is
+        # taken and confirmed, then the broker stops reading it.
+        pch.basic_publish("", "disk", b"first", pika.BasicProperties(delivery_mode=2))
+        publisher.process_data_events(0.5)
+        assert reasons == ["low on disk"]
+        done = threading.Event()
+
+        def publish_again():
+            pch.basic_publish("", "disk", b"second")
+            done.set()
+
+        threading.Thread(target=publish_again, daemon=True).start()
+        assert not done.wait(2), "a blocked connection's publish must not complete"
+        # Consumers keep draining.
+        _method, _props, body = cch.basic_get("disk", auto_ack=True)
+        assert body == b"first"
+        assert cch.queue_declare("disk", passive=True).method.message_count == 0
+        consumer.close()
+        assert "disk alarm set" in broker.log_text()
+    finally:
+        broker.stop()
+        broker.cleanup()
