@@ -7,12 +7,16 @@ answers with RabbitMQ's recorded ones:
 - scripts/reference/queue_features.py vs docs/rabbitmq-queue-features.json:
   everything a client sees in each case (bodies, properties, header values,
   their Python and wire types, top-level header key order, confirms, closes).
+- scripts/reference/access_control.py vs docs/rabbitmq-access-control.json:
+  logins, permissions, topic permissions, limits and changes made while
+  connected, with users and vhosts managed through REF_CTL (`warren ctl
+  --data-dir DIR` of the broker under test).
 
 Cases where Warren differs on purpose (docs/rabbitmq-reference.md, "Where
 Warren differs on purpose") must differ in exactly the documented way. Exits
 non-zero on any other difference.
 
-    REF_PORT=5672 python3 scripts/conformance.py
+    REF_PORT=5672 REF_CTL="warren ctl --data-dir DIR" python3 scripts/conformance.py
 """
 import json
 import os
@@ -158,10 +162,34 @@ def queue_features():
     return len(expected), failures
 
 
+# ------------------------------------------------------------ access control
+
+
+def access_control():
+    """Users, permissions, topic permissions, vhost and user limits, changes
+    while connected: every case field for field. Needs REF_CTL (a `warren
+    ctl --data-dir DIR` for the broker under test); skipped without it."""
+    if not os.environ.get("REF_CTL"):
+        print("conformance (access control): skipped, REF_CTL is not set")
+        return 0, 0
+    expected = recorded("rabbitmq-access-control.json")
+    actual = probe("access_control.py", REF_CTL_SETTLE=os.environ.get("REF_CTL_SETTLE", "0.4"))
+    failures = 0
+    for case, reference in expected.items():
+        diffs = list(differences(reference, actual.get(case)))
+        if diffs:
+            failures += 1
+            print(f"DIFFERS: {case}")
+            for path, want, got in diffs:
+                print(f"  {path or '/'}\n    expected: {json.dumps(want)}\n    warren:   {json.dumps(got)}")
+    return len(expected), failures
+
+
 def main():
     total = 0
     failed = 0
-    for name, compare in (("error cases", error_cases), ("queue features", queue_features)):
+    for name, compare in (("error cases", error_cases), ("queue features", queue_features),
+                          ("access control", access_control)):
         cases, failures = compare()
         print(f"conformance ({name}): {cases - failures} passed, {failures} failed")
         total += cases

@@ -25,9 +25,10 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" python3 -m pytest -q tests/pika
-# RabbitMQ conformance: 85 recorded error cases (same codes and texts) and the
-# recorded queue-feature cases (docs/rabbitmq-queue-features.json).
-REF_PORT="$port" python3 scripts/conformance.py
+# RabbitMQ conformance: 85 recorded error cases (same codes and texts), the
+# recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the
+# access-control cases (docs/rabbitmq-access-control.json).
+REF_PORT="$port" REF_CTL="./target/debug/warren ctl --data-dir $data_dir" python3 scripts/conformance.py
 # Resource alarms: publishers at 10x the consumer's rate under a memory
 # watermark (peak RSS, blocked/unblocked, nothing lost), and the disk alarm.
 WARREN_BIN=./target/debug/warren python3 -m pytest -q tests/overload
