@@ -32,6 +32,9 @@ REF_PORT="$port" REF_CTL="./target/debug/warren ctl --data-dir $data_dir" python
 # Resource alarms: publishers at 10x the consumer's rate under a memory
 # watermark (peak RSS, blocked/unblocked, nothing lost), and the disk alarm.
 WARREN_BIN=./target/debug/warren python3 -m pytest -q tests/overload
+# AMQPS: PLAIN over TLS, EXTERNAL with a client certificate (certificates
+# made with the openssl command line).
+WARREN_BIN=./target/debug/warren python3 -m pytest -q tests/tls
 # The shop example end to end: broker, cart (Rust), inventory (Python), with
 # inventory killed mid-backlog; zero lost, zero duplicated.
 WARREN_BIN=./target/debug/warren SHOP_CART_BIN=./target/debug/shop-cart python3 -m pytest -q tests/shop

@@ -42,13 +42,47 @@ fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
     }
 }
 
-/// The (user, password) a SASL response carries, or why it is refused.
-pub fn login(mechanism: &str, response: &[u8]) -> Result<(String, String), AuthError> {
+/// Mechanisms offered on a connection with a verified client certificate.
+pub const MECHANISMS_WITH_CERTIFICATE: &str = "PLAIN AMQPLAIN EXTERNAL";
+
+/// How a login is to be checked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Login {
+    Password {
+        user: String,
+        password: String,
+    },
+    /// EXTERNAL: the client certificate's common name, already verified.
+    Certificate {
+        user: String,
+    },
+}
+
+/// What a SASL response asks for, or why it is refused. `certificate` is
+/// the verified client certificate's common name, if any.
+pub fn login(mechanism: &str, response: &[u8], certificate: Option<&str>) -> Result<Login, AuthError> {
+    if mechanism == "EXTERNAL" {
+        // The response (an authorisation identity) is ignored, as RabbitMQ
+        // does: the certificate decides.
+        return match certificate {
+            Some(user) => Ok(Login::Certificate { user: user.to_string() }),
+            None => Err(AuthError::UnknownMechanism(mechanism.to_string())),
+        };
+    }
     if !MECHANISMS.split(' ').any(|m| m == mechanism) {
         return Err(AuthError::UnknownMechanism(mechanism.to_string()));
     }
-    credentials(mechanism, response)
-        .ok_or_else(|| AuthError::Refused { mechanism: mechanism.to_string(), user: String::new() })
+    let (user, password) = credentials(mechanism, response)
+        .ok_or_else(|| AuthError::Refused { mechanism: mechanism.to_string(), user: String::new() })?;
+    Ok(Login::Password { user, password })
+}
+
+#[cfg(test)]
+fn login_password(mechanism: &str, response: &[u8]) -> Result<(String, String), AuthError> {
+    match login(mechanism, response, None)? {
+        Login::Password { user, password } => Ok((user, password)),
+        Login::Certificate { user } => Ok((user, String::new())),
+    }
 }
 
 /// Whether a peer counts as loopback (IPv4-mapped IPv6 included).
@@ -62,10 +96,11 @@ mod tests {
 
     #[test]
     fn plain_and_amqplain_credentials() {
-        assert_eq!(login("PLAIN", b"\0guest\0pw").unwrap(), ("guest".to_string(), "pw".to_string()));
-        assert!(matches!(login("PLAIN", b"garbage"), Err(AuthError::Refused { .. })));
-        assert!(matches!(login("PLAIN", b"\0a\0b\0c"), Err(AuthError::Refused { .. })));
-        assert!(matches!(login("EXTERNAL", b""), Err(AuthError::UnknownMechanism(_))));
+        assert_eq!(login_password("PLAIN", b"\0guest\0pw").unwrap(), ("guest".to_string(), "pw".to_string()));
+        assert!(matches!(login_password("PLAIN", b"garbage"), Err(AuthError::Refused { .. })));
+        assert!(matches!(login_password("PLAIN", b"\0a\0b\0c"), Err(AuthError::Refused { .. })));
+        assert!(matches!(login("EXTERNAL", b"", None), Err(AuthError::UnknownMechanism(_))));
+        assert_eq!(login("EXTERNAL", b"x", Some("cn")).unwrap(), Login::Certificate { user: "cn".into() });
         let mut amqplain = Vec::new();
         for (k, v) in [("LOGIN", "guest"), ("PASSWORD", "guest")] {
             amqplain.push(k.len() as u8);
@@ -74,7 +109,7 @@ mod tests {
             amqplain.extend_from_slice(&(v.len() as u32).to_be_bytes());
             amqplain.extend_from_slice(v.as_bytes());
         }
-        assert_eq!(login("AMQPLAIN", &amqplain).unwrap(), ("guest".to_string(), "guest".to_string()));
+        assert_eq!(login_password("AMQPLAIN", &amqplain).unwrap(), ("guest".to_string(), "guest".to_string()));
         assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
         assert!(is_loopback("::1".parse().unwrap()));
         assert!(!is_loopback("10.1.2.3".parse().unwrap()));

@@ -84,6 +84,34 @@ pub struct Config {
     pub consumer_timeout_action: ConsumerTimeoutAction,
     /// Settings applied by name pattern to queues and exchanges.
     pub policies: Vec<PolicyConfig>,
+    /// AMQPS listeners (off unless configured).
+    pub tls: Option<TlsConfig>,
+}
+
+/// AMQP over TLS, RabbitMQ's `ssl_options` under Warren's names.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// AMQPS port on the `bind` addresses; 0 picks a free one (tests).
+    #[serde(default = "default_tls_port")]
+    pub port: u16,
+    /// The server's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates that client certificates must chain to (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Ask for a client certificate and verify it against `ca_file`.
+    #[serde(default)]
+    pub verify_peer: bool,
+    /// Refuse clients that present no certificate (with `verify_peer`).
+    #[serde(default)]
+    pub fail_if_no_peer_cert: bool,
+}
+
+fn default_tls_port() -> u16 {
+    5671
 }
 
 /// A policy as RabbitMQ defines one: `definition` uses RabbitMQ's keys
@@ -198,6 +226,7 @@ impl Default for Config {
             consumer_timeout_ms: 30 * 60 * 1000,
             consumer_timeout_action: ConsumerTimeoutAction::Requeue,
             policies: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -107,6 +106,8 @@ struct Connection {
     /// Counted in the broker's registry (after connection.open).
     registered: bool,
     vhost_name: String,
+    /// The verified client certificate's common name (TLS), for EXTERNAL.
+    certificate: Option<String>,
     /// Has published: resource alarms block it.
     publisher: bool,
     /// The client understands `connection.blocked`.
@@ -204,9 +205,37 @@ fn sender_selected(message: Message) -> (Message, Vec<Vec<u8>>) {
     (message.with_properties(&rewritten), keys)
 }
 
-pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+/// Serves one plain TCP connection.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    serve_stream(reader, writer, peer, None, broker, shutdown).await;
+}
+
+/// Serves one connection after its TLS handshake; `certificate` is the
+/// verified client certificate's common name (for EXTERNAL).
+pub async fn serve_tls(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    certificate: Option<String>,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (reader, writer) = tokio::io::split(stream);
+    serve_stream(reader, writer, peer, certificate, broker, shutdown).await;
+}
+
+async fn serve_stream<R, W>(
+    mut reader: R,
+    mut writer: W,
+    peer: SocketAddr,
+    certificate: Option<String>,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let handshake_timeout = Duration::from_secs(broker.config.handshake_timeout_s.max(1));
 
     let mut header = [0u8; 8];
@@ -242,6 +271,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
         permissions_generation: 0,
         registered: false,
         vhost_name: String::new(),
+        certificate,
         publisher: false,
         blocked_capability: false,
         blocked: false,
@@ -258,7 +288,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: LongString::from(auth::MECHANISMS),
+            mechanisms: LongString::from(if conn.certificate.is_some() {
+                auth::MECHANISMS_WITH_CERTIFICATE
+            } else {
+                auth::MECHANISMS
+            }),
             locales: LongString::from("en_US"),
         })),
     );
@@ -360,7 +394,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, mut
     debug!(peer = %conn.peer, user = %conn.user, "connection closed");
 }
 
-async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<ConnectionOutbox>, mut heartbeat: watch::Receiver<u16>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    outbox: Arc<ConnectionOutbox>,
+    mut heartbeat: watch::Receiver<u16>,
+) {
     let mut spare = BytesMut::with_capacity(512);
     loop {
         let interval = *heartbeat.borrow();
@@ -769,29 +807,31 @@ impl Connection {
                 self.outbox.set_cancel_notify(client_capability(&start_ok.client_properties, "consumer_cancel_notify"));
                 self.blocked_capability = client_capability(&start_ok.client_properties, "connection.blocked");
                 let mechanism = start_ok.mechanism.as_str().to_string();
-                let (name, password) = match auth::login(&mechanism, start_ok.response.as_bytes()) {
-                    Ok(credentials) => credentials,
-                    Err(AuthError::UnknownMechanism(m)) => {
-                        return Err(AmqpError::hard(
-                            ReplyCode::CommandInvalid,
-                            format!("unknown authentication mechanism '{m}'"),
-                            10,
-                            11,
-                        ))
-                    }
-                    Err(AuthError::Refused { .. }) => return self.login_refused(&mechanism, ""),
-                };
+                let (name, password) =
+                    match auth::login(&mechanism, start_ok.response.as_bytes(), self.certificate.as_deref()) {
+                        Ok(auth::Login::Password { user, password }) => (user, Some(password)),
+                        Ok(auth::Login::Certificate { user }) => (user, None),
+                        Err(AuthError::UnknownMechanism(m)) => {
+                            return Err(AmqpError::hard(
+                                ReplyCode::CommandInvalid,
+                                format!("unknown authentication mechanism '{m}'"),
+                                10,
+                                11,
+                            ))
+                        }
+                        Err(AuthError::Refused { .. }) => return self.login_refused(&mechanism, ""),
+                    };
                 let Some(user) = self.broker.access().user(&name) else {
                     return self.login_refused(&mechanism, &name);
                 };
                 if self.broker.config.loopback_only(&name) && !auth::is_loopback(self.peer.ip()) {
                     return self.login_refused(&mechanism, &name);
                 }
-                if self.broker.login_cached(&user, &password) {
-                    self.login_accepted(user);
-                } else {
-                    // The KDF runs off this task; see `serve`.
-                    self.pending_login = Some((user, password, mechanism));
+                match password {
+                    None => self.login_accepted(user),
+                    Some(password) if self.broker.login_cached(&user, &password) => self.login_accepted(user),
+                    // The KDF runs off this task; see `serve_stream`.
+                    Some(password) => self.pending_login = Some((user, password, mechanism)),
                 }
                 Ok(())
             }

@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod password;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use broker::Broker;
 pub use config::Config;

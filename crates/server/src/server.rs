@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
@@ -20,6 +21,9 @@ const ACCESS_POLL: Duration = Duration::from_millis(250);
 
 pub struct Server {
     listeners: Vec<TcpListener>,
+    /// AMQPS listeners, with the acceptor they share.
+    tls_listeners: Vec<TcpListener>,
+    tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
 }
 
@@ -33,6 +37,8 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Expands one `bind` entry: `localhost` is both loopback addresses.
@@ -59,30 +65,21 @@ impl Server {
         for entry in &config.bind {
             addresses.extend(expand(entry)?);
         }
-        let mut listeners = Vec::new();
-        let mut port = config.amqp_port;
-        for ip in addresses {
-            let address = SocketAddr::new(ip, port);
-            match TcpListener::bind(address).await {
-                Ok(listener) => {
-                    // With port 0 every further address shares the first one's port.
-                    if port == 0 {
-                        port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-                    }
-                    listeners.push(listener);
-                }
-                Err(source) if ip.is_ipv6() && ip.is_loopback() && !listeners.is_empty() => {
-                    warn!(%address, %source, "IPv6 loopback unavailable; listening on IPv4 only");
-                }
-                Err(source) => return Err(ServerError::Bind { address: address.to_string(), source }),
-            }
-        }
+        let listeners = listen(&addresses, config.amqp_port).await?;
+        let (tls_listeners, tls) = match &config.tls {
+            Some(tls) => (listen(&addresses, tls.port).await?, Some(crate::tls::acceptor(tls)?)),
+            None => (Vec::new(), None),
+        };
         let broker = Arc::new(Broker::open_with(config, backend)?);
-        Ok(Server { listeners, broker })
+        Ok(Server { listeners, tls_listeners, tls, broker })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    pub fn local_tls_addrs(&self) -> Vec<SocketAddr> {
+        self.tls_listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     pub fn broker(&self) -> Arc<Broker> {
@@ -94,32 +91,16 @@ impl Server {
         for address in self.local_addrs() {
             info!(%address, "listening for AMQP 0-9-1");
         }
+        for address in self.local_tls_addrs() {
+            info!(%address, "listening for AMQP 0-9-1 over TLS");
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut accepts = JoinSet::new();
         for listener in self.listeners {
-            let broker = self.broker.clone();
-            let stop = stop_rx.clone();
-            accepts.spawn(async move {
-                let mut stop_accept = stop.clone();
-                let mut tasks = JoinSet::new();
-                loop {
-                    tokio::select! {
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, peer)) => {
-                                tasks.spawn(crate::connection::serve(stream, peer, broker.clone(), stop.clone()));
-                            }
-                            Err(error) => {
-                                // EMFILE and friends: back off instead of spinning.
-                                warn!(%error, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        },
-                        _ = stop_accept.changed() => break,
-                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                    }
-                }
-                while tasks.join_next().await.is_some() {}
-            });
+            accepts.spawn(accept_loop(listener, None, self.broker.clone(), stop_rx.clone()));
+        }
+        for listener in self.tls_listeners {
+            accepts.spawn(accept_loop(listener, self.tls.clone(), self.broker.clone(), stop_rx.clone()));
         }
         // Expire messages and queues, release delayed messages: every 5 ms
         // (so a due time is met within 10 ms), only in virtual hosts that
@@ -221,6 +202,78 @@ impl Server {
         })
         .await;
     }
+}
+
+/// Binds every address on `port`; with port 0 every further address shares
+/// the first one's port. An unavailable IPv6 loopback is skipped.
+async fn listen(addresses: &[IpAddr], mut port: u16) -> Result<Vec<TcpListener>, ServerError> {
+    let mut listeners = Vec::new();
+    for &ip in addresses {
+        let address = SocketAddr::new(ip, port);
+        match TcpListener::bind(address).await {
+            Ok(listener) => {
+                if port == 0 {
+                    port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+                }
+                listeners.push(listener);
+            }
+            Err(source) if ip.is_ipv6() && ip.is_loopback() && !listeners.is_empty() => {
+                warn!(%address, %source, "IPv6 loopback unavailable; listening on IPv4 only");
+            }
+            Err(source) => return Err(ServerError::Bind { address: address.to_string(), source }),
+        }
+    }
+    Ok(listeners)
+}
+
+/// Accepts connections until shutdown, then waits for them to close. With
+/// `tls`, each connection first completes a TLS handshake (within the
+/// handshake timeout).
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    broker: Arc<Broker>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut stop_accept = stop.clone();
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (broker, stop) = (broker.clone(), stop.clone());
+                    match tls.clone() {
+                        None => {
+                            tasks.spawn(crate::connection::serve(stream, peer, broker, stop));
+                        }
+                        Some(acceptor) => {
+                            tasks.spawn(async move {
+                                let _ = stream.set_nodelay(true);
+                                let timeout = Duration::from_secs(broker.config.handshake_timeout_s.max(1));
+                                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(stream)) => {
+                                        let certificate =
+                                            crate::tls::peer_common_name(stream.get_ref().1.peer_certificates());
+                                        crate::connection::serve_tls(stream, peer, certificate, broker, stop).await;
+                                    }
+                                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
+                }
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = stop_accept.changed() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Raises and clears the memory and disk alarms. The memory alarm clears
