@@ -44,6 +44,9 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
+/// Most bytes reserved ahead for a frame still arriving.
+const RESERVE_AHEAD: usize = 128 * 1024;
+
 #[derive(Clone, Debug)]
 pub struct FrameDecoder {
     /// Largest whole frame accepted, overhead included (AMQP's frame_max).
@@ -70,7 +73,10 @@ impl FrameDecoder {
         }
         let total = FRAME_HEADER_LEN + size as usize + 1;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Room for the rest, but never more than a default-sized frame
+            // ahead of what arrived: with frame_max 0 (no limit) a claimed
+            // 4 GiB frame must not allocate 4 GiB.
+            buf.reserve((total - buf.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         let end = buf[total - 1];
@@ -88,6 +94,19 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_claimed_huge_frame_allocates_nothing_near_its_size() {
+        // No limit (frame_max 0): the claim is not refused, but only a
+        // bounded amount is reserved while the bytes do not arrive.
+        let mut buf = BytesMut::from(&[3u8, 0, 1, 0xff, 0xff, 0xff, 0xf0][..]);
+        assert!(FrameDecoder::new(0).decode(&mut buf).unwrap().is_none());
+        assert!(buf.capacity() <= 2 * RESERVE_AHEAD, "reserved {}", buf.capacity());
+        // With a limit the claim is refused before anything is reserved.
+        let mut buf = BytesMut::from(&[3u8, 0, 1, 0xff, 0xff, 0xff, 0xf0][..]);
+        assert!(FrameDecoder::new(131_072).decode(&mut buf).is_err());
+        assert!(buf.capacity() < 1024);
+    }
 
     fn raw(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
         let mut v = vec![kind];

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
+use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -296,11 +297,22 @@ async fn node_connection_and_consumer_limits() {
     assert_eq!(reply(&err), (530, "NOT_ALLOWED - connection refused: node connection limit (2) is reached".into()));
     let ch = a.create_channel().await.unwrap();
     declare(&ch, "q").await.unwrap();
-    ch.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
-    let err = ch
-        .basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap_err();
+    // Kept alive: lapin cancels a consumer whose handle is dropped.
+    let _first =
+        ch.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    // A connection error: lapin reports it through the pending consume or,
+    // depending on timing, only as a connection event.
+    let mut events = a.events_listener();
+    let err = match ch.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await
+    {
+        Err(err) => err,
+        Ok(_) => loop {
+            let event = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
+            if let lapin::Event::Error(err) = event {
+                break err;
+            }
+        },
+    };
     assert_eq!(reply(&err), (530, "NOT_ALLOWED - reached maximum (1) of consumers per channel".into()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!a.status().connected(), "a connection error, as in RabbitMQ");

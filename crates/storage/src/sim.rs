@@ -118,6 +118,14 @@ impl SimBackend {
         }
     }
 
+    /// Puts a file with these contents on the disk, already durable
+    /// (fuzzing and corruption tests build segment files this way).
+    pub fn put_file(&self, path: &Path, bytes: &[u8]) {
+        let mut disk = self.disk.lock();
+        disk.files.insert(path.to_path_buf(), FileState { data: bytes.to_vec(), durable: bytes.to_vec() });
+        disk.durable_names.insert(path.to_path_buf());
+    }
+
     pub fn file_len(&self, path: &Path) -> Option<usize> {
         self.disk.lock().files.get(path).map(|f| f.data.len())
     }
