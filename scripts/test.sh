@@ -4,6 +4,9 @@
 # real `warren` binary. Installs what it needs on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every client-driven step has a deadline, so a hang fails the run with the
+# step's name instead of stalling it.
+step() { timeout --kill-after=10 "$1" "${@:2}" || { echo "FAILED (or timed out after $1 s): ${*:2}" >&2; exit 1; }; }
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --all -- --check
@@ -24,17 +27,17 @@ for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then break; fi
     sleep 0.1
 done
-WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" python3 -m pytest -q tests/pika
+WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 300 python3 -m pytest -q tests/pika
 # RabbitMQ conformance: 85 recorded error cases (same codes and texts), the
 # recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the
 # access-control cases (docs/rabbitmq-access-control.json).
-REF_PORT="$port" REF_CTL="./target/debug/warren ctl --data-dir $data_dir" python3 scripts/conformance.py
+REF_PORT="$port" REF_CTL="./target/debug/warren ctl --data-dir $data_dir" step 300 python3 scripts/conformance.py
 # Resource alarms: publishers at 10x the consumer's rate under a memory
 # watermark (peak RSS, blocked/unblocked, nothing lost), and the disk alarm.
-WARREN_BIN=./target/debug/warren python3 -m pytest -q tests/overload
+WARREN_BIN=./target/debug/warren step 300 python3 -m pytest -q tests/overload
 # AMQPS: PLAIN over TLS, EXTERNAL with a client certificate (certificates
 # made with the openssl command line).
-WARREN_BIN=./target/debug/warren python3 -m pytest -q tests/tls
+WARREN_BIN=./target/debug/warren step 300 python3 -m pytest -q tests/tls
 # The shop example end to end: broker, cart (Rust), inventory (Python), with
 # inventory killed mid-backlog; zero lost, zero duplicated.
-WARREN_BIN=./target/debug/warren SHOP_CART_BIN=./target/debug/shop-cart python3 -m pytest -q tests/shop
+WARREN_BIN=./target/debug/warren SHOP_CART_BIN=./target/debug/shop-cart step 300 python3 -m pytest -q tests/shop

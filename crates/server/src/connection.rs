@@ -114,12 +114,19 @@ struct Connection {
     blocked_capability: bool,
     /// Reading is suspended by a resource alarm.
     blocked: bool,
+    /// Bytes read since an alarm asked to block this connection while a
+    /// message was half received (see `apply_alarm`).
+    block_deferred_bytes: usize,
     /// A framing error was seen: input is discarded from then on.
     unparseable: bool,
     store: Arc<Store>,
     journal: Vec<JournalEvent>,
     record: Vec<u8>,
 }
+
+/// Frame overhead allowed on top of the largest message while a block waits
+/// for a half-received message to complete.
+const BLOCK_GRACE_SLACK: usize = 64 * 1024;
 
 fn access_refused(text: String) -> AmqpError {
     AmqpError::soft(ReplyCode::AccessRefused, text, 0, 0)
@@ -275,6 +282,7 @@ async fn serve_stream<R, W>(
         publisher: false,
         blocked_capability: false,
         blocked: false,
+        block_deferred_bytes: 0,
         unparseable: false,
         store: broker.store.clone(),
         journal: Vec::new(),
@@ -322,7 +330,11 @@ async fn serve_stream<R, W>(
             read = tokio::time::timeout_at(read_timeout, reader.read_buf(&mut buf)), if !conn.blocked => {
                 match read {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(n)) => {
+                        if conn.publisher && !conn.blocked && alarms.borrow().any() {
+                            conn.block_deferred_bytes = conn.block_deferred_bytes.saturating_add(n);
+                        }
+                    }
                     Err(_) => {
                         match conn.phase {
                             Phase::Running => warn!(peer = %conn.peer, heartbeat_s = conn.heartbeat_s, "missed heartbeats from client, closing"),
@@ -497,11 +509,24 @@ impl Connection {
 
     /// Stops or resumes reading a publishing connection as resource alarms
     /// rise and clear, telling clients that asked to be told.
+    ///
+    /// A message whose frames are still arriving is let in first: clients
+    /// write a publish's frames one by one, and stopping between them would
+    /// leave that message (and its confirm) hanging until the alarm clears.
+    /// The grace is bounded by one largest message, so a client cannot keep
+    /// a content open to dodge the alarm.
     fn apply_alarm(&mut self, alarm: AlarmState) {
         let block = alarm.any() && self.publisher && self.phase == Phase::Running;
         if block == self.blocked {
             return;
         }
+        let grace = usize::try_from(self.broker.config.max_message_size)
+            .unwrap_or(usize::MAX)
+            .saturating_add(BLOCK_GRACE_SLACK);
+        if block && self.channels.values().any(|ch| ch.content.is_some()) && self.block_deferred_bytes < grace {
+            return;
+        }
+        self.block_deferred_bytes = 0;
         self.blocked = block;
         info!(peer = %self.peer, blocked = block, reason = alarm.reason(), "publisher flow");
         if !self.blocked_capability {

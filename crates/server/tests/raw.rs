@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warren_codec::frame::{Frame, FrameDecoder, FrameKind};
 use warren_codec::method::{self, Method};
-use warren_codec::spec::{basic, channel, connection, queue, AMQPClass};
+use warren_codec::spec::{basic, channel, confirm, connection, queue, AMQPClass};
 use warren_codec::types::{FieldTable, LongString};
 use warren_codec::{encode, PROTOCOL_HEADER};
 
@@ -425,4 +425,54 @@ async fn a_consumer_that_stops_reading_does_not_make_the_broker_buffer_everythin
             received += frame.payload.len();
         }
     }
+}
+
+#[tokio::test]
+async fn a_publish_written_frame_by_frame_completes_before_an_alarm_blocks() {
+    // A disk limit no disk meets: the disk alarm is on from the start.
+    let server = TestServer::with_config(|c| c.disk_free_limit_bytes = 1 << 62).await;
+    for _ in 0..100 {
+        if server.broker.alarms.state().any() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.broker.alarms.state().any(), "disk alarm raised");
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(1, AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false }))).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)))));
+    raw.send(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "split".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    // Method, header and body in separate writes, as pika sends them.
+    let header = frame(2, 1, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0], 0xCE);
+    let body = frame(3, 1, b"first", 0xCE);
+    let mut publish = BytesMut::new();
+    encode::basic_publish(&mut publish, 1, b"", b"split", false);
+    raw.write(&publish).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.write(&header).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.write(&body).await;
+    let confirm = raw.frame().await.expect("a frame");
+    assert!(matches!(method::decode(&confirm.payload), Ok(Method::Ack { delivery_tag: 1, multiple: false })));
+    // Now the connection is blocked: a second message waits unread.
+    let mut second = publish.clone();
+    second.put_slice(&header);
+    second.put_slice(&body);
+    raw.write(&second).await;
+    let unanswered = tokio::time::timeout(Duration::from_millis(700), raw.frame()).await;
+    assert!(unanswered.is_err(), "a blocked connection's publish is not read: {unanswered:?}");
+    still_serving(&server).await;
 }
