@@ -63,6 +63,9 @@ pub struct Broker {
     /// milliseconds each, so a login storm must queue, not fan out.
     verify_slots: tokio::sync::Semaphore,
     pub alarms: crate::alarm::Alarms,
+    /// One permit per connection still in its handshake
+    /// (`max_pending_handshakes`).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Broker {
@@ -88,6 +91,10 @@ impl Broker {
         // Stored contents of a virtual host deleted while the broker was
         // down (or during a crash) go now.
         let orphaned: Vec<String> = vhosts.keys().filter(|n| access.vhost_limits(n).is_none()).cloned().collect();
+        let handshake_slots = match config.max_pending_handshakes {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
+        };
         let broker = Broker {
             config,
             vhosts: RwLock::new(HashMap::new()),
@@ -105,6 +112,7 @@ impl Broker {
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             ),
             alarms: crate::alarm::Alarms::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(handshake_slots)),
         };
         for (name, vhost) in vhosts {
             broker.prepare_vhost(&vhost);

@@ -67,6 +67,11 @@ pub struct Config {
     pub max_message_size: u64,
     /// A connection must finish its handshake within this many seconds.
     pub handshake_timeout_s: u64,
+    /// Connections still in their handshake (TCP or TLS accepted, AMQP
+    /// `connection.open` not yet answered) at once; more are closed at
+    /// accept. Bounds what half-open connections (slowloris) can hold:
+    /// file descriptors the log needs, and memory. 0 = no limit.
+    pub max_pending_handshakes: usize,
     /// Unsent bytes above which a connection gets no more deliveries until
     /// its socket drains.
     pub connection_write_buffer_max: usize,
@@ -220,6 +225,7 @@ impl Default for Config {
             heartbeat_s: 60,
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout_s: 10,
+            max_pending_handshakes: 1024,
             connection_write_buffer_max: 4 * 1024 * 1024,
             fsync: Fsync::Always,
             segment_bytes_max: 16 * 1024 * 1024,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{debug, info, warn};
 use warren_codec::frame::{Frame, FrameDecoder, FrameKind, FRAME_MIN_SIZE};
 use warren_codec::method::{self, BasicPublish, Method};
@@ -213,10 +213,16 @@ fn sender_selected(message: Message) -> (Message, Vec<Vec<u8>>) {
 }
 
 /// Serves one plain TCP connection.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+    handshake: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
-    serve_stream(reader, writer, peer, None, broker, shutdown).await;
+    serve_stream(reader, writer, peer, None, broker, shutdown, handshake).await;
 }
 
 /// Serves one connection after its TLS handshake; `certificate` is the
@@ -227,9 +233,10 @@ pub async fn serve_tls(
     certificate: Option<String>,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
+    handshake: OwnedSemaphorePermit,
 ) {
     let (reader, writer) = tokio::io::split(stream);
-    serve_stream(reader, writer, peer, certificate, broker, shutdown).await;
+    serve_stream(reader, writer, peer, certificate, broker, shutdown, handshake).await;
 }
 
 async fn serve_stream<R, W>(
@@ -239,11 +246,14 @@ async fn serve_stream<R, W>(
     certificate: Option<String>,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
+    handshake: OwnedSemaphorePermit,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let handshake_timeout = Duration::from_secs(broker.config.handshake_timeout_s.max(1));
+    // Held until connection.open is answered (`max_pending_handshakes`).
+    let mut handshake = Some(handshake);
 
     let mut header = [0u8; 8];
     match tokio::time::timeout(handshake_timeout, reader.read_exact(&mut header)).await {
@@ -384,6 +394,7 @@ async fn serve_stream<R, W>(
             conn.apply_alarm(*alarms.borrow());
         }
         if before != Phase::Running && conn.phase == Phase::Running {
+            handshake.take();
             let _ = heartbeat_tx.send(conn.heartbeat_s);
         }
         if conn.phase == Phase::Closing && close_deadline.is_none() {

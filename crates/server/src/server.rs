@@ -237,14 +237,26 @@ async fn accept_loop(
 ) {
     let mut stop_accept = stop.clone();
     let mut tasks = JoinSet::new();
+    let mut refused = 0u64;
+    let mut last_refusal_log = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(handshake) = broker.handshakes.clone().try_acquire_owned() else {
+                        refused += 1;
+                        if last_refusal_log.is_none_or(|at: tokio::time::Instant| at.elapsed() >= Duration::from_secs(10)) {
+                            warn!(%peer, refused, limit = broker.config.max_pending_handshakes,
+                                "too many connections in their handshake: closing new ones at accept");
+                            last_refusal_log = Some(tokio::time::Instant::now());
+                        }
+                        drop(stream);
+                        continue;
+                    };
                     let (broker, stop) = (broker.clone(), stop.clone());
                     match tls.clone() {
                         None => {
-                            tasks.spawn(crate::connection::serve(stream, peer, broker, stop));
+                            tasks.spawn(crate::connection::serve(stream, peer, broker, stop, handshake));
                         }
                         Some(acceptor) => {
                             tasks.spawn(async move {
@@ -254,7 +266,8 @@ async fn accept_loop(
                                     Ok(Ok(stream)) => {
                                         let certificate =
                                             crate::tls::peer_common_name(stream.get_ref().1.peer_certificates());
-                                        crate::connection::serve_tls(stream, peer, certificate, broker, stop).await;
+                                        crate::connection::serve_tls(stream, peer, certificate, broker, stop, handshake)
+                                            .await;
                                     }
                                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -334,6 +334,59 @@ async fn many_half_open_connections_do_not_starve_real_clients() {
 }
 
 #[tokio::test]
+async fn half_open_connections_beyond_the_cap_are_closed_at_accept_and_open_ones_carry_on() {
+    let server = TestServer::with_config(|c| {
+        c.handshake_timeout_s = 2;
+        c.max_pending_handshakes = 50;
+    })
+    .await;
+    let mut open = Raw::open(&server, 0).await;
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut raw = Raw::connect(&server).await;
+        raw.write(b"AM").await;
+        idle.push(raw);
+    }
+    for _ in 0..100 {
+        if server.broker.handshakes.available_permits() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.broker.handshakes.available_permits(), 0);
+    // The 51st is closed at once, without a byte.
+    let mut refused = Raw::connect(&server).await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(1), refused.stream.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed at accept: {read:?}");
+    // An established connection is not affected.
+    open.send(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "".into(),
+            passive: false,
+            durable: false,
+            exclusive: true,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    assert!(matches!(open.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    // The handshake timeout frees the slots; new clients get in again.
+    for _ in 0..100 {
+        if server.broker.handshakes.available_permits() == 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.broker.handshakes.available_permits(), 50);
+    still_serving(&server).await;
+    drop(idle);
+}
+
+#[tokio::test]
 async fn refused_logins_get_403_with_authentication_failure_close() {
     let server = TestServer::start().await;
     let mut raw = Raw::connect(&server).await;

@@ -150,6 +150,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    if let Some(open_files) = warren_server::alarm::raise_open_files_limit() {
+        tracing::info!(open_files, "open-files limit");
+        let pending = config.max_pending_handshakes as u64;
+        if pending == 0 || pending >= open_files / 2 {
+            tracing::warn!(open_files, max_pending_handshakes = pending,
+                "max_pending_handshakes is not well below the open-files limit: half-open connections could take the descriptors the message log needs");
+        }
+    }
     let server = Server::bind(config).await?;
     server.run(shutdown_signal()).await;
     #[cfg(feature = "alloc-count")]
