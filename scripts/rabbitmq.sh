@@ -14,6 +14,8 @@
 #   RABBITMQ_REF_EPMD_PORT  private epmd port (default 4370, so the system
 #                           epmd on 4369 is never touched)
 #   RABBITMQ_START_TIMEOUT  seconds to wait for AMQP readiness (default 60)
+#   RABBITMQ_EXTRA_CONF     lines appended to rabbitmq.conf (e.g.
+#                           "vm_memory_high_watermark.absolute = 256MiB")
 #
 # The instance never touches /var/lib/rabbitmq or /etc/rabbitmq. If a
 # system-wide rabbitmq-server (node rabbit@<host>) is running on 5672 it is
@@ -125,6 +127,7 @@ listeners.tcp.1 = 127.0.0.1:$PORT
 loopback_users.guest = true
 log.console = false
 log.file.level = info
+${RABBITMQ_EXTRA_CONF:-}
 CONF
     if [ ! -f "$DIR/.erlang.cookie" ]; then
         head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/.erlang.cookie"

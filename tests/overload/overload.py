@@ -19,6 +19,11 @@ every confirmed message received (0 lost), the broker still running.
 
     python3 tests/overload/overload.py --seconds 180 --watermark-mb 256
 
+With --port and --pid it runs against a broker already listening on that
+port (guest/guest on 127.0.0.1), sampling the resident set of that process:
+the same load against RabbitMQ started with the same watermark
+(scripts/rabbitmq.sh with RABBITMQ_EXTRA_CONF, see docs/benchmarks.md).
+
 Prints one JSON line with the figures; exits non-zero if a check fails.
 """
 
@@ -108,6 +113,33 @@ class Broker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class ExternalBroker:
+    """A broker this script did not start: only sampled, never stopped."""
+
+    class Process:
+        def __init__(self, pid):
+            self.pid = pid
+
+        def poll(self):
+            return None if os.path.exists("/proc/%d" % self.pid) else 1
+
+    def __init__(self, port, pid):
+        self.port = port
+        self.process = ExternalBroker.Process(pid)
+
+    def params(self):
+        return pika.ConnectionParameters("127.0.0.1", self.port, heartbeat=0, blocked_connection_timeout=None)
+
+    def stop(self):
+        pass
+
+    def log_text(self):
+        return ""
+
+    def cleanup(self):
+        pass
+
+
 class Publisher(threading.Thread):
     def __init__(self, broker, number, body, persistent, stop):
         super().__init__(daemon=True)
@@ -185,11 +217,12 @@ class Consumer(threading.Thread):
             self.error = repr(e)
 
 
-def run(seconds, watermark_mb, publishers, body_kib, margin):
+def run(seconds, watermark_mb, publishers, body_kib, margin, external=None):
     watermark = watermark_mb * 1024 * 1024
-    broker = Broker(watermark)
+    broker = ExternalBroker(*external) if external else Broker(watermark)
     try:
         setup = pika.BlockingConnection(broker.params())
+        setup.channel().queue_delete(QUEUE)
         setup.channel().queue_declare(QUEUE, durable=True)
         setup.close()
         baseline = rss_bytes(broker.process.pid)
@@ -287,8 +320,13 @@ def main():
     parser.add_argument("--margin", type=float, default=0.10,
                         help="allowed overshoot of peak RSS above the watermark, as a fraction "
                              "(on top of a fixed 16 MiB)")
+    parser.add_argument("--port", type=int, help="use the broker already listening on this port")
+    parser.add_argument("--pid", type=int, help="with --port: the process whose resident set is sampled")
     args = parser.parse_args()
-    result = run(args.seconds, args.watermark_mb, args.publishers, args.body_kib, args.margin)
+    if (args.port is None) != (args.pid is None):
+        parser.error("--port and --pid go together")
+    external = (args.port, args.pid) if args.port else None
+    result = run(args.seconds, args.watermark_mb, args.publishers, args.body_kib, args.margin, external)
     print(json.dumps(result))
     failed = [name for name, ok in result["checks"].items() if not ok]
     if failed:

@@ -266,7 +266,8 @@ async fn vhost_and_user_limits() {
         (406, "PRECONDITION_FAILED - cannot declare queue 'two': queue limit in vhost 'v' (1) is reached".into())
     );
     a.close(200, "bye".into()).await.unwrap();
-    connect(&server.uri_as("u", "pw", "v")).await.unwrap();
+    // Kept open: it counts towards the user limit below.
+    let _again = connect(&server.uri_as("u", "pw", "v")).await.unwrap();
 
     server.ctl(|d| {
         d.clear_vhost_limits("v")?;
