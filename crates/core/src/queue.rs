@@ -160,6 +160,11 @@ pub struct Queue {
     /// Deduplication keys (`x-message-deduplication`).
     pub(crate) dedup: DedupWindow,
     next_seq: u64,
+    /// Entries from this sequence number on have not been offered to a
+    /// consumer yet: the dispatch their publish triggers delivers them even
+    /// with a TTL of 0, as RabbitMQ hands a message to a waiting consumer
+    /// before it can expire.
+    pub(crate) offered_below: u64,
     /// Stored messages that could not be read back (dropped, to be settled).
     pub(crate) unreadable: Vec<u64>,
     pub consumers: Vec<QueueConsumer>,
@@ -198,6 +203,7 @@ impl Queue {
             retrying: HashMap::new(),
             dedup: DedupWindow::default(),
             next_seq: 0,
+            offered_below: 0,
             unreadable: Vec::new(),
             consumers: Vec::new(),
             cursor: 0,
@@ -219,6 +225,16 @@ impl Queue {
 
     pub fn is_empty(&self) -> bool {
         self.ready_len == 0
+    }
+
+    /// True if this entry is being offered to consumers for the first time.
+    pub(crate) fn is_fresh(&self, entry: &QueuedMessage) -> bool {
+        !entry.redelivered && entry.seq >= self.offered_below
+    }
+
+    /// Every entry so far has been offered to consumers.
+    pub(crate) fn mark_offered(&mut self) {
+        self.offered_below = self.next_seq;
     }
 
     fn next_seq(&mut self) -> u64 {

@@ -1861,7 +1861,10 @@ impl VirtualHostState {
                 queue.page_out(loader.readable_upto(), 2);
             }
         }
-        if !queue.consumers.is_empty() && !self.dirty.contains(&id) {
+        if queue.consumers.is_empty() {
+            // No one was waiting: from now on its TTL counts.
+            queue.mark_offered();
+        } else if !self.dirty.contains(&id) {
             self.dirty.push(id);
         }
         Enqueued::Accepted { durable: message.persistent && queue.durable }
@@ -2050,10 +2053,11 @@ impl VirtualHostState {
             let Some(entry) = queue.pop(self.loader.as_deref()) else {
                 break;
             };
-            if queue.settings.has_ttl() || entry.message.expiration().is_some() {
+            if (queue.settings.has_ttl() || entry.message.expiration().is_some()) && !queue.is_fresh(&entry) {
                 let now = *now.get_or_insert_with(|| self.clock.now_ms());
                 if entry.message.deadline(queue.settings.message_ttl).is_some_and(|deadline| deadline < now) {
-                    // Never delivered after its deadline.
+                    // Never delivered after its deadline, unless offered by
+                    // the dispatch its own publish triggered.
                     expired.push(entry);
                     continue;
                 }
@@ -2097,6 +2101,7 @@ impl VirtualHostState {
                 });
             }
         }
+        queue.mark_offered();
         for entry in expired {
             self.dead_letter(id, entry, Reason::Expired);
         }
@@ -2485,6 +2490,32 @@ mod tests {
         clock.advance(1);
         vhost.tick();
         assert!(vhost.queue("brief").is_none());
+    }
+
+    #[test]
+    fn a_zero_ttl_reaches_a_waiting_consumer_however_late_the_dispatch() {
+        let (mut vhost, recorder, key) = setup();
+        let clock = Arc::new(crate::ManualClock::new(5_000));
+        vhost.set_clock(clock.clone());
+        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
+        vhost.declare_queue(1, "q", false, false, false, false, dl).unwrap();
+        vhost.qos(key, 0, 1, false);
+        vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
+        vhost.run_dispatch();
+        vhost.publish("", with_expiration("q", b"waited-for", "0"), &[]).unwrap();
+        clock.advance(5);
+        vhost.run_dispatch();
+        // The consumer's one credit is taken: the next has no one waiting.
+        vhost.publish("", with_expiration("q", b"too-late", "0"), &[]).unwrap();
+        vhost.run_dispatch();
+        clock.advance(1);
+        vhost.ack(key, 1, false).unwrap();
+        vhost.run_dispatch();
+        let delivered: Vec<Vec<u8>> = recorder.deliveries.lock().iter().map(|d| d.4.clone()).collect();
+        assert_eq!(delivered, vec![b"waited-for".to_vec()]);
+        vhost.cancel(key, "c");
+        assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"too-late".to_vec()]);
     }
 
     #[test]
