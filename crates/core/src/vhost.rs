@@ -2380,6 +2380,17 @@ mod tests {
         (vhost, recorder, key)
     }
 
+    /// A manual clock at 5 s, queue "q" dead-lettering to queue "dlq".
+    fn setup_expiring() -> (VirtualHostState, Arc<Recorder>, ChannelKey, Arc<crate::ManualClock>) {
+        let (mut vhost, recorder, key) = setup();
+        let clock = Arc::new(crate::ManualClock::new(5_000));
+        vhost.set_clock(clock.clone());
+        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
+        vhost.declare_queue(1, "q", false, false, false, false, dl).unwrap();
+        (vhost, recorder, key, clock)
+    }
+
     use crate::test_support::{table as args, text};
 
     fn int(value: i64) -> warren_codec::types::AMQPValue {
@@ -2460,12 +2471,7 @@ mod tests {
 
     #[test]
     fn expired_messages_leave_from_anywhere_and_are_never_delivered() {
-        let (mut vhost, recorder, key) = setup();
-        let clock = Arc::new(crate::ManualClock::new(5_000));
-        vhost.set_clock(clock.clone());
-        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
-        let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
-        vhost.declare_queue(1, "q", false, false, false, false, dl).unwrap();
+        let (mut vhost, recorder, key, clock) = setup_expiring();
         vhost.publish("", with_expiration("q", b"long", "1000"), &[]).unwrap();
         vhost.publish("", with_expiration("q", b"short", "10"), &[]).unwrap();
         vhost.publish("", message("q", b"forever"), &[]).unwrap();
@@ -2494,12 +2500,7 @@ mod tests {
 
     #[test]
     fn a_zero_ttl_reaches_a_waiting_consumer_however_late_the_dispatch() {
-        let (mut vhost, recorder, key) = setup();
-        let clock = Arc::new(crate::ManualClock::new(5_000));
-        vhost.set_clock(clock.clone());
-        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
-        let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
-        vhost.declare_queue(1, "q", false, false, false, false, dl).unwrap();
+        let (mut vhost, recorder, key, clock) = setup_expiring();
         vhost.qos(key, 0, 1, false);
         vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
         vhost.run_dispatch();
