@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, Rust unit/property/integration
+# The whole test suite: formatting, lints, API docs, Rust unit/property/integration
 # tests (lapin against a real server), then the pika smoke suite against the
 # real `warren` binary. Installs what it needs on a fresh machine.
 set -euo pipefail
@@ -11,6 +11,7 @@ step() { timeout --kill-after=10 "$1" "${@:2}" || { echo "FAILED (or timed out a
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 
 if ! python3 -c 'import pika, pytest' 2>/dev/null; then
