@@ -14,8 +14,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 
-if ! python3 -c 'import pika, pytest' 2>/dev/null; then
-    python3 -m pip install --quiet pika pytest
+if ! python3 -c 'import pika, pytest, amqp' 2>/dev/null; then
+    python3 -m pip install --quiet pika pytest amqp
+fi
+if [ ! -d tests/node/node_modules/amqplib ]; then
+    npm ci --prefix tests/node --no-audit --no-fund --silent
 fi
 cargo build --quiet --bin warren --bin shop-cart
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -28,7 +31,10 @@ for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then break; fi
     sleep 0.1
 done
-WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 300 python3 -m pytest -q tests/pika
+# pika, then other clients' own habits: py-amqp (kombu, Celery) and Node
+# amqplib.
+WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 300 python3 -m pytest -q tests/pika tests/clients
+WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 120 node --test tests/node
 # RabbitMQ conformance: 85 recorded error cases (same codes and texts), the
 # recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the
 # access-control cases (docs/rabbitmq-access-control.json).

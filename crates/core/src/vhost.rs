@@ -285,6 +285,10 @@ pub struct VirtualHostState {
     scratch_queues: Vec<QueueId>,
     /// The virtual host's queue limit (RabbitMQ's `max-queues`).
     max_queues: Option<u64>,
+    /// `basic.cancel` notifications for consumers of deleted queues, sent
+    /// by [`VirtualHostState::send_notices`] after the reply to the method
+    /// that caused them, as RabbitMQ orders them (`queue.delete-ok` first).
+    cancel_notices: Vec<(Arc<dyn Outbox>, u16, Arc<str>)>,
 }
 
 pub struct VirtualHost {
@@ -503,6 +507,7 @@ impl VirtualHostState {
             dirty: Vec::new(),
             next_consumer_id: 1,
             journal: Vec::new(),
+            cancel_notices: Vec::new(),
             definitions_changed: false,
             loader: None,
             clock: Arc::new(SystemClock),
@@ -1159,6 +1164,7 @@ impl VirtualHostState {
         for id in exclusive {
             self.remove_queue(id);
         }
+        self.send_notices();
     }
 
     /// Delivers again to a connection that was congested.
@@ -1661,7 +1667,7 @@ impl VirtualHostState {
         for consumer in &queue.consumers {
             if let Some(channel) = self.channels.get_mut(&consumer.channel) {
                 channel.consumers.remove(&consumer.tag);
-                channel.outbox.consumer_cancelled(consumer.channel.channel, &consumer.tag);
+                self.cancel_notices.push((channel.outbox.clone(), consumer.channel.channel, consumer.tag.clone()));
             }
         }
         self.unbind_everywhere(&Destination::Queue(id));
@@ -2028,8 +2034,18 @@ impl VirtualHostState {
         }
     }
 
-    /// Delivers what can be delivered from every queue marked dirty.
+    /// Sends the notifications (consumer cancels) that the last method
+    /// caused; the caller has already written that method's reply.
+    pub fn send_notices(&mut self) {
+        for (outbox, channel, tag) in self.cancel_notices.drain(..) {
+            outbox.consumer_cancelled(channel, &tag);
+        }
+    }
+
+    /// Sends pending notices, then delivers what can be delivered from
+    /// every queue marked dirty.
     pub fn run_dispatch(&mut self) {
+        self.send_notices();
         while let Some(id) = self.dirty.pop() {
             self.dispatch_queue(id);
         }
@@ -2703,6 +2719,9 @@ mod tests {
         vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
         vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
         vhost.delete_queue(1, "q", false, false).unwrap();
+        // Held until the caller has written delete-ok.
+        assert!(recorder.cancelled.lock().is_empty());
+        vhost.send_notices();
         assert_eq!(*recorder.cancelled.lock(), vec!["c".to_string()]);
         assert!(vhost.publish("", message("q", b"x"), &[]).unwrap().queues == 0);
     }

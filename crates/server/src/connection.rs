@@ -39,6 +39,10 @@ use crate::outbox::ConnectionOutbox;
 use crate::store::Store;
 
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long, at most, a connection whose `connection.close` was answered
+/// waits for the client to close the socket (RabbitMQ's 30 s, or the
+/// heartbeat interval when shorter).
+const CLOSED_LINGER_MAX: Duration = Duration::from_secs(30);
 /// Log index standing for "the store refused this publish: nack it".
 const NACK: u64 = u64::MAX;
 
@@ -119,6 +123,9 @@ struct Connection {
     block_deferred_bytes: usize,
     /// A framing error was seen: input is discarded from then on.
     unparseable: bool,
+    /// We answered the client's `connection.close`: the client closes the
+    /// socket, and what it still sends meanwhile is read and discarded.
+    answered_close: bool,
     store: Arc<Store>,
     journal: Vec<JournalEvent>,
     record: Vec<u8>,
@@ -294,6 +301,7 @@ async fn serve_stream<R, W>(
         blocked: false,
         block_deferred_bytes: 0,
         unparseable: false,
+        answered_close: false,
         store: broker.store.clone(),
         journal: Vec::new(),
         record: Vec::new(),
@@ -337,7 +345,8 @@ async fn serve_stream<R, W>(
             buf.reserve(16 * 1024);
         }
         tokio::select! {
-            read = tokio::time::timeout_at(read_timeout, reader.read_buf(&mut buf)), if !conn.blocked => {
+            // A blocked connection is still read while it closes, for its close-ok.
+            read = tokio::time::timeout_at(read_timeout, reader.read_buf(&mut buf)), if !conn.blocked || conn.phase == Phase::Closing => {
                 match read {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(n)) => {
@@ -413,25 +422,61 @@ async fn serve_stream<R, W>(
     // Stop the writer after it has flushed what is queued.
     let _ = heartbeat_tx.send(u16::MAX);
     outbox.notify.notify_one();
-    let _ = writer_task.await;
+    let writer = writer_task.await.ok().flatten();
+    if conn.answered_close {
+        // The client may still be writing frames it queued before its close
+        // (they cross our close-ok). Closing the socket now would reset it
+        // mid-write and lose the close-ok; as RabbitMQ, let the client close.
+        let linger = match conn.heartbeat_s {
+            0 => CLOSED_LINGER_MAX,
+            seconds => CLOSED_LINGER_MAX.min(Duration::from_secs(u64::from(seconds))),
+        };
+        discard_until_closed(&mut reader, linger, &mut shutdown).await;
+    }
+    if let Some(mut writer) = writer {
+        let _ = writer.shutdown().await;
+    }
     debug!(peer = %conn.peer, user = %conn.user, "connection closed");
 }
 
+/// Reads and drops input until the peer closes, `linger` passes or the
+/// broker shuts down.
+async fn discard_until_closed<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    linger: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let deadline = tokio::time::Instant::now() + linger;
+    let mut scratch = vec![0u8; 8192];
+    loop {
+        tokio::select! {
+            read = tokio::time::timeout_at(deadline, reader.read(&mut scratch)) => match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Writes the outbox to the socket, with heartbeats, until told to stop
+/// (`u16::MAX` on the heartbeat watch); then flushes what is queued and
+/// hands the writer back unclosed, or `None` if the socket failed.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     outbox: Arc<ConnectionOutbox>,
     mut heartbeat: watch::Receiver<u16>,
-) {
+) -> Option<W> {
     let mut spare = BytesMut::with_capacity(512);
     loop {
         let interval = *heartbeat.borrow();
         if interval == u16::MAX {
             outbox.take(&mut spare);
-            if !spare.is_empty() {
-                let _ = writer.write_all(&spare).await;
+            if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
+                return None;
             }
-            let _ = writer.shutdown().await;
-            return;
+            let _ = writer.flush().await;
+            return Some(writer);
         }
         let wait =
             if interval == 0 { Duration::from_secs(86_400 * 365) } else { Duration::from_secs(u64::from(interval)) };
@@ -448,7 +493,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             continue;
         }
         if writer.write_all(&spare).await.is_err() {
-            return;
+            return None;
         }
         spare.clear();
         // Do not keep a huge buffer around after a burst.
@@ -501,6 +546,8 @@ impl Connection {
                     break;
                 }
                 if let Some(state) = guard.as_deref_mut() {
+                    // Notices the frame caused follow its reply.
+                    state.send_notices();
                     // Settlements and definitions reach the store in the
                     // order they happened (publishes are appended in `route`).
                     let _ = self.flush_journal(state);
@@ -693,6 +740,14 @@ impl Connection {
         self.store.flush(state, &mut self.journal, &mut self.record).map_err(drop)
     }
 
+    /// Answers the client's `connection.close`: every other frame still
+    /// arriving is discarded, and the client closes the socket.
+    fn answer_close(&mut self) {
+        self.send(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})));
+        self.phase = Phase::Done;
+        self.answered_close = true;
+    }
+
     fn close_connection(&mut self, error: AmqpError) {
         if matches!(self.phase, Phase::Closing | Phase::Done) {
             return;
@@ -748,13 +803,7 @@ impl Connection {
                 if let Ok(Method::Other(AMQPClass::Connection(m))) = method::decode(&frame.payload) {
                     match m {
                         connection::AMQPMethod::CloseOk(_) => self.phase = Phase::Done,
-                        connection::AMQPMethod::Close(_) => {
-                            self.send(
-                                0,
-                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
-                            );
-                            self.phase = Phase::Done;
-                        }
+                        connection::AMQPMethod::Close(_) => self.answer_close(),
                         _ => {}
                     }
                 }
@@ -939,8 +988,7 @@ impl Connection {
             }
             (_, M::Close(close)) => {
                 debug!(peer = %self.peer, code = close.reply_code, text = close.reply_text.as_str(), "client closed connection");
-                self.send(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {})));
-                self.phase = Phase::Done;
+                self.answer_close();
                 Ok(())
             }
             (Phase::Running, M::UpdateSecret(_)) => {

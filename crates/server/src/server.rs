@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
@@ -140,8 +140,10 @@ impl Server {
                 if seconds.is_multiple_of(10) {
                     let now = janitor_store.commit_stats();
                     let (syncs, entries) = (now.syncs - last.syncs, now.entries - last.entries);
-                    if syncs > 0 {
-                        info!(
+                    // Rates are for tuning, not for every idle interval:
+                    // DEBUG, and only when something was written.
+                    if syncs > 0 && entries > 0 {
+                        debug!(
                             fsyncs_per_s = syncs / 10,
                             entries_per_s = entries / 10,
                             entries_per_fsync = entries / syncs,

@@ -69,6 +69,7 @@ impl Raw {
     async fn start_ok(&mut self, password: &str) {
         let mut caps = FieldTable::default();
         caps.insert("authentication_failure_close".into(), true.into());
+        caps.insert("consumer_cancel_notify".into(), true.into());
         let mut props = FieldTable::default();
         props.insert("capabilities".into(), caps.into());
         let start_ok = connection::StartOk {
@@ -149,6 +150,30 @@ async fn still_serving(server: &TestServer) {
     )
     .await;
     assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+}
+
+fn declare(name: &str) -> AMQPClass {
+    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+        queue: name.into(),
+        passive: false,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
+/// A complete `basic.publish` of `body` to `queue` on `channel`.
+fn publish(channel: u16, queue: &[u8], body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode::basic_publish(&mut out, channel, b"", queue, false);
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    out.put_slice(&frame(2, channel, &header, 0xCE));
+    out.put_slice(&frame(3, channel, body, 0xCE));
+    out
 }
 
 fn frame(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
@@ -528,4 +553,130 @@ async fn a_publish_written_frame_by_frame_completes_before_an_alarm_blocks() {
     let unanswered = tokio::time::timeout(Duration::from_millis(700), raw.frame()).await;
     assert!(unanswered.is_err(), "a blocked connection's publish is not read: {unanswered:?}");
     still_serving(&server).await;
+}
+
+/// amqplib multiplexes channels, so `connection.close` can overtake the
+/// content frames a channel still has queued. The broker answers close-ok
+/// and lets the client finish writing and close the socket: resetting it
+/// mid-write lost the close-ok and failed the client's writes with EPIPE.
+#[tokio::test]
+async fn connection_close_overtaking_content_frames_gets_close_ok_and_no_reset() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(1, declare("overtaken")).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    // A publish whose body is still to come, then the close.
+    let mut out = BytesMut::new();
+    encode::basic_publish(&mut out, 1, b"", b"overtaken", false);
+    out.put_slice(&frame(2, 1, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0], 0xCE));
+    encode::method(
+        &mut out,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    raw.write(&out).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)))));
+    // The rest of what the client had queued keeps arriving after close-ok.
+    let body = frame(3, 1, &[0u8; 4], 0xCE);
+    for _ in 0..20 {
+        raw.stream.write_all(&publish(1, b"overtaken", &[1u8; 16 * 1024])).await.expect("broker still reads");
+        raw.stream.write_all(&body).await.expect("broker still reads");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The client closes; the broker closes its side cleanly, without a reset.
+    raw.stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "clean close after close-ok: {read:?}");
+    // Nothing sent after the close was taken as a publish.
+    let mut other = Raw::open(&server, 0).await;
+    other.send(1, declare("overtaken")).await;
+    let Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) = other.method().await else { panic!("declare-ok") };
+    assert_eq!(ok.message_count, 0);
+}
+
+/// After a soft error the broker discards what the client still sends on
+/// that channel until its close-ok; the connection and the channel number
+/// are usable afterwards.
+#[tokio::test]
+async fn frames_in_flight_on_a_closing_channel_are_discarded_until_close_ok() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(1, declare("in-flight")).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    let mut out = BytesMut::new();
+    encode::method(
+        &mut out,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: 7, multiple: false })),
+    );
+    for _ in 0..50 {
+        out.put_slice(&publish(1, b"in-flight", b"late"));
+    }
+    raw.write(&out).await;
+    assert_eq!(raw.channel_close().await.0, 406);
+    raw.write(&publish(1, b"in-flight", b"later still")).await;
+    raw.send(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
+    raw.send(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
+    raw.send(1, declare("in-flight")).await;
+    let Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) = raw.method().await else { panic!("declare-ok") };
+    assert_eq!(ok.message_count, 0);
+}
+
+/// As RabbitMQ: the reply to `queue.delete` comes before the `basic.cancel`
+/// it causes for a consumer on the same channel (py-amqp, and so kombu,
+/// raises ConsumerCancelled while waiting for delete-ok otherwise).
+#[tokio::test]
+async fn queue_delete_answers_delete_ok_before_cancelling_the_channels_consumer() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(&server, 0).await;
+    raw.send(2, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
+    raw.send(1, declare("deleted")).await;
+    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    for (number, tag) in [(1, "same-channel"), (2, "other-channel")] {
+        raw.send(
+            number,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: "deleted".into(),
+                consumer_tag: tag.into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
+        .await;
+        assert!(matches!(raw.method().await, Some(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)))));
+    }
+    raw.send(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "deleted".into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        })),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let frame = raw.frame().await.expect("a frame");
+        let Ok(Method::Other(class)) = method::decode(&frame.payload) else { continue };
+        seen.push(match class {
+            AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_)) => format!("{}:delete-ok", frame.channel),
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => format!("{}:cancel {}", frame.channel, c.consumer_tag),
+            other => format!("{}:{other:?}", frame.channel),
+        });
+    }
+    assert_eq!(seen[0], "1:delete-ok", "{seen:?}");
+    seen[1..].sort();
+    assert_eq!(seen[1..], ["1:cancel same-channel", "2:cancel other-channel"], "{seen:?}");
 }
