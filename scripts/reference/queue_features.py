@@ -639,6 +639,106 @@ def _():
                 "quorum_queue_count_after": p.count(q)}
 
 
+# ---------------------------------------------------------------- queue types
+
+
+def typed_declare(arguments, durable=True, exclusive=False, auto_delete=False):
+    """One queue.declare with these flags: declare-ok or the close."""
+    entry = {"arguments": arguments, "durable": durable, "exclusive": exclusive,
+             "auto_delete": auto_delete}
+    with Probe() as p:
+        q = p.name("typed")
+        p.queues.append(q)
+        try:
+            p.ch.queue_declare(q, durable=durable, exclusive=exclusive,
+                               auto_delete=auto_delete, arguments=arguments)
+            entry["result"] = "declare-ok"
+        except pika.exceptions.AMQPError as e:
+            entry.update(closed(e))
+    return entry
+
+
+QUORUM = {"x-queue-type": "quorum"}
+
+
+@case("x-queue-type=quorum: declare rules (properties, arguments it refuses or checks)")
+def _():
+    attempts = [
+        (QUORUM, False, False, False), (QUORUM, True, True, False), (QUORUM, True, False, True),
+        (QUORUM, False, True, True), (QUORUM, False, False, True), (QUORUM, False, True, False),
+        (dict(QUORUM, **{"x-max-priority": 5}), True, False, False),
+        (dict(QUORUM, **{"x-max-priority": "x"}), True, False, False),
+        (dict(QUORUM, **{"x-max-priority": 5}), False, True, True),
+        (dict(QUORUM, **{"x-max-priority": 5, "x-message-ttl": -1}), True, False, False),
+        (dict(QUORUM, **{"x-queue-mode": "lazy"}), True, False, False),
+        (dict(QUORUM, **{"x-queue-master-locator": "min-masters"}), True, False, False),
+        (dict(QUORUM, **{"x-queue-version": 2}), True, False, False),
+        (dict(QUORUM, **{"x-max-age": "1D"}), True, False, False),
+        (dict(QUORUM, **{"x-stream-max-segment-size-bytes": 1000}), True, False, False),
+        (dict(QUORUM, **{"x-dead-letter-strategy": "bogus"}), True, False, False),
+        (dict(QUORUM, **{"x-queue-leader-locator": "bogus"}), True, False, False),
+        (dict(QUORUM, **{"x-quorum-initial-group-size": "3"}), True, False, False),
+        (dict(QUORUM, **{"x-message-ttl": 1000, "x-expires": 100000, "x-max-length": 10,
+                         "x-max-length-bytes": 1000, "x-overflow": "reject-publish"}), True, False, False),
+        (dict(QUORUM, **{"x-overflow": "drop-head", "x-single-active-consumer": True,
+                         "x-dead-letter-exchange": "dlx", "x-dead-letter-strategy": "at-least-once",
+                         "x-quorum-initial-group-size": 3, "x-queue-leader-locator": "balanced",
+                         "x-max-in-memory-length": 10, "x-max-in-memory-bytes": 10}), True, False, False),
+        (dict(QUORUM, **{"x-custom-argument": "kept"}), True, False, False),
+    ]
+    return {"declares": [typed_declare(*a) for a in attempts]}
+
+
+@case("classic queue with quorum-only and stream-only arguments")
+def _():
+    attempts = [{"x-quorum-initial-group-size": 3}, {"x-dead-letter-strategy": "at-least-once"},
+                {"x-queue-leader-locator": "balanced"}, {"x-max-in-memory-length": 10},
+                {"x-max-age": "1D"}, {"x-stream-max-segment-size-bytes": 100},
+                {"x-queue-type": "classic", "x-max-priority": 3}]
+    return {"declares": [typed_declare(a) for a in attempts]}
+
+
+@case("x-queue-type: redeclaring with another type, or none")
+def _():
+    results = {}
+    for first, then in (("quorum", [{}, {"x-queue-type": "classic"}, QUORUM]),
+                        ("classic", [QUORUM, {"x-queue-type": "classic"}, {}])):
+        with Probe() as p:
+            q = p.name(first)
+            p.queues.append(q)
+            p.ch.queue_declare(q, durable=True,
+                               arguments={} if first == "classic" else QUORUM)
+            outcomes = []
+            for arguments in then:
+                try:
+                    p.channel().queue_declare(q, durable=True, arguments=arguments)
+                    outcomes.append({"arguments": arguments, "result": "declare-ok"})
+                except pika.exceptions.AMQPError as e:
+                    outcomes.append(dict({"arguments": arguments}, **closed(e)))
+            results[first] = outcomes
+    return results
+
+
+@case("x-queue-type=stream declare")
+def _():
+    return typed_declare({"x-queue-type": "stream"})
+
+
+@case("quorum queue: basic.consume on a channel with global qos")
+def _():
+    with Probe() as p:
+        q = p.name("quorum")
+        p.queues.append(q)
+        p.ch.queue_declare(q, durable=True, arguments=QUORUM)
+        p.ch.basic_qos(prefetch_count=5, global_qos=True)
+        try:
+            p.ch.basic_consume(q, lambda *_: None)
+            p.conn.process_data_events(time_limit=0.3)
+            return {"result": "consume-ok"}
+        except pika.exceptions.AMQPError as e:
+            return closed(e)
+
+
 # --------------------------------------------------------------------- output
 
 

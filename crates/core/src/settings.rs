@@ -18,11 +18,148 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// `x-queue-type`. Every Warren queue has the same implementation on one
+/// node; the type chooses RabbitMQ's declare rules for it, so that
+/// applications that declare quorum queues behave as they will once queues
+/// are replicated. Stream queues are refused until they exist: their
+/// non-destructive reads cannot be imitated by a classic queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+/// How a queue type refuses a declaration, in RabbitMQ's words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TypeRefusal {
+    /// `invalid arg 'x-queue-type' … : "<problem>"`.
+    UnknownType(String),
+    /// `invalid arg '<key>' … of queue type rabbit_<type>_queue`.
+    Argument(&'static str),
+    /// `invalid property '<property>' …`.
+    Property(&'static str),
+}
+
+impl QueueType {
+    /// The type `x-queue-type` asks for (absent means classic).
+    pub fn from_arguments(arguments: &FieldTable) -> Result<QueueType, TypeRefusal> {
+        let Some(value) = table::get(arguments, "x-queue-type") else {
+            return Ok(QueueType::Classic);
+        };
+        match table::as_str(value) {
+            // A non-string is refused by the argument type check.
+            None | Some("classic") => Ok(QueueType::Classic),
+            Some("quorum") => Ok(QueueType::Quorum),
+            Some("stream") => Err(TypeRefusal::UnknownType(
+                "\"unsupported queue type 'stream'\" (Warren has no stream queues yet)".into(),
+            )),
+            Some(other) => Err(TypeRefusal::UnknownType(format!("\"unsupported queue type '{other}'\""))),
+        }
+    }
+
+    /// RabbitMQ's module name, as its error texts give it.
+    pub fn rabbitmq_name(self) -> &'static str {
+        match self {
+            QueueType::Classic => "rabbit_classic_queue",
+            QueueType::Quorum => "rabbit_quorum_queue",
+        }
+    }
+
+    /// RabbitMQ's known queue arguments this type does not take (3.10).
+    /// `x-delivery-limit` stays allowed on classic queues: Warren counts
+    /// deliveries on every queue.
+    fn unsupported(self) -> &'static [&'static str] {
+        match self {
+            QueueType::Classic => &[
+                "x-max-age",
+                "x-stream-max-segment-size-bytes",
+                "x-initial-cluster-size",
+                "x-stream-filter-size-bytes",
+                "x-quorum-initial-group-size",
+                "x-dead-letter-strategy",
+                "x-queue-leader-locator",
+                "x-max-in-memory-length",
+                "x-max-in-memory-bytes",
+            ],
+            QueueType::Quorum => &[
+                "x-max-age",
+                "x-stream-max-segment-size-bytes",
+                "x-initial-cluster-size",
+                "x-stream-filter-size-bytes",
+                "x-max-priority",
+                "x-queue-mode",
+                "x-queue-master-locator",
+                "x-queue-version",
+            ],
+        }
+    }
+
+    /// The first argument this type does not take, if any.
+    pub fn unsupported_argument(self, arguments: &FieldTable) -> Option<&'static str> {
+        let unsupported = self.unsupported();
+        arguments.inner().keys().find_map(|key| unsupported.iter().copied().find(|u| *u == key.as_str()))
+    }
+
+    /// The arguments without those this type does not take: RabbitMQ checks
+    /// the values of the others first.
+    pub fn supported_arguments(self, arguments: &FieldTable) -> FieldTable {
+        let unsupported = self.unsupported();
+        let kept: std::collections::BTreeMap<_, _> = arguments
+            .inner()
+            .iter()
+            .filter(|(key, _)| !unsupported.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        FieldTable::from(kept)
+    }
+
+    /// The queue properties this type refuses, in RabbitMQ's order.
+    pub fn check_properties(self, durable: bool, exclusive: bool, auto_delete: bool) -> Result<(), TypeRefusal> {
+        if self == QueueType::Classic {
+            return Ok(());
+        }
+        if auto_delete {
+            return Err(TypeRefusal::Property("auto-delete"));
+        }
+        if exclusive {
+            return Err(TypeRefusal::Property("exclusive-owner"));
+        }
+        if !durable {
+            return Err(TypeRefusal::Property("non-durable"));
+        }
+        Ok(())
+    }
+
+    /// Values of this type's own arguments, with RabbitMQ's problem texts.
+    fn check_own_arguments(self, arguments: &FieldTable) -> Result<(), (&'static str, String)> {
+        if self != QueueType::Quorum {
+            return Ok(());
+        }
+        let choice = |key: &'static str, allowed: &[&str], problem: &str| match table::get(arguments, key) {
+            Some(value) if !table::as_str(value).is_some_and(|v| allowed.contains(&v)) => Err((key, problem.into())),
+            _ => Ok(()),
+        };
+        choice("x-dead-letter-strategy", &["at-most-once", "at-least-once"], "invalid_dlx_strategy")?;
+        choice("x-queue-leader-locator", &["client-local", "balanced"], "invalid_queue_locator_arg")?;
+        for key in ["x-quorum-initial-group-size", "x-max-in-memory-length", "x-max-in-memory-bytes"] {
+            let Some(value) = table::get(arguments, key) else { continue };
+            match table::as_i64(value) {
+                Some(n) if n < 0 => return Err((key, format!("{{value_negative,{n}}}"))),
+                Some(_) => {}
+                None => return Err((key, format!("\"expected integer, got {}\"", value_type(value)))),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Upper bound of `x-max-priority`, as in RabbitMQ.
 pub const MAX_PRIORITY: i64 = 255;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QueueSettings {
+    pub queue_type: QueueType,
     /// `x-message-ttl`, milliseconds.
     pub message_ttl: Option<u64>,
     /// `x-expires`: the queue is deleted after this many milliseconds unused.
@@ -100,7 +237,10 @@ impl QueueSettings {
     /// Reads the arguments; `Err((argument, problem))` names the first bad one
     /// with RabbitMQ's description of the problem.
     pub fn from_arguments(arguments: &FieldTable) -> Result<QueueSettings, (&'static str, String)> {
-        let mut settings = QueueSettings::default();
+        // An unknown type is refused (with its own text) before this is read.
+        let queue_type = QueueType::from_arguments(arguments).unwrap_or_default();
+        queue_type.check_own_arguments(arguments)?;
+        let mut settings = QueueSettings { queue_type, ..QueueSettings::default() };
         let int = |key: &'static str| -> Result<Option<i64>, (&'static str, String)> {
             match table::get(arguments, key) {
                 None => Ok(None),
@@ -303,6 +443,32 @@ mod tests {
             bad(&[("x-retry-delay", AMQPValue::LongInt(1)), ("x-retry-jitter", AMQPValue::Double(2.0))]),
             "x-retry-jitter"
         );
+    }
+
+    #[test]
+    fn queue_types_take_rabbitmq_s_arguments_and_properties() {
+        let quorum = args(&[("x-queue-type", text("quorum")), ("x-max-priority", AMQPValue::LongInt(5))]);
+        assert_eq!(QueueType::from_arguments(&quorum), Ok(QueueType::Quorum));
+        assert_eq!(QueueType::Quorum.unsupported_argument(&quorum), Some("x-max-priority"));
+        assert_eq!(QueueType::Quorum.unsupported_argument(&QueueType::Quorum.supported_arguments(&quorum)), None);
+        assert_eq!(QueueType::Classic.unsupported_argument(&quorum), None);
+        assert_eq!(QueueType::Quorum.check_properties(true, false, false), Ok(()));
+        assert_eq!(QueueType::Quorum.check_properties(false, true, true), Err(TypeRefusal::Property("auto-delete")));
+        assert_eq!(
+            QueueType::Quorum.check_properties(false, true, false),
+            Err(TypeRefusal::Property("exclusive-owner"))
+        );
+        assert_eq!(QueueType::Quorum.check_properties(false, false, false), Err(TypeRefusal::Property("non-durable")));
+        assert_eq!(QueueType::Classic.check_properties(false, true, true), Ok(()));
+        assert!(matches!(
+            QueueType::from_arguments(&args(&[("x-queue-type", text("stream"))])),
+            Err(TypeRefusal::UnknownType(text)) if text.contains("'stream'")
+        ));
+        let bad = |pairs: &[(&str, AMQPValue)]| QueueSettings::from_arguments(&args(pairs)).unwrap_err();
+        let quorum_with = |key: &'static str, value: AMQPValue| [("x-queue-type", text("quorum")), (key, value)];
+        assert_eq!(bad(&quorum_with("x-dead-letter-strategy", text("bogus"))).1, "invalid_dlx_strategy");
+        assert_eq!(bad(&quorum_with("x-queue-leader-locator", text("bogus"))).1, "invalid_queue_locator_arg");
+        assert_eq!(bad(&quorum_with("x-quorum-initial-group-size", text("3"))).1, "\"expected integer, got longstr\"");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, DELAYED_PREF
 use crate::message::Message;
 use crate::policy::{self, Policy};
 use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
-use crate::settings::{int_type, value_type, Overflow, QueueSettings};
+use crate::settings::{int_type, value_type, Overflow, QueueSettings, QueueType, TypeRefusal};
 use crate::{Clock, SystemClock};
 
 pub type ConnectionId = u64;
@@ -321,11 +321,6 @@ fn bool_str(value: bool) -> &'static str {
     }
 }
 
-/// Queue types a client may ask for. Every queue is Warren's one kind of
-/// queue (durable when declared durable); the name is accepted so that
-/// clients written for quorum queues and streams declare without error.
-const QUEUE_TYPES: &[&str] = &["classic", "quorum", "stream"];
-
 /// Queue arguments whose values must be equal on redeclaration.
 const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-expires",
@@ -544,6 +539,48 @@ impl VirtualHostState {
 
     fn not_found_exchange(&self, name: &str) -> AmqpError {
         soft(ReplyCode::NotFound, format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    /// Types and values of a declaration's arguments, as RabbitMQ checks them.
+    fn check_queue_arguments(&self, name: &str, arguments: &FieldTable) -> Result<(), AmqpError> {
+        for (key, value) in arguments.inner() {
+            let key = key.as_str();
+            if matches!(key, "x-dead-letter-exchange" | "x-dead-letter-routing-key")
+                && warren_codec::table::as_str(value).is_none()
+            {
+                return Err(precondition(format!(
+                    "invalid type '{}' for arg '{key}' in queue '{name}' in vhost '{}'",
+                    value_type(value),
+                    self.name
+                )));
+            }
+            if let Err(problem) = validate_queue_argument(key, value) {
+                return Err(precondition(format!(
+                    "invalid arg '{key}' for queue '{name}' in vhost '{}': \"{problem}\"",
+                    self.name
+                )));
+            }
+        }
+        QueueSettings::from_arguments(arguments).map_err(|(key, problem)| {
+            precondition(format!("invalid arg '{key}' for queue '{name}' in vhost '{}': {problem}", self.name))
+        })?;
+        Ok(())
+    }
+
+    fn type_refusal(&self, name: &str, queue_type: QueueType, refusal: TypeRefusal) -> AmqpError {
+        let vhost = &self.name;
+        precondition(match refusal {
+            TypeRefusal::UnknownType(problem) => {
+                format!("invalid arg 'x-queue-type' for queue '{name}' in vhost '{vhost}': {problem}")
+            }
+            TypeRefusal::Argument(key) => format!(
+                "invalid arg '{key}' for queue '{name}' in vhost '{vhost}' of queue type {}",
+                queue_type.rabbitmq_name()
+            ),
+            TypeRefusal::Property(property) => {
+                format!("invalid property '{property}' for queue '{name}' in vhost '{vhost}'")
+            }
+        })
     }
 
     fn locked(&self, name: &str) -> AmqpError {
@@ -1485,36 +1522,20 @@ impl VirtualHostState {
             name
         };
         admit(name)?;
-        for (key, value) in arguments.inner() {
-            let key = key.as_str();
-            if matches!(key, "x-dead-letter-exchange" | "x-dead-letter-routing-key")
-                && warren_codec::table::as_str(value).is_none()
-            {
-                return Err(precondition(format!(
-                    "invalid type '{}' for arg '{key}' in queue '{name}' in vhost '{}'",
-                    value_type(value),
-                    self.name
-                )));
+        let queue_type =
+            QueueType::from_arguments(&arguments).map_err(|r| self.type_refusal(name, QueueType::Classic, r))?;
+        // As RabbitMQ: the values of the arguments the type takes are
+        // checked first, then an argument it does not take is refused.
+        match queue_type.unsupported_argument(&arguments) {
+            Some(key) => {
+                self.check_queue_arguments(name, &queue_type.supported_arguments(&arguments))?;
+                return Err(self.type_refusal(name, queue_type, TypeRefusal::Argument(key)));
             }
-            if key == "x-queue-type" {
-                if let Some(kind) = warren_codec::table::as_str(value).filter(|k| !QUEUE_TYPES.contains(k)) {
-                    return Err(precondition(format!(
-                        "invalid arg '{key}' for queue '{name}' in vhost '{}': \"unsupported queue type '{kind}'\"",
-                        self.name
-                    )));
-                }
-            }
-            if let Err(problem) = validate_queue_argument(key, value) {
-                return Err(precondition(format!(
-                    "invalid arg '{key}' for queue '{name}' in vhost '{}': \"{problem}\"",
-                    self.name
-                )));
-            }
+            None => self.check_queue_arguments(name, &arguments)?,
         }
-        let invalid = |(key, problem): (&str, String)| {
-            precondition(format!("invalid arg '{key}' for queue '{name}' in vhost '{}': {problem}", self.name))
-        };
-        QueueSettings::from_arguments(&arguments).map_err(invalid)?;
+        queue_type
+            .check_properties(durable, exclusive, auto_delete)
+            .map_err(|r| self.type_refusal(name, queue_type, r))?;
         let now = self.clock.now_ms();
         if let Some(&id) = self.queue_ids.get(name) {
             if let Some(queue) = self.queues.get_mut(&id) {
@@ -1541,7 +1562,9 @@ impl VirtualHostState {
             for key in EQUIVALENT_QUEUE_ARGS {
                 let received = warren_codec::table::get(&arguments, key);
                 let current = warren_codec::table::get(&queue.arguments, key);
-                if !equivalent(received, current) {
+                // No x-queue-type means classic.
+                let same_type = *key == "x-queue-type" && queue_type == queue.settings.queue_type;
+                if !same_type && !equivalent(received, current) {
                     let (received, current) = match (received, current) {
                         (Some(r), Some(c)) => (format!("'{}'", plain(r)), format!("'{}'", plain(c))),
                         (r, c) => (describe(r), describe(c)),
@@ -1571,7 +1594,9 @@ impl VirtualHostState {
         let id = self.next_queue_id;
         self.next_queue_id += 1;
         let owner = exclusive.then_some(connection);
-        let settings = self.queue_settings(&name, &arguments).map_err(invalid)?;
+        let settings = self.queue_settings(&name, &arguments).map_err(|(key, problem)| {
+            precondition(format!("invalid arg '{key}' for queue '{name}' in vhost '{}': {problem}", self.name))
+        })?;
         if settings.is_timed() {
             self.timed.insert(id);
         }
@@ -1971,6 +1996,15 @@ impl VirtualHostState {
             return Ok(tag.to_string());
         }
         let id = self.queue_id(key.connection, queue)?;
+        let global_qos = self.channels.get(&key).is_some_and(|c| c.prefetch_count > 0);
+        if global_qos && self.queues.get(&id).is_some_and(|q| q.settings.queue_type == QueueType::Quorum) {
+            return Err(AmqpError::hard(
+                ReplyCode::NotImplemented,
+                format!("queue '{queue}' in vhost '{}' does not support global qos", self.name),
+                0,
+                0,
+            ));
+        }
         let priority = match warren_codec::table::get(arguments, "x-priority") {
             None => 0,
             Some(value) => warren_codec::table::as_i64(value).ok_or_else(|| {
