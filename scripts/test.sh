@@ -33,7 +33,8 @@ for _ in $(seq 1 100); do
 done
 # pika, then other clients' own habits: py-amqp (kombu, Celery) and Node
 # amqplib.
-WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 300 python3 -m pytest -q tests/pika tests/clients
+WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_BIN=./target/debug/warren \
+    step 300 python3 -m pytest -q tests/pika tests/clients
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 120 node --test tests/node
 # RabbitMQ conformance: 85 recorded error cases (same codes and texts), the
 # recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the

@@ -190,4 +190,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["ok"] else 1)
+    # A broker from this checkout when none listens at the default address.
+    sys.path.insert(0, os.path.dirname(HERE))
+    import local_broker  # noqa: E402
+
+    sys.exit(0 if local_broker.run_example(main, DEFAULT_URL) else 1)

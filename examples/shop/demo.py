@@ -21,8 +21,10 @@ inventory.dead. It exits non-zero if any check fails.
     python3 examples/shop/demo.py --quick    # smaller numbers, under 30 s
 
 Binaries: $WARREN_BIN, else target/release/warren, else target/debug/warren;
-$SHOP_CART_BIN, else target/release/shop-cart, else target/debug/shop-cart
-(build them with `cargo build --release -p warren -p shop-cart`).
+$SHOP_CART_BIN, else target/release/shop-cart, else target/debug/shop-cart,
+whichever is newer than the sources; when neither is, the demo builds them
+first (`cargo build --release -p warren -p shop-cart`, a few minutes the
+first time).
 """
 
 import argparse
@@ -41,13 +43,18 @@ import tempfile
 import threading
 import time
 
-import pika
-import pika.exceptions
+try:
+    import pika
+    import pika.exceptions
+except ImportError:
+    sys.exit("the demo needs pika: python3 -m pip install pika")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 import inventory  # noqa: E402  (the wiring: exchange, queue names and arguments)
+import local_broker  # noqa: E402  (finds or builds the binaries)
 
 # The numbers of the timeline. The inventory is slowed down to `rate`
 # requests per second so that a backlog builds up and can be watched.
@@ -76,17 +83,6 @@ def say(line=""):
     with print_lock:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
-
-
-def find_binary(variable, name):
-    path = os.environ.get(variable)
-    if path:
-        return path if os.path.isfile(path) else None
-    for build in ("release", "debug"):
-        candidate = os.path.join(ROOT, "target", build, name)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
 
 
 def free_port():
@@ -619,13 +615,8 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the logs and the database afterwards")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    warren_bin = find_binary("WARREN_BIN", "warren")
-    cart_bin = find_binary("SHOP_CART_BIN", "shop-cart")
-    missing = [name for name, path in (("warren ($WARREN_BIN)", warren_bin),
-                                       ("shop-cart ($SHOP_CART_BIN)", cart_bin)) if path is None]
-    if missing:
-        say("not found: %s; build with `cargo build --release -p warren -p shop-cart`" % ", ".join(missing))
-        return 2
+    found = local_broker.binaries({"warren": "WARREN_BIN", "shop-cart": "SHOP_CART_BIN"})
+    warren_bin, cart_bin = found["warren"], found["shop-cart"]
     workdir = tempfile.mkdtemp(prefix="shop-demo-")
     shop = Shop(warren_bin, cart_bin, workdir, settings)
     ok = False

@@ -304,3 +304,25 @@ def test_documented_commands_run(res, tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+def test_an_example_starts_a_broker_of_its_own_when_none_listens(tmp_path):
+    """A newcomer who runs an example before starting Warren gets one from
+    this checkout (WARREN_BIN, else a build that is newer than the sources),
+    on a free port, for the example's duration."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        silent_port = s.getsockname()[1]
+    command = [sys.executable, str(EXAMPLES / "request_reply" / "run.py"),
+               "--url", "amqp://guest:guest@localhost:%d/%%2F" % silent_port]
+    env = dict(os.environ)
+    if env.get("WARREN_BIN"):
+        env["WARREN_BIN"] = os.path.abspath(env["WARREN_BIN"])
+    run = subprocess.run(command, cwd=str(tmp_path), env=env, text=True, timeout=120,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("no broker at localhost:%d: starting " % silent_port), lines[0]
+    assert lines[-1] == "timed out while no worker ran; then every answer matched its request", run.stdout

@@ -4,9 +4,8 @@ test_demo runs the demo's whole timeline (burst, inventory killed, recovery,
 poison messages) in its quick form and checks its verdict. The other tests
 drive the inventory service alone against a broker.
 
-Binaries: $WARREN_BIN and $SHOP_CART_BIN, else target/{release,debug}/warren
-and target/{release,debug}/shop-cart. Only a missing cart binary skips
-(test_demo); a missing broker is a failure.
+Binaries: $WARREN_BIN and $SHOP_CART_BIN, else those the demo itself finds
+or builds (examples/local_broker.py).
 
     WARREN_BIN=target/debug/warren SHOP_CART_BIN=target/debug/shop-cart pytest tests/shop
 """
@@ -28,18 +27,14 @@ SHOP = os.path.join(ROOT, "examples", "shop")
 sys.path.insert(0, SHOP)
 import demo  # noqa: E402
 import inventory  # noqa: E402
+import local_broker  # noqa: E402  (on the path through demo)
 
 
 def warren_bin():
-    path = demo.find_binary("WARREN_BIN", "warren")
-    assert path, "no broker binary: set WARREN_BIN or run `cargo build -p warren`"
-    return path
+    return local_broker.binaries({"warren": "WARREN_BIN"})["warren"]
 
 
 def test_demo():
-    if demo.find_binary("SHOP_CART_BIN", "shop-cart") is None:
-        pytest.skip("no shop-cart binary: set SHOP_CART_BIN or run `cargo build -p shop-cart`")
-    warren_bin()
     run = subprocess.run([sys.executable, os.path.join(SHOP, "demo.py"), "--quick"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
     output = run.stdout.decode(errors="replace")
