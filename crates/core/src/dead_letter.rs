@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use warren_codec::properties::{flag, Properties};
+use warren_codec::properties::{flag, Properties, SenderSelected};
 use warren_codec::table;
 use warren_codec::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
@@ -55,12 +55,12 @@ pub struct Target<'a> {
 /// the routing keys to publish it with (first one is its routing key).
 pub fn copy(message: &Message, reason: Reason, target: &Target<'_>, now_secs: u64) -> (Message, Vec<Vec<u8>>) {
     let properties = message.properties_view();
-    let mut headers: BTreeMap<ShortString, AMQPValue> =
-        properties.headers().map(|h| h.inner().clone()).unwrap_or_default();
+    let decoded = properties.headers().unwrap_or_default();
     // The first routing key is the one of `basic.publish`; the others came
     // from CC (BCC never reaches a queue).
     let mut original_keys = vec![message.routing_key().to_vec()];
-    original_keys.extend(cc_of(&headers));
+    original_keys.extend(SenderSelected::of(&decoded).cc);
+    let mut headers: BTreeMap<ShortString, AMQPValue> = decoded.inner().clone();
     let mut info: Vec<(&str, AMQPValue)> = vec![
         ("reason", text(reason.as_str())),
         ("queue", text(target.queue)),
@@ -130,21 +130,9 @@ pub fn copy(message: &Message, reason: Reason, target: &Target<'_>, now_secs: u6
     (copy, routing_keys)
 }
 
-fn cc_of(headers: &BTreeMap<ShortString, AMQPValue>) -> Vec<Vec<u8>> {
-    match headers.get("CC") {
-        Some(AMQPValue::FieldArray(cc)) => {
-            cc.as_slice().iter().filter_map(table::as_str).map(|k| k.as_bytes().to_vec()).collect()
-        }
-        _ => Vec::new(),
-    }
-}
-
 /// The CC routing keys a message was published with (kept in its headers).
 pub fn cc_keys(message: &Message) -> Vec<Vec<u8>> {
-    if message.properties().get(..2).is_none_or(|f| f[0] & 0x20 == 0) {
-        return Vec::new();
-    }
-    message.properties_view().headers().map(|h| cc_of(h.inner())).unwrap_or_default()
+    message.properties_view().sender_selected().cc
 }
 
 fn death_entry(count: i64, info: &[(&str, AMQPValue)]) -> FieldTable {

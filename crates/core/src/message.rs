@@ -89,9 +89,9 @@ impl Message {
         &self.data[start..]
     }
 
-    /// Properties as a view (copies the property bytes; off the hot path).
-    pub fn properties_view(&self) -> Properties {
-        Properties::parse(bytes::Bytes::copy_from_slice(self.properties())).unwrap_or_else(Properties::empty)
+    /// The properties, read in place (validated when the message arrived).
+    pub fn properties_view(&self) -> Properties<&[u8]> {
+        Properties::view(self.properties())
     }
 
     /// Log index of the stored copy, 0 if not stored.

@@ -446,9 +446,6 @@ fn noise(seq: u64, attempt: u64) -> f64 {
 
 /// The `x-delay` header of a message, in milliseconds.
 fn delay_of(message: &Message) -> Option<u64> {
-    if message.properties().get(..2).is_none_or(|f| f[0] & 0x20 == 0) {
-        return None;
-    }
     let headers = message.properties_view().headers()?;
     let value = warren_codec::table::get(&headers, "x-delay")?;
     let delay = warren_codec::table::as_i64(value)

@@ -186,37 +186,18 @@ fn str_of(bytes: &[u8]) -> Result<&str, AmqpError> {
 /// CC and BCC header routing keys (sender-selected distribution); BCC is
 /// removed from the message the queues receive.
 fn sender_selected(message: Message) -> (Message, Vec<Vec<u8>>) {
-    let flags = message.properties().get(..2).map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
-    if flags & flag::HEADERS == 0 {
-        return (message, Vec::new());
-    }
     let properties = message.properties_view();
-    let Some(raw) = properties.headers_raw() else {
-        return (message, Vec::new());
-    };
-    let mentions = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
-    if !mentions(b"\x02CC") && !mentions(b"\x03BCC") {
+    let selected = properties.sender_selected();
+    if selected.is_empty() {
         return (message, Vec::new());
     }
-    let Some(mut headers) = properties.headers() else {
-        return (message, Vec::new());
-    };
-    let mut keys = Vec::new();
-    for name in ["CC", "BCC"] {
-        if let Some(AMQPValue::FieldArray(array)) = table::get(&headers, name) {
-            keys.extend(array.as_slice().iter().filter_map(table::as_str).map(|k| k.as_bytes().to_vec()));
-        }
+    let rewritten = properties.without_header("BCC");
+    let mut keys = selected.cc;
+    keys.extend(selected.bcc);
+    match rewritten {
+        Some(rewritten) => (message.with_properties(&rewritten), keys),
+        None => (message, keys),
     }
-    if table::get(&headers, "BCC").is_none() {
-        return (message, keys);
-    }
-    let kept: std::collections::BTreeMap<ShortString, AMQPValue> =
-        headers.inner().iter().filter(|(k, _)| k.as_str() != "BCC").map(|(k, v)| (k.clone(), v.clone())).collect();
-    headers = FieldTable::from(kept);
-    let mut encoded = Vec::new();
-    table::encode_table(&headers, &mut encoded);
-    let rewritten = properties.with_field(flag::HEADERS, Some(&encoded));
-    (message.with_properties(&rewritten), keys)
 }
 
 /// Serves one plain TCP connection.

@@ -306,13 +306,7 @@ fn encoded_summary(encoded: &[u8]) -> Option<(u32, u8)> {
     let properties = r.take(props_len)?;
     r.u64()?;
     let size = r.rest().len().min(u32::MAX as usize) as u32;
-    let flags = properties.get(..2).map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
-    let priority = if flags & warren_codec::properties::flag::PRIORITY != 0 {
-        Properties::parse(Bytes::copy_from_slice(properties)).and_then(|p| p.priority()).unwrap_or(0)
-    } else {
-        0
-    };
-    Some((size, priority))
+    Some((size, Properties::view(properties).priority().unwrap_or(0)))
 }
 
 /// Recovery keeps a message's priority in the top byte of its log index

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use warren_codec::frame::{Frame, FrameDecoder, FrameKind};
 use warren_codec::method::{self, Method};
+use warren_codec::properties::flag;
 use warren_codec::spec::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
 use warren_codec::types::{AMQPValue, FieldTable, LongString};
 use warren_codec::{encode, PROTOCOL_HEADER};
@@ -136,11 +137,11 @@ impl PerfArgs {
         let mut flags = 0u16;
         let mut fields = Vec::new();
         if self.persistent {
-            flags |= 1 << 12;
+            flags |= flag::DELIVERY_MODE;
             fields.push(2);
         }
         if let Some(priority) = self.priority {
-            flags |= 1 << 11;
+            flags |= flag::PRIORITY;
             fields.push(priority);
         }
         let mut out = flags.to_be_bytes().to_vec();
@@ -655,7 +656,7 @@ async fn delayed(args: PerfArgs) -> anyhow::Result<()> {
         let mut headers = FieldTable::default();
         headers.insert("x-delay".into(), AMQPValue::LongLongInt(delay_ms as i64));
         let mut properties = Vec::new();
-        let flags: u16 = (1 << 13) | if args.persistent { 1 << 12 } else { 0 };
+        let flags: u16 = flag::HEADERS | if args.persistent { flag::DELIVERY_MODE } else { 0 };
         properties.extend_from_slice(&flags.to_be_bytes());
         warren_codec::table::encode_table(&headers, &mut properties);
         if args.persistent {
