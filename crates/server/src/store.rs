@@ -492,7 +492,7 @@ impl Store {
         let notify = durable.clone();
         let commit = GroupCommit::start(log, policy, move |index| {
             notify.send_replace(index);
-        });
+        })?;
         recovered.millis = started.elapsed().as_millis();
         info!(
             messages = recovered.messages,

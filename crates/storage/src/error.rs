@@ -14,6 +14,8 @@ pub enum StorageError {
     Corrupted { segment: PathBuf, offset: u64, what: String },
     #[error("index {0} is not in the log")]
     Missing(u64),
+    #[error("cannot start the commit thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl StorageError {

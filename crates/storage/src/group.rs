@@ -68,8 +68,13 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Takes over a recovered log. `listener` is called from the commit
-    /// thread with the new durable index after each batch.
-    pub fn start(log: Log, policy: FsyncPolicy, listener: impl Fn(u64) + Send + Sync + 'static) -> GroupCommit {
+    /// thread with the new durable index after each batch. Fails when the
+    /// commit thread cannot be started: nothing could ever be confirmed.
+    pub fn start(
+        log: Log,
+        policy: FsyncPolicy,
+        listener: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<GroupCommit, StorageError> {
         let next_index = log.next_index();
         let poisoned = log.is_poisoned();
         let shared = Arc::new(Shared {
@@ -85,8 +90,11 @@ impl GroupCommit {
             synced_entries: AtomicU64::new(0),
         });
         let worker = shared.clone();
-        let thread = std::thread::Builder::new().name("warren-commit".into()).spawn(move || commit_loop(&worker)).ok();
-        GroupCommit { shared, thread: Mutex::new(thread) }
+        let thread = std::thread::Builder::new()
+            .name("warren-commit".into())
+            .spawn(move || commit_loop(&worker))
+            .map_err(StorageError::Thread)?;
+        Ok(GroupCommit { shared, thread: Mutex::new(Some(thread)) })
     }
 
     /// Buffers one entry; returns its index. Durable once
@@ -274,7 +282,8 @@ mod tests {
         let (log, _) = Log::open(Arc::new(sim.clone()), Path::new("/wal"), LogOptions::default()).unwrap();
         let notified = Arc::new(AtomicU64::new(0));
         let seen = notified.clone();
-        let gc = Arc::new(GroupCommit::start(log, FsyncPolicy::Always, move |d| seen.store(d, Ordering::SeqCst)));
+        let gc =
+            Arc::new(GroupCommit::start(log, FsyncPolicy::Always, move |d| seen.store(d, Ordering::SeqCst)).unwrap());
         let mut threads = Vec::new();
         for t in 0..4u8 {
             let gc = gc.clone();
@@ -303,7 +312,7 @@ mod tests {
     fn fsync_failure_stops_durability_for_good() {
         let sim = SimBackend::new();
         let (log, _) = Log::open(Arc::new(sim.clone()), Path::new("/wal"), LogOptions::default()).unwrap();
-        let gc = GroupCommit::start(log, FsyncPolicy::Always, |_| {});
+        let gc = GroupCommit::start(log, FsyncPolicy::Always, |_| {}).unwrap();
         let first = gc.append(b"ok").unwrap();
         wait_for(&gc, first);
         sim.set_faults(Faults { fail_syncs: true, ..Faults::default() });
@@ -322,7 +331,7 @@ mod tests {
     fn wait_written_returns_once_an_append_is_readable() {
         let sim = SimBackend::new();
         let (log, _) = Log::open(Arc::new(sim.clone()), Path::new("/wal"), LogOptions::default()).unwrap();
-        let gc = GroupCommit::start(log, FsyncPolicy::Always, |_| {});
+        let gc = GroupCommit::start(log, FsyncPolicy::Always, |_| {}).unwrap();
         let index = gc.append(b"moved").unwrap();
         gc.wait_written(index).unwrap();
         assert_eq!(&gc.read(index).unwrap().payload[..], b"moved");
