@@ -137,8 +137,18 @@ pub enum JournalEvent {
     /// (acked, rejected without requeue, purged, or delivered to a no-ack
     /// consumer).
     Settled { queue: Arc<str>, stored: u64 },
-    /// A durable queue was deleted with everything in it.
+    /// A durable queue was deleted with everything in it (and its bindings).
     QueueDeleted { queue: Arc<str> },
+    /// A durable queue (not exclusive) was declared.
+    QueueDeclared(QueueDefinition),
+    /// A durable exchange was declared.
+    ExchangeDeclared(ExchangeDefinition),
+    /// A durable exchange was deleted, with the bindings from and to it.
+    ExchangeDeleted { name: Arc<str> },
+    /// A binding between durable ends was added.
+    Bound(BindingDefinition),
+    /// A binding between durable ends was removed.
+    Unbound(BindingDefinition),
     /// A stored message came back to a queue that counts returns
     /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far.
     Returned { queue: Arc<str>, stored: u64, returns: u64 },
@@ -257,7 +267,6 @@ pub struct VirtualHostState {
     dirty: Vec<QueueId>,
     next_consumer_id: u64,
     journal: Vec<JournalEvent>,
-    definitions_changed: bool,
     loader: Option<Arc<dyn MessageLoader>>,
     clock: Arc<dyn Clock>,
     dead_letters: VecDeque<DeadLetter>,
@@ -500,7 +509,6 @@ impl VirtualHostState {
             next_consumer_id: 1,
             journal: Vec::new(),
             cancel_notices: Vec::new(),
-            definitions_changed: false,
             loader: None,
             clock: Arc::new(SystemClock),
             dead_letters: VecDeque::new(),
@@ -619,11 +627,6 @@ impl VirtualHostState {
 
     pub fn has_journal(&self) -> bool {
         !self.journal.is_empty()
-    }
-
-    /// True (once) after durable definitions changed.
-    pub fn take_definitions_changed(&mut self) -> bool {
-        std::mem::take(&mut self.definitions_changed)
     }
 
     fn settled(&mut self, unacked: &Unacked) {
@@ -1042,7 +1045,8 @@ impl VirtualHostState {
                 tracing::warn!(source = %b.source, destination = %b.destination, %error, "stored binding not restored");
             }
         }
-        self.definitions_changed = false;
+        // Restored from the store: nothing to write back.
+        self.journal.clear();
     }
 
     /// Puts a message recovered from the store back into a durable queue,
@@ -1322,8 +1326,16 @@ impl VirtualHostState {
         }
         let policy = policy::effective(&self.policies, name, false);
         exchange.alternate_exchange = policy::alternate_exchange(&exchange.arguments, policy).map(Into::into);
+        if durable {
+            self.journal.push(JournalEvent::ExchangeDeclared(ExchangeDefinition {
+                name: name.to_string(),
+                kind: exchange.type_name().to_string(),
+                auto_delete,
+                internal,
+                arguments: exchange.arguments.clone(),
+            }));
+        }
         self.exchanges.insert(name.into(), exchange);
-        self.definitions_changed |= durable;
         Ok(())
     }
 
@@ -1345,7 +1357,9 @@ impl VirtualHostState {
             return Err(precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
         }
         if let Some(exchange) = self.exchanges.remove(name) {
-            self.definitions_changed |= exchange.durable;
+            if exchange.durable {
+                self.journal.push(JournalEvent::ExchangeDeleted { name: Arc::from(&*exchange.name) });
+            }
             if let Some(mut delayed) = exchange.delayed {
                 self.delayed_exchanges = self.delayed_exchanges.saturating_sub(1);
                 // Scheduled messages go with their exchange.
@@ -1375,9 +1389,7 @@ impl VirtualHostState {
             }
         }
         for name in emptied {
-            let removed = self.exchanges.remove(&name);
-            self.definitions_changed |= removed.is_some_and(|x| x.durable);
-            self.unbind_everywhere(&Destination::Exchange(name));
+            self.remove_auto_deleted_exchange(&name);
         }
     }
 
@@ -1392,18 +1404,48 @@ impl VirtualHostState {
         }
     }
 
-    fn is_durable(&self, destination: &Destination) -> bool {
+    /// An auto-delete exchange left without bindings goes, and the bindings
+    /// to it with it.
+    fn remove_auto_deleted_exchange(&mut self, name: &str) {
+        if self.exchanges.remove(name).is_some_and(|x| x.durable) {
+            self.journal.push(JournalEvent::ExchangeDeleted { name: Arc::from(name) });
+        }
+        self.unbind_everywhere(&Destination::Exchange(name.into()));
+    }
+
+    /// The stored name of a binding's destination: durable exchanges and
+    /// durable queues that are not exclusive are stored, others are not.
+    fn stored_destination(&self, destination: &Destination) -> Option<(String, bool)> {
         match destination {
-            Destination::Queue(id) => self.queues.get(id).is_some_and(|q| q.durable),
-            Destination::Exchange(name) => self.exchanges.get(&**name).is_some_and(|x| x.durable),
+            Destination::Queue(id) => self
+                .queues
+                .get(id)
+                .filter(|q| q.durable && q.exclusive_owner.is_none())
+                .map(|q| (q.name.to_string(), true)),
+            Destination::Exchange(name) => {
+                self.exchanges.get(&**name).filter(|x| x.durable).map(|_| (name.to_string(), false))
+            }
         }
     }
 
     fn binding_change(&mut self, source: &str, binding: Binding, bind: bool) -> Result<(), AmqpError> {
         let vhost = self.name.clone();
         // Only bindings between durable ends are stored.
-        let stored = self.exchanges.get(source).is_some_and(|x| x.durable) && self.is_durable(&binding.destination);
-        self.definitions_changed |= stored;
+        let stored = match self.exchanges.get(source).filter(|x| x.durable) {
+            Some(_) => self.stored_destination(&binding.destination).map(|(destination, destination_is_queue)| {
+                BindingDefinition {
+                    source: source.to_string(),
+                    destination,
+                    destination_is_queue,
+                    routing_key: binding.routing_key.to_string(),
+                    arguments: binding.arguments.clone(),
+                }
+            }),
+            None => None,
+        };
+        if let Some(definition) = stored {
+            self.journal.push(if bind { JournalEvent::Bound(definition) } else { JournalEvent::Unbound(definition) });
+        }
         let Some(exchange) = self.exchanges.get_mut(source) else {
             return Err(soft(ReplyCode::NotFound, format!("no exchange '{source}' in vhost '{vhost}'")));
         };
@@ -1416,9 +1458,7 @@ impl VirtualHostState {
         } else {
             exchange.unbind(&binding);
             if exchange.auto_delete && !exchange.has_bindings() {
-                let removed = self.exchanges.remove(source);
-                self.definitions_changed |= removed.is_some_and(|x| x.durable);
-                self.unbind_everywhere(&Destination::Exchange(source.into()));
+                self.remove_auto_deleted_exchange(source);
             }
         }
         Ok(())
@@ -1598,11 +1638,17 @@ impl VirtualHostState {
             self.timed.insert(id);
         }
         self.note_consumer_timeout(&settings);
+        // Exclusive queues go with their connection: never stored.
+        if durable && !exclusive {
+            self.journal.push(JournalEvent::QueueDeclared(QueueDefinition {
+                name: name.clone(),
+                auto_delete,
+                arguments: arguments.clone(),
+            }));
+        }
         let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments, settings);
         queue.last_used = now;
         self.queues.insert(id, queue);
-        // Exclusive queues go with their connection: never stored.
-        self.definitions_changed |= durable && !exclusive;
         self.queue_ids.insert(name.as_str().into(), id);
         Ok(self.declared(id))
     }
@@ -1684,7 +1730,6 @@ impl VirtualHostState {
                 self.journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: message.stored_index() });
             }
             self.journal.push(JournalEvent::QueueDeleted { queue: queue.name.clone() });
-            self.definitions_changed = true;
         }
         for consumer in &queue.consumers {
             if let Some(channel) = self.channels.get_mut(&consumer.channel) {
@@ -2665,11 +2710,21 @@ mod tests {
         let (mut vhost, _recorder, key) = setup();
         vhost.declare_queue(1, "durable", false, true, false, false, FieldTable::default()).unwrap();
         vhost.declare_queue(1, "transient", false, false, false, false, FieldTable::default()).unwrap();
-        assert!(vhost.take_definitions_changed());
         vhost.declare_exchange("fan", "fanout", false, true, false, false, FieldTable::default()).unwrap();
         vhost.bind_queue(1, "durable", "fan", "", FieldTable::default(), true).unwrap();
         vhost.bind_queue(1, "transient", "fan", "", FieldTable::default(), true).unwrap();
-        assert!(vhost.take_definitions_changed());
+        let mut definitions = Vec::new();
+        vhost.drain_journal(&mut definitions);
+        let kinds: Vec<String> = definitions
+            .iter()
+            .map(|e| match e {
+                JournalEvent::QueueDeclared(q) => format!("Q{}", q.name),
+                JournalEvent::ExchangeDeclared(x) => format!("X{}", x.name),
+                JournalEvent::Bound(b) => format!("B{}>{}", b.source, b.destination),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(kinds, ["Qdurable", "Xfan", "Bfan>durable"], "only durable definitions are journaled");
         let props = Properties::parse(bytes::Bytes::from_static(&[0x10, 0, 2])).unwrap();
         let transient = Properties::empty();
         let mut events = Vec::new();
@@ -2700,6 +2755,7 @@ mod tests {
                 JournalEvent::Settled { queue, stored } => format!("S{stored}{queue}"),
                 JournalEvent::QueueDeleted { queue } => format!("D{queue}"),
                 JournalEvent::Returned { queue, stored, returns } => format!("R{stored}{queue}{returns}"),
+                _ => "definition".into(),
             })
             .collect();
         assert_eq!(summary, vec!["P7[\"durable\"]", "P8[\"durable\"]", "S7durable", "S8durable"]);

@@ -500,10 +500,8 @@ impl AccessFile {
         if definitions != before || !self.path.exists() {
             let bytes = serde_json::to_vec_pretty(&definitions)
                 .map_err(|source| AccessError::Json { path: self.path.clone(), source })?;
-            crate::store::replace_file(&self.path, &bytes).map_err(|e| AccessError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            crate::files::replace(&self.path, &bytes)
+                .map_err(|e| AccessError::Io { path: e.path, source: e.source })?;
         }
         drop(lock);
         Ok((definitions, out))

@@ -30,13 +30,14 @@ use warren_codec::{encode, table, PROTOCOL_HEADER};
 use warren_core::message::MessageBuilder;
 use warren_core::vhost::REPLY_TO_QUEUE;
 use warren_core::{ChannelKey, JournalEvent, Message, VirtualHost, VirtualHostState};
+use warren_storage::StorageError;
 
 use crate::access::{Permission, Permissions, Resource, User};
 use crate::alarm::AlarmState;
 use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::outbox::ConnectionOutbox;
-use crate::store::Store;
+use crate::store::{Appended, Store};
 
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long, at most, a connection whose `connection.close` was answered
@@ -56,6 +57,13 @@ enum Phase {
     Closing,
     /// Nothing more to read: flush and drop the socket.
     Done,
+}
+
+/// A reply waiting for the log entry of the change it reports.
+struct DeferredReply {
+    index: u64,
+    channel: u16,
+    reply: AMQPClass,
 }
 
 struct Content {
@@ -103,6 +111,9 @@ struct Connection {
     account: Option<Arc<User>>,
     /// A password waiting for the KDF: (user, password, mechanism).
     pending_login: Option<(Arc<User>, String, String)>,
+    /// The reply to a method that changed durable definitions, sent once
+    /// its log entry is durable; no further frame is read meanwhile.
+    deferred_reply: Option<DeferredReply>,
     /// Permissions in the open virtual host, and the access generation
     /// they were read at.
     permissions: Option<Arc<Permissions>>,
@@ -134,6 +145,26 @@ struct Connection {
 /// Frame overhead allowed on top of the largest message while a block waits
 /// for a half-received message to complete.
 const BLOCK_GRACE_SLACK: usize = 64 * 1024;
+
+/// The store refused a change (poisoned after a failed write or fsync).
+fn not_stored() -> AmqpError {
+    AmqpError::hard(ReplyCode::InternalError, "the change could not be stored (see the broker log)", 0, 0)
+}
+
+/// Waits until the log is durable up to `index`, or the store is poisoned.
+async fn wait_durable(durable: &mut watch::Receiver<u64>, store: &Store, index: u64) -> Result<(), StorageError> {
+    loop {
+        if store.is_poisoned() {
+            return Err(StorageError::Poisoned);
+        }
+        match tokio::time::timeout(Duration::from_millis(100), durable.wait_for(|&d| d >= index)).await {
+            Ok(Ok(_)) => return Ok(()),
+            // The store is gone (shutting down).
+            Ok(Err(_)) => return Err(StorageError::Poisoned),
+            Err(_) => {}
+        }
+    }
+}
 
 fn access_refused(text: String) -> AmqpError {
     AmqpError::soft(ReplyCode::AccessRefused, text, 0, 0)
@@ -272,6 +303,7 @@ async fn serve_stream<R, W>(
         user: String::new(),
         account: None,
         pending_login: None,
+        deferred_reply: None,
         permissions: None,
         permissions_generation: 0,
         registered: false,
@@ -375,9 +407,17 @@ async fn serve_stream<R, W>(
         }
         let before = conn.phase;
         conn.process(&mut buf);
-        if let Some((user, password, mechanism)) = conn.pending_login.take() {
-            let ok = broker.verify_password(user.clone(), password).await;
-            conn.finish_login(ok, user, &mechanism);
+        // What made processing stop before the end of the input.
+        loop {
+            if let Some((user, password, mechanism)) = conn.pending_login.take() {
+                let ok = broker.verify_password(user.clone(), password).await;
+                conn.finish_login(ok, user, &mechanism);
+            } else if let Some(deferred) = conn.deferred_reply.take() {
+                let stored = wait_durable(&mut durable, &conn.store, deferred.index).await;
+                conn.send_deferred(deferred, stored);
+            } else {
+                break;
+            }
             conn.process(&mut buf);
         }
         if conn.publisher && !conn.blocked {
@@ -523,7 +563,7 @@ impl Connection {
                 if let Err(error) = result {
                     self.close_connection(error);
                 }
-                if self.pending_login.is_some() {
+                if self.pending_login.is_some() || self.deferred_reply.is_some() {
                     break;
                 }
                 if let Some(state) = guard.as_deref_mut() {
@@ -717,7 +757,7 @@ impl Connection {
     /// Appends the virtual host's journal to the store, in order, while its
     /// lock is held. Returns the log index of the last published entry, or
     /// `Err` if the store refused (poisoned).
-    fn flush_journal(&mut self, state: &mut VirtualHostState) -> Result<Option<u64>, ()> {
+    fn flush_journal(&mut self, state: &mut VirtualHostState) -> Result<Appended, ()> {
         self.store.flush(state, &mut self.journal, &mut self.record).map_err(drop)
     }
 
@@ -1127,11 +1167,34 @@ impl Connection {
         }
     }
 
-    /// Durable definitions reach disk before the client hears the reply.
-    fn reply_stored(&mut self, number: u16, reply: AMQPClass, nowait: bool, state: &mut VirtualHostState) {
-        let _ = self.flush_journal(state);
-        if !nowait {
-            self.send(number, reply);
+    /// The reply to a method that changed durable definitions goes out once
+    /// their log entry is durable (the connection reads nothing more
+    /// meanwhile, so replies stay in order); a store that cannot take the
+    /// change closes the connection with 541.
+    fn reply_stored(
+        &mut self,
+        number: u16,
+        reply: AMQPClass,
+        nowait: bool,
+        state: &mut VirtualHostState,
+    ) -> Result<(), AmqpError> {
+        let appended = self.flush_journal(state).map_err(|()| not_stored())?;
+        if nowait {
+            return Ok(());
+        }
+        match appended.definitions {
+            Some(index) if index > self.store.durable_index() => {
+                self.deferred_reply = Some(DeferredReply { index, channel: number, reply });
+            }
+            _ => self.send(number, reply),
+        }
+        Ok(())
+    }
+
+    fn send_deferred(&mut self, deferred: DeferredReply, stored: Result<(), StorageError>) {
+        match stored {
+            Ok(()) => self.send(deferred.channel, deferred.reply),
+            Err(_) => self.close_connection(not_stored()),
         }
     }
 
@@ -1150,12 +1213,12 @@ impl Connection {
                     self.allow(Permission::Configure, Resource::Exchange, name)?;
                 }
                 state.declare_exchange(name, kind, d.passive, d.durable, d.auto_delete, d.internal, d.arguments)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})), d.nowait, state);
+                self.reply_stored(number, AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})), d.nowait, state)?;
             }
             M::Delete(d) => {
                 self.allow(Permission::Configure, Resource::Exchange, d.exchange.as_str())?;
                 state.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})), d.nowait, state);
+                self.reply_stored(number, AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})), d.nowait, state)?;
             }
             M::Bind(b) => {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
@@ -1163,7 +1226,7 @@ impl Connection {
                 self.allow(Permission::Read, Resource::Exchange, source)?;
                 self.allow_topic(Permission::Read, source, key, state)?;
                 state.bind_exchange(destination, source, key, b.arguments, true)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})), b.nowait, state);
+                self.reply_stored(number, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})), b.nowait, state)?;
             }
             M::Unbind(b) => {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
@@ -1171,7 +1234,7 @@ impl Connection {
                 self.allow(Permission::Read, Resource::Exchange, source)?;
                 self.allow_topic(Permission::Read, source, key, state)?;
                 state.bind_exchange(destination, source, key, b.arguments, false)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})), b.nowait, state);
+                self.reply_stored(number, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})), b.nowait, state)?;
             }
             _ => {
                 return Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected exchange method from client", 0, 0));
@@ -1209,19 +1272,19 @@ impl Connection {
                     message_count: declared.message_count,
                     consumer_count: declared.consumer_count,
                 };
-                self.reply_stored(number, AMQPClass::Queue(M::DeclareOk(ok)), d.nowait, state);
+                self.reply_stored(number, AMQPClass::Queue(M::DeclareOk(ok)), d.nowait, state)?;
             }
             M::Bind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
                 self.allow_bind(&name, b.exchange.as_str(), b.routing_key.as_str(), state)?;
                 state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, true)?;
-                self.reply_stored(number, AMQPClass::Queue(M::BindOk(queue::BindOk {})), b.nowait, state);
+                self.reply_stored(number, AMQPClass::Queue(M::BindOk(queue::BindOk {})), b.nowait, state)?;
             }
             M::Unbind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
                 self.allow_bind(&name, b.exchange.as_str(), b.routing_key.as_str(), state)?;
                 state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, false)?;
-                self.reply_stored(number, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})), false, state);
+                self.reply_stored(number, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})), false, state)?;
             }
             M::Purge(p) => {
                 let name = self.queue_name(number, p.queue.as_str())?;
@@ -1232,7 +1295,7 @@ impl Connection {
                     AMQPClass::Queue(M::PurgeOk(queue::PurgeOk { message_count })),
                     p.nowait,
                     state,
-                );
+                )?;
             }
             M::Delete(d) => {
                 let name = self.queue_name(number, d.queue.as_str())?;
@@ -1243,7 +1306,7 @@ impl Connection {
                     AMQPClass::Queue(M::DeleteOk(queue::DeleteOk { message_count })),
                     d.nowait,
                     state,
-                );
+                )?;
             }
             _ => return Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected queue method from client", 0, 0)),
         }
@@ -1589,7 +1652,7 @@ impl Connection {
             match stored {
                 // A queue at its length limit refused it (reject-publish).
                 _ if routed.rejected => ch.awaiting_store.push_back((seq, NACK)),
-                Ok(Some(index)) => ch.awaiting_store.push_back((seq, index)),
+                Ok(Appended { published: Some(index), .. }) => ch.awaiting_store.push_back((seq, index)),
                 Err(()) if message.persistent => ch.awaiting_store.push_back((seq, NACK)),
                 _ => {}
             }

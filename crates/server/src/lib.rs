@@ -14,6 +14,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod files;
 pub mod outbox;
 pub mod password;
 pub mod server;

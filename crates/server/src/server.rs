@@ -160,6 +160,13 @@ impl Server {
                 {
                     warn!(%error, "saving deduplication keys failed");
                 }
+                // Definition entries since the last snapshot: a new one lets
+                // their segments go.
+                let snapshot_store = janitor_store.clone();
+                if let Ok(Err(error)) = tokio::task::spawn_blocking(move || snapshot_store.snapshot_definitions()).await
+                {
+                    warn!(%error, "writing the definitions snapshot failed");
+                }
                 match tokio::task::spawn_blocking(move || store.compact(&vhosts).and_then(|_| store.reclaim())).await {
                     Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "log segments reclaimed"),
                     Ok(Err(error)) => warn!(%error, "reclaiming log segments failed"),

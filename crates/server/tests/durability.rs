@@ -332,3 +332,94 @@ async fn one_old_unacknowledged_message_does_not_pin_the_disk() {
     let bodies: Vec<Vec<u8>> = drain(&ch, "pinned").await.into_iter().map(|(b, _)| b).collect();
     assert_eq!(bodies, vec![b"old".to_vec()]);
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A data directory written by the release before definitions were log
+/// entries (definitions.json rewritten whole on every change): a durable
+/// topic exchange `fx`, queue `kept` (x-max-length 5) bound to it with
+/// `a.#` and holding one persistent message, and queue `gone` deleted with
+/// a message in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_from_before_definition_entries_is_recovered() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data-before-definition-entries");
+    let data_dir = common::temp_data_dir();
+    copy_dir(&fixture, &data_dir);
+    let server = TestServer::with_config(|c| c.data_dir = data_dir.clone()).await;
+    let (conn, ch) = open(&server).await;
+    assert_eq!(count(&conn, "kept").await, Some(1));
+    assert_eq!(count(&conn, "gone").await, None, "a deleted queue stays deleted");
+    ch.basic_publish("fx".into(), "a.z".into(), BasicPublishOptions::default(), b"new", persistent()).await.unwrap();
+    common::wait_count(&ch, "kept", 2).await;
+    // The queue kept its arguments: redeclaring with others is refused.
+    let other = FieldTable::from(std::collections::BTreeMap::from([("x-max-length".into(), AMQPValue::LongInt(6))]));
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let refused = conn.create_channel().await.unwrap().queue_declare("kept".into(), durable, other).await;
+    assert!(refused.is_err(), "x-max-length 5 was restored");
+    drop(conn);
+    // Converted on the way: a second start from the new format.
+    let snapshot = std::fs::read_to_string(data_dir.join("definitions.json")).unwrap();
+    assert!(snapshot.contains("\"log_index\""), "{snapshot}");
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    let bodies: Vec<Vec<u8>> = drain(&ch, "kept").await.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(bodies, vec![b"hello".to_vec(), b"new".to_vec()]);
+}
+
+/// Definition changes are log entries replayed in order on top of the
+/// snapshot: whatever the last snapshot caught, the state after a restart
+/// is the state before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_of_definition_changes_survives_restarts() {
+    let server = TestServer::start().await;
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let durable_x = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    for round in 0..3 {
+        let (_conn, ch) = open(&server).await;
+        let (q, x) = (format!("q{round}"), format!("x{round}"));
+        ch.exchange_declare(x.as_str().into(), ExchangeKind::Direct, durable_x, FieldTable::default()).await.unwrap();
+        for name in [q.as_str(), "doomed", "unbound"] {
+            ch.queue_declare(name.into(), durable, FieldTable::default()).await.unwrap();
+            ch.queue_bind(
+                name.into(),
+                x.as_str().into(),
+                "k".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+        ch.queue_unbind("unbound".into(), x.as_str().into(), "k".into(), FieldTable::default()).await.unwrap();
+        ch.queue_delete("doomed".into(), QueueDeleteOptions::default()).await.unwrap();
+        if round > 0 {
+            ch.exchange_delete(format!("x{}", round - 1).as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+    let server = server.restart().await;
+    let (conn, ch) = open(&server).await;
+    for name in ["q0", "q1", "q2", "unbound"] {
+        assert_eq!(count(&conn, name).await, Some(0), "{name}");
+    }
+    assert_eq!(count(&conn, "doomed").await, None);
+    ch.basic_publish("x2".into(), "k".into(), BasicPublishOptions::default(), b"m", persistent()).await.unwrap();
+    common::wait_count(&ch, "q2", 1).await;
+    assert_eq!(count(&conn, "unbound").await, Some(0), "its binding was removed");
+    let gone = conn.create_channel().await.unwrap();
+    let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    assert!(gone.exchange_declare("x1".into(), ExchangeKind::Direct, passive, FieldTable::default()).await.is_err());
+}

@@ -1,0 +1,115 @@
+//! Giving disk space back: purging log segments nothing needs any more, and
+//! moving the few live messages out of the oldest segment so it can go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::info;
+use warren_core::VirtualHost;
+use warren_storage::StorageError;
+
+use super::record::{decode, put_short, Record};
+use super::Store;
+
+impl Store {
+    /// Deletes log segments that hold no live message. Blocking (it may wait
+    /// for an fsync): run it off the async runtime.
+    pub fn reclaim(&self) -> Result<usize, StorageError> {
+        let oldest_live = self.live.lock().oldest_index();
+        let durable = self.commit.durable_index();
+        if durable < *self.moved_until.lock() {
+            // Moved copies are not durable yet: the originals must stay.
+            return Ok(0);
+        }
+        // Only what is durable may be purged past; live messages and
+        // definition entries no snapshot covers pin the rest.
+        let pinned = self.definitions.lock().pinned_from().unwrap_or(u64::MAX);
+        let before = oldest_live.unwrap_or(durable + 1).min(durable + 1).min(pinned);
+        self.commit.purge_prefix(before)
+    }
+
+    /// Compaction: when the oldest segment holds only a few live messages
+    /// (say one old unacknowledged message in a mostly acknowledged file),
+    /// rewrite them at the head of the log and re-key them in their queues,
+    /// so the segment can be deleted. Blocking; takes each vhost's lock.
+    /// Returns how many messages were moved.
+    pub fn compact(&self, vhosts: &[Arc<VirtualHost>]) -> Result<usize, StorageError> {
+        const MOVE_AT_MOST: u64 = 256;
+        if self.commit.durable_index() < *self.moved_until.lock() {
+            return Ok(0);
+        }
+        let starts = self.commit.with_log(|log| log.segment_starts());
+        let (Some(&first), Some(&second)) = (starts.first(), starts.get(1)) else {
+            return Ok(0);
+        };
+        if starts.len() < 3 {
+            return Ok(0);
+        }
+        let live_in_first = self.live.lock().count_in(first..second);
+        if live_in_first == 0 || live_in_first > MOVE_AT_MOST {
+            return Ok(0);
+        }
+        let mut moved_count = 0;
+        let mut scratch = Vec::new();
+        for vhost in vhosts {
+            let mut state = vhost.lock();
+            let name = state.name.clone();
+            let mut moved = HashMap::new();
+            let mut failure = None;
+            for (old, queues) in state.stored_in(first..second) {
+                // An unreadable entry stays where it is (its queue will find
+                // out when delivering it); the others still move.
+                let Ok(entry) = self.commit.read(old) else { continue };
+                let Some(Record::Published { message, .. } | Record::Moved { message, .. }) = decode(&entry.payload)
+                else {
+                    continue;
+                };
+                scratch.clear();
+                scratch.push(b'M');
+                scratch.extend_from_slice(&old.to_le_bytes());
+                put_short(&mut scratch, name.as_bytes());
+                scratch.extend_from_slice(&(queues.len() as u16).to_le_bytes());
+                for queue in &queues {
+                    put_short(&mut scratch, queue.as_bytes());
+                }
+                scratch.extend_from_slice(message);
+                let new = match self.commit.append(&scratch) {
+                    Ok(new) => new,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                };
+                let mut live = self.live.lock();
+                for _ in &queues {
+                    live.settle(old);
+                }
+                live.add(new, queues.len() as u32);
+                drop(live);
+                moved.insert(old, new);
+                let mut until = self.moved_until.lock();
+                *until = (*until).max(new);
+            }
+            moved_count += moved.len();
+            // Queued messages may be read back as soon as they are re-keyed,
+            // so their new entries must be readable first (the vhost stays
+            // locked meanwhile: nothing can read in between).
+            if let Some(&last) = moved.values().max() {
+                if let Err(error) = self.commit.wait_written(last) {
+                    failure.get_or_insert(error);
+                    moved.retain(|_, new| *new <= self.commit.written_index());
+                }
+            }
+            // Whatever was appended and written is re-keyed, even if a later
+            // append failed.
+            state.rekey_stored(&moved);
+            if let Some(error) = failure {
+                return Err(error);
+            }
+        }
+        if moved_count > 0 {
+            info!(moved = moved_count, segment = first, "compacted: live messages moved out of the oldest segment");
+        }
+        Ok(moved_count)
+    }
+}

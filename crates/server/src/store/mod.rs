@@ -1,0 +1,237 @@
+//! The broker's durable state on top of `warren-storage`: persistent
+//! messages of durable queues and durable definitions in one shared log.
+//!
+//! Log entries (one per journal event, in the order events happened under
+//! their virtual-host lock), encoded in `record.rs`:
+//! - `P` published: vhost, durable queues, exchange, routing key,
+//!   properties, body: written once however many queues it reached; its log
+//!   index is the message's store id;
+//! - `S` settled: messages (by log index) that left queues for good, one
+//!   entry per run of settlements (an ack with `multiple`, a purge);
+//! - `R` returned: a stored message's return count in a queue;
+//! - `M` moved: a live message rewritten at the head by compaction, with
+//!   the index of the copy it replaces;
+//! - definitions (`definitions.rs`): `Q` queue declared, `D` queue deleted,
+//!   `X`/`x` exchange declared/deleted, `B`/`U` bound/unbound, `V` vhost
+//!   deleted.
+//!
+//! Recovery (`recovery.rs`) replays the log: a message is restored into every
+//! queue that has not settled it. A message is live while some queue holds
+//! it; segments older than the oldest live message and the oldest definition
+//! entry no snapshot covers are deleted by [`Store::reclaim`] (`compaction.rs`).
+//! Beside the log: `definitions.json` (the definitions snapshot) and
+//! `dedup.json` (`sidecar.rs`).
+//!
+//! What a confirm means: the `P` entry is fsynced (group commit), see
+//! docs/durability.md.
+
+mod compaction;
+mod definitions;
+mod liveness;
+mod record;
+mod recovery;
+mod sidecar;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tracing::warn;
+use warren_core::vhost::JournalEvent;
+use warren_core::{Message, MessageLoader, VirtualHostState};
+use warren_storage::{GroupCommit, StorageError};
+
+use definitions::{Change, DefinitionsLog};
+use liveness::Liveness;
+use record::{
+    decode, decode_message, encode_definition, encode_deleted, encode_published, encode_returned, encode_settled,
+    Record,
+};
+use sidecar::DedupKeys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot read or write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("definitions file {path} is invalid: {source}")]
+    Definitions { path: PathBuf, source: serde_json::Error },
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
+}
+
+/// What recovery restored.
+#[derive(Debug, Default, Clone)]
+pub struct Recovered {
+    pub messages: u64,
+    pub queue_entries: u64,
+    pub log: warren_storage::Recovery,
+    pub millis: u128,
+}
+
+/// The log indices an append gave out that callers wait on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// The last `P` entry: a publisher confirm waits until it is durable.
+    pub published: Option<u64>,
+    /// The last definition entry: the reply to the method that changed
+    /// definitions waits until it is durable.
+    pub definitions: Option<u64>,
+}
+
+pub struct Store {
+    commit: GroupCommit,
+    durable: Arc<watch::Sender<u64>>,
+    live: Mutex<Liveness>,
+    /// Highest log index written by compaction; nothing is purged until it
+    /// is durable.
+    moved_until: Mutex<u64>,
+    definitions_path: PathBuf,
+    definitions: Mutex<DefinitionsLog>,
+    dedup_path: PathBuf,
+    /// vhost -> queue -> deduplication keys (hex) and when each is forgotten.
+    dedup: Mutex<DedupKeys>,
+}
+
+impl Store {
+    /// Durable log index, as a watch for connections waiting on confirms.
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    pub fn durable_index(&self) -> u64 {
+        self.commit.durable_index()
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.commit.is_poisoned()
+    }
+
+    pub fn commit_stats(&self) -> warren_storage::group::Stats {
+        self.commit.stats()
+    }
+
+    /// Appends journal events of one virtual host, in order, and applies
+    /// the definition changes among them. Returns the log indices callers
+    /// wait on.
+    pub fn append(
+        &self,
+        vhost: &str,
+        events: &mut Vec<JournalEvent>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Appended, StorageError> {
+        let mut appended = Appended::default();
+        let mut live = self.live.lock();
+        let mut events = events.drain(..).peekable();
+        while let Some(event) = events.next() {
+            scratch.clear();
+            match event {
+                JournalEvent::Published { message, queues } => {
+                    encode_published(scratch, vhost, &message, &queues);
+                    let index = self.commit.append(scratch)?;
+                    message.set_stored_index(index);
+                    live.add(index, queues.len() as u32);
+                    appended.published = Some(index);
+                }
+                JournalEvent::Settled { queue, stored } => {
+                    // A run of settlements (an ack with `multiple`, a purge)
+                    // becomes one entry.
+                    let mut settled = vec![(queue, stored)];
+                    while let Some(JournalEvent::Settled { .. }) = events.peek() {
+                        if let Some(JournalEvent::Settled { queue, stored }) = events.next() {
+                            settled.push((queue, stored));
+                        }
+                    }
+                    encode_settled(scratch, vhost, &settled);
+                    self.commit.append(scratch)?;
+                    for (_, stored) in settled {
+                        live.settle(stored);
+                    }
+                }
+                JournalEvent::QueueDeleted { queue } => {
+                    encode_deleted(scratch, vhost, &queue);
+                    let index = self.commit.append(scratch)?;
+                    self.definitions.lock().apply(index, vhost, Change::QueueDeleted(&queue));
+                    appended.definitions = Some(index);
+                }
+                JournalEvent::Returned { queue, stored, returns } => {
+                    encode_returned(scratch, vhost, &queue, stored, returns);
+                    self.commit.append(scratch)?;
+                }
+                definition => {
+                    if !encode_definition(scratch, vhost, &definition) {
+                        continue;
+                    }
+                    let index = self.commit.append(scratch)?;
+                    let Some(Record::Definition { record, .. }) = decode(scratch) else { continue };
+                    self.definitions.lock().apply(index, vhost, record.change());
+                    appended.definitions = Some(index);
+                }
+            }
+        }
+        Ok(appended)
+    }
+
+    /// Writes a virtual host's journal while its lock is held (so log order
+    /// is lock order). Returns what was appended, or the error (already
+    /// logged) if the store refused (poisoned). `events` and `scratch` are
+    /// the caller's reusable buffers.
+    pub fn flush(
+        &self,
+        state: &mut VirtualHostState,
+        events: &mut Vec<JournalEvent>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Appended, StorageError> {
+        if !state.has_journal() {
+            return Ok(Appended::default());
+        }
+        state.drain_journal(events);
+        self.append(&state.name, events, scratch).inspect_err(|error| {
+            tracing::error!(%error, "the store refused journal entries");
+        })
+    }
+
+    /// Blocks until the log is durable up to `index`; fails if the store
+    /// is poisoned first.
+    pub fn wait_durable(&self, index: u64) -> Result<(), StorageError> {
+        while self.commit.durable_index() < index {
+            if self.commit.is_poisoned() {
+                return Err(StorageError::Poisoned);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Commits what is pending and stops the commit thread (shutdown).
+    pub fn shutdown(&self) {
+        self.commit.shutdown();
+    }
+
+    /// Log size on disk and segment count.
+    pub fn disk_usage(&self) -> (u64, usize) {
+        self.commit.with_log(|log| (log.bytes(), log.segment_count()))
+    }
+}
+
+impl MessageLoader for Store {
+    fn load(&self, stored: u64) -> Option<Message> {
+        let entry = match self.commit.read(stored) {
+            Ok(entry) => entry,
+            Err(error) => {
+                warn!(stored, %error, "stored message cannot be read");
+                return None;
+            }
+        };
+        match decode(&entry.payload) {
+            Some(Record::Published { message, .. } | Record::Moved { message, .. }) => decode_message(message),
+            _ => None,
+        }
+    }
+
+    fn readable_upto(&self) -> u64 {
+        self.commit.written_index()
+    }
+}

@@ -1,0 +1,328 @@
+//! Log entries: their encoding and decoding (one byte tag, then fields;
+//! little-endian integers, short strings with a length byte).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use warren_codec::properties::Properties;
+use warren_core::vhost::{BindingDefinition, ExchangeDefinition, JournalEvent, QueueDefinition};
+use warren_core::Message;
+
+use super::definitions::Change;
+
+pub(super) fn put_short(out: &mut Vec<u8>, value: &[u8]) {
+    let len = value.len().min(255);
+    out.push(len as u8);
+    out.extend_from_slice(&value[..len]);
+}
+
+pub(super) struct Reader<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let slice = self.bytes.get(self.at..self.at + n)?;
+        self.at += n;
+        Some(slice)
+    }
+    pub(super) fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    pub(super) fn u16(&mut self) -> Option<u16> {
+        self.take(2).and_then(|b| b.try_into().ok()).map(u16::from_le_bytes)
+    }
+    pub(super) fn u32(&mut self) -> Option<u32> {
+        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
+    }
+    pub(super) fn u64(&mut self) -> Option<u64> {
+        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+    }
+    pub(super) fn short(&mut self) -> Option<&'a [u8]> {
+        let len = self.u8()? as usize;
+        self.take(len)
+    }
+    pub(super) fn short_str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.short()?).ok()
+    }
+    pub(super) fn rest(&mut self) -> &'a [u8] {
+        let rest = self.bytes.get(self.at..).unwrap_or_default();
+        self.at = self.bytes.len();
+        rest
+    }
+}
+
+pub(super) fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Arc<str>]) {
+    out.push(b'P');
+    put_short(out, vhost.as_bytes());
+    out.extend_from_slice(&(queues.len() as u16).to_le_bytes());
+    for queue in queues {
+        put_short(out, queue.as_bytes());
+    }
+    put_short(out, message.exchange());
+    put_short(out, message.routing_key());
+    out.extend_from_slice(&(message.properties().len() as u32).to_le_bytes());
+    out.extend_from_slice(message.properties());
+    out.extend_from_slice(&message.arrived().to_le_bytes());
+    out.extend_from_slice(message.body());
+}
+
+/// Settlements in one vhost: (queue, log index of the message's `P` entry).
+pub(super) fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Arc<str>, u64)]) {
+    out.push(b'S');
+    put_short(out, vhost.as_bytes());
+    out.extend_from_slice(&(settled.len() as u32).to_le_bytes());
+    for (queue, stored) in settled {
+        out.extend_from_slice(&stored.to_le_bytes());
+        put_short(out, queue.as_bytes());
+    }
+}
+
+/// A stored message's return count in one queue.
+pub(super) fn encode_returned(out: &mut Vec<u8>, vhost: &str, queue: &str, stored: u64, returns: u64) {
+    out.push(b'R');
+    put_short(out, vhost.as_bytes());
+    put_short(out, queue.as_bytes());
+    out.extend_from_slice(&stored.to_le_bytes());
+    out.extend_from_slice(&returns.to_le_bytes());
+}
+
+pub(super) fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
+    out.push(b'D');
+    put_short(out, vhost.as_bytes());
+    put_short(out, queue.as_bytes());
+}
+
+/// A definition change: the tag, the virtual host, then the definition as
+/// JSON (rare and small, so a readable, evolvable form) or a name.
+pub(super) fn encode_definition(out: &mut Vec<u8>, vhost: &str, event: &JournalEvent) -> bool {
+    let (tag, body) = match event {
+        JournalEvent::QueueDeclared(queue) => (b'Q', serde_json::to_vec(queue).ok()),
+        JournalEvent::ExchangeDeclared(exchange) => (b'X', serde_json::to_vec(exchange).ok()),
+        JournalEvent::Bound(binding) => (b'B', serde_json::to_vec(binding).ok()),
+        JournalEvent::Unbound(binding) => (b'U', serde_json::to_vec(binding).ok()),
+        JournalEvent::ExchangeDeleted { name } => (b'x', Some(name.as_bytes().to_vec())),
+        _ => return false,
+    };
+    let Some(body) = body else { return false };
+    out.push(tag);
+    put_short(out, vhost.as_bytes());
+    out.extend_from_slice(&body);
+    true
+}
+
+pub(super) fn encode_vhost_deleted(out: &mut Vec<u8>, vhost: &str) {
+    out.push(b'V');
+    put_short(out, vhost.as_bytes());
+}
+
+/// A decoded definition entry.
+pub(super) enum DefinitionRecord<'a> {
+    QueueDeclared(QueueDefinition),
+    ExchangeDeclared(ExchangeDefinition),
+    ExchangeDeleted(&'a str),
+    Bound(BindingDefinition),
+    Unbound(BindingDefinition),
+    VhostDeleted,
+}
+
+impl DefinitionRecord<'_> {
+    pub(super) fn change(&self) -> Change<'_> {
+        match self {
+            DefinitionRecord::QueueDeclared(queue) => Change::QueueDeclared(queue),
+            DefinitionRecord::ExchangeDeclared(exchange) => Change::ExchangeDeclared(exchange),
+            DefinitionRecord::ExchangeDeleted(name) => Change::ExchangeDeleted(name),
+            DefinitionRecord::Bound(binding) => Change::Bound(binding),
+            DefinitionRecord::Unbound(binding) => Change::Unbound(binding),
+            DefinitionRecord::VhostDeleted => Change::VhostDeleted,
+        }
+    }
+}
+
+pub(super) enum Record<'a> {
+    /// `message`: the encoded exchange, routing key, properties and body
+    /// (see [`decode_message`]); recovery does not need to build it.
+    Published {
+        vhost: &'a str,
+        queues: Vec<&'a str>,
+        message: &'a [u8],
+    },
+    /// A live message rewritten at the log's head by compaction: its old
+    /// entry counts as settled for these queues in the same record, so a
+    /// crash can never leave both copies live.
+    Moved {
+        from: u64,
+        vhost: &'a str,
+        queues: Vec<&'a str>,
+        message: &'a [u8],
+    },
+    Settled {
+        vhost: &'a str,
+        settled: Vec<(u64, &'a str)>,
+    },
+    Deleted {
+        vhost: &'a str,
+        queue: &'a str,
+    },
+    Returned {
+        vhost: &'a str,
+        queue: &'a str,
+        stored: u64,
+        returns: u64,
+    },
+    Definition {
+        vhost: &'a str,
+        record: DefinitionRecord<'a>,
+    },
+}
+
+pub(super) fn decode(payload: &[u8]) -> Option<Record<'_>> {
+    let mut r = Reader { bytes: payload, at: 0 };
+    match r.u8()? {
+        tag @ (b'P' | b'M') => {
+            let from = if tag == b'M' { Some(r.u64()?) } else { None };
+            let vhost = r.short_str()?;
+            let count = r.u16()?;
+            let mut queues = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                queues.push(r.short_str()?);
+            }
+            let message = r.rest();
+            Some(match from {
+                Some(from) => Record::Moved { from, vhost, queues, message },
+                None => Record::Published { vhost, queues, message },
+            })
+        }
+        b'S' => {
+            let vhost = r.short_str()?;
+            let count = r.u32()? as usize;
+            let mut settled = Vec::with_capacity(count.min(65_536));
+            for _ in 0..count {
+                let stored = r.u64()?;
+                settled.push((stored, r.short_str()?));
+            }
+            Some(Record::Settled { vhost, settled })
+        }
+        b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
+        b'R' => {
+            Some(Record::Returned { vhost: r.short_str()?, queue: r.short_str()?, stored: r.u64()?, returns: r.u64()? })
+        }
+        tag @ (b'Q' | b'X' | b'x' | b'B' | b'U' | b'V') => {
+            let vhost = r.short_str()?;
+            let body = r.rest();
+            let record = match tag {
+                b'Q' => DefinitionRecord::QueueDeclared(serde_json::from_slice(body).ok()?),
+                b'X' => DefinitionRecord::ExchangeDeclared(serde_json::from_slice(body).ok()?),
+                b'B' => DefinitionRecord::Bound(serde_json::from_slice(body).ok()?),
+                b'U' => DefinitionRecord::Unbound(serde_json::from_slice(body).ok()?),
+                b'x' => DefinitionRecord::ExchangeDeleted(std::str::from_utf8(body).ok()?),
+                _ => DefinitionRecord::VhostDeleted,
+            };
+            Some(Record::Definition { vhost, record })
+        }
+        _ => None,
+    }
+}
+
+/// Builds the message of a `P` entry from its encoded tail.
+pub(super) fn decode_message(encoded: &[u8]) -> Option<Message> {
+    let mut r = Reader { bytes: encoded, at: 0 };
+    let exchange = r.short()?;
+    let routing_key = r.short()?;
+    let props_len = r.u32()? as usize;
+    let properties = Properties::parse(Bytes::copy_from_slice(r.take(props_len)?))?;
+    let arrived = r.u64()?;
+    let body = r.rest();
+    let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
+    builder.push_body(body);
+    let message = builder.finish();
+    message.set_arrived(arrived);
+    Some(message)
+}
+
+/// What recovery needs of an encoded message without building it: its
+/// body size (saturated to `u32`) and priority.
+pub(super) fn encoded_summary(encoded: &[u8]) -> Option<(u32, u8)> {
+    let mut r = Reader { bytes: encoded, at: 0 };
+    r.short()?;
+    r.short()?;
+    let props_len = r.u32()? as usize;
+    let properties = r.take(props_len)?;
+    r.u64()?;
+    let size = r.rest().len().min(u32::MAX as usize) as u32;
+    Some((size, Properties::view(properties).priority().unwrap_or(0)))
+}
+
+/// Recovery keeps a message's priority in the top byte of its log index
+/// (indices stay far below 2^56).
+pub(super) const PRIORITY_SHIFT: u32 = 56;
+pub(super) const INDEX_MASK: u64 = (1 << PRIORITY_SHIFT) - 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let props = Properties::parse(Bytes::from_static(&[0x10, 0, 2])).unwrap();
+        let mut builder = Message::builder(b"ex", b"rk", &props, 3);
+        builder.push_body(b"abc");
+        let message = builder.finish();
+        let mut out = Vec::new();
+        encode_published(&mut out, "/", &message, &["q1".into(), "q2".into()]);
+        match decode(&out) {
+            Some(Record::Published { vhost, queues, message: encoded }) => {
+                assert_eq!((vhost, queues), ("/", vec!["q1", "q2"]));
+                let m = decode_message(encoded).unwrap();
+                assert_eq!(
+                    (m.exchange(), m.routing_key(), m.properties(), m.body()),
+                    (&b"ex"[..], &b"rk"[..], &[0x10, 0, 2][..], &b"abc"[..])
+                );
+                assert!(m.persistent);
+            }
+            _ => panic!("not decoded"),
+        }
+        out.clear();
+        encode_settled(&mut out, "/", &[("q1".into(), 42), ("q2".into(), 43)]);
+        match decode(&out) {
+            Some(Record::Settled { vhost, settled }) => {
+                assert_eq!((vhost, settled), ("/", vec![(42, "q1"), (43, "q2")]))
+            }
+            _ => panic!("not decoded"),
+        }
+        out.clear();
+        encode_deleted(&mut out, "v", "q");
+        assert!(matches!(decode(&out), Some(Record::Deleted { vhost: "v", queue: "q" })));
+        out.clear();
+        encode_returned(&mut out, "v", "q", 7, 3);
+        assert!(matches!(decode(&out), Some(Record::Returned { vhost: "v", queue: "q", stored: 7, returns: 3 })));
+        out.clear();
+        let queue = JournalEvent::QueueDeclared(QueueDefinition {
+            name: "q".into(),
+            auto_delete: true,
+            arguments: Default::default(),
+        });
+        assert!(encode_definition(&mut out, "v", &queue));
+        match decode(&out) {
+            Some(Record::Definition { vhost: "v", record: DefinitionRecord::QueueDeclared(q) }) => {
+                assert!(q.name == "q" && q.auto_delete)
+            }
+            _ => panic!("not decoded"),
+        }
+        out.clear();
+        assert!(encode_definition(&mut out, "v", &JournalEvent::ExchangeDeleted { name: "x".into() }));
+        assert!(matches!(
+            decode(&out),
+            Some(Record::Definition { vhost: "v", record: DefinitionRecord::ExchangeDeleted("x") })
+        ));
+        out.clear();
+        encode_vhost_deleted(&mut out, "v");
+        assert!(matches!(
+            decode(&out),
+            Some(Record::Definition { vhost: "v", record: DefinitionRecord::VhostDeleted })
+        ));
+        assert!(decode(b"Zjunk").is_none());
+        assert!(decode(b"P\x01").is_none());
+    }
+}

@@ -1,0 +1,228 @@
+//! Recovery: the log replayed once at start (each segment read and
+//! checksummed once) into definitions and queue contents.
+//!
+//! Messages: every (entry, queue) pair costs 16 bytes, in index order, so a
+//! settlement is a binary search; a queue's deletion is remembered as an
+//! index, and entries of that queue before it are dropped when the entries
+//! are placed (linear in the log, however many queues were deleted).
+//! Definitions: the snapshot, then the definition entries after it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use warren_core::VirtualHost;
+use warren_storage::{Backend, FsyncPolicy, GroupCommit, Log, LogOptions};
+
+use super::definitions::{self, Change};
+use super::liveness::{Liveness, BUCKET_INDICES};
+use super::record::{decode, encoded_summary, Record, INDEX_MASK, PRIORITY_SHIFT};
+use super::{sidecar, Recovered, Store, StoreError};
+
+impl Store {
+    /// Opens the data directory with the message log on `backend`, restores
+    /// durable definitions and messages into the virtual hosts (creating
+    /// stored vhosts that are missing).
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        data_dir: &Path,
+        policy: FsyncPolicy,
+        segment_bytes_max: u64,
+        vhosts: &mut BTreeMap<String, Arc<VirtualHost>>,
+    ) -> Result<(Arc<Store>, Recovered), StoreError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io { path: data_dir.to_path_buf(), source })?;
+        let definitions_path = data_dir.join("definitions.json");
+        // The snapshot, then the definition entries after it (applied in
+        // log order below). A file from before definition entries existed
+        // already holds every change the log has.
+        let (mut definitions, before_entries) = definitions::read_snapshot(&definitions_path)?;
+
+        // Replay while the log recovers (each segment read and checksummed
+        // once). Queues are interned; every (entry, queue) pair costs 16
+        // bytes, in index order, so settling is a binary search.
+        let mut queue_ids: HashMap<(String, String), u32> = HashMap::new();
+        let mut queue_names: Vec<(String, String)> = Vec::new();
+        // Consecutive records mostly name the same queue: that one is
+        // checked first, without allocating.
+        let mut last_interned: Option<u32> = None;
+        let mut intern = |vhost: &str, queue: &str| -> u32 {
+            if let Some(id) = last_interned {
+                if let Some((v, q)) = queue_names.get(id as usize) {
+                    if v == vhost && q == queue {
+                        return id;
+                    }
+                }
+            }
+            let id = match queue_ids.get(&(vhost.to_string(), queue.to_string())) {
+                Some(id) => *id,
+                None => {
+                    queue_names.push((vhost.to_string(), queue.to_string()));
+                    let id = (queue_names.len() - 1) as u32;
+                    queue_ids.insert((vhost.to_string(), queue.to_string()), id);
+                    id
+                }
+            };
+            last_interned = Some(id);
+            id
+        };
+        const SETTLED: u32 = u32::MAX;
+        // Return counts by (log index, queue); moved entries carry theirs.
+        let mut returns: HashMap<(u64, u32), u64> = HashMap::new();
+        // (priority << 56 | log index, queue, body size): 16 bytes per
+        // queue entry, in index order.
+        let mut live: Vec<(u64, u32, u32)> = Vec::new();
+        let mut undecodable = 0u64;
+        // Queue -> log index of its last deletion.
+        let mut deleted_at: HashMap<u32, u64> = HashMap::new();
+        let (mut log, log_recovery) = Log::open_visiting(
+            backend,
+            &data_dir.join("wal"),
+            LogOptions { segment_bytes_max },
+            |index, _, payload| match decode(payload) {
+                Some(Record::Published { vhost, queues, message }) => {
+                    let (size, priority) = encoded_summary(message).unwrap_or((0, 0));
+                    let key = index | u64::from(priority) << PRIORITY_SHIFT;
+                    for queue in queues {
+                        live.push((key, intern(vhost, queue), size));
+                    }
+                }
+                Some(Record::Moved { from, vhost, queues, message }) => {
+                    let (size, priority) = encoded_summary(message).unwrap_or((0, 0));
+                    let key = index | u64::from(priority) << PRIORITY_SHIFT;
+                    let ids: Vec<u32> = queues.iter().map(|q| intern(vhost, q)).collect();
+                    let start = live.partition_point(|(i, _, _)| *i & INDEX_MASK < from);
+                    for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i & INDEX_MASK == from) {
+                        if ids.contains(&entry.1) {
+                            entry.1 = SETTLED;
+                        }
+                    }
+                    for id in &ids {
+                        if let Some(count) = returns.remove(&(from, *id)) {
+                            returns.insert((index, *id), count);
+                        }
+                    }
+                    live.extend(ids.into_iter().map(|id| (key, id, size)));
+                }
+                Some(Record::Returned { vhost, queue, stored, returns: count }) => {
+                    returns.insert((stored, intern(vhost, queue)), count);
+                }
+                Some(Record::Settled { vhost, settled }) => {
+                    for (stored, queue) in settled {
+                        let id = intern(vhost, queue);
+                        let start = live.partition_point(|(i, _, _)| *i & INDEX_MASK < stored);
+                        for entry in live[start..].iter_mut().take_while(|(i, _, _)| *i & INDEX_MASK == stored) {
+                            if entry.1 == id {
+                                entry.1 = SETTLED;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Some(Record::Deleted { vhost, queue }) => {
+                    // Every entry of the queue before this one is gone:
+                    // settled when the entries are placed, below.
+                    deleted_at.insert(intern(vhost, queue), index);
+                    if !before_entries && !definitions.covers(index) {
+                        definitions.apply(index, vhost, Change::QueueDeleted(queue));
+                    }
+                }
+                Some(Record::Definition { vhost, record }) => {
+                    if !before_entries && !definitions.covers(index) {
+                        definitions.apply(index, vhost, record.change());
+                    }
+                }
+                None => undecodable += 1,
+            },
+        )?;
+        if undecodable > 0 {
+            warn!(undecodable, "log entries that are not Warren records were skipped");
+        }
+        // What was read back counts as durable from here on (the commit
+        // thread starts from it), so make it so.
+        log.sync()?;
+        if before_entries {
+            // Convert, so that entries written from now on are not taken as
+            // already included at the next start.
+            definitions::write_snapshot(&definitions_path, &definitions, log.next_index().saturating_sub(1))?;
+            definitions = definitions::read_snapshot(&definitions_path)?.0;
+        }
+        for (name, stored) in definitions.stored() {
+            let vhost = vhosts.entry(name.clone()).or_insert_with(|| Arc::new(VirtualHost::new(&name)));
+            vhost.lock().restore(&stored);
+        }
+        let mut liveness = Liveness::default();
+        let mut recovered = Recovered { log: log_recovery, ..Recovered::default() };
+        let mut previous = 0;
+        let mut bucket_run: Option<(u64, u64)> = None;
+        // One lock per run of entries in the same virtual host.
+        let mut locked: Option<(&str, parking_lot::MutexGuard<'_, warren_core::VirtualHostState>)> = None;
+        for (key, id, size) in live.into_iter().filter(|(_, q, _)| *q != SETTLED) {
+            let (index, priority) = (key & INDEX_MASK, (key >> PRIORITY_SHIFT) as u8);
+            if deleted_at.get(&id).is_some_and(|&deleted| index < deleted) {
+                continue;
+            }
+            let Some((vhost_name, queue)) = queue_names.get(id as usize) else { continue };
+            if locked.as_ref().is_none_or(|(name, _)| *name != vhost_name.as_str()) {
+                locked = None;
+                let Some(vhost) = vhosts.get(vhost_name) else { continue };
+                locked = Some((vhost_name.as_str(), vhost.lock()));
+            }
+            let Some((_, state)) = locked.as_mut() else { continue };
+            let count = if returns.is_empty() { 0 } else { returns.get(&(index, id)).copied().unwrap_or(0) };
+            if state.recover_stored(queue, index, u64::from(size), priority, count) {
+                recovered.queue_entries += 1;
+                if index != previous {
+                    recovered.messages += 1;
+                    previous = index;
+                }
+                // Entries come in index order: count a bucket's run at once.
+                let bucket = index / BUCKET_INDICES;
+                match &mut bucket_run {
+                    Some((b, refs)) if *b == bucket => *refs += 1,
+                    _ => {
+                        if let Some((b, refs)) = bucket_run.replace((bucket, 1)) {
+                            liveness.add_to_bucket(b, refs);
+                        }
+                    }
+                }
+            }
+        }
+        drop(locked);
+        if let Some((bucket, refs)) = bucket_run {
+            liveness.add_to_bucket(bucket, refs);
+        }
+
+        let (durable_tx, _) = watch::channel(log.next_index().saturating_sub(1));
+        let durable = Arc::new(durable_tx);
+        let notify = durable.clone();
+        let commit = GroupCommit::start(log, policy, move |index| {
+            notify.send_replace(index);
+        })?;
+        recovered.millis = started.elapsed().as_millis();
+        info!(
+            messages = recovered.messages,
+            queue_entries = recovered.queue_entries,
+            millis = recovered.millis,
+            "durable state recovered"
+        );
+        // Deduplication windows, written every second by the janitor.
+        let dedup_path = data_dir.join("dedup.json");
+        let dedup = sidecar::load_dedup(&dedup_path, vhosts);
+        let store = Store {
+            commit,
+            durable,
+            live: Mutex::new(liveness),
+            moved_until: Mutex::new(0),
+            definitions_path,
+            definitions: Mutex::new(definitions),
+            dedup_path,
+            dedup: Mutex::new(dedup),
+        };
+        Ok((Arc::new(store), recovered))
+    }
+}
