@@ -14,8 +14,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 
-if ! python3 -c 'import pika, pytest, amqp' 2>/dev/null; then
-    python3 -m pip install --quiet pika pytest amqp
+if ! python3 -c 'import pika, pytest, amqp, aio_pika' 2>/dev/null; then
+    python3 -m pip install --quiet pika pytest amqp aio-pika
 fi
 if [ ! -d tests/node/node_modules/amqplib ]; then
     npm ci --prefix tests/node --no-audit --no-fund --silent
@@ -31,8 +31,8 @@ for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then break; fi
     sleep 0.1
 done
-# pika, then other clients' own habits: py-amqp (kombu, Celery) and Node
-# amqplib.
+# pika, then other clients' own habits: py-amqp (kombu, Celery), aio-pika
+# and Node amqplib.
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_BIN=./target/debug/warren \
     step 300 python3 -m pytest -q tests/pika tests/clients
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 120 node --test tests/node

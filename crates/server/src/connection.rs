@@ -842,6 +842,14 @@ impl Connection {
                 let method = method::decode(&frame.payload).map_err(|e| e.to_amqp())?;
                 let (class_id, method_id) = method::ids(&frame.payload);
                 if frame.channel == 0 {
+                    let closing =
+                        matches!(method, Method::Other(AMQPClass::Connection(connection::AMQPMethod::Close(_))));
+                    if let (true, Some(state)) = (closing, state) {
+                        // As RabbitMQ: close-ok once the channels are gone
+                        // (consumers cancelled, unacked messages requeued).
+                        state.close_connection(self.id);
+                        let _ = self.flush_journal(state);
+                    }
                     return self.handle_connection_method(method).map_err(|e| e.at(class_id, method_id));
                 }
                 if self.phase != Phase::Running {
