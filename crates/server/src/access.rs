@@ -135,7 +135,7 @@ pub struct ParameterDef {
 /// The access definitions as stored (and as RabbitMQ exports them; other
 /// sections of an export are ignored).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Definitions {
+pub struct AccessDefinitions {
     #[serde(default)]
     pub users: Vec<UserDef>,
     #[serde(default)]
@@ -171,7 +171,7 @@ fn parse_limits(json: &str, allowed: &[&str]) -> Result<BTreeMap<String, i64>, A
     Ok(limits)
 }
 
-impl Definitions {
+impl AccessDefinitions {
     pub fn user(&self, name: &str) -> Option<&UserDef> {
         self.users.iter().find(|u| u.name == name)
     }
@@ -380,7 +380,7 @@ impl Definitions {
 
     /// Merges an export (RabbitMQ's or Warren's): users, virtual hosts,
     /// permissions and limits are added or replaced; nothing is removed.
-    pub fn import(&mut self, other: Definitions) -> Result<(), AccessError> {
+    pub fn import(&mut self, other: AccessDefinitions) -> Result<(), AccessError> {
         for user in &other.users {
             password::check(&user.hashing_algorithm, &user.password_hash)
                 .map_err(|source| AccessError::Password { user: user.name.clone(), source })?;
@@ -463,7 +463,7 @@ impl AccessFile {
     }
 
     /// The definitions, or `None` if the file does not exist yet.
-    pub fn read(&self) -> Result<Option<Definitions>, AccessError> {
+    pub fn read(&self) -> Result<Option<AccessDefinitions>, AccessError> {
         match std::fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -479,8 +479,8 @@ impl AccessFile {
     pub fn update<T>(
         &self,
         seed: &Seed<'_>,
-        change: impl FnOnce(&mut Definitions) -> Result<T, AccessError>,
-    ) -> Result<(Definitions, T), AccessError> {
+        change: impl FnOnce(&mut AccessDefinitions) -> Result<T, AccessError>,
+    ) -> Result<(AccessDefinitions, T), AccessError> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(self.io(dir))?;
         }
@@ -508,8 +508,8 @@ impl AccessFile {
     }
 }
 
-fn seeded(seed: &Seed<'_>) -> Result<Definitions, AccessError> {
-    let mut definitions = Definitions::default();
+fn seeded(seed: &Seed<'_>) -> Result<AccessDefinitions, AccessError> {
+    let mut definitions = AccessDefinitions::default();
     for vhost in seed.vhosts {
         if !definitions.has_vhost(vhost) {
             definitions.add_vhost(vhost)?;
@@ -691,7 +691,7 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn compile(definitions: &Definitions) -> Access {
+    pub fn compile(definitions: &AccessDefinitions) -> Access {
         let users = definitions
             .users
             .iter()
@@ -760,8 +760,8 @@ impl Access {
 mod tests {
     use super::*;
 
-    fn defs() -> Definitions {
-        let mut d = Definitions::default();
+    fn defs() -> AccessDefinitions {
+        let mut d = AccessDefinitions::default();
         d.add_vhost("/").unwrap();
         d.add_vhost("v").unwrap();
         d.add_user("u", "pw").unwrap();
@@ -849,17 +849,17 @@ mod tests {
           "parameters": [{"value": {"max-connections": 5}, "vhost": "shop", "component": "vhost-limits", "name": "limits"}],
           "queues": [], "exchanges": [], "bindings": [], "policies": []
         }"#;
-        let parsed: Definitions = serde_json::from_str(export).unwrap();
-        let mut d = Definitions::default();
+        let parsed: AccessDefinitions = serde_json::from_str(export).unwrap();
+        let mut d = AccessDefinitions::default();
         d.import(parsed).unwrap();
         assert_eq!(d.user("old").unwrap().tags, vec!["administrator", "monitoring"]);
         assert_eq!(d.user("old").unwrap().hashing_algorithm, password::RABBIT_SHA256);
         let access = Access::compile(&d);
         assert_eq!(access.vhost_limits("shop").unwrap().max_connections, Some(5));
         assert!(access.permissions("app", "shop").is_some());
-        let mut bad: Definitions = serde_json::from_str(export).unwrap();
+        let mut bad: AccessDefinitions = serde_json::from_str(export).unwrap();
         bad.users[0].hashing_algorithm = "rabbit_password_hashing_md5".into();
-        assert!(Definitions::default().import(bad).is_err());
+        assert!(AccessDefinitions::default().import(bad).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use warren_codec::reply::ReplyCode;
 use warren_core::VirtualHost;
 use warren_storage::FsyncPolicy;
 
-use crate::access::{Access, AccessError, AccessFile, Definitions, Seed, User};
+use crate::access::{Access, AccessDefinitions, AccessError, AccessFile, Seed, User};
 use crate::config::{Config, Fsync};
 use crate::outbox::ConnectionOutbox;
 use crate::password::LoginCache;
@@ -68,17 +68,26 @@ pub struct Broker {
     pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
+/// Why the broker could not open its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+}
+
 impl Broker {
     /// Opens the data directory and restores durable state.
-    pub fn open(config: Config) -> Result<Broker, StoreError> {
+    pub fn open(config: Config) -> Result<Broker, BrokerError> {
         Self::open_with(config, Arc::new(warren_storage::FsBackend))
     }
 
     /// Same, with the message log on the given storage backend (tests use a
     /// simulated disk to cut power).
-    pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, StoreError> {
+    pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, BrokerError> {
         let access_file = AccessFile::new(&config.data_dir);
-        let definitions = load_access(&config, &access_file).map_err(StoreError::Access)?;
+        let definitions = load_access(&config, &access_file)?;
         let access = Access::compile(&definitions);
         let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
             access.vhost_names().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
@@ -207,7 +216,7 @@ impl Broker {
         Ok(true)
     }
 
-    fn apply(&self, definitions: &Definitions) {
+    fn apply(&self, definitions: &AccessDefinitions) {
         let access = Arc::new(Access::compile(definitions));
         *self.access.write() = access.clone();
         self.access_generation.fetch_add(1, Ordering::AcqRel);
@@ -338,7 +347,7 @@ fn stamp(file: &AccessFile) -> Option<(SystemTime, u64, u64)> {
 
 /// Reads the access file, seeding it on first start, and applies the
 /// configuration's users and virtual hosts.
-pub fn load_access(config: &Config, file: &AccessFile) -> Result<Definitions, AccessError> {
+pub fn load_access(config: &Config, file: &AccessFile) -> Result<AccessDefinitions, AccessError> {
     let guest_tags = vec!["administrator".to_string()];
     let mut seed_vhosts = config.vhosts.clone();
     // Virtual hosts that hold durable definitions from before access

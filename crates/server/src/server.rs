@@ -36,7 +36,7 @@ pub enum ServerError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use warren_server::access::{AccessFile, Definitions, Seed, KNOWN_TAGS};
+use warren_server::access::{AccessDefinitions, AccessFile, Seed, KNOWN_TAGS};
 use warren_server::Config;
 
 #[derive(Args)]
@@ -162,7 +162,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let file = AccessFile::new(&config.data_dir);
     // Seeds a new file exactly as the broker's first start would.
     let current = warren_server::broker::load_access(&config, &file)?;
-    let update = |change: &dyn Fn(&mut Definitions) -> Result<(), warren_server::access::AccessError>| {
+    let update = |change: &dyn Fn(&mut AccessDefinitions) -> Result<(), warren_server::access::AccessError>| {
         file.update(&Seed { vhosts: &[], users: Vec::new() }, change).map(drop)
     };
     use CtlCommand as C;
@@ -274,7 +274,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         C::ImportDefinitions { file: path } => {
             let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let imported: Definitions = serde_json::from_slice(&text)
+            let imported: AccessDefinitions = serde_json::from_slice(&text)
                 .with_context(|| format!("{} is not a definitions file", path.display()))?;
             let counts = (imported.users.len(), imported.vhosts.len(), imported.permissions.len());
             println!("Importing definitions from \"{}\" ...", path.display());

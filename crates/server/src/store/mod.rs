@@ -58,8 +58,6 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("definitions file {path} is invalid: {source}")]
     Definitions { path: PathBuf, source: serde_json::Error },
-    #[error(transparent)]
-    Access(#[from] crate::access::AccessError),
 }
 
 /// What recovery restored.

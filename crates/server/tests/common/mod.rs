@@ -53,7 +53,7 @@ impl TestServer {
     /// file) and applies them at once.
     pub fn ctl(
         &self,
-        change: impl FnOnce(&mut warren_server::access::Definitions) -> Result<(), warren_server::access::AccessError>,
+        change: impl FnOnce(&mut warren_server::access::AccessDefinitions) -> Result<(), warren_server::access::AccessError>,
     ) {
         let seed = warren_server::access::Seed { vhosts: &[], users: Vec::new() };
         self.broker.access_file().update(&seed, change).expect("access change");
