@@ -1,0 +1,478 @@
+//! One virtual host: its exchanges, queues, bindings and the delivery state
+//! of every channel opened on it, behind one lock.
+//!
+//! Invariants:
+//! - a message is in exactly one place per queue it was routed to: a queue's
+//!   ready list, or one channel's unacked list;
+//! - delivery tags on a channel increase by one per delivery, so a channel's
+//!   unacked list is sorted by tag;
+//! - deliveries are written to an [`Outbox`] while the lock is held, so they
+//!   are ordered with every reply the server writes under the same lock.
+//!
+//! Operations that free credit or add messages only mark queues dirty; the
+//! caller runs [`VirtualHostState::run_dispatch`] after writing its own reply
+//! (a `basic.consume-ok` must precede the first delivery).
+//!
+//! The state is one type; its methods live by concern: `topology.rs`
+//! (declare, delete, bind), `routing.rs` (publish), `dispatch.rs`
+//! (consumers, dispatch, `basic.get`), `channels.rs` (channel delivery state
+//! and settling), `timers.rs` (expiry, delays, consumer timeouts),
+//! `dead_letters.rs`, `durable.rs` (journal, definitions, recovery).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+use warren_codec::reply::{AmqpError, ReplyCode};
+use warren_codec::types::FieldTable;
+
+use crate::dead_letter::{self, Reason};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, DELAYED_PREFIX, DELAYED_TYPE};
+use crate::message::Message;
+use crate::policy::{self, Policy};
+use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
+use crate::settings::{int_type, value_type, Overflow, QueueSettings, QueueType, TypeRefusal};
+use crate::{Clock, SystemClock};
+
+pub type ConnectionId = u64;
+pub type QueueId = u64;
+
+/// The pseudo-queue of Direct Reply-To.
+pub const REPLY_TO_QUEUE: &str = "amq.rabbitmq.reply-to";
+const REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelKey {
+    pub connection: ConnectionId,
+    pub channel: u16,
+}
+
+/// Where the core writes frames for a connection.
+pub trait Outbox: Send + Sync {
+    fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message);
+    /// The server cancelled a consumer (its queue was deleted).
+    fn consumer_cancelled(&self, channel: u16, consumer_tag: &str);
+    /// True while the connection's unsent bytes are above its limit: the core
+    /// then stops delivering to it until [`VirtualHostState::resume_connection`].
+    fn is_congested(&self) -> bool;
+    /// The core wants this channel closed with 406 and `text` (a delivery
+    /// acknowledgement timeout in RabbitMQ's close-the-channel mode).
+    fn fail_channel(&self, _channel: u16, _text: &str) {}
+}
+
+#[derive(Debug)]
+struct Unacked {
+    delivery_tag: u64,
+    queue: QueueId,
+    seq: u64,
+    message: Arc<Message>,
+    /// None for `basic.get`.
+    consumer: Option<(Arc<str>, u64)>,
+    /// When it was delivered (coarse clock), for the consumer timeout.
+    delivered_at: u64,
+}
+
+#[derive(Debug)]
+struct ConsumerState {
+    /// Unique in the virtual host: a tag can be reused after a cancel, and
+    /// the old consumer's unacked deliveries must not count against the new.
+    id: u64,
+    queue: QueueId,
+    no_ack: bool,
+    prefetch_count: u16,
+    unacked: u32,
+}
+
+struct ChannelState {
+    outbox: Arc<dyn Outbox>,
+    next_delivery_tag: u64,
+    unacked: VecDeque<Unacked>,
+    unacked_bytes: u64,
+    consumers: HashMap<Arc<str>, ConsumerState>,
+    /// `basic.qos global=true`: shared by every consumer of the channel.
+    prefetch_count: u16,
+    /// Applies to the channel as a whole.
+    prefetch_size: u32,
+    /// `basic.qos global=false`: for consumers created afterwards.
+    consumer_prefetch: u16,
+    flow_active: bool,
+    reply_consumer: Option<(Box<str>, Arc<str>)>,
+    /// Delivery tags taken back after the consumer timeout: acknowledging
+    /// one later is not an error.
+    timed_out: BTreeSet<u64>,
+    /// Asked to be closed for a consumer timeout (close-channel mode).
+    failing: bool,
+}
+
+impl ChannelState {
+    fn can_deliver(&self, tag: &str, size: usize) -> bool {
+        if !self.flow_active || self.outbox.is_congested() {
+            return false;
+        }
+        let Some(consumer) = self.consumers.get(tag) else {
+            return false;
+        };
+        if consumer.no_ack {
+            return true;
+        }
+        if consumer.prefetch_count != 0 && consumer.unacked >= u32::from(consumer.prefetch_count) {
+            return false;
+        }
+        if self.prefetch_count != 0 && self.unacked.len() >= usize::from(self.prefetch_count) {
+            return false;
+        }
+        self.prefetch_size == 0
+            || self.unacked_bytes == 0
+            || self.unacked_bytes + size as u64 <= u64::from(self.prefetch_size)
+    }
+
+    fn next_tag(&mut self) -> u64 {
+        self.next_delivery_tag += 1;
+        self.next_delivery_tag
+    }
+}
+
+/// What the durable store must record, in the order it happened under the
+/// virtual-host lock. Only persistent messages in durable queues appear.
+#[derive(Debug)]
+pub enum JournalEvent {
+    /// A persistent message entered these durable queues. Whoever stores
+    /// it records the log index in the message (`set_stored_index`).
+    Published { message: Arc<Message>, queues: Vec<Arc<str>> },
+    /// A stored message (by log index) left a durable queue for good
+    /// (acked, rejected without requeue, purged, or delivered to a no-ack
+    /// consumer).
+    Settled { queue: Arc<str>, stored: u64 },
+    /// A durable queue was deleted with everything in it (and its bindings).
+    QueueDeleted { queue: Arc<str> },
+    /// A durable queue (not exclusive) was declared.
+    QueueDeclared(QueueDefinition),
+    /// A durable exchange was declared.
+    ExchangeDeclared(ExchangeDefinition),
+    /// A durable exchange was deleted, with the bindings from and to it.
+    ExchangeDeleted { name: Arc<str> },
+    /// A binding between durable ends was added.
+    Bound(BindingDefinition),
+    /// A binding between durable ends was removed.
+    Unbound(BindingDefinition),
+    /// A stored message came back to a queue that counts returns
+    /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far.
+    Returned { queue: Arc<str>, stored: u64, returns: u64 },
+}
+
+/// Durable definitions of a virtual host, as stored and restored.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Definitions {
+    pub exchanges: Vec<ExchangeDefinition>,
+    pub queues: Vec<QueueDefinition>,
+    pub bindings: Vec<BindingDefinition>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExchangeDefinition {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueDefinition {
+    pub name: String,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BindingDefinition {
+    pub source: String,
+    pub destination: String,
+    pub destination_is_queue: bool,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+/// What `basic.get` hands back.
+pub struct GetResult {
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    pub message_count: u32,
+}
+
+/// Deduplication keys with the time (ms) each is forgotten.
+pub type DedupEntries = Vec<(Vec<u8>, u64)>;
+
+/// What `publish` did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    /// Queues (and reply consumers) the message was routed to.
+    pub queues: usize,
+    /// A queue refused it (`x-overflow` reject-publish): a publisher in
+    /// confirm mode gets a nack.
+    pub rejected: bool,
+}
+
+/// A message leaving a queue for its dead-letter exchange (or for nowhere).
+/// The source queue's settings are captured when it dies.
+struct DeadLetter {
+    source: Arc<str>,
+    /// The message was in the source queue's store: settle it there once
+    /// the copy is routed.
+    settle: bool,
+    exchange: Option<Arc<str>>,
+    routing_key: Option<Arc<str>>,
+    message: Arc<Message>,
+    reason: Reason,
+}
+
+impl DeadLetter {
+    fn new(source: &Queue, message: Arc<Message>, reason: Reason, settle: bool) -> DeadLetter {
+        DeadLetter {
+            source: source.name.clone(),
+            settle,
+            exchange: source.settings.dead_letter_exchange.clone(),
+            routing_key: source.settings.dead_letter_routing_key.clone(),
+            message,
+            reason,
+        }
+    }
+}
+
+/// Expired messages are taken at most this many per queue per tick, so an
+/// expiring backlog never holds the lock for long.
+const EXPIRE_PER_TICK: usize = 2048;
+
+enum Enqueued {
+    /// In the queue; `durable` when it must be stored with it.
+    Accepted { durable: bool },
+    /// Seen within the queue's deduplication window: confirmed, not queued.
+    Duplicate,
+    /// Refused by the queue's length limit.
+    Rejected,
+    /// Accepted and dropped at once by the length limit.
+    Dropped,
+}
+
+pub struct QueueDeclared {
+    pub name: String,
+    pub message_count: u32,
+    pub consumer_count: u32,
+}
+
+pub struct VirtualHostState {
+    pub name: String,
+    exchanges: HashMap<Box<str>, Exchange>,
+    queue_ids: HashMap<Box<str>, QueueId>,
+    queues: HashMap<QueueId, Queue>,
+    next_queue_id: QueueId,
+    channels: HashMap<ChannelKey, ChannelState>,
+    reply_tokens: HashMap<Box<str>, (ChannelKey, Arc<str>)>,
+    dirty: Vec<QueueId>,
+    next_consumer_id: u64,
+    journal: Vec<JournalEvent>,
+    loader: Option<Arc<dyn MessageLoader>>,
+    clock: Arc<dyn Clock>,
+    dead_letters: VecDeque<DeadLetter>,
+    dead_lettering: bool,
+    /// Queues with a TTL, an expiry or messages with their own expiration.
+    timed: BTreeSet<QueueId>,
+    /// Delayed-message exchanges holding scheduled messages.
+    delaying: BTreeSet<Box<str>>,
+    /// How many delayed-message exchanges exist: publishing skips the
+    /// delay check while there are none.
+    delayed_exchanges: usize,
+    /// The clock as last read by a periodic call, for stamping deliveries
+    /// without reading the clock per message.
+    coarse_now: u64,
+    /// Delivery acknowledgement timeout of queues without their own.
+    default_consumer_timeout: Option<u64>,
+    /// RabbitMQ's behaviour on a consumer timeout: close the channel.
+    timeout_closes_channel: bool,
+    /// Shortest consumer timeout of any queue declared so far.
+    shortest_consumer_timeout: Option<u64>,
+    policies: Vec<Policy>,
+    /// The queue recovery last filled (recovery visits long runs of one).
+    recovering: Option<(Arc<str>, QueueId)>,
+    scratch_destinations: Vec<Destination>,
+    scratch_queues: Vec<QueueId>,
+    /// The virtual host's queue limit (RabbitMQ's `max-queues`).
+    max_queues: Option<u64>,
+    /// `basic.cancel` notifications for consumers of deleted queues, sent
+    /// by [`VirtualHostState::send_notices`] after the reply to the method
+    /// that caused them, as RabbitMQ orders them (`queue.delete-ok` first).
+    cancel_notices: Vec<(Arc<dyn Outbox>, u16, Arc<str>)>,
+}
+
+pub struct VirtualHost {
+    state: Mutex<VirtualHostState>,
+}
+
+impl VirtualHost {
+    pub fn new(name: &str) -> VirtualHost {
+        VirtualHost { state: Mutex::new(VirtualHostState::new(name)) }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, VirtualHostState> {
+        self.state.lock()
+    }
+}
+
+mod channels;
+mod dead_letters;
+mod dispatch;
+mod durable;
+mod routing;
+mod timers;
+mod topology;
+
+fn soft(code: ReplyCode, text: impl std::fmt::Display) -> AmqpError {
+    AmqpError::soft(code, text, 0, 0)
+}
+
+fn precondition(text: impl std::fmt::Display) -> AmqpError {
+    soft(ReplyCode::PreconditionFailed, text)
+}
+
+impl VirtualHostState {
+    pub fn new(name: &str) -> VirtualHostState {
+        let mut state = VirtualHostState {
+            name: name.to_string(),
+            exchanges: HashMap::new(),
+            queue_ids: HashMap::new(),
+            queues: HashMap::new(),
+            next_queue_id: 1,
+            channels: HashMap::new(),
+            reply_tokens: HashMap::new(),
+            dirty: Vec::new(),
+            next_consumer_id: 1,
+            journal: Vec::new(),
+            cancel_notices: Vec::new(),
+            loader: None,
+            clock: Arc::new(SystemClock),
+            dead_letters: VecDeque::new(),
+            dead_lettering: false,
+            timed: BTreeSet::new(),
+            delaying: BTreeSet::new(),
+            delayed_exchanges: 0,
+            coarse_now: 0,
+            default_consumer_timeout: None,
+            timeout_closes_channel: false,
+            shortest_consumer_timeout: None,
+            policies: Vec::new(),
+            recovering: None,
+            scratch_destinations: Vec::new(),
+            scratch_queues: Vec::new(),
+            max_queues: None,
+        };
+        for (name, kind) in [
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+            ("amq.match", ExchangeKind::Headers),
+        ] {
+            state.exchanges.insert(name.into(), Exchange::new(name, kind, true, false, false, FieldTable::default()));
+        }
+        state
+    }
+    fn not_found_queue(&self, name: &str) -> AmqpError {
+        soft(ReplyCode::NotFound, format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+    fn not_found_exchange(&self, name: &str) -> AmqpError {
+        soft(ReplyCode::NotFound, format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+    fn locked(&self, name: &str) -> AmqpError {
+        soft(
+            ReplyCode::ResourceLocked,
+            format!(
+                "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                self.name
+            ),
+        )
+    }
+    /// Looks a queue up on behalf of a connection (404 / 405).
+    fn queue_id(&self, connection: ConnectionId, name: &str) -> Result<QueueId, AmqpError> {
+        let id = *self.queue_ids.get(name).ok_or_else(|| self.not_found_queue(name))?;
+        match self.queues.get(&id) {
+            Some(queue) if queue.is_exclusive_to_other(connection) => Err(self.locked(name)),
+            Some(_) => Ok(id),
+            None => Err(self.not_found_queue(name)),
+        }
+    }
+    pub fn queue(&self, name: &str) -> Option<&Queue> {
+        self.queue_ids.get(name).and_then(|id| self.queues.get(id))
+    }
+    pub fn exchange(&self, name: &str) -> Option<&Exchange> {
+        self.exchanges.get(name)
+    }
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queue_ids.keys().map(|k| k.to_string()).collect()
+    }
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
+    }
+    /// Replaces the policies and applies them to every queue and exchange.
+    pub fn set_policies(&mut self, policies: Vec<Policy>) {
+        self.policies = policies;
+        let ids: Vec<QueueId> = self.queues.keys().copied().collect();
+        for id in ids {
+            let Some(queue) = self.queues.get(&id) else { continue };
+            let settings = self.queue_settings(&queue.name, &queue.arguments);
+            if let Ok(settings) = settings {
+                if settings.is_timed() {
+                    self.timed.insert(id);
+                }
+                self.note_consumer_timeout(&settings);
+                if let Some(queue) = self.queues.get_mut(&id) {
+                    queue.update_settings(settings);
+                }
+            }
+        }
+        for exchange in self.exchanges.values_mut() {
+            let policy = policy::effective(&self.policies, &exchange.name, false);
+            exchange.alternate_exchange = policy::alternate_exchange(&exchange.arguments, policy).map(Into::into);
+        }
+    }
+    /// A queue's settings: its arguments with its policy folded in.
+    fn queue_settings(&self, name: &str, arguments: &FieldTable) -> Result<QueueSettings, (&'static str, String)> {
+        match policy::effective(&self.policies, name, true) {
+            Some(policy) => QueueSettings::from_arguments(&policy::merge(arguments, &policy.definition)),
+            None => QueueSettings::from_arguments(arguments),
+        }
+    }
+    fn note_consumer_timeout(&mut self, settings: &QueueSettings) {
+        if let Some(timeout) = settings.consumer_timeout {
+            self.shortest_consumer_timeout = Some(self.shortest_consumer_timeout.map_or(timeout, |t| t.min(timeout)));
+        }
+    }
+    /// Sets the delivery acknowledgement timeout of queues that have no
+    /// `x-consumer-timeout`.
+    pub fn set_consumer_timeout(&mut self, millis: Option<u64>) {
+        self.default_consumer_timeout = millis;
+    }
+    /// Makes a consumer timeout close the channel (406), as RabbitMQ does,
+    /// instead of taking the delivery back.
+    pub fn set_max_queues(&mut self, max: Option<u64>) {
+        self.max_queues = max;
+    }
+    pub fn channel_consumer_count(&self, key: ChannelKey) -> usize {
+        self.channels.get(&key).map_or(0, |c| c.consumers.len())
+    }
+    pub fn set_consumer_timeout_closes_channel(&mut self, close: bool) {
+        self.timeout_closes_channel = close;
+    }
+    fn mark_dirty(&mut self, queue: QueueId) {
+        if !self.dirty.contains(&queue) {
+            self.dirty.push(queue);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod model;
