@@ -49,7 +49,10 @@ pub(crate) mod test_support {
 
 pub use message::Message;
 pub use queue::MessageLoader;
-pub use vhost::{ChannelKey, ConnectionId, Definitions, JournalEvent, Outbox, QueueId, VirtualHost, VirtualHostState};
+pub use vhost::{
+    ChannelKey, ConnectionId, Consume, Definitions, ExchangeDeclare, JournalEvent, Outbox, QueueDeclare, QueueId,
+    VirtualHost, VirtualHostState,
+};
 
 /// Wall-clock time in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync {

@@ -29,7 +29,9 @@ use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
 use warren_codec::{encode, table, PROTOCOL_HEADER};
 use warren_core::message::MessageBuilder;
 use warren_core::vhost::REPLY_TO_QUEUE;
-use warren_core::{ChannelKey, JournalEvent, Message, VirtualHost, VirtualHostState};
+use warren_core::{
+    ChannelKey, Consume, ExchangeDeclare, JournalEvent, Message, QueueDeclare, VirtualHost, VirtualHostState,
+};
 use warren_storage::StorageError;
 
 use crate::access::{Permission, Permissions, Resource, User};
@@ -1220,7 +1222,15 @@ impl Connection {
                 if !d.passive {
                     self.allow(Permission::Configure, Resource::Exchange, name)?;
                 }
-                state.declare_exchange(name, kind, d.passive, d.durable, d.auto_delete, d.internal, d.arguments)?;
+                state.declare_exchange(ExchangeDeclare {
+                    name,
+                    kind,
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments,
+                })?;
                 self.reply_stored(number, AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})), d.nowait, state)?;
             }
             M::Delete(d) => {
@@ -1262,16 +1272,17 @@ impl Connection {
         match m {
             M::Declare(d) => {
                 let permissions = self.current_permissions();
-                let declared = state.declare_queue_as(
-                    conn,
-                    d.queue.as_str(),
-                    d.passive,
-                    d.durable,
-                    d.exclusive,
-                    d.auto_delete,
-                    d.arguments,
-                    &mut |name| permissions.check(Permission::Configure, Resource::Queue, name).map_err(access_refused),
-                )?;
+                let declare = QueueDeclare {
+                    name: d.queue.as_str(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    exclusive: d.exclusive,
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments,
+                };
+                let declared = state.declare_queue_as(conn, declare, &mut |name| {
+                    permissions.check(Permission::Configure, Resource::Queue, name).map_err(access_refused)
+                })?;
                 if let Some(ch) = self.channels.get_mut(&number) {
                     ch.last_queue = declared.name.clone();
                 }
@@ -1347,7 +1358,14 @@ impl Connection {
                         0,
                     ));
                 }
-                let tag = state.consume(key, &name, c.consumer_tag.as_str(), c.no_ack, c.exclusive, &c.arguments)?;
+                let consume = Consume {
+                    queue: &name,
+                    consumer_tag: c.consumer_tag.as_str(),
+                    no_ack: c.no_ack,
+                    exclusive: c.exclusive,
+                    arguments: c.arguments,
+                };
+                let tag = state.consume(key, consume)?;
                 if !c.nowait {
                     self.send(
                         number,

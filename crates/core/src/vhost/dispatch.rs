@@ -37,16 +37,8 @@ pub(super) fn pick_consumer(
 }
 
 impl VirtualHostState {
-    #[allow(clippy::too_many_arguments)]
-    pub fn consume(
-        &mut self,
-        key: ChannelKey,
-        queue: &str,
-        consumer_tag: &str,
-        no_ack: bool,
-        exclusive: bool,
-        arguments: &FieldTable,
-    ) -> Result<String, AmqpError> {
+    pub fn consume(&mut self, key: ChannelKey, consume: Consume<'_>) -> Result<String, AmqpError> {
+        let Consume { queue, consumer_tag, no_ack, exclusive, arguments } = consume;
         let tag: Arc<str> =
             if consumer_tag.is_empty() { crate::names::generate("amq.ctag-").into() } else { consumer_tag.into() };
         let channel = self.channels.get(&key).ok_or_else(|| soft(ReplyCode::ChannelError, "channel is not open"))?;
@@ -77,7 +69,7 @@ impl VirtualHostState {
                 0,
             ));
         }
-        let priority = match warren_codec::table::get(arguments, "x-priority") {
+        let priority = match warren_codec::table::get(&arguments, "x-priority") {
             None => 0,
             Some(value) => warren_codec::table::as_i64(value).ok_or_else(|| {
                 precondition(format!(

@@ -95,14 +95,22 @@ impl VirtualHostState {
     /// Declares stored definitions (at start, before any client).
     pub fn restore(&mut self, definitions: &Definitions) {
         for x in &definitions.exchanges {
-            if let Err(error) =
-                self.declare_exchange(&x.name, &x.kind, false, true, x.auto_delete, x.internal, x.arguments.clone())
-            {
+            if let Err(error) = self.declare_exchange(ExchangeDeclare {
+                auto_delete: x.auto_delete,
+                internal: x.internal,
+                ..ExchangeDeclare::new(&x.name, &x.kind).durable().with_arguments(x.arguments.clone())
+            }) {
                 tracing::warn!(exchange = %x.name, %error, "stored exchange not restored");
             }
         }
         for q in &definitions.queues {
-            if let Err(error) = self.declare_queue(0, &q.name, false, true, false, q.auto_delete, q.arguments.clone()) {
+            if let Err(error) = self.declare_queue(
+                0,
+                QueueDeclare {
+                    auto_delete: q.auto_delete,
+                    ..QueueDeclare::named(&q.name).durable().with_arguments(q.arguments.clone())
+                },
+            ) {
                 tracing::warn!(queue = %q.name, %error, "stored queue not restored");
             }
         }

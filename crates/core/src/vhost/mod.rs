@@ -256,6 +256,80 @@ enum Enqueued {
     Dropped,
 }
 
+/// What `queue.declare` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct QueueDeclare<'a> {
+    /// Empty: a server-generated name.
+    pub name: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+impl<'a> QueueDeclare<'a> {
+    /// A transient, shared queue with no arguments.
+    pub fn named(name: &'a str) -> QueueDeclare<'a> {
+        QueueDeclare { name, ..QueueDeclare::default() }
+    }
+
+    pub fn durable(self) -> QueueDeclare<'a> {
+        QueueDeclare { durable: true, ..self }
+    }
+
+    pub fn with_arguments(self, arguments: FieldTable) -> QueueDeclare<'a> {
+        QueueDeclare { arguments, ..self }
+    }
+}
+
+/// What `exchange.declare` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ExchangeDeclare<'a> {
+    pub name: &'a str,
+    /// The type: `direct`, `fanout`, `topic`, `headers`, `x-delayed-message`.
+    pub kind: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+impl<'a> ExchangeDeclare<'a> {
+    /// A transient exchange of this type with no arguments.
+    pub fn new(name: &'a str, kind: &'a str) -> ExchangeDeclare<'a> {
+        ExchangeDeclare { name, kind, ..ExchangeDeclare::default() }
+    }
+
+    pub fn durable(self) -> ExchangeDeclare<'a> {
+        ExchangeDeclare { durable: true, ..self }
+    }
+
+    pub fn with_arguments(self, arguments: FieldTable) -> ExchangeDeclare<'a> {
+        ExchangeDeclare { arguments, ..self }
+    }
+}
+
+/// What `basic.consume` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct Consume<'a> {
+    pub queue: &'a str,
+    /// Empty: a server-generated tag.
+    pub consumer_tag: &'a str,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    /// `x-priority` and the like.
+    pub arguments: FieldTable,
+}
+
+impl<'a> Consume<'a> {
+    /// An acknowledging, shared consumer with no arguments.
+    pub fn new(queue: &'a str, consumer_tag: &'a str) -> Consume<'a> {
+        Consume { queue, consumer_tag, ..Consume::default() }
+    }
+}
+
 pub struct QueueDeclared {
     pub name: String,
     pub message_count: u32,

@@ -63,12 +63,12 @@ proptest! {
         }
         // Rejected messages, and those returned more than twice, go to
         // "dlq": they must neither vanish nor be duplicated.
-        vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+        vhost.declare_queue(1, QueueDeclare::named("dlq")).unwrap();
         let mut arguments = FieldTable::default();
         arguments.insert("x-dead-letter-exchange".into(), warren_codec::types::AMQPValue::LongString("".into()));
         arguments.insert("x-dead-letter-routing-key".into(), warren_codec::types::AMQPValue::LongString("dlq".into()));
         arguments.insert("x-delivery-limit".into(), warren_codec::types::AMQPValue::LongLongInt(2));
-        vhost.declare_queue(1, "q", false, false, false, false, arguments).unwrap();
+        vhost.declare_queue(1, QueueDeclare::named("q").with_arguments(arguments)).unwrap();
         let mut published = 0u32;
         let mut settled: Vec<u32> = Vec::new();
         // Per channel: outstanding (delivery tag, id), in tag order.
@@ -90,7 +90,7 @@ proptest! {
                     if let std::collections::btree_map::Entry::Vacant(slot) = consuming.entry(c) {
                         vhost.qos(key(c), 0, prefetch, false);
                         let no_ack = prefetch == 3;
-                        vhost.consume(key(c), "q", "tag", no_ack, false, &FieldTable::default()).unwrap();
+                        vhost.consume(key(c), Consume { no_ack, ..Consume::new("q", "tag") }).unwrap();
                         slot.insert((no_ack, prefetch));
                         consumer_tags.insert(c, Default::default());
                     }

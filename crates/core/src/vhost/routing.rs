@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// One routing key's walk through the exchanges: what it routes, the
+/// headers decoded once if some exchange needs them, the exchanges already
+/// visited (cycles end there) and the queues reached.
+pub(super) struct Walk<'a, 'w> {
+    key: &'w [u8],
+    message: &'w Message,
+    headers: &'w mut Option<Option<FieldTable>>,
+    visited: Vec<&'a str>,
+    queues: &'w mut Vec<QueueId>,
+}
+
 /// A message's deduplication key: its `x-deduplication-header` header (a
 /// string or bytes; other values by their text), else its `message_id`.
 pub(super) fn dedup_key(message: &Message) -> Option<Vec<u8>> {
@@ -128,8 +139,8 @@ impl VirtualHostState {
                 }
                 continue;
             }
-            let mut visited: Vec<&str> = Vec::new();
-            self.route_exchange(exchange, key, message, &mut headers, &mut visited, &mut destinations, queues);
+            let mut walk = Walk { key, message, headers: &mut headers, visited: Vec::new(), queues: &mut *queues };
+            self.route_exchange(exchange, &mut walk, &mut destinations);
         }
         queues.sort_unstable();
         queues.dedup();
@@ -232,51 +243,50 @@ impl VirtualHostState {
         }
         Enqueued::Accepted { durable: message.persistent && queue.durable }
     }
-    #[allow(clippy::too_many_arguments)]
+    /// Routes through exchange `name` and on through the exchanges it is
+    /// bound to (and its alternate exchange when nothing took the message),
+    /// each exchange once.
     pub(super) fn route_exchange<'a>(
         &'a self,
         name: &'a str,
-        key: &[u8],
-        message: &Message,
-        headers: &mut Option<Option<FieldTable>>,
-        visited: &mut Vec<&'a str>,
+        walk: &mut Walk<'a, '_>,
         destinations: &mut Vec<Destination>,
-        queues: &mut Vec<QueueId>,
     ) {
-        if visited.contains(&name) {
+        if walk.visited.contains(&name) {
             return;
         }
-        visited.push(name);
+        walk.visited.push(name);
         let Some(exchange) = self.exchanges.get(name) else {
             return;
         };
-        let before = queues.len();
+        let before = walk.queues.len();
         let start = destinations.len();
+        let message = walk.message;
         let headers_ref = if exchange.needs_headers() {
-            headers.get_or_insert_with(|| message.properties_view().headers()).as_ref()
+            walk.headers.get_or_insert_with(|| message.properties_view().headers()).as_ref()
         } else {
             None
         };
-        exchange.route(key, headers_ref, destinations);
+        exchange.route(walk.key, headers_ref, destinations);
         let mut index = start;
         while index < destinations.len() {
             match &destinations[index] {
-                Destination::Queue(id) => queues.push(*id),
+                Destination::Queue(id) => walk.queues.push(*id),
                 Destination::Exchange(next) => {
                     let next = next.clone();
                     if let Some((next_name, _)) = self.exchanges.get_key_value(&*next) {
                         let mut nested = Vec::new();
-                        self.route_exchange(next_name, key, message, headers, visited, &mut nested, queues);
+                        self.route_exchange(next_name, walk, &mut nested);
                     }
                 }
             }
             index += 1;
         }
         destinations.truncate(start);
-        if queues.len() == before {
+        if walk.queues.len() == before {
             if let Some(alternate) = &exchange.alternate_exchange {
                 if let Some((alternate_name, _)) = self.exchanges.get_key_value(&**alternate) {
-                    self.route_exchange(alternate_name, key, message, headers, visited, destinations, queues);
+                    self.route_exchange(alternate_name, walk, destinations);
                 }
             }
         }

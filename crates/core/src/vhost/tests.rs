@@ -40,9 +40,9 @@ fn setup_expiring() -> (VirtualHostState, Arc<Recorder>, ChannelKey, Arc<crate::
     let (mut vhost, recorder, key) = setup();
     let clock = Arc::new(crate::ManualClock::new(5_000));
     vhost.set_clock(clock.clone());
-    vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("dlq")).unwrap();
     let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
-    vhost.declare_queue(1, "q", false, false, false, false, dl).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q").with_arguments(dl)).unwrap();
     (vhost, recorder, key, clock)
 }
 
@@ -68,10 +68,10 @@ fn with_expiration(routing_key: &str, body: &[u8], millis: &str) -> Arc<Message>
 #[test]
 fn rejected_messages_go_to_the_dead_letter_exchange_and_cycles_stop() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("dlq")).unwrap();
     let dl = args(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
-    vhost.declare_queue(1, "work", false, false, false, false, dl).unwrap();
-    vhost.consume(key, "work", "c", false, false, &FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("work").with_arguments(dl)).unwrap();
+    vhost.consume(key, Consume::new("work", "c")).unwrap();
     vhost.publish("", message("work", b"a"), &[]).unwrap();
     vhost.publish("", message("work", b"b"), &[]).unwrap();
     vhost.run_dispatch();
@@ -88,7 +88,7 @@ fn rejected_messages_go_to_the_dead_letter_exchange_and_cycles_stop() {
         ("x-dead-letter-exchange", text("")),
         ("x-dead-letter-routing-key", text("loop")),
     ]);
-    vhost.declare_queue(1, "loop", false, false, false, false, selfish).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("loop").with_arguments(selfish)).unwrap();
     vhost.publish("", message("loop", b"x"), &[]).unwrap();
     clock.advance(10);
     vhost.tick();
@@ -101,13 +101,13 @@ fn rejected_messages_go_to_the_dead_letter_exchange_and_cycles_stop() {
 #[test]
 fn length_limits_drop_the_head_or_refuse_the_publish() {
     let (mut vhost, _, key) = setup();
-    vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("dlq")).unwrap();
     let drop_head = args(&[
         ("x-max-length", int(2)),
         ("x-dead-letter-exchange", text("")),
         ("x-dead-letter-routing-key", text("dlq")),
     ]);
-    vhost.declare_queue(1, "head", false, false, false, false, drop_head).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("head").with_arguments(drop_head)).unwrap();
     for body in [b"1", b"2", b"3"] {
         assert!(!vhost.publish("", message("head", body), &[]).unwrap().rejected);
     }
@@ -115,7 +115,7 @@ fn length_limits_drop_the_head_or_refuse_the_publish() {
     assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"1".to_vec()]);
 
     let reject = args(&[("x-max-length-bytes", int(10)), ("x-overflow", text("reject-publish"))]);
-    vhost.declare_queue(1, "bytes", false, false, false, false, reject).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("bytes").with_arguments(reject)).unwrap();
     let outcomes: Vec<bool> = [&b"123456"[..], b"1234", b"1"]
         .iter()
         .map(|body| vhost.publish("", message("bytes", body), &[]).unwrap().rejected)
@@ -137,14 +137,14 @@ fn expired_messages_leave_from_anywhere_and_are_never_delivered() {
 
     // Due but not yet ticked: a consumer still never sees it.
     clock.advance(1_000);
-    vhost.consume(key, "q", "c", true, false, &FieldTable::default()).unwrap();
+    vhost.consume(key, Consume { no_ack: true, ..Consume::new("q", "c") }).unwrap();
     vhost.run_dispatch();
     let delivered: Vec<Vec<u8>> = recorder.deliveries.lock().iter().map(|d| d.4.clone()).collect();
     assert_eq!(delivered, vec![b"forever".to_vec()]);
     assert_eq!(bodies(&mut vhost, key, "dlq"), vec![b"long".to_vec()]);
 
     // x-expires: an unused queue goes away.
-    vhost.declare_queue(1, "brief", false, false, false, false, args(&[("x-expires", int(100))])).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("brief").with_arguments(args(&[("x-expires", int(100))]))).unwrap();
     clock.advance(99);
     vhost.tick();
     assert!(vhost.queue("brief").is_some());
@@ -157,7 +157,7 @@ fn expired_messages_leave_from_anywhere_and_are_never_delivered() {
 fn a_zero_ttl_reaches_a_waiting_consumer_however_late_the_dispatch() {
     let (mut vhost, recorder, key, clock) = setup_expiring();
     vhost.qos(key, 0, 1, false);
-    vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
+    vhost.consume(key, Consume::new("q", "c")).unwrap();
     vhost.run_dispatch();
     vhost.publish("", with_expiration("q", b"waited-for", "0"), &[]).unwrap();
     clock.advance(5);
@@ -177,15 +177,15 @@ fn a_zero_ttl_reaches_a_waiting_consumer_however_late_the_dispatch() {
 #[test]
 fn a_delivery_limit_counts_returns_then_dead_letters() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "dlq", false, false, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("dlq")).unwrap();
     let limited = args(&[
         ("x-delivery-limit", int(1)),
         ("x-dead-letter-exchange", text("")),
         ("x-dead-letter-routing-key", text("dlq")),
     ]);
-    vhost.declare_queue(1, "q", false, false, false, false, limited).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q").with_arguments(limited)).unwrap();
     vhost.publish("", message("q", b"poison"), &[]).unwrap();
-    vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
+    vhost.consume(key, Consume::new("q", "c")).unwrap();
     vhost.run_dispatch();
     vhost.nack(key, 1, false, true).unwrap();
     vhost.run_dispatch();
@@ -207,9 +207,9 @@ fn a_delivery_limit_counts_returns_then_dead_letters() {
 #[test]
 fn prefetch_limits_deliveries_and_acks_release_more() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
     vhost.qos(key, 0, 2, false);
-    vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
+    vhost.consume(key, Consume::new("q", "c")).unwrap();
     for i in 0..5u8 {
         vhost.publish("", message("q", &[i]), &[]).unwrap();
     }
@@ -225,8 +225,8 @@ fn prefetch_limits_deliveries_and_acks_release_more() {
 #[test]
 fn closing_a_channel_requeues_in_original_order_with_redelivered() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
-    vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
+    vhost.consume(key, Consume::new("q", "c")).unwrap();
     for i in 0..3u8 {
         vhost.publish("", message("q", &[i]), &[]).unwrap();
     }
@@ -249,18 +249,18 @@ fn closing_a_channel_requeues_in_original_order_with_redelivered() {
 #[test]
 fn reusing_a_consumer_tag_does_not_inherit_old_unacked_credit() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
     for i in 0..3u8 {
         vhost.publish("", message("q", &[i]), &[]).unwrap();
     }
-    vhost.consume(key, "q", "tag", false, false, &FieldTable::default()).unwrap();
+    vhost.consume(key, Consume::new("q", "tag")).unwrap();
     vhost.run_dispatch();
     assert!(vhost.cancel(key, "tag"));
     for i in 3..5u8 {
         vhost.publish("", message("q", &[i]), &[]).unwrap();
     }
     vhost.qos(key, 0, 1, false);
-    vhost.consume(key, "q", "tag", false, false, &FieldTable::default()).unwrap();
+    vhost.consume(key, Consume::new("q", "tag")).unwrap();
     vhost.run_dispatch();
     assert_eq!(recorder.deliveries.lock().len(), 4);
     vhost.ack(key, 1, false).unwrap();
@@ -271,9 +271,9 @@ fn reusing_a_consumer_tag_does_not_inherit_old_unacked_credit() {
 #[test]
 fn journal_records_persistent_messages_in_durable_queues_and_their_settlement() {
     let (mut vhost, _recorder, key) = setup();
-    vhost.declare_queue(1, "durable", false, true, false, false, FieldTable::default()).unwrap();
-    vhost.declare_queue(1, "transient", false, false, false, false, FieldTable::default()).unwrap();
-    vhost.declare_exchange("fan", "fanout", false, true, false, false, FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("durable").durable()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("transient")).unwrap();
+    vhost.declare_exchange(ExchangeDeclare::new("fan", "fanout").durable()).unwrap();
     vhost.bind_queue(1, "durable", "fan", "", FieldTable::default(), true).unwrap();
     vhost.bind_queue(1, "transient", "fan", "", FieldTable::default(), true).unwrap();
     let mut definitions = Vec::new();
@@ -334,9 +334,9 @@ fn journal_records_persistent_messages_in_durable_queues_and_their_settlement() 
 #[test]
 fn round_robin_between_competing_consumers() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
-    vhost.consume(key, "q", "a", true, false, &FieldTable::default()).unwrap();
-    vhost.consume(key, "q", "b", true, false, &FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
+    vhost.consume(key, Consume { no_ack: true, ..Consume::new("q", "a") }).unwrap();
+    vhost.consume(key, Consume { no_ack: true, ..Consume::new("q", "b") }).unwrap();
     for i in 0..4u8 {
         vhost.publish("", message("q", &[i]), &[]).unwrap();
         vhost.run_dispatch();
@@ -349,16 +349,16 @@ fn round_robin_between_competing_consumers() {
 fn exchange_to_exchange_cycles_and_alternate_exchange() {
     let (mut vhost, _recorder, _key) = setup();
     let none = FieldTable::default;
-    vhost.declare_exchange("x1", "fanout", false, false, false, false, none()).unwrap();
-    vhost.declare_exchange("x2", "fanout", false, false, false, false, none()).unwrap();
+    vhost.declare_exchange(ExchangeDeclare::new("x1", "fanout")).unwrap();
+    vhost.declare_exchange(ExchangeDeclare::new("x2", "fanout")).unwrap();
     vhost.bind_exchange("x2", "x1", "", none(), true).unwrap();
     vhost.bind_exchange("x1", "x2", "", none(), true).unwrap();
-    vhost.declare_queue(1, "q", false, false, false, false, none()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
     vhost.bind_queue(1, "q", "x2", "", none(), true).unwrap();
     assert_eq!(vhost.publish("x1", message("k", b"m"), &[]).unwrap().queues, 1);
     let mut args = FieldTable::default();
     args.insert("alternate-exchange".into(), warren_codec::types::AMQPValue::LongString("x1".into()));
-    vhost.declare_exchange("d", "direct", false, false, false, false, args).unwrap();
+    vhost.declare_exchange(ExchangeDeclare::new("d", "direct").with_arguments(args)).unwrap();
     assert_eq!(vhost.publish("d", message("nothing-bound", b"m"), &[]).unwrap().queues, 1);
     assert_eq!(vhost.queue("q").unwrap().len(), 2);
 }
@@ -366,8 +366,8 @@ fn exchange_to_exchange_cycles_and_alternate_exchange() {
 #[test]
 fn deleting_a_queue_cancels_its_consumers() {
     let (mut vhost, recorder, key) = setup();
-    vhost.declare_queue(1, "q", false, false, false, false, FieldTable::default()).unwrap();
-    vhost.consume(key, "q", "c", false, false, &FieldTable::default()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
+    vhost.consume(key, Consume::new("q", "c")).unwrap();
     vhost.delete_queue(1, "q", false, false).unwrap();
     // Held until the caller has written delete-ok.
     assert!(recorder.cancelled.lock().is_empty());

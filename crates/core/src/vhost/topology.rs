@@ -162,17 +162,8 @@ impl VirtualHostState {
             let _ = self.delete_exchange(&name, false);
         }
     }
-    #[allow(clippy::too_many_arguments)]
-    pub fn declare_exchange(
-        &mut self,
-        name: &str,
-        kind: &str,
-        passive: bool,
-        durable: bool,
-        auto_delete: bool,
-        internal: bool,
-        arguments: FieldTable,
-    ) -> Result<(), AmqpError> {
+    pub fn declare_exchange(&mut self, declare: ExchangeDeclare<'_>) -> Result<(), AmqpError> {
+        let ExchangeDeclare { name, kind, passive, durable, auto_delete, internal, arguments } = declare;
         if name.is_empty() {
             return Err(soft(ReplyCode::AccessRefused, "operation not permitted on the default exchange"));
         }
@@ -411,34 +402,23 @@ impl VirtualHostState {
         };
         self.binding_change(source, binding, bind)
     }
-    #[allow(clippy::too_many_arguments)]
     pub fn declare_queue(
         &mut self,
         connection: ConnectionId,
-        name: &str,
-        passive: bool,
-        durable: bool,
-        exclusive: bool,
-        auto_delete: bool,
-        arguments: FieldTable,
+        declare: QueueDeclare<'_>,
     ) -> Result<QueueDeclared, AmqpError> {
-        self.declare_queue_as(connection, name, passive, durable, exclusive, auto_delete, arguments, &mut |_| Ok(()))
+        self.declare_queue_as(connection, declare, &mut |_| Ok(()))
     }
     /// `declare_queue` with `admit` asked first about the queue's final
     /// name (a server-generated one for `""`), before any other check, as
     /// RabbitMQ checks configure permission. Passive declares skip it.
-    #[allow(clippy::too_many_arguments)]
     pub fn declare_queue_as(
         &mut self,
         connection: ConnectionId,
-        name: &str,
-        passive: bool,
-        durable: bool,
-        exclusive: bool,
-        auto_delete: bool,
-        arguments: FieldTable,
+        declare: QueueDeclare<'_>,
         admit: &mut dyn FnMut(&str) -> Result<(), AmqpError>,
     ) -> Result<QueueDeclared, AmqpError> {
+        let QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments } = declare;
         if passive {
             if name == REPLY_TO_QUEUE {
                 // As RabbitMQ: the pseudo-queue always reports one consumer.
