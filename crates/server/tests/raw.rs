@@ -121,6 +121,15 @@ impl Raw {
         }
     }
 
+    /// Declares a plain queue on channel 1; returns its ready count.
+    async fn declared(&mut self, name: &str) -> u32 {
+        self.send(1, declare(name)).await;
+        let Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) = self.method().await else {
+            panic!("declare-ok")
+        };
+        ok.message_count
+    }
+
     async fn channel_close(&mut self) -> (u16, String) {
         loop {
             match self.method().await {
@@ -519,20 +528,7 @@ async fn a_publish_written_frame_by_frame_completes_before_an_alarm_blocks() {
     let mut raw = Raw::open(&server, 0).await;
     raw.send(1, AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false }))).await;
     assert!(matches!(raw.method().await, Some(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)))));
-    raw.send(
-        1,
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: "split".into(),
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
-    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    raw.declared("split").await;
     // Method, header and body in separate writes, as pika sends them.
     let header = frame(2, 1, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0], 0xCE);
     let body = frame(3, 1, b"first", 0xCE);
@@ -563,8 +559,7 @@ async fn a_publish_written_frame_by_frame_completes_before_an_alarm_blocks() {
 async fn connection_close_overtaking_content_frames_gets_close_ok_and_no_reset() {
     let server = TestServer::start().await;
     let mut raw = Raw::open(&server, 0).await;
-    raw.send(1, declare("overtaken")).await;
-    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    raw.declared("overtaken").await;
     // A publish whose body is still to come, then the close.
     let mut out = BytesMut::new();
     encode::basic_publish(&mut out, 1, b"", b"overtaken", false);
@@ -595,9 +590,7 @@ async fn connection_close_overtaking_content_frames_gets_close_ok_and_no_reset()
     assert!(matches!(read, Ok(Ok(0))), "clean close after close-ok: {read:?}");
     // Nothing sent after the close was taken as a publish.
     let mut other = Raw::open(&server, 0).await;
-    other.send(1, declare("overtaken")).await;
-    let Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) = other.method().await else { panic!("declare-ok") };
-    assert_eq!(ok.message_count, 0);
+    assert_eq!(other.declared("overtaken").await, 0);
 }
 
 /// After a soft error the broker discards what the client still sends on
@@ -607,8 +600,7 @@ async fn connection_close_overtaking_content_frames_gets_close_ok_and_no_reset()
 async fn frames_in_flight_on_a_closing_channel_are_discarded_until_close_ok() {
     let server = TestServer::start().await;
     let mut raw = Raw::open(&server, 0).await;
-    raw.send(1, declare("in-flight")).await;
-    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    raw.declared("in-flight").await;
     let mut out = BytesMut::new();
     encode::method(
         &mut out,
@@ -624,9 +616,7 @@ async fn frames_in_flight_on_a_closing_channel_are_discarded_until_close_ok() {
     raw.send(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await;
     raw.send(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
     assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
-    raw.send(1, declare("in-flight")).await;
-    let Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) = raw.method().await else { panic!("declare-ok") };
-    assert_eq!(ok.message_count, 0);
+    assert_eq!(raw.declared("in-flight").await, 0);
 }
 
 /// As RabbitMQ: the reply to `queue.delete` comes before the `basic.cancel`
@@ -638,8 +628,7 @@ async fn queue_delete_answers_delete_ok_before_cancelling_the_channels_consumer(
     let mut raw = Raw::open(&server, 0).await;
     raw.send(2, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await;
     assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
-    raw.send(1, declare("deleted")).await;
-    assert!(matches!(raw.method().await, Some(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))));
+    raw.declared("deleted").await;
     for (number, tag) in [(1, "same-channel"), (2, "other-channel")] {
         raw.send(
             number,
