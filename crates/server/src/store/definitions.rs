@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use warren_core::vhost::{BindingDefinition, ExchangeDefinition, QueueDefinition};
+use warren_core::vhost::{BindingDefinition, ExchangeDefinition, JournalEvent, QueueDefinition};
 use warren_core::Definitions;
 
 use super::{Store, StoreError};
@@ -32,6 +32,19 @@ pub(super) enum Change<'a> {
     Bound(&'a BindingDefinition),
     Unbound(&'a BindingDefinition),
     VhostDeleted,
+}
+
+/// The change a definition journal event makes (`None` for the others).
+pub(super) fn change_of(event: &JournalEvent) -> Option<Change<'_>> {
+    Some(match event {
+        JournalEvent::QueueDeclared(queue) => Change::QueueDeclared(queue),
+        JournalEvent::QueueDeleted { queue } => Change::QueueDeleted(queue),
+        JournalEvent::ExchangeDeclared(exchange) => Change::ExchangeDeclared(exchange),
+        JournalEvent::ExchangeDeleted { name } => Change::ExchangeDeleted(name),
+        JournalEvent::Bound(binding) => Change::Bound(binding),
+        JournalEvent::Unbound(binding) => Change::Unbound(binding),
+        _ => return None,
+    })
 }
 
 /// (to a queue, destination, source, routing key, arguments as text): one

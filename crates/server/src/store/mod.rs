@@ -159,12 +159,12 @@ impl Store {
                     self.commit.append(scratch)?;
                 }
                 definition => {
+                    let Some(change) = definitions::change_of(&definition) else { continue };
                     if !encode_definition(scratch, vhost, &definition) {
                         continue;
                     }
                     let index = self.commit.append(scratch)?;
-                    let Some(Record::Definition { record, .. }) = decode(scratch) else { continue };
-                    self.definitions.lock().apply(index, vhost, record.change());
+                    self.definitions.lock().apply(index, vhost, change);
                     appended.definitions = Some(index);
                 }
             }
