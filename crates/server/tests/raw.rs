@@ -173,6 +173,18 @@ fn declare(name: &str) -> AMQPClass {
     }))
 }
 
+fn consume(queue: &str, consumer_tag: &str, no_ack: bool) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: queue.into(),
+        consumer_tag: consumer_tag.into(),
+        no_local: false,
+        no_ack,
+        exclusive: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
 /// A complete `basic.publish` of `body` to `queue` on `channel`.
 fn publish(channel: u16, queue: &[u8], body: &[u8]) -> BytesMut {
     let mut out = BytesMut::new();
@@ -453,20 +465,7 @@ async fn a_consumer_that_stops_reading_does_not_make_the_broker_buffer_everythin
     }));
     stalled.send(1, declare.clone()).await;
     stalled.method().await;
-    stalled
-        .send(
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: "firehose".into(),
-                consumer_tag: "stalled".into(),
-                no_local: false,
-                no_ack: true,
-                exclusive: false,
-                nowait: false,
-                arguments: FieldTable::default(),
-            })),
-        )
-        .await;
+    stalled.send(1, consume("firehose", "stalled", true)).await;
     stalled.method().await;
 
     // 64 MiB of 64 KiB messages.
@@ -630,19 +629,7 @@ async fn queue_delete_answers_delete_ok_before_cancelling_the_channels_consumer(
     assert!(matches!(raw.method().await, Some(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))));
     raw.declared("deleted").await;
     for (number, tag) in [(1, "same-channel"), (2, "other-channel")] {
-        raw.send(
-            number,
-            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: "deleted".into(),
-                consumer_tag: tag.into(),
-                no_local: false,
-                no_ack: false,
-                exclusive: false,
-                nowait: false,
-                arguments: FieldTable::default(),
-            })),
-        )
-        .await;
+        raw.send(number, consume("deleted", tag, false)).await;
         assert!(matches!(raw.method().await, Some(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)))));
     }
     raw.send(

@@ -193,7 +193,7 @@ impl Store {
 
     /// Blocks until the log is durable up to `index`; fails if the store
     /// is poisoned first.
-    pub fn wait_durable(&self, index: u64) -> Result<(), StorageError> {
+    fn wait_durable(&self, index: u64) -> Result<(), StorageError> {
         while self.commit.durable_index() < index {
             if self.commit.is_poisoned() {
                 return Err(StorageError::Poisoned);
