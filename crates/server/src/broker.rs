@@ -17,6 +17,7 @@ use crate::access::{Access, AccessDefinitions, AccessError, AccessFile, Seed, Us
 use crate::config::{Config, Fsync};
 use crate::outbox::ConnectionOutbox;
 use crate::password::LoginCache;
+use crate::session::Session;
 use crate::store::{Recovered, Store, StoreError};
 
 /// An open connection, as limits and runtime changes see it.
@@ -136,7 +137,7 @@ impl Broker {
 
     fn prepare_vhost(&self, vhost: &VirtualHost) {
         let config = &self.config;
-        let mut state = vhost.lock();
+        let mut state = Session::open(vhost, &self.store);
         // Validated with the configuration; an invalid one is skipped.
         let name = state.name.clone();
         let policies = config.policies.iter().filter(|p| p.vhost == name).filter_map(|p| p.to_policy().ok());
@@ -233,7 +234,7 @@ impl Broker {
             self.remove_vhost(name);
         }
         for vhost in self.vhosts() {
-            let mut state = vhost.lock();
+            let mut state = Session::open(&vhost, &self.store);
             let limits = access.vhost_limits(&state.name).unwrap_or_default();
             state.set_max_queues(limits.max_queues);
         }
@@ -253,10 +254,11 @@ impl Broker {
         let Some(vhost) = self.vhosts.write().remove(name) else {
             return;
         };
-        let mut state = vhost.lock();
-        state.delete_everything();
-        let (mut events, mut scratch) = (Vec::new(), Vec::new());
-        let _ = self.store.flush(&mut state, &mut events, &mut scratch);
+        let mut session = Session::open(&vhost, &self.store);
+        session.delete_everything();
+        if let Err(error) = session.finish() {
+            warn!(%error, vhost = %name, "settling the virtual host's messages failed");
+        }
         if let Err(error) = self.store.forget_vhost(name) {
             warn!(%error, vhost = %name, "removing the virtual host's definitions failed");
         }

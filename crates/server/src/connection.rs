@@ -29,9 +29,7 @@ use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
 use warren_codec::{encode, table, PROTOCOL_HEADER};
 use warren_core::message::MessageBuilder;
 use warren_core::vhost::REPLY_TO_QUEUE;
-use warren_core::{
-    ChannelKey, Consume, ExchangeDeclare, JournalEvent, Message, QueueDeclare, VirtualHost, VirtualHostState,
-};
+use warren_core::{ChannelKey, Consume, ExchangeDeclare, Message, QueueDeclare, VirtualHost, VirtualHostState};
 use warren_storage::StorageError;
 
 use crate::access::{Permission, Permissions, Resource, User};
@@ -39,6 +37,7 @@ use crate::alarm::AlarmState;
 use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::outbox::ConnectionOutbox;
+use crate::session::Session;
 use crate::store::{Appended, Store};
 
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -140,8 +139,6 @@ struct Connection {
     /// socket, and what it still sends meanwhile is read and discarded.
     answered_close: bool,
     store: Arc<Store>,
-    journal: Vec<JournalEvent>,
-    record: Vec<u8>,
 }
 
 /// Frame overhead allowed on top of the largest message while a block waits
@@ -318,8 +315,6 @@ async fn serve_stream<R, W>(
         unparseable: false,
         answered_close: false,
         store: broker.store.clone(),
-        journal: Vec::new(),
-        record: Vec::new(),
     };
     let mut durable = broker.store.durable_watch();
     let mut alarms = broker.alarms.subscribe();
@@ -435,9 +430,7 @@ async fn serve_stream<R, W>(
     }
 
     if let Some(vhost) = conn.vhost.clone() {
-        let mut state = vhost.lock();
-        state.close_connection(conn.id);
-        let _ = conn.flush_journal(&mut state);
+        Session::open(&vhost, &conn.store).close_connection(conn.id);
     }
     if conn.registered {
         broker.unregister(conn.id, conn.channels.len() as u64);
@@ -543,8 +536,9 @@ impl Connection {
             return;
         }
         'batch: loop {
-            let vhost = self.vhost.clone();
-            let mut guard = vhost.as_ref().map(|v| v.lock());
+            let (vhost, store) = (self.vhost.clone(), self.store.clone());
+            // Dispatch and the journal's write happen when it is dropped.
+            let mut guard = vhost.as_ref().map(|v| Session::open(v, &store));
             loop {
                 if matches!(self.phase, Phase::Done) {
                     break;
@@ -561,28 +555,24 @@ impl Connection {
                         break;
                     }
                 };
-                let result = self.handle_frame(frame, guard.as_deref_mut());
+                let result = self.handle_frame(frame, guard.as_mut());
                 if let Err(error) = result {
                     self.close_connection(error);
                 }
                 if self.pending_login.is_some() || self.deferred_reply.is_some() {
                     break;
                 }
-                if let Some(state) = guard.as_deref_mut() {
-                    // Notices the frame caused follow its reply.
-                    state.send_notices();
-                    // Settlements and definitions reach the store in the
-                    // order they happened (publishes are appended in `route`).
-                    let _ = self.flush_journal(state);
+                if let Some(state) = guard.as_mut() {
+                    // Notices the frame caused follow its reply; settlements
+                    // and definitions reach the store in the order they
+                    // happened (publishes are appended in `route`).
+                    state.flush();
                 }
                 if guard.is_none() && self.vhost.is_some() {
                     continue 'batch;
                 }
             }
-            if let Some(state) = guard.as_deref_mut() {
-                state.run_dispatch();
-                let _ = self.flush_journal(state);
-            }
+            drop(guard);
             self.flush_confirms();
             break;
         }
@@ -756,13 +746,6 @@ impl Connection {
         }
     }
 
-    /// Appends the virtual host's journal to the store, in order, while its
-    /// lock is held. Returns the log index of the last published entry, or
-    /// `Err` if the store refused (poisoned).
-    fn flush_journal(&mut self, state: &mut VirtualHostState) -> Result<Appended, ()> {
-        self.store.flush(state, &mut self.journal, &mut self.record).map_err(drop)
-    }
-
     /// Answers the client's `connection.close`: every other frame still
     /// arriving is discarded, and the client closes the socket.
     fn answer_close(&mut self) {
@@ -792,19 +775,17 @@ impl Connection {
     /// close-channel mode) with 406.
     fn fail_channels(&mut self) {
         let failed = self.outbox.take_failed();
-        let Some(vhost) = self.vhost.clone() else { return };
-        let mut state = vhost.lock();
+        let (Some(vhost), store) = (self.vhost.clone(), self.store.clone()) else { return };
+        let mut session = Session::open(&vhost, &store);
         for (number, text) in failed {
             if self.channels.get(&number).is_some_and(|ch| !ch.closing) {
                 let error = AmqpError::soft(ReplyCode::PreconditionFailed, text, 0, 0);
-                self.channel_error(number, error, Some(&mut state));
+                self.channel_error(number, error, Some(&mut session));
             }
         }
-        state.run_dispatch();
-        let _ = self.flush_journal(&mut state);
     }
 
-    fn channel_error(&mut self, number: u16, error: AmqpError, state: Option<&mut VirtualHostState>) {
+    fn channel_error(&mut self, number: u16, error: AmqpError, state: Option<&mut Session<'_>>) {
         debug!(peer = %self.peer, channel = number, code = error.code.code(), text = %error.text, "closing channel");
         if let Some(state) = state {
             state.close_channel(self.key(number));
@@ -819,7 +800,7 @@ impl Connection {
         });
     }
 
-    fn handle_frame(&mut self, frame: Frame, state: Option<&mut VirtualHostState>) -> Result<(), AmqpError> {
+    fn handle_frame(&mut self, frame: Frame, state: Option<&mut Session<'_>>) -> Result<(), AmqpError> {
         if self.phase == Phase::Closing {
             // Only close-ok (or a crossing close) matters now.
             if frame.kind == FrameKind::Method {
@@ -850,7 +831,7 @@ impl Connection {
                         // As RabbitMQ: close-ok once the channels are gone
                         // (consumers cancelled, unacked messages requeued).
                         state.close_connection(self.id);
-                        let _ = self.flush_journal(state);
+                        state.flush();
                     }
                     return self.handle_connection_method(method).map_err(|e| e.at(class_id, method_id));
                 }
@@ -1010,7 +991,7 @@ impl Connection {
                 self.permissions = Some(permissions);
                 self.vhost_name = name.to_string();
                 self.permissions_generation = self.broker.access_generation();
-                let _ = self.outbox.vhost.set(vhost.clone());
+                let _ = self.outbox.vhost.set((vhost.clone(), self.store.clone()));
                 self.vhost = Some(vhost);
                 self.send(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
                 self.phase = Phase::Running;
@@ -1044,7 +1025,7 @@ impl Connection {
         &mut self,
         number: u16,
         method: Method,
-        state: Option<&mut VirtualHostState>,
+        state: Option<&mut Session<'_>>,
     ) -> Result<(), AmqpError> {
         let Some(state) = state else {
             return Err(AmqpError::hard(ReplyCode::InternalError, "no virtual host", 0, 0));
@@ -1112,7 +1093,7 @@ impl Connection {
         }
     }
 
-    fn handle_other(&mut self, number: u16, class: AMQPClass, state: &mut VirtualHostState) -> Result<(), AmqpError> {
+    fn handle_other(&mut self, number: u16, class: AMQPClass, state: &mut Session<'_>) -> Result<(), AmqpError> {
         let key = self.key(number);
         match class {
             AMQPClass::Channel(m) => match m {
@@ -1186,9 +1167,9 @@ impl Connection {
         number: u16,
         reply: AMQPClass,
         nowait: bool,
-        state: &mut VirtualHostState,
+        state: &mut Session<'_>,
     ) -> Result<(), AmqpError> {
-        let appended = self.flush_journal(state).map_err(|()| not_stored())?;
+        let appended = state.flush_indices().map_err(|_| not_stored())?;
         if nowait {
             return Ok(());
         }
@@ -1212,7 +1193,7 @@ impl Connection {
         &mut self,
         number: u16,
         m: exchange::AMQPMethod,
-        state: &mut VirtualHostState,
+        state: &mut Session<'_>,
     ) -> Result<(), AmqpError> {
         use exchange::AMQPMethod as M;
         match m {
@@ -1261,12 +1242,7 @@ impl Connection {
         Ok(())
     }
 
-    fn handle_queue(
-        &mut self,
-        number: u16,
-        m: queue::AMQPMethod,
-        state: &mut VirtualHostState,
-    ) -> Result<(), AmqpError> {
+    fn handle_queue(&mut self, number: u16, m: queue::AMQPMethod, state: &mut Session<'_>) -> Result<(), AmqpError> {
         use queue::AMQPMethod as M;
         let conn = self.id;
         match m {
@@ -1332,12 +1308,7 @@ impl Connection {
         Ok(())
     }
 
-    fn handle_basic(
-        &mut self,
-        number: u16,
-        m: basic::AMQPMethod,
-        state: &mut VirtualHostState,
-    ) -> Result<(), AmqpError> {
+    fn handle_basic(&mut self, number: u16, m: basic::AMQPMethod, state: &mut Session<'_>) -> Result<(), AmqpError> {
         let key = self.key(number);
         match m {
             basic::AMQPMethod::Consume(c) => {
@@ -1436,7 +1407,7 @@ impl Connection {
         delivery_tag: u64,
         multiple: bool,
         requeue: Option<bool>,
-        state: &mut VirtualHostState,
+        state: &mut Session<'_>,
     ) -> Result<(), AmqpError> {
         let key = self.key(number);
         if let Some(ops) = self.channels.get_mut(&number).and_then(|c| c.tx.as_mut()) {
@@ -1452,7 +1423,7 @@ impl Connection {
         }
     }
 
-    fn handle_tx(&mut self, number: u16, m: tx::AMQPMethod, state: &mut VirtualHostState) -> Result<(), AmqpError> {
+    fn handle_tx(&mut self, number: u16, m: tx::AMQPMethod, state: &mut Session<'_>) -> Result<(), AmqpError> {
         let key = self.key(number);
         let Some(ch) = self.channels.get_mut(&number) else {
             return Ok(());
@@ -1523,12 +1494,7 @@ impl Connection {
         Ok(())
     }
 
-    fn handle_content(
-        &mut self,
-        number: u16,
-        frame: Frame,
-        state: Option<&mut VirtualHostState>,
-    ) -> Result<(), AmqpError> {
+    fn handle_content(&mut self, number: u16, frame: Frame, state: Option<&mut Session<'_>>) -> Result<(), AmqpError> {
         let max_message_size = self.broker.config.max_message_size;
         let key = self.key(number);
         let unexpected = |text: &str| AmqpError::hard(ReplyCode::UnexpectedFrame, text, 60, 40);
@@ -1663,7 +1629,7 @@ impl Connection {
         message: Arc<Message>,
         mandatory: bool,
         extra_keys: &[Vec<u8>],
-        state: &mut VirtualHostState,
+        state: &mut Session<'_>,
     ) -> Result<(), AmqpError> {
         let seq = match self.channels.get_mut(&number) {
             Some(ch) if ch.confirm => {
@@ -1673,13 +1639,13 @@ impl Connection {
             _ => None,
         };
         let routed = state.publish(exchange, message.clone(), extra_keys)?;
-        let stored = self.flush_journal(state);
+        let stored = state.flush_indices();
         if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
             match stored {
                 // A queue at its length limit refused it (reject-publish).
                 _ if routed.rejected => ch.awaiting_store.push_back((seq, NACK)),
                 Ok(Appended { published: Some(index), .. }) => ch.awaiting_store.push_back((seq, index)),
-                Err(()) if message.persistent => ch.awaiting_store.push_back((seq, NACK)),
+                Err(_) if message.persistent => ch.awaiting_store.push_back((seq, NACK)),
                 _ => {}
             }
         }

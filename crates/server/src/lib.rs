@@ -18,6 +18,7 @@ pub mod files;
 pub mod outbox;
 pub mod password;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod tls;
 

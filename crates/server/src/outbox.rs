@@ -17,6 +17,9 @@ use warren_codec::encode;
 use warren_codec::reply::ReplyCode;
 use warren_core::{Message, Outbox, VirtualHost};
 
+use crate::session::Session;
+use crate::store::Store;
+
 pub struct ConnectionOutbox {
     buf: Mutex<BytesMut>,
     pub(crate) notify: Notify,
@@ -25,7 +28,9 @@ pub struct ConnectionOutbox {
     congested: AtomicBool,
     limit: usize,
     pub(crate) connection_id: u64,
-    pub(crate) vhost: OnceLock<Arc<VirtualHost>>,
+    /// The virtual host the connection opened, and the store its sessions
+    /// write to (set once, at `connection.open`).
+    pub(crate) vhost: OnceLock<(Arc<VirtualHost>, Arc<Store>)>,
     /// Channels the core asked to close (consumer timeout), with the text.
     failed: Mutex<Vec<(u16, String)>>,
     pub(crate) failed_notify: Notify,
@@ -98,8 +103,8 @@ impl ConnectionOutbox {
     pub(crate) fn drained(&self) {
         if self.congested.load(Ordering::Relaxed) && self.buf.lock().len() < self.limit / 2 {
             self.congested.store(false, Ordering::Relaxed);
-            if let Some(vhost) = self.vhost.get() {
-                vhost.lock().resume_connection(self.connection_id);
+            if let Some((vhost, store)) = self.vhost.get() {
+                Session::open(vhost, store).resume_connection(self.connection_id);
             }
         }
     }

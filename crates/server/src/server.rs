@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::session::Session;
 
 /// How often the access file is checked for changes.
 const ACCESS_POLL: Duration = Duration::from_millis(250);
@@ -109,21 +110,18 @@ impl Server {
         let timers = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let (mut events, mut scratch) = (Vec::new(), Vec::new());
             for ticks in 0u64.. {
                 tick.tick().await;
                 // Consumer timeouts are checked every 100 ms.
                 let check_consumers = ticks.is_multiple_of(20);
                 for vhost in timer_broker.vhosts() {
-                    let mut state = vhost.lock();
+                    let mut session = Session::open(&vhost, &timer_broker.store);
                     if check_consumers {
-                        state.check_consumer_timeouts();
-                    } else if !state.has_timers() {
+                        session.check_consumer_timeouts();
+                    } else if !session.has_timers() {
                         continue;
                     }
-                    state.tick();
-                    state.run_dispatch();
-                    let _ = timer_broker.store.flush(&mut state, &mut events, &mut scratch);
+                    session.tick();
                 }
             }
         });

@@ -389,6 +389,9 @@ impl VirtualHost {
         VirtualHost { state: Mutex::new(VirtualHostState::new(name)) }
     }
 
+    /// The state, locked. Outside the core, only the server's `Session`
+    /// (which dispatches and writes the journal before unlocking) and the
+    /// store's recovery and compaction take it.
     pub fn lock(&self) -> MutexGuard<'_, VirtualHostState> {
         self.state.lock()
     }
