@@ -1,0 +1,185 @@
+//! Publisher confirms of one channel, in publish order: a publish is acked
+//! at once unless the store holds it (then once its log entry is durable),
+//! and nacked when a queue or the store refused it. Acks never overtake an
+//! earlier publish that still waits.
+
+use std::collections::VecDeque;
+
+use warren_codec::encode;
+
+use super::Connection;
+
+/// What a publish's confirm waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pending {
+    /// An ack once the log is durable up to this index.
+    Stored(u64),
+    /// A nack: a queue at its limit (reject-publish) or the store refused it.
+    Refused,
+}
+
+/// A confirm to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Confirm {
+    Ack { tag: u64, multiple: bool },
+    Nack { tag: u64 },
+}
+
+#[derive(Default)]
+pub(super) struct Confirms {
+    /// `confirm.select` was received.
+    pub(super) enabled: bool,
+    published: u64,
+    confirmed: u64,
+    /// Publishes whose confirm is not a plain ack, by sequence number.
+    waiting: VecDeque<(u64, Pending)>,
+}
+
+impl Confirms {
+    /// Counts a publish; its sequence number when confirms are on.
+    pub(super) fn publish(&mut self) -> Option<u64> {
+        self.enabled.then(|| {
+            self.published += 1;
+            self.published
+        })
+    }
+
+    /// The publish `seq` is confirmed only after `pending`.
+    pub(super) fn wait(&mut self, seq: u64, pending: Pending) {
+        debug_assert!(self.waiting.back().is_none_or(|&(last, _)| last < seq));
+        self.waiting.push_back((seq, pending));
+    }
+
+    pub(super) fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Emits what can be confirmed with the log durable up to `durable`
+    /// (a poisoned store refuses everything still waiting): acks coalesced
+    /// into `multiple` runs, a nack for each refused publish, in order.
+    pub(super) fn release(&mut self, durable: u64, poisoned: bool, mut emit: impl FnMut(Confirm)) {
+        if poisoned {
+            for entry in self.waiting.iter_mut() {
+                entry.1 = Pending::Refused;
+            }
+        }
+        loop {
+            while self.waiting.front().is_some_and(|&(_, p)| matches!(p, Pending::Stored(i) if i <= durable)) {
+                self.waiting.pop_front();
+            }
+            let confirmable = self.waiting.front().map_or(self.published, |&(seq, _)| seq - 1);
+            if confirmable > self.confirmed {
+                emit(Confirm::Ack { tag: confirmable, multiple: confirmable - self.confirmed > 1 });
+                self.confirmed = confirmable;
+            }
+            match self.waiting.front() {
+                Some(&(seq, Pending::Refused)) if seq == self.confirmed + 1 => {
+                    self.waiting.pop_front();
+                    emit(Confirm::Nack { tag: seq });
+                    self.confirmed = seq;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+impl Connection {
+    pub(super) fn awaiting_store(&self) -> bool {
+        self.channels.values().any(|ch| ch.confirms.is_waiting())
+    }
+
+    /// Sends what every channel can confirm now.
+    pub(super) fn flush_confirms(&mut self) {
+        let durable = self.store.durable_index();
+        let poisoned = self.store.is_poisoned();
+        for (&number, ch) in self.channels.iter_mut().filter(|(_, ch)| ch.confirms.enabled && !ch.closing) {
+            ch.confirms.release(durable, poisoned, |confirm| match confirm {
+                Confirm::Ack { tag, multiple } => {
+                    self.outbox.write(|buf| encode::basic_ack(buf, number, tag, multiple))
+                }
+                Confirm::Nack { tag } => self.outbox.write(|buf| encode::basic_nack(buf, number, tag, false, false)),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn confirms() -> Confirms {
+        Confirms { enabled: true, ..Confirms::default() }
+    }
+
+    fn release(confirms: &mut Confirms, durable: u64, poisoned: bool) -> Vec<Confirm> {
+        let mut out = Vec::new();
+        confirms.release(durable, poisoned, |c| out.push(c));
+        out
+    }
+
+    #[test]
+    fn publishes_nothing_waits_for_are_acked_at_once_in_one_multiple_ack() {
+        let mut c = confirms();
+        for _ in 0..3 {
+            c.publish();
+        }
+        assert_eq!(release(&mut c, 0, false), vec![Confirm::Ack { tag: 3, multiple: true }]);
+        c.publish();
+        assert_eq!(release(&mut c, 0, false), vec![Confirm::Ack { tag: 4, multiple: false }]);
+        assert_eq!(release(&mut c, 0, false), vec![]);
+    }
+
+    #[test]
+    fn a_stored_publish_holds_back_every_later_ack_until_durable() {
+        let mut c = confirms();
+        let first = c.publish().unwrap_or_default();
+        c.wait(first, Pending::Stored(10));
+        c.publish();
+        let third = c.publish().unwrap_or_default();
+        c.wait(third, Pending::Stored(5));
+        assert_eq!(release(&mut c, 5, false), vec![], "publish 1 is not durable yet");
+        assert!(c.is_waiting());
+        assert_eq!(release(&mut c, 10, false), vec![Confirm::Ack { tag: 3, multiple: true }]);
+        assert!(!c.is_waiting());
+    }
+
+    #[test]
+    fn a_refused_publish_is_nacked_between_the_acks_around_it() {
+        let mut c = confirms();
+        c.publish();
+        let refused = c.publish().unwrap_or_default();
+        c.wait(refused, Pending::Refused);
+        c.publish();
+        c.publish();
+        assert_eq!(
+            release(&mut c, 0, false),
+            vec![
+                Confirm::Ack { tag: 1, multiple: false },
+                Confirm::Nack { tag: 2 },
+                Confirm::Ack { tag: 4, multiple: true }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_poisoned_store_nacks_everything_still_waiting() {
+        let mut c = confirms();
+        for _ in 0..2 {
+            let seq = c.publish().unwrap_or_default();
+            c.wait(seq, Pending::Stored(7));
+        }
+        c.publish();
+        assert_eq!(
+            release(&mut c, 3, true),
+            vec![Confirm::Nack { tag: 1 }, Confirm::Nack { tag: 2 }, Confirm::Ack { tag: 3, multiple: false }]
+        );
+    }
+
+    #[test]
+    fn without_confirm_select_publishes_are_not_counted() {
+        let mut c = Confirms::default();
+        assert_eq!(c.publish(), None);
+        assert_eq!(release(&mut c, 0, false), vec![]);
+    }
+}
