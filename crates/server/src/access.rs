@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use warren_storage::{Backend, FsBackend};
 
 use crate::password;
 
@@ -435,9 +436,12 @@ fn expand(pattern: &str, user: &str, vhost: &str) -> String {
 
 /// `access.json` in a data directory, read and written under an exclusive
 /// lock so the broker and `warren ctl` never lose each other's changes.
+/// The file is on the storage backend (with the log); the lock is always a
+/// real file, since it coordinates processes.
 pub struct AccessFile {
     path: PathBuf,
     lock_path: PathBuf,
+    backend: Arc<dyn Backend>,
 }
 
 /// What a first start puts in a new file.
@@ -450,7 +454,16 @@ pub struct Seed<'a> {
 
 impl AccessFile {
     pub fn new(data_dir: &Path) -> AccessFile {
-        AccessFile { path: data_dir.join(FILE_NAME), lock_path: data_dir.join(LOCK_NAME) }
+        AccessFile::on(Arc::new(FsBackend), data_dir)
+    }
+
+    /// The access file of `data_dir` on `backend`.
+    pub fn on(backend: Arc<dyn Backend>, data_dir: &Path) -> AccessFile {
+        AccessFile { path: data_dir.join(FILE_NAME), lock_path: data_dir.join(LOCK_NAME), backend }
+    }
+
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.backend
     }
 
     pub fn path(&self) -> &Path {
@@ -464,12 +477,12 @@ impl AccessFile {
 
     /// The definitions, or `None` if the file does not exist yet.
     pub fn read(&self) -> Result<Option<AccessDefinitions>, AccessError> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+        match crate::files::read(&*self.backend, &self.path) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|source| AccessError::Json { path: self.path.clone(), source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(&self.path)(e)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(AccessError::Io { path: e.path, source: e.source }),
         }
     }
 
@@ -497,10 +510,11 @@ impl AccessFile {
         };
         let before = definitions.clone();
         let out = change(&mut definitions)?;
-        if definitions != before || !self.path.exists() {
+        let exists = self.backend.open(&self.path, false).is_ok();
+        if definitions != before || !exists {
             let bytes = serde_json::to_vec_pretty(&definitions)
                 .map_err(|source| AccessError::Json { path: self.path.clone(), source })?;
-            crate::files::replace(&self.path, &bytes)
+            crate::files::replace(&*self.backend, &self.path, &bytes)
                 .map_err(|e| AccessError::Io { path: e.path, source: e.source })?;
         }
         drop(lock);

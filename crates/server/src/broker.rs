@@ -87,7 +87,7 @@ impl Broker {
     /// Same, with the message log on the given storage backend (tests use a
     /// simulated disk to cut power).
     pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, BrokerError> {
-        let access_file = AccessFile::new(&config.data_dir);
+        let access_file = AccessFile::on(backend.clone(), &config.data_dir);
         let definitions = load_access(&config, &access_file)?;
         let access = Access::compile(&definitions);
         let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
@@ -354,7 +354,7 @@ pub fn load_access(config: &Config, file: &AccessFile) -> Result<AccessDefinitio
     let mut seed_vhosts = config.vhosts.clone();
     // Virtual hosts that hold durable definitions from before access
     // definitions existed keep existing.
-    if let Ok(bytes) = std::fs::read(config.data_dir.join("definitions.json")) {
+    if let Ok(Some(bytes)) = crate::files::read(file.backend(), &config.data_dir.join("definitions.json")) {
         if let Ok(stored) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&bytes) {
             seed_vhosts.extend(stored.into_keys().filter(|v| !config.vhosts.contains(v)));
         }

@@ -30,6 +30,41 @@ pub trait Backend: Send + Sync {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes creations and removals in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Renames `from` over `to` (replacing it) in one step: until the
+    /// directory is synced, a power cut leaves the old `to` or the new one.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+}
+
+/// Replaces the file at `path` with `bytes` so that a crash or power cut
+/// leaves either the old file or the new one, never a torn one: written to
+/// `path.tmp`, synced, renamed over `path`, and the directory synced.
+/// For small files written whole (definition snapshots, access
+/// definitions, deduplication windows).
+pub fn replace(backend: &dyn Backend, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let file = backend.open(&tmp, true)?;
+    file.set_len(0)?;
+    file.write_all_at(bytes, 0)?;
+    file.sync()?;
+    drop(file);
+    backend.rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => backend.sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// The whole file at `path`, or `None` if there is none.
+pub fn read_whole(backend: &dyn Backend, path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let file = match backend.open(path, false) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let len = usize::try_from(file.size()?).map_err(|_| io::Error::other("file too large to read whole"))?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(Some(bytes))
 }
 
 /// Real files.
@@ -94,6 +129,10 @@ impl Backend for FsBackend {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
     }
 }
 

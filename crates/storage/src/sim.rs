@@ -239,6 +239,23 @@ impl Backend for SimBackend {
         Ok(())
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut disk = self.disk.lock();
+        disk.step()?;
+        if disk.faults.fail_writes {
+            return Err(io::Error::other("simulated EIO on rename"));
+        }
+        let state = disk.files.remove(from).ok_or_else(|| gone(from))?;
+        disk.pending_removals.push((from.to_path_buf(), state.durable.clone()));
+        // Until the directory is synced, a power cut brings the old file
+        // back (a real file system may keep either).
+        if let Some(old) = disk.files.remove(to) {
+            disk.pending_removals.push((to.to_path_buf(), old.durable));
+        }
+        disk.files.insert(to.to_path_buf(), state);
+        Ok(())
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut disk = self.disk.lock();
         disk.step()?;

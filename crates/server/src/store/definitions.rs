@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use warren_core::vhost::{BindingDefinition, ExchangeDefinition, JournalEvent, QueueDefinition};
 use warren_core::Definitions;
 
+use warren_storage::Backend;
+
 use super::{Store, StoreError};
 
 /// One change to the definitions of a virtual host.
@@ -183,11 +185,9 @@ enum AnyDefinitionsFile {
 /// What recovery starts from: the snapshot (empty when there is none), and
 /// whether it is in the format that predates definition entries (then it
 /// already includes every change the log holds).
-pub(super) fn read_snapshot(path: &Path) -> Result<(DefinitionsLog, bool), StoreError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((DefinitionsLog::default(), false)),
-        Err(source) => return Err(StoreError::Io { path: path.to_path_buf(), source }),
+pub(super) fn read_snapshot(files: &dyn Backend, path: &Path) -> Result<(DefinitionsLog, bool), StoreError> {
+    let Some(bytes) = crate::files::read(files, path)? else {
+        return Ok((DefinitionsLog::default(), false));
     };
     let parsed: AnyDefinitionsFile = serde_json::from_slice(&bytes)
         .map_err(|source| StoreError::Definitions { path: path.to_path_buf(), source })?;
@@ -200,11 +200,16 @@ pub(super) fn read_snapshot(path: &Path) -> Result<(DefinitionsLog, bool), Store
 }
 
 /// Writes the snapshot file covering the log up to `log_index`.
-pub(super) fn write_snapshot(path: &Path, log: &DefinitionsLog, log_index: u64) -> Result<(), StoreError> {
+pub(super) fn write_snapshot(
+    files: &dyn Backend,
+    path: &Path,
+    log: &DefinitionsLog,
+    log_index: u64,
+) -> Result<(), StoreError> {
     let file = DefinitionsFile { log_index, vhosts: log.stored() };
     let bytes =
         serde_json::to_vec(&file).map_err(|source| StoreError::Definitions { path: path.to_path_buf(), source })?;
-    crate::files::replace(path, &bytes).map_err(|e| StoreError::Io { path: e.path, source: e.source })
+    Ok(crate::files::replace(files, path, &bytes)?)
 }
 
 impl Store {
@@ -229,7 +234,7 @@ impl Store {
         // Only durable entries may be covered: a lost entry's index is
         // given out again after a restart.
         self.wait_durable(covered)?;
-        write_snapshot(&self.definitions_path, &snapshot, covered)?;
+        write_snapshot(&*self.files, &self.definitions_path, &snapshot, covered)?;
         let mut definitions = self.definitions.lock();
         definitions.snapshot_index = covered;
         definitions.first_uncovered = (definitions.last_entry > covered).then_some(covered + 1);
@@ -251,6 +256,7 @@ impl Store {
 mod tests {
     use super::*;
     use warren_codec::types::FieldTable;
+    use warren_storage::sim::{Faults, SimBackend};
 
     fn queue(name: &str) -> QueueDefinition {
         QueueDefinition { name: name.into(), auto_delete: false, arguments: FieldTable::default() }
@@ -297,25 +303,64 @@ mod tests {
 
     #[test]
     fn snapshots_round_trip_and_the_old_format_is_read() {
-        let dir = std::env::temp_dir().join(format!("warren-definitions-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("definitions.json");
+        let disk = SimBackend::new();
+        let path = Path::new("/data/definitions.json");
         let mut log = DefinitionsLog::default();
         log.apply(3, "/", Change::QueueDeclared(&queue("q")));
-        write_snapshot(&path, &log, 3).unwrap();
-        let (read, before) = read_snapshot(&path).unwrap();
+        write_snapshot(&disk, path, &log, 3).unwrap();
+        let (read, before) = read_snapshot(&disk, path).unwrap();
         assert!(!before);
         assert!(read.covers(3) && !read.covers(4));
         assert_eq!(read.stored(), log.stored());
         // As written before definition entries existed.
-        std::fs::write(
-            &path,
+        disk.put_file(
+            path,
             br#"{"/":{"exchanges":[],"queues":[{"name":"old","auto_delete":false,"arguments":{}}],"bindings":[]}}"#,
-        )
-        .unwrap();
-        let (read, before) = read_snapshot(&path).unwrap();
+        );
+        let (read, before) = read_snapshot(&disk, path).unwrap();
         assert!(before);
         assert_eq!(read.stored()["/"].queues[0].name, "old");
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_snapshot_write_is_reported_and_leaves_the_previous_one() {
+        let disk = SimBackend::new();
+        let path = Path::new("/data/definitions.json");
+        let mut log = DefinitionsLog::default();
+        log.apply(3, "/", Change::QueueDeclared(&queue("q")));
+        write_snapshot(&disk, path, &log, 3).unwrap();
+        log.apply(4, "/", Change::QueueDeclared(&queue("r")));
+        for faults in [
+            Faults { fail_syncs: true, ..Faults::default() },
+            Faults { fail_writes: true, ..Faults::default() },
+            Faults { capacity_bytes: Some(10), ..Faults::default() },
+        ] {
+            disk.set_faults(faults.clone());
+            let result = write_snapshot(&disk, path, &log, 4);
+            assert!(matches!(result, Err(StoreError::File(_))), "{faults:?}: {result:?}");
+            disk.power_cut();
+            let (read, _) = read_snapshot(&disk, path).unwrap();
+            assert!(read.covers(3) && !read.covers(4), "{faults:?}: the old snapshot is intact");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_written_but_not_yet_in_a_synced_directory_is_old_or_new_after_a_power_cut() {
+        for crash_after in 0..6 {
+            let disk = SimBackend::new();
+            let path = Path::new("/data/definitions.json");
+            let mut log = DefinitionsLog::default();
+            log.apply(3, "/", Change::QueueDeclared(&queue("q")));
+            write_snapshot(&disk, path, &log, 3).unwrap();
+            log.apply(4, "/", Change::QueueDeclared(&queue("r")));
+            disk.set_faults(Faults { crash_after_ops: Some(disk.ops() + crash_after), ..Faults::default() });
+            let written = write_snapshot(&disk, path, &log, 4).is_ok();
+            disk.power_cut();
+            let (read, _) = read_snapshot(&disk, path).unwrap();
+            assert!(read.covers(3), "crash after {crash_after} operations: a snapshot survives");
+            if written {
+                assert!(read.covers(4), "a completed replace is durable");
+            }
+        }
     }
 }

@@ -56,6 +56,8 @@ pub enum StoreError {
     Storage(#[from] StorageError),
     #[error("cannot read or write {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     #[error("definitions file {path} is invalid: {source}")]
     Definitions { path: PathBuf, source: serde_json::Error },
 }
@@ -91,6 +93,8 @@ pub struct Store {
     dedup_path: PathBuf,
     /// vhost -> queue -> deduplication keys (hex) and when each is forgotten.
     dedup: Mutex<DedupKeys>,
+    /// Where `definitions.json` and `dedup.json` live: the log's backend.
+    files: Arc<dyn warren_storage::Backend>,
 }
 
 impl Store {

@@ -35,12 +35,14 @@ impl Store {
         vhosts: &mut BTreeMap<String, Arc<VirtualHost>>,
     ) -> Result<(Arc<Store>, Recovered), StoreError> {
         let started = Instant::now();
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io { path: data_dir.to_path_buf(), source })?;
+        backend.create_dir_all(data_dir).map_err(|source| StoreError::Io { path: data_dir.to_path_buf(), source })?;
+        // The small files beside the log live on the same backend.
+        let files = backend.clone();
         let definitions_path = data_dir.join("definitions.json");
         // The snapshot, then the definition entries after it (applied in
         // log order below). A file from before definition entries existed
         // already holds every change the log has.
-        let (mut definitions, before_entries) = definitions::read_snapshot(&definitions_path)?;
+        let (mut definitions, before_entries) = definitions::read_snapshot(&*files, &definitions_path)?;
 
         // Replay while the log recovers (each segment read and checksummed
         // once). Queues are interned; every (entry, queue) pair costs 16
@@ -148,8 +150,8 @@ impl Store {
         if before_entries {
             // Convert, so that entries written from now on are not taken as
             // already included at the next start.
-            definitions::write_snapshot(&definitions_path, &definitions, log.next_index().saturating_sub(1))?;
-            definitions = definitions::read_snapshot(&definitions_path)?.0;
+            definitions::write_snapshot(&*files, &definitions_path, &definitions, log.next_index().saturating_sub(1))?;
+            definitions = definitions::read_snapshot(&*files, &definitions_path)?.0;
         }
         for (name, stored) in definitions.stored() {
             let vhost = vhosts.entry(name.clone()).or_insert_with(|| Arc::new(VirtualHost::new(&name)));
@@ -212,7 +214,7 @@ impl Store {
         );
         // Deduplication windows, written every second by the janitor.
         let dedup_path = data_dir.join("dedup.json");
-        let dedup = sidecar::load_dedup(&dedup_path, vhosts);
+        let dedup = sidecar::load_dedup(&*files, &dedup_path, vhosts);
         let store = Store {
             commit,
             durable,
@@ -222,6 +224,7 @@ impl Store {
             definitions: Mutex::new(definitions),
             dedup_path,
             dedup: Mutex::new(dedup),
+            files,
         };
         Ok((Arc::new(store), recovered))
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 use warren_core::VirtualHost;
+use warren_storage::Backend;
 
 use super::{Store, StoreError};
 
@@ -24,13 +25,17 @@ fn from_hex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Reads the deduplication windows and puts them back into their queues.
-pub(super) fn load_dedup(path: &Path, vhosts: &BTreeMap<String, Arc<VirtualHost>>) -> DedupKeys {
-    let dedup: DedupKeys = match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+pub(super) fn load_dedup(files: &dyn Backend, path: &Path, vhosts: &BTreeMap<String, Arc<VirtualHost>>) -> DedupKeys {
+    let dedup: DedupKeys = match crate::files::read(files, path) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
             warn!(%error, "deduplication keys unreadable; starting with empty windows");
             DedupKeys::new()
         }),
-        Err(_) => DedupKeys::new(),
+        Ok(None) => DedupKeys::new(),
+        Err(error) => {
+            warn!(%error, "deduplication keys unreadable; starting with empty windows");
+            DedupKeys::new()
+        }
     };
     for (vhost_name, queues) in &dedup {
         let Some(vhost) = vhosts.get(vhost_name) else { continue };
@@ -65,7 +70,7 @@ impl Store {
         }
         let bytes = serde_json::to_vec(&*all)
             .map_err(|source| StoreError::Definitions { path: self.dedup_path.clone(), source })?;
-        crate::files::replace(&self.dedup_path, &bytes).map_err(|e| StoreError::Io { path: e.path, source: e.source })
+        Ok(crate::files::replace(&*self.files, &self.dedup_path, &bytes)?)
     }
 }
 
