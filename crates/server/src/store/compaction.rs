@@ -8,7 +8,7 @@ use tracing::info;
 use warren_core::VirtualHost;
 use warren_storage::StorageError;
 
-use super::record::{decode, put_short, Record};
+use super::record::{decode, encode_moved, Record};
 use super::Store;
 
 impl Store {
@@ -65,14 +65,7 @@ impl Store {
                     continue;
                 };
                 scratch.clear();
-                scratch.push(b'M');
-                scratch.extend_from_slice(&old.to_le_bytes());
-                put_short(&mut scratch, name.as_bytes());
-                scratch.extend_from_slice(&(queues.len() as u16).to_le_bytes());
-                for queue in &queues {
-                    put_short(&mut scratch, queue.as_bytes());
-                }
-                scratch.extend_from_slice(message);
+                encode_moved(&mut scratch, old, &name, &queues, message);
                 let new = match self.commit.append(&scratch) {
                     Ok(new) => new,
                     Err(error) => {
@@ -84,7 +77,7 @@ impl Store {
                 for _ in &queues {
                     live.settle(old);
                 }
-                live.add(new, queues.len() as u32);
+                live.add(new, queues.len());
                 drop(live);
                 moved.insert(old, new);
                 let mut until = self.moved_until.lock();

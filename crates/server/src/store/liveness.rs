@@ -14,8 +14,8 @@ pub(super) struct Liveness {
 pub(super) const BUCKET_INDICES: u64 = 64;
 
 impl Liveness {
-    pub(super) fn add(&mut self, index: u64, refs: u32) {
-        self.add_to_bucket(index / BUCKET_INDICES, u64::from(refs));
+    pub(super) fn add(&mut self, index: u64, refs: usize) {
+        self.add_to_bucket(index / BUCKET_INDICES, u64::try_from(refs).unwrap_or(u64::MAX));
     }
 
     pub(super) fn add_to_bucket(&mut self, bucket: u64, refs: u64) {

@@ -81,6 +81,10 @@ pub struct Appended {
     pub definitions: Option<u64>,
 }
 
+/// Settlements per `S` entry at most (a purge of millions becomes several
+/// entries of bounded size).
+const SETTLED_RUN_MAX: usize = 65_536;
+
 pub struct Store {
     commit: GroupCommit,
     durable: Arc<watch::Sender<u64>>,
@@ -134,14 +138,15 @@ impl Store {
                     encode_published(scratch, vhost, &message, &queues);
                     let index = self.commit.append(scratch)?;
                     message.set_stored_index(index);
-                    live.add(index, queues.len() as u32);
+                    live.add(index, queues.len());
                     appended.published = Some(index);
                 }
                 JournalEvent::Settled { queue, stored } => {
                     // A run of settlements (an ack with `multiple`, a purge)
                     // becomes one entry.
                     let mut settled = vec![(queue, stored)];
-                    while let Some(JournalEvent::Settled { .. }) = events.peek() {
+                    while settled.len() < SETTLED_RUN_MAX && matches!(events.peek(), Some(JournalEvent::Settled { .. }))
+                    {
                         if let Some(JournalEvent::Settled { queue, stored }) = events.next() {
                             settled.push((queue, stored));
                         }

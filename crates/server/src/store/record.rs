@@ -53,26 +53,50 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub(super) fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Arc<str>]) {
-    out.push(b'P');
-    put_short(out, vhost.as_bytes());
-    out.extend_from_slice(&(queues.len() as u16).to_le_bytes());
-    for queue in queues {
-        put_short(out, queue.as_bytes());
+/// The queue list of a `P` or `M` entry: counted in a u16, or, for a
+/// message routed to more durable queues than that, in a u32 under the
+/// wide tag (`p`, `m`), so older logs read unchanged.
+fn put_queues<Q: AsRef<str>>(out: &mut Vec<u8>, tag: u8, from: Option<u64>, vhost: &str, queues: &[Q]) {
+    let narrow = u16::try_from(queues.len()).ok();
+    out.push(if narrow.is_some() { tag } else { tag.to_ascii_lowercase() });
+    if let Some(from) = from {
+        out.extend_from_slice(&from.to_le_bytes());
     }
+    put_short(out, vhost.as_bytes());
+    match narrow {
+        Some(count) => out.extend_from_slice(&count.to_le_bytes()),
+        None => out.extend_from_slice(&u32::try_from(queues.len()).unwrap_or(u32::MAX).to_le_bytes()),
+    }
+    for queue in queues {
+        put_short(out, queue.as_ref().as_bytes());
+    }
+}
+
+pub(super) fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Arc<str>]) {
+    put_queues(out, b'P', None, vhost, queues);
     put_short(out, message.exchange());
     put_short(out, message.routing_key());
-    out.extend_from_slice(&(message.properties().len() as u32).to_le_bytes());
+    // Properties come from one content header frame: below frame_max (u32).
+    let properties_len = u32::try_from(message.properties().len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&properties_len.to_le_bytes());
     out.extend_from_slice(message.properties());
     out.extend_from_slice(&message.arrived().to_le_bytes());
     out.extend_from_slice(message.body());
+}
+
+/// A live message rewritten at the head (compaction): `message` is the
+/// encoded message of its old entry.
+pub(super) fn encode_moved(out: &mut Vec<u8>, from: u64, vhost: &str, queues: &[Arc<str>], message: &[u8]) {
+    put_queues(out, b'M', Some(from), vhost, queues);
+    out.extend_from_slice(message);
 }
 
 /// Settlements in one vhost: (queue, log index of the message's `P` entry).
 pub(super) fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Arc<str>, u64)]) {
     out.push(b'S');
     put_short(out, vhost.as_bytes());
-    out.extend_from_slice(&(settled.len() as u32).to_le_bytes());
+    // Runs are cut at `SETTLED_RUN_MAX` entries.
+    out.extend_from_slice(&u32::try_from(settled.len()).unwrap_or(u32::MAX).to_le_bytes());
     for (queue, stored) in settled {
         out.extend_from_slice(&stored.to_le_bytes());
         put_short(out, queue.as_bytes());
@@ -180,11 +204,11 @@ pub(super) enum Record<'a> {
 pub(super) fn decode(payload: &[u8]) -> Option<Record<'_>> {
     let mut r = Reader { bytes: payload, at: 0 };
     match r.u8()? {
-        tag @ (b'P' | b'M') => {
-            let from = if tag == b'M' { Some(r.u64()?) } else { None };
+        tag @ (b'P' | b'M' | b'p' | b'm') => {
+            let from = if tag.eq_ignore_ascii_case(&b'M') { Some(r.u64()?) } else { None };
             let vhost = r.short_str()?;
-            let count = r.u16()?;
-            let mut queues = Vec::with_capacity(count as usize);
+            let count = if tag.is_ascii_lowercase() { r.u32()? } else { u32::from(r.u16()?) };
+            let mut queues = Vec::with_capacity(count.min(65_536) as usize);
             for _ in 0..count {
                 queues.push(r.short_str()?);
             }
@@ -262,6 +286,30 @@ pub(super) const INDEX_MASK: u64 = (1 << PRIORITY_SHIFT) - 1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_routed_to_more_queues_than_a_u16_counts_round_trips() {
+        let props = Properties::parse(Bytes::from_static(&[0, 0])).unwrap();
+        let mut builder = Message::builder(b"fanout", b"", &props, 1);
+        builder.push_body(b"x");
+        let message = builder.finish();
+        let queues: Vec<Arc<str>> = (0..70_000).map(|i| Arc::from(format!("q{i}"))).collect();
+        let mut out = Vec::new();
+        encode_published(&mut out, "/", &message, &queues);
+        assert_eq!(out[0], b'p');
+        let Some(Record::Published { queues: decoded, message: encoded, .. }) = decode(&out) else {
+            panic!("not decoded");
+        };
+        assert_eq!((decoded.len(), decoded[69_999]), (70_000, "q69999"));
+        assert_eq!(decode_message(encoded).map(|m| m.body().to_vec()), Some(b"x".to_vec()));
+        let encoded = encoded.to_vec();
+        let mut out = Vec::new();
+        encode_moved(&mut out, 9, "/", &queues, &encoded);
+        assert!(matches!(decode(&out), Some(Record::Moved { from: 9, queues, .. }) if queues.len() == 70_000));
+        out.clear();
+        encode_moved(&mut out, 9, "/", &queues[..2], &encoded);
+        assert_eq!(out[0], b'M', "narrow lists keep the old tag");
+    }
 
     #[test]
     fn records_round_trip() {
