@@ -17,16 +17,18 @@ fn method_frame(buf: &mut BytesMut, channel: u16, write: impl FnOnce(&mut BytesM
     buf.put_u32(0);
     let start = buf.len();
     write(buf);
-    let size = (buf.len() - start) as u32;
+    // A method frame's arguments are a few short strings and a field table
+    // the broker built: far below 4 GiB.
+    let size = u32::try_from(buf.len() - start).unwrap_or(u32::MAX);
     buf[size_at..size_at + 4].copy_from_slice(&size.to_be_bytes());
     buf.put_u8(FRAME_END);
 }
 
 #[inline]
 fn put_short_str(buf: &mut BytesMut, value: &[u8]) {
-    let len = value.len().min(255);
-    buf.put_u8(len as u8);
-    buf.put_slice(&value[..len]);
+    let len = u8::try_from(value.len()).unwrap_or(u8::MAX);
+    buf.put_u8(len);
+    buf.put_slice(&value[..usize::from(len)]);
 }
 
 /// Any method, through the generated codec.
@@ -172,7 +174,8 @@ pub fn content(buf: &mut BytesMut, channel: u16, properties: &[u8], body: &[u8],
     buf.reserve(FRAME_OVERHEAD * 2 + header_size + body.len());
     buf.put_u8(FrameKind::Header as u8);
     buf.put_u16(channel);
-    buf.put_u32(header_size as u32);
+    // Properties came from one content header frame (below frame_max).
+    buf.put_u32(u32::try_from(header_size).unwrap_or(u32::MAX));
     buf.put_u16(CLASS_BASIC);
     buf.put_u16(0);
     buf.put_u64(body.len() as u64);
@@ -182,7 +185,8 @@ pub fn content(buf: &mut BytesMut, channel: u16, properties: &[u8], body: &[u8],
     for chunk in body.chunks(chunk_max) {
         buf.put_u8(FrameKind::Body as u8);
         buf.put_u16(channel);
-        buf.put_u32(chunk.len() as u32);
+        // At most frame_max bytes, a u32.
+        buf.put_u32(u32::try_from(chunk.len()).unwrap_or(u32::MAX));
         buf.put_slice(chunk);
         buf.put_u8(FRAME_END);
     }

@@ -111,7 +111,7 @@ mod tests {
     fn raw(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
         let mut v = vec![kind];
         v.extend_from_slice(&channel.to_be_bytes());
-        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
         v.extend_from_slice(payload);
         v.push(end);
         v

@@ -281,10 +281,10 @@ impl<B: AsRef<[u8]>> Properties<B> {
     /// A copy with `reply_to` set to `value`.
     pub fn with_reply_to(&self, value: &str) -> Properties {
         let bytes = value.as_bytes();
-        let len = bytes.len().min(255);
-        let mut encoded = Vec::with_capacity(len + 1);
-        encoded.push(len as u8);
-        encoded.extend_from_slice(&bytes[..len]);
+        let len = u8::try_from(bytes.len()).unwrap_or(u8::MAX);
+        let mut encoded = Vec::with_capacity(usize::from(len) + 1);
+        encoded.push(len);
+        encoded.extend_from_slice(&bytes[..usize::from(len)]);
         self.with_field(flag::REPLY_TO, Some(&encoded))
     }
 }

@@ -61,6 +61,7 @@ impl Entry {
     }
 }
 
+#[expect(clippy::cast_possible_truncation, reason = "each byte takes the low 7 bits, by design")]
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -151,6 +152,10 @@ impl Run {
     }
 
     /// Drops the first entry; false when the run is then empty.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "deltas this run encoded from u64 indices and u32 seconds: the sums are those values"
+    )]
     fn advance(&mut self) -> bool {
         self.len -= 1;
         if self.len == 0 {
@@ -168,6 +173,10 @@ impl Run {
     }
 
     /// Every entry: (seq, log index, arrival second).
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "deltas this run encoded from u64 indices and u32 seconds: the sums are those values"
+    )]
     fn decode(&self) -> Vec<(u64, u64, u32)> {
         let mut out = Vec::with_capacity(self.len as usize);
         let (mut index, mut arrived_s, mut at) = (self.index, self.arrived_s, self.at);
@@ -333,6 +342,7 @@ impl Lane {
     }
 
     /// Takes the entry with this sequence number, wherever it is.
+    #[expect(clippy::cast_possible_truncation, reason = "an offset inside a run, below its u32 length")]
     pub(crate) fn remove_seq(&mut self, seq: u64) -> Option<Entry> {
         if let Ok(position) = self.front.binary_search_by_key(&seq, Entry::seq) {
             return self.front.remove(position);
@@ -489,7 +499,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn paged(seq: u64, index: u64) -> Entry {
-        Entry::new(seq, false, Body::Paged(NonZeroU64::new(index).unwrap(), (index / 7) as u32))
+        Entry::new(seq, false, Body::Paged(NonZeroU64::new(index).unwrap(), u32::try_from(index / 7).unwrap()))
     }
 
     #[test]

@@ -60,9 +60,11 @@ impl Message {
         data.extend_from_slice(props);
         MessageBuilder {
             data,
-            exchange_len: exchange.len() as u8,
-            routing_key_len: routing_key.len() as u8,
-            properties_len: props.len() as u32,
+            // Cut to 255 bytes above.
+            exchange_len: u8::try_from(exchange.len()).unwrap_or(u8::MAX),
+            routing_key_len: u8::try_from(routing_key.len()).unwrap_or(u8::MAX),
+            // From one content header frame: below frame_max, a u32.
+            properties_len: u32::try_from(props.len()).unwrap_or(u32::MAX),
             body_size,
             persistent: properties.delivery_mode() == Some(2),
             priority: properties.priority().unwrap_or(0),

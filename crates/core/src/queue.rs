@@ -261,7 +261,7 @@ impl Queue {
 
     fn track_expiry(&mut self, message: &Message, seq: u64) {
         if message.expiration().is_some() {
-            if let Some(deadline) = message.deadline(self.settings.message_ttl) {
+            if let Some(deadline) = message.deadline(self.settings.message_ttl_ms) {
                 self.expiring.push(Reverse((deadline, seq)));
             }
         }
@@ -396,7 +396,7 @@ impl Queue {
         need_body: bool,
     ) -> Option<Result<QueuedMessage, u64>> {
         for lane in (0..self.lanes.len()).rev() {
-            if let (false, Some(ttl)) = (need_body, self.settings.message_ttl) {
+            if let (false, Some(ttl)) = (need_body, self.settings.message_ttl_ms) {
                 if let Some(Entry { body: Body::Paged(index, arrived_s), .. }) = self.lanes[lane].front_mut() {
                     // The latest it could have arrived is the end of that second.
                     let latest = u64::from(*arrived_s) * 1000 + 999;
@@ -419,7 +419,7 @@ impl Queue {
             let Some(Body::Loaded(message)) = self.lanes[lane].front_mut().map(|e| &e.body) else {
                 continue;
             };
-            if message.deadline(self.settings.message_ttl).is_some_and(|deadline| deadline < now) {
+            if message.deadline(self.settings.message_ttl_ms).is_some_and(|deadline| deadline < now) {
                 let entry = self.lanes[lane].pop_front()?;
                 return self.materialize(entry, loader).map(Ok);
             }
@@ -589,7 +589,8 @@ mod tests {
             assert_eq!(m.message.stored_index(), u64::from_be_bytes(m.message.body().try_into().unwrap()));
             seen.push(m.message.stored_index());
         }
-        let expected: Vec<u64> = (1..=total).filter(|i| *i != 13 || (*i as usize) <= LOADED_WINDOW).collect();
+        let expected: Vec<u64> =
+            (1..=total).filter(|i| *i != 13 || usize::try_from(*i).unwrap() <= LOADED_WINDOW).collect();
         assert_eq!(seen, expected);
         assert!(queue.unreadable.is_empty() || queue.unreadable == vec![13]);
     }

@@ -161,9 +161,9 @@ pub const MAX_PRIORITY: i64 = 255;
 pub struct QueueSettings {
     pub queue_type: QueueType,
     /// `x-message-ttl`, milliseconds.
-    pub message_ttl: Option<u64>,
+    pub message_ttl_ms: Option<u64>,
     /// `x-expires`: the queue is deleted after this many milliseconds unused.
-    pub expires: Option<u64>,
+    pub expires_ms: Option<u64>,
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
@@ -176,7 +176,7 @@ pub struct QueueSettings {
     pub single_active_consumer: bool,
     /// `x-consumer-timeout`: milliseconds a delivery may stay unacknowledged
     /// before it is taken back.
-    pub consumer_timeout: Option<u64>,
+    pub consumer_timeout_ms: Option<u64>,
     /// `x-retry-*`: rejected (or timed-out) messages come back after a
     /// growing delay instead of being dead-lettered at once.
     pub retry: Option<Retry>,
@@ -191,13 +191,13 @@ pub struct QueueSettings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dedup {
     /// `x-cache-ttl`: how long a key is remembered, milliseconds.
-    pub window: u64,
+    pub window_ms: u64,
     /// `x-cache-size`: most keys remembered; the oldest go first.
     pub max_keys: usize,
 }
 
 /// Dedup window when `x-cache-ttl` is not given: 10 minutes.
-pub const DEFAULT_DEDUP_WINDOW: u64 = 10 * 60 * 1000;
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// Most dedup keys per queue when `x-cache-size` is not given.
 pub const DEFAULT_DEDUP_KEYS: usize = 1_000_000;
 
@@ -206,10 +206,10 @@ pub const DEFAULT_DEDUP_KEYS: usize = 1_000_000;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Retry {
     /// Delay before the first retry, milliseconds.
-    pub delay: u64,
+    pub delay_ms: u64,
     /// Each further retry waits this many times longer.
     pub multiplier: f64,
-    pub max_delay: Option<u64>,
+    pub max_delay_ms: Option<u64>,
     /// Fraction (0 to 1) by which a delay is randomly shortened or
     /// lengthened, so retries of many messages spread out.
     pub jitter: f64,
@@ -220,13 +220,16 @@ impl Retry {
     /// `noise` in [-1, 1] scaled by the jitter.
     pub fn delay_for(&self, attempt: u64, noise: f64) -> u64 {
         let exponent = attempt.saturating_sub(1).min(1000) as i32;
-        let mut delay = self.delay as f64 * self.multiplier.powi(exponent);
-        if let Some(max) = self.max_delay {
+        let mut delay = self.delay_ms as f64 * self.multiplier.powi(exponent);
+        if let Some(max) = self.max_delay_ms {
             delay = delay.min(max as f64);
         }
         delay *= 1.0 + self.jitter * noise.clamp(-1.0, 1.0);
         if delay.is_finite() {
-            delay.max(0.0).min(u64::MAX as f64) as u64
+            // Clamped into range; float-to-integer casts saturate anyway.
+            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "clamped above")]
+            let delay = delay.max(0.0).min(u64::MAX as f64) as u64;
+            delay
         } else {
             u64::MAX
         }
@@ -263,8 +266,8 @@ impl QueueSettings {
                     .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", value_type(value)))),
             }
         };
-        settings.message_ttl = non_negative("x-message-ttl")?;
-        settings.expires = match int("x-expires")? {
+        settings.message_ttl_ms = non_negative("x-message-ttl")?;
+        settings.expires_ms = match int("x-expires")? {
             Some(0) => return Err(("x-expires", "{value_zero,0}".into())),
             Some(n) if n < 0 => return Err(("x-expires", format!("{{value_negative,{n}}}"))),
             other => other.map(|n| n as u64),
@@ -276,7 +279,7 @@ impl QueueSettings {
             Some(n) if n > MAX_PRIORITY as u64 => {
                 return Err(("x-max-priority", format!("{{max_value_exceeded,{n}}}")))
             }
-            other => other.map(|n| n as u8),
+            other => other.map(|n| u8::try_from(n).unwrap_or(u8::MAX)),
         };
         settings.overflow = match string("x-overflow")? {
             None | Some("drop-head") => Overflow::DropHead,
@@ -301,7 +304,7 @@ impl QueueSettings {
                     .ok_or_else(|| (key, format!("{{unacceptable_type,{}}}", value_type(value)))),
             }
         };
-        settings.consumer_timeout = non_negative("x-consumer-timeout")?;
+        settings.consumer_timeout_ms = non_negative("x-consumer-timeout")?;
         settings.retry = match non_negative("x-retry-delay")? {
             None => {
                 for key in ["x-retry-multiplier", "x-retry-max-delay", "x-retry-jitter"] {
@@ -320,16 +323,16 @@ impl QueueSettings {
                 if !(0.0..=1.0).contains(&jitter) {
                     return Err(("x-retry-jitter", format!("{{value_out_of_range,{jitter}}}")));
                 }
-                Some(Retry { delay, multiplier, max_delay: non_negative("x-retry-max-delay")?, jitter })
+                Some(Retry { delay_ms: delay, multiplier, max_delay_ms: non_negative("x-retry-max-delay")?, jitter })
             }
         };
         settings.dedup = match table::get(arguments, "x-message-deduplication") {
             None | Some(AMQPValue::Boolean(false)) => None,
             Some(AMQPValue::Boolean(true)) => Some(Dedup {
-                window: match non_negative("x-cache-ttl")? {
+                window_ms: match non_negative("x-cache-ttl")? {
                     Some(0) => return Err(("x-cache-ttl", "{value_zero,0}".into())),
                     Some(ttl) => ttl,
-                    None => DEFAULT_DEDUP_WINDOW,
+                    None => DEFAULT_DEDUP_WINDOW_MS,
                 },
                 max_keys: match non_negative("x-cache-size")? {
                     Some(0) => return Err(("x-cache-size", "{value_zero,0}".into())),
@@ -351,18 +354,18 @@ impl QueueSettings {
 
     /// True when messages of this queue can expire.
     pub fn has_ttl(&self) -> bool {
-        self.message_ttl.is_some()
+        self.message_ttl_ms.is_some()
     }
 
     /// True when this queue needs the periodic tick (expiry of messages or
     /// of the queue itself).
     pub fn is_timed(&self) -> bool {
-        self.message_ttl.is_some() || self.expires.is_some() || self.dedup.is_some()
+        self.message_ttl_ms.is_some() || self.expires_ms.is_some() || self.dedup.is_some()
     }
 
     /// The delivery acknowledgement timeout of this queue's consumers.
     pub fn consumer_timeout(&self, default: Option<u64>) -> Option<u64> {
-        self.consumer_timeout.or(default)
+        self.consumer_timeout_ms.or(default)
     }
 }
 
@@ -413,8 +416,8 @@ mod tests {
             ("x-max-priority", AMQPValue::ShortShortUInt(10)),
         ]))
         .unwrap();
-        assert_eq!(settings.message_ttl, Some(50));
-        assert_eq!(settings.expires, Some(9));
+        assert_eq!(settings.message_ttl_ms, Some(50));
+        assert_eq!(settings.expires_ms, Some(9));
         assert_eq!(settings.max_length, Some(2));
         assert_eq!(settings.overflow, Overflow::RejectPublishDlx);
         assert_eq!(settings.dead_letter_exchange.as_deref(), Some("dlx"));

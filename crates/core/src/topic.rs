@@ -247,8 +247,9 @@ mod tests {
             let mut trie = TopicTrie::default();
             let mut live: Vec<(String, u32)> = Vec::new();
             for (i, binding) in bindings.iter().enumerate() {
-                trie.insert(binding, i as u32);
-                live.push((binding.clone(), i as u32));
+                let i = u32::try_from(i).unwrap();
+                trie.insert(binding, i);
+                live.push((binding.clone(), i));
             }
             for index in removed {
                 if live.is_empty() { break; }

@@ -31,7 +31,8 @@ fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
         }
         "AMQPLAIN" => {
             // A field table without its length prefix.
-            let mut framed = (response.len() as u32).to_be_bytes().to_vec();
+            // The response came in one frame: its length fits a u32.
+            let mut framed = u32::try_from(response.len()).unwrap_or(u32::MAX).to_be_bytes().to_vec();
             framed.extend_from_slice(response);
             let parsed = table::parse_table(&framed)?;
             let user = table::as_str(table::get(&parsed, "LOGIN")?)?.to_string();
@@ -103,10 +104,10 @@ mod tests {
         assert_eq!(login("EXTERNAL", b"x", Some("cn")).unwrap(), Login::Certificate { user: "cn".into() });
         let mut amqplain = Vec::new();
         for (k, v) in [("LOGIN", "guest"), ("PASSWORD", "guest")] {
-            amqplain.push(k.len() as u8);
+            amqplain.push(u8::try_from(k.len()).unwrap());
             amqplain.extend_from_slice(k.as_bytes());
             amqplain.push(b'S');
-            amqplain.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            amqplain.extend_from_slice(&u32::try_from(v.len()).unwrap().to_be_bytes());
             amqplain.extend_from_slice(v.as_bytes());
         }
         assert_eq!(login_password("AMQPLAIN", &amqplain).unwrap(), ("guest".to_string(), "guest".to_string()));

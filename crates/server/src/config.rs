@@ -6,6 +6,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+/// The largest `max_message_size` accepted (RabbitMQ's limit too); it
+/// keeps every log entry far below the 4 GiB a record's length can say.
+pub const MAX_MESSAGE_SIZE_CAP: u64 = 512 * 1024 * 1024;
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct User {
@@ -269,6 +273,19 @@ impl Config {
                 self.memory_high_watermark
             )));
         }
+        if self.max_message_size > MAX_MESSAGE_SIZE_CAP {
+            return Err(ConfigError::Invalid(format!(
+                "max_message_size {} is above the largest allowed, {MAX_MESSAGE_SIZE_CAP} (512 MiB, as RabbitMQ)",
+                self.max_message_size
+            )));
+        }
+        if self.segment_bytes_max > warren_storage::log::SEGMENT_BYTES_CAP {
+            return Err(ConfigError::Invalid(format!(
+                "segment_bytes_max {} is above the largest allowed, {} (1 GiB)",
+                self.segment_bytes_max,
+                warren_storage::log::SEGMENT_BYTES_CAP
+            )));
+        }
         if self.bind.is_empty() {
             return Err(ConfigError::Invalid("bind lists no address".into()));
         }
@@ -284,6 +301,7 @@ impl Config {
         if self.memory_high_watermark_bytes > 0 {
             return Some(self.memory_high_watermark_bytes);
         }
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a fraction in (0, 1] of a u64")]
         crate::alarm::total_memory().map(|total| (total as f64 * self.memory_high_watermark) as u64)
     }
 
@@ -319,5 +337,14 @@ mod tests {
         assert_eq!(policy.name, "jobs");
         let bad: Config = toml::from_str(&text.replace("max-length = 10", "max-length = -1")).unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn sizes_beyond_what_the_log_can_record_are_refused() {
+        let too_big = Config { max_message_size: MAX_MESSAGE_SIZE_CAP + 1, ..Config::default() };
+        assert!(too_big.validate().is_err());
+        let segment = Config { segment_bytes_max: (1 << 30) + 1, ..Config::default() };
+        assert!(segment.validate().is_err());
+        assert!(Config { max_message_size: MAX_MESSAGE_SIZE_CAP, ..Config::default() }.validate().is_ok());
     }
 }

@@ -200,7 +200,7 @@ fn publish(channel: u16, queue: &[u8], body: &[u8]) -> BytesMut {
 fn frame(kind: u8, channel: u16, payload: &[u8], end: u8) -> Vec<u8> {
     let mut out = vec![kind];
     out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
     out.extend_from_slice(payload);
     out.push(end);
     out

@@ -94,6 +94,9 @@ impl StorageFile for FsFile {
         self.0.sync_data()
     }
 
+    // The one unsafe block of the storage engine: mapping spares recovery
+    // a copy of every segment.
+    #[allow(unsafe_code)]
     fn map(&self) -> Option<memmap2::Mmap> {
         // SAFETY: a mapped segment is only read while the log is being
         // opened, before anything writes to it; no other process writes to

@@ -12,6 +12,8 @@ pub enum StorageError {
     Poisoned,
     #[error("corrupted segment {segment} at offset {offset}: {what}")]
     Corrupted { segment: PathBuf, offset: u64, what: String },
+    #[error("a batch of {0} bytes does not fit in one segment (offsets are 32-bit)")]
+    BatchTooLarge(u64),
     #[error("index {0} is not in the log")]
     Missing(u64),
     #[error("cannot start the commit thread: {0}")]

@@ -106,7 +106,8 @@ impl GroupCommit {
         let mut pending = self.shared.pending.lock();
         let index = pending.next_index;
         pending.next_index += 1;
-        pending.buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        // Entries are below 4 GiB (see `log::encode_record`).
+        pending.buf.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
         pending.buf.extend_from_slice(payload);
         pending.count += 1;
         if pending.count == 1 {

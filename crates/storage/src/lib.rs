@@ -15,6 +15,16 @@
 //! (and the directory entry of a new segment) were fsynced. After a failed
 //! write or fsync the log is poisoned and never reports durability again.
 
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("Warren supports 64-bit targets only: file offsets and sizes are used as memory sizes");
+
+/// A file size or offset as a memory size: lossless on the 64-bit targets
+/// Warren builds for (see the `compile_error!` above).
+#[expect(clippy::cast_possible_truncation, reason = "64-bit targets only")]
+pub fn usize_of(n: u64) -> usize {
+    n as usize
+}
+
 pub mod backend;
 pub mod error;
 pub mod group;

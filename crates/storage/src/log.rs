@@ -23,6 +23,10 @@ use crate::error::StorageError;
 
 const MAGIC: &[u8; 8] = b"WARRENL1";
 const SEGMENT_HEADER: u64 = 16;
+const SEGMENT_HEADER_LEN: usize = 16;
+/// The largest segment size honoured (`segment_bytes_max` is capped to it),
+/// so that a segment's 32-bit entry offsets cannot overflow.
+pub const SEGMENT_BYTES_CAP: u64 = 1 << 30;
 pub const RECORD_HEADER: usize = 24;
 const MISSING: u32 = u32::MAX;
 
@@ -110,7 +114,9 @@ pub fn checksum(index: u64, term: u64, payload: &[u8]) -> u32 {
 
 /// Appends one encoded record to `out`.
 pub fn encode_record(out: &mut Vec<u8>, index: u64, term: u64, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    // An entry is at most one message (`max_message_size`, capped at
+    // 512 MiB by the server's configuration) plus its small header.
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(&checksum(index, term, payload).to_le_bytes());
     out.extend_from_slice(&index.to_le_bytes());
     out.extend_from_slice(&term.to_le_bytes());
@@ -217,15 +223,15 @@ impl Log {
         let bytes: &[u8] = match &mapped {
             Some(map) => map,
             None => {
-                buffer.resize(file_len as usize, 0);
+                buffer.resize(crate::usize_of(file_len), 0);
                 file.read_exact_at(buffer, 0).map_err(|e| StorageError::io(&path, e))?;
                 buffer
             }
         };
         let header_ok =
-            bytes.len() >= SEGMENT_HEADER as usize && &bytes[..8] == MAGIC && bytes[8..16] == first_index.to_le_bytes();
+            bytes.len() as u64 >= SEGMENT_HEADER && &bytes[..8] == MAGIC && bytes[8..16] == first_index.to_le_bytes();
         if !header_ok {
-            if last && bytes.len() < SEGMENT_HEADER as usize {
+            if last && (bytes.len() as u64) < SEGMENT_HEADER {
                 // Created, header not yet durable: an empty segment.
                 recovery.torn_bytes_cut += bytes.len() as u64;
                 self.backend.remove(&path).map_err(|e| StorageError::io(&path, e))?;
@@ -237,7 +243,7 @@ impl Log {
             return Ok(());
         }
         let mut offsets = Vec::new();
-        let mut at = SEGMENT_HEADER as usize;
+        let mut at = SEGMENT_HEADER_LEN;
         let mut expected = first_index;
         let mut valid_end = at;
         while at < bytes.len() {
@@ -248,7 +254,10 @@ impl Log {
             }
             let payload = &bytes[at + RECORD_HEADER..end];
             if checksum(h.index, h.term, payload) == h.crc {
-                offsets.push(at as u32);
+                // Never written past the cap (`append`); a larger file is
+                // not ours, and its rest counts as damaged.
+                let Ok(offset) = u32::try_from(at) else { break };
+                offsets.push(offset);
                 recovery.entries += 1;
                 visit(h.index, h.term, payload);
             } else {
@@ -341,7 +350,8 @@ impl Log {
         if self.poisoned {
             return Err(StorageError::Poisoned);
         }
-        let needs_segment = self.segments.last().is_none_or(|s| s.len >= self.options.segment_bytes_max);
+        let segment_max = self.options.segment_bytes_max.min(SEGMENT_BYTES_CAP);
+        let needs_segment = self.segments.last().is_none_or(|s| s.len >= segment_max);
         if needs_segment {
             self.start_segment()?;
         }
@@ -354,7 +364,14 @@ impl Log {
         let base = segment.len;
         let mut offsets = Vec::new();
         for payload in payloads {
-            offsets.push((base + buf.len() as u64) as u32);
+            // A segment's offsets are 32-bit (4 bytes per entry in memory):
+            // segments are capped well below that, and a batch that would
+            // still cross it is refused rather than truncated.
+            let offset = base + buf.len() as u64;
+            let Ok(offset) = u32::try_from(offset) else {
+                return Err(StorageError::BatchTooLarge(offset - base));
+            };
+            offsets.push(offset);
             encode_record(&mut buf, index, term, payload);
             index += 1;
         }
@@ -416,7 +433,7 @@ impl Log {
     fn locate(&self, index: u64) -> Option<(&Segment, u32)> {
         let position = self.segments.partition_point(|s| s.first_index <= index).checked_sub(1)?;
         let segment = &self.segments[position];
-        let offset = *segment.offsets.get((index - segment.first_index) as usize)?;
+        let offset = *segment.offsets.get(usize::try_from(index - segment.first_index).ok()?)?;
         (offset != MISSING).then_some((segment, offset))
     }
 
@@ -449,7 +466,7 @@ impl Log {
             if segment.last_index().is_none_or(|last| last < from) {
                 continue;
             }
-            let mut bytes = vec![0u8; segment.len as usize];
+            let mut bytes = vec![0u8; crate::usize_of(segment.len)];
             segment.file.read_exact_at(&mut bytes, 0).map_err(|e| StorageError::io(&segment.path, e))?;
             for (i, &offset) in segment.offsets.iter().enumerate() {
                 let index = segment.first_index + i as u64;
@@ -486,7 +503,8 @@ impl Log {
             self.dir_dirty = true;
         }
         if let Some(segment) = self.segments.last_mut() {
-            let keep = (from.saturating_sub(segment.first_index) as usize).min(segment.offsets.len());
+            let keep = usize::try_from(from.saturating_sub(segment.first_index))
+                .map_or(segment.offsets.len(), |k| k.min(segment.offsets.len()));
             if keep < segment.offsets.len() {
                 let cut =
                     segment.offsets[keep..].iter().find(|o| **o != MISSING).copied().map_or(segment.len, u64::from);

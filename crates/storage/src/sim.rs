@@ -153,7 +153,7 @@ impl StorageFile for SimFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let disk = self.disk.lock();
         let state = disk.files.get(&self.path).ok_or_else(|| gone(&self.path))?;
-        let start = offset as usize;
+        let start = crate::usize_of(offset);
         let bytes = state
             .data
             .get(start..start + buf.len())
@@ -168,7 +168,7 @@ impl StorageFile for SimFile {
         if disk.faults.fail_writes {
             return Err(io::Error::other("simulated EIO on write"));
         }
-        let end = offset as usize + data.len();
+        let end = crate::usize_of(offset) + data.len();
         let current = disk.files.get(&self.path).map(|f| f.data.len()).ok_or_else(|| gone(&self.path))?;
         if let Some(capacity) = disk.faults.capacity_bytes {
             if disk.used() + end.saturating_sub(current) as u64 > capacity {
@@ -179,7 +179,7 @@ impl StorageFile for SimFile {
         if state.data.len() < end {
             state.data.resize(end, 0);
         }
-        state.data[offset as usize..end].copy_from_slice(data);
+        state.data[crate::usize_of(offset)..end].copy_from_slice(data);
         Ok(())
     }
 
@@ -187,7 +187,7 @@ impl StorageFile for SimFile {
         let mut disk = self.disk.lock();
         disk.step()?;
         let state = disk.files.get_mut(&self.path).ok_or_else(|| gone(&self.path))?;
-        state.data.resize(len as usize, 0);
+        state.data.resize(crate::usize_of(len), 0);
         Ok(())
     }
 

@@ -16,6 +16,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[cfg(all(not(target_env = "msvc"), not(feature = "alloc-count")))]
 #[allow(non_upper_case_globals)]
+// jemalloc reads its options from this exported symbol; nothing else names it.
+#[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 

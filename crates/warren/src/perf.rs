@@ -8,6 +8,10 @@
 //! CPU time from /proc and reports CPU per message, the fair figure when the
 //! machine (not the broker) is saturated.
 
+// Counters, rates and latencies of a benchmark run: far inside every
+// type's range, and a rounding error in a statistic is harmless.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

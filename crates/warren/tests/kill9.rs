@@ -142,7 +142,7 @@ fn kill9_loop_loses_no_confirmed_message() {
     let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(std::process::id());
     for _ in 0..cycles {
         let (mut broker, took) = start(port, &data);
-        restart_ms.push(took.as_millis() as u64);
+        restart_ms.push(u64::try_from(took.as_millis()).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = runtime.block_on(async {
             vec![
@@ -165,7 +165,7 @@ fn kill9_loop_loses_no_confirmed_message() {
     }
     // Final drain on a clean broker.
     let (mut broker, took) = start(port, &data);
-    restart_ms.push(took.as_millis() as u64);
+    restart_ms.push(u64::try_from(took.as_millis()).unwrap());
     runtime.block_on(async {
         let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();

@@ -164,7 +164,7 @@ impl VirtualHostState {
             };
             if (queue.settings.has_ttl() || entry.message.expiration().is_some()) && !queue.is_fresh(&entry) {
                 let now = *now.get_or_insert_with(|| self.clock.now_ms());
-                if entry.message.deadline(queue.settings.message_ttl).is_some_and(|deadline| deadline < now) {
+                if entry.message.deadline(queue.settings.message_ttl_ms).is_some_and(|deadline| deadline < now) {
                     // Never delivered after its deadline, unless offered by
                     // the dispatch its own publish triggered.
                     expired.push(entry);
@@ -242,7 +242,7 @@ impl VirtualHostState {
             let Some(entry) = q.pop(self.loader.as_deref()) else {
                 break None;
             };
-            if entry.message.deadline(q.settings.message_ttl).is_some_and(|deadline| deadline < now) {
+            if entry.message.deadline(q.settings.message_ttl_ms).is_some_and(|deadline| deadline < now) {
                 expired.push(entry);
                 continue;
             }
@@ -258,7 +258,7 @@ impl VirtualHostState {
             }
             _ => None,
         };
-        let message_count = q.len() as u32;
+        let message_count = super::count_u32(q.len());
         if !expired.is_empty() {
             for entry in expired {
                 self.dead_letter(id, entry, Reason::Expired);

@@ -397,6 +397,12 @@ impl VirtualHost {
     }
 }
 
+/// A count for an AMQP reply's 32-bit field (message and consumer counts),
+/// saturated as RabbitMQ's are.
+pub(crate) fn count_u32(count: usize) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
 mod channels;
 mod dead_letters;
 mod dispatch;
@@ -521,7 +527,7 @@ impl VirtualHostState {
         }
     }
     fn note_consumer_timeout(&mut self, settings: &QueueSettings) {
-        if let Some(timeout) = settings.consumer_timeout {
+        if let Some(timeout) = settings.consumer_timeout_ms {
             self.shortest_consumer_timeout = Some(self.shortest_consumer_timeout.map_or(timeout, |t| t.min(timeout)));
         }
     }

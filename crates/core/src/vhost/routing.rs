@@ -206,7 +206,7 @@ impl VirtualHostState {
         }
         queue.push(message.clone());
         if let (Some((key, now)), Some(dedup)) = (dedup_key_now, queue.settings.dedup) {
-            queue.dedup.remember(Arc::from(key.as_slice()), now.saturating_add(dedup.window), dedup.max_keys);
+            queue.dedup.remember(Arc::from(key.as_slice()), now.saturating_add(dedup.window_ms), dedup.max_keys);
         }
         let mut dropped_itself = false;
         if limited && queue.settings.overflow == Overflow::DropHead {

@@ -57,7 +57,7 @@ fn bodies(vhost: &mut VirtualHostState, key: ChannelKey, queue: &str) -> Vec<Vec
 }
 
 fn with_expiration(routing_key: &str, body: &[u8], millis: &str) -> Arc<Message> {
-    let mut encoded = vec![millis.len() as u8];
+    let mut encoded = vec![u8::try_from(millis.len()).unwrap()];
     encoded.extend_from_slice(millis.as_bytes());
     let props = Properties::empty().with_field(warren_codec::properties::flag::EXPIRATION, Some(&encoded));
     let mut builder = Message::builder(b"", routing_key.as_bytes(), &props, body.len());

@@ -23,7 +23,7 @@ impl VirtualHostState {
                 self.timed.remove(&id);
                 continue;
             };
-            if let Some(expires) = queue.settings.expires {
+            if let Some(expires) = queue.settings.expires_ms {
                 if queue.consumers.is_empty() && now.saturating_sub(queue.last_used) >= expires {
                     tracing::debug!(queue = %queue.name, "queue expired");
                     self.remove_queue(id);
@@ -157,7 +157,7 @@ impl VirtualHostState {
                     &message,
                     "x-delay",
                     warren_codec::types::AMQPValue::LongInt(
-                        -(delay_of(&message).unwrap_or(0).min(i32::MAX as u64) as i32),
+                        -i32::try_from(delay_of(&message).unwrap_or(0)).unwrap_or(i32::MAX),
                     ),
                 ));
                 let mut queues = Vec::new();

@@ -537,8 +537,8 @@ impl VirtualHostState {
         match self.queues.get(&id) {
             Some(queue) => QueueDeclared {
                 name: queue.name.to_string(),
-                message_count: queue.len() as u32,
-                consumer_count: queue.consumers.len() as u32,
+                message_count: count_u32(queue.len()),
+                consumer_count: count_u32(queue.consumers.len()),
             },
             None => QueueDeclared { name: String::new(), message_count: 0, consumer_count: 0 },
         }
@@ -555,7 +555,7 @@ impl VirtualHostState {
                 journal.push(JournalEvent::Settled { queue: queue_name.clone(), stored });
             }
         });
-        Ok(count as u32)
+        Ok(count_u32(count))
     }
     pub fn delete_queue(
         &mut self,
@@ -615,6 +615,6 @@ impl VirtualHostState {
             }
         }
         self.unbind_everywhere(&Destination::Queue(id));
-        queue.len() as u32
+        count_u32(queue.len())
     }
 }

@@ -145,8 +145,9 @@ impl Connection {
                         }
                     }
                 }
-                let builder =
-                    Message::builder(&content.exchange, &content.routing_key, &properties, body_size as usize);
+                // At most max_message_size (checked above), so it fits.
+                let body_size = usize::try_from(body_size).unwrap_or(0);
+                let builder = Message::builder(&content.exchange, &content.routing_key, &properties, body_size);
                 content.builder = Some(builder);
             }
             (FrameKind::Body, true) => {

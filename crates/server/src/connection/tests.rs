@@ -165,7 +165,7 @@ fn header(buf: &mut BytesMut, channel: u16, class_id: u16, body_size: u64, prope
     let payload_len = 12 + properties.len();
     buf.put_u8(2);
     buf.put_u16(channel);
-    buf.put_u32(payload_len as u32);
+    buf.put_u32(u32::try_from(payload_len).unwrap());
     buf.put_u16(class_id);
     buf.put_u16(0);
     buf.put_u64(body_size);
@@ -176,7 +176,7 @@ fn header(buf: &mut BytesMut, channel: u16, class_id: u16, body_size: u64, prope
 fn body(buf: &mut BytesMut, channel: u16, body: &[u8]) {
     buf.put_u8(3);
     buf.put_u16(channel);
-    buf.put_u32(body.len() as u32);
+    buf.put_u32(u32::try_from(body.len()).unwrap());
     buf.put_slice(body);
     buf.put_u8(0xCE);
 }

@@ -11,9 +11,9 @@ use warren_core::Message;
 use super::definitions::Change;
 
 pub(super) fn put_short(out: &mut Vec<u8>, value: &[u8]) {
-    let len = value.len().min(255);
-    out.push(len as u8);
-    out.extend_from_slice(&value[..len]);
+    let len = u8::try_from(value.len()).unwrap_or(u8::MAX);
+    out.push(len);
+    out.extend_from_slice(&value[..usize::from(len)]);
 }
 
 pub(super) struct Reader<'a> {
@@ -274,7 +274,7 @@ pub(super) fn encoded_summary(encoded: &[u8]) -> Option<(u32, u8)> {
     let props_len = r.u32()? as usize;
     let properties = r.take(props_len)?;
     r.u64()?;
-    let size = r.rest().len().min(u32::MAX as usize) as u32;
+    let size = u32::try_from(r.rest().len()).unwrap_or(u32::MAX);
     Some((size, Properties::view(properties).priority().unwrap_or(0)))
 }
 

@@ -64,7 +64,8 @@ impl Store {
                 Some(id) => *id,
                 None => {
                     queue_names.push((vhost.to_string(), queue.to_string()));
-                    let id = (queue_names.len() - 1) as u32;
+                    // Fewer queues than u32::MAX (the `SETTLED` mark) ever appear in one log.
+                    let id = u32::try_from(queue_names.len() - 1).unwrap_or(SETTLED - 1);
                     queue_ids.insert((vhost.to_string(), queue.to_string()), id);
                     id
                 }

@@ -252,7 +252,9 @@ async fn main() -> anyhow::Result<()> {
     declare(&publisher).await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
     let consumer = connection.create_channel().await?;
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     let shop = Arc::new(Shop { publisher, carts: Mutex::new(Carts::default()), next_id: AtomicU64::new(1), run });
     let replies = tokio::spawn(apply_replies(shop.clone(), consumer));
 
