@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use parking_lot::{Mutex, RwLock};
 use tracing::{info, warn};
 use warren_codec::reply::ReplyCode;
-use warren_core::VirtualHost;
+use warren_core::{Clock, SystemClock, VirtualHost};
 use warren_storage::FsyncPolicy;
 
 use crate::access::{Access, AccessDefinitions, AccessError, AccessFile, Seed, User};
@@ -46,6 +46,7 @@ fn decrement(map: &mut HashMap<String, u64>, key: &str, by: u64) {
 
 pub struct Broker {
     pub config: Config,
+    clock: Arc<dyn Clock>,
     vhosts: RwLock<HashMap<String, Arc<VirtualHost>>>,
     next_connection_id: AtomicU64,
     pub store: Arc<Store>,
@@ -78,20 +79,47 @@ pub enum BrokerError {
     Access(#[from] AccessError),
 }
 
+/// What the broker runs on besides its configuration: the storage backend
+/// its files live on and the clock its queues read. Tests swap in a
+/// simulated disk that can lose power and a clock they move by hand.
+#[derive(Clone)]
+pub struct Environment {
+    pub backend: Arc<dyn warren_storage::Backend>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Environment {
+    fn default() -> Environment {
+        Environment { backend: Arc::new(warren_storage::FsBackend), clock: Arc::new(SystemClock) }
+    }
+}
+
+impl Environment {
+    /// Real time, files on `backend`.
+    pub fn on(backend: Arc<dyn warren_storage::Backend>) -> Environment {
+        Environment { backend, ..Environment::default() }
+    }
+}
+
 impl Broker {
     /// Opens the data directory and restores durable state.
     pub fn open(config: Config) -> Result<Broker, BrokerError> {
-        Self::open_with(config, Arc::new(warren_storage::FsBackend))
+        Self::open_with(config, Environment::default())
     }
 
-    /// Same, with the message log on the given storage backend (tests use a
-    /// simulated disk to cut power).
-    pub fn open_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Broker, BrokerError> {
+    /// Same, on the given storage backend and clock.
+    pub fn open_with(config: Config, environment: Environment) -> Result<Broker, BrokerError> {
+        let Environment { backend, clock } = environment;
         let access_file = AccessFile::on(backend.clone(), &config.data_dir);
         let definitions = load_access(&config, &access_file)?;
         let access = Access::compile(&definitions);
+        let new_vhost = |name: &str| {
+            let vhost = Arc::new(VirtualHost::new(name));
+            vhost.lock().set_clock(clock.clone());
+            vhost
+        };
         let mut vhosts: BTreeMap<String, Arc<VirtualHost>> =
-            access.vhost_names().map(|name| (name.clone(), Arc::new(VirtualHost::new(name)))).collect();
+            access.vhost_names().map(|name| (name.clone(), new_vhost(name))).collect();
         let policy = match config.fsync {
             Fsync::Always => FsyncPolicy::Always,
             Fsync::Never => FsyncPolicy::Never,
@@ -107,6 +135,7 @@ impl Broker {
         };
         let broker = Broker {
             config,
+            clock,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
             store,
@@ -143,6 +172,7 @@ impl Broker {
         let policies = config.policies.iter().filter(|p| p.vhost == name).filter_map(|p| p.to_policy().ok());
         state.set_policies(policies.collect());
         state.set_loader(self.store.clone());
+        state.set_clock(self.clock.clone());
         state.set_consumer_timeout((config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms));
         state.set_consumer_timeout_closes_channel(
             config.consumer_timeout_action == crate::config::ConsumerTimeoutAction::CloseChannel,

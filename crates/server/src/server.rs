@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Environment};
 use crate::config::Config;
 use crate::session::Session;
 
@@ -56,11 +56,12 @@ fn expand(entry: &str) -> Result<Vec<IpAddr>, ServerError> {
 
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        Self::bind_with(config, Arc::new(warren_storage::FsBackend)).await
+        Self::bind_with(config, Environment::default()).await
     }
 
-    /// Binds with the message log on a given storage backend.
-    pub async fn bind_with(config: Config, backend: Arc<dyn warren_storage::Backend>) -> Result<Server, ServerError> {
+    /// Binds with the broker's files on a given storage backend and its
+    /// queues on a given clock.
+    pub async fn bind_with(config: Config, environment: Environment) -> Result<Server, ServerError> {
         config.validate()?;
         let mut addresses = Vec::new();
         for entry in &config.bind {
@@ -71,7 +72,7 @@ impl Server {
             Some(tls) => (listen(&addresses, tls.port).await?, Some(crate::tls::acceptor(tls)?)),
             None => (Vec::new(), None),
         };
-        let broker = Arc::new(Broker::open_with(config, backend)?);
+        let broker = Arc::new(Broker::open_with(config, environment)?);
         Ok(Server { listeners, tls_listeners, tls, broker })
     }
 

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{eventually, TestServer};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -315,8 +315,7 @@ async fn node_connection_and_consumer_limits() {
         },
     };
     assert_eq!(reply(&err), (530, "NOT_ALLOWED - reached maximum (1) of consumers per channel".into()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!a.status().connected(), "a connection error, as in RabbitMQ");
+    eventually("a connection error closes the connection, as in RabbitMQ", || async { !a.status().connected() }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,8 +339,7 @@ async fn vhosts_and_users_change_while_running() {
 
     // Deleting the vhost closes its connections and drops its contents.
     server.ctl(|d| d.delete_vhost("w"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!in_w.status().connected(), "connection on a deleted vhost is closed");
+    eventually("the connection on a deleted vhost is closed", || async { !in_w.status().connected() }).await;
     server.ctl(|d| {
         d.add_vhost("w")?;
         d.set_permissions("w", "u", ".*", ".*", ".*")
@@ -352,8 +350,10 @@ async fn vhosts_and_users_change_while_running() {
     // Deleting the user closes its connections; guest is untouched.
     let (guest, _) = guest_channel(&server).await;
     server.ctl(|d| d.delete_user("u"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!in_v.status().connected() && !again.status().connected());
+    eventually("the deleted user's connections are closed", || async {
+        !in_v.status().connected() && !again.status().connected()
+    })
+    .await;
     assert!(guest.status().connected());
     assert_eq!(reply(&connect(&server.uri_as("u", "pw", "v")).await.unwrap_err()).0, 403);
 }

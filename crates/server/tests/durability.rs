@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestServer;
+use common::{eventually, TestServer};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -147,8 +147,7 @@ async fn confirmed_persistent_messages_and_durable_definitions_survive_a_restart
     ch.basic_publish("events".into(), "order.paid".into(), BasicPublishOptions::default(), b"after", persistent())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(count(&conn, "orders").await, Some(1));
+    eventually("the publish after the restart is routed", || async { count(&conn, "orders").await == Some(1) }).await;
     let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
     assert!(ch
         .exchange_declare("fleeting".into(), ExchangeKind::Fanout, passive, FieldTable::default())
@@ -159,7 +158,7 @@ async fn confirmed_persistent_messages_and_durable_definitions_survive_a_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_queues_and_purged_messages_stay_gone() {
     let server = TestServer::start().await;
-    let (_conn, ch) = open(&server).await;
+    let (conn, ch) = open(&server).await;
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
     for q in ["purged", "deleted", "consumed"] {
         ch.queue_declare(q.into(), durable, FieldTable::default()).await.unwrap();
@@ -167,7 +166,9 @@ async fn deleted_queues_and_purged_messages_stay_gone() {
             ch.basic_publish("".into(), q.into(), BasicPublishOptions::default(), &[i], persistent()).await.unwrap();
         }
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for q in ["purged", "deleted", "consumed"] {
+        eventually("the publishes are queued", || async { count(&conn, q).await == Some(5) }).await;
+    }
     assert_eq!(ch.queue_purge("purged".into(), QueuePurgeOptions::default()).await.unwrap(), 5);
     ch.queue_delete("deleted".into(), QueueDeleteOptions::default()).await.unwrap();
     let mut consumer = ch
@@ -185,7 +186,7 @@ async fn deleted_queues_and_purged_messages_stay_gone() {
     // Re-created under the same name after deletion: only new messages count.
     ch.queue_declare("deleted".into(), durable, FieldTable::default()).await.unwrap();
     ch.basic_publish("".into(), "deleted".into(), BasicPublishOptions::default(), b"new", persistent()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the new message is queued", || async { count(&conn, "deleted").await == Some(1) }).await;
 
     let server = server.restart().await;
     let (conn, ch) = open(&server).await;

@@ -15,13 +15,25 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-/// Due times are wall-clock milliseconds (they must survive a restart), so
-/// delays are measured on the wall clock too (it may run apart from the
-/// monotonic one); the arrival is truncated to the millisecond.
-const CLOCK_SLACK: Duration = Duration::from_millis(1);
+/// Lets the broker's timers run several times (they tick every 5 ms, and
+/// consumer timeouts every 100 ms) with a manual clock standing still:
+/// whatever is timed must not happen meanwhile, however slow the machine.
+async fn timers_run() {
+    tokio::time::sleep(Duration::from_millis(120)).await;
+}
 
-fn wall_elapsed(since: std::time::SystemTime) -> Duration {
-    since.elapsed().unwrap_or_default()
+/// The ready count, by a passive declare.
+async fn count(ch: &Channel, queue: &str) -> u32 {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    ch.queue_declare(queue.into(), passive, FieldTable::default()).await.unwrap().message_count()
+}
+
+/// Whether `queue` exists (a passive declare on a channel of its own, since
+/// a missing queue closes it).
+async fn exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    ch.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok()
 }
 
 async fn open(server: &TestServer) -> (Connection, Channel) {
@@ -196,12 +208,16 @@ async fn length_limits_drop_the_oldest_or_nack_the_publisher() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_expire_wherever_they_are_and_unused_queues_go_away() {
-    let server = TestServer::start().await;
-    let (_conn, ch) = open(&server).await;
+    let server = TestServer::with_manual_clock(|_| {}).await;
+    let (conn, ch) = open(&server).await;
     queue(&ch, "dlq", false, FieldTable::default()).await;
     queue(&ch, "mixed", false, to_dlq(vec![])).await;
     publish(&ch, "mixed", b"stays", BasicProperties::default()).await;
     publish(&ch, "mixed", b"brief", BasicProperties::default().with_expiration("30".into())).await;
+    wait_count(&ch, "mixed", 2).await;
+    timers_run().await;
+    assert_eq!(count(&ch, "dlq").await, 0, "nothing expires while the clock stands still");
+    server.advance(31);
     wait_count(&ch, "dlq", 1).await;
     let expired = get(&ch, "dlq").await.unwrap();
     assert_eq!(expired.delivery.data, b"brief", "expired from behind the head");
@@ -212,20 +228,31 @@ async fn messages_expire_wherever_they_are_and_unused_queues_go_away() {
     for body in [b"1", b"2", b"3"] {
         publish(&ch, "ttl", body, BasicProperties::default()).await;
     }
+    wait_count(&ch, "ttl", 3).await;
+    server.advance(29);
+    timers_run().await;
+    assert_eq!(count(&ch, "ttl").await, 3, "29 ms of a 30 ms TTL");
+    server.advance(2);
     wait_count(&ch, "dlq", 3).await;
     wait_count(&ch, "ttl", 0).await;
 
+    // Looked at from the inside: a passive declare is a use and would
+    // restart the expiry.
+    let vhost = server.broker.vhost("/").unwrap();
+    let present = || vhost.lock().queue("brief-queue").is_some();
     queue(&ch, "brief-queue", false, args(&[("x-expires", long(50))])).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let gone = ch
-        .queue_declare(
-            "brief-queue".into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_err();
-    assert!(gone.to_string().contains("404") || format!("{gone:?}").contains("NOT_FOUND"), "{gone:?}");
+    server.advance(49);
+    timers_run().await;
+    assert!(present(), "49 ms of a 50 ms x-expires");
+    server.advance(2);
+    for _ in 0..200 {
+        if !present() {
+            assert!(!exists(&conn, "brief-queue").await);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("an unused queue past its x-expires was not deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +283,7 @@ async fn a_poison_message_is_dead_lettered_after_its_delivery_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_and_dead_letters_survive_a_restart() {
-    let server = TestServer::start().await;
+    let server = TestServer::with_manual_clock(|_| {}).await;
     {
         let (_conn, ch) = open(&server).await;
         ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
@@ -277,7 +304,7 @@ async fn ttl_and_dead_letters_survive_a_restart() {
         rejected.delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
         wait_count(&ch, "dlq", 1).await;
     }
-    let started = std::time::Instant::now();
+    server.advance(1000);
     let server = server.restart().await;
     let (_conn, ch) = open(&server).await;
     let q = ch
@@ -290,9 +317,10 @@ async fn ttl_and_dead_letters_survive_a_restart() {
         .unwrap();
     assert_eq!(q.message_count(), 1, "still within its TTL after the restart");
     wait_count(&ch, "rejects", 0).await;
-    // The TTL counts from the original arrival, not from the restart.
+    // The TTL counts from the original arrival, not from the restart: 1000
+    // ms passed before it, 501 more expire the message.
+    server.advance(501);
     wait_count(&ch, "dlq", 2).await;
-    assert!(started.elapsed() < Duration::from_millis(1500 + 1000));
     let first = get(&ch, "dlq").await.unwrap();
     assert_eq!(first.delivery.data, b"rejected");
     // The length limit is still in force.
@@ -414,7 +442,7 @@ fn delayed(millis: i64) -> BasicProperties {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
-    let server = TestServer::start().await;
+    let server = TestServer::with_manual_clock(|_| {}).await;
     let (_conn, ch) = open(&server).await;
     let refused = ch
         .exchange_declare(
@@ -440,7 +468,6 @@ async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
     ch.queue_bind("timed".into(), "later".into(), "k".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .unwrap();
-    let sent = std::time::SystemTime::now();
     for (body, properties) in
         [(&b"soon"[..], delayed(200)), (b"now", BasicProperties::default()), (b"restart", delayed(1500))]
     {
@@ -458,9 +485,11 @@ async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
     }
     wait_count(&ch, "timed", 1).await;
     assert_eq!(get(&ch, "timed").await.unwrap().delivery.data, b"now", "no x-delay: routed at once");
+    server.advance(199);
+    timers_run().await;
+    assert_eq!(count(&ch, "timed").await, 0, "199 ms of a 200 ms delay");
+    server.advance(1);
     wait_count(&ch, "timed", 1).await;
-    let waited = wall_elapsed(sent);
-    assert!(waited >= Duration::from_millis(200) - CLOCK_SLACK, "released early, after {waited:?}");
     assert_eq!(get(&ch, "timed").await.unwrap().delivery.data, b"soon");
 
     let server = server.restart().await;
@@ -474,9 +503,11 @@ async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
         .await
         .unwrap();
     assert_eq!(q.message_count(), 0, "still waiting after the restart");
+    server.advance(1299);
+    timers_run().await;
+    assert_eq!(count(&ch, "timed").await, 0, "1499 ms of a 1500 ms delay");
+    server.advance(1);
     wait_count(&ch, "timed", 1).await;
-    let waited = wall_elapsed(sent);
-    assert!(waited >= Duration::from_millis(1500) - CLOCK_SLACK, "released early, after {waited:?}");
     let message = get(&ch, "timed").await.unwrap();
     assert_eq!(message.delivery.data, b"restart");
     assert_eq!(message.delivery.exchange.as_str(), "later");
@@ -484,7 +515,7 @@ async fn delayed_messages_wait_for_their_time_even_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_messages_are_retried_with_growing_delays_then_dead_lettered() {
-    let server = TestServer::start().await;
+    let server = TestServer::with_manual_clock(|_| {}).await;
     let (_conn, ch) = open(&server).await;
     queue(&ch, "dlq", false, FieldTable::default()).await;
     let retrying = to_dlq(vec![
@@ -498,15 +529,20 @@ async fn rejected_messages_are_retried_with_growing_delays_then_dead_lettered() 
         .basic_consume("flaky".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .unwrap();
-    let mut arrivals = Vec::new();
-    for _ in 0..3 {
+    // Retries after 100 ms, then 300 ms, then the delivery limit.
+    for wait in [None, Some(100), Some(300)] {
+        if let Some(wait) = wait {
+            server.advance(wait - 1);
+            let early = tokio::time::timeout(Duration::from_millis(120), consumer.next()).await;
+            assert!(early.is_err(), "retried before its {wait} ms delay");
+            server.advance(2);
+        }
         let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
-        arrivals.push(std::time::SystemTime::now());
         delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+        // A round trip on the channel: the reject was applied (at the
+        // current clock) before the clock moves again.
+        count(&ch, "flaky").await;
     }
-    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1].duration_since(w[0]).unwrap_or_default()).collect();
-    assert!(gaps[0] >= Duration::from_millis(100) - CLOCK_SLACK, "first retry after 100 ms: {gaps:?}");
-    assert!(gaps[1] >= Duration::from_millis(300) - CLOCK_SLACK, "second after 300 ms: {gaps:?}");
     wait_count(&ch, "dlq", 1).await;
     let dead = get(&ch, "dlq").await.unwrap();
     assert_eq!(string(header(&deaths(&dead)[0], "reason")), "delivery_limit");
@@ -514,7 +550,7 @@ async fn rejected_messages_are_retried_with_growing_delays_then_dead_lettered() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacknowledged_delivery_is_taken_back_after_the_consumer_timeout() {
-    let server = TestServer::start().await;
+    let server = TestServer::with_manual_clock(|_| {}).await;
     let (_conn, ch) = open(&server).await;
     queue(&ch, "slow-work", false, args(&[("x-consumer-timeout", long(200))])).await;
     publish(&ch, "slow-work", b"job", BasicProperties::default()).await;
@@ -525,6 +561,10 @@ async fn an_unacknowledged_delivery_is_taken_back_after_the_consumer_timeout() {
         .unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     assert!(!first.redelivered);
+    server.advance(199);
+    let early = tokio::time::timeout(Duration::from_millis(250), consumer.next()).await;
+    assert!(early.is_err(), "taken back before its 200 ms timeout");
+    server.advance(2);
     let second = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     assert!(second.redelivered, "taken back and delivered again");
     assert_eq!(second.data, b"job");
@@ -604,7 +644,7 @@ async fn duplicates_are_confirmed_but_not_queued_and_the_window_survives_a_resta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_timeout_can_close_the_channel_as_rabbitmq_does() {
-    let server = TestServer::with_config(|config| {
+    let server = TestServer::with_manual_clock(|config| {
         config.consumer_timeout_action = warren_server::config::ConsumerTimeoutAction::CloseChannel;
     })
     .await;
@@ -617,6 +657,7 @@ async fn the_consumer_timeout_can_close_the_channel_as_rabbitmq_does() {
         .await
         .unwrap();
     let _held = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    server.advance(201);
     // The consumer sees its channel closed with RabbitMQ's 406.
     let closed = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap();
     let reason = format!("{closed:?}");

@@ -50,7 +50,7 @@ fn broker(config: impl FnOnce(&mut Config)) -> (Arc<Broker>, Arc<SimBackend>, st
     let mut settings = Config { data_dir: dir.clone(), ..Config::default() };
     config(&mut settings);
     let disk = Arc::new(SimBackend::new());
-    match Broker::open_with(settings, disk.clone()) {
+    match Broker::open_with(settings, crate::broker::Environment::on(disk.clone())) {
         Ok(broker) => (Arc::new(broker), disk, dir),
         Err(error) => panic!("broker did not open: {error}"),
     }

@@ -7,7 +7,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
+use warren_core::{Clock, ManualClock, SystemClock};
+use warren_server::broker::Environment;
 use warren_server::{Config, Server};
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
@@ -19,6 +23,8 @@ pub struct TestServer {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     owns_dir: bool,
+    /// The queues' clock when the test moves time by hand.
+    clock: Option<Arc<ManualClock>>,
 }
 
 pub fn temp_data_dir() -> PathBuf {
@@ -35,18 +41,39 @@ impl TestServer {
         let mut config =
             Config { amqp_port: 0, bind: vec!["127.0.0.1".into()], data_dir: temp_data_dir(), ..Config::default() };
         adjust(&mut config);
-        Self::from_config(config, true).await
+        Self::from_config(config, true, None).await
     }
 
-    async fn from_config(config: Config, owns_dir: bool) -> TestServer {
-        let server = Server::bind(config.clone()).await.expect("bind");
+    /// A server whose queues read a clock that moves only when the test
+    /// calls [`TestServer::advance`] (TTLs, delays, timeouts, expiry),
+    /// starting at the current wall-clock time.
+    pub async fn with_manual_clock(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config =
+            Config { amqp_port: 0, bind: vec!["127.0.0.1".into()], data_dir: temp_data_dir(), ..Config::default() };
+        adjust(&mut config);
+        let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+        Self::from_config(config, true, Some(clock)).await
+    }
+
+    /// Moves the manual clock forward; the broker's timers see it within
+    /// their next tick (5 ms; consumer timeouts 100 ms).
+    pub fn advance(&self, millis: u64) {
+        self.clock.as_ref().expect("a server with a manual clock").advance(millis);
+    }
+
+    async fn from_config(config: Config, owns_dir: bool, clock: Option<Arc<ManualClock>>) -> TestServer {
+        let mut environment = Environment::default();
+        if let Some(clock) = &clock {
+            environment.clock = clock.clone();
+        }
+        let server = Server::bind_with(config.clone(), environment).await.expect("bind");
         let addr = server.local_addrs()[0];
         let broker = server.broker();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
-        TestServer { addr, config, broker, stop: Some(stop), task: Some(task), owns_dir }
+        TestServer { addr, config, broker, stop: Some(stop), task: Some(task), owns_dir, clock }
     }
 
     /// Changes the access definitions as `warren ctl` does (through the
@@ -75,7 +102,7 @@ impl TestServer {
         let config = self.config.clone();
         self.owns_dir = false;
         self.shutdown().await;
-        let mut restarted = Self::from_config(config, false).await;
+        let mut restarted = Self::from_config(config, false, self.clock.clone()).await;
         restarted.owns_dir = true;
         restarted
     }
@@ -117,7 +144,7 @@ pub async fn start_on(
     backend: std::sync::Arc<dyn warren_storage::Backend>,
     config: Config,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let server = Server::bind_with(config, backend).await.expect("bind");
+    let server = Server::bind_with(config, warren_server::broker::Environment::on(backend)).await.expect("bind");
     let addr = server.local_addrs()[0];
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
@@ -144,4 +171,23 @@ pub async fn wait_count(ch: &lapin::Channel, queue: &str, expected: u32) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("queue {queue} never reached {expected} messages");
+}
+
+/// Waits until `check` holds (polled every 10 ms, for up to 5 s); panics
+/// with `what` otherwise. For effects that land asynchronously (a publish
+/// without a confirm, a connection closed by the broker), instead of a
+/// fixed sleep that is too short on a loaded machine and too long on an
+/// idle one.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("never happened: {what}");
 }
