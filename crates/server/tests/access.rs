@@ -8,18 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, TestServer};
+use common::{consume, eventually, reply, TestServer};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-
-fn reply(error: &lapin::Error) -> (u16, String) {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => (amqp.get_id(), amqp.get_message().to_string()),
-        other => (0, format!("{other:?}")),
-    }
-}
 
 async fn connect(uri: &str) -> Result<Connection, lapin::Error> {
     Connection::connect(uri, ConnectionProperties::default()).await
@@ -299,8 +292,7 @@ async fn node_connection_and_consumer_limits() {
     let ch = a.create_channel().await.unwrap();
     declare(&ch, "q").await.unwrap();
     // Kept alive: lapin cancels a consumer whose handle is dropped.
-    let _first =
-        ch.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let _first = consume(&ch, "q", "", false).await;
     // A connection error: lapin reports it through the pending consume or,
     // depending on timing, only as a connection event.
     let mut events = a.events_listener();

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_count, TestServer};
+use common::{consume, reply, wait_count, TestServer};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
@@ -37,17 +37,11 @@ async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
 
 /// The reply code a failed operation reports, if the broker closed with one.
 fn reply_code(error: &lapin::Error) -> Option<u16> {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-        _ => None,
-    }
+    Some(reply(error).0).filter(|&code| code != 0)
 }
 
 fn reply_text(error: &lapin::Error) -> String {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
-        other => format!("{other:?}"),
-    }
+    reply(error).1
 }
 
 async fn get_body(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
@@ -111,10 +105,7 @@ async fn publish_consume_preserves_every_property_and_field_type() {
     )
     .await
     .unwrap();
-    let mut consumer = ch
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, queue.as_str(), "", false).await;
     let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(delivery.data, b"{\"id\":1}");
     assert_eq!(delivery.properties, properties);
@@ -149,10 +140,7 @@ async fn prefetch_bounds_unacked_deliveries_and_acks_release_more() {
     wait_count(&ch, &queue, 50).await;
     let consumer_ch = channel(&conn).await;
     consumer_ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
-    let mut consumer = consumer_ch
-        .basic_consume(queue.as_str().into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&consumer_ch, queue.as_str(), "c", false).await;
     let mut received = Vec::new();
     for _ in 0..10 {
         received.push(tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap());
@@ -176,25 +164,9 @@ async fn competing_consumers_share_round_robin() {
     let conn = connect(&server).await;
     let ch = channel(&conn).await;
     let queue = declare(&ch, "work").await;
-    let mut a = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "a".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut a = consume(&ch, queue.as_str(), "a", true).await;
     let ch2 = channel(&conn).await;
-    let mut b = ch2
-        .basic_consume(
-            queue.as_str().into(),
-            "b".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut b = consume(&ch2, queue.as_str(), "b", true).await;
     for i in 0..10u8 {
         publish(&ch, "", &queue, &[i]).await;
     }
@@ -244,10 +216,7 @@ async fn closing_a_channel_or_connection_requeues_unacked_messages() {
     }
     let other = connect(&server).await;
     let consumer_ch = channel(&other).await;
-    let mut consumer = consumer_ch
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&consumer_ch, queue.as_str(), "", false).await;
     for _ in 0..3 {
         tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     }
@@ -266,10 +235,7 @@ async fn recover_redelivers_unacked_messages() {
     let ch = channel(&conn).await;
     let queue = declare(&ch, "recover").await;
     publish(&ch, "", &queue, b"x").await;
-    let mut consumer = ch
-        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, queue.as_str(), "", false).await;
     let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     assert!(!first.redelivered);
     ch.basic_recover(BasicRecoverOptions { requeue: true }).await.unwrap();
@@ -574,10 +540,7 @@ async fn exclusive_and_auto_delete_queues_follow_their_owners() {
         .unwrap_err();
     assert_eq!(reply_code(&err), Some(405));
 
-    let consumer = ch
-        .basic_consume("auto".into(), "c1".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let consumer = consume(&ch, "auto", "c1", false).await;
     let probe = channel(&stranger).await;
     probe
         .queue_declare(
@@ -633,10 +596,7 @@ async fn purge_delete_counts_and_consumer_cancel_notification() {
 
     let ch = channel(&conn).await;
     let consumer_ch = channel(&conn).await;
-    let mut consumer = consumer_ch
-        .basic_consume(queue.as_str().into(), "watch".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&consumer_ch, queue.as_str(), "watch", false).await;
     let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     first.acker.ack(BasicAckOptions::default()).await.unwrap();
     let err = ch
@@ -658,15 +618,7 @@ async fn request_reply_with_direct_reply_to_and_a_named_reply_queue() {
     let worker = connect(&server).await;
     let wch = channel(&worker).await;
     declare(&wch, "rpc").await;
-    let mut requests = wch
-        .basic_consume(
-            "rpc".into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut requests = consume(&wch, "rpc", "", true).await;
     let worker_task = tokio::spawn(async move {
         for _ in 0..2 {
             let request = requests.next().await.unwrap().unwrap();
@@ -687,15 +639,7 @@ async fn request_reply_with_direct_reply_to_and_a_named_reply_queue() {
     });
 
     let cch = channel(&client).await;
-    let mut replies = cch
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = consume(&cch, "amq.rabbitmq.reply-to", "", true).await;
     cch.basic_publish(
         "".into(),
         "rpc".into(),
@@ -710,15 +654,7 @@ async fn request_reply_with_direct_reply_to_and_a_named_reply_queue() {
     assert_eq!(reply.properties.correlation_id().as_ref().map(ShortString::as_str), Some("c-1"));
 
     let named = declare(&cch, "").await;
-    let mut named_replies = cch
-        .basic_consume(
-            named.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut named_replies = consume(&cch, named.as_str(), "", true).await;
     cch.basic_publish(
         "".into(),
         "rpc".into(),
@@ -779,15 +715,7 @@ async fn channel_flow_pauses_deliveries() {
     let ch = channel(&conn).await;
     let queue = declare(&ch, "flow").await;
     ch.channel_flow(ChannelFlowOptions { active: false }).await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, queue.as_str(), "", true).await;
     let pch = channel(&conn).await;
     publish(&pch, "", &queue, b"held").await;
     assert!(tokio::time::timeout(Duration::from_millis(300), consumer.next()).await.is_err());

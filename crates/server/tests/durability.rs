@@ -7,34 +7,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, TestServer};
+use common::{consume, count, eventually, open, persistent, TestServer};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-
-async fn open(server: &TestServer) -> (Connection, Channel) {
-    let conn = Connection::connect(&server.uri(), ConnectionProperties::default()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    (conn, channel)
-}
-
-fn persistent() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
-}
+use lapin::{BasicProperties, Channel, ExchangeKind};
 
 /// Bytes of the message log on disk.
 fn size(wal: &std::path::Path) -> u64 {
     std::fs::read_dir(wal).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
-}
-
-/// Ready messages of a queue, on a channel of its own (a 404 closes it).
-async fn count(conn: &Connection, queue: &str) -> Option<u32> {
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .ok()
-        .map(|q| q.message_count())
 }
 
 async fn drain(ch: &Channel, queue: &str) -> Vec<(Vec<u8>, bool)> {
@@ -171,15 +152,7 @@ async fn deleted_queues_and_purged_messages_stay_gone() {
     }
     assert_eq!(ch.queue_purge("purged".into(), QueuePurgeOptions::default()).await.unwrap(), 5);
     ch.queue_delete("deleted".into(), QueueDeleteOptions::default()).await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            "consumed".into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, "consumed", "", true).await;
     for _ in 0..5 {
         tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     }

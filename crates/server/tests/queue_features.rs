@@ -8,12 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_count, TestServer};
+use common::{args, consume, long, open, text, wait_count, TestServer};
 use futures_lite::StreamExt;
 use lapin::message::BasicGetMessage;
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 /// Lets the broker's timers run several times (they tick every 5 ms, and
 /// consumer timeouts every 100 ms) with a manual clock standing still:
@@ -34,28 +34,6 @@ async fn exists(conn: &Connection, queue: &str) -> bool {
     let ch = conn.create_channel().await.unwrap();
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     ch.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok()
-}
-
-async fn open(server: &TestServer) -> (Connection, Channel) {
-    let conn = Connection::connect(&server.uri(), ConnectionProperties::default()).await.expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    (conn, ch)
-}
-
-fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in pairs {
-        table.insert((*key).into(), value.clone());
-    }
-    table
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
-}
-
-fn long(value: i64) -> AMQPValue {
-    AMQPValue::LongLongInt(value)
 }
 
 async fn queue(ch: &Channel, name: &str, durable: bool, arguments: FieldTable) {
@@ -262,10 +240,7 @@ async fn a_poison_message_is_dead_lettered_after_its_delivery_limit() {
     queue(&ch, "dlq", false, FieldTable::default()).await;
     queue(&ch, "jobs", false, to_dlq(vec![("x-delivery-limit", long(2))])).await;
     publish(&ch, "jobs", b"poison", BasicProperties::default()).await;
-    let mut consumer = ch
-        .basic_consume("jobs".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, "jobs", "worker", false).await;
     let mut counts = Vec::new();
     for _ in 0..3 {
         let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
@@ -525,10 +500,7 @@ async fn rejected_messages_are_retried_with_growing_delays_then_dead_lettered() 
     ]);
     queue(&ch, "flaky", false, retrying).await;
     publish(&ch, "flaky", b"try me", BasicProperties::default()).await;
-    let mut consumer = ch
-        .basic_consume("flaky".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, "flaky", "worker", false).await;
     // Retries after 100 ms, then 300 ms, then the delivery limit.
     for wait in [None, Some(100), Some(300)] {
         if let Some(wait) = wait {
@@ -555,10 +527,7 @@ async fn an_unacknowledged_delivery_is_taken_back_after_the_consumer_timeout() {
     queue(&ch, "slow-work", false, args(&[("x-consumer-timeout", long(200))])).await;
     publish(&ch, "slow-work", b"job", BasicProperties::default()).await;
     ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
-    let mut consumer = ch
-        .basic_consume("slow-work".into(), "worker".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, "slow-work", "worker", false).await;
     let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     assert!(!first.redelivered);
     server.advance(199);
@@ -652,10 +621,7 @@ async fn the_consumer_timeout_can_close_the_channel_as_rabbitmq_does() {
     queue(&ch, "strict", false, args(&[("x-consumer-timeout", long(200))])).await;
     publish(&ch, "strict", b"job", BasicProperties::default()).await;
     let worker = conn.create_channel().await.unwrap();
-    let mut consumer = worker
-        .basic_consume("strict".into(), "w".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = consume(&worker, "strict", "w", false).await;
     let _held = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
     server.advance(201);
     // The consumer sees its channel closed with RabbitMQ's 406.

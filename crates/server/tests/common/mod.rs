@@ -1,5 +1,6 @@
 //! Starts a real Warren server on an ephemeral loopback port for a test,
-//! with its own data directory (removed when the test ends).
+//! with its own data directory (removed when the test ends), and the lapin
+//! steps the tests share (open, consume, count, arguments, replies).
 
 #![allow(dead_code)]
 
@@ -190,4 +191,59 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("never happened: {what}");
+}
+
+/// A connection as guest on `/` and a channel on it.
+pub async fn open(server: &TestServer) -> (lapin::Connection, lapin::Channel) {
+    let conn =
+        lapin::Connection::connect(&server.uri(), lapin::ConnectionProperties::default()).await.expect("connect");
+    let channel = conn.create_channel().await.expect("channel");
+    (conn, channel)
+}
+
+/// A consumer on `queue`; its handle must be kept (lapin cancels a consumer
+/// whose handle is dropped).
+pub async fn consume(ch: &lapin::Channel, queue: &str, consumer_tag: &str, no_ack: bool) -> lapin::Consumer {
+    let options = lapin::options::BasicConsumeOptions { no_ack, ..Default::default() };
+    ch.basic_consume(queue.into(), consumer_tag.into(), options, lapin::types::FieldTable::default())
+        .await
+        .expect("basic.consume")
+}
+
+/// Ready messages of a queue, on a channel of its own (a 404 closes it);
+/// `None` if there is no such queue.
+pub async fn count(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    ch.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await.ok().map(|q| q.message_count())
+}
+
+pub fn persistent() -> lapin::BasicProperties {
+    lapin::BasicProperties::default().with_delivery_mode(2)
+}
+
+/// A field table of `x-` arguments or headers.
+pub fn args(pairs: &[(&str, lapin::types::AMQPValue)]) -> lapin::types::FieldTable {
+    let mut table = lapin::types::FieldTable::default();
+    for (key, value) in pairs {
+        table.insert((*key).into(), value.clone());
+    }
+    table
+}
+
+pub fn text(value: &str) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString(lapin::types::LongString::from(value))
+}
+
+pub fn long(value: i64) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongLongInt(value)
+}
+
+/// The reply code and text a failed operation reports (0 and the error's
+/// debug form when the broker sent none).
+pub fn reply(error: &lapin::Error) -> (u16, String) {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => (amqp.get_id(), amqp.get_message().to_string()),
+        other => (0, format!("{other:?}")),
+    }
 }
