@@ -7,6 +7,7 @@
 #   scripts/bench-old-new.sh OLD_BINARY NEW_BINARY
 #   ROUNDS=3 DURATION=10 scripts/bench-old-new.sh /tmp/warren-before target/release/warren
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 old=$1
 new=$2
 ROUNDS=${ROUNDS:-3}
@@ -16,18 +17,13 @@ run() { # binary label load-args...
     local binary=$1 label=$2
     shift 2
     local port data_dir pid
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     data_dir=$(mktemp -d)
-    "$binary" --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >/dev/null 2>&1 &
-    pid=$!
-    for _ in $(seq 1 100); do
-        python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
-        sleep 0.1
-    done
+    start_warren "$binary" "$port" "$data_dir" /dev/null
+    pid=$WARREN_PID
     local line
     line=$("$new" perf --port "$port" --duration "$DURATION" --broker-pid "$pid" --json "$@")
-    kill "$pid"
-    wait "$pid" 2>/dev/null || true
+    stop_warren "$pid"
     rm -rf "$data_dir"
     python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('%s %.0f %s' % (sys.argv[2], d['published_per_s'], d['broker_cpu_us_per_msg']))" "$line" "$label"
 }

@@ -11,6 +11,7 @@
 #   scripts/bench-queue-features.sh
 #   DURATION=20 DELAYED=200000 scripts/bench-queue-features.sh
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
@@ -20,15 +21,11 @@ RABBIT_PORT=${RABBITMQ_PORT:-5673}
 
 cargo build --release --quiet --bin warren
 WARREN=./target/release/warren
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 data_dir=$(mktemp -d)
-$WARREN --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >"$data_dir/warren.log" 2>&1 &
-warren_pid=$!
-trap 'kill $warren_pid 2>/dev/null || true; rm -rf "$data_dir"' EXIT
-for _ in $(seq 1 50); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
-    sleep 0.1
-done
+trap 'stop_warren "${WARREN_PID:-}"; rm -rf "$data_dir"' EXIT
+start_warren "$WARREN" "$port" "$data_dir" "$data_dir/warren.log"
+warren_pid=$WARREN_PID
 RABBITMQ_PORT=$RABBIT_PORT scripts/rabbitmq.sh start >/dev/null
 rabbit_pid=$(pgrep -f 'beam.smp.*warren-ref' | head -n1 || pgrep -f beam.smp | head -n1)
 
@@ -50,13 +47,8 @@ for broker in warren rabbitmq; do
     run $broker "$p" "$pid" expire-persistent-1KiB --expire "$EXPIRE" --ttl-ms 6000 --size 1024 --persistent
 done
 # A fresh broker, so the RSS growth is not hidden by memory freed earlier.
-kill $warren_pid 2>/dev/null || true
-wait $warren_pid 2>/dev/null || true
+stop_warren "$warren_pid"
 rm -rf "${data_dir:?}"/*
-$WARREN --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >"$data_dir/warren.log" 2>&1 &
-warren_pid=$!
-for _ in $(seq 1 50); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
-    sleep 0.1
-done
+start_warren "$WARREN" "$port" "$data_dir" "$data_dir/warren.log"
+warren_pid=$WARREN_PID
 run warren "$port" "$warren_pid" delayed-persistent --delayed "$DELAYED" --due-rate 10000 --persistent

@@ -10,6 +10,7 @@
 # starts a private instance on port 5673). Both brokers run on this machine,
 # one at a time under load, so the comparison shares its noise.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
@@ -23,15 +24,11 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet --bin warren
 WARREN=./target/release/warren
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 data_dir=$(mktemp -d)
-$WARREN --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >"$data_dir/warren.log" 2>&1 &
-warren_pid=$!
-trap 'kill $warren_pid 2>/dev/null || true; rm -rf "$data_dir"' EXIT
-for _ in $(seq 1 50); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
-    sleep 0.1
-done
+trap 'stop_warren "${WARREN_PID:-}"; rm -rf "$data_dir"' EXIT
+start_warren "$WARREN" "$port" "$data_dir" "$data_dir/warren.log"
+warren_pid=$WARREN_PID
 
 RABBITMQ_PORT=$RABBIT_PORT scripts/rabbitmq.sh start >/dev/null
 rabbit_pid=$(pgrep -f 'beam.smp.*warren-ref' | head -n1 || true)
@@ -62,14 +59,9 @@ for broker in warren rabbitmq; do
     run deep-drain $broker "$p" "$pid" --consume-only --persistent --prefetch 1000 --duration 600 --queue "bench-deep-$broker"
 done
 # Idle memory on a fresh broker, so load scenarios do not skew the baseline.
-kill $warren_pid 2>/dev/null || true
-wait $warren_pid 2>/dev/null || true
-$WARREN --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >>"$data_dir/warren.log" 2>&1 &
-warren_pid=$!
-for _ in $(seq 1 50); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
-    sleep 0.1
-done
+stop_warren "$warren_pid"
+start_warren "$WARREN" "$port" "$data_dir" "$data_dir/warren.log"
+warren_pid=$WARREN_PID
 run idle warren "$port" "$warren_pid" --idle-connections "$IDLE_CONNECTIONS" --idle-queues "$IDLE_QUEUES"
 run idle rabbitmq "$RABBIT_PORT" "$rabbit_pid" --idle-connections "$RABBIT_IDLE_CONNECTIONS" --idle-queues "$IDLE_QUEUES"
 

@@ -3,6 +3,7 @@
 # tests (lapin against a real server), then the pika smoke suite against the
 # real `warren` binary. Installs what it needs on a fresh machine.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 # Every client-driven step has a deadline, so a hang fails the run with the
 # step's name instead of stalling it.
@@ -21,16 +22,11 @@ if [ ! -d tests/node/node_modules/amqplib ]; then
     npm ci --prefix tests/node --no-audit --no-fund --silent
 fi
 cargo build --quiet --bin warren --bin shop-cart
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 data_dir=$(mktemp -d)
 log="$data_dir/warren.log"
-./target/debug/warren --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir" --log warn >"$log" 2>&1 &
-broker=$!
-trap 'kill $broker 2>/dev/null || true; wait $broker 2>/dev/null || true; rm -rf "$data_dir"' EXIT
-for _ in $(seq 1 100); do
-    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then break; fi
-    sleep 0.1
-done
+trap 'stop_warren "${WARREN_PID:-}"; rm -rf "$data_dir"' EXIT
+start_warren ./target/debug/warren "$port" "$data_dir" "$log"
 # pika, then other clients' own habits: py-amqp (kombu, Celery), aio-pika
 # and Node amqplib.
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_BIN=./target/debug/warren \

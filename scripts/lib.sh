@@ -1,0 +1,31 @@
+# Shell steps the scripts share. Source it: `. scripts/lib.sh`.
+
+# A free TCP port on loopback.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits until something accepts connections on 127.0.0.1:$1 (up to 10 s).
+wait_port() {
+    for _ in $(seq 1 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 1)" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on port $1 after 10 s" >&2
+    return 1
+}
+
+# Starts a Warren binary on 127.0.0.1:PORT with DATA_DIR, appending its log
+# to LOG, and waits for it to listen; its pid is left in WARREN_PID.
+# Usage: start_warren BINARY PORT DATA_DIR LOG
+start_warren() {
+    "$1" --amqp-port "$2" --bind 127.0.0.1 --data-dir "$3" --log warn >>"$4" 2>&1 &
+    WARREN_PID=$!
+    wait_port "$2"
+}
+
+# Stops a broker started by start_warren.
+stop_warren() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
