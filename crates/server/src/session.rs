@@ -49,6 +49,10 @@ impl<'a> Session<'a> {
     /// indices. Consumer-cancel notices stay queued: they follow the reply
     /// of the frame that caused them ([`Session::flush`]).
     pub fn flush_indices(&mut self) -> Result<Appended, StorageError> {
+        // Most frames journal nothing (transient messages, acks of them).
+        if !self.state.has_journal() {
+            return Ok(Appended::default());
+        }
         let result = SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (events, record) = &mut *scratch;
