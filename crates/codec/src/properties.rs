@@ -180,8 +180,14 @@ impl<B: AsRef<[u8]>> Properties<B> {
         None
     }
 
-    fn short_str(&self, wanted: u16) -> Option<&str> {
+    /// A short-string field (`content_type`, `app_id`, … by their flag).
+    pub fn short_str(&self, wanted: u16) -> Option<&str> {
         self.field(wanted).and_then(|f| std::str::from_utf8(f.get(1..)?).ok())
+    }
+
+    /// The `timestamp` field, seconds since the epoch.
+    pub fn timestamp(&self) -> Option<u64> {
+        self.field(flag::TIMESTAMP).and_then(|f| f.try_into().ok()).map(u64::from_be_bytes)
     }
 
     pub fn delivery_mode(&self) -> Option<u8> {

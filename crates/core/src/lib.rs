@@ -50,8 +50,8 @@ pub(crate) mod test_support {
 pub use message::Message;
 pub use queue::MessageLoader;
 pub use vhost::{
-    ChannelKey, ConnectionId, Consume, Definitions, ExchangeDeclare, JournalEvent, Outbox, QueueDeclare, QueueId,
-    VirtualHost, VirtualHostState,
+    BindingSummary, ChannelKey, ConnectionId, Consume, ConsumerSummary, Definitions, ExchangeDeclare, ExchangeSummary,
+    JournalEvent, Outbox, QueueDeclare, QueueId, QueueSummary, VirtualHost, VirtualHostState,
 };
 
 /// Wall-clock time in milliseconds since the Unix epoch.

@@ -20,11 +20,36 @@ use crate::password::LoginCache;
 use crate::session::Session;
 use crate::store::{Recovered, Store, StoreError};
 
+/// What an operator is told of an open connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    /// RabbitMQ's form: `peer -> local`.
+    pub name: String,
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub tls: bool,
+    pub client_properties: warren_codec::types::FieldTable,
+    pub connected_at_ms: u64,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat_s: u16,
+}
+
+/// An open connection as the broker lists it.
+#[derive(Clone, Debug)]
+pub struct ConnectionView {
+    pub id: u64,
+    pub user: String,
+    pub vhost: String,
+    pub info: ConnectionInfo,
+}
+
 /// An open connection, as limits and runtime changes see it.
 struct Registered {
     user: String,
     vhost: String,
     outbox: Arc<ConnectionOutbox>,
+    info: ConnectionInfo,
 }
 
 #[derive(Default)]
@@ -185,6 +210,13 @@ impl Broker {
         self.vhosts.read().get(name).cloned()
     }
 
+    /// Names of the virtual hosts, sorted.
+    pub fn vhost_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.vhosts.read().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     pub fn vhosts(&self) -> Vec<Arc<VirtualHost>> {
         self.vhosts.read().values().cloned().collect()
     }
@@ -294,6 +326,30 @@ impl Broker {
         }
     }
 
+    /// Every open connection, by id.
+    pub fn connections(&self) -> Vec<ConnectionView> {
+        let registry = self.registry.lock();
+        let mut out: Vec<ConnectionView> = registry
+            .connections
+            .iter()
+            .map(|(&id, r)| ConnectionView { id, user: r.user.clone(), vhost: r.vhost.clone(), info: r.info.clone() })
+            .collect();
+        out.sort_by_key(|c| c.id);
+        out
+    }
+
+    /// Closes the connection of that name with 320 CONNECTION_FORCED and
+    /// `reason` (an operator's request). Returns whether there was one.
+    pub fn close_connection_named(&self, name: &str, reason: &str) -> bool {
+        let registry = self.registry.lock();
+        let mut found = false;
+        for registered in registry.connections.values().filter(|r| r.info.name == name) {
+            registered.outbox.force_close(ReplyCode::ConnectionForced, reason);
+            found = true;
+        }
+        found
+    }
+
     fn force_close(&self, select: impl Fn(&Registered) -> bool, text: &str) {
         let registry = self.registry.lock();
         for registered in registry.connections.values().filter(|r| select(r)) {
@@ -305,7 +361,14 @@ impl Broker {
 
     /// Counts a connection opening `vhost` as `user`, or refuses it with
     /// RabbitMQ's 530 text when a limit is reached.
-    pub fn register(&self, id: u64, user: &User, vhost: &str, outbox: Arc<ConnectionOutbox>) -> Result<(), String> {
+    pub fn register(
+        &self,
+        id: u64,
+        user: &User,
+        vhost: &str,
+        outbox: Arc<ConnectionOutbox>,
+        info: ConnectionInfo,
+    ) -> Result<(), String> {
         let access = self.access();
         let mut registry = self.registry.lock();
         let max = self.config.max_connections;
@@ -330,7 +393,7 @@ impl Broker {
         }
         *registry.per_vhost.entry(vhost.to_string()).or_default() += 1;
         *registry.per_user.entry(user.name.clone()).or_default() += 1;
-        registry.connections.insert(id, Registered { user: user.name.clone(), vhost: vhost.to_string(), outbox });
+        registry.connections.insert(id, Registered { user: user.name.clone(), vhost: vhost.to_string(), outbox, info });
         Ok(())
     }
 

@@ -27,6 +27,9 @@ pub struct User {
 pub struct Config {
     /// AMQP port; 0 picks a free one (tests).
     pub amqp_port: u16,
+    /// Management HTTP API port (RabbitMQ's 15672), on the `bind`
+    /// addresses; 0 turns the API off.
+    pub http_port: u16,
     /// Addresses to listen on. `localhost` means both 127.0.0.1 and ::1.
     pub bind: Vec<String>,
     pub data_dir: PathBuf,
@@ -212,6 +215,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             amqp_port: 5672,
+            http_port: 15672,
             bind: vec!["localhost".into()],
             data_dir: PathBuf::from("./warren-data"),
             vhosts: vec!["/".into()],

@@ -43,7 +43,8 @@ pub enum ServerError {
 }
 
 /// Expands one `bind` entry: `localhost` is both loopback addresses.
-fn expand(entry: &str) -> Result<Vec<IpAddr>, ServerError> {
+/// The addresses a `bind` entry stands for (`localhost`: 127.0.0.1 and ::1).
+pub fn expand(entry: &str) -> Result<Vec<IpAddr>, ServerError> {
     match entry {
         "localhost" => Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]),
         other => other
@@ -214,7 +215,9 @@ impl Server {
 
 /// Binds every address on `port`; with port 0 every further address shares
 /// the first one's port. An unavailable IPv6 loopback is skipped.
-async fn listen(addresses: &[IpAddr], mut port: u16) -> Result<Vec<TcpListener>, ServerError> {
+/// Listeners on `port` at every address (0: one free port shared by all);
+/// an IPv6 loopback the machine lacks is skipped with a warning.
+pub async fn listen(addresses: &[IpAddr], mut port: u16) -> Result<Vec<TcpListener>, ServerError> {
     let mut listeners = Vec::new();
     for &ip in addresses {
         let address = SocketAddr::new(ip, port);

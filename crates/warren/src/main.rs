@@ -53,6 +53,9 @@ struct ServeArgs {
     /// AMQP port [default: 5672].
     #[arg(long, env = "WARREN_AMQP_PORT")]
     amqp_port: Option<u16>,
+    /// Management HTTP API port; 0 turns it off [default: 15672].
+    #[arg(long, env = "WARREN_HTTP_PORT")]
+    http_port: Option<u16>,
     /// Address to listen on; repeat for several. `localhost` (the default) means 127.0.0.1 and ::1;
     /// use 0.0.0.0 or :: to accept remote clients.
     #[arg(long, env = "WARREN_BIND", value_delimiter = ',')]
@@ -93,6 +96,9 @@ impl ServeArgs {
         };
         if let Some(port) = self.amqp_port {
             config.amqp_port = port;
+        }
+        if let Some(port) = self.http_port {
+            config.http_port = port;
         }
         if !self.bind.is_empty() {
             config.bind = self.bind.clone();
@@ -160,8 +166,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "max_pending_handshakes is not well below the open-files limit: half-open connections could take the descriptors the message log needs");
         }
     }
-    let server = Server::bind(config).await?;
+    let server = Server::bind(config.clone()).await?;
+    let management = management(&config, &server).await?;
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let http = management.map(|m| {
+        let mut stopped = http_stopped.clone();
+        tokio::spawn(m.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }))
+    });
     server.run(shutdown_signal()).await;
+    let _ = stop_http.send(true);
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     #[cfg(feature = "alloc-count")]
     {
         let (allocations, bytes) = alloc_count::totals();
@@ -169,6 +187,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("allocations: {allocations} bytes: {bytes}");
     }
     Ok(())
+}
+
+/// The management API on `http_port` at the AMQP `bind` addresses, unless
+/// it is turned off.
+async fn management(config: &Config, server: &Server) -> anyhow::Result<Option<warren_management::Management>> {
+    if config.http_port == 0 {
+        return Ok(None);
+    }
+    let mut addresses = Vec::new();
+    for entry in &config.bind {
+        addresses.extend(warren_server::server::expand(entry)?);
+    }
+    let listeners = warren_server::server::listen(&addresses, config.http_port).await?;
+    let mut amqp: Vec<warren_management::Listener> = server
+        .local_addrs()
+        .into_iter()
+        .map(|address| warren_management::Listener { protocol: "amqp", address })
+        .collect();
+    amqp.extend(
+        server
+            .local_tls_addrs()
+            .into_iter()
+            .map(|address| warren_management::Listener { protocol: "amqp/ssl", address }),
+    );
+    Ok(Some(warren_management::Management::new(server.broker(), listeners, amqp)))
 }
 
 fn main() -> anyhow::Result<()> {

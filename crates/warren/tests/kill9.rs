@@ -43,7 +43,17 @@ fn free_port() -> u16 {
 fn start(port: u16, data: &Path) -> (Child, Duration) {
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["--amqp-port", &port.to_string(), "--bind", "127.0.0.1", "--log", "warn", "--data-dir"])
+        .args([
+            "--amqp-port",
+            &port.to_string(),
+            "--http-port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--log",
+            "warn",
+            "--data-dir",
+        ])
         .arg(data)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -44,6 +44,9 @@ impl VirtualHostState {
             self.reply_tokens.remove(token);
         }
         for unacked in channel.unacked.into_iter().rev() {
+            if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+                queue.unacked = queue.unacked.saturating_sub(1);
+            }
             self.requeue(unacked);
         }
         for (tag, consumer) in channel.consumers {

@@ -403,10 +403,13 @@ pub(crate) fn count_u32(count: usize) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }
 
+pub use inspect::{BindingSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
+
 mod channels;
 mod dead_letters;
 mod dispatch;
 mod durable;
+mod inspect;
 mod routing;
 mod timers;
 mod topology;

@@ -375,3 +375,23 @@ fn deleting_a_queue_cancels_its_consumers() {
     assert_eq!(*recorder.cancelled.lock(), vec!["c".to_string()]);
     assert!(vhost.publish("", message("q", b"x"), &[]).unwrap().queues == 0);
 }
+
+#[test]
+fn a_queues_unacked_count_follows_deliveries_settlements_and_closed_channels() {
+    let (mut vhost, _recorder, key) = setup();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
+    for i in 0..4u8 {
+        vhost.publish("", message("q", &[i]), &[]).unwrap();
+    }
+    vhost.consume(key, Consume::new("q", "tag")).unwrap();
+    vhost.run_dispatch();
+    let counts = |vhost: &VirtualHostState| vhost.queue_summary("q").map(|q| (q.ready, q.unacked));
+    assert_eq!(counts(&vhost), Some((0, 4)));
+    vhost.ack(key, 1, false).unwrap();
+    vhost.nack(key, 2, false, false).unwrap();
+    assert_eq!(counts(&vhost), Some((0, 2)));
+    let other = ChannelKey { connection: 1, channel: 2 };
+    vhost.open_channel(other, Arc::new(Recorder::default()));
+    vhost.close_channel(key);
+    assert_eq!(counts(&vhost), Some((2, 0)), "a closed channel's deliveries are ready again, none unacked");
+}

@@ -14,6 +14,8 @@ use warren_codec::types::{AMQPValue, FieldTable, LongString};
 use super::{short, Connection, Phase, Wait};
 use crate::access::User;
 use crate::auth::{self, AuthError};
+use crate::broker::ConnectionInfo;
+use warren_core::Clock;
 
 pub(super) fn server_properties() -> FieldTable {
     let mut capabilities = FieldTable::default();
@@ -104,6 +106,7 @@ impl Connection {
                     client_capability(&start_ok.client_properties, "authentication_failure_close");
                 self.outbox.set_cancel_notify(client_capability(&start_ok.client_properties, "consumer_cancel_notify"));
                 self.blocked_capability = client_capability(&start_ok.client_properties, "connection.blocked");
+                self.client_properties = start_ok.client_properties.clone();
                 let mechanism = start_ok.mechanism.as_str().to_string();
                 let (name, password) =
                     match auth::login(&mechanism, start_ok.response.as_bytes(), self.certificate.as_deref()) {
@@ -187,8 +190,19 @@ impl Connection {
                         40,
                     ));
                 };
+                let info = ConnectionInfo {
+                    name: format!("{} -> {}", self.peer, self.local),
+                    peer: self.peer,
+                    local: self.local,
+                    tls: self.tls,
+                    client_properties: std::mem::take(&mut self.client_properties),
+                    connected_at_ms: warren_core::SystemClock.now_ms(),
+                    channel_max: self.channel_max,
+                    frame_max: self.outbox.frame_max(),
+                    heartbeat_s: self.heartbeat_s,
+                };
                 self.broker
-                    .register(self.id, &user, name, self.outbox.clone())
+                    .register(self.id, &user, name, self.outbox.clone(), info)
                     .map_err(|text| AmqpError::hard(ReplyCode::NotAllowed, text, 10, 40))?;
                 self.registered = true;
                 self.permissions.set(permissions, generation);

@@ -14,7 +14,7 @@ use warren_codec::reply::{AmqpError, ReplyCode};
 use warren_codec::{encode, PROTOCOL_HEADER};
 use warren_storage::StorageError;
 
-use super::{Connection, Phase, Wait};
+use super::{Connection, Endpoints, Phase, Wait};
 use crate::broker::Broker;
 use crate::outbox::ConnectionOutbox;
 use crate::session::Session;
@@ -51,8 +51,10 @@ pub async fn serve(
     handshake: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
     let (reader, writer) = stream.into_split();
-    serve_stream(reader, writer, peer, None, broker, shutdown, handshake).await;
+    let endpoints = Endpoints { peer, local, tls: false, certificate: None };
+    serve_stream(reader, writer, endpoints, broker, shutdown, handshake).await;
 }
 
 /// Serves one connection after its TLS handshake; `certificate` is the
@@ -65,15 +67,16 @@ pub async fn serve_tls(
     shutdown: watch::Receiver<bool>,
     handshake: OwnedSemaphorePermit,
 ) {
+    let local = stream.get_ref().0.local_addr().unwrap_or(peer);
     let (reader, writer) = tokio::io::split(stream);
-    serve_stream(reader, writer, peer, certificate, broker, shutdown, handshake).await;
+    let endpoints = Endpoints { peer, local, tls: true, certificate };
+    serve_stream(reader, writer, endpoints, broker, shutdown, handshake).await;
 }
 
 async fn serve_stream<R, W>(
     mut reader: R,
     mut writer: W,
-    peer: SocketAddr,
-    certificate: Option<String>,
+    endpoints: Endpoints,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
     handshake: OwnedSemaphorePermit,
@@ -89,7 +92,7 @@ async fn serve_stream<R, W>(
     match tokio::time::timeout(handshake_timeout, reader.read_exact(&mut header)).await {
         Ok(Ok(_)) if header == PROTOCOL_HEADER => {}
         Ok(Ok(_)) => {
-            debug!(%peer, "bad protocol header");
+            debug!(peer = %endpoints.peer, "bad protocol header");
             let _ = writer.write_all(&PROTOCOL_HEADER).await;
             let _ = writer.shutdown().await;
             return;
@@ -97,7 +100,7 @@ async fn serve_stream<R, W>(
         _ => return,
     }
 
-    let mut conn = Connection::new(broker.clone(), peer, certificate);
+    let mut conn = Connection::new(broker.clone(), endpoints);
     let outbox = conn.outbox.clone();
     let mut durable = broker.store.durable_watch();
     let mut alarms = broker.alarms.subscribe();

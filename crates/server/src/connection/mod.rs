@@ -38,7 +38,7 @@ use warren_codec::frame::{Frame, FrameDecoder, FrameKind, FRAME_MIN_SIZE};
 use warren_codec::method::{self, Method};
 use warren_codec::reply::{AmqpError, ReplyCode};
 use warren_codec::spec::{channel, connection, AMQPClass};
-use warren_codec::types::{LongString, ShortString};
+use warren_codec::types::{FieldTable, LongString, ShortString};
 use warren_core::{ChannelKey, VirtualHost};
 
 use crate::access::User;
@@ -65,6 +65,15 @@ enum Phase {
     Closing,
     /// Nothing more to read: flush and drop the socket.
     Done,
+}
+
+/// Who is at each end of a connection.
+pub(crate) struct Endpoints {
+    pub(crate) peer: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) tls: bool,
+    /// The verified client certificate's common name (TLS), for EXTERNAL.
+    pub(crate) certificate: Option<String>,
 }
 
 /// What the state machine needs from its I/O task before it reads on.
@@ -97,6 +106,10 @@ struct Connection {
     id: u64,
     broker: Arc<Broker>,
     peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    /// What the client said of itself in `start-ok` (product, version…).
+    client_properties: FieldTable,
     outbox: Arc<ConnectionOutbox>,
     decoder: FrameDecoder,
     phase: Phase,
@@ -152,15 +165,18 @@ fn short(value: &str) -> ShortString {
 
 impl Connection {
     /// A connection whose client sent the protocol header: queues
-    /// `connection.start`. `certificate` is the verified client
-    /// certificate's common name (TLS), for EXTERNAL.
-    pub(crate) fn new(broker: Arc<Broker>, peer: SocketAddr, certificate: Option<String>) -> Connection {
+    /// `connection.start`.
+    pub(crate) fn new(broker: Arc<Broker>, endpoints: Endpoints) -> Connection {
+        let Endpoints { peer, local, tls, certificate } = endpoints;
         let id = broker.next_connection_id();
         let outbox = Arc::new(ConnectionOutbox::new(id, FRAME_MIN_SIZE, broker.config.connection_write_buffer_max));
         let mechanisms = if certificate.is_some() { auth::MECHANISMS_WITH_CERTIFICATE } else { auth::MECHANISMS };
         let conn = Connection {
             id,
             peer,
+            local,
+            tls,
+            client_properties: FieldTable::default(),
             outbox,
             decoder: FrameDecoder::new(FRAME_MIN_SIZE),
             phase: Phase::StartOk,

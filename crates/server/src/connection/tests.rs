@@ -63,7 +63,8 @@ fn loopback() -> SocketAddr {
 impl Harness {
     fn new(config: impl FnOnce(&mut Config)) -> Harness {
         let (broker, disk, dir) = broker(config);
-        Harness { conn: Connection::new(broker, loopback(), None), disk, dir }
+        let endpoints = super::Endpoints { peer: loopback(), local: loopback(), tls: false, certificate: None };
+        Harness { conn: Connection::new(broker, endpoints), disk, dir }
     }
 
     /// A connection past `connection.open`, on vhost `/`.

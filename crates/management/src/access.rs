@@ -1,0 +1,243 @@
+//! Users, virtual hosts, permissions and limits as the API shows them
+//! (read from the access definitions, the file `warren ctl` edits), and the
+//! definitions export.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde_json::{json, Value};
+use warren_server::access::AccessDefinitions;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::json::table_to_json;
+use crate::listing::{answer, ListQuery};
+use crate::queues::rate;
+use crate::AppState;
+
+fn definitions(state: &AppState) -> Result<AccessDefinitions, ApiError> {
+    state.broker.access_file().read().map_err(|e| ApiError::Internal(e.to_string())).map(Option::unwrap_or_default)
+}
+
+pub async fn whoami(caller: Caller) -> Json<Value> {
+    Json(json!({"name": caller.user.name, "tags": caller.user.tags}))
+}
+
+fn vhost_json(state: &AppState, name: &str) -> Value {
+    let (ready, unacked) = state.broker.vhost(name).map_or((0, 0), |host| {
+        let locked = host.lock();
+        locked
+            .sorted_queue_names()
+            .iter()
+            .filter_map(|q| locked.queue_summary(q))
+            .fold((0, 0), |(r, u), q| (r + q.ready, u + q.unacked))
+    });
+    json!({
+        "name": name,
+        "description": "",
+        "tags": [],
+        "default_queue_type": "classic",
+        "metadata": {"description": "", "tags": []},
+        "tracing": false,
+        "cluster_state": {state.node.clone(): "running"},
+        "messages": ready + unacked,
+        "messages_details": rate(),
+        "messages_ready": ready,
+        "messages_ready_details": rate(),
+        "messages_unacknowledged": unacked,
+        "messages_unacknowledged_details": rate(),
+    })
+}
+
+pub async fn vhosts(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let items = state
+        .broker
+        .vhost_names()
+        .iter()
+        .filter(|v| caller.sees_vhost(&state, v))
+        .map(|v| vhost_json(&state, v))
+        .collect();
+    Ok(Json(answer(items, &query)?))
+}
+
+pub async fn vhost(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    Ok(Json(vhost_json(&state, &vhost)))
+}
+
+fn user_json(user: &warren_server::access::UserDef) -> Value {
+    let limits: serde_json::Map<String, Value> = user.limits.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    json!({
+        "name": user.name,
+        "password_hash": user.password_hash,
+        "hashing_algorithm": user.hashing_algorithm,
+        "tags": user.tags,
+        "limits": limits,
+    })
+}
+
+pub async fn users(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let items = definitions(&state)?.users.iter().map(user_json).collect();
+    Ok(Json(answer(items, &query)?))
+}
+
+pub async fn user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    definitions(&state)?.users.iter().find(|u| u.name == name).map(|u| Json(user_json(u))).ok_or(ApiError::NotFound)
+}
+
+pub async fn permissions(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let items = definitions(&state)?
+        .permissions
+        .iter()
+        .map(|p| json!({"user": p.user, "vhost": p.vhost, "configure": p.configure, "write": p.write, "read": p.read}))
+        .collect();
+    Ok(Json(answer(items, &query)?))
+}
+
+pub async fn topic_permissions(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let items = definitions(&state)?
+        .topic_permissions
+        .iter()
+        .map(|p| json!({"user": p.user, "vhost": p.vhost, "exchange": p.exchange, "write": p.write, "read": p.read}))
+        .collect();
+    Ok(Json(answer(items, &query)?))
+}
+
+pub async fn vhost_limits(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    let defs = definitions(&state)?;
+    let items: Vec<Value> = defs
+        .vhosts
+        .iter()
+        .map(|v| (v.name.clone(), defs.vhost_limits(&v.name)))
+        .filter(|(_, limits)| !limits.is_empty())
+        .map(|(vhost, limits)| json!({"vhost": vhost, "value": limits}))
+        .collect();
+    Ok(Json(Value::Array(items)))
+}
+
+pub async fn user_limits(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    let items: Vec<Value> = definitions(&state)?
+        .users
+        .iter()
+        .filter(|u| !u.limits.is_empty())
+        .map(|u| json!({"user": u.name, "value": u.limits}))
+        .collect();
+    Ok(Json(Value::Array(items)))
+}
+
+/// Runtime policies from the configuration file, in the API's shape.
+pub async fn policies(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let items: Vec<Value> =
+        state.broker.config.policies.iter().filter(|p| caller.sees_vhost(&state, &p.vhost)).map(policy_json).collect();
+    Ok(Json(Value::Array(items)))
+}
+
+pub async fn vhost_policies(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    let items: Vec<Value> = state.broker.config.policies.iter().filter(|p| p.vhost == vhost).map(policy_json).collect();
+    Ok(Json(Value::Array(items)))
+}
+
+fn policy_json(p: &warren_server::config::PolicyConfig) -> Value {
+    json!({
+        "vhost": p.vhost,
+        "name": p.name,
+        "pattern": p.pattern,
+        "apply-to": p.apply_to,
+        "definition": p.definition,
+        "priority": p.priority,
+    })
+}
+
+/// Warren has no runtime parameters, global parameters or feature flags:
+/// their lists are empty, as on a fresh RabbitMQ node.
+pub async fn empty_list(_caller: Caller) -> Json<Value> {
+    Json(Value::Array(Vec::new()))
+}
+
+/// `GET /api/definitions`: RabbitMQ's export format (users with their
+/// hashes, virtual hosts, permissions, durable queues, exchanges and
+/// bindings, policies).
+pub async fn definitions_export(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let defs = definitions(&state)?;
+    let mut queues = Vec::new();
+    let mut exchanges = Vec::new();
+    let mut bindings = Vec::new();
+    for vhost in state.broker.vhost_names() {
+        let Some(host) = state.broker.vhost(&vhost) else { continue };
+        let locked = host.lock();
+        for name in locked.sorted_queue_names() {
+            if let Some(q) = locked.queue_summary(&name).filter(|q| q.durable && !q.exclusive) {
+                queues.push(json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": q.auto_delete,
+                    "arguments": table_to_json(&q.arguments)}));
+            }
+        }
+        for x in locked.exchange_summaries() {
+            if x.durable && !x.name.is_empty() && !x.name.starts_with("amq.") {
+                exchanges.push(json!({"name": x.name, "vhost": vhost, "type": x.kind, "durable": true,
+                    "auto_delete": x.auto_delete, "internal": x.internal, "arguments": table_to_json(&x.arguments)}));
+            }
+        }
+        for b in locked.binding_summaries().into_iter().filter(|b| !b.source.is_empty()) {
+            bindings.push(json!({"source": b.source, "vhost": vhost, "destination": b.destination,
+                "destination_type": if b.to_queue { "queue" } else { "exchange" },
+                "routing_key": b.routing_key, "arguments": table_to_json(&b.arguments)}));
+        }
+    }
+    let policies: Vec<Value> = state.broker.config.policies.iter().map(policy_json).collect();
+    Ok(Json(json!({
+        "rabbit_version": crate::overview::RABBITMQ_VERSION,
+        "rabbitmq_version": crate::overview::RABBITMQ_VERSION,
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "users": defs.users.iter().map(|u| json!({"name": u.name, "password_hash": u.password_hash,
+            "hashing_algorithm": u.hashing_algorithm, "tags": u.tags, "limits": u.limits})).collect::<Vec<_>>(),
+        "vhosts": defs.vhosts.iter().map(|v| json!({"name": v.name, "limits": [], "metadata": {"description": "", "tags": []}})).collect::<Vec<_>>(),
+        "permissions": defs.permissions.iter().map(|p| json!({"user": p.user, "vhost": p.vhost,
+            "configure": p.configure, "write": p.write, "read": p.read})).collect::<Vec<_>>(),
+        "topic_permissions": defs.topic_permissions.iter().map(|p| json!({"user": p.user, "vhost": p.vhost,
+            "exchange": p.exchange, "write": p.write, "read": p.read})).collect::<Vec<_>>(),
+        "parameters": [],
+        "global_parameters": [],
+        "policies": policies,
+        "queues": queues,
+        "exchanges": exchanges,
+        "bindings": bindings,
+    })))
+}

@@ -1,0 +1,173 @@
+//! Warren's management HTTP API, compatible with RabbitMQ's management
+//! plugin (the same paths, JSON field names and types, status codes), so
+//! `rabbitmqadmin`, `rabbitmq_http_client` and scripts written for RabbitMQ
+//! work unchanged.
+//!
+//! Rooms: `auth.rs` (Basic auth, RabbitMQ's tags), `error.rs` (status
+//! codes and error bodies), `json.rs` (field tables as JSON), `listing.rs`
+//! (pagination, filtering and sorting), and one module per family of
+//! endpoints. Every change goes through the broker's
+//! [`warren_server::session::Session`], as an AMQP method would; a change
+//! to durable definitions is answered once its log entry is durable.
+
+mod access;
+mod auth;
+mod change;
+mod connections;
+mod error;
+mod exchanges;
+mod health;
+mod json;
+mod listing;
+mod overview;
+mod queues;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+use tokio::net::TcpListener;
+use tracing::info;
+use warren_server::Broker;
+
+pub use error::ApiError;
+
+/// A listener of the node, as `/api/overview` and the health checks list it.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// `amqp`, `amqp/ssl` or `http`.
+    pub protocol: &'static str,
+    pub address: SocketAddr,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub listeners: Vec<Listener>,
+    /// RabbitMQ's node name form: `warren@<host>`.
+    pub node: String,
+}
+
+/// The management API's listeners, ready to serve.
+pub struct Management {
+    listeners: Vec<TcpListener>,
+    state: Arc<AppState>,
+}
+
+/// Largest request body accepted (a definitions import is the largest).
+pub const BODY_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+
+impl Management {
+    /// Serves on listeners bound by the caller; `amqp` lists the broker's
+    /// own listeners for the overview and health checks.
+    pub fn new(broker: Arc<Broker>, listeners: Vec<TcpListener>, mut amqp: Vec<Listener>) -> Management {
+        for listener in &listeners {
+            if let Ok(address) = listener.local_addr() {
+                amqp.push(Listener { protocol: "http", address });
+            }
+        }
+        let state = Arc::new(AppState { broker, listeners: amqp, node: node_name() });
+        Management { listeners, state }
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let router = router(self.state.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            if let Ok(address) = listener.local_addr() {
+                info!(%address, "listening for the management API");
+            }
+            let service = router.clone().into_make_service_with_connect_info::<SocketAddr>();
+            let mut stopped = stopped.clone();
+            tasks.spawn(async move {
+                let graceful = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                if let Err(error) = axum::serve(listener, service).with_graceful_shutdown(graceful).await {
+                    tracing::warn!(%error, "management listener failed");
+                }
+            });
+        }
+        shutdown.await;
+        let _ = stop.send(true);
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
+}
+
+/// Every route of the API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/overview", get(overview::overview))
+        .route("/api/whoami", get(access::whoami))
+        .route("/api/nodes", get(overview::nodes))
+        .route("/api/nodes/{node}", get(overview::node))
+        .route("/api/vhosts", get(access::vhosts))
+        .route("/api/vhosts/{vhost}", get(access::vhost))
+        .route("/api/vhosts/{vhost}/connections", get(connections::vhost_connections))
+        .route("/api/users", get(access::users))
+        .route("/api/users/{user}", get(access::user))
+        .route("/api/permissions", get(access::permissions))
+        .route("/api/queues", get(queues::list_all))
+        .route("/api/queues/{vhost}", get(queues::list_vhost))
+        .route("/api/queues/{vhost}/{name}", get(queues::show).put(queues::declare).delete(queues::delete))
+        .route("/api/queues/{vhost}/{name}/contents", axum::routing::delete(queues::purge))
+        .route("/api/queues/{vhost}/{name}/bindings", get(exchanges::queue_bindings))
+        .route("/api/queues/{vhost}/{name}/get", post(queues::get_messages))
+        .route("/api/exchanges", get(exchanges::list_all))
+        .route("/api/exchanges/{vhost}", get(exchanges::list_vhost))
+        .route("/api/exchanges/{vhost}/{name}", get(exchanges::show).put(exchanges::declare).delete(exchanges::delete))
+        .route("/api/exchanges/{vhost}/{name}/publish", post(exchanges::publish))
+        .route("/api/exchanges/{vhost}/{name}/bindings/source", get(exchanges::source_bindings))
+        .route("/api/exchanges/{vhost}/{name}/bindings/destination", get(exchanges::destination_bindings))
+        .route("/api/bindings", get(exchanges::bindings_all))
+        .route("/api/bindings/{vhost}", get(exchanges::bindings_vhost))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}",
+            get(exchanges::bindings_between).post(exchanges::bind),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}/{props}",
+            get(exchanges::binding).delete(exchanges::unbind),
+        )
+        .route("/api/connections", get(connections::list))
+        .route("/api/connections/{name}", get(connections::show).delete(connections::close))
+        .route("/api/channels", get(connections::channels))
+        .route("/api/consumers", get(connections::consumers))
+        .route("/api/consumers/{vhost}", get(connections::vhost_consumers))
+        .route("/api/health/checks/alarms", get(health::alarms))
+        .route("/api/health/checks/local-alarms", get(health::alarms))
+        .route("/api/health/checks/virtual-hosts", get(health::virtual_hosts))
+        .route("/api/health/checks/port-listener/{port}", get(health::port_listener))
+        .route("/api/health/checks/protocol-listener/{protocol}", get(health::protocol_listener))
+        .route("/api/health/checks/node-is-quorum-critical", get(health::quorum_critical))
+        .route("/api/definitions", get(access::definitions_export))
+        .route("/api/extensions", get(overview::extensions))
+        .route("/api/vhost-limits", get(access::vhost_limits))
+        .route("/api/user-limits", get(access::user_limits))
+        .route("/api/policies", get(access::policies))
+        .route("/api/policies/{vhost}", get(access::vhost_policies))
+        .route("/api/topic-permissions", get(access::topic_permissions))
+        .route("/api/parameters", get(access::empty_list))
+        .route("/api/global-parameters", get(access::empty_list))
+        .route("/api/feature-flags", get(access::empty_list))
+        .route("/api/ping", put(health::ping).get(health::ping))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .with_state(state)
+}

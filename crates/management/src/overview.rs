@@ -1,0 +1,175 @@
+//! `/api/overview`, `/api/nodes`: the node, its listeners and totals.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::queues::rate;
+use crate::AppState;
+
+/// The RabbitMQ version whose management API Warren follows.
+pub const RABBITMQ_VERSION: &str = "3.10.8";
+
+fn listeners_json(state: &AppState) -> Vec<Value> {
+    state
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "node": state.node,
+                "protocol": l.protocol,
+                "ip_address": l.address.ip().to_string(),
+                "port": l.address.port(),
+                "socket_opts": {},
+            })
+        })
+        .collect()
+}
+
+/// Totals over the virtual hosts the caller sees: (queues, ready,
+/// unacked, exchanges, consumers).
+fn totals(state: &AppState, caller: &Caller) -> (u64, u64, u64, u64, u64) {
+    let mut out = (0, 0, 0, 0, 0);
+    for vhost in state.broker.vhost_names() {
+        if !caller.sees_vhost(state, &vhost) {
+            continue;
+        }
+        let Some(host) = state.broker.vhost(&vhost) else { continue };
+        let names = host.lock().sorted_queue_names();
+        for chunk in names.chunks(256) {
+            let locked = host.lock();
+            for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {
+                out.0 += 1;
+                out.1 += q.ready;
+                out.2 += q.unacked;
+                out.4 += q.consumers as u64;
+            }
+        }
+        out.3 += host.lock().exchange_summaries().len() as u64;
+    }
+    out
+}
+
+pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Json<Value> {
+    let (queues, ready, unacked, exchanges, consumers) = totals(&state, &caller);
+    let connections = state.broker.connections();
+    let visible = connections.iter().filter(|c| caller.is_monitor() || c.user == caller.user.name);
+    let (connection_count, channel_count) = visible.fold((0u64, 0u64), |(n, ch), c| {
+        let channels = state.broker.vhost(&c.vhost).map_or(0, |h| h.lock().channel_summaries(c.id).len() as u64);
+        (n + 1, ch + channels)
+    });
+    let exchange_types: Vec<Value> = ["direct", "fanout", "headers", "topic", "x-delayed-message"]
+        .iter()
+        .map(|t| json!({"name": t, "description": "", "enabled": true}))
+        .collect();
+    Json(json!({
+        "management_version": RABBITMQ_VERSION,
+        "rates_mode": "basic",
+        "sample_retention_policies": {"global": [600, 3600, 28800, 86400], "basic": [600, 3600], "detailed": [600]},
+        "exchange_types": exchange_types,
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "product_name": "Warren",
+        "rabbitmq_version": RABBITMQ_VERSION,
+        "cluster_name": state.node,
+        "erlang_version": "none (Rust)",
+        "erlang_full_version": "none (Rust)",
+        "release_series_support_status": "supported",
+        "disable_stats": false,
+        "is_op_policy_updating_enabled": false,
+        "enable_queue_totals": true,
+        "message_stats": {},
+        "churn_rates": {
+            "channel_closed": 0, "channel_closed_details": rate(),
+            "channel_created": 0, "channel_created_details": rate(),
+            "connection_closed": 0, "connection_closed_details": rate(),
+            "connection_created": 0, "connection_created_details": rate(),
+            "queue_created": 0, "queue_created_details": rate(),
+            "queue_declared": 0, "queue_declared_details": rate(),
+            "queue_deleted": 0, "queue_deleted_details": rate(),
+        },
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_details": rate(),
+            "messages_ready": ready,
+            "messages_ready_details": rate(),
+            "messages_unacknowledged": unacked,
+            "messages_unacknowledged_details": rate(),
+        },
+        "object_totals": {
+            "channels": channel_count,
+            "connections": connection_count,
+            "consumers": consumers,
+            "exchanges": exchanges,
+            "queues": queues,
+        },
+        "statistics_db_event_queue": 0,
+        "node": state.node,
+        "listeners": listeners_json(&state),
+        "contexts": [],
+    }))
+}
+
+fn node_json(state: &AppState) -> Value {
+    let alarms = state.broker.alarms.state();
+    let memory = warren_server::alarm::resident_bytes().unwrap_or(0);
+    let memory_limit = state.broker.config.memory_limit().unwrap_or(0);
+    let (log_bytes, _) = state.broker.store.disk_usage();
+    json!({
+        "name": state.node,
+        "type": "disc",
+        "running": true,
+        "being_drained": false,
+        "mem_used": memory,
+        "mem_used_details": rate(),
+        "mem_limit": memory_limit,
+        "mem_alarm": alarms.memory,
+        "disk_free": warren_server::alarm::disk_free(&state.broker.config.data_dir).unwrap_or(0),
+        "disk_free_details": rate(),
+        "disk_free_limit": state.broker.config.disk_free_limit_bytes,
+        "disk_free_alarm": alarms.disk,
+        "fd_used": 0,
+        "fd_total": 0,
+        "sockets_used": state.broker.connection_count(),
+        "sockets_total": 0,
+        "proc_used": 0,
+        "proc_total": 0,
+        "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "uptime": 0,
+        "run_queue": 0,
+        "os_pid": std::process::id().to_string(),
+        "partitions": [],
+        "applications": [],
+        "enabled_plugins": ["rabbitmq_management"],
+        "exchange_types": [],
+        "auth_mechanisms": [],
+        "contexts": [],
+        "log_files": [],
+        "config_files": [],
+        "warren_log_bytes": log_bytes,
+    })
+}
+
+pub async fn nodes(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    Ok(Json(Value::Array(vec![node_json(&state)])))
+}
+
+pub async fn node(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_monitor()?;
+    if name != state.node {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(node_json(&state)))
+}
+
+pub async fn extensions(_caller: Caller) -> Json<Value> {
+    Json(Value::Array(Vec::new()))
+}

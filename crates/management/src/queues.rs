@@ -1,0 +1,318 @@
+//! `/api/queues`: list, show, declare, delete, purge, and get messages.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine;
+use serde_json::{json, Value};
+use warren_codec::properties::{flag, Properties};
+use warren_core::vhost::{ChannelKey, Outbox};
+use warren_core::{Message, QueueDeclare, QueueSummary};
+use warren_server::access::{Permission, Resource};
+
+use crate::auth::Caller;
+use crate::change::{change, HTTP_CONNECTION};
+use crate::error::ApiError;
+use crate::json::{count, flag as json_flag, table_to_json};
+use crate::listing::{answer, ListQuery};
+use crate::AppState;
+
+/// Queues listed per lock acquisition: a listing of many queues never holds
+/// a virtual host's lock for long.
+const QUEUES_PER_LOCK: usize = 256;
+
+/// RabbitMQ's rate object, for counters not sampled yet.
+pub fn rate() -> Value {
+    json!({"rate": 0.0})
+}
+
+pub fn queue_json(state: &AppState, vhost: &str, q: &QueueSummary) -> Value {
+    let messages = q.ready + q.unacked;
+    json!({
+        "name": q.name,
+        "vhost": vhost,
+        "type": q.queue_type,
+        "node": state.node,
+        "state": "running",
+        "durable": q.durable,
+        "auto_delete": q.auto_delete,
+        "exclusive": q.exclusive,
+        "arguments": table_to_json(&q.arguments),
+        "consumers": q.consumers,
+        "consumer_capacity": if q.consumers > 0 { 1.0 } else { 0.0 },
+        "consumer_utilisation": if q.consumers > 0 { 1.0 } else { 0.0 },
+        "exclusive_consumer_tag": q.exclusive_consumer_tag,
+        "single_active_consumer_tag": Value::Null,
+        "policy": Value::Null,
+        "operator_policy": Value::Null,
+        "effective_policy_definition": {},
+        "memory": 0,
+        "messages": messages,
+        "messages_details": rate(),
+        "messages_ready": q.ready,
+        "messages_ready_details": rate(),
+        "messages_unacknowledged": q.unacked,
+        "messages_unacknowledged_details": rate(),
+        "messages_ram": q.ready.min(warren_core::queue::LOADED_WINDOW as u64),
+        "messages_persistent": 0,
+        "messages_paged_out": 0,
+        "message_bytes": q.ready_bytes,
+        "message_bytes_ready": q.ready_bytes,
+        "message_bytes_unacknowledged": 0,
+        "message_bytes_ram": 0,
+        "message_bytes_persistent": 0,
+        "message_bytes_paged_out": 0,
+        "head_message_timestamp": Value::Null,
+        "recoverable_slaves": Value::Null,
+        "message_stats": {},
+    })
+}
+
+/// The queues of one virtual host, a bounded chunk per lock acquisition.
+fn vhost_queues(state: &AppState, vhost: &str) -> Vec<Value> {
+    let Some(host) = state.broker.vhost(vhost) else { return Vec::new() };
+    let names = host.lock().sorted_queue_names();
+    let mut out = Vec::with_capacity(names.len());
+    for chunk in names.chunks(QUEUES_PER_LOCK) {
+        let summaries: Vec<QueueSummary> = {
+            let locked = host.lock();
+            chunk.iter().filter_map(|name| locked.queue_summary(name)).collect()
+        };
+        out.extend(summaries.iter().map(|q| queue_json(state, vhost, q)));
+    }
+    out
+}
+
+pub async fn list_all(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let mut items = Vec::new();
+    for vhost in state.broker.vhost_names() {
+        if caller.sees_vhost(&state, &vhost) {
+            items.extend(vhost_queues(&state, &vhost));
+        }
+    }
+    Ok(Json(answer(items, &query)?))
+}
+
+pub async fn list_vhost(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    Ok(Json(answer(vhost_queues(&state, &vhost), &query)?))
+}
+
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    let host = state.broker.vhost(&vhost).ok_or(ApiError::NotFound)?;
+    let summary = host.lock().queue_summary(&name).ok_or(ApiError::NotFound)?;
+    Ok(Json(queue_json(&state, &vhost, &summary)))
+}
+
+pub async fn declare(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> Result<StatusCode, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    if !matches!(body, Value::Object(_) | Value::Null) {
+        return Err(ApiError::BadRequest("the body must be a JSON object".into()));
+    }
+    let durable = json_flag(body.get("durable")).unwrap_or(true);
+    let auto_delete = json_flag(body.get("auto_delete")).unwrap_or(false);
+    if json_flag(body.get("exclusive")).unwrap_or(false) {
+        return Err(ApiError::BadRequest("exclusive queues are owned by a connection: declare them over AMQP".into()));
+    }
+    let arguments = crate::json::json_to_table(body.get("arguments").unwrap_or(&Value::Null))
+        .ok_or_else(|| ApiError::BadRequest("arguments must be a JSON object".into()))?;
+    if name.is_empty() || name.starts_with("amq.") {
+        return Err(ApiError::Forbidden(format!("queue name '{name}' contains reserved prefix 'amq.*'")));
+    }
+    caller.allow(&state, &vhost, Permission::Configure, Resource::Queue, &name)?;
+    let existed = state.broker.vhost(&vhost).is_some_and(|h| h.lock().queue(&name).is_some());
+    change(&state, &vhost, |session| {
+        let declare = QueueDeclare { name: &name, passive: false, durable, exclusive: false, auto_delete, arguments };
+        session.declare_queue_as(HTTP_CONNECTION, declare, &mut |_| Ok(()))
+    })
+    .await?;
+    Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct DeleteQuery {
+    #[serde(rename = "if-unused")]
+    if_unused: Option<String>,
+    #[serde(rename = "if-empty")]
+    if_empty: Option<String>,
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    caller.allow(&state, &vhost, Permission::Configure, Resource::Queue, &name)?;
+    let if_unused = query.if_unused.as_deref() == Some("true");
+    let if_empty = query.if_empty.as_deref() == Some("true");
+    change(&state, &vhost, |session| session.delete_queue(HTTP_CONNECTION, &name, if_unused, if_empty)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn purge(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    caller.allow(&state, &vhost, Permission::Read, Resource::Queue, &name)?;
+    change(&state, &vhost, |session| session.purge_queue(HTTP_CONNECTION, &name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deliveries never reach the API's channel (it consumes nothing).
+struct NoOutbox;
+
+impl Outbox for NoOutbox {
+    fn deliver(&self, _: u16, _: &str, _: u64, _: bool, _: &Message) {}
+    fn consumer_cancelled(&self, _: u16, _: &str) {}
+    fn is_congested(&self) -> bool {
+        false
+    }
+}
+
+/// `ackmode` of a get request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AckMode {
+    /// Peek: the messages go back, marked redelivered (as RabbitMQ does).
+    Requeue,
+    Ack,
+    /// Rejected without requeue: dead-lettered where the queue says so.
+    RejectDrop,
+}
+
+pub async fn get_messages(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    caller.allow(&state, &vhost, Permission::Read, Resource::Queue, &name)?;
+    let wanted = count(body.get("count")).ok_or_else(|| ApiError::BadRequest("count is required".into()))?;
+    let mode = match body.get("ackmode").and_then(Value::as_str) {
+        Some("ack_requeue_true") | Some("reject_requeue_true") => AckMode::Requeue,
+        Some("ack_requeue_false") => AckMode::Ack,
+        Some("reject_requeue_false") => AckMode::RejectDrop,
+        other => return Err(ApiError::BadRequest(format!("ackmode {other:?} is not one of RabbitMQ's four"))),
+    };
+    let base64 = match body.get("encoding").and_then(Value::as_str) {
+        Some("auto") | None => false,
+        Some("base64") => true,
+        Some(other) => return Err(ApiError::BadRequest(format!("encoding '{other}' is neither auto nor base64"))),
+    };
+    let truncate = count(body.get("truncate")).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let key = ChannelKey { connection: HTTP_CONNECTION, channel: 1 };
+    let got = change(&state, &vhost, |session| {
+        if session.queue(&name).is_none() {
+            return Err(warren_codec::reply::AmqpError::soft(
+                warren_codec::reply::ReplyCode::NotFound,
+                format!("no queue '{name}' in vhost '{vhost}'"),
+                0,
+                0,
+            ));
+        }
+        session.open_channel(key, Arc::new(NoOutbox));
+        let mut got = Vec::new();
+        let mut result = Ok(());
+        for _ in 0..wanted {
+            match session.get(key, &name, mode == AckMode::Ack) {
+                Ok(Some(message)) => got.push(message),
+                Ok(None) => break,
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        if mode == AckMode::RejectDrop {
+            if let Some(last) = got.last() {
+                let _rejected = session.nack(key, last.delivery_tag, true, false);
+            }
+        }
+        // Requeues what is still unacknowledged (the peeked messages).
+        session.close_channel(key);
+        result.map(|()| got)
+    })
+    .await?;
+    let messages: Vec<Value> = got
+        .iter()
+        .map(|g| {
+            let body = g.message.body();
+            let shown = &body[..truncate.unwrap_or(body.len()).min(body.len())];
+            let (payload, encoding) = match (base64, std::str::from_utf8(shown)) {
+                (false, Ok(text)) => (text.to_string(), "string"),
+                _ => (base64::engine::general_purpose::STANDARD.encode(shown), "base64"),
+            };
+            json!({
+                "payload_bytes": body.len(),
+                "redelivered": g.redelivered,
+                "exchange": String::from_utf8_lossy(g.message.exchange()),
+                "routing_key": String::from_utf8_lossy(g.message.routing_key()),
+                "message_count": g.message_count,
+                "properties": properties_json(&Properties::view(g.message.properties())),
+                "payload": payload,
+                "payload_encoding": encoding,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(messages)))
+}
+
+/// A message's properties as RabbitMQ's API shows them (present ones only).
+pub fn properties_json(properties: &Properties<&[u8]>) -> Value {
+    let mut map = serde_json::Map::new();
+    for (name, bit) in [
+        ("content_type", flag::CONTENT_TYPE),
+        ("content_encoding", flag::CONTENT_ENCODING),
+        ("correlation_id", flag::CORRELATION_ID),
+        ("reply_to", flag::REPLY_TO),
+        ("expiration", flag::EXPIRATION),
+        ("message_id", flag::MESSAGE_ID),
+        ("type", flag::TYPE),
+        ("user_id", flag::USER_ID),
+        ("app_id", flag::APP_ID),
+        ("cluster_id", flag::CLUSTER_ID),
+    ] {
+        if let Some(value) = properties.short_str(bit) {
+            map.insert(name.into(), Value::String(value.into()));
+        }
+    }
+    if let Some(mode) = properties.delivery_mode() {
+        map.insert("delivery_mode".into(), json!(mode));
+    }
+    if let Some(priority) = properties.priority() {
+        map.insert("priority".into(), json!(priority));
+    }
+    if let Some(timestamp) = properties.timestamp() {
+        map.insert("timestamp".into(), json!(timestamp));
+    }
+    if let Some(headers) = properties.headers() {
+        map.insert("headers".into(), table_to_json(&headers));
+    }
+    Value::Object(map)
+}

@@ -1,0 +1,405 @@
+//! The management API against a real broker over real TCP, through
+//! `rabbitmq_http_client` (the Rust client `rabbitmqadmin` v2 is built on,
+//! which deserializes RabbitMQ's JSON strictly), lapin for the AMQP side, and
+//! raw HTTP where status codes and headers are the point.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rabbitmq_http_client::blocking_api::Client;
+use rabbitmq_http_client::requests::{ExchangeParams, QueueParams};
+use serde_json::{json, Value};
+use warren_server::config::User;
+use warren_server::{Config, Server};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A broker and its management API on ephemeral loopback ports, in a
+/// runtime of their own (the HTTP client under test is blocking).
+struct Node {
+    amqp: SocketAddr,
+    http: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+fn user(name: &str, password: &str, tags: &[&str]) -> User {
+    User {
+        name: name.into(),
+        password: password.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        loopback_only: false,
+    }
+}
+
+impl Node {
+    fn start() -> Node {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-mgmt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let config = Config {
+            amqp_port: 0,
+            http_port: 0,
+            bind: vec!["127.0.0.1".into()],
+            data_dir: dir.clone(),
+            users: vec![
+                user("boss", "boss-pw", &["administrator"]),
+                user("app", "app-pw", &["management"]),
+                user("plain", "plain-pw", &[]),
+            ],
+            ..Config::default()
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let server = Server::bind(config).await.unwrap();
+                let amqp = server.local_addrs()[0];
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let http = listener.local_addr().unwrap();
+                let listeners = vec![warren_management::Listener { protocol: "amqp", address: amqp }];
+                let management = warren_management::Management::new(server.broker(), vec![listener], listeners);
+                let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+                let http_task = tokio::spawn(management.run(async move {
+                    let _ = http_stopped.await;
+                }));
+                ready_tx.send((amqp, http)).unwrap();
+                server
+                    .run(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+                let _ = stop_http.send(());
+                let _ = http_task.await;
+            });
+        });
+        let (amqp, http) = ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        Node { amqp, http, stop: Some(stop), thread: Some(thread), dir }
+    }
+
+    fn client(&self, user: &str, password: &str) -> Client<String, String, String> {
+        Client::new(format!("http://{}/api", self.http), user.to_string(), password.to_string())
+    }
+
+    fn admin(&self) -> Client<String, String, String> {
+        self.client("boss", "boss-pw")
+    }
+
+    fn amqp_uri(&self) -> String {
+        format!("amqp://boss:boss-pw@{}/%2F", self.amqp)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One HTTP/1.1 request: (status, headers lower-cased, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: Option<&str>,
+) -> (u16, HashMap<String, String>, String) {
+    use base64::Engine;
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some((user, password)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        request.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+const ADMIN: Option<(&str, &str)> = Some(("boss", "boss-pw"));
+
+#[test]
+fn a_strict_client_reads_the_overview_whoami_and_node() {
+    let node = Node::start();
+    let client = node.admin();
+    let overview = client.overview().unwrap();
+    assert!(overview.node.starts_with("warren@"), "{}", overview.node);
+    assert!(overview.listeners.iter().any(|l| l.protocol == "amqp" && l.port == u32::from(node.amqp.port())));
+    assert_eq!(overview.object_totals.exchanges, 6, "the default exchange and the five amq.* ones");
+    let me = client.current_user().unwrap();
+    assert_eq!(me.name, "boss");
+    assert_eq!(client.list_nodes().unwrap().len(), 1);
+    let vhosts = client.list_vhosts().unwrap();
+    assert_eq!(vhosts.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["/"]);
+}
+
+#[test]
+fn queues_are_declared_published_to_peeked_purged_and_deleted_over_http() {
+    let node = Node::start();
+    let client = node.admin();
+    let mut arguments = serde_json::Map::new();
+    arguments.insert("x-max-length".into(), json!(10));
+    client.declare_queue("/", &QueueParams::new_durable_classic_queue("orders", Some(arguments))).unwrap();
+    let info = client.get_queue_info("/", "orders").unwrap();
+    assert!(info.durable && !info.exclusive && info.queue_type == "classic");
+    assert_eq!(info.arguments.0.get("x-max-length"), Some(&json!(10)));
+
+    let properties = serde_json::Map::from_iter([("delivery_mode".to_string(), json!(2))]);
+    let routed = client.publish_message("/", "amq.default", "orders", "first order", properties.clone()).unwrap();
+    assert!(routed.routed);
+    let unrouted = client.publish_message("/", "amq.default", "nowhere", "lost", properties).unwrap();
+    assert!(!unrouted.routed);
+
+    // A peek leaves the message in the queue, marked redelivered.
+    let peeked = client.get_messages("/", "orders", 5, "ack_requeue_true").unwrap();
+    assert_eq!(peeked.len(), 1);
+    assert_eq!(peeked[0].payload, "first order");
+    assert_eq!(client.get_queue_info("/", "orders").unwrap().message_count, 1);
+    let again = client.get_messages("/", "orders", 1, "ack_requeue_true").unwrap();
+    assert!(again[0].redelivered);
+
+    client.purge_queue("/", "orders").unwrap();
+    assert_eq!(client.get_queue_info("/", "orders").unwrap().message_count, 0);
+    client.delete_queue("/", "orders", false).unwrap();
+    assert!(client.get_queue_info("/", "orders").is_err(), "gone");
+    let (status, _, body) = http(node.http, "GET", "/api/queues/%2F/orders", ADMIN, None);
+    assert_eq!(status, 404);
+    assert_eq!(json_of(&body), json!({"error": "Object Not Found", "reason": "Not Found"}));
+}
+
+#[test]
+fn an_amqp_clients_queue_consumer_and_connection_are_listed_and_the_connection_closed_with_320() {
+    let node = Node::start();
+    let client = node.admin();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (conn, _consumer) = runtime.block_on(async {
+        let conn = lapin::Connection::connect(&node.amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let options = lapin::options::QueueDeclareOptions::default();
+        ch.queue_declare("work".into(), options, lapin::types::FieldTable::default()).await.unwrap();
+        for _ in 0..3 {
+            ch.basic_publish(
+                "".into(),
+                "work".into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"job",
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let worker = conn.create_channel().await.unwrap();
+        worker.basic_qos(1, lapin::options::BasicQosOptions::default()).await.unwrap();
+        let consumer = worker
+            .basic_consume(
+                "work".into(),
+                "worker-1".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (conn, consumer)
+    });
+    let mut info = client.get_queue_info("/", "work").unwrap();
+    for _ in 0..100 {
+        if info.unacknowledged_message_count == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        info = client.get_queue_info("/", "work").unwrap();
+    }
+    assert_eq!((info.message_count, info.unacknowledged_message_count, info.consumer_count), (3, 1, 1));
+    let consumers = client.list_consumers().unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0].consumer_tag, "worker-1");
+    let connections = client.list_connections().unwrap();
+    assert_eq!(connections.len(), 1);
+    assert_eq!(connections[0].username, "boss");
+    assert_eq!(connections[0].channel_count, 2);
+    assert_eq!(client.list_channels().unwrap().len(), 2);
+
+    let mut events = conn.events_listener();
+    client.close_connection(&connections[0].name, Some("maintenance"), false).unwrap();
+    let closed = runtime.block_on(async {
+        use futures_lite::StreamExt;
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(5), events.next()).await.ok().flatten();
+            match event {
+                Some(lapin::Event::Error(error)) => break Some(error),
+                Some(_) => continue,
+                None => break None,
+            }
+        }
+    });
+    let closed = closed.map(|error| match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => (amqp.get_id(), amqp.get_message().to_string()),
+        other => (0, format!("{other:?}")),
+    });
+    assert_eq!(closed, Some((320, "CONNECTION_FORCED - maintenance".to_string())));
+    let closed = !conn.status().connected();
+    assert!(closed, "the connection was closed");
+    for _ in 0..100 {
+        if client.list_connections().unwrap().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the closed connection is still listed");
+}
+
+#[test]
+fn exchanges_and_bindings_are_declared_listed_and_removed() {
+    let node = Node::start();
+    let client = node.admin();
+    client.declare_exchange("/", &ExchangeParams::durable_fanout("events", None)).unwrap();
+    client.declare_queue("/", &QueueParams::new_durable_classic_queue("audit", None)).unwrap();
+    client.bind_queue("/", "audit", "events", Some("anything"), None).unwrap();
+    let bindings = client.list_queue_bindings("/", "audit").unwrap();
+    assert_eq!(bindings.len(), 2, "the default exchange's and ours: {bindings:?}");
+    assert!(bindings.iter().any(|b| b.source == "events" && b.routing_key == "anything"));
+    let routed = client.publish_message("/", "events", "", "event", serde_json::Map::new()).unwrap();
+    assert!(routed.routed);
+    assert!(client.list_exchanges().unwrap().iter().any(|x| x.name == "events" && x.exchange_type == "fanout"));
+
+    let (status, _, body) = http(node.http, "GET", "/api/exchanges/%2F/events/bindings/source", ADMIN, None);
+    assert_eq!(status, 200);
+    let key = json_of(&body)[0]["properties_key"].as_str().unwrap().to_string();
+    assert_eq!(key, "anything");
+    let (status, _, _) = http(node.http, "DELETE", &format!("/api/bindings/%2F/e/events/q/audit/{key}"), ADMIN, None);
+    assert_eq!(status, 204);
+    assert_eq!(client.list_queue_bindings("/", "audit").unwrap().len(), 1);
+    client.delete_exchange("/", "events", false).unwrap();
+    assert!(!client.list_exchanges().unwrap().iter().any(|x| x.name == "events"));
+}
+
+#[test]
+fn health_checks_answer_200_or_503_as_rabbitmq_does() {
+    let node = Node::start();
+    let client = node.admin();
+    client.health_check_cluster_wide_alarms().unwrap();
+    client.health_check_local_alarms().unwrap();
+    client.health_check_port_listener(node.amqp.port()).unwrap();
+    let (status, _, body) = http(node.http, "GET", "/api/health/checks/port-listener/1", ADMIN, None);
+    assert_eq!(status, 503);
+    assert_eq!(json_of(&body)["status"], "failed");
+    let (status, _, _) = http(node.http, "GET", "/api/health/checks/protocol-listener/amqp", ADMIN, None);
+    assert_eq!(status, 200);
+    let (status, _, _) = http(node.http, "GET", "/api/health/checks/virtual-hosts", ADMIN, None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn credentials_and_tags_are_checked_as_rabbitmq_checks_them() {
+    let node = Node::start();
+    let (status, headers, body) = http(node.http, "GET", "/api/overview", None, None);
+    assert_eq!(status, 401);
+    assert_eq!(headers.get("www-authenticate").map(String::as_str), Some("Basic realm=\"RabbitMQ Management\""));
+    assert_eq!(json_of(&body)["error"], "not_authorised");
+    let (status, _, _) = http(node.http, "GET", "/api/overview", Some(("boss", "wrong")), None);
+    assert_eq!(status, 401);
+    let (status, _, body) = http(node.http, "GET", "/api/overview", Some(("plain", "plain-pw")), None);
+    assert_eq!(status, 401);
+    assert_eq!(json_of(&body)["reason"], "Not management user");
+    // A management user sees the API, but not the users.
+    let (status, _, _) = http(node.http, "GET", "/api/queues", Some(("app", "app-pw")), None);
+    assert_eq!(status, 200);
+    let (status, _, _) = http(node.http, "GET", "/api/users", Some(("app", "app-pw")), None);
+    assert_eq!(status, 401);
+    let users = node.admin().list_users().unwrap();
+    let boss = users.iter().find(|u| u.name == "boss").unwrap();
+    assert!(boss.password_hash.is_some(), "hashes are exported, as RabbitMQ does");
+}
+
+#[test]
+fn bad_input_gets_rabbitmqs_status_and_changes_nothing() {
+    let node = Node::start();
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some("{not json"));
+    assert_eq!(status, 400);
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/nowhere/q", ADMIN, Some("{}"));
+    assert_eq!(status, 404);
+    let (status, _, body) =
+        http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some(r#"{"arguments":{"x-max-length":"many"}}"#));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(json_of(&body)["error"], "bad_request");
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/amq.mine", ADMIN, Some("{}"));
+    assert_eq!(status, 403);
+    let (status, _, _) = http(node.http, "GET", "/api/queues/%2F/q", ADMIN, None);
+    assert_eq!(status, 404, "nothing was declared");
+    // The classic Python rabbitmqadmin sends booleans as strings.
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some(r#"{"durable":"false"}"#));
+    assert_eq!(status, 201);
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some(r#"{"durable":"false"}"#));
+    assert_eq!(status, 204, "declaring it again changes nothing");
+    let (status, _, body) = http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some(r#"{"durable":true}"#));
+    assert_eq!(status, 400);
+    assert!(json_of(&body)["reason"].as_str().unwrap().contains("inequivalent arg 'durable'"), "{body}");
+    // Percent-encoded names arrive decoded (rabbitmqadmin v2 encodes '.').
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/my%2Eq", ADMIN, Some("{}"));
+    assert_eq!(status, 201);
+    let (status, _, body) = http(node.http, "GET", "/api/queues/%2F/my.q", ADMIN, None);
+    assert_eq!((status, json_of(&body)["name"].as_str()), (200, Some("my.q")));
+}
+
+#[test]
+fn lists_page_filter_and_sort_in_rabbitmqs_envelope() {
+    let node = Node::start();
+    let client = node.admin();
+    for name in ["a1", "a2", "b1", "b2", "b3"] {
+        client.declare_queue("/", &QueueParams::new_durable_classic_queue(name, None)).unwrap();
+    }
+    let (status, _, body) =
+        http(node.http, "GET", "/api/queues/%2F?page=2&page_size=2&name=b&sort=name&sort_reverse=true", ADMIN, None);
+    assert_eq!(status, 200);
+    let page = json_of(&body);
+    assert_eq!(page["total_count"], 5);
+    assert_eq!(page["filtered_count"], 3);
+    assert_eq!(page["page_count"], 2);
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["items"][0]["name"], "b1");
+}
+
+#[test]
+fn definitions_export_in_rabbitmqs_format() {
+    let node = Node::start();
+    let client = node.admin();
+    client.declare_queue("/", &QueueParams::new_durable_classic_queue("kept", None)).unwrap();
+    client.declare_exchange("/", &ExchangeParams::durable_direct("routes", None)).unwrap();
+    client.bind_queue("/", "kept", "routes", Some("k"), None).unwrap();
+    let definitions = client.export_cluster_wide_definitions_as_data().unwrap();
+    assert!(definitions.queues.iter().any(|q| q.name == "kept"));
+    assert!(definitions.exchanges.iter().any(|x| x.name == "routes"));
+    assert!(definitions.bindings.iter().any(|b| b.source == "routes" && b.destination == "kept"));
+    assert!(definitions.users.iter().any(|u| u.name == "boss"));
+}
