@@ -26,6 +26,7 @@ pub mod policy;
 pub mod queue;
 pub mod scheduler;
 pub mod settings;
+pub mod stats;
 pub mod topic;
 pub mod vhost;
 
@@ -49,6 +50,7 @@ pub(crate) mod test_support {
 
 pub use message::Message;
 pub use queue::MessageLoader;
+pub use stats::MessageStats;
 pub use vhost::{
     BindingSummary, ChannelKey, ConnectionId, Consume, ConsumerSummary, Definitions, ExchangeDeclare, ExchangeSummary,
     JournalEvent, Outbox, QueueDeclare, QueueId, QueueSummary, VirtualHost, VirtualHostState,

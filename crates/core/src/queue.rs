@@ -172,6 +172,7 @@ pub struct Queue {
     pub(crate) had_consumer: bool,
     /// Messages delivered and not yet settled.
     pub unacked: u64,
+    pub stats: crate::stats::MessageStats,
 }
 
 impl Queue {
@@ -209,6 +210,7 @@ impl Queue {
             cursor: 0,
             had_consumer: false,
             unacked: 0,
+            stats: crate::stats::MessageStats::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::table_to_json;
 use crate::listing::{answer, ListQuery};
-use crate::queues::rate;
+use crate::rates::{depth_detail, message_stats_json};
 use crate::AppState;
 
 fn definitions(state: &AppState) -> Result<AccessDefinitions, ApiError> {
@@ -25,14 +25,16 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
 }
 
 fn vhost_json(state: &AppState, name: &str) -> Value {
-    let (ready, unacked) = state.broker.vhost(name).map_or((0, 0), |host| {
+    let (ready, unacked, stats) = state.broker.vhost(name).map_or((0, 0, Default::default()), |host| {
         let locked = host.lock();
-        locked
+        let (ready, unacked) = locked
             .sorted_queue_names()
             .iter()
             .filter_map(|q| locked.queue_summary(q))
-            .fold((0, 0), |(r, u), q| (r + q.ready, u + q.unacked))
+            .fold((0, 0), |(r, u), q| (r + q.ready, u + q.unacked));
+        (ready, unacked, locked.message_stats())
     });
+    let rates = state.rates.vhost(name);
     json!({
         "name": name,
         "description": "",
@@ -42,11 +44,12 @@ fn vhost_json(state: &AppState, name: &str) -> Value {
         "tracing": false,
         "cluster_state": {state.node.clone(): "running"},
         "messages": ready + unacked,
-        "messages_details": rate(),
+        "messages_details": depth_detail(rates.map(|r| r.messages())),
         "messages_ready": ready,
-        "messages_ready_details": rate(),
+        "messages_ready_details": depth_detail(rates.map(|r| r.ready())),
         "messages_unacknowledged": unacked,
-        "messages_unacknowledged_details": rate(),
+        "messages_unacknowledged_details": depth_detail(rates.map(|r| r.unacked())),
+        "message_stats": message_stats_json(&stats, rates),
     })
 }
 

@@ -21,10 +21,12 @@ mod json;
 mod listing;
 mod overview;
 mod queues;
+mod rates;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -48,6 +50,7 @@ pub struct AppState {
     pub listeners: Vec<Listener>,
     /// RabbitMQ's node name form: `warren@<host>`.
     pub node: String,
+    pub rates: rates::Rates,
 }
 
 /// The management API's listeners, ready to serve.
@@ -68,7 +71,7 @@ impl Management {
                 amqp.push(Listener { protocol: "http", address });
             }
         }
-        let state = Arc::new(AppState { broker, listeners: amqp, node: node_name() });
+        let state = Arc::new(AppState { broker, listeners: amqp, node: node_name(), rates: rates::Rates::default() });
         Management { listeners, state }
     }
 
@@ -79,6 +82,8 @@ impl Management {
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let interval = Duration::from_millis(self.state.broker.config.collect_statistics_interval_ms.max(100));
+        let sampler = tokio::spawn(rates::sample_forever(self.state.clone(), interval));
         let router = router(self.state.clone());
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.listeners {
@@ -99,6 +104,7 @@ impl Management {
         shutdown.await;
         let _ = stop.send(true);
         while tasks.join_next().await.is_some() {}
+        sampler.abort();
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::queues::rate;
+use crate::rates::{depth_detail, message_stats_json, sum_message_stats};
 use crate::AppState;
 
 /// The RabbitMQ version whose management API Warren follows.
@@ -56,6 +57,21 @@ fn totals(state: &AppState, caller: &Caller) -> (u64, u64, u64, u64, u64) {
 
 pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Json<Value> {
     let (queues, ready, unacked, exchanges, consumers) = totals(&state, &caller);
+    let per_vhost: Vec<Value> = state
+        .broker
+        .vhost_names()
+        .iter()
+        .filter(|v| caller.sees_vhost(&state, v))
+        .filter_map(|v| state.broker.vhost(v).map(|host| (v, host.lock().message_stats())))
+        .map(|(v, stats)| message_stats_json(&stats, state.rates.vhost(v)))
+        .collect();
+    let depth_rates = state
+        .broker
+        .vhost_names()
+        .iter()
+        .filter(|v| caller.sees_vhost(&state, v))
+        .filter_map(|v| state.rates.vhost(v))
+        .fold((0.0, 0.0, 0.0), |(m, r, u), view| (m + view.messages(), r + view.ready(), u + view.unacked()));
     let connections = state.broker.connections();
     let visible = connections.iter().filter(|c| caller.is_monitor() || c.user == caller.user.name);
     let (connection_count, channel_count) = visible.fold((0u64, 0u64), |(n, ch), c| {
@@ -81,7 +97,7 @@ pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Jso
         "disable_stats": false,
         "is_op_policy_updating_enabled": false,
         "enable_queue_totals": true,
-        "message_stats": {},
+        "message_stats": sum_message_stats(&per_vhost),
         "churn_rates": {
             "channel_closed": 0, "channel_closed_details": rate(),
             "channel_created": 0, "channel_created_details": rate(),
@@ -93,11 +109,11 @@ pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Jso
         },
         "queue_totals": {
             "messages": ready + unacked,
-            "messages_details": rate(),
+            "messages_details": depth_detail(Some(depth_rates.0)),
             "messages_ready": ready,
-            "messages_ready_details": rate(),
+            "messages_ready_details": depth_detail(Some(depth_rates.1)),
             "messages_unacknowledged": unacked,
-            "messages_unacknowledged_details": rate(),
+            "messages_unacknowledged_details": depth_detail(Some(depth_rates.2)),
         },
         "object_totals": {
             "channels": channel_count,

@@ -17,6 +17,7 @@ use crate::change::{change, HTTP_CONNECTION};
 use crate::error::ApiError;
 use crate::json::{count, flag as json_flag, table_to_json};
 use crate::listing::{answer, ListQuery};
+use crate::rates::{depth_detail, message_stats_json};
 use crate::AppState;
 
 /// Queues listed per lock acquisition: a listing of many queues never holds
@@ -30,6 +31,7 @@ pub fn rate() -> Value {
 
 pub fn queue_json(state: &AppState, vhost: &str, q: &QueueSummary) -> Value {
     let messages = q.ready + q.unacked;
+    let rates = state.rates.queue(vhost, &q.name);
     json!({
         "name": q.name,
         "vhost": vhost,
@@ -50,11 +52,11 @@ pub fn queue_json(state: &AppState, vhost: &str, q: &QueueSummary) -> Value {
         "effective_policy_definition": {},
         "memory": 0,
         "messages": messages,
-        "messages_details": rate(),
+        "messages_details": depth_detail(rates.map(|r| r.messages())),
         "messages_ready": q.ready,
-        "messages_ready_details": rate(),
+        "messages_ready_details": depth_detail(rates.map(|r| r.ready())),
         "messages_unacknowledged": q.unacked,
-        "messages_unacknowledged_details": rate(),
+        "messages_unacknowledged_details": depth_detail(rates.map(|r| r.unacked())),
         "messages_ram": q.ready.min(warren_core::queue::LOADED_WINDOW as u64),
         "messages_persistent": 0,
         "messages_paged_out": 0,
@@ -66,7 +68,7 @@ pub fn queue_json(state: &AppState, vhost: &str, q: &QueueSummary) -> Value {
         "message_bytes_paged_out": 0,
         "head_message_timestamp": Value::Null,
         "recoverable_slaves": Value::Null,
-        "message_stats": {},
+        "message_stats": message_stats_json(&q.stats, rates),
     })
 }
 

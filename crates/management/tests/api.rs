@@ -49,6 +49,7 @@ impl Node {
         let config = Config {
             amqp_port: 0,
             http_port: 0,
+            collect_statistics_interval_ms: 100,
             bind: vec!["127.0.0.1".into()],
             data_dir: dir.clone(),
             users: vec![
@@ -402,4 +403,55 @@ fn definitions_export_in_rabbitmqs_format() {
     assert!(definitions.exchanges.iter().any(|x| x.name == "routes"));
     assert!(definitions.bindings.iter().any(|b| b.source == "routes" && b.destination == "kept"));
     assert!(definitions.users.iter().any(|u| u.name == "boss"));
+}
+
+#[test]
+fn message_stats_count_and_rates_follow_the_traffic() {
+    let node = Node::start();
+    let client = node.admin();
+    client.declare_queue("/", &QueueParams::new_durable_classic_queue("busy", None)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let publisher = runtime.block_on(async {
+        let conn = lapin::Connection::connect(&node.amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        (conn, ch)
+    });
+    // Publish for about a second, so that two samples (100 ms apart) see
+    // messages arrive.
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_millis(1000) {
+        runtime.block_on(async {
+            for _ in 0..20 {
+                publisher
+                    .1
+                    .basic_publish(
+                        "".into(),
+                        "busy".into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        b"m",
+                        lapin::BasicProperties::default(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+        sent += 20;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, _, body) = http(node.http, "GET", "/api/queues/%2F/busy", ADMIN, None);
+    let queue = json_of(&body);
+    let published = queue["message_stats"]["publish"].as_u64().unwrap();
+    assert!(published > 0 && published <= sent, "{published} of {sent}");
+    let rate = queue["message_stats"]["publish_details"]["rate"].as_f64().unwrap();
+    assert!(rate > 10.0, "publishing about a thousand a second shows a rate: {rate}");
+    let depth_rate = queue["messages_details"]["rate"].as_f64().unwrap();
+    assert!(depth_rate > 0.0, "the queue grows: {depth_rate}");
+    let got = client.get_messages("/", "busy", 3, "ack_requeue_false").unwrap();
+    assert_eq!(got.len(), 3);
+    let overview = client.overview().unwrap();
+    assert!(overview.message_stats.publishing_details.is_some_and(|r| r.rate >= 0.0));
+    let (_, _, body) = http(node.http, "GET", "/api/queues/%2F/busy", ADMIN, None);
+    assert_eq!(json_of(&body)["message_stats"]["get_no_ack"], 3);
+    drop(publisher);
 }

@@ -157,6 +157,10 @@ impl VirtualHostState {
     }
     pub fn ack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Result<(), AmqpError> {
         for unacked in self.take_unacked(key, delivery_tag, multiple)? {
+            if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+                queue.stats.ack += 1;
+            }
+            self.stats.ack += 1;
             self.settled(&unacked);
         }
         Ok(())

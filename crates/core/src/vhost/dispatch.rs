@@ -191,6 +191,8 @@ impl VirtualHostState {
             let Some(state) = channel.consumers.get_mut(&tag) else {
                 continue;
             };
+            queue.stats.delivered(state.no_ack, entry.redelivered);
+            self.stats.delivered(state.no_ack, entry.redelivered);
             if state.no_ack {
                 if entry.message.stored_index() != 0 && queue.durable {
                     let stored = entry.message.stored_index();
@@ -272,6 +274,8 @@ impl VirtualHostState {
             return Ok(None);
         };
         let delivery_tag = channel.next_tag();
+        q.stats.got(no_ack, entry.redelivered);
+        self.stats.got(no_ack, entry.redelivered);
         if no_ack {
             if entry.message.stored_index() != 0 && q.durable {
                 let stored = entry.message.stored_index();

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::settings::QueueType;
+use crate::stats::MessageStats;
 
 /// A queue as an operator sees it.
 #[derive(Clone, Debug)]
@@ -25,6 +26,7 @@ pub struct QueueSummary {
     pub ready_bytes: u64,
     /// Consumer tag of the exclusive consumer, if there is one.
     pub exclusive_consumer_tag: Option<String>,
+    pub stats: MessageStats,
 }
 
 /// An exchange as an operator sees it.
@@ -61,6 +63,11 @@ pub struct ConsumerSummary {
 }
 
 impl VirtualHostState {
+    /// Message counters of the whole virtual host.
+    pub fn message_stats(&self) -> MessageStats {
+        self.stats
+    }
+
     /// Names of every queue, sorted.
     pub fn sorted_queue_names(&self) -> Vec<Arc<str>> {
         let mut names: Vec<Arc<str>> = self.queues.values().map(|q| q.name.clone()).collect();
@@ -86,6 +93,7 @@ impl VirtualHostState {
             unacked: queue.unacked,
             ready_bytes: queue.bytes(),
             exclusive_consumer_tag: queue.consumers.iter().find(|c| c.exclusive).map(|c| c.tag.to_string()),
+            stats: queue.stats,
         })
     }
 

@@ -378,6 +378,8 @@ pub struct VirtualHostState {
     /// by [`VirtualHostState::send_notices`] after the reply to the method
     /// that caused them, as RabbitMQ orders them (`queue.delete-ok` first).
     cancel_notices: Vec<(Arc<dyn Outbox>, u16, Arc<str>)>,
+    /// Counters of the whole virtual host.
+    stats: crate::stats::MessageStats,
 }
 
 pub struct VirtualHost {
@@ -436,6 +438,7 @@ impl VirtualHostState {
             next_consumer_id: 1,
             journal: Vec::new(),
             cancel_notices: Vec::new(),
+            stats: crate::stats::MessageStats::default(),
             loader: None,
             clock: Arc::new(SystemClock),
             dead_letters: VecDeque::new(),

@@ -88,6 +88,8 @@ impl VirtualHostState {
         let direct = self.route_message(exchange, &message, extra_keys, &mut queues);
         let rejected = self.enqueue_all(&queues, &message);
         let routed = Routed { queues: queues.len() + direct, rejected };
+        self.stats.publish += 1;
+        self.stats.unroutable += u64::from(routed.queues == 0);
         self.scratch_queues = queues;
         self.process_dead_letters();
         Ok(routed)
@@ -153,7 +155,11 @@ impl VirtualHostState {
         let mut durable: Vec<Arc<str>> = Vec::new();
         let mut rejected = false;
         for &id in queues {
-            match self.enqueue(id, message) {
+            let enqueued = self.enqueue(id, message);
+            if let (Enqueued::Accepted { .. }, Some(queue)) = (&enqueued, self.queues.get_mut(&id)) {
+                queue.stats.publish += 1;
+            }
+            match enqueued {
                 Enqueued::Accepted { durable: true } => {
                     if let Some(queue) = self.queues.get(&id) {
                         durable.push(queue.name.clone());

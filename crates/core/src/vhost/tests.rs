@@ -395,3 +395,25 @@ fn a_queues_unacked_count_follows_deliveries_settlements_and_closed_channels() {
     vhost.close_channel(key);
     assert_eq!(counts(&vhost), Some((2, 0)), "a closed channel's deliveries are ready again, none unacked");
 }
+
+#[test]
+fn message_stats_count_publishes_deliveries_gets_redeliveries_and_acks() {
+    let (mut vhost, _recorder, key) = setup();
+    vhost.declare_queue(1, QueueDeclare::named("q")).unwrap();
+    for i in 0..3u8 {
+        vhost.publish("", message("q", &[i]), &[]).unwrap();
+    }
+    vhost.publish("", message("nowhere", b"x"), &[]).unwrap();
+    let got = vhost.get(key, "q", true).unwrap().unwrap();
+    assert!(!got.redelivered);
+    vhost.consume(key, Consume::new("q", "tag")).unwrap();
+    vhost.run_dispatch();
+    vhost.nack(key, 2, false, true).unwrap();
+    vhost.run_dispatch();
+    vhost.ack(key, 0, true).unwrap();
+    let q = vhost.queue_summary("q").unwrap().stats;
+    assert_eq!((q.publish, q.get_no_ack, q.deliver, q.redeliver, q.ack), (3, 1, 3, 1, 2));
+    assert_eq!(q.deliver_get(), 4);
+    let all = vhost.message_stats();
+    assert_eq!((all.publish, all.unroutable, all.deliver, all.ack), (4, 1, 3, 2));
+}

@@ -1,0 +1,185 @@
+//! Message rates: the counters of every queue and virtual host are sampled
+//! on a fixed interval (RabbitMQ's `collect_statistics_interval`, 5 s by
+//! default), and a rate is the change between the last two samples. The
+//! hot path only bumps plain counters under the lock it already holds.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+use warren_core::MessageStats;
+
+use crate::AppState;
+
+/// What a sample holds of one queue or virtual host.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub stats: MessageStats,
+    pub ready: u64,
+    pub unacked: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Sampled {
+    previous: Option<(Counts, Instant)>,
+    latest: (Counts, Instant),
+}
+
+impl Sampled {
+    fn rate(&self, pick: impl Fn(&Counts) -> u64) -> f64 {
+        let Some((previous, at)) = self.previous else { return 0.0 };
+        let (latest, now) = self.latest;
+        let seconds = now.duration_since(at).as_secs_f64();
+        if seconds <= 0.0 {
+            return 0.0;
+        }
+        // Counters only grow; depths may shrink (a negative rate, as RabbitMQ shows).
+        (pick(&latest) as f64 - pick(&previous) as f64) / seconds
+    }
+}
+
+#[derive(Default)]
+pub struct Rates {
+    queues: Mutex<HashMap<(String, String), Sampled>>,
+    vhosts: Mutex<HashMap<String, Sampled>>,
+}
+
+fn record<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Sampled>, key: K, counts: Counts, now: Instant) {
+    match map.get_mut(&key) {
+        Some(sampled) => {
+            sampled.previous = Some(sampled.latest);
+            sampled.latest = (counts, now);
+        }
+        None => {
+            map.insert(key, Sampled { previous: None, latest: (counts, now) });
+        }
+    }
+}
+
+/// Queues read per lock acquisition while sampling.
+const QUEUES_PER_LOCK: usize = 256;
+
+impl Rates {
+    /// Takes one sample of every queue and virtual host.
+    pub fn sample(&self, state: &AppState) {
+        let now = Instant::now();
+        let mut queues = HashMap::new();
+        let mut vhosts = HashMap::new();
+        for vhost in state.broker.vhost_names() {
+            let Some(host) = state.broker.vhost(&vhost) else { continue };
+            let names = host.lock().sorted_queue_names();
+            let mut total = Counts { stats: host.lock().message_stats(), ..Counts::default() };
+            for chunk in names.chunks(QUEUES_PER_LOCK) {
+                let locked = host.lock();
+                for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {
+                    total.ready += q.ready;
+                    total.unacked += q.unacked;
+                    queues
+                        .insert((vhost.clone(), q.name), Counts { stats: q.stats, ready: q.ready, unacked: q.unacked });
+                }
+            }
+            vhosts.insert(vhost, total);
+        }
+        let mut sampled = self.queues.lock();
+        sampled.retain(|key, _| queues.contains_key(key));
+        for (key, counts) in queues {
+            record(&mut sampled, key, counts, now);
+        }
+        drop(sampled);
+        let mut sampled = self.vhosts.lock();
+        sampled.retain(|key, _| vhosts.contains_key(key));
+        for (key, counts) in vhosts {
+            record(&mut sampled, key, counts, now);
+        }
+    }
+
+    pub fn queue(&self, vhost: &str, queue: &str) -> Option<RateView> {
+        self.queues.lock().get(&(vhost.to_string(), queue.to_string())).copied().map(RateView)
+    }
+
+    pub fn vhost(&self, vhost: &str) -> Option<RateView> {
+        self.vhosts.lock().get(vhost).copied().map(RateView)
+    }
+}
+
+/// The rates of one queue or virtual host.
+#[derive(Clone, Copy)]
+pub struct RateView(Sampled);
+
+impl RateView {
+    pub fn messages(&self) -> f64 {
+        self.0.rate(|c| c.ready + c.unacked)
+    }
+    pub fn ready(&self) -> f64 {
+        self.0.rate(|c| c.ready)
+    }
+    pub fn unacked(&self) -> f64 {
+        self.0.rate(|c| c.unacked)
+    }
+}
+
+fn detail(rate: f64) -> Value {
+    json!({"rate": (rate * 10.0).round() / 10.0})
+}
+
+/// RabbitMQ's `message_stats` object: each counter and its `_details.rate`.
+/// Counts come from `stats` (current), rates from the samples.
+pub fn message_stats_json(stats: &MessageStats, rates: Option<RateView>) -> Value {
+    let fields: [(&str, fn(&MessageStats) -> u64); 9] = [
+        ("publish", |s| s.publish),
+        ("deliver", |s| s.deliver),
+        ("deliver_no_ack", |s| s.deliver_no_ack),
+        ("get", |s| s.get),
+        ("get_no_ack", |s| s.get_no_ack),
+        ("deliver_get", MessageStats::deliver_get),
+        ("redeliver", |s| s.redeliver),
+        ("ack", |s| s.ack),
+        ("drop_unroutable", |s| s.unroutable),
+    ];
+    let mut map = Map::new();
+    for (name, pick) in fields {
+        map.insert(name.into(), json!(pick(stats)));
+        let rate = rates.map_or(0.0, |r| r.0.rate(|c| pick(&c.stats)));
+        map.insert(format!("{name}_details"), detail(rate));
+    }
+    Value::Object(map)
+}
+
+/// Several `message_stats` objects added up (the overview's, over the
+/// virtual hosts a user sees).
+pub fn sum_message_stats(parts: &[Value]) -> Value {
+    let mut total = message_stats_json(&MessageStats::default(), None);
+    let Value::Object(sum) = &mut total else { return total };
+    for part in parts.iter().filter_map(Value::as_object) {
+        for (key, value) in part {
+            match (sum.get_mut(key), value) {
+                (Some(Value::Number(n)), Value::Number(m)) => {
+                    *n = (n.as_u64().unwrap_or(0) + m.as_u64().unwrap_or(0)).into();
+                }
+                (Some(Value::Object(d)), Value::Object(e)) => {
+                    let rate = d.get("rate").and_then(Value::as_f64).unwrap_or(0.0)
+                        + e.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
+                    d.insert("rate".into(), json!((rate * 10.0).round() / 10.0));
+                }
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// The `_details` of a depth field.
+pub fn depth_detail(rate: Option<f64>) -> Value {
+    detail(rate.unwrap_or(0.0))
+}
+
+/// Samples until the state's broker goes away.
+pub async fn sample_forever(state: std::sync::Arc<AppState>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        state.rates.sample(&state);
+    }
+}
