@@ -123,10 +123,13 @@ fn detail(rate: f64) -> Value {
     json!({"rate": (rate * 10.0).round() / 10.0})
 }
 
+/// Reads one counter of a [`MessageStats`].
+type Counter = fn(&MessageStats) -> u64;
+
 /// RabbitMQ's `message_stats` object: each counter and its `_details.rate`.
 /// Counts come from `stats` (current), rates from the samples.
 pub fn message_stats_json(stats: &MessageStats, rates: Option<RateView>) -> Value {
-    let fields: [(&str, fn(&MessageStats) -> u64); 9] = [
+    let fields: [(&str, Counter); 9] = [
         ("publish", |s| s.publish),
         ("deliver", |s| s.deliver),
         ("deliver_no_ack", |s| s.deliver_no_ack),
