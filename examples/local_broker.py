@@ -111,7 +111,7 @@ def broker(url):
     say("no broker at %s:%d: starting %s on port %d for this example"
         % (host, parsed.port or 5672, os.path.relpath(warren, os.getcwd()), port))
     process = subprocess.Popen(
-        [warren, "--amqp-port", str(port), "--http-port", "0", "--bind", "127.0.0.1", "--data-dir", data, "--log", "warn"],
+        [warren, "--amqp-port", str(port), "--http-port", "0", "--prometheus-port", "0", "--bind", "127.0.0.1", "--data-dir", data, "--log", "warn"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30

@@ -27,7 +27,7 @@ instructions() { # binary perf-args...
     port=$(free_port)
     data_dir=$(mktemp -d)
     out="$data_dir/callgrind.out"
-    WARREN_HTTP_PORT=0 valgrind --tool=callgrind --callgrind-out-file="$out" --collect-atstart=yes \
+    WARREN_HTTP_PORT=0 WARREN_PROMETHEUS_PORT=0 valgrind --tool=callgrind --callgrind-out-file="$out" --collect-atstart=yes \
         "$binary" --amqp-port "$port" --bind 127.0.0.1 --data-dir "$data_dir/data" --log warn >"$data_dir/log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 600); do

@@ -30,7 +30,7 @@ def free_port():
 
 
 def start(binary, port, data_dir):
-    return subprocess.Popen([binary, "--amqp-port", str(port), "--http-port", "0", "--bind", "127.0.0.1", "--data-dir", data_dir,
+    return subprocess.Popen([binary, "--amqp-port", str(port), "--http-port", "0", "--prometheus-port", "0", "--bind", "127.0.0.1", "--data-dir", data_dir,
                              "--log", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -17,11 +17,12 @@ wait_port() {
 
 # Starts a Warren binary on 127.0.0.1:PORT with DATA_DIR, appending its log
 # to LOG, and waits for it to listen; its pid is left in WARREN_PID. The
-# management API is off unless WARREN_HTTP_PORT says otherwise (an
-# environment variable, which older binaries ignore).
+# management API and Prometheus endpoint are off unless WARREN_HTTP_PORT /
+# WARREN_PROMETHEUS_PORT say otherwise (environment variables, which older
+# binaries ignore).
 # Usage: start_warren BINARY PORT DATA_DIR LOG
 start_warren() {
-    WARREN_HTTP_PORT=${WARREN_HTTP_PORT:-0} "$1" --amqp-port "$2" --bind 127.0.0.1 --data-dir "$3" --log warn >>"$4" 2>&1 &
+    WARREN_HTTP_PORT=${WARREN_HTTP_PORT:-0} WARREN_PROMETHEUS_PORT=${WARREN_PROMETHEUS_PORT:-0} "$1" --amqp-port "$2" --bind 127.0.0.1 --data-dir "$3" --log warn >>"$4" 2>&1 &
     WARREN_PID=$!
     wait_port "$2"
 }

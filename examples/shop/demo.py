@@ -134,7 +134,7 @@ class Shop:
     def start_broker(self):
         data = os.path.join(self.workdir, "warren-data")
         self.broker = subprocess.Popen(
-            [self.warren_bin, "--amqp-port", str(self.amqp_port), "--http-port", "0", "--bind", "127.0.0.1",
+            [self.warren_bin, "--amqp-port", str(self.amqp_port), "--http-port", "0", "--prometheus-port", "0", "--bind", "127.0.0.1",
              "--data-dir", data, "--log", "warn"],
             stdout=self.log("warren.log"), stderr=subprocess.STDOUT)
         wait_for(lambda: socket.create_connection(("127.0.0.1", self.amqp_port), 1).close() or True,

@@ -78,7 +78,7 @@ class Broker:
         self.port = free_port()
         config = os.path.join(self.dir, "warren.toml")
         with open(config, "w") as f:
-            f.write("amqp_port = %d\nhttp_port = 0\nbind = [\"127.0.0.1\"]\ndata_dir = \"%s\"\n"
+            f.write("amqp_port = %d\nhttp_port = 0\nprometheus_port = 0\nbind = [\"127.0.0.1\"]\ndata_dir = \"%s\"\n"
                     "memory_high_watermark_bytes = %d\n%s" % (self.port, os.path.join(self.dir, "data"), watermark,
                                                                extra_config))
         self.log = open(os.path.join(self.dir, "warren.log"), "w")

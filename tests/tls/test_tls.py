@@ -60,7 +60,7 @@ def broker():
     data = os.path.join(directory, "data")
     config = os.path.join(directory, "warren.toml")
     with open(config, "w") as f:
-        f.write('amqp_port = %d\nhttp_port = 0\nbind = ["127.0.0.1"]\ndata_dir = "%s"\n'
+        f.write('amqp_port = %d\nhttp_port = 0\nprometheus_port = 0\nbind = ["127.0.0.1"]\ndata_dir = "%s"\n'
                 '[tls]\nport = %d\ncert_file = "%s/server.pem"\nkey_file = "%s/server.key"\n'
                 'ca_file = "%s/ca.pem"\nverify_peer = true\n'
                 % (port, data, tls_port, directory, directory, directory))

@@ -20,6 +20,7 @@ mod health;
 mod json;
 mod listing;
 mod overview;
+mod prometheus;
 mod queues;
 mod rates;
 
@@ -56,6 +57,7 @@ pub struct AppState {
 /// The management API's listeners, ready to serve.
 pub struct Management {
     listeners: Vec<TcpListener>,
+    prometheus: Vec<TcpListener>,
     state: Arc<AppState>,
 }
 
@@ -72,7 +74,18 @@ impl Management {
             }
         }
         let state = Arc::new(AppState { broker, listeners: amqp, node: node_name(), rates: rates::Rates::default() });
-        Management { listeners, state }
+        Management { listeners, prometheus: Vec::new(), state }
+    }
+
+    /// Also serves Prometheus metrics (`/metrics`, `/metrics/per-object`)
+    /// on these listeners.
+    pub fn with_prometheus(mut self, listeners: Vec<TcpListener>) -> Management {
+        self.prometheus = listeners;
+        self
+    }
+
+    pub fn prometheus_addrs(&self) -> Vec<SocketAddr> {
+        self.prometheus.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -84,11 +97,14 @@ impl Management {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let interval = Duration::from_millis(self.state.broker.config.collect_statistics_interval_ms.max(100));
         let sampler = tokio::spawn(rates::sample_forever(self.state.clone(), interval));
-        let router = router(self.state.clone());
+        let api = router(self.state.clone());
+        let metrics = prometheus::router(self.state.clone());
         let mut tasks = tokio::task::JoinSet::new();
-        for listener in self.listeners {
+        let served = self.listeners.into_iter().map(|l| (l, api.clone(), "the management API"));
+        let served = served.chain(self.prometheus.into_iter().map(|l| (l, metrics.clone(), "Prometheus metrics")));
+        for (listener, router, what) in served {
             if let Ok(address) = listener.local_addr() {
-                info!(%address, "listening for the management API");
+                info!(%address, "listening for {what}");
             }
             let service = router.clone().into_make_service_with_connect_info::<SocketAddr>();
             let mut stopped = stopped.clone();

@@ -25,6 +25,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 struct Node {
     amqp: SocketAddr,
     http: SocketAddr,
+    metrics: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     dir: PathBuf,
@@ -69,12 +70,15 @@ impl Node {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let http = listener.local_addr().unwrap();
                 let listeners = vec![warren_management::Listener { protocol: "amqp", address: amqp }];
-                let management = warren_management::Management::new(server.broker(), vec![listener], listeners);
+                let prometheus = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let metrics = prometheus.local_addr().unwrap();
+                let management = warren_management::Management::new(server.broker(), vec![listener], listeners)
+                    .with_prometheus(vec![prometheus]);
                 let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
                 let http_task = tokio::spawn(management.run(async move {
                     let _ = http_stopped.await;
                 }));
-                ready_tx.send((amqp, http)).unwrap();
+                ready_tx.send((amqp, http, metrics)).unwrap();
                 server
                     .run(async move {
                         let _ = stopped.await;
@@ -84,8 +88,8 @@ impl Node {
                 let _ = http_task.await;
             });
         });
-        let (amqp, http) = ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        Node { amqp, http, stop: Some(stop), thread: Some(thread), dir }
+        let (amqp, http, metrics) = ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        Node { amqp, http, metrics, stop: Some(stop), thread: Some(thread), dir }
     }
 
     fn client(&self, user: &str, password: &str) -> Client<String, String, String> {
@@ -454,4 +458,45 @@ fn message_stats_count_and_rates_follow_the_traffic() {
     let (_, _, body) = http(node.http, "GET", "/api/queues/%2F/busy", ADMIN, None);
     assert_eq!(json_of(&body)["message_stats"]["get_no_ack"], 3);
     drop(publisher);
+}
+
+/// The samples of a scrape, parsed by a Prometheus text-format parser.
+fn scrape(node: &Node, path: &str) -> prometheus_parse::Scrape {
+    let (status, headers, body) = http(node.metrics, "GET", path, None, None);
+    assert_eq!(status, 200);
+    assert!(headers.get("content-type").is_some_and(|t| t.starts_with("application/openmetrics-text")));
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(
+        |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        },
+    )
+}
+
+#[test]
+fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
+    let node = Node::start();
+    let client = node.admin();
+    client.declare_queue("/", &QueueParams::new_durable_classic_queue("metered", None)).unwrap();
+    for _ in 0..3 {
+        client.publish_message("/", "amq.default", "metered", "m", serde_json::Map::new()).unwrap();
+    }
+    client.publish_message("/", "amq.default", "nowhere", "m", serde_json::Map::new()).unwrap();
+    let aggregated = scrape(&node, "/metrics");
+    assert_eq!(value(&aggregated, "rabbitmq_queues", &[]), Some(1.0));
+    assert_eq!(value(&aggregated, "rabbitmq_queue_messages_ready", &[]), Some(3.0));
+    assert_eq!(value(&aggregated, "rabbitmq_global_messages_received_total", &[("protocol", "amqp091")]), Some(4.0));
+    assert_eq!(value(&aggregated, "rabbitmq_global_messages_unroutable_dropped_total", &[]), Some(1.0));
+    assert!(value(&aggregated, "rabbitmq_process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
+    assert!(value(&aggregated, "warren_log_bytes", &[]).is_some());
+    assert!(aggregated.samples.iter().any(|s| s.metric == "rabbitmq_identity_info"
+        && s.labels.get("rabbitmq_node").is_some_and(|n| n.starts_with("warren@"))));
+    let per_object = scrape(&node, "/metrics/per-object");
+    assert_eq!(value(&per_object, "rabbitmq_queue_messages", &[("vhost", "/"), ("queue", "metered")]), Some(3.0));
 }

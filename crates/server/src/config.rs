@@ -30,6 +30,9 @@ pub struct Config {
     /// Management HTTP API port (RabbitMQ's 15672), on the `bind`
     /// addresses; 0 turns the API off.
     pub http_port: u16,
+    /// Prometheus metrics port (RabbitMQ's 15692), on the `bind`
+    /// addresses; 0 turns the endpoint off.
+    pub prometheus_port: u16,
     /// How often the management API samples message counters for rates
     /// (RabbitMQ's `collect_statistics_interval`).
     pub collect_statistics_interval_ms: u64,
@@ -219,6 +222,7 @@ impl Default for Config {
         Config {
             amqp_port: 5672,
             http_port: 15672,
+            prometheus_port: 15692,
             collect_statistics_interval_ms: 5000,
             bind: vec!["localhost".into()],
             data_dir: PathBuf::from("./warren-data"),

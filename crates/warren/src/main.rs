@@ -56,6 +56,9 @@ struct ServeArgs {
     /// Management HTTP API port; 0 turns it off [default: 15672].
     #[arg(long, env = "WARREN_HTTP_PORT")]
     http_port: Option<u16>,
+    /// Prometheus metrics port; 0 turns it off [default: 15692].
+    #[arg(long, env = "WARREN_PROMETHEUS_PORT")]
+    prometheus_port: Option<u16>,
     /// Address to listen on; repeat for several. `localhost` (the default) means 127.0.0.1 and ::1;
     /// use 0.0.0.0 or :: to accept remote clients.
     #[arg(long, env = "WARREN_BIND", value_delimiter = ',')]
@@ -99,6 +102,9 @@ impl ServeArgs {
         }
         if let Some(port) = self.http_port {
             config.http_port = port;
+        }
+        if let Some(port) = self.prometheus_port {
+            config.prometheus_port = port;
         }
         if !self.bind.is_empty() {
             config.bind = self.bind.clone();
@@ -189,17 +195,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The management API on `http_port` at the AMQP `bind` addresses, unless
-/// it is turned off.
+/// The management API on `http_port` and Prometheus metrics on
+/// `prometheus_port`, at the AMQP `bind` addresses, unless turned off.
 async fn management(config: &Config, server: &Server) -> anyhow::Result<Option<warren_management::Management>> {
-    if config.http_port == 0 {
+    if config.http_port == 0 && config.prometheus_port == 0 {
         return Ok(None);
     }
     let mut addresses = Vec::new();
     for entry in &config.bind {
         addresses.extend(warren_server::server::expand(entry)?);
     }
-    let listeners = warren_server::server::listen(&addresses, config.http_port).await?;
+    let listeners = match config.http_port {
+        0 => Vec::new(),
+        port => warren_server::server::listen(&addresses, port).await?,
+    };
+    let prometheus = match config.prometheus_port {
+        0 => Vec::new(),
+        port => warren_server::server::listen(&addresses, port).await?,
+    };
     let mut amqp: Vec<warren_management::Listener> = server
         .local_addrs()
         .into_iter()
@@ -211,7 +224,7 @@ async fn management(config: &Config, server: &Server) -> anyhow::Result<Option<w
             .into_iter()
             .map(|address| warren_management::Listener { protocol: "amqp/ssl", address }),
     );
-    Ok(Some(warren_management::Management::new(server.broker(), listeners, amqp)))
+    Ok(Some(warren_management::Management::new(server.broker(), listeners, amqp).with_prometheus(prometheus)))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -50,7 +50,7 @@ fn serves_clients_from_a_config_file_and_exits_cleanly_on_sigterm() {
     std::fs::write(
         &file,
         format!(
-            "amqp_port = {port}\nhttp_port = 0\nbind = [\"127.0.0.1\"]\ndata_dir = \"{}\"\n[[users]]\nname = \"app\"\npassword = \"s3cret\"\n",
+            "amqp_port = {port}\nhttp_port = 0\nprometheus_port = 0\nbind = [\"127.0.0.1\"]\ndata_dir = \"{}\"\n[[users]]\nname = \"app\"\npassword = \"s3cret\"\n",
             dir.join("data").display()
         ),
     )
@@ -111,7 +111,17 @@ fn ctl_manages_users_vhosts_and_permissions_of_a_running_broker() {
     let out = ctl(&data, &["add_vhost", "shop"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut broker = Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["--amqp-port", &port.to_string(), "--http-port", "0", "--bind", "127.0.0.1", "--data-dir"])
+        .args([
+            "--amqp-port",
+            &port.to_string(),
+            "--http-port",
+            "0",
+            "--prometheus-port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--data-dir",
+        ])
         .arg(&data)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -48,6 +48,8 @@ fn start(port: u16, data: &Path) -> (Child, Duration) {
             &port.to_string(),
             "--http-port",
             "0",
+            "--prometheus-port",
+            "0",
             "--bind",
             "127.0.0.1",
             "--log",

@@ -1,0 +1,254 @@
+//! Prometheus metrics (`/metrics`, `/metrics/per-object`), with
+//! `rabbitmq_prometheus`'s metric names and labels so RabbitMQ's Grafana
+//! dashboards read them unchanged, plus Warren's own (`warren_*`). Encoded
+//! by `prometheus-client` (OpenMetrics text), built afresh per scrape from a
+//! snapshot taken a bounded chunk of queues per lock acquisition.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use warren_core::MessageStats;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+type Labels = Vec<(String, String)>;
+
+/// Queues read per lock acquisition.
+const QUEUES_PER_LOCK: usize = 256;
+
+/// One queue as the metrics see it.
+struct QueueRow {
+    vhost: String,
+    name: String,
+    ready: u64,
+    unacked: u64,
+    bytes: u64,
+    consumers: u64,
+}
+
+/// Reads one figure of a queue.
+type QueueField = fn(&QueueRow) -> u64;
+
+struct Snapshot {
+    queues: Vec<QueueRow>,
+    stats: MessageStats,
+    connections: u64,
+    channels: u64,
+}
+
+fn snapshot(state: &AppState) -> Snapshot {
+    let mut queues = Vec::new();
+    let mut stats = MessageStats::default();
+    let connections = state.broker.connections();
+    let mut channels = 0u64;
+    for c in &connections {
+        channels += state.broker.vhost(&c.vhost).map_or(0, |h| h.lock().channel_summaries(c.id).len() as u64);
+    }
+    for vhost in state.broker.vhost_names() {
+        let Some(host) = state.broker.vhost(&vhost) else { continue };
+        let names = host.lock().sorted_queue_names();
+        let vhost_stats = host.lock().message_stats();
+        stats.publish += vhost_stats.publish;
+        stats.deliver += vhost_stats.deliver;
+        stats.deliver_no_ack += vhost_stats.deliver_no_ack;
+        stats.get += vhost_stats.get;
+        stats.get_no_ack += vhost_stats.get_no_ack;
+        stats.redeliver += vhost_stats.redeliver;
+        stats.ack += vhost_stats.ack;
+        stats.unroutable += vhost_stats.unroutable;
+        for chunk in names.chunks(QUEUES_PER_LOCK) {
+            let locked = host.lock();
+            for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {
+                queues.push(QueueRow {
+                    vhost: vhost.clone(),
+                    name: q.name,
+                    ready: q.ready,
+                    unacked: q.unacked,
+                    bytes: q.ready_bytes,
+                    consumers: q.consumers as u64,
+                });
+            }
+        }
+    }
+    Snapshot { queues, stats, connections: connections.len() as u64, channels }
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let metric: Gauge = Gauge::default();
+    metric.set(i64::try_from(value).unwrap_or(i64::MAX));
+    registry.register(name, help, metric);
+}
+
+fn registry(state: &AppState, per_object: bool) -> Registry {
+    let snapshot = snapshot(state);
+    let mut registry = Registry::default();
+    registry.register(
+        "rabbitmq_identity",
+        "RabbitMQ node and cluster identity",
+        Info::new(vec![
+            ("rabbitmq_node".to_string(), state.node.clone()),
+            ("rabbitmq_cluster".to_string(), state.node.clone()),
+            ("rabbitmq_cluster_permanent_id".to_string(), state.node.clone()),
+        ]),
+    );
+    registry.register(
+        "rabbitmq_build",
+        "RabbitMQ version info",
+        Info::new(vec![
+            ("rabbitmq_version".to_string(), crate::overview::RABBITMQ_VERSION.to_string()),
+            ("product_name".to_string(), "Warren".to_string()),
+            ("product_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("prometheus_plugin_version".to_string(), crate::overview::RABBITMQ_VERSION.to_string()),
+        ]),
+    );
+    gauge(&mut registry, "rabbitmq_connections", "Connections currently open", snapshot.connections);
+    gauge(&mut registry, "rabbitmq_channels", "Channels currently open", snapshot.channels);
+    gauge(&mut registry, "rabbitmq_queues", "Queues available", snapshot.queues.len() as u64);
+    let consumers: u64 = snapshot.queues.iter().map(|q| q.consumers).sum();
+    gauge(&mut registry, "rabbitmq_consumers", "Consumers currently connected", consumers);
+
+    let s = &snapshot.stats;
+    for (name, help, value) in [
+        ("rabbitmq_global_messages_received", "Total number of messages received from publishers", s.publish),
+        ("rabbitmq_global_messages_routed", "Total number of messages routed to queues", s.publish - s.unroutable),
+        (
+            "rabbitmq_global_messages_unroutable_dropped",
+            "Total number of messages published as non-mandatory into an exchange and dropped as unroutable",
+            s.unroutable,
+        ),
+        ("rabbitmq_global_messages_delivered", "Total number of messages delivered to consumers", s.deliver_get()),
+        (
+            "rabbitmq_global_messages_delivered_consume_manual_ack",
+            "Total number of messages delivered to consumers using basic.consume with manual acknowledgment",
+            s.deliver,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_consume_auto_ack",
+            "Total number of messages delivered to consumers using basic.consume with automatic acknowledgment",
+            s.deliver_no_ack,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_get_manual_ack",
+            "Total number of messages delivered to consumers using basic.get with manual acknowledgment",
+            s.get,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_get_auto_ack",
+            "Total number of messages delivered to consumers using basic.get with automatic acknowledgment",
+            s.get_no_ack,
+        ),
+        ("rabbitmq_global_messages_redelivered", "Total number of messages redelivered to consumers", s.redeliver),
+        ("rabbitmq_global_messages_acknowledged", "Total number of messages acknowledged by consumers", s.ack),
+    ] {
+        // Named without `_total`: the encoder adds it to counters.
+        let family = Family::<Labels, Counter>::default();
+        family.get_or_create(&vec![("protocol".to_string(), "amqp091".to_string())]).inc_by(value);
+        registry.register(name, help, family);
+    }
+
+    let ready: u64 = snapshot.queues.iter().map(|q| q.ready).sum();
+    let unacked: u64 = snapshot.queues.iter().map(|q| q.unacked).sum();
+    let bytes: u64 = snapshot.queues.iter().map(|q| q.bytes).sum();
+    if per_object {
+        let families: [(&str, &str, QueueField); 5] = [
+            ("rabbitmq_queue_messages", "Sum of ready and unacknowledged messages", |q| q.ready + q.unacked),
+            ("rabbitmq_queue_messages_ready", "Messages ready to be delivered to consumers", |q| q.ready),
+            ("rabbitmq_queue_messages_unacked", "Messages delivered to consumers but not yet acknowledged", |q| {
+                q.unacked
+            }),
+            ("rabbitmq_queue_messages_bytes", "Size in bytes of ready messages' bodies", |q| q.bytes),
+            ("rabbitmq_queue_consumers", "Consumers on a queue", |q| q.consumers),
+        ];
+        for (name, help, pick) in families {
+            let family = Family::<Labels, Gauge>::default();
+            for q in &snapshot.queues {
+                let labels = vec![("vhost".to_string(), q.vhost.clone()), ("queue".to_string(), q.name.clone())];
+                family.get_or_create(&labels).set(i64::try_from(pick(q)).unwrap_or(i64::MAX));
+            }
+            registry.register(name, help, family);
+        }
+    } else {
+        gauge(&mut registry, "rabbitmq_queue_messages", "Sum of ready and unacknowledged messages", ready + unacked);
+        gauge(&mut registry, "rabbitmq_queue_messages_ready", "Messages ready to be delivered to consumers", ready);
+        gauge(&mut registry, "rabbitmq_queue_messages_unacked", "Messages delivered but not yet acknowledged", unacked);
+        gauge(&mut registry, "rabbitmq_queue_messages_bytes", "Size in bytes of ready messages' bodies", bytes);
+        gauge(&mut registry, "rabbitmq_queue_consumers", "Consumers on queues", consumers);
+    }
+
+    let memory = warren_server::alarm::resident_bytes().unwrap_or(0);
+    gauge(&mut registry, "rabbitmq_process_resident_memory_bytes", "Memory used in bytes", memory);
+    gauge(
+        &mut registry,
+        "rabbitmq_resident_memory_limit_bytes",
+        "Memory high watermark in bytes",
+        state.broker.config.memory_limit().unwrap_or(0),
+    );
+    gauge(
+        &mut registry,
+        "rabbitmq_disk_space_available_bytes",
+        "Disk space available in bytes",
+        warren_server::alarm::disk_free(&state.broker.config.data_dir).unwrap_or(0),
+    );
+    gauge(&mut registry, "rabbitmq_process_open_fds", "Open file descriptors", open_fds());
+    let alarms = state.broker.alarms.state();
+    gauge(
+        &mut registry,
+        "rabbitmq_alarms_memory_used_watermark",
+        "Is the memory alarm in effect",
+        u64::from(alarms.memory),
+    );
+    gauge(
+        &mut registry,
+        "rabbitmq_alarms_free_disk_space_watermark",
+        "Is the disk alarm in effect",
+        u64::from(alarms.disk),
+    );
+
+    let (log_bytes, segments) = state.broker.store.disk_usage();
+    gauge(&mut registry, "warren_log_bytes", "Bytes of the message log on disk", log_bytes);
+    gauge(&mut registry, "warren_log_segments", "Segment files of the message log", segments as u64);
+    let commits = state.broker.store.commit_stats();
+    let fsyncs: Counter<u64, AtomicU64> = Counter::default();
+    fsyncs.inc_by(commits.syncs);
+    registry.register("warren_log_fsyncs", "Fsyncs of the message log (group commits)", fsyncs);
+    let entries: Counter<u64, AtomicU64> = Counter::default();
+    entries.inc_by(commits.entries);
+    registry.register("warren_log_entries", "Entries appended to the message log", entries);
+    registry
+}
+
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64)
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    render(&state, false)
+}
+
+async fn per_object(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    render(&state, true)
+}
+
+fn render(state: &AppState, per_object: bool) -> Result<impl IntoResponse, ApiError> {
+    let registry = registry(state, per_object);
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
+}
+
+/// The Prometheus endpoints (no authentication, as RabbitMQ's).
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/metrics/per-object", get(per_object)).with_state(state)
+}
