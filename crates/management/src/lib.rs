@@ -11,6 +11,7 @@
 //! to durable definitions is answered once its log entry is durable.
 
 mod access;
+mod admin;
 mod auth;
 mod change;
 mod connections;
@@ -141,11 +142,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
         .route("/api/vhosts", get(access::vhosts))
-        .route("/api/vhosts/{vhost}", get(access::vhost))
+        .route("/api/vhosts/{vhost}", get(access::vhost).put(admin::put_vhost).delete(admin::delete_vhost))
         .route("/api/vhosts/{vhost}/connections", get(connections::vhost_connections))
         .route("/api/users", get(access::users))
-        .route("/api/users/{user}", get(access::user))
+        .route("/api/users/{user}", get(access::user).put(admin::put_user).delete(admin::delete_user))
         .route("/api/permissions", get(access::permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(admin::get_permission).put(admin::put_permission).delete(admin::delete_permission),
+        )
         .route("/api/queues", get(queues::list_all))
         .route("/api/queues/{vhost}", get(queues::list_vhost))
         .route("/api/queues/{vhost}/{name}", get(queues::show).put(queues::declare).delete(queues::delete))
@@ -179,7 +184,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/health/checks/port-listener/{port}", get(health::port_listener))
         .route("/api/health/checks/protocol-listener/{protocol}", get(health::protocol_listener))
         .route("/api/health/checks/node-is-quorum-critical", get(health::quorum_critical))
-        .route("/api/definitions", get(access::definitions_export))
+        .route("/api/definitions", get(access::definitions_export).post(admin::import))
         .route("/api/extensions", get(overview::extensions))
         .route("/api/vhost-limits", get(access::vhost_limits))
         .route("/api/user-limits", get(access::user_limits))

@@ -500,3 +500,85 @@ fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
     let per_object = scrape(&node, "/metrics/per-object");
     assert_eq!(value(&per_object, "rabbitmq_queue_messages", &[("vhost", "/"), ("queue", "metered")]), Some(3.0));
 }
+
+#[test]
+fn administrators_manage_users_vhosts_and_permissions() {
+    let node = Node::start();
+    let (status, _, _) =
+        http(node.http, "PUT", "/api/users/ops", ADMIN, Some(r#"{"password":"ops-pw","tags":"monitoring"}"#));
+    assert_eq!(status, 201);
+    let (status, _, body) = http(node.http, "GET", "/api/whoami", Some(("ops", "ops-pw")), None);
+    assert_eq!((status, json_of(&body)["tags"].clone()), (200, json!(["monitoring"])));
+    let (status, _, _) =
+        http(node.http, "PUT", "/api/users/ops", ADMIN, Some(r#"{"password":"ops-pw","tags":["monitoring"]}"#));
+    assert_eq!(status, 204);
+    // A management user may not do this.
+    let (status, _, _) =
+        http(node.http, "PUT", "/api/users/sneaky", Some(("app", "app-pw")), Some(r#"{"password":"x"}"#));
+    assert_eq!(status, 401);
+
+    let (status, _, _) = http(node.http, "PUT", "/api/vhosts/staging", ADMIN, None);
+    assert_eq!(status, 201);
+    let (status, _, _) = http(node.http, "PUT", "/api/vhosts/staging", ADMIN, None);
+    assert_eq!(status, 204);
+    let permissions = r#"{"configure":"^ops-","write":".*","read":".*"}"#;
+    let (status, _, _) = http(node.http, "PUT", "/api/permissions/staging/ops", ADMIN, Some(permissions));
+    assert_eq!(status, 201);
+    let (status, _, body) = http(node.http, "GET", "/api/permissions/staging/ops", ADMIN, None);
+    assert_eq!((status, json_of(&body)["configure"].clone()), (200, json!("^ops-")));
+    // The permission is enforced: ops may declare ops-* queues only.
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/staging/ops-q", Some(("ops", "ops-pw")), Some("{}"));
+    assert_eq!(status, 201);
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/staging/other", Some(("ops", "ops-pw")), Some("{}"));
+    assert_eq!(status, 403);
+
+    let (status, _, _) = http(node.http, "DELETE", "/api/permissions/staging/ops", ADMIN, None);
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "DELETE", "/api/vhosts/staging", ADMIN, None);
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "GET", "/api/vhosts/staging", ADMIN, None);
+    assert_eq!(status, 404);
+    let (status, _, _) = http(node.http, "DELETE", "/api/users/ops", ADMIN, None);
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "GET", "/api/whoami", Some(("ops", "ops-pw")), None);
+    assert_eq!(status, 401);
+    let (status, _, _) = http(node.http, "DELETE", "/api/users/ops", ADMIN, None);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_rabbitmq_definitions_file_imports_with_its_password_hashes() {
+    let node = Node::start();
+    // As RabbitMQ 3.10 exports them: a SHA-256 hash of "imported-pw".
+    let definitions = json!({
+        "rabbit_version": "3.10.8",
+        "users": [{"name": "imported", "password_hash": "kI3GChLqEN7RG0Rk8H1CL/7+souXxMjQVvKT3sAUjH+bBEk/",
+                   "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["management"], "limits": {}}],
+        "vhosts": [{"name": "shop", "limits": [], "metadata": {"description": "", "tags": []}}],
+        "permissions": [{"user": "imported", "vhost": "shop", "configure": ".*", "write": ".*", "read": ".*"}],
+        "topic_permissions": [],
+        "parameters": [],
+        "global_parameters": [{"name": "cluster_name", "value": "rabbit@old"}],
+        "policies": [],
+        "queues": [{"name": "orders", "vhost": "shop", "durable": true, "auto_delete": false,
+                    "arguments": {"x-queue-type": "classic", "x-max-length": 100}}],
+        "exchanges": [{"name": "events", "vhost": "shop", "type": "topic", "durable": true,
+                       "auto_delete": false, "internal": false, "arguments": {}}],
+        "bindings": [{"source": "events", "vhost": "shop", "destination": "orders",
+                      "destination_type": "queue", "routing_key": "order.#", "arguments": {}}]
+    });
+    let (status, _, body) = http(node.http, "POST", "/api/definitions", ADMIN, Some(&definitions.to_string()));
+    assert_eq!(status, 204, "{body}");
+    let imported = node.client("imported", "imported-pw");
+    assert_eq!(imported.current_user().unwrap().name, "imported");
+    let queue = imported.get_queue_info("shop", "orders").unwrap();
+    assert_eq!(queue.arguments.0.get("x-max-length"), Some(&json!(100)));
+    let routed = imported.publish_message("shop", "events", "order.paid", "x", serde_json::Map::new()).unwrap();
+    assert!(routed.routed, "the binding came along");
+    // What Warren exports imports again unchanged.
+    let (_, _, exported) = http(node.http, "GET", "/api/definitions", ADMIN, None);
+    let (status, _, _) = http(node.http, "POST", "/api/definitions", ADMIN, Some(&exported));
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "POST", "/api/definitions", ADMIN, Some(r#"{"queues":[{"name":"q"}]}"#));
+    assert_eq!(status, 400, "a queue without its vhost is refused");
+}

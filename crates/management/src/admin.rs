@@ -1,0 +1,247 @@
+//! Administrator writes: users, virtual hosts, permissions, and the
+//! definitions import. Access changes go to the access definitions file
+//! under its lock (as `warren ctl` writes it) and are applied at once;
+//! queues, exchanges and bindings of an import go through sessions.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+use warren_core::{ExchangeDeclare, QueueDeclare};
+use warren_server::access::{AccessDefinitions, AccessError, Seed, UserDef};
+
+use crate::auth::Caller;
+use crate::change::{change, HTTP_CONNECTION};
+use crate::error::ApiError;
+use crate::json::{flag, json_to_table};
+use crate::AppState;
+
+fn access_error(error: AccessError) -> ApiError {
+    match error {
+        AccessError::NoUser(_) | AccessError::NoVhost(_) => ApiError::NotFound,
+        AccessError::Io { .. } => ApiError::Internal(error.to_string()),
+        other => ApiError::BadRequest(other.to_string()),
+    }
+}
+
+/// Applies `change` to the access definitions (file lock, atomic replace,
+/// off the async workers) and makes the broker use them.
+async fn update_access(
+    state: &Arc<AppState>,
+    change: impl FnOnce(&mut AccessDefinitions) -> Result<(), AccessError> + Send + 'static,
+) -> Result<(), ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let seed = Seed { vhosts: &[], users: Vec::new() };
+        state.broker.access_file().update(&seed, change).map_err(access_error)?;
+        state.broker.reload_access().map_err(access_error)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+fn current(state: &AppState) -> Result<AccessDefinitions, ApiError> {
+    state.broker.access_file().read().map_err(access_error).map(Option::unwrap_or_default)
+}
+
+/// Tags as RabbitMQ accepts them: a list, or a comma-separated string.
+fn tags_of(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(text)) => {
+            Ok(text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect())
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|t| t.as_str().map(String::from).ok_or_else(|| ApiError::BadRequest("tags must be strings".into())))
+            .collect(),
+        Some(_) => Err(ApiError::BadRequest("tags must be a list or a comma-separated string".into())),
+    }
+}
+
+pub async fn put_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<Value>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let tags = tags_of(body.get("tags"))?;
+    let existed = current(&state)?.user(&name).is_some();
+    let password = body.get("password").and_then(Value::as_str).map(String::from);
+    let hash = body.get("password_hash").and_then(Value::as_str).map(String::from);
+    let algorithm =
+        body.get("hashing_algorithm").and_then(Value::as_str).unwrap_or("rabbit_password_hashing_sha256").to_string();
+    update_access(&state, move |defs| match (password, hash) {
+        (Some(password), _) => defs.upsert_user(&name, &password, &tags),
+        (None, Some(password_hash)) => {
+            let limits = defs.user(&name).map(|u| u.limits.clone()).unwrap_or_default();
+            let user = UserDef { name, password_hash, hashing_algorithm: algorithm, tags, limits };
+            defs.import(AccessDefinitions { users: vec![user], ..AccessDefinitions::default() })
+        }
+        (None, None) if defs.user(&name).is_some() => defs.set_user_tags(&name, &tags),
+        // No password: only certificate logins (RabbitMQ's passwordless user).
+        (None, None) => {
+            let user = UserDef {
+                name,
+                password_hash: String::new(),
+                hashing_algorithm: algorithm,
+                tags,
+                limits: Default::default(),
+            };
+            defs.import(AccessDefinitions { users: vec![user], ..AccessDefinitions::default() })
+        }
+    })
+    .await?;
+    Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
+}
+
+pub async fn delete_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    update_access(&state, move |defs| defs.delete_user(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn put_vhost(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    if state.broker.vhost(&name).is_some() {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    update_access(&state, move |defs| if defs.has_vhost(&name) { Ok(()) } else { defs.add_vhost(&name) }).await?;
+    Ok(StatusCode::CREATED)
+}
+
+pub async fn delete_vhost(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    update_access(&state, move |defs| defs.delete_vhost(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn get_permission(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    current(&state)?
+        .permissions
+        .iter()
+        .find(|p| p.vhost == vhost && p.user == user)
+        .map(|p| {
+            Json(json!({"user": p.user, "vhost": p.vhost, "configure": p.configure, "write": p.write, "read": p.read}))
+        })
+        .ok_or(ApiError::NotFound)
+}
+
+pub async fn put_permission(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| ApiError::BadRequest(format!("'{name}' is required")))
+    };
+    let (configure, write, read) = (field("configure")?, field("write")?, field("read")?);
+    let existed = current(&state)?.permissions.iter().any(|p| p.vhost == vhost && p.user == user);
+    update_access(&state, move |defs| defs.set_permissions(&vhost, &user, &configure, &write, &read)).await?;
+    Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
+}
+
+pub async fn delete_permission(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    update_access(&state, move |defs| defs.clear_permissions(&vhost, &user)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn text<'a>(item: &'a Value, key: &str) -> Result<&'a str, ApiError> {
+    item.get(key).and_then(Value::as_str).ok_or_else(|| ApiError::BadRequest(format!("'{key}' is required in {item}")))
+}
+
+/// `POST /api/definitions`: RabbitMQ's (or Warren's) export imported. Users,
+/// virtual hosts and permissions are added or replaced; then exchanges,
+/// queues and bindings are declared (what exists already stays).
+pub async fn import(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Json(body): Json<Value>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let access: AccessDefinitions =
+        serde_json::from_value(body.clone()).map_err(|e| ApiError::BadRequest(format!("definitions: {e}")))?;
+    update_access(&state, move |defs| defs.import(access)).await?;
+    let list = |key: &str| body.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    for x in list("exchanges") {
+        let vhost = text(&x, "vhost")?.to_string();
+        let arguments = json_to_table(x.get("arguments").unwrap_or(&Value::Null)).unwrap_or_default();
+        let (name, kind) = (text(&x, "name")?.to_string(), text(&x, "type")?.to_string());
+        change(&state, &vhost, |session| {
+            session.declare_exchange(ExchangeDeclare {
+                name: &name,
+                kind: &kind,
+                passive: false,
+                durable: flag(x.get("durable")).unwrap_or(true),
+                auto_delete: flag(x.get("auto_delete")).unwrap_or(false),
+                internal: flag(x.get("internal")).unwrap_or(false),
+                arguments,
+            })
+        })
+        .await?;
+    }
+    for q in list("queues") {
+        let vhost = text(&q, "vhost")?.to_string();
+        let name = text(&q, "name")?.to_string();
+        let arguments = json_to_table(q.get("arguments").unwrap_or(&Value::Null)).unwrap_or_default();
+        change(&state, &vhost, |session| {
+            let declare = QueueDeclare {
+                name: &name,
+                passive: false,
+                durable: flag(q.get("durable")).unwrap_or(true),
+                exclusive: false,
+                auto_delete: flag(q.get("auto_delete")).unwrap_or(false),
+                arguments,
+            };
+            session.declare_queue_as(HTTP_CONNECTION, declare, &mut |_| Ok(()))
+        })
+        .await?;
+    }
+    for b in list("bindings") {
+        let vhost = text(&b, "vhost")?.to_string();
+        let (source, destination) = (text(&b, "source")?.to_string(), text(&b, "destination")?.to_string());
+        let routing_key = b.get("routing_key").and_then(Value::as_str).unwrap_or_default().to_string();
+        let arguments = json_to_table(b.get("arguments").unwrap_or(&Value::Null)).unwrap_or_default();
+        let to_queue = b.get("destination_type").and_then(Value::as_str) != Some("exchange");
+        change(&state, &vhost, |session| {
+            if to_queue {
+                session.bind_queue(HTTP_CONNECTION, &destination, &source, &routing_key, arguments, true)
+            } else {
+                session.bind_exchange(&destination, &source, &routing_key, arguments, true)
+            }
+        })
+        .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
