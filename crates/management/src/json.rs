@@ -4,6 +4,33 @@
 use serde_json::{Map, Number, Value};
 use warren_codec::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
+/// A field table serialized as a JSON object straight from the table (no
+/// intermediate `Value`): for long listings.
+pub struct TableJson<'a>(pub &'a FieldTable);
+
+impl serde::Serialize for TableJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.inner().len()))?;
+        for (key, value) in self.0.inner() {
+            map.serialize_entry(key.as_str(), &ValueJson(value))?;
+        }
+        map.end()
+    }
+}
+
+struct ValueJson<'a>(&'a AMQPValue);
+
+impl serde::Serialize for ValueJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            AMQPValue::FieldTable(table) => TableJson(table).serialize(serializer),
+            AMQPValue::FieldArray(array) => serializer.collect_seq(array.as_slice().iter().map(ValueJson)),
+            other => value_to_json(other).serialize(serializer),
+        }
+    }
+}
+
 pub fn table_to_json(table: &FieldTable) -> Value {
     let mut map = Map::new();
     for (key, value) in table.inner() {

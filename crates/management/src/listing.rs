@@ -23,6 +23,13 @@ pub struct ListQuery {
     pub columns: Option<String>,
 }
 
+impl ListQuery {
+    /// Asks for the whole list as it is: no filter, sort, page or columns.
+    pub fn is_plain(&self) -> bool {
+        self.page.is_none() && self.name.is_none() && self.sort.is_none() && self.columns.is_none()
+    }
+}
+
 /// The items as the query asks for them.
 pub fn answer(mut items: Vec<Value>, query: &ListQuery) -> Result<Value, ApiError> {
     let total = items.len();

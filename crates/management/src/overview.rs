@@ -40,7 +40,8 @@ fn totals(state: &AppState, caller: &Caller) -> (u64, u64, u64, u64, u64) {
             continue;
         }
         let Some(host) = state.broker.vhost(&vhost) else { continue };
-        let names = host.lock().sorted_queue_names();
+        let mut names = host.lock().queue_name_list();
+        names.sort_unstable();
         for chunk in names.chunks(256) {
             let locked = host.lock();
             for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {

@@ -58,7 +58,8 @@ fn snapshot(state: &AppState) -> Snapshot {
     }
     for vhost in state.broker.vhost_names() {
         let Some(host) = state.broker.vhost(&vhost) else { continue };
-        let names = host.lock().sorted_queue_names();
+        let mut names = host.lock().queue_name_list();
+        names.sort_unstable();
         let vhost_stats = host.lock().message_stats();
         stats.publish += vhost_stats.publish;
         stats.deliver += vhost_stats.deliver;

@@ -41,7 +41,8 @@ impl Sampled {
 
 #[derive(Default)]
 pub struct Rates {
-    queues: Mutex<HashMap<(String, String), Sampled>>,
+    /// vhost -> queue -> samples.
+    queues: Mutex<HashMap<String, HashMap<String, Sampled>>>,
     vhosts: Mutex<HashMap<String, Sampled>>,
 }
 
@@ -68,7 +69,8 @@ impl Rates {
         let mut vhosts = HashMap::new();
         for vhost in state.broker.vhost_names() {
             let Some(host) = state.broker.vhost(&vhost) else { continue };
-            let names = host.lock().sorted_queue_names();
+            let mut names = host.lock().queue_name_list();
+            names.sort_unstable();
             let mut total = Counts { stats: host.lock().message_stats(), ..Counts::default() };
             for chunk in names.chunks(QUEUES_PER_LOCK) {
                 let locked = host.lock();
@@ -82,9 +84,11 @@ impl Rates {
             vhosts.insert(vhost, total);
         }
         let mut sampled = self.queues.lock();
-        sampled.retain(|key, _| queues.contains_key(key));
-        for (key, counts) in queues {
-            record(&mut sampled, key, counts, now);
+        for (vhost, per_queue) in sampled.iter_mut() {
+            per_queue.retain(|name, _| queues.contains_key(&(vhost.clone(), name.clone())));
+        }
+        for ((vhost, name), counts) in queues {
+            record(sampled.entry(vhost).or_default(), name, counts, now);
         }
         drop(sampled);
         let mut sampled = self.vhosts.lock();
@@ -95,7 +99,7 @@ impl Rates {
     }
 
     pub fn queue(&self, vhost: &str, queue: &str) -> Option<RateView> {
-        self.queues.lock().get(&(vhost.to_string(), queue.to_string())).copied().map(RateView)
+        self.queues.lock().get(vhost).and_then(|per_queue| per_queue.get(queue)).copied().map(RateView)
     }
 
     pub fn vhost(&self, vhost: &str) -> Option<RateView> {
@@ -126,27 +130,53 @@ fn detail(rate: f64) -> Value {
 /// Reads one counter of a [`MessageStats`].
 type Counter = fn(&MessageStats) -> u64;
 
+/// RabbitMQ's counters, by name.
+const COUNTERS: [(&str, &str, Counter); 9] = [
+    ("publish", "publish_details", |s| s.publish),
+    ("deliver", "deliver_details", |s| s.deliver),
+    ("deliver_no_ack", "deliver_no_ack_details", |s| s.deliver_no_ack),
+    ("get", "get_details", |s| s.get),
+    ("get_no_ack", "get_no_ack_details", |s| s.get_no_ack),
+    ("deliver_get", "deliver_get_details", MessageStats::deliver_get),
+    ("redeliver", "redeliver_details", |s| s.redeliver),
+    ("ack", "ack_details", |s| s.ack),
+    ("drop_unroutable", "drop_unroutable_details", |s| s.unroutable),
+];
+
+/// A rate as RabbitMQ writes it: `{"rate": 1.5}` (one decimal).
+#[derive(serde::Serialize)]
+pub struct Rate {
+    rate: f64,
+}
+
+impl Rate {
+    pub fn of(rate: Option<f64>) -> Rate {
+        Rate { rate: (rate.unwrap_or(0.0) * 10.0).round() / 10.0 }
+    }
+}
+
+/// `message_stats` serialized without an intermediate `Value`.
+pub struct MessageStatsJson<'a> {
+    pub stats: &'a MessageStats,
+    pub rates: Option<RateView>,
+}
+
+impl serde::Serialize for MessageStatsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(COUNTERS.len() * 2))?;
+        for (name, details, pick) in COUNTERS {
+            map.serialize_entry(name, &pick(self.stats))?;
+            map.serialize_entry(details, &Rate::of(self.rates.map(|r| r.0.rate(|c| pick(&c.stats)))))?;
+        }
+        map.end()
+    }
+}
+
 /// RabbitMQ's `message_stats` object: each counter and its `_details.rate`.
 /// Counts come from `stats` (current), rates from the samples.
 pub fn message_stats_json(stats: &MessageStats, rates: Option<RateView>) -> Value {
-    let fields: [(&str, Counter); 9] = [
-        ("publish", |s| s.publish),
-        ("deliver", |s| s.deliver),
-        ("deliver_no_ack", |s| s.deliver_no_ack),
-        ("get", |s| s.get),
-        ("get_no_ack", |s| s.get_no_ack),
-        ("deliver_get", MessageStats::deliver_get),
-        ("redeliver", |s| s.redeliver),
-        ("ack", |s| s.ack),
-        ("drop_unroutable", |s| s.unroutable),
-    ];
-    let mut map = Map::new();
-    for (name, pick) in fields {
-        map.insert(name.into(), json!(pick(stats)));
-        let rate = rates.map_or(0.0, |r| r.0.rate(|c| pick(&c.stats)));
-        map.insert(format!("{name}_details"), detail(rate));
-    }
-    Value::Object(map)
+    serde_json::to_value(MessageStatsJson { stats, rates }).unwrap_or_else(|_| Value::Object(Map::new()))
 }
 
 /// Several `message_stats` objects added up (the overview's, over the

@@ -68,9 +68,15 @@ impl VirtualHostState {
         self.stats
     }
 
+    /// Names of every queue, in no order: cheap enough to take under the
+    /// lock (a pointer copy each); sort them after releasing it.
+    pub fn queue_name_list(&self) -> Vec<Arc<str>> {
+        self.queues.values().map(|q| q.name.clone()).collect()
+    }
+
     /// Names of every queue, sorted.
     pub fn sorted_queue_names(&self) -> Vec<Arc<str>> {
-        let mut names: Vec<Arc<str>> = self.queues.values().map(|q| q.name.clone()).collect();
+        let mut names = self.queue_name_list();
         names.sort_unstable();
         names
     }
