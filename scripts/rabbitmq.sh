@@ -16,6 +16,8 @@
 #   RABBITMQ_START_TIMEOUT  seconds to wait for AMQP readiness (default 60)
 #   RABBITMQ_EXTRA_CONF     lines appended to rabbitmq.conf (e.g.
 #                           "vm_memory_high_watermark.absolute = 256MiB")
+#   RABBITMQ_PLUGINS        plugins to enable, comma-separated (e.g.
+#                           "rabbitmq_management"; default none)
 #
 # The instance never touches /var/lib/rabbitmq or /etc/rabbitmq. If a
 # system-wide rabbitmq-server (node rabbit@<host>) is running on 5672 it is
@@ -121,7 +123,7 @@ write_config() {
     mkdir -p "$DIR/mnesia" "$DIR/log"
     chmod 700 "$DIR"
     : > "$DIR/rabbitmq-env.conf"
-    echo "[]." > "$DIR/enabled_plugins"
+    echo "[${RABBITMQ_PLUGINS:-}]." > "$DIR/enabled_plugins"
     cat > "$DIR/rabbitmq.conf" <<CONF
 listeners.tcp.1 = 127.0.0.1:$PORT
 loopback_users.guest = true

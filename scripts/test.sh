@@ -23,10 +23,11 @@ if [ ! -d tests/node/node_modules/amqplib ]; then
 fi
 cargo build --quiet --bin warren --bin shop-cart
 port=$(free_port)
+http_port=$(free_port)
 data_dir=$(mktemp -d)
 log="$data_dir/warren.log"
 trap 'stop_warren "${WARREN_PID:-}"; rm -rf "$data_dir"' EXIT
-start_warren ./target/debug/warren "$port" "$data_dir" "$log"
+WARREN_HTTP_PORT=$http_port start_warren ./target/debug/warren "$port" "$data_dir" "$log"
 # pika, then other clients' own habits: py-amqp (kombu, Celery), aio-pika
 # and Node amqplib.
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_BIN=./target/debug/warren \
@@ -36,6 +37,10 @@ WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 120 node --test te
 # recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the
 # access-control cases (docs/rabbitmq-access-control.json).
 REF_PORT="$port" REF_CTL="./target/debug/warren ctl --data-dir $data_dir" step 300 python3 scripts/conformance.py
+# The management API against RabbitMQ 3.10.8's recorded answers: statuses,
+# and every JSON field's name and type (docs/rabbitmq-management-api.json).
+step 120 python3 scripts/reference/management_api.py --http "$http_port" --amqp "$port" \
+    --check docs/rabbitmq-management-api.json
 # Resource alarms: publishers at 10x the consumer's rate under a memory
 # watermark (peak RSS, blocked/unblocked, nothing lost), and the disk alarm.
 WARREN_BIN=./target/debug/warren step 300 python3 -m pytest -q tests/overload

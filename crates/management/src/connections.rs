@@ -181,6 +181,13 @@ fn vhost_consumer_list(state: &AppState, vhost: &str, names: &HashMap<u64, Conne
     consumers.iter().map(|c| consumer_json(state, vhost, c, names)).collect()
 }
 
+/// The consumers of one queue (a queue's `consumer_details`).
+pub fn queue_consumers(state: &AppState, vhost: &str, queue: &str) -> Vec<Value> {
+    let names = connection_names(state);
+    let consumers = state.broker.vhost(vhost).map(|host| host.lock().consumer_summaries()).unwrap_or_default();
+    consumers.iter().filter(|c| c.queue == queue).map(|c| consumer_json(state, vhost, c, &names)).collect()
+}
+
 fn connection_names(state: &AppState) -> HashMap<u64, ConnectionView> {
     state.broker.connections().into_iter().map(|c| (c.id, c)).collect()
 }

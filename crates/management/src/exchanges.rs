@@ -115,7 +115,13 @@ pub async fn show(
     let name = real_name(&name);
     let host = state.broker.vhost(&vhost).ok_or(ApiError::NotFound)?;
     let found = host.lock().exchange_summaries().into_iter().find(|x| x.name == name);
-    found.map(|x| Json(exchange_json(&vhost, &x))).ok_or(ApiError::NotFound)
+    let mut exchange = found.map(|x| exchange_json(&vhost, &x)).ok_or(ApiError::NotFound)?;
+    if let Value::Object(map) = &mut exchange {
+        // Per-channel and per-queue rates (RabbitMQ's `detailed` mode): none.
+        map.insert("incoming".into(), json!([]));
+        map.insert("outgoing".into(), json!([]));
+    }
+    Ok(Json(exchange))
 }
 
 pub async fn declare(

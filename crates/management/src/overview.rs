@@ -148,12 +148,19 @@ fn node_json(state: &AppState) -> Value {
         "disk_free_details": rate(),
         "disk_free_limit": state.broker.config.disk_free_limit_bytes,
         "disk_free_alarm": alarms.disk,
-        "fd_used": 0,
+        "fd_used": open_fds(),
+        "fd_used_details": rate(),
         "fd_total": 0,
         "sockets_used": state.broker.connection_count(),
+        "sockets_used_details": rate(),
         "sockets_total": 0,
         "proc_used": 0,
+        "proc_used_details": rate(),
         "proc_total": 0,
+        "db_dir": state.broker.config.data_dir.display().to_string(),
+        "rates_mode": "basic",
+        "mem_calculation_strategy": "rss",
+        "cluster_links": [],
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "uptime": 0,
         "run_queue": 0,
@@ -168,6 +175,10 @@ fn node_json(state: &AppState) -> Value {
         "config_files": [],
         "warren_log_bytes": log_bytes,
     })
+}
+
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64)
 }
 
 pub async fn nodes(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {

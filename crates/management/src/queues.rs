@@ -61,6 +61,8 @@ pub struct QueueJson<'a> {
     messages_unacknowledged: u64,
     messages_unacknowledged_details: Rate,
     messages_ram: u64,
+    messages_ready_ram: u64,
+    messages_unacknowledged_ram: u64,
     messages_persistent: u64,
     messages_paged_out: u64,
     message_bytes: u64,
@@ -71,6 +73,8 @@ pub struct QueueJson<'a> {
     message_bytes_paged_out: u64,
     head_message_timestamp: Option<u64>,
     recoverable_slaves: Option<Vec<String>>,
+    /// RabbitMQ's local-time form, `2026-12-04 15:38:30`.
+    idle_since: Option<String>,
     message_stats: MessageStatsJson<'a>,
 }
 
@@ -103,7 +107,9 @@ impl<'a> QueueJson<'a> {
             messages_ready_details: Rate::of(rates.map(|r| r.ready())),
             messages_unacknowledged: q.unacked,
             messages_unacknowledged_details: Rate::of(rates.map(|r| r.unacked())),
-            messages_ram: q.ready.min(warren_core::queue::LOADED_WINDOW as u64),
+            messages_ram: q.ready.min(warren_core::queue::LOADED_WINDOW as u64) + q.unacked,
+            messages_ready_ram: q.ready.min(warren_core::queue::LOADED_WINDOW as u64),
+            messages_unacknowledged_ram: q.unacked,
             messages_persistent: 0,
             messages_paged_out: 0,
             message_bytes: q.ready_bytes,
@@ -114,9 +120,27 @@ impl<'a> QueueJson<'a> {
             message_bytes_paged_out: 0,
             head_message_timestamp: None,
             recoverable_slaves: None,
+            idle_since: (q.consumers == 0 && q.last_used_ms > 0).then(|| timestamp(q.last_used_ms)),
             message_stats: MessageStatsJson { stats: &q.stats, rates },
         }
     }
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn timestamp(millis: u64) -> String {
+    let seconds = millis / 1000;
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
 pub fn queue_json(state: &AppState, vhost: &str, q: &QueueSummary) -> Value {
@@ -196,7 +220,14 @@ pub async fn show(
     caller.vhost_access(&state, &vhost)?;
     let host = state.broker.vhost(&vhost).ok_or(ApiError::NotFound)?;
     let summary = host.lock().queue_summary(&name).ok_or(ApiError::NotFound)?;
-    Ok(Json(queue_json(&state, &vhost, &summary)))
+    let mut queue = queue_json(&state, &vhost, &summary);
+    if let Value::Object(map) = &mut queue {
+        map.insert("consumer_details".into(), Value::Array(crate::connections::queue_consumers(&state, &vhost, &name)));
+        // Per-exchange and per-channel rates (RabbitMQ's `detailed` mode): none.
+        map.insert("incoming".into(), json!([]));
+        map.insert("deliveries".into(), json!([]));
+    }
+    Ok(Json(queue))
 }
 
 pub async fn declare(
@@ -218,7 +249,8 @@ pub async fn declare(
     let arguments = crate::json::json_to_table(body.get("arguments").unwrap_or(&Value::Null))
         .ok_or_else(|| ApiError::BadRequest("arguments must be a JSON object".into()))?;
     if name.is_empty() || name.starts_with("amq.") {
-        return Err(ApiError::Forbidden(format!("queue name '{name}' contains reserved prefix 'amq.*'")));
+        // RabbitMQ answers 401 here, not 403.
+        return Err(ApiError::Unauthorised(format!("queue name '{name}' contains reserved prefix 'amq.*'")));
     }
     caller.allow(&state, &vhost, Permission::Configure, Resource::Queue, &name)?;
     let existed = state.broker.vhost(&vhost).is_some_and(|h| h.lock().queue(&name).is_some());
@@ -394,4 +426,14 @@ pub fn properties_json(properties: &Properties<&[u8]>) -> Value {
         map.insert("headers".into(), table_to_json(&headers));
     }
     Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_written_as_rabbitmq_writes_them() {
+        assert_eq!(super::timestamp(0), "1970-01-01 00:00:00");
+        assert_eq!(super::timestamp(1_796_398_710_000), "2026-12-04 15:38:30");
+        assert_eq!(super::timestamp(951_782_400_000), "2000-02-29 00:00:00");
+    }
 }

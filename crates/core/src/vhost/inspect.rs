@@ -27,6 +27,9 @@ pub struct QueueSummary {
     /// Consumer tag of the exclusive consumer, if there is one.
     pub exclusive_consumer_tag: Option<String>,
     pub stats: MessageStats,
+    /// When a client last used the queue (declare, consume, get),
+    /// milliseconds since the epoch; 0 if never.
+    pub last_used_ms: u64,
 }
 
 /// An exchange as an operator sees it.
@@ -100,6 +103,7 @@ impl VirtualHostState {
             ready_bytes: queue.bytes(),
             exclusive_consumer_tag: queue.consumers.iter().find(|c| c.exclusive).map(|c| c.tag.to_string()),
             stats: queue.stats,
+            last_used_ms: queue.last_used,
         })
     }
 
