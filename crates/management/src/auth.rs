@@ -89,7 +89,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
-        let (name, password) = credentials(parts).ok_or_else(|| ApiError::Unauthorised("Not_Authorized".into()))?;
+        let (name, password) = credentials(parts).ok_or(ApiError::NoCredentials)?;
         let refused = || ApiError::Unauthorised("Login failed".into());
         let user = state.broker.access().user(&name).ok_or_else(refused)?;
         if state.broker.config.loopback_only(&name) {

@@ -11,7 +11,11 @@ pub const REALM: &str = "Basic realm=\"RabbitMQ Management\"";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No or wrong credentials.
+    /// No credentials at all: 401 with the Basic challenge.
+    #[error("Not_Authorized")]
+    NoCredentials,
+    /// Wrong credentials, or a user without the right: 401 without a
+    /// challenge (a browser would otherwise prompt over the web UI).
     #[error("{0}")]
     Unauthorised(String),
     /// Known user, not allowed to do this.
@@ -50,7 +54,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error) = match &self {
-            ApiError::Unauthorised(_) => (StatusCode::UNAUTHORIZED, "not_authorised"),
+            ApiError::NoCredentials | ApiError::Unauthorised(_) => (StatusCode::UNAUTHORIZED, "not_authorised"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "not_authorised"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "Object Not Found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -63,7 +67,7 @@ impl IntoResponse for ApiError {
         };
         let body = Json(serde_json::json!({"error": error, "reason": self.to_string()}));
         let mut response = (status, body).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        if matches!(self, ApiError::NoCredentials) {
             if let Ok(value) = header::HeaderValue::from_str(REALM) {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
             }

@@ -24,6 +24,7 @@ mod overview;
 mod prometheus;
 mod queues;
 mod rates;
+mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -195,6 +196,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/global-parameters", get(access::empty_list))
         .route("/api/feature-flags", get(access::empty_list))
         .route("/api/ping", put(health::ping).get(health::ping))
+        .merge(ui::router())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
 }

@@ -332,8 +332,9 @@ fn credentials_and_tags_are_checked_as_rabbitmq_checks_them() {
     assert_eq!(status, 401);
     assert_eq!(headers.get("www-authenticate").map(String::as_str), Some("Basic realm=\"RabbitMQ Management\""));
     assert_eq!(json_of(&body)["error"], "not_authorised");
-    let (status, _, _) = http(node.http, "GET", "/api/overview", Some(("boss", "wrong")), None);
+    let (status, headers, _) = http(node.http, "GET", "/api/overview", Some(("boss", "wrong")), None);
     assert_eq!(status, 401);
+    assert!(!headers.contains_key("www-authenticate"), "no challenge for wrong credentials: a browser would prompt");
     let (status, _, body) = http(node.http, "GET", "/api/overview", Some(("plain", "plain-pw")), None);
     assert_eq!(status, 401);
     assert_eq!(json_of(&body)["reason"], "Not management user");
