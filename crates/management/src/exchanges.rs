@@ -18,7 +18,7 @@ use crate::auth::Caller;
 use crate::change::{change, HTTP_CONNECTION};
 use crate::error::ApiError;
 use crate::json::{flag as json_flag, json_to_table, table_to_json};
-use crate::listing::{answer, ListQuery};
+use crate::listing::{answer, DeleteQuery, ListQuery};
 use crate::AppState;
 
 /// The default exchange's name in paths (its real name is empty).
@@ -158,12 +158,6 @@ pub async fn declare(
     Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct DeleteQuery {
-    #[serde(rename = "if-unused")]
-    if_unused: Option<String>,
-}
-
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -172,8 +166,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     caller.allow(&state, &vhost, Permission::Configure, Resource::Exchange, &name)?;
-    let if_unused = query.if_unused.as_deref() == Some("true");
-    change(&state, &vhost, |session| session.delete_exchange(&name, if_unused)).await?;
+    change(&state, &vhost, |session| session.delete_exchange(&name, query.if_unused())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

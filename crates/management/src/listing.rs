@@ -23,6 +23,26 @@ pub struct ListQuery {
     pub columns: Option<String>,
 }
 
+/// `DELETE` conditions: `if-unused` (queues and exchanges), `if-empty`
+/// (queues).
+#[derive(Debug, Default, Deserialize)]
+pub struct DeleteQuery {
+    #[serde(rename = "if-unused")]
+    if_unused: Option<String>,
+    #[serde(rename = "if-empty")]
+    if_empty: Option<String>,
+}
+
+impl DeleteQuery {
+    pub fn if_unused(&self) -> bool {
+        self.if_unused.as_deref() == Some("true")
+    }
+
+    pub fn if_empty(&self) -> bool {
+        self.if_empty.as_deref() == Some("true")
+    }
+}
+
 impl ListQuery {
     /// Asks for the whole list as it is: no filter, sort, page or columns.
     pub fn is_plain(&self) -> bool {

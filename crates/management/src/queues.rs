@@ -18,7 +18,7 @@ use crate::auth::Caller;
 use crate::change::{change, HTTP_CONNECTION};
 use crate::error::ApiError;
 use crate::json::{count, flag as json_flag, table_to_json, TableJson};
-use crate::listing::{answer, ListQuery};
+use crate::listing::{answer, DeleteQuery, ListQuery};
 use crate::rates::{MessageStatsJson, Rate};
 use crate::AppState;
 
@@ -262,14 +262,6 @@ pub async fn declare(
     Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-pub struct DeleteQuery {
-    #[serde(rename = "if-unused")]
-    if_unused: Option<String>,
-    #[serde(rename = "if-empty")]
-    if_empty: Option<String>,
-}
-
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -278,9 +270,8 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     caller.allow(&state, &vhost, Permission::Configure, Resource::Queue, &name)?;
-    let if_unused = query.if_unused.as_deref() == Some("true");
-    let if_empty = query.if_empty.as_deref() == Some("true");
-    change(&state, &vhost, |session| session.delete_queue(HTTP_CONNECTION, &name, if_unused, if_empty)).await?;
+    change(&state, &vhost, |session| session.delete_queue(HTTP_CONNECTION, &name, query.if_unused(), query.if_empty()))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

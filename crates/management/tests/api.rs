@@ -194,6 +194,8 @@ fn queues_are_declared_published_to_peeked_purged_and_deleted_over_http() {
     let again = client.get_messages("/", "orders", 1, "ack_requeue_true").unwrap();
     assert!(again[0].redelivered);
 
+    let (status, _, body) = http(node.http, "DELETE", "/api/queues/%2F/orders?if-empty=true", ADMIN, None);
+    assert_eq!(status, 400, "not empty: {body}");
     client.purge_queue("/", "orders").unwrap();
     assert_eq!(client.get_queue_info("/", "orders").unwrap().message_count, 0);
     client.delete_queue("/", "orders", false).unwrap();
