@@ -50,7 +50,7 @@ pub(crate) mod test_support {
 
 pub use message::Message;
 pub use queue::MessageLoader;
-pub use stats::MessageStats;
+pub use stats::{MessageStats, QueueChurn};
 pub use vhost::{
     BindingSummary, ChannelKey, ConnectionId, Consume, ConsumerSummary, Definitions, ExchangeDeclare, ExchangeSummary,
     JournalEvent, Outbox, QueueDeclare, QueueId, QueueSummary, VirtualHost, VirtualHostState,

@@ -48,3 +48,13 @@ impl MessageStats {
         self.redeliver += u64::from(redelivered);
     }
 }
+
+/// Queue churn of a virtual host (RabbitMQ's `churn_rates`, Prometheus'
+/// `rabbitmq_queues_*_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueChurn {
+    /// Successful `queue.declare`s (new or existing queue).
+    pub declared: u64,
+    pub created: u64,
+    pub deleted: u64,
+}

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::queues::rate;
-use crate::rates::{depth_detail, message_stats_json, sum_message_stats};
+use crate::rates::{depth_detail, message_stats_json, sum_message_stats, NodeCounter, NodeCounts};
 use crate::AppState;
 
 /// The RabbitMQ version whose management API Warren follows.
@@ -79,6 +79,30 @@ pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Jso
         let channels = state.broker.vhost(&c.vhost).map_or(0, |h| h.lock().channel_summaries(c.id).len() as u64);
         (n + 1, ch + channels)
     });
+    let node = NodeCounts::now(&state);
+    let mut churn = serde_json::Map::new();
+    let fields: [(&str, NodeCounter); 7] = [
+        ("channel_closed", |n| n.channels_closed),
+        ("channel_created", |n| n.channels_opened),
+        ("connection_closed", |n| n.connections_closed),
+        ("connection_created", |n| n.connections_opened),
+        ("queue_created", |n| n.queues_created),
+        ("queue_declared", |n| n.queues_declared),
+        ("queue_deleted", |n| n.queues_deleted),
+    ];
+    for (name, pick) in fields {
+        churn.insert(name.into(), json!(pick(&node)));
+        churn.insert(format!("{name}_details"), depth_detail(Some(state.rates.node_rate(pick))));
+    }
+    let mut message_stats = sum_message_stats(&per_vhost);
+    if let Value::Object(map) = &mut message_stats {
+        let publisher: [(&str, NodeCounter); 2] =
+            [("confirm", |n| n.confirmed), ("return_unroutable", |n| n.returned_unroutable)];
+        for (name, pick) in publisher {
+            map.insert(name.into(), json!(pick(&node)));
+            map.insert(format!("{name}_details"), depth_detail(Some(state.rates.node_rate(pick))));
+        }
+    }
     let exchange_types: Vec<Value> = ["direct", "fanout", "headers", "topic", "x-delayed-message"]
         .iter()
         .map(|t| json!({"name": t, "description": "", "enabled": true}))
@@ -98,16 +122,8 @@ pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Jso
         "disable_stats": false,
         "is_op_policy_updating_enabled": false,
         "enable_queue_totals": true,
-        "message_stats": sum_message_stats(&per_vhost),
-        "churn_rates": {
-            "channel_closed": 0, "channel_closed_details": rate(),
-            "channel_created": 0, "channel_created_details": rate(),
-            "connection_closed": 0, "connection_closed_details": rate(),
-            "connection_created": 0, "connection_created_details": rate(),
-            "queue_created": 0, "queue_created_details": rate(),
-            "queue_declared": 0, "queue_declared_details": rate(),
-            "queue_deleted": 0, "queue_deleted_details": rate(),
-        },
+        "message_stats": message_stats,
+        "churn_rates": churn,
         "queue_totals": {
             "messages": ready + unacked,
             "messages_details": depth_detail(Some(depth_rates.0)),

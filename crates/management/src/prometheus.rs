@@ -159,6 +159,40 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         registry.register(name, help, family);
     }
 
+    let node = crate::rates::NodeCounts::now(state);
+    for (name, help, value) in [
+        ("rabbitmq_connections_opened", "Total number of connections opened", node.connections_opened),
+        ("rabbitmq_connections_closed", "Total number of connections closed or terminated", node.connections_closed),
+        ("rabbitmq_channels_opened", "Total number of channels opened", node.channels_opened),
+        ("rabbitmq_channels_closed", "Total number of channels closed", node.channels_closed),
+        ("rabbitmq_queues_declared", "Total number of queues declared", node.queues_declared),
+        ("rabbitmq_queues_created", "Total number of queues created", node.queues_created),
+        ("rabbitmq_queues_deleted", "Total number of queues deleted", node.queues_deleted),
+    ] {
+        let metric: Counter<u64, AtomicU64> = Counter::default();
+        metric.inc_by(value);
+        registry.register(name, help, metric);
+    }
+    use warren_server::broker::Counters;
+    let counters = &state.broker.counters;
+    for (name, help, value) in [
+        (
+            "rabbitmq_global_messages_received_confirm",
+            "Total number of messages received from publishers expecting confirmations",
+            Counters::get(&counters.received_confirm),
+        ),
+        ("rabbitmq_global_messages_confirmed", "Total number of messages confirmed to publishers", node.confirmed),
+        (
+            "rabbitmq_global_messages_unroutable_returned",
+            "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable",
+            node.returned_unroutable,
+        ),
+    ] {
+        let family = Family::<Labels, Counter>::default();
+        family.get_or_create(&vec![("protocol".to_string(), "amqp091".to_string())]).inc_by(value);
+        registry.register(name, help, family);
+    }
+
     let ready: u64 = snapshot.queues.iter().map(|q| q.ready).sum();
     let unacked: u64 = snapshot.queues.iter().map(|q| q.unacked).sum();
     let bytes: u64 = snapshot.queues.iter().map(|q| q.bytes).sum();

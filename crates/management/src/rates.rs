@@ -44,6 +44,52 @@ pub struct Rates {
     /// vhost -> queue -> samples.
     queues: Mutex<HashMap<String, HashMap<String, Sampled>>>,
     vhosts: Mutex<HashMap<String, Sampled>>,
+    /// Node-wide counters ([`NodeCounts`]): previous and latest sample.
+    node: Mutex<NodeSamples>,
+}
+
+/// The previous and the latest sample of the node-wide counters.
+type NodeSamples = (Option<(NodeCounts, Instant)>, Option<(NodeCounts, Instant)>);
+
+/// Reads one node-wide counter.
+pub type NodeCounter = fn(&NodeCounts) -> u64;
+
+/// The node-wide counters, as one sample holds them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeCounts {
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub channels_opened: u64,
+    pub channels_closed: u64,
+    pub queues_declared: u64,
+    pub queues_created: u64,
+    pub queues_deleted: u64,
+    pub confirmed: u64,
+    pub returned_unroutable: u64,
+}
+
+impl NodeCounts {
+    /// The counters now (queue churn summed over every virtual host).
+    pub fn now(state: &AppState) -> NodeCounts {
+        use warren_server::broker::Counters;
+        let c = &state.broker.counters;
+        let mut counts = NodeCounts {
+            connections_opened: Counters::get(&c.connections_opened),
+            connections_closed: Counters::get(&c.connections_closed),
+            channels_opened: Counters::get(&c.channels_opened),
+            channels_closed: Counters::get(&c.channels_closed),
+            confirmed: Counters::get(&c.confirmed),
+            returned_unroutable: Counters::get(&c.returned_unroutable),
+            ..NodeCounts::default()
+        };
+        for host in state.broker.vhosts() {
+            let churn = host.lock().queue_churn();
+            counts.queues_declared += churn.declared;
+            counts.queues_created += churn.created;
+            counts.queues_deleted += churn.deleted;
+        }
+        counts
+    }
 }
 
 fn record<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Sampled>, key: K, counts: Counts, now: Instant) {
@@ -95,6 +141,27 @@ impl Rates {
         sampled.retain(|key, _| vhosts.contains_key(key));
         for (key, counts) in vhosts {
             record(&mut sampled, key, counts, now);
+        }
+        drop(sampled);
+        let node = NodeCounts::now(state);
+        let mut samples = self.node.lock();
+        samples.0 = samples.1.take();
+        samples.1 = Some((node, now));
+    }
+
+    /// The rate of one node-wide counter between the last two samples.
+    pub fn node_rate(&self, pick: NodeCounter) -> f64 {
+        let samples = self.node.lock();
+        match (samples.0, samples.1) {
+            (Some((before, at)), Some((after, now))) => {
+                let seconds = now.duration_since(at).as_secs_f64();
+                if seconds > 0.0 {
+                    (pick(&after) as f64 - pick(&before) as f64) / seconds
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
         }
     }
 

@@ -500,8 +500,47 @@ fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
     assert!(value(&aggregated, "warren_log_bytes", &[]).is_some());
     assert!(aggregated.samples.iter().any(|s| s.metric == "rabbitmq_identity_info"
         && s.labels.get("rabbitmq_node").is_some_and(|n| n.starts_with("warren@"))));
+    // Publisher-side counters and churn, from an AMQP client.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let conn = lapin::Connection::connect(&node.amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+        for (key, mandatory) in [("metered", false), ("metered", false), ("nowhere", true)] {
+            let options = lapin::options::BasicPublishOptions { mandatory, ..Default::default() };
+            ch.basic_publish("".into(), key.into(), options, b"c", lapin::BasicProperties::default())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        conn.close(200, "bye".into()).await.unwrap();
+    });
+    let after = scrape(&node, "/metrics");
+    assert_eq!(value(&after, "rabbitmq_global_messages_received_confirm_total", &[]), Some(3.0));
+    assert_eq!(value(&after, "rabbitmq_global_messages_confirmed_total", &[]), Some(3.0));
+    assert_eq!(value(&after, "rabbitmq_global_messages_unroutable_returned_total", &[]), Some(1.0));
+    assert_eq!(value(&after, "rabbitmq_queues_created_total", &[]), Some(1.0));
+    assert_eq!(value(&after, "rabbitmq_connections_opened_total", &[]), Some(1.0));
+    assert_eq!(value(&after, "rabbitmq_channels_opened_total", &[]), Some(1.0));
+    for _ in 0..100 {
+        if value(&scrape(&node, "/metrics"), "rabbitmq_connections_closed_total", &[]) == Some(1.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let closed = scrape(&node, "/metrics");
+    assert_eq!(value(&closed, "rabbitmq_connections_closed_total", &[]), Some(1.0));
+    assert_eq!(value(&closed, "rabbitmq_channels_closed_total", &[]), Some(1.0));
+    let overview: Value = json_of(&http(node.http, "GET", "/api/overview", ADMIN, None).2);
+    assert_eq!(overview["churn_rates"]["queue_created"], 1);
+    assert_eq!(overview["message_stats"]["confirm"], 3);
     let per_object = scrape(&node, "/metrics/per-object");
-    assert_eq!(value(&per_object, "rabbitmq_queue_messages", &[("vhost", "/"), ("queue", "metered")]), Some(3.0));
+    assert_eq!(
+        value(&per_object, "rabbitmq_queue_messages", &[("vhost", "/"), ("queue", "metered")]),
+        Some(5.0),
+        "3 over HTTP, 2 over AMQP"
+    );
 }
 
 #[test]

@@ -44,6 +44,32 @@ pub struct ConnectionView {
     pub info: ConnectionInfo,
 }
 
+/// Node-wide counters for operators (relaxed atomics: one add per event,
+/// or per batch of confirms).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub channels_opened: AtomicU64,
+    pub channels_closed: AtomicU64,
+    /// Publishes on channels in confirm mode.
+    pub received_confirm: AtomicU64,
+    /// Publishes acked to their publisher.
+    pub confirmed: AtomicU64,
+    /// Mandatory publishes returned as unroutable.
+    pub returned_unroutable: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
 /// An open connection, as limits and runtime changes see it.
 struct Registered {
     user: String,
@@ -71,6 +97,7 @@ fn decrement(map: &mut HashMap<String, u64>, key: &str, by: u64) {
 
 pub struct Broker {
     pub config: Config,
+    pub counters: Counters,
     clock: Arc<dyn Clock>,
     vhosts: RwLock<HashMap<String, Arc<VirtualHost>>>,
     next_connection_id: AtomicU64,
@@ -160,6 +187,7 @@ impl Broker {
         };
         let broker = Broker {
             config,
+            counters: Counters::default(),
             clock,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
@@ -394,6 +422,7 @@ impl Broker {
         *registry.per_vhost.entry(vhost.to_string()).or_default() += 1;
         *registry.per_user.entry(user.name.clone()).or_default() += 1;
         registry.connections.insert(id, Registered { user: user.name.clone(), vhost: vhost.to_string(), outbox, info });
+        Counters::add(&self.counters.connections_opened, 1);
         Ok(())
     }
 
@@ -403,6 +432,8 @@ impl Broker {
             decrement(&mut registry.per_vhost, &registered.vhost, 1);
             decrement(&mut registry.per_user, &registered.user, 1);
             decrement(&mut registry.user_channels, &registered.user, channels);
+            Counters::add(&self.counters.connections_closed, 1);
+            Counters::add(&self.counters.channels_closed, channels);
         }
     }
 
@@ -420,11 +451,13 @@ impl Broker {
             }
         }
         *open += 1;
+        Counters::add(&self.counters.channels_opened, 1);
         Ok(())
     }
 
     pub fn close_channel(&self, user: &str) {
         decrement(&mut self.registry.lock().user_channels, user, 1);
+        Counters::add(&self.counters.channels_closed, 1);
     }
 
     pub fn connection_count(&self) -> usize {

@@ -66,6 +66,11 @@ pub struct ConsumerSummary {
 }
 
 impl VirtualHostState {
+    /// Queues declared, created and deleted in this virtual host.
+    pub fn queue_churn(&self) -> crate::stats::QueueChurn {
+        self.churn
+    }
+
     /// Message counters of the whole virtual host.
     pub fn message_stats(&self) -> MessageStats {
         self.stats

@@ -380,6 +380,7 @@ pub struct VirtualHostState {
     cancel_notices: Vec<(Arc<dyn Outbox>, u16, Arc<str>)>,
     /// Counters of the whole virtual host.
     stats: crate::stats::MessageStats,
+    churn: crate::stats::QueueChurn,
 }
 
 pub struct VirtualHost {
@@ -439,6 +440,7 @@ impl VirtualHostState {
             journal: Vec::new(),
             cancel_notices: Vec::new(),
             stats: crate::stats::MessageStats::default(),
+            churn: crate::stats::QueueChurn::default(),
             loader: None,
             clock: Arc::new(SystemClock),
             dead_letters: VecDeque::new(),

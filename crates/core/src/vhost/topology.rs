@@ -493,6 +493,7 @@ impl VirtualHostState {
                     )));
                 }
             }
+            self.churn.declared += 1;
             return Ok(self.declared(id));
         }
         if !server_named && name.starts_with("amq.") {
@@ -531,6 +532,8 @@ impl VirtualHostState {
         queue.last_used = now;
         self.queues.insert(id, queue);
         self.queue_ids.insert(name.as_str().into(), id);
+        self.churn.declared += 1;
+        self.churn.created += 1;
         Ok(self.declared(id))
     }
     pub(super) fn declared(&self, id: QueueId) -> QueueDeclared {
@@ -584,6 +587,7 @@ impl VirtualHostState {
         let Some(queue) = self.queues.remove(&id) else {
             return 0;
         };
+        self.churn.deleted += 1;
         self.queue_ids.remove(&*queue.name);
         self.timed.remove(&id);
         if queue.durable {

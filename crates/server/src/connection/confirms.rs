@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use warren_codec::encode;
 
 use super::Connection;
+use crate::broker::Counters;
 
 /// What a publish's confirm waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +49,11 @@ impl Confirms {
     pub(super) fn wait(&mut self, seq: u64, pending: Pending) {
         debug_assert!(self.waiting.back().is_none_or(|&(last, _)| last < seq));
         self.waiting.push_back((seq, pending));
+    }
+
+    /// Publishes confirmed (acked or nacked) so far.
+    pub(super) fn confirmed(&self) -> u64 {
+        self.confirmed
     }
 
     pub(super) fn is_waiting(&self) -> bool {
@@ -93,13 +99,23 @@ impl Connection {
     pub(super) fn flush_confirms(&mut self) {
         let durable = self.store.durable_index();
         let poisoned = self.store.is_poisoned();
+        let mut acked = 0;
         for (&number, ch) in self.channels.iter_mut().filter(|(_, ch)| ch.confirms.enabled && !ch.closing) {
+            let before = ch.confirms.confirmed();
+            let mut nacked = 0;
             ch.confirms.release(durable, poisoned, |confirm| match confirm {
                 Confirm::Ack { tag, multiple } => {
                     self.outbox.write(|buf| encode::basic_ack(buf, number, tag, multiple))
                 }
-                Confirm::Nack { tag } => self.outbox.write(|buf| encode::basic_nack(buf, number, tag, false, false)),
+                Confirm::Nack { tag } => {
+                    nacked += 1;
+                    self.outbox.write(|buf| encode::basic_nack(buf, number, tag, false, false))
+                }
             });
+            acked += ch.confirms.confirmed() - before - nacked;
+        }
+        if acked > 0 {
+            Counters::add(&self.broker.counters.confirmed, acked);
         }
     }
 }

@@ -16,6 +16,7 @@ use warren_core::Message;
 use super::confirms::Pending;
 use super::methods::TxOp;
 use super::Connection;
+use crate::broker::Counters;
 use crate::session::Session;
 use crate::store::Appended;
 
@@ -212,6 +213,9 @@ impl Connection {
         state: &mut Session<'_>,
     ) -> Result<(), AmqpError> {
         let seq = self.channels.get_mut(&number).and_then(|ch| ch.confirms.publish());
+        if seq.is_some() {
+            Counters::add(&self.broker.counters.received_confirm, 1);
+        }
         let routed = state.publish(exchange, message.clone(), extra_keys)?;
         let stored = state.flush_indices();
         if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
@@ -224,6 +228,7 @@ impl Connection {
             }
         }
         if routed.queues == 0 && mandatory {
+            Counters::add(&self.broker.counters.returned_unroutable, 1);
             let frame_max = self.outbox.frame_max();
             self.outbox.write(|buf| {
                 encode::basic_return(
