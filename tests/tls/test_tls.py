@@ -56,14 +56,14 @@ def make_certificates(directory):
 def broker():
     directory = tempfile.mkdtemp(prefix="warren-tls-")
     make_certificates(directory)
-    port, tls_port = overload.free_port(), overload.free_port()
+    port, tls_port, https_port = overload.free_port(), overload.free_port(), overload.free_port()
     data = os.path.join(directory, "data")
     config = os.path.join(directory, "warren.toml")
     with open(config, "w") as f:
         f.write('amqp_port = %d\nhttp_port = 0\nprometheus_port = 0\nbind = ["127.0.0.1"]\ndata_dir = "%s"\n'
-                '[tls]\nport = %d\ncert_file = "%s/server.pem"\nkey_file = "%s/server.key"\n'
+                '[tls]\nport = %d\nhttps_port = %d\ncert_file = "%s/server.pem"\nkey_file = "%s/server.key"\n'
                 'ca_file = "%s/ca.pem"\nverify_peer = true\n'
-                % (port, data, tls_port, directory, directory, directory))
+                % (port, data, tls_port, https_port, directory, directory, directory))
     warren = overload.find_broker()
     for args in (["add_user", "tlsuser", "unused-password"], ["set_permissions", "tlsuser", ".*", ".*", ".*"]):
         subprocess.run([warren, "ctl", "--data-dir", data, *args], check=True, capture_output=True)
@@ -77,7 +77,7 @@ def broker():
         except OSError:
             assert time.time() < deadline and process.poll() is None, open(log.name).read()
             time.sleep(0.05)
-    yield {"dir": directory, "port": port, "tls_port": tls_port}
+    yield {"dir": directory, "port": port, "tls_port": tls_port, "https_port": https_port}
     process.terminate()
     process.wait(20)
     log.close()
@@ -147,3 +147,20 @@ def test_untrusted_and_plaintext_clients_fail_and_others_carry_on(broker):
     plain = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", broker["port"]))
     plain.channel().queue_declare("after-tls-failures")
     plain.close()
+
+
+def test_the_management_api_over_https_with_the_brokers_certificate(broker):
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+    context = ssl.create_default_context(cafile=os.path.join(broker["dir"], "ca.pem"))
+    context.check_hostname = False
+    request = urllib.request.Request("https://127.0.0.1:%d/api/whoami" % broker["https_port"])
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        assert json.loads(response.read())["name"] == "guest"
+    # A client that does not trust the certificate gets no answer.
+    with pytest.raises(urllib.error.URLError) as refused:
+        urllib.request.urlopen(request, context=ssl.create_default_context(), timeout=10)
+    assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)

@@ -18,6 +18,7 @@ mod connections;
 mod error;
 mod exchanges;
 mod health;
+mod https;
 mod json;
 mod listing;
 mod overview;
@@ -42,7 +43,7 @@ pub use error::ApiError;
 /// A listener of the node, as `/api/overview` and the health checks list it.
 #[derive(Clone, Debug)]
 pub struct Listener {
-    /// `amqp`, `amqp/ssl` or `http`.
+    /// `amqp`, `amqp/ssl`, `http` or `https`.
     pub protocol: &'static str,
     pub address: SocketAddr,
 }
@@ -60,6 +61,7 @@ pub struct AppState {
 pub struct Management {
     listeners: Vec<TcpListener>,
     prometheus: Vec<TcpListener>,
+    https: Vec<https::TlsListener>,
     state: Arc<AppState>,
 }
 
@@ -76,13 +78,26 @@ impl Management {
             }
         }
         let state = Arc::new(AppState { broker, listeners: amqp, node: node_name(), rates: rates::Rates::default() });
-        Management { listeners, prometheus: Vec::new(), state }
+        Management { listeners, prometheus: Vec::new(), https: Vec::new(), state }
     }
 
     /// Also serves Prometheus metrics (`/metrics`, `/metrics/per-object`)
     /// on these listeners.
     pub fn with_prometheus(mut self, listeners: Vec<TcpListener>) -> Management {
         self.prometheus = listeners;
+        self
+    }
+
+    /// Also serves the API over HTTPS on these listeners.
+    pub fn with_https(mut self, listeners: Vec<TcpListener>, acceptor: tokio_rustls::TlsAcceptor) -> Management {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            for listener in &listeners {
+                if let Ok(address) = listener.local_addr() {
+                    state.listeners.push(Listener { protocol: "https", address });
+                }
+            }
+        }
+        self.https = listeners.into_iter().map(|tcp| https::TlsListener { tcp, acceptor: acceptor.clone() }).collect();
         self
     }
 
@@ -116,6 +131,22 @@ impl Management {
                 };
                 if let Err(error) = axum::serve(listener, service).with_graceful_shutdown(graceful).await {
                     tracing::warn!(%error, "management listener failed");
+                }
+            });
+        }
+        for listener in self.https {
+            if let Ok(address) = axum::serve::Listener::local_addr(&listener) {
+                info!(%address, "listening for the management API over HTTPS");
+            }
+            let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+            let service = api.clone().into_make_service_with_connect_info::<SocketAddr>();
+            let mut stopped = stopped.clone();
+            tasks.spawn(async move {
+                let graceful = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                if let Err(error) = axum::serve(listener, service).with_graceful_shutdown(graceful).await {
+                    tracing::warn!(%error, "management HTTPS listener failed");
                 }
             });
         }

@@ -113,6 +113,11 @@ pub struct TlsConfig {
     /// AMQPS port on the `bind` addresses; 0 picks a free one (tests).
     #[serde(default = "default_tls_port")]
     pub port: u16,
+    /// HTTPS port for the management API (RabbitMQ's `management.ssl.port`,
+    /// usually 15671), with this certificate; 0 (the default) serves no
+    /// HTTPS. Client certificates are not asked for there.
+    #[serde(default)]
+    pub https_port: u16,
     /// The server's certificate chain (PEM).
     pub cert_file: PathBuf,
     /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).

@@ -201,7 +201,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// The management API on `http_port` and Prometheus metrics on
 /// `prometheus_port`, at the AMQP `bind` addresses, unless turned off.
 async fn management(config: &Config, server: &Server) -> anyhow::Result<Option<warren_management::Management>> {
-    if config.http_port == 0 && config.prometheus_port == 0 {
+    let https_port = config.tls.as_ref().map_or(0, |tls| tls.https_port);
+    if config.http_port == 0 && config.prometheus_port == 0 && https_port == 0 {
         return Ok(None);
     }
     let mut addresses = Vec::new();
@@ -211,6 +212,14 @@ async fn management(config: &Config, server: &Server) -> anyhow::Result<Option<w
     let listeners = match config.http_port {
         0 => Vec::new(),
         port => warren_server::server::listen(&addresses, port).await?,
+    };
+    let https = match &config.tls {
+        Some(tls) if tls.https_port != 0 => {
+            let plain = warren_server::config::TlsConfig { verify_peer: false, ..tls.clone() };
+            let acceptor = warren_server::tls::acceptor(&plain)?;
+            Some((warren_server::server::listen(&addresses, tls.https_port).await?, acceptor))
+        }
+        _ => None,
     };
     let prometheus = match config.prometheus_port {
         0 => Vec::new(),
@@ -227,7 +236,12 @@ async fn management(config: &Config, server: &Server) -> anyhow::Result<Option<w
             .into_iter()
             .map(|address| warren_management::Listener { protocol: "amqp/ssl", address }),
     );
-    Ok(Some(warren_management::Management::new(server.broker(), listeners, amqp).with_prometheus(prometheus)))
+    let mut management =
+        warren_management::Management::new(server.broker(), listeners, amqp).with_prometheus(prometheus);
+    if let Some((listeners, acceptor)) = https {
+        management = management.with_https(listeners, acceptor);
+    }
+    Ok(Some(management))
 }
 
 fn main() -> anyhow::Result<()> {
