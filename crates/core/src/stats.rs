@@ -25,6 +25,18 @@ pub struct MessageStats {
 }
 
 impl MessageStats {
+    /// Adds another's counts (totals over virtual hosts).
+    pub fn add(&mut self, other: &MessageStats) {
+        self.publish += other.publish;
+        self.deliver += other.deliver;
+        self.deliver_no_ack += other.deliver_no_ack;
+        self.get += other.get;
+        self.get_no_ack += other.get_no_ack;
+        self.redeliver += other.redeliver;
+        self.ack += other.ack;
+        self.unroutable += other.unroutable;
+    }
+
     /// Every delivery and get, RabbitMQ's `deliver_get`.
     pub fn deliver_get(&self) -> u64 {
         self.deliver + self.deliver_no_ack + self.get + self.get_no_ack

@@ -25,15 +25,9 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
 }
 
 fn vhost_json(state: &AppState, name: &str) -> Value {
-    let (ready, unacked, stats) = state.broker.vhost(name).map_or((0, 0, Default::default()), |host| {
-        let locked = host.lock();
-        let (ready, unacked) = locked
-            .sorted_queue_names()
-            .iter()
-            .filter_map(|q| locked.queue_summary(q))
-            .fold((0, 0), |(r, u), q| (r + q.ready, u + q.unacked));
-        (ready, unacked, locked.message_stats())
-    });
+    let stats = state.broker.vhost(name).map(|host| host.lock().message_stats()).unwrap_or_default();
+    let (ready, unacked) =
+        crate::queues::summaries(state, name).iter().fold((0, 0), |(r, u), q| (r + q.ready, u + q.unacked));
     let rates = state.rates.vhost(name);
     json!({
         "name": name,
@@ -204,13 +198,11 @@ pub async fn definitions_export(State(state): State<Arc<AppState>>, caller: Call
     let mut bindings = Vec::new();
     for vhost in state.broker.vhost_names() {
         let Some(host) = state.broker.vhost(&vhost) else { continue };
-        let locked = host.lock();
-        for name in locked.sorted_queue_names() {
-            if let Some(q) = locked.queue_summary(&name).filter(|q| q.durable && !q.exclusive) {
-                queues.push(json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": q.auto_delete,
-                    "arguments": table_to_json(&q.arguments)}));
-            }
+        for q in crate::queues::summaries(&state, &vhost).into_iter().filter(|q| q.durable && !q.exclusive) {
+            queues.push(json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": q.auto_delete,
+                "arguments": table_to_json(&q.arguments)}));
         }
+        let locked = host.lock();
         for x in locked.exchange_summaries() {
             if x.durable && !x.name.is_empty() && !x.name.starts_with("amq.") {
                 exchanges.push(json!({"name": x.name, "vhost": vhost, "type": x.kind, "durable": true,

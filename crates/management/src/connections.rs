@@ -18,7 +18,7 @@ use crate::listing::{answer, ListQuery};
 use crate::queues::rate;
 use crate::AppState;
 
-fn channel_count(state: &AppState, c: &ConnectionView) -> usize {
+pub fn channel_count(state: &AppState, c: &ConnectionView) -> usize {
     state.broker.vhost(&c.vhost).map_or(0, |host| host.lock().channel_summaries(c.id).len())
 }
 

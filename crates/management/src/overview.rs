@@ -40,16 +40,11 @@ fn totals(state: &AppState, caller: &Caller) -> (u64, u64, u64, u64, u64) {
             continue;
         }
         let Some(host) = state.broker.vhost(&vhost) else { continue };
-        let mut names = host.lock().queue_name_list();
-        names.sort_unstable();
-        for chunk in names.chunks(256) {
-            let locked = host.lock();
-            for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {
-                out.0 += 1;
-                out.1 += q.ready;
-                out.2 += q.unacked;
-                out.4 += q.consumers as u64;
-            }
+        for q in crate::queues::summaries(state, &vhost) {
+            out.0 += 1;
+            out.1 += q.ready;
+            out.2 += q.unacked;
+            out.4 += q.consumers as u64;
         }
         out.3 += host.lock().exchange_summaries().len() as u64;
     }
@@ -75,10 +70,8 @@ pub async fn overview(State(state): State<Arc<AppState>>, caller: Caller) -> Jso
         .fold((0.0, 0.0, 0.0), |(m, r, u), view| (m + view.messages(), r + view.ready(), u + view.unacked()));
     let connections = state.broker.connections();
     let visible = connections.iter().filter(|c| caller.is_monitor() || c.user == caller.user.name);
-    let (connection_count, channel_count) = visible.fold((0u64, 0u64), |(n, ch), c| {
-        let channels = state.broker.vhost(&c.vhost).map_or(0, |h| h.lock().channel_summaries(c.id).len() as u64);
-        (n + 1, ch + channels)
-    });
+    let (connection_count, channel_count) =
+        visible.fold((0u64, 0u64), |(n, ch), c| (n + 1, ch + crate::connections::channel_count(&state, c) as u64));
     let node = NodeCounts::now(&state);
     let mut churn = serde_json::Map::new();
     let fields: [(&str, NodeCounter); 7] = [
@@ -193,7 +186,8 @@ fn node_json(state: &AppState) -> Value {
     })
 }
 
-fn open_fds() -> u64 {
+/// Open file descriptors of the process.
+pub fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64)
 }
 

@@ -25,9 +25,6 @@ use crate::AppState;
 
 type Labels = Vec<(String, String)>;
 
-/// Queues read per lock acquisition.
-const QUEUES_PER_LOCK: usize = 256;
-
 /// One queue as the metrics see it.
 struct QueueRow {
     vhost: String,
@@ -52,35 +49,19 @@ fn snapshot(state: &AppState) -> Snapshot {
     let mut queues = Vec::new();
     let mut stats = MessageStats::default();
     let connections = state.broker.connections();
-    let mut channels = 0u64;
-    for c in &connections {
-        channels += state.broker.vhost(&c.vhost).map_or(0, |h| h.lock().channel_summaries(c.id).len() as u64);
-    }
+    let channels: u64 = connections.iter().map(|c| crate::connections::channel_count(state, c) as u64).sum();
     for vhost in state.broker.vhost_names() {
         let Some(host) = state.broker.vhost(&vhost) else { continue };
-        let mut names = host.lock().queue_name_list();
-        names.sort_unstable();
-        let vhost_stats = host.lock().message_stats();
-        stats.publish += vhost_stats.publish;
-        stats.deliver += vhost_stats.deliver;
-        stats.deliver_no_ack += vhost_stats.deliver_no_ack;
-        stats.get += vhost_stats.get;
-        stats.get_no_ack += vhost_stats.get_no_ack;
-        stats.redeliver += vhost_stats.redeliver;
-        stats.ack += vhost_stats.ack;
-        stats.unroutable += vhost_stats.unroutable;
-        for chunk in names.chunks(QUEUES_PER_LOCK) {
-            let locked = host.lock();
-            for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {
-                queues.push(QueueRow {
-                    vhost: vhost.clone(),
-                    name: q.name,
-                    ready: q.ready,
-                    unacked: q.unacked,
-                    bytes: q.ready_bytes,
-                    consumers: q.consumers as u64,
-                });
-            }
+        stats.add(&host.lock().message_stats());
+        for q in crate::queues::summaries(state, &vhost) {
+            queues.push(QueueRow {
+                vhost: vhost.clone(),
+                name: q.name,
+                ready: q.ready,
+                unacked: q.unacked,
+                bytes: q.ready_bytes,
+                consumers: q.consumers as u64,
+            });
         }
     }
     Snapshot { queues, stats, connections: connections.len() as u64, channels }
@@ -236,7 +217,7 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         "Disk space available in bytes",
         warren_server::alarm::disk_free(&state.broker.config.data_dir).unwrap_or(0),
     );
-    gauge(&mut registry, "rabbitmq_process_open_fds", "Open file descriptors", open_fds());
+    gauge(&mut registry, "rabbitmq_process_open_fds", "Open file descriptors", crate::overview::open_fds());
     let alarms = state.broker.alarms.state();
     gauge(
         &mut registry,
@@ -262,10 +243,6 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
     entries.inc_by(commits.entries);
     registry.register("warren_log_entries", "Entries appended to the message log", entries);
     registry
-}
-
-fn open_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64)
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {

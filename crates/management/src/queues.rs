@@ -147,9 +147,11 @@ pub fn queue_json(state: &AppState, vhost: &str, q: &QueueSummary) -> Value {
     serde_json::to_value(QueueJson::new(state, vhost, q)).unwrap_or(Value::Null)
 }
 
-/// The queues of one virtual host, a bounded chunk per lock acquisition.
-fn vhost_queues(state: &AppState, vhost: &str, out: &mut Vec<(String, QueueSummary)>) {
-    let Some(host) = state.broker.vhost(vhost) else { return };
+/// Every queue of a virtual host, sorted by name, read a bounded chunk per
+/// lock acquisition: the one walk every listing, total, sample and scrape
+/// uses, so none holds a virtual host's lock for long.
+pub fn summaries(state: &AppState, vhost: &str) -> Vec<QueueSummary> {
+    let Some(host) = state.broker.vhost(vhost) else { return Vec::new() };
     // Time the lock is held (not waited for), for the debug log.
     let (mut names, mut longest) = {
         let locked = host.lock();
@@ -157,11 +159,11 @@ fn vhost_queues(state: &AppState, vhost: &str, out: &mut Vec<(String, QueueSumma
         (locked.queue_name_list(), held.elapsed())
     };
     names.sort_unstable();
-    out.reserve(names.len());
+    let mut out = Vec::with_capacity(names.len());
     for chunk in names.chunks(QUEUES_PER_LOCK) {
         let locked = host.lock();
         let held = std::time::Instant::now();
-        out.extend(chunk.iter().filter_map(|name| locked.queue_summary(name)).map(|q| (vhost.to_string(), q)));
+        out.extend(chunk.iter().filter_map(|name| locked.queue_summary(name)));
         longest = longest.max(held.elapsed());
         drop(locked);
     }
@@ -171,6 +173,11 @@ fn vhost_queues(state: &AppState, vhost: &str, out: &mut Vec<(String, QueueSumma
         longest_lock_us = u64::try_from(longest.as_micros()).unwrap_or(u64::MAX),
         "queues listed"
     );
+    out
+}
+
+fn vhost_queues(state: &AppState, vhost: &str, out: &mut Vec<(String, QueueSummary)>) {
+    out.extend(summaries(state, vhost).into_iter().map(|q| (vhost.to_string(), q)));
 }
 
 /// A list answer: serialized straight to bytes when the query asks for the

@@ -104,9 +104,6 @@ fn record<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Sampled>, key: K, counts
     }
 }
 
-/// Queues read per lock acquisition while sampling.
-const QUEUES_PER_LOCK: usize = 256;
-
 impl Rates {
     /// Takes one sample of every queue and virtual host.
     pub fn sample(&self, state: &AppState) {
@@ -115,17 +112,11 @@ impl Rates {
         let mut vhosts = HashMap::new();
         for vhost in state.broker.vhost_names() {
             let Some(host) = state.broker.vhost(&vhost) else { continue };
-            let mut names = host.lock().queue_name_list();
-            names.sort_unstable();
             let mut total = Counts { stats: host.lock().message_stats(), ..Counts::default() };
-            for chunk in names.chunks(QUEUES_PER_LOCK) {
-                let locked = host.lock();
-                for q in chunk.iter().filter_map(|n| locked.queue_summary(n)) {
-                    total.ready += q.ready;
-                    total.unacked += q.unacked;
-                    queues
-                        .insert((vhost.clone(), q.name), Counts { stats: q.stats, ready: q.ready, unacked: q.unacked });
-                }
+            for q in crate::queues::summaries(state, &vhost) {
+                total.ready += q.ready;
+                total.unacked += q.unacked;
+                queues.insert((vhost.clone(), q.name), Counts { stats: q.stats, ready: q.ready, unacked: q.unacked });
             }
             vhosts.insert(vhost, total);
         }

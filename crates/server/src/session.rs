@@ -74,9 +74,8 @@ impl<'a> Session<'a> {
     /// and is reported by [`Session::finish`].
     pub fn flush(&mut self) {
         self.state.send_notices();
-        if self.flush_indices().is_err() {
-            self.failed = true;
-        }
+        // A refusal is recorded in `failed` by `flush_indices`.
+        self.flush_indices().ok();
     }
 
     /// Runs dispatch, writes what it journaled, releases the lock, and
