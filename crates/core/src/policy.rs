@@ -51,6 +51,30 @@ const LOWEST_WINS: &[&str] =
 /// Keys a policy may set on exchanges.
 const EXCHANGE_KEYS: &[&str] = &["alternate-exchange"];
 
+/// RabbitMQ's keys for features Warren does not have (classic mirroring,
+/// lazy mode, federation, stream retention...): accepted and kept, so that
+/// RabbitMQ's exports and tooling apply, but they change nothing.
+pub const IGNORED_KEYS: &[&str] = &[
+    "ha-mode",
+    "ha-params",
+    "ha-sync-mode",
+    "ha-sync-batch-size",
+    "ha-promote-on-shutdown",
+    "ha-promote-on-failure",
+    "queue-mode",
+    "queue-version",
+    "queue-master-locator",
+    "queue-leader-locator",
+    "max-in-memory-length",
+    "max-in-memory-bytes",
+    "initial-cluster-size",
+    "max-age",
+    "stream-max-segment-size-bytes",
+    "federation-upstream",
+    "federation-upstream-set",
+    "federation-upstream-pattern",
+];
+
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub name: String,
@@ -83,7 +107,7 @@ impl Policy {
             regex::Regex::new(pattern).map_err(|error| PolicyError::Pattern(name.into(), error.to_string()))?;
         for key in definition.inner().keys() {
             let key = key.as_str();
-            if !QUEUE_KEYS.contains(&key) && !EXCHANGE_KEYS.contains(&key) {
+            if !QUEUE_KEYS.contains(&key) && !EXCHANGE_KEYS.contains(&key) && !IGNORED_KEYS.contains(&key) {
                 return Err(PolicyError::UnknownKey(name.into(), key.into()));
             }
         }
@@ -92,6 +116,10 @@ impl Policy {
         QueueSettings::from_arguments(&as_arguments)
             .map_err(|(key, problem)| PolicyError::Value(name.into(), key.trim_start_matches("x-").into(), problem))?;
         Ok(Policy { name: name.into(), pattern, apply_to, priority, definition })
+    }
+
+    pub fn pattern(&self) -> &str {
+        self.pattern.as_str()
     }
 
     fn applies(&self, name: &str, to_queue: bool) -> bool {
@@ -191,5 +219,12 @@ mod tests {
             Policy::new("p", ".", ApplyTo::All, 0, table(&[("max-length", AMQPValue::LongLongInt(-1))])),
             Err(PolicyError::Value(..))
         ));
+    }
+
+    #[test]
+    fn rabbitmq_keys_without_a_warren_feature_are_kept_but_change_nothing() {
+        let mirrored = table(&[("ha-mode", AMQPValue::LongString(LongString::from("all")))]);
+        let policy = Policy::new("ha", ".", ApplyTo::Queues, 0, mirrored).unwrap();
+        assert_eq!(merge(&FieldTable::default(), &policy.definition).inner().len(), 0);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use warren_server::access::AccessDefinitions;
 
 use crate::auth::Caller;
@@ -153,38 +153,71 @@ pub async fn user_limits(State(state): State<Arc<AppState>>, caller: Caller) -> 
     Ok(Json(Value::Array(items)))
 }
 
-/// Runtime policies from the configuration file, in the API's shape.
-pub async fn policies(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    let items: Vec<Value> =
-        state.broker.config.policies.iter().filter(|p| caller.sees_vhost(&state, &p.vhost)).map(policy_json).collect();
-    Ok(Json(Value::Array(items)))
-}
-
-pub async fn vhost_policies(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(vhost): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    caller.vhost_access(&state, &vhost)?;
-    let items: Vec<Value> = state.broker.config.policies.iter().filter(|p| p.vhost == vhost).map(policy_json).collect();
-    Ok(Json(Value::Array(items)))
-}
-
-fn policy_json(p: &warren_server::config::PolicyConfig) -> Value {
-    json!({
-        "vhost": p.vhost,
-        "name": p.name,
-        "pattern": p.pattern,
-        "apply-to": p.apply_to,
-        "definition": p.definition,
-        "priority": p.priority,
-    })
-}
-
 /// Warren has no runtime parameters, global parameters or feature flags:
 /// their lists are empty, as on a fresh RabbitMQ node.
 pub async fn empty_list(_caller: Caller) -> Json<Value> {
     Json(Value::Array(Vec::new()))
+}
+
+/// Durable queues, exchanges and bindings, and policies, of the given
+/// virtual hosts, each item naming its vhost unless `one_vhost`.
+fn topology(state: &AppState, vhosts: &[String], one_vhost: bool) -> Map<String, Value> {
+    let mut queues = Vec::new();
+    let mut exchanges = Vec::new();
+    let mut bindings = Vec::new();
+    let mut policies = Vec::new();
+    let tag = |mut item: Value, vhost: &str| {
+        if let (false, Some(object)) = (one_vhost, item.as_object_mut()) {
+            object.insert("vhost".into(), Value::from(vhost));
+        }
+        item
+    };
+    for vhost in vhosts {
+        let Some(host) = state.broker.vhost(vhost) else { continue };
+        for q in crate::queues::summaries(state, vhost).into_iter().filter(|q| q.durable && !q.exclusive) {
+            queues.push(tag(
+                json!({"name": q.name, "durable": true, "auto_delete": q.auto_delete,
+                    "arguments": table_to_json(&q.arguments)}),
+                vhost,
+            ));
+        }
+        {
+            let locked = host.lock();
+            for x in locked.exchange_summaries() {
+                if x.durable && !x.name.is_empty() && !x.name.starts_with("amq.") {
+                    exchanges.push(tag(
+                        json!({"name": x.name, "type": x.kind, "durable": true, "auto_delete": x.auto_delete,
+                            "internal": x.internal, "arguments": table_to_json(&x.arguments)}),
+                        vhost,
+                    ));
+                }
+            }
+            for b in locked.binding_summaries().into_iter().filter(|b| !b.source.is_empty()) {
+                bindings.push(tag(
+                    json!({"source": b.source, "destination": b.destination,
+                        "destination_type": if b.to_queue { "queue" } else { "exchange" },
+                        "routing_key": b.routing_key, "arguments": table_to_json(&b.arguments)}),
+                    vhost,
+                ));
+            }
+        }
+        for p in state.broker.policies(vhost) {
+            let item = json!({"name": p.name, "pattern": p.pattern, "apply-to": p.apply_to,
+                "definition": p.definition, "priority": p.priority});
+            policies.push(tag(item, vhost));
+        }
+    }
+    let mut out = Map::new();
+    out.insert("rabbit_version".into(), Value::from(crate::overview::RABBITMQ_VERSION));
+    out.insert("rabbitmq_version".into(), Value::from(crate::overview::RABBITMQ_VERSION));
+    out.insert("product_name".into(), Value::from("Warren"));
+    out.insert("product_version".into(), Value::from(env!("CARGO_PKG_VERSION")));
+    out.insert("parameters".into(), Value::Array(Vec::new()));
+    out.insert("policies".into(), Value::Array(policies));
+    out.insert("queues".into(), Value::Array(queues));
+    out.insert("exchanges".into(), Value::Array(exchanges));
+    out.insert("bindings".into(), Value::Array(bindings));
+    out
 }
 
 /// `GET /api/definitions`: RabbitMQ's export format (users with their
@@ -193,46 +226,65 @@ pub async fn empty_list(_caller: Caller) -> Json<Value> {
 pub async fn definitions_export(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require_administrator()?;
     let defs = definitions(&state)?;
-    let mut queues = Vec::new();
-    let mut exchanges = Vec::new();
-    let mut bindings = Vec::new();
-    for vhost in state.broker.vhost_names() {
-        let Some(host) = state.broker.vhost(&vhost) else { continue };
-        for q in crate::queues::summaries(&state, &vhost).into_iter().filter(|q| q.durable && !q.exclusive) {
-            queues.push(json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": q.auto_delete,
-                "arguments": table_to_json(&q.arguments)}));
-        }
-        let locked = host.lock();
-        for x in locked.exchange_summaries() {
-            if x.durable && !x.name.is_empty() && !x.name.starts_with("amq.") {
-                exchanges.push(json!({"name": x.name, "vhost": vhost, "type": x.kind, "durable": true,
-                    "auto_delete": x.auto_delete, "internal": x.internal, "arguments": table_to_json(&x.arguments)}));
-            }
-        }
-        for b in locked.binding_summaries().into_iter().filter(|b| !b.source.is_empty()) {
-            bindings.push(json!({"source": b.source, "vhost": vhost, "destination": b.destination,
-                "destination_type": if b.to_queue { "queue" } else { "exchange" },
-                "routing_key": b.routing_key, "arguments": table_to_json(&b.arguments)}));
-        }
-    }
-    let policies: Vec<Value> = state.broker.config.policies.iter().map(policy_json).collect();
-    Ok(Json(json!({
-        "rabbit_version": crate::overview::RABBITMQ_VERSION,
-        "rabbitmq_version": crate::overview::RABBITMQ_VERSION,
-        "product_name": "Warren",
-        "product_version": env!("CARGO_PKG_VERSION"),
-        "users": defs.users.iter().map(|u| json!({"name": u.name, "password_hash": u.password_hash,
-            "hashing_algorithm": u.hashing_algorithm, "tags": u.tags, "limits": u.limits})).collect::<Vec<_>>(),
-        "vhosts": defs.vhosts.iter().map(|v| json!({"name": v.name, "limits": [], "metadata": {"description": "", "tags": []}})).collect::<Vec<_>>(),
-        "permissions": defs.permissions.iter().map(|p| json!({"user": p.user, "vhost": p.vhost,
-            "configure": p.configure, "write": p.write, "read": p.read})).collect::<Vec<_>>(),
-        "topic_permissions": defs.topic_permissions.iter().map(|p| json!({"user": p.user, "vhost": p.vhost,
-            "exchange": p.exchange, "write": p.write, "read": p.read})).collect::<Vec<_>>(),
-        "parameters": [],
-        "global_parameters": [],
-        "policies": policies,
-        "queues": queues,
-        "exchanges": exchanges,
-        "bindings": bindings,
-    })))
+    let mut out = topology(&state, &state.broker.vhost_names(), false);
+    out.insert(
+        "users".into(),
+        defs.users
+            .iter()
+            .map(|u| {
+                json!({"name": u.name, "password_hash": u.password_hash,
+        "hashing_algorithm": u.hashing_algorithm, "tags": u.tags, "limits": u.limits})
+            })
+            .collect(),
+    );
+    out.insert(
+        "vhosts".into(),
+        defs.vhosts
+            .iter()
+            .map(|v| {
+                json!({"name": v.name, "limits": [],
+        "metadata": {"description": "", "tags": []}})
+            })
+            .collect(),
+    );
+    out.insert(
+        "permissions".into(),
+        defs.permissions
+            .iter()
+            .map(|p| {
+                json!({"user": p.user, "vhost": p.vhost,
+        "configure": p.configure, "write": p.write, "read": p.read})
+            })
+            .collect(),
+    );
+    out.insert(
+        "topic_permissions".into(),
+        defs.topic_permissions
+            .iter()
+            .map(|p| {
+                json!({"user": p.user,
+        "vhost": p.vhost, "exchange": p.exchange, "write": p.write, "read": p.read})
+            })
+            .collect(),
+    );
+    out.insert("global_parameters".into(), Value::Array(Vec::new()));
+    let limits: Vec<Value> = defs
+        .parameters
+        .iter()
+        .map(|p| json!({"vhost": p.vhost, "component": p.component, "name": p.name, "value": p.value}))
+        .collect();
+    out.insert("parameters".into(), Value::Array(limits));
+    Ok(Json(Value::Object(out)))
+}
+
+/// `GET /api/definitions/{vhost}`: one virtual host's queues, exchanges,
+/// bindings and policies, without vhost fields (RabbitMQ's per-vhost shape).
+pub async fn vhost_definitions_export(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    caller.vhost_access(&state, &vhost)?;
+    Ok(Json(Value::Object(topology(&state, &[vhost], true))))
 }

@@ -28,7 +28,7 @@ fn access_error(error: AccessError) -> ApiError {
 
 /// Applies `change` to the access definitions (file lock, atomic replace,
 /// off the async workers) and makes the broker use them.
-async fn update_access(
+pub(crate) async fn update_access(
     state: &Arc<AppState>,
     change: impl FnOnce(&mut AccessDefinitions) -> Result<(), AccessError> + Send + 'static,
 ) -> Result<(), ApiError> {
@@ -43,7 +43,7 @@ async fn update_access(
     .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
-fn current(state: &AppState) -> Result<AccessDefinitions, ApiError> {
+pub(crate) fn current(state: &AppState) -> Result<AccessDefinitions, ApiError> {
     state.broker.access_file().read().map_err(access_error).map(Option::unwrap_or_default)
 }
 
@@ -177,6 +177,57 @@ pub async fn delete_permission(
     Ok(StatusCode::NO_CONTENT)
 }
 
+pub async fn get_topic_permission(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let items: Vec<Value> = current(&state)?
+        .topic_permissions
+        .iter()
+        .filter(|p| p.vhost == vhost && p.user == user)
+        .map(|p| json!({"user": p.user, "vhost": p.vhost, "exchange": p.exchange, "write": p.write, "read": p.read}))
+        .collect();
+    if items.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(Value::Array(items)))
+}
+
+/// `PUT /api/topic-permissions/{vhost}/{user}` with `exchange`, `write` and
+/// `read`: one exchange's rules, added or replaced.
+pub async fn put_topic_permission(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| ApiError::BadRequest(format!("'{name}' is required")))
+    };
+    let (exchange, write, read) = (field("exchange")?, field("write")?, field("read")?);
+    let existed =
+        current(&state)?.topic_permissions.iter().any(|p| p.vhost == vhost && p.user == user && p.exchange == exchange);
+    update_access(&state, move |defs| defs.set_topic_permissions(&vhost, &user, &exchange, &write, &read)).await?;
+    Ok(if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED })
+}
+
+/// Clears all of a user's topic permissions in a virtual host.
+pub async fn delete_topic_permission(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    update_access(&state, move |defs| defs.clear_topic_permissions(&vhost, &user, None)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn text<'a>(item: &'a Value, key: &str) -> Result<&'a str, ApiError> {
     item.get(key).and_then(Value::as_str).ok_or_else(|| ApiError::BadRequest(format!("'{key}' is required in {item}")))
 }
@@ -193,9 +244,47 @@ pub async fn import(
     let access: AccessDefinitions =
         serde_json::from_value(body.clone()).map_err(|e| ApiError::BadRequest(format!("definitions: {e}")))?;
     update_access(&state, move |defs| defs.import(access)).await?;
+    import_topology(&state, &body, None).await
+}
+
+/// `POST /api/definitions/{vhost}`: a per-vhost export (or a full one, of
+/// which only the topology and policies are taken) into this virtual host.
+pub async fn import_vhost(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Json(body): Json<Value>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_administrator()?;
+    caller.vhost_access(&state, &vhost)?;
+    let mut policies = Vec::new();
+    for item in body.get("policies").and_then(Value::as_array).into_iter().flatten() {
+        let mut item = item.clone();
+        if let Some(object) = item.as_object_mut() {
+            object.insert("vhost".into(), Value::from(vhost.as_str()));
+        }
+        policies.push(serde_json::from_value(item).map_err(|e| ApiError::BadRequest(format!("policies: {e}")))?);
+    }
+    if !policies.is_empty() {
+        let access = AccessDefinitions { policies, ..AccessDefinitions::default() };
+        update_access(&state, move |defs| defs.import(access)).await?;
+    }
+    import_topology(&state, &body, Some(&vhost)).await
+}
+
+/// Declares an export's exchanges, queues and bindings (what exists stays),
+/// in `into` if given, else in each item's own vhost.
+async fn import_topology(state: &Arc<AppState>, body: &Value, into: Option<&str>) -> Result<StatusCode, ApiError> {
+    let state = state.clone();
+    let vhost_of = |item: &Value| -> Result<String, ApiError> {
+        match into {
+            Some(vhost) => Ok(vhost.to_string()),
+            None => text(item, "vhost").map(String::from),
+        }
+    };
     let list = |key: &str| body.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
     for x in list("exchanges") {
-        let vhost = text(&x, "vhost")?.to_string();
+        let vhost = vhost_of(&x)?;
         let arguments = json_to_table(x.get("arguments").unwrap_or(&Value::Null)).unwrap_or_default();
         let (name, kind) = (text(&x, "name")?.to_string(), text(&x, "type")?.to_string());
         change(&state, &vhost, |session| {
@@ -212,7 +301,7 @@ pub async fn import(
         .await?;
     }
     for q in list("queues") {
-        let vhost = text(&q, "vhost")?.to_string();
+        let vhost = vhost_of(&q)?;
         let name = text(&q, "name")?.to_string();
         let arguments = json_to_table(q.get("arguments").unwrap_or(&Value::Null)).unwrap_or_default();
         change(&state, &vhost, |session| {
@@ -229,7 +318,7 @@ pub async fn import(
         .await?;
     }
     for b in list("bindings") {
-        let vhost = text(&b, "vhost")?.to_string();
+        let vhost = vhost_of(&b)?;
         let (source, destination) = (text(&b, "source")?.to_string(), text(&b, "destination")?.to_string());
         let routing_key = b.get("routing_key").and_then(Value::as_str).unwrap_or_default().to_string();
         let arguments = json_to_table(b.get("arguments").unwrap_or(&Value::Null)).unwrap_or_default();

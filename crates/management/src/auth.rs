@@ -42,6 +42,15 @@ impl Caller {
         }
     }
 
+    /// Policies: policymakers and administrators (RabbitMQ's tags).
+    pub fn require_policymaker(&self) -> Result<(), ApiError> {
+        if self.is_administrator() || self.has("policymaker") {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorised("Not policymaker user".into()))
+        }
+    }
+
     pub fn require_monitor(&self) -> Result<(), ApiError> {
         if self.is_monitor() {
             Ok(())

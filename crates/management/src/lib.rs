@@ -22,6 +22,7 @@ mod https;
 mod json;
 mod listing;
 mod overview;
+mod parameters;
 mod prometheus;
 mod queues;
 mod rates;
@@ -217,12 +218,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/health/checks/protocol-listener/{protocol}", get(health::protocol_listener))
         .route("/api/health/checks/node-is-quorum-critical", get(health::quorum_critical))
         .route("/api/definitions", get(access::definitions_export).post(admin::import))
+        .route("/api/definitions/{vhost}", get(access::vhost_definitions_export).post(admin::import_vhost))
         .route("/api/extensions", get(overview::extensions))
         .route("/api/vhost-limits", get(access::vhost_limits))
+        .route("/api/vhost-limits/{vhost}", get(parameters::get_vhost_limits))
+        .route(
+            "/api/vhost-limits/{vhost}/{name}",
+            put(parameters::put_vhost_limit).delete(parameters::delete_vhost_limit),
+        )
         .route("/api/user-limits", get(access::user_limits))
-        .route("/api/policies", get(access::policies))
-        .route("/api/policies/{vhost}", get(access::vhost_policies))
+        .route("/api/user-limits/{user}", get(parameters::get_user_limits))
+        .route("/api/user-limits/{user}/{name}", put(parameters::put_user_limit).delete(parameters::delete_user_limit))
+        .route("/api/policies", get(parameters::policies))
+        .route("/api/policies/{vhost}", get(parameters::vhost_policies))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(parameters::get_policy).put(parameters::put_policy).delete(parameters::delete_policy),
+        )
         .route("/api/topic-permissions", get(access::topic_permissions))
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            get(admin::get_topic_permission).put(admin::put_topic_permission).delete(admin::delete_topic_permission),
+        )
         .route("/api/parameters", get(access::empty_list))
         .route("/api/global-parameters", get(access::empty_list))
         .route("/api/feature-flags", get(access::empty_list))

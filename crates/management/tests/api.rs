@@ -624,3 +624,152 @@ fn a_rabbitmq_definitions_file_imports_with_its_password_hashes() {
     let (status, _, _) = http(node.http, "POST", "/api/definitions", ADMIN, Some(r#"{"queues":[{"name":"q"}]}"#));
     assert_eq!(status, 400, "a queue without its vhost is refused");
 }
+
+fn depth(node: &Node, queue: &str) -> u64 {
+    let (status, _, body) = http(node.http, "GET", &format!("/api/queues/%2F/{queue}"), ADMIN, None);
+    assert_eq!(status, 200, "{body}");
+    json_of(&body)["messages"].as_u64().unwrap()
+}
+
+fn publish_n(node: &Node, queue: &str, n: usize) {
+    for i in 0..n {
+        let message =
+            json!({"properties": {}, "routing_key": queue, "payload": format!("m{i}"), "payload_encoding": "string"});
+        let (status, _, body) =
+            http(node.http, "POST", "/api/exchanges/%2F/amq.default/publish", ADMIN, Some(&message.to_string()));
+        assert_eq!((status, json_of(&body)["routed"].clone()), (200, json!(true)));
+    }
+}
+
+#[test]
+fn runtime_policies_apply_to_new_and_existing_queues_and_go_away_when_deleted() {
+    let node = Node::start();
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/capped.old", ADMIN, Some(r#"{"durable":true}"#));
+    assert_eq!(status, 201);
+    // The classic rabbitmqadmin sends the priority as a string.
+    let policy = r#"{"pattern":"^capped\\.","definition":{"max-length":2},"apply-to":"queues","priority":"1"}"#;
+    let (status, _, body) = http(node.http, "PUT", "/api/policies/%2F/cap", ADMIN, Some(policy));
+    assert_eq!(status, 201, "{body}");
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/capped.new", ADMIN, Some(r#"{"durable":true}"#));
+    assert_eq!(status, 201);
+    publish_n(&node, "capped.old", 5);
+    publish_n(&node, "capped.new", 5);
+    assert_eq!((depth(&node, "capped.old"), depth(&node, "capped.new")), (2, 2), "drop-head at 2");
+    let (_, _, body) = http(node.http, "GET", "/api/queues/%2F/capped.new", ADMIN, None);
+    assert_eq!(json_of(&body)["policy"], json!("cap"));
+
+    // A strict client reads it back.
+    let listed = node.admin().list_policies().unwrap();
+    let cap = listed.iter().find(|p| p.name == "cap").expect("listed");
+    assert_eq!((cap.pattern.as_str(), cap.priority), ("^capped\\.", 1));
+    let (status, _, body) = http(node.http, "GET", "/api/policies/%2F/cap", ADMIN, None);
+    assert_eq!((status, json_of(&body)["definition"]["max-length"].clone()), (200, json!(2)));
+
+    // Refused, and nothing changes: an unknown key, a bad pattern, no
+    // definition, a user who is no policymaker.
+    for (who, body, expected) in [
+        (ADMIN, r#"{"pattern":".","definition":{"max-lenght":1}}"#, 400),
+        (ADMIN, r#"{"pattern":"(","definition":{"max-length":1}}"#, 400),
+        (ADMIN, r#"{"pattern":"."}"#, 400),
+        (ADMIN, r#"{"pattern":".","definition":{"max-length":1},"apply-to":"streams"}"#, 400),
+        (Some(("app", "app-pw")), r#"{"pattern":".","definition":{"max-length":1}}"#, 401),
+    ] {
+        let (status, _, answer) = http(node.http, "PUT", "/api/policies/%2F/cap", who, Some(body));
+        assert_eq!(status, expected, "{body}: {answer}");
+    }
+    let (_, _, body) = http(node.http, "GET", "/api/policies/%2F/cap", ADMIN, None);
+    assert_eq!(json_of(&body)["definition"], json!({"max-length": 2}));
+
+    // A policymaker manages policies in its virtual hosts.
+    let (status, _, _) =
+        http(node.http, "PUT", "/api/users/pm", ADMIN, Some(r#"{"password":"pm-pw","tags":"policymaker"}"#));
+    assert_eq!(status, 201);
+    let (status, _, _) = http(
+        node.http,
+        "PUT",
+        "/api/permissions/%2F/pm",
+        ADMIN,
+        Some(r#"{"configure":".*","write":".*","read":".*"}"#),
+    );
+    assert_eq!(status, 201);
+    let mirrored = r#"{"pattern":"^ha\\.","definition":{"ha-mode":"all"}}"#;
+    let (status, _, body) = http(node.http, "PUT", "/api/policies/%2F/ha", Some(("pm", "pm-pw")), Some(mirrored));
+    assert_eq!(status, 201, "RabbitMQ's mirroring keys are accepted (and change nothing): {body}");
+
+    let (status, _, _) = http(node.http, "DELETE", "/api/policies/%2F/cap", ADMIN, None);
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "DELETE", "/api/policies/%2F/cap", ADMIN, None);
+    assert_eq!(status, 404);
+    publish_n(&node, "capped.old", 3);
+    assert_eq!(depth(&node, "capped.old"), 5, "no longer capped");
+}
+
+#[test]
+fn per_vhost_definitions_export_and_import_with_policies() {
+    let node = Node::start();
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/jobs.a", ADMIN, Some(r#"{"durable":true}"#));
+    assert_eq!(status, 201);
+    let policy = r#"{"pattern":"^jobs\\.","definition":{"message-ttl":60000},"apply-to":"queues"}"#;
+    let (status, _, _) = http(node.http, "PUT", "/api/policies/%2F/ttl", ADMIN, Some(policy));
+    assert_eq!(status, 201);
+    let (status, _, body) = http(node.http, "GET", "/api/definitions/%2F", ADMIN, None);
+    assert_eq!(status, 200);
+    let exported = json_of(&body);
+    assert!(exported.get("users").is_none(), "a per-vhost export has no users");
+    assert!(exported["queues"].as_array().unwrap().iter().any(|q| q["name"] == "jobs.a" && q.get("vhost").is_none()));
+    assert!(exported["policies"].as_array().unwrap().iter().any(|p| p["name"] == "ttl"));
+
+    let (status, _, _) = http(node.http, "PUT", "/api/vhosts/copy", ADMIN, None);
+    assert_eq!(status, 201);
+    let (status, _, answer) = http(node.http, "POST", "/api/definitions/copy", ADMIN, Some(&body));
+    assert_eq!(status, 204, "{answer}");
+    let (status, _, answer) = http(node.http, "GET", "/api/queues/copy/jobs.a", ADMIN, None);
+    assert_eq!((status, json_of(&answer)["policy"].clone()), (200, json!("ttl")), "{answer}");
+    let (status, _, answer) = http(node.http, "GET", "/api/policies/copy", ADMIN, None);
+    assert_eq!((status, json_of(&answer).as_array().map(Vec::len)), (200, Some(1)));
+}
+
+#[test]
+fn topic_permissions_and_limits_are_written_over_http_and_enforced() {
+    let node = Node::start();
+    let rule = r#"{"exchange":"amq.topic","write":"^public\\.","read":".*"}"#;
+    let (status, _, _) = http(node.http, "PUT", "/api/topic-permissions/%2F/app", ADMIN, Some(rule));
+    assert_eq!(status, 201);
+    let (status, _, body) = http(node.http, "GET", "/api/topic-permissions/%2F/app", ADMIN, None);
+    assert_eq!((status, json_of(&body)[0]["write"].clone()), (200, json!("^public\\.")));
+    let (status, _, _) = http(node.http, "PUT", "/api/topic-permissions/%2F/app", ADMIN, Some(r#"{"exchange":"x"}"#));
+    assert_eq!(status, 400);
+    let (status, _, _) = http(node.http, "DELETE", "/api/topic-permissions/%2F/app", ADMIN, None);
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "GET", "/api/topic-permissions/%2F/app", ADMIN, None);
+    assert_eq!(status, 404);
+
+    // A virtual host limit of one queue is enforced at once.
+    let (status, _, _) = http(node.http, "PUT", "/api/vhost-limits/%2F/max-queues", ADMIN, Some(r#"{"value":1}"#));
+    assert_eq!(status, 204);
+    let (_, _, body) = http(node.http, "GET", "/api/vhost-limits/%2F", ADMIN, None);
+    assert_eq!(json_of(&body)[0]["value"], json!({"max-queues": 1}));
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/first", ADMIN, Some("{}"));
+    assert_eq!(status, 201);
+    let (status, _, body) = http(node.http, "PUT", "/api/queues/%2F/second", ADMIN, Some("{}"));
+    assert_eq!(status, 400, "{body}");
+    let (status, _, _) = http(node.http, "PUT", "/api/vhost-limits/%2F/max-queues", ADMIN, Some(r#"{"value":"x"}"#));
+    assert_eq!(status, 400);
+    let (status, _, _) = http(node.http, "PUT", "/api/vhost-limits/%2F/max-cheese", ADMIN, Some(r#"{"value":1}"#));
+    assert_eq!(status, 400);
+    let (status, _, _) = http(node.http, "DELETE", "/api/vhost-limits/%2F/max-queues", ADMIN, None);
+    assert_eq!(status, 204);
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/second", ADMIN, Some("{}"));
+    assert_eq!(status, 201);
+
+    let (status, _, _) = http(node.http, "PUT", "/api/user-limits/app/max-channels", ADMIN, Some(r#"{"value":3}"#));
+    assert_eq!(status, 204);
+    let (_, _, body) = http(node.http, "GET", "/api/user-limits/app", ADMIN, None);
+    assert_eq!(json_of(&body)[0]["value"], json!({"max-channels": 3}));
+    let (status, _, _) = http(node.http, "DELETE", "/api/user-limits/app/max-channels", ADMIN, None);
+    assert_eq!(status, 204);
+    let (_, _, body) = http(node.http, "GET", "/api/user-limits/app", ADMIN, None);
+    assert_eq!(json_of(&body), json!([]));
+    let (status, _, _) = http(node.http, "PUT", "/api/user-limits/nobody/max-channels", ADMIN, Some(r#"{"value":3}"#));
+    assert_eq!(status, 404);
+}

@@ -2,7 +2,7 @@
 //!
 //! They live in `access.json` in the data directory, in the shape of a
 //! RabbitMQ definitions export (`users`, `vhosts`, `permissions`,
-//! `topic_permissions`, `parameters` with `vhost-limits`), so a RabbitMQ
+//! `topic_permissions`, `parameters` with `vhost-limits`, `policies`), so a RabbitMQ
 //! export can be imported as it is and Warren's file reads like one.
 //! `warren ctl` edits the file under a lock; the broker notices the change
 //! and applies it while running.
@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
+use warren_core::policy::{ApplyTo, Policy};
 use warren_storage::{Backend, FsBackend};
 
 use crate::password;
@@ -45,6 +47,10 @@ pub enum AccessError {
     Password { user: String, source: password::PasswordError },
     #[error("cannot read or write {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Policy(String),
+    #[error("no such policy '{0}'")]
+    NoPolicy(String),
     #[error("{path} is not a valid definitions file: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
 }
@@ -133,6 +139,67 @@ pub struct ParameterDef {
     pub value: serde_json::Value,
 }
 
+/// A runtime policy, in RabbitMQ's export and API shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyDef {
+    pub vhost: String,
+    pub name: String,
+    pub pattern: String,
+    #[serde(rename = "apply-to", alias = "apply_to", default = "default_apply_to")]
+    pub apply_to: String,
+    #[serde(default)]
+    pub definition: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub priority: i64,
+}
+
+fn default_apply_to() -> String {
+    "all".into()
+}
+
+impl PolicyDef {
+    /// Compiles and checks it: the pattern, `apply-to` and every key.
+    pub fn to_policy(&self) -> Result<Policy, AccessError> {
+        let apply_to = ApplyTo::parse(&self.apply_to).ok_or_else(|| {
+            AccessError::Policy(format!(
+                "policy '{}': apply-to must be queues, exchanges or all, not '{}'",
+                self.name, self.apply_to
+            ))
+        })?;
+        if self.definition.is_empty() {
+            return Err(AccessError::Policy(format!("policy '{}': the definition is empty", self.name)));
+        }
+        let mut definition = FieldTable::default();
+        for (key, value) in &self.definition {
+            definition.insert(ShortString::from(key.as_str()), amqp_value(value));
+        }
+        Policy::new(&self.name, &self.pattern, apply_to, self.priority, definition)
+            .map_err(|error| AccessError::Policy(error.to_string()))
+    }
+}
+
+/// A policy value as the field-table value queue arguments would carry.
+fn amqp_value(value: &serde_json::Value) -> AMQPValue {
+    use serde_json::Value;
+    match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(items) => AMQPValue::FieldArray(items.iter().map(amqp_value).collect::<Vec<_>>().into()),
+        Value::Object(map) => {
+            let mut table = FieldTable::default();
+            for (key, value) in map {
+                table.insert(ShortString::from(key.as_str()), amqp_value(value));
+            }
+            AMQPValue::FieldTable(table)
+        }
+    }
+}
+
 /// The access definitions as stored (and as RabbitMQ exports them; other
 /// sections of an export are ignored).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -147,6 +214,9 @@ pub struct AccessDefinitions {
     pub topic_permissions: Vec<TopicPermissionDef>,
     #[serde(default)]
     pub parameters: Vec<ParameterDef>,
+    /// Runtime policies (those of the configuration file are not here).
+    #[serde(default)]
+    pub policies: Vec<PolicyDef>,
 }
 
 fn check_regex(pattern: &str) -> Result<(), AccessError> {
@@ -265,6 +335,26 @@ impl AccessDefinitions {
         self.permissions.retain(|p| p.vhost != name);
         self.topic_permissions.retain(|p| p.vhost != name);
         self.parameters.retain(|p| p.vhost != name);
+        self.policies.retain(|p| p.vhost != name);
+        Ok(())
+    }
+
+    /// Adds or replaces a runtime policy (by virtual host and name).
+    pub fn set_policy(&mut self, policy: PolicyDef) -> Result<(), AccessError> {
+        self.need_vhost(&policy.vhost)?;
+        policy.to_policy()?;
+        self.policies.retain(|p| !(p.vhost == policy.vhost && p.name == policy.name));
+        self.policies.push(policy);
+        Ok(())
+    }
+
+    pub fn clear_policy(&mut self, vhost: &str, name: &str) -> Result<(), AccessError> {
+        self.need_vhost(vhost)?;
+        let before = self.policies.len();
+        self.policies.retain(|p| !(p.vhost == vhost && p.name == name));
+        if self.policies.len() == before {
+            return Err(AccessError::NoPolicy(name.into()));
+        }
         Ok(())
     }
 
@@ -391,6 +481,9 @@ impl AccessDefinitions {
                 check_regex(pattern)?;
             }
         }
+        for p in &other.policies {
+            p.to_policy()?;
+        }
         for user in other.users {
             self.users.retain(|u| u.name != user.name);
             self.users.push(user);
@@ -412,6 +505,10 @@ impl AccessDefinitions {
             self.parameters.retain(|q| !(q.vhost == p.vhost && q.component == VHOST_LIMITS));
             self.parameters.push(p);
         }
+        for p in other.policies {
+            self.policies.retain(|q| !(q.vhost == p.vhost && q.name == p.name));
+            self.policies.push(p);
+        }
         // Grants for users or virtual hosts the export does not define are
         // dropped, as RabbitMQ would refuse them.
         let users: Vec<String> = self.users.iter().map(|u| u.name.clone()).collect();
@@ -419,6 +516,7 @@ impl AccessDefinitions {
         self.permissions.retain(|p| users.contains(&p.user) && vhosts.contains(&p.vhost));
         self.topic_permissions.retain(|p| users.contains(&p.user) && vhosts.contains(&p.vhost));
         self.parameters.retain(|p| vhosts.contains(&p.vhost));
+        self.policies.retain(|p| vhosts.contains(&p.vhost));
         Ok(())
     }
 }
@@ -702,6 +800,7 @@ pub struct Access {
     users: HashMap<String, Arc<User>>,
     vhosts: BTreeMap<String, Limits>,
     permissions: HashMap<(String, String), Arc<Permissions>>,
+    policies: Vec<PolicyDef>,
 }
 
 impl Access {
@@ -750,7 +849,12 @@ impl Access {
                 ((p.user.clone(), p.vhost.clone()), Arc::new(compiled))
             })
             .collect();
-        Access { users, vhosts, permissions }
+        Access { users, vhosts, permissions, policies: definitions.policies.clone() }
+    }
+
+    /// The runtime policies of one virtual host.
+    pub fn policies<'a>(&'a self, vhost: &'a str) -> impl Iterator<Item = &'a PolicyDef> + 'a {
+        self.policies.iter().filter(move |p| p.vhost == vhost)
     }
 
     pub fn user(&self, name: &str) -> Option<Arc<User>> {

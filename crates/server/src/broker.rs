@@ -220,10 +220,8 @@ impl Broker {
     fn prepare_vhost(&self, vhost: &VirtualHost) {
         let config = &self.config;
         let mut state = Session::open(vhost, &self.store);
-        // Validated with the configuration; an invalid one is skipped.
         let name = state.name.clone();
-        let policies = config.policies.iter().filter(|p| p.vhost == name).filter_map(|p| p.to_policy().ok());
-        state.set_policies(policies.collect());
+        state.set_policies(self.compiled_policies(&self.access.read(), &name));
         state.set_loader(self.store.clone());
         state.set_clock(self.clock.clone());
         state.set_consumer_timeout((config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms));
@@ -232,6 +230,24 @@ impl Broker {
         );
         let limits = self.access.read().vhost_limits(&state.name).unwrap_or_default();
         state.set_max_queues(limits.max_queues);
+    }
+
+    /// A virtual host's policies: the configuration file's, then the
+    /// runtime ones (API, `warren ctl`, imports), a runtime policy replacing
+    /// a file policy of the same name.
+    pub fn policies(&self, vhost: &str) -> Vec<crate::access::PolicyDef> {
+        let access = self.access.read().clone();
+        let runtime: Vec<_> = access.policies(vhost).cloned().collect();
+        let from_file = self.config.policies.iter().filter(|p| p.vhost == vhost).map(|p| p.to_def());
+        from_file.filter(|p| !runtime.iter().any(|r| r.name == p.name)).chain(runtime.iter().cloned()).collect()
+    }
+
+    fn compiled_policies(&self, access: &Access, vhost: &str) -> Vec<warren_core::policy::Policy> {
+        let runtime: Vec<_> = access.policies(vhost).collect();
+        let from_file =
+            self.config.policies.iter().filter(|p| p.vhost == vhost && !runtime.iter().any(|r| r.name == p.name));
+        // All were checked when written; one that no longer compiles is skipped.
+        from_file.filter_map(|p| p.to_policy().ok()).chain(runtime.iter().filter_map(|p| p.to_policy().ok())).collect()
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VirtualHost>> {
@@ -309,7 +325,7 @@ impl Broker {
 
     fn apply(&self, definitions: &AccessDefinitions) {
         let access = Arc::new(Access::compile(definitions));
-        *self.access.write() = access.clone();
+        let previous = std::mem::replace(&mut *self.access.write(), access.clone());
         self.access_generation.fetch_add(1, Ordering::AcqRel);
         let existing: Vec<String> = self.vhosts.read().keys().cloned().collect();
         for name in access.vhost_names().filter(|n| !existing.contains(n)) {
@@ -327,6 +343,12 @@ impl Broker {
             let mut state = Session::open(&vhost, &self.store);
             let limits = access.vhost_limits(&state.name).unwrap_or_default();
             state.set_max_queues(limits.max_queues);
+            // Re-applying walks every queue: only when this vhost's changed.
+            if !previous.policies(&state.name).eq(access.policies(&state.name)) {
+                info!(vhost = %state.name, "policies changed");
+                let policies = self.compiled_policies(&access, &state.name);
+                state.set_policies(policies);
+            }
         }
         let gone: Vec<String> = {
             let registry = self.registry.lock();

@@ -164,32 +164,25 @@ fn default_apply_to() -> String {
 }
 
 impl PolicyConfig {
-    pub fn to_policy(&self) -> Result<warren_core::policy::Policy, ConfigError> {
-        use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
-        let apply_to = warren_core::policy::ApplyTo::parse(&self.apply_to).ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "policy '{}': apply-to must be queues, exchanges or all, not '{}'",
-                self.name, self.apply_to
-            ))
-        })?;
-        let mut definition = FieldTable::default();
-        for (key, value) in &self.definition {
-            let value = match value {
-                toml::Value::Integer(n) => AMQPValue::LongLongInt(*n),
-                toml::Value::Float(f) => AMQPValue::Double(*f),
-                toml::Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-                toml::Value::Boolean(b) => AMQPValue::Boolean(*b),
-                other => {
-                    return Err(ConfigError::Invalid(format!(
-                        "policy '{}': unsupported value for '{key}': {other}",
-                        self.name
-                    )))
-                }
-            };
-            definition.insert(ShortString::from(key.as_str()), value);
+    /// The same policy in the runtime shape, so both kinds are checked and
+    /// compiled by one path.
+    pub fn to_def(&self) -> crate::access::PolicyDef {
+        let definition = match serde_json::to_value(&self.definition) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        crate::access::PolicyDef {
+            vhost: self.vhost.clone(),
+            name: self.name.clone(),
+            pattern: self.pattern.clone(),
+            apply_to: self.apply_to.clone(),
+            definition,
+            priority: self.priority,
         }
-        warren_core::policy::Policy::new(&self.name, &self.pattern, apply_to, self.priority, definition)
-            .map_err(|error| ConfigError::Invalid(error.to_string()))
+    }
+
+    pub fn to_policy(&self) -> Result<warren_core::policy::Policy, ConfigError> {
+        self.to_def().to_policy().map_err(|error| ConfigError::Invalid(error.to_string()))
     }
 }
 

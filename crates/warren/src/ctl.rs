@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use warren_server::access::{AccessDefinitions, AccessFile, Seed, KNOWN_TAGS};
+use warren_server::access::{AccessDefinitions, AccessFile, PolicyDef, Seed, KNOWN_TAGS};
 use warren_server::Config;
 
 #[derive(Args)]
@@ -121,6 +121,32 @@ enum CtlCommand {
     SetUserLimits { user: String, limits: String },
     #[command(name = "clear_user_limits")]
     ClearUserLimits { user: String },
+    /// Sets a runtime policy, as rabbitmqctl does: NAME PATTERN DEFINITION (JSON).
+    #[command(name = "set_policy")]
+    SetPolicy {
+        #[command(flatten)]
+        vhost: VhostArg,
+        /// queues, exchanges or all.
+        #[arg(long = "apply-to", default_value = "all")]
+        apply_to: String,
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i64,
+        name: String,
+        pattern: String,
+        definition: String,
+    },
+    #[command(name = "clear_policy")]
+    ClearPolicy {
+        #[command(flatten)]
+        vhost: VhostArg,
+        name: String,
+    },
+    /// Runtime policies (those of the configuration file are not listed).
+    #[command(name = "list_policies")]
+    ListPolicies {
+        #[command(flatten)]
+        vhost: VhostArg,
+    },
     /// Adds users, virtual hosts, permissions and limits from a definitions file (a RabbitMQ
     /// export works: its password hashes are kept).
     #[command(name = "import_definitions")]
@@ -272,6 +298,38 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("Clearing limits of user \"{user}\" ...");
             update(&|d| d.clear_user_limits(&user))?;
         }
+        C::SetPolicy { vhost: VhostArg { vhost }, apply_to, priority, name, pattern, definition } => {
+            println!(
+                "Setting policy \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{vhost}\" ..."
+            );
+            let definition: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&definition)
+                .with_context(|| format!("the definition '{definition}' is not a JSON object"))?;
+            let policy = PolicyDef { vhost, name, pattern, apply_to, definition, priority };
+            update(&|d| d.set_policy(policy.clone()))?;
+        }
+        C::ClearPolicy { vhost: VhostArg { vhost }, name } => {
+            println!("Clearing policy \"{name}\" on vhost \"{vhost}\" ...");
+            update(&|d| d.clear_policy(&vhost, &name))?;
+        }
+        C::ListPolicies { vhost: VhostArg { vhost } } => print_table(
+            &["vhost", "name", "pattern", "apply-to", "definition", "priority"],
+            current
+                .policies
+                .iter()
+                .filter(|p| p.vhost == vhost)
+                .map(|p| {
+                    let definition = serde_json::Value::Object(p.definition.clone()).to_string();
+                    vec![
+                        p.vhost.clone(),
+                        p.name.clone(),
+                        p.pattern.clone(),
+                        p.apply_to.clone(),
+                        definition,
+                        p.priority.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
         C::ImportDefinitions { file: path } => {
             let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let imported: AccessDefinitions = serde_json::from_slice(&text)

@@ -177,6 +177,29 @@ fn ctl_manages_users_vhosts_and_permissions_of_a_running_broker() {
         assert!(ctl(&data, &["import_definitions", export.to_str().unwrap()]).status.success());
         tokio::time::sleep(Duration::from_millis(600)).await;
         lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await.unwrap();
+
+        // A runtime policy, as rabbitmqctl sets it, caps a queue at once.
+        let guest = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
+        let conn = lapin::Connection::connect(&guest, lapin::ConnectionProperties::default()).await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let declare = lapin::options::QueueDeclareOptions::default();
+        channel.queue_declare("capped".into(), declare, Default::default()).await.unwrap();
+        let set = ctl(&data, &["set_policy", "--apply-to", "queues", "cap", "^capped$", r#"{"max-length": 1}"#]);
+        assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+        let bad = ctl(&data, &["set_policy", "cap", ".", r#"{"max-lenght": 1}"#]);
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown key 'max-lenght'"), "{bad:?}");
+        let listed = String::from_utf8(ctl(&data, &["list_policies"]).stdout).unwrap();
+        assert!(listed.contains("cap\t^capped$\tqueues"), "{listed}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        for body in [b"1", b"2", b"3"] {
+            let options = lapin::options::BasicPublishOptions::default();
+            channel.basic_publish("".into(), "capped".into(), options, body, Default::default()).await.unwrap();
+        }
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..declare };
+        let queue = channel.queue_declare("capped".into(), passive, Default::default()).await.unwrap();
+        assert_eq!(queue.message_count(), 1, "max-length 1 from the policy");
+        assert!(ctl(&data, &["clear_policy", "cap"]).status.success());
+        assert!(!ctl(&data, &["clear_policy", "cap"]).status.success());
     });
     broker.kill().unwrap();
     let _ = broker.wait();

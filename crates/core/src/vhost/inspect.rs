@@ -30,6 +30,8 @@ pub struct QueueSummary {
     /// When a client last used the queue (declare, consume, get),
     /// milliseconds since the epoch; 0 if never.
     pub last_used_ms: u64,
+    /// The policy in effect: its name and definition.
+    pub policy: Option<(String, FieldTable)>,
 }
 
 /// An exchange as an operator sees it.
@@ -109,6 +111,8 @@ impl VirtualHostState {
             exclusive_consumer_tag: queue.consumers.iter().find(|c| c.exclusive).map(|c| c.tag.to_string()),
             stats: queue.stats,
             last_used_ms: queue.last_used,
+            policy: crate::policy::effective(&self.policies, name, true)
+                .map(|p| (p.name.clone(), p.definition.clone())),
         })
     }
 
