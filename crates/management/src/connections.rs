@@ -15,7 +15,6 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::table_to_json;
 use crate::listing::{answer, ListQuery};
-use crate::queues::rate;
 use crate::AppState;
 
 pub fn channel_count(state: &AppState, c: &ConnectionView) -> usize {
@@ -24,6 +23,7 @@ pub fn channel_count(state: &AppState, c: &ConnectionView) -> usize {
 
 fn connection_json(state: &AppState, c: &ConnectionView) -> Value {
     let info = &c.info;
+    let (received, sent) = state.rates.traffic(c.id);
     json!({
         "name": info.name,
         "node": state.node,
@@ -45,10 +45,12 @@ fn connection_json(state: &AppState, c: &ConnectionView) -> Value {
         "timeout": info.heartbeat_s,
         "connected_at": info.connected_at_ms,
         "client_properties": table_to_json(&info.client_properties),
-        "recv_oct": 0,
-        "recv_oct_details": rate(),
-        "send_oct": 0,
-        "send_oct_details": rate(),
+        "recv_oct": c.traffic.recv_oct,
+        "recv_oct_details": crate::rates::depth_detail(Some(received)),
+        "recv_cnt": c.traffic.recv_cnt,
+        "send_oct": c.traffic.send_oct,
+        "send_oct_details": crate::rates::depth_detail(Some(sent)),
+        "send_cnt": c.traffic.send_cnt,
     })
 }
 

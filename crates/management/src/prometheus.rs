@@ -7,16 +7,18 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use warren_core::MessageStats;
 
@@ -33,6 +35,26 @@ struct QueueRow {
     unacked: u64,
     bytes: u64,
     consumers: u64,
+}
+
+/// A histogram read from counters kept elsewhere (the broker's atomics):
+/// `prometheus-client`'s own type can only observe, not be loaded.
+#[derive(Debug)]
+struct Loaded {
+    sum: f64,
+    count: u64,
+    /// (upper bound, count in that bucket), not cumulative; `f64::MAX` last.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for Loaded {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// Reads one figure of a queue.
@@ -242,6 +264,30 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
     let entries: Counter<u64, AtomicU64> = Counter::default();
     entries.inc_by(commits.entries);
     registry.register("warren_log_entries", "Entries appended to the message log", entries);
+    let bounds = warren_storage::group::BATCH_BOUNDS.iter().map(|&b| b as f64).chain(std::iter::once(f64::MAX));
+    #[expect(clippy::cast_precision_loss, reason = "a metric")]
+    let per_fsync = Loaded {
+        sum: commits.entries as f64,
+        count: commits.batch_sizes.iter().sum(),
+        buckets: bounds.zip(commits.batch_sizes).collect(),
+    };
+    registry.register("warren_log_entries_per_fsync", "Log entries made durable by one group commit", per_fsync);
+    let latency = state.broker.counters.confirm_latency.read();
+    registry.register(
+        "warren_confirm_latency_seconds",
+        "Time from a publish to its confirm (one publish in flight per channel is timed)",
+        Loaded { sum: latency.sum_seconds, count: latency.count, buckets: latency.buckets },
+    );
+    let traffic =
+        state.broker.connections().iter().fold((0, 0), |(r, s), c| (r + c.traffic.recv_oct, s + c.traffic.send_oct));
+    for (name, help, value) in [
+        ("rabbitmq_connection_incoming_bytes", "Total number of bytes received on a connection", traffic.0),
+        ("rabbitmq_connection_outgoing_bytes", "Total number of bytes sent on a connection", traffic.1),
+    ] {
+        let metric: Counter<u64, AtomicU64> = Counter::default();
+        metric.inc_by(value);
+        registry.register(name, help, metric);
+    }
     registry
 }
 
@@ -260,7 +306,172 @@ fn render(state: &AppState, per_object: bool) -> Result<impl IntoResponse, ApiEr
     Ok(([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
 }
 
+/// `/metrics/detailed?family=…&vhost=…`: RabbitMQ's metric groups by
+/// name, per object, `rabbitmq_detailed_` prefixed; the queue groups limited
+/// to the given virtual hosts (all when none is given). Groups Warren has no
+/// figures for (Erlang's, Raft's) are answered empty, as unknown ones are.
+async fn detailed(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut families = Vec::new();
+    let mut vhosts = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "family" => families.push(value.into_owned()),
+            "vhost" => vhosts.push(value.into_owned()),
+            _ => {}
+        }
+    }
+    let registry = detailed_registry(&state, &families, &vhosts);
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
+}
+
+fn per_queue(registry: &mut Registry, rows: &[QueueRow], name: &str, help: &str, pick: QueueField) {
+    let family = Family::<Labels, Gauge>::default();
+    for q in rows {
+        let labels = vec![("vhost".to_string(), q.vhost.clone()), ("queue".to_string(), q.name.clone())];
+        family.get_or_create(&labels).set(i64::try_from(pick(q)).unwrap_or(i64::MAX));
+    }
+    registry.register(name, help, family);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let metric: Counter<u64, AtomicU64> = Counter::default();
+    metric.inc_by(value);
+    registry.register(name, help, metric);
+}
+
+fn detailed_registry(state: &AppState, families: &[String], vhosts: &[String]) -> Registry {
+    let mut registry = Registry::default();
+    let wants = |family: &str| families.iter().any(|f| f == family);
+    if wants("connection_churn_metrics") {
+        let node = crate::rates::NodeCounts::now(state);
+        for (name, help, value) in [
+            ("rabbitmq_detailed_connections_opened", "Total number of connections opened", node.connections_opened),
+            (
+                "rabbitmq_detailed_connections_closed",
+                "Total number of connections closed or terminated",
+                node.connections_closed,
+            ),
+            ("rabbitmq_detailed_channels_opened", "Total number of channels opened", node.channels_opened),
+            ("rabbitmq_detailed_channels_closed", "Total number of channels closed", node.channels_closed),
+            ("rabbitmq_detailed_queues_declared", "Total number of queues declared", node.queues_declared),
+            ("rabbitmq_detailed_queues_created", "Total number of queues created", node.queues_created),
+            ("rabbitmq_detailed_queues_deleted", "Total number of queues deleted", node.queues_deleted),
+        ] {
+            counter(&mut registry, name, help, value);
+        }
+    }
+    if wants("node_coarse_metrics") {
+        gauge(
+            &mut registry,
+            "rabbitmq_detailed_process_open_fds",
+            "Open file descriptors",
+            crate::overview::open_fds(),
+        );
+        let memory = warren_server::alarm::resident_bytes().unwrap_or(0);
+        gauge(&mut registry, "rabbitmq_detailed_process_resident_memory_bytes", "Memory used in bytes", memory);
+        let free = warren_server::alarm::disk_free(&state.broker.config.data_dir).unwrap_or(0);
+        gauge(&mut registry, "rabbitmq_detailed_disk_space_available_bytes", "Disk space available in bytes", free);
+    }
+    if wants("node_metrics") {
+        let config = &state.broker.config;
+        let limit = config.memory_limit().unwrap_or(0);
+        gauge(&mut registry, "rabbitmq_detailed_resident_memory_limit_bytes", "Memory high watermark in bytes", limit);
+        let low = config.disk_free_limit_bytes;
+        gauge(
+            &mut registry,
+            "rabbitmq_detailed_disk_space_available_limit_bytes",
+            "Free disk space low watermark in bytes",
+            low,
+        );
+    }
+    let queue_groups = ["queue_coarse_metrics", "queue_consumer_count", "queue_metrics"];
+    if queue_groups.iter().any(|g| wants(g)) {
+        let mut rows = Vec::new();
+        for vhost in state.broker.vhost_names().into_iter().filter(|v| vhosts.is_empty() || vhosts.contains(v)) {
+            for q in crate::queues::summaries(state, &vhost) {
+                let consumers = q.consumers as u64;
+                let row = QueueRow {
+                    vhost: vhost.clone(),
+                    name: q.name,
+                    ready: q.ready,
+                    unacked: q.unacked,
+                    bytes: q.ready_bytes,
+                    consumers,
+                };
+                rows.push(row);
+            }
+        }
+        if wants("queue_coarse_metrics") {
+            per_queue(
+                &mut registry,
+                &rows,
+                "rabbitmq_detailed_queue_messages_ready",
+                "Messages ready to be delivered to consumers",
+                |q| q.ready,
+            );
+            per_queue(
+                &mut registry,
+                &rows,
+                "rabbitmq_detailed_queue_messages_unacked",
+                "Messages delivered to consumers but not yet acknowledged",
+                |q| q.unacked,
+            );
+            per_queue(
+                &mut registry,
+                &rows,
+                "rabbitmq_detailed_queue_messages",
+                "Sum of ready and unacknowledged messages - total queue depth",
+                |q| q.ready + q.unacked,
+            );
+        }
+        // `queue_metrics` includes the consumer count, as in RabbitMQ.
+        if wants("queue_consumer_count") || wants("queue_metrics") {
+            per_queue(&mut registry, &rows, "rabbitmq_detailed_queue_consumers", "Consumers on a queue", |q| {
+                q.consumers
+            });
+        }
+        if wants("queue_metrics") {
+            per_queue(
+                &mut registry,
+                &rows,
+                "rabbitmq_detailed_queue_messages_ready_bytes",
+                "Size in bytes of ready messages",
+                |q| q.bytes,
+            );
+        }
+    }
+    if wants("connection_coarse_metrics") {
+        let incoming = Family::<Labels, Counter>::default();
+        let outgoing = Family::<Labels, Counter>::default();
+        for c in state.broker.connections() {
+            let labels = vec![("vhost".to_string(), c.vhost.clone()), ("connection".to_string(), c.info.name.clone())];
+            incoming.get_or_create(&labels).inc_by(c.traffic.recv_oct);
+            outgoing.get_or_create(&labels).inc_by(c.traffic.send_oct);
+        }
+        registry.register(
+            "rabbitmq_detailed_connection_incoming_bytes",
+            "Total number of bytes received on a connection",
+            incoming,
+        );
+        registry.register(
+            "rabbitmq_detailed_connection_outgoing_bytes",
+            "Total number of bytes sent on a connection",
+            outgoing,
+        );
+    }
+    registry
+}
+
 /// The Prometheus endpoints (no authentication, as RabbitMQ's).
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new().route("/metrics", get(metrics)).route("/metrics/per-object", get(per_object)).with_state(state)
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/metrics/per-object", get(per_object))
+        .route("/metrics/detailed", get(detailed))
+        .with_state(state)
 }

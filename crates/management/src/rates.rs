@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use warren_core::MessageStats;
+use warren_server::outbox::Traffic;
 
 use crate::AppState;
 
@@ -46,7 +47,11 @@ pub struct Rates {
     vhosts: Mutex<HashMap<String, Sampled>>,
     /// Node-wide counters ([`NodeCounts`]): previous and latest sample.
     node: Mutex<NodeSamples>,
+    /// Connection id -> its received and sent bytes, previous and latest.
+    traffic: Mutex<HashMap<u64, TrafficSamples>>,
 }
+
+type TrafficSamples = (Option<(Traffic, Instant)>, (Traffic, Instant));
 
 /// The previous and the latest sample of the node-wide counters.
 type NodeSamples = (Option<(NodeCounts, Instant)>, Option<(NodeCounts, Instant)>);
@@ -138,6 +143,27 @@ impl Rates {
         let mut samples = self.node.lock();
         samples.0 = samples.1.take();
         samples.1 = Some((node, now));
+        drop(samples);
+        let connections = state.broker.connections();
+        let mut traffic = self.traffic.lock();
+        traffic.retain(|id, _| connections.iter().any(|c| c.id == *id));
+        for c in connections {
+            let latest = (c.traffic, now);
+            traffic.entry(c.id).and_modify(|s| *s = (Some(s.1), latest)).or_insert((None, latest));
+        }
+    }
+
+    /// A connection's received and sent bytes per second.
+    pub fn traffic(&self, connection: u64) -> (f64, f64) {
+        let Some((Some((before, at)), (after, now))) = self.traffic.lock().get(&connection).copied() else {
+            return (0.0, 0.0);
+        };
+        let seconds = now.duration_since(at).as_secs_f64();
+        if seconds <= 0.0 {
+            return (0.0, 0.0);
+        }
+        let per_second = |a: u64, b: u64| b.saturating_sub(a) as f64 / seconds;
+        (per_second(before.recv_oct, after.recv_oct), per_second(before.send_oct, after.send_oct))
     }
 
     /// The rate of one node-wide counter between the last two samples.

@@ -514,6 +514,12 @@ fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
                 .await
                 .unwrap();
         }
+        // Its socket traffic, counted per read and write.
+        let listed = json_of(&http(node.http, "GET", "/api/connections", ADMIN, None).2);
+        let traffic = &listed[0];
+        assert!(traffic["recv_oct"].as_u64().is_some_and(|n| n > 3 * 8), "{traffic}");
+        assert!(traffic["send_oct"].as_u64().is_some_and(|n| n > 0), "{traffic}");
+        assert!(traffic["recv_cnt"].as_u64().is_some_and(|n| n > 0), "{traffic}");
         conn.close(200, "bye".into()).await.unwrap();
     });
     let after = scrape(&node, "/metrics");
@@ -523,6 +529,9 @@ fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
     assert_eq!(value(&after, "rabbitmq_queues_created_total", &[]), Some(1.0));
     assert_eq!(value(&after, "rabbitmq_connections_opened_total", &[]), Some(1.0));
     assert_eq!(value(&after, "rabbitmq_channels_opened_total", &[]), Some(1.0));
+    // Warren's histograms: confirm latency (timed publishes) and commit batches.
+    assert!(histogram_count(&after, "warren_confirm_latency_seconds") >= 1.0);
+    assert!(histogram_count(&after, "warren_log_entries_per_fsync") >= 1.0, "the durable queue's declaration");
     for _ in 0..100 {
         if value(&scrape(&node, "/metrics"), "rabbitmq_connections_closed_total", &[]) == Some(1.0) {
             break;
@@ -541,6 +550,25 @@ fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
         Some(5.0),
         "3 over HTTP, 2 over AMQP"
     );
+    // Only the groups asked for, per object, in the vhosts asked for.
+    let detailed =
+        scrape(&node, "/metrics/detailed?family=queue_coarse_metrics&family=connection_churn_metrics&vhost=%2F");
+    let queue = [("vhost", "/"), ("queue", "metered")];
+    assert_eq!(value(&detailed, "rabbitmq_detailed_queue_messages", &queue), Some(5.0));
+    assert_eq!(value(&detailed, "rabbitmq_detailed_connections_opened_total", &[]), Some(1.0));
+    assert_eq!(value(&detailed, "rabbitmq_detailed_queue_consumers", &queue), None, "not asked for");
+    assert_eq!(value(&detailed, "rabbitmq_queues", &[]), None);
+    let elsewhere = scrape(&node, "/metrics/detailed?family=queue_coarse_metrics&vhost=other");
+    assert_eq!(value(&elsewhere, "rabbitmq_detailed_queue_messages", &queue), None);
+}
+
+/// Observations in a histogram: its +Inf bucket.
+fn histogram_count(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    let sample = scrape.samples.iter().find(|s| s.metric == name).unwrap_or_else(|| panic!("no {name}"));
+    match &sample.value {
+        prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+        other => panic!("{name} is not a histogram: {other:?}"),
+    }
 }
 
 #[test]

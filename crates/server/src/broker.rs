@@ -42,6 +42,7 @@ pub struct ConnectionView {
     pub user: String,
     pub vhost: String,
     pub info: ConnectionInfo,
+    pub traffic: crate::outbox::Traffic,
 }
 
 /// Node-wide counters for operators (relaxed atomics: one add per event,
@@ -58,6 +59,8 @@ pub struct Counters {
     pub confirmed: AtomicU64,
     /// Mandatory publishes returned as unroutable.
     pub returned_unroutable: AtomicU64,
+    /// Publish-to-confirm time, one publish in flight per channel timed.
+    pub confirm_latency: crate::histogram::LatencyHistogram,
 }
 
 impl Counters {
@@ -382,7 +385,13 @@ impl Broker {
         let mut out: Vec<ConnectionView> = registry
             .connections
             .iter()
-            .map(|(&id, r)| ConnectionView { id, user: r.user.clone(), vhost: r.vhost.clone(), info: r.info.clone() })
+            .map(|(&id, r)| ConnectionView {
+                id,
+                user: r.user.clone(),
+                vhost: r.vhost.clone(),
+                info: r.info.clone(),
+                traffic: r.outbox.traffic(),
+            })
             .collect();
         out.sort_by_key(|c| c.id);
         out

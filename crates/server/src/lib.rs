@@ -15,6 +15,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod files;
+pub mod histogram;
 pub mod outbox;
 pub mod password;
 pub mod server;

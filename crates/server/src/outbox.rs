@@ -7,7 +7,7 @@
 //! and the core stops delivering to it; the writer resumes deliveries once
 //! the buffer has drained below half the limit.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
@@ -37,6 +37,21 @@ pub struct ConnectionOutbox {
     /// Set when the broker closes the connection from outside (its user or
     /// virtual host was deleted): reply code and text.
     forced: Mutex<Option<(ReplyCode, String)>>,
+    /// Socket traffic for operators: bytes and reads or writes, counted per
+    /// socket call (not per frame).
+    recv_oct: AtomicU64,
+    recv_cnt: AtomicU64,
+    send_oct: AtomicU64,
+    send_cnt: AtomicU64,
+}
+
+/// A connection's socket traffic so far (RabbitMQ's `recv_oct`...).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub recv_oct: u64,
+    pub recv_cnt: u64,
+    pub send_oct: u64,
+    pub send_cnt: u64,
 }
 
 impl ConnectionOutbox {
@@ -53,6 +68,29 @@ impl ConnectionOutbox {
             failed: Mutex::new(Vec::new()),
             failed_notify: Notify::new(),
             forced: Mutex::new(None),
+            recv_oct: AtomicU64::new(0),
+            recv_cnt: AtomicU64::new(0),
+            send_oct: AtomicU64::new(0),
+            send_cnt: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn count_received(&self, bytes: usize) {
+        self.recv_oct.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.recv_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_sent(&self, bytes: usize) {
+        self.send_oct.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.send_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            recv_oct: self.recv_oct.load(Ordering::Relaxed),
+            recv_cnt: self.recv_cnt.load(Ordering::Relaxed),
+            send_oct: self.send_oct.load(Ordering::Relaxed),
+            send_cnt: self.send_cnt.load(Ordering::Relaxed),
         }
     }
 

@@ -52,13 +52,21 @@ struct Shared {
     policy: FsyncPolicy,
     syncs: AtomicU64,
     synced_entries: AtomicU64,
+    /// Commits by entry count: bucket `i` holds batches of at most
+    /// `BATCH_BOUNDS[i]` entries (the last, any larger).
+    batch_sizes: [AtomicU64; BATCH_BOUNDS.len() + 1],
 }
 
-/// Counters for benchmarks: fsyncs and entries made durable.
+/// Upper bounds of the batch-size buckets: powers of four up to 16,384.
+pub const BATCH_BOUNDS: [u64; 8] = [1, 4, 16, 64, 256, 1024, 4096, 16384];
+
+/// Counters for benchmarks and metrics: fsyncs, entries made durable, and
+/// commits per batch-size bucket (not cumulative).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub syncs: u64,
     pub entries: u64,
+    pub batch_sizes: [u64; BATCH_BOUNDS.len() + 1],
 }
 
 pub struct GroupCommit {
@@ -88,6 +96,7 @@ impl GroupCommit {
             policy,
             syncs: AtomicU64::new(0),
             synced_entries: AtomicU64::new(0),
+            batch_sizes: Default::default(),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -157,6 +166,7 @@ impl GroupCommit {
         Stats {
             syncs: self.shared.syncs.load(Ordering::Relaxed),
             entries: self.shared.synced_entries.load(Ordering::Relaxed),
+            batch_sizes: std::array::from_fn(|i| self.shared.batch_sizes[i].load(Ordering::Relaxed)),
         }
     }
 
@@ -225,6 +235,8 @@ fn commit_loop(shared: &Shared) {
             Ok(last) => {
                 shared.syncs.fetch_add(1, Ordering::Relaxed);
                 shared.synced_entries.fetch_add(count, Ordering::Relaxed);
+                let bucket = BATCH_BOUNDS.iter().position(|&b| count <= b).unwrap_or(BATCH_BOUNDS.len());
+                shared.batch_sizes[bucket].fetch_add(1, Ordering::Relaxed);
                 shared.durable.store(last, Ordering::Release);
                 (shared.listener)(last);
             }
@@ -302,6 +314,8 @@ mod tests {
         let stats = gc.stats();
         assert_eq!(stats.entries, 2000);
         assert!(stats.syncs < 2000, "fsyncs are shared: {stats:?}");
+        assert_eq!(stats.batch_sizes.iter().sum::<u64>(), stats.syncs, "every commit is in one bucket");
+        assert!(stats.batch_sizes[1..].iter().sum::<u64>() > 0, "some commits carried several entries");
         drop(gc);
         sim.power_cut();
         let (log, recovery) = Log::open(Arc::new(sim), Path::new("/wal"), LogOptions::default()).unwrap();

@@ -4,6 +4,7 @@
 //! earlier publish that still waits.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use warren_codec::encode;
 
@@ -34,6 +35,11 @@ pub(super) struct Confirms {
     confirmed: u64,
     /// Publishes whose confirm is not a plain ack, by sequence number.
     waiting: VecDeque<(u64, Pending)>,
+    /// The publish being timed for the confirm-latency histogram: one at a
+    /// time per channel, so a clock read per confirm round, not per publish.
+    sample: Option<(u64, Instant)>,
+    /// The last sample's publish-to-confirm time, until taken.
+    sampled: Option<Duration>,
 }
 
 impl Confirms {
@@ -41,8 +47,16 @@ impl Confirms {
     pub(super) fn publish(&mut self) -> Option<u64> {
         self.enabled.then(|| {
             self.published += 1;
+            if self.sample.is_none() {
+                self.sample = Some((self.published, Instant::now()));
+            }
             self.published
         })
+    }
+
+    /// The publish-to-confirm time of the last timed publish, once.
+    pub(super) fn take_sample(&mut self) -> Option<Duration> {
+        self.sampled.take()
     }
 
     /// The publish `seq` is confirmed only after `pending`.
@@ -87,6 +101,12 @@ impl Confirms {
                 _ => break,
             }
         }
+        if let Some((seq, at)) = self.sample {
+            if seq <= self.confirmed {
+                self.sample = None;
+                self.sampled = Some(at.elapsed());
+            }
+        }
     }
 }
 
@@ -113,6 +133,9 @@ impl Connection {
                 }
             });
             acked += ch.confirms.confirmed() - before - nacked;
+            if let Some(elapsed) = ch.confirms.take_sample() {
+                self.broker.counters.confirm_latency.observe(elapsed);
+            }
         }
         if acked > 0 {
             Counters::add(&self.broker.counters.confirmed, acked);
@@ -190,6 +213,22 @@ mod tests {
             release(&mut c, 3, true),
             vec![Confirm::Nack { tag: 1 }, Confirm::Nack { tag: 2 }, Confirm::Ack { tag: 3, multiple: false }]
         );
+    }
+
+    #[test]
+    fn one_publish_at_a_time_is_timed_until_its_confirm() {
+        let mut c = confirms();
+        let first = c.publish().unwrap_or_default();
+        c.wait(first, Pending::Stored(3));
+        c.publish();
+        assert_eq!(release(&mut c, 2, false), vec![]);
+        assert_eq!(c.take_sample(), None, "not confirmed yet");
+        release(&mut c, 3, false);
+        assert!(c.take_sample().is_some());
+        assert_eq!(c.take_sample(), None, "taken once");
+        c.publish();
+        release(&mut c, 3, false);
+        assert!(c.take_sample().is_some(), "the next round is timed again");
     }
 
     #[test]

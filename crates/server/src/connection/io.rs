@@ -131,6 +131,7 @@ async fn serve_stream<R, W>(
                 match read {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(n)) => {
+                        outbox.count_received(n);
                         if conn.publisher && !conn.blocked && alarms.borrow().any() {
                             conn.block_deferred_bytes = conn.block_deferred_bytes.saturating_add(n);
                         }
@@ -264,6 +265,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
                 return None;
             }
+            outbox.count_sent(spare.len());
             let _ = writer.flush().await;
             return Some(writer);
         }
@@ -284,6 +286,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if writer.write_all(&spare).await.is_err() {
             return None;
         }
+        outbox.count_sent(spare.len());
         spare.clear();
         // Do not keep a huge buffer around after a burst.
         if spare.capacity() > 1 << 20 {
