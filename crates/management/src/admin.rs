@@ -15,6 +15,7 @@ use warren_server::access::{AccessDefinitions, AccessError, Seed, UserDef};
 use crate::auth::Caller;
 use crate::change::{change, HTTP_CONNECTION};
 use crate::error::ApiError;
+use crate::json::JsonBody;
 use crate::json::{flag, json_to_table};
 use crate::AppState;
 
@@ -66,7 +67,7 @@ pub async fn put_user(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     let tags = tags_of(body.get("tags"))?;
@@ -152,7 +153,7 @@ pub async fn put_permission(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, user)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     let field = |name: &str| {
@@ -201,7 +202,7 @@ pub async fn put_topic_permission(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, user)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     let field = |name: &str| {
@@ -238,7 +239,7 @@ fn text<'a>(item: &'a Value, key: &str) -> Result<&'a str, ApiError> {
 pub async fn import(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     let access: AccessDefinitions =
@@ -253,7 +254,7 @@ pub async fn import_vhost(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(vhost): Path<String>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     caller.vhost_access(&state, &vhost)?;

@@ -17,6 +17,7 @@ use warren_server::access::{Permission, Resource};
 use crate::auth::Caller;
 use crate::change::{change, HTTP_CONNECTION};
 use crate::error::ApiError;
+use crate::json::JsonBody;
 use crate::json::{flag as json_flag, json_to_table, table_to_json};
 use crate::listing::{answer, DeleteQuery, ListQuery};
 use crate::AppState;
@@ -128,7 +129,7 @@ pub async fn declare(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     let kind = body
@@ -221,7 +222,7 @@ pub async fn publish(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     let exchange = real_name(&name).to_string();
@@ -376,11 +377,10 @@ pub async fn bind(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, source, kind, destination)): Path<(String, String, String, String)>,
-    body: Option<Json<Value>>,
+    JsonBody(body): JsonBody,
 ) -> Result<impl IntoResponse, ApiError> {
     let queue = to_queue(&kind)?;
     caller.vhost_access(&state, &vhost)?;
-    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
     let routing_key = body.get("routing_key").and_then(Value::as_str).unwrap_or_default().to_string();
     let arguments = json_to_table(body.get("arguments").unwrap_or(&Value::Null))
         .ok_or_else(|| ApiError::BadRequest("arguments must be a JSON object".into()))?;

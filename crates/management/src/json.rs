@@ -117,6 +117,27 @@ pub fn count(value: Option<&Value>) -> Option<u64> {
     }
 }
 
+/// A request body parsed as JSON whatever its `Content-Type` says, as
+/// RabbitMQ's API does (`curl -d` sends a form type); an empty body is `{}`.
+/// Anything else that is not JSON is refused with RabbitMQ's `not_json`.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonBody {
+    type Rejection = axum::response::Response;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<JsonBody, Self::Rejection> {
+        use axum::response::IntoResponse;
+        // Over the body limit: the extractor's own 413.
+        let bytes = axum::body::Bytes::from_request(request, state).await.map_err(IntoResponse::into_response)?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(Value::Object(Map::new())));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|_| crate::error::ApiError::BadRequest("not_json".into()).into_response())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

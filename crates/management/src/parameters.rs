@@ -14,6 +14,7 @@ use warren_server::access::PolicyDef;
 use crate::admin::{current, update_access};
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::json::JsonBody;
 use crate::AppState;
 
 fn policy_json(p: &PolicyDef) -> Value {
@@ -70,7 +71,7 @@ pub async fn put_policy(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_policymaker()?;
     caller.vhost_access(&state, &vhost)?;
@@ -152,7 +153,7 @@ pub async fn put_vhost_limit(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     let value = limit_value(&body)?;
@@ -202,7 +203,7 @@ pub async fn put_user_limit(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((user, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
     let value = limit_value(&body)?;

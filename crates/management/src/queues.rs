@@ -17,6 +17,7 @@ use warren_server::access::{Permission, Resource};
 use crate::auth::Caller;
 use crate::change::{change, HTTP_CONNECTION};
 use crate::error::ApiError;
+use crate::json::JsonBody;
 use crate::json::{count, flag as json_flag, table_to_json, TableJson};
 use crate::listing::{answer, DeleteQuery, ListQuery};
 use crate::rates::{MessageStatsJson, Rate};
@@ -244,10 +245,9 @@ pub async fn declare(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    body: Option<Json<Value>>,
+    JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.vhost_access(&state, &vhost)?;
-    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
     if !matches!(body, Value::Object(_) | Value::Null) {
         return Err(ApiError::BadRequest("the body must be a JSON object".into()));
     }
@@ -321,7 +321,7 @@ pub async fn get_messages(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     caller.allow(&state, &vhost, Permission::Read, Resource::Queue, &name)?;

@@ -125,6 +125,18 @@ fn http(
     auth: Option<(&str, &str)>,
     body: Option<&str>,
 ) -> (u16, HashMap<String, String>, String) {
+    http_as(addr, method, path, auth, body, "application/json")
+}
+
+/// The same with another `Content-Type`.
+fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: Option<&str>,
+    content_type: &str,
+) -> (u16, HashMap<String, String>, String) {
     use base64::Engine;
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -134,7 +146,7 @@ fn http(
         request.push_str(&format!("Authorization: Basic {token}\r\n"));
     }
     let body = body.unwrap_or("");
-    request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+    request.push_str(&format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -353,8 +365,15 @@ fn credentials_and_tags_are_checked_as_rabbitmq_checks_them() {
 #[test]
 fn bad_input_gets_rabbitmqs_status_and_changes_nothing() {
     let node = Node::start();
-    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some("{not json"));
-    assert_eq!(status, 400);
+    let (status, _, body) = http(node.http, "PUT", "/api/queues/%2F/q", ADMIN, Some("{not json"));
+    assert_eq!((status, json_of(&body)), (400, json!({"error": "bad_request", "reason": "not_json"})));
+    // `curl -d` sends a form type: the body is JSON all the same, as for RabbitMQ.
+    let form = "application/x-www-form-urlencoded";
+    let declare = r#"{"durable":true,"arguments":{"x-max-length":7}}"#;
+    let (status, _, _) = http_as(node.http, "PUT", "/api/queues/%2F/curl-q", ADMIN, Some(declare), form);
+    assert_eq!(status, 201);
+    let (_, _, body) = http(node.http, "GET", "/api/queues/%2F/curl-q", ADMIN, None);
+    assert_eq!(json_of(&body)["arguments"], json!({"x-max-length": 7}), "the arguments were not dropped");
     let (status, _, _) = http(node.http, "PUT", "/api/queues/nowhere/q", ADMIN, Some("{}"));
     assert_eq!(status, 404);
     let (status, _, body) =
