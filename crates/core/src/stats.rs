@@ -22,6 +22,8 @@ pub struct MessageStats {
     pub ack: u64,
     /// Virtual host only: published messages no queue took.
     pub unroutable: u64,
+    /// `basic.get`s answered `get-empty`.
+    pub get_empty: u64,
 }
 
 impl MessageStats {
@@ -35,6 +37,7 @@ impl MessageStats {
         self.redeliver += other.redeliver;
         self.ack += other.ack;
         self.unroutable += other.unroutable;
+        self.get_empty += other.get_empty;
     }
 
     /// Every delivery and get, RabbitMQ's `deliver_get`.

@@ -161,7 +161,7 @@ pub async fn empty_list(_caller: Caller) -> Json<Value> {
 
 /// Durable queues, exchanges and bindings, and policies, of the given
 /// virtual hosts, each item naming its vhost unless `one_vhost`.
-fn topology(state: &AppState, vhosts: &[String], one_vhost: bool) -> Map<String, Value> {
+fn topology(state: &AppState, defs: &AccessDefinitions, vhosts: &[String], one_vhost: bool) -> Map<String, Value> {
     let mut queues = Vec::new();
     let mut exchanges = Vec::new();
     let mut bindings = Vec::new();
@@ -201,10 +201,10 @@ fn topology(state: &AppState, vhosts: &[String], one_vhost: bool) -> Map<String,
                 ));
             }
         }
+        // Policies name their vhost even in a per-vhost export, as RabbitMQ's do.
         for p in state.broker.policies(vhost) {
-            let item = json!({"name": p.name, "pattern": p.pattern, "apply-to": p.apply_to,
-                "definition": p.definition, "priority": p.priority});
-            policies.push(tag(item, vhost));
+            policies.push(json!({"vhost": vhost, "name": p.name, "pattern": p.pattern, "apply-to": p.apply_to,
+                "definition": p.definition, "priority": p.priority}));
         }
     }
     let mut out = Map::new();
@@ -212,7 +212,13 @@ fn topology(state: &AppState, vhosts: &[String], one_vhost: bool) -> Map<String,
     out.insert("rabbitmq_version".into(), Value::from(crate::overview::RABBITMQ_VERSION));
     out.insert("product_name".into(), Value::from("Warren"));
     out.insert("product_version".into(), Value::from(env!("CARGO_PKG_VERSION")));
-    out.insert("parameters".into(), Value::Array(Vec::new()));
+    let parameters: Vec<Value> = defs
+        .parameters
+        .iter()
+        .filter(|p| vhosts.contains(&p.vhost))
+        .map(|p| json!({"vhost": p.vhost, "component": p.component, "name": p.name, "value": p.value}))
+        .collect();
+    out.insert("parameters".into(), Value::Array(parameters));
     out.insert("policies".into(), Value::Array(policies));
     out.insert("queues".into(), Value::Array(queues));
     out.insert("exchanges".into(), Value::Array(exchanges));
@@ -226,7 +232,7 @@ fn topology(state: &AppState, vhosts: &[String], one_vhost: bool) -> Map<String,
 pub async fn definitions_export(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require_administrator()?;
     let defs = definitions(&state)?;
-    let mut out = topology(&state, &state.broker.vhost_names(), false);
+    let mut out = topology(&state, &defs, &state.broker.vhost_names(), false);
     out.insert(
         "users".into(),
         defs.users
@@ -268,12 +274,6 @@ pub async fn definitions_export(State(state): State<Arc<AppState>>, caller: Call
             .collect(),
     );
     out.insert("global_parameters".into(), Value::Array(Vec::new()));
-    let limits: Vec<Value> = defs
-        .parameters
-        .iter()
-        .map(|p| json!({"vhost": p.vhost, "component": p.component, "name": p.name, "value": p.value}))
-        .collect();
-    out.insert("parameters".into(), Value::Array(limits));
     Ok(Json(Value::Object(out)))
 }
 
@@ -286,5 +286,6 @@ pub async fn vhost_definitions_export(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_administrator()?;
     caller.vhost_access(&state, &vhost)?;
-    Ok(Json(Value::Object(topology(&state, &[vhost], true))))
+    let defs = definitions(&state)?;
+    Ok(Json(Value::Object(topology(&state, &defs, &[vhost], true))))
 }

@@ -119,7 +119,16 @@ pub async fn put_vhost(
     if state.broker.vhost(&name).is_some() {
         return Ok(StatusCode::NO_CONTENT);
     }
-    update_access(&state, move |defs| if defs.has_vhost(&name) { Ok(()) } else { defs.add_vhost(&name) }).await?;
+    // As RabbitMQ: the administrator who creates it may use it at once.
+    let user = caller.user.name.clone();
+    update_access(&state, move |defs| {
+        if defs.has_vhost(&name) {
+            return Ok(());
+        }
+        defs.add_vhost(&name)?;
+        defs.set_permissions(&name, &user, ".*", ".*", ".*")
+    })
+    .await?;
     Ok(StatusCode::CREATED)
 }
 

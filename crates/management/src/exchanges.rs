@@ -167,8 +167,14 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     caller.allow(&state, &vhost, Permission::Configure, Resource::Exchange, &name)?;
-    change(&state, &vhost, |session| session.delete_exchange(&name, query.if_unused())).await?;
-    Ok(StatusCode::NO_CONTENT)
+    // AMQP's exchange.delete of a missing exchange succeeds; the API answers 404.
+    change(&state, &vhost, |session| match session.exchange(&name) {
+        None => Ok(false),
+        Some(_) => session.delete_exchange(&name, query.if_unused()).map(|_| true),
+    })
+    .await?
+    .then_some(StatusCode::NO_CONTENT)
+    .ok_or(ApiError::NotFound)
 }
 
 /// Properties of a message published through the API, from RabbitMQ's JSON.

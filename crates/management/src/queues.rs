@@ -280,9 +280,14 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     caller.vhost_access(&state, &vhost)?;
     caller.allow(&state, &vhost, Permission::Configure, Resource::Queue, &name)?;
-    change(&state, &vhost, |session| session.delete_queue(HTTP_CONNECTION, &name, query.if_unused(), query.if_empty()))
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    // AMQP's queue.delete of a missing queue succeeds; the API answers 404.
+    change(&state, &vhost, |session| match session.queue(&name) {
+        None => Ok(false),
+        Some(_) => session.delete_queue(HTTP_CONNECTION, &name, query.if_unused(), query.if_empty()).map(|_| true),
+    })
+    .await?
+    .then_some(StatusCode::NO_CONTENT)
+    .ok_or(ApiError::NotFound)
 }
 
 pub async fn purge(

@@ -215,7 +215,7 @@ fn detail(rate: f64) -> Value {
 type Counter = fn(&MessageStats) -> u64;
 
 /// RabbitMQ's counters, by name.
-const COUNTERS: [(&str, &str, Counter); 9] = [
+const COUNTERS: [(&str, &str, Counter); 10] = [
     ("publish", "publish_details", |s| s.publish),
     ("deliver", "deliver_details", |s| s.deliver),
     ("deliver_no_ack", "deliver_no_ack_details", |s| s.deliver_no_ack),
@@ -225,6 +225,7 @@ const COUNTERS: [(&str, &str, Counter); 9] = [
     ("redeliver", "redeliver_details", |s| s.redeliver),
     ("ack", "ack_details", |s| s.ack),
     ("drop_unroutable", "drop_unroutable_details", |s| s.unroutable),
+    ("get_empty", "get_empty_details", |s| s.get_empty),
 ];
 
 /// A rate as RabbitMQ writes it: `{"rate": 1.5}` (one decimal).

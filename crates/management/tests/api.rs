@@ -42,6 +42,10 @@ fn user(name: &str, password: &str, tags: &[&str]) -> User {
 
 impl Node {
     fn start() -> Node {
+        Node::start_with(|_| {})
+    }
+
+    fn start_with(adjust: impl FnOnce(&mut Config)) -> Node {
         let dir = std::env::temp_dir().join(format!(
             "warren-mgmt-{}-{}",
             std::process::id(),
@@ -60,6 +64,8 @@ impl Node {
             ],
             ..Config::default()
         };
+        let mut config = config;
+        adjust(&mut config);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -610,6 +616,8 @@ fn administrators_manage_users_vhosts_and_permissions() {
     assert_eq!(status, 201);
     let (status, _, _) = http(node.http, "PUT", "/api/vhosts/staging", ADMIN, None);
     assert_eq!(status, 204);
+    let (status, _, body) = http(node.http, "GET", "/api/permissions/staging/boss", ADMIN, None);
+    assert_eq!((status, json_of(&body)["write"].clone()), (200, json!(".*")), "its creator may use it, as in RabbitMQ");
     let permissions = r#"{"configure":"^ops-","write":".*","read":".*"}"#;
     let (status, _, _) = http(node.http, "PUT", "/api/permissions/staging/ops", ADMIN, Some(permissions));
     assert_eq!(status, 201);
@@ -819,4 +827,23 @@ fn topic_permissions_and_limits_are_written_over_http_and_enforced() {
     assert_eq!(json_of(&body), json!([]));
     let (status, _, _) = http(node.http, "PUT", "/api/user-limits/nobody/max-channels", ADMIN, Some(r#"{"value":3}"#));
     assert_eq!(status, 404);
+}
+
+#[test]
+fn with_rabbitmqs_password_hashing_the_export_carries_hashes_rabbitmq_verifies() {
+    let node = Node::start_with(|c| c.password_hashing = "rabbit_password_hashing_sha256".into());
+    let (status, _, _) =
+        http(node.http, "PUT", "/api/users/carol", ADMIN, Some(r#"{"password":"carol-pw","tags":"management"}"#));
+    assert_eq!(status, 201);
+    assert_eq!(node.client("carol", "carol-pw").current_user().unwrap().name, "carol");
+    let (_, _, body) = http(node.http, "GET", "/api/definitions", ADMIN, None);
+    let exported = json_of(&body);
+    let carol = exported["users"].as_array().unwrap().iter().find(|u| u["name"] == "carol").unwrap().clone();
+    assert_eq!(carol["hashing_algorithm"], "rabbit_password_hashing_sha256");
+    // RabbitMQ's format: base64 of a 4-byte salt and SHA-256(salt ++ password).
+    use base64::Engine;
+    use sha2::Digest;
+    let raw = base64::engine::general_purpose::STANDARD.decode(carol["password_hash"].as_str().unwrap()).unwrap();
+    let (salt, digest) = raw.split_at(4);
+    assert_eq!(digest, sha2::Sha256::new_with_prefix(salt).chain_update(b"carol-pw").finalize().as_slice());
 }

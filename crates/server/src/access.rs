@@ -217,6 +217,10 @@ pub struct AccessDefinitions {
     /// Runtime policies (those of the configuration file are not here).
     #[serde(default)]
     pub policies: Vec<PolicyDef>,
+    /// The algorithm new passwords are hashed with (the file's owner's
+    /// setting, not stored); empty means Argon2id.
+    #[serde(skip)]
+    pub hashing: String,
 }
 
 fn check_regex(pattern: &str) -> Result<(), AccessError> {
@@ -267,11 +271,11 @@ impl AccessDefinitions {
         if self.user(name).is_some() {
             return Err(AccessError::UserExists(name.into()));
         }
-        let password_hash = hash(name, password)?;
+        let password_hash = self.hash(name, password)?;
         self.users.push(UserDef {
             name: name.into(),
             password_hash,
-            hashing_algorithm: password::ARGON2ID.into(),
+            hashing_algorithm: self.algorithm().into(),
             tags: Vec::new(),
             limits: BTreeMap::new(),
         });
@@ -281,12 +285,11 @@ impl AccessDefinitions {
     /// Creates the user or replaces its password and tags (configuration
     /// file users).
     pub fn upsert_user(&mut self, name: &str, password: &str, tags: &[String]) -> Result<(), AccessError> {
-        if let Ok(user) = self.user_mut(name) {
+        if let Some(user) = self.user(name) {
             if !password::verify(&user.hashing_algorithm, &user.password_hash, password) {
-                user.password_hash = hash(name, password)?;
-                user.hashing_algorithm = password::ARGON2ID.into();
+                self.change_password(name, password)?;
             }
-            user.tags = tags.to_vec();
+            self.user_mut(name)?.tags = tags.to_vec();
             return Ok(());
         }
         self.add_user(name, password)?;
@@ -303,10 +306,11 @@ impl AccessDefinitions {
     }
 
     pub fn change_password(&mut self, name: &str, password: &str) -> Result<(), AccessError> {
-        let password_hash = hash(name, password)?;
+        let password_hash = self.hash(name, password)?;
+        let algorithm = self.algorithm().to_string();
         let user = self.user_mut(name)?;
         user.password_hash = password_hash;
-        user.hashing_algorithm = password::ARGON2ID.into();
+        user.hashing_algorithm = algorithm;
         Ok(())
     }
 
@@ -521,8 +525,19 @@ impl AccessDefinitions {
     }
 }
 
-fn hash(user: &str, password: &str) -> Result<String, AccessError> {
-    password::hash(password).map_err(|source| AccessError::Password { user: user.into(), source })
+impl AccessDefinitions {
+    fn algorithm(&self) -> &str {
+        if self.hashing.is_empty() {
+            password::ARGON2ID
+        } else {
+            &self.hashing
+        }
+    }
+
+    fn hash(&self, user: &str, password: &str) -> Result<String, AccessError> {
+        password::hash_as(self.algorithm(), password)
+            .map_err(|source| AccessError::Password { user: user.into(), source })
+    }
 }
 
 /// Expands the variables RabbitMQ allows in topic permissions.
@@ -540,6 +555,8 @@ pub struct AccessFile {
     path: PathBuf,
     lock_path: PathBuf,
     backend: Arc<dyn Backend>,
+    /// `password_hashing` for passwords set through this file.
+    hashing: String,
 }
 
 /// What a first start puts in a new file.
@@ -557,7 +574,19 @@ impl AccessFile {
 
     /// The access file of `data_dir` on `backend`.
     pub fn on(backend: Arc<dyn Backend>, data_dir: &Path) -> AccessFile {
-        AccessFile { path: data_dir.join(FILE_NAME), lock_path: data_dir.join(LOCK_NAME), backend }
+        AccessFile {
+            path: data_dir.join(FILE_NAME),
+            lock_path: data_dir.join(LOCK_NAME),
+            backend,
+            hashing: String::new(),
+        }
+    }
+
+    /// New passwords hashed with `algorithm` (the configuration's
+    /// `password_hashing`).
+    pub fn with_hashing(mut self, algorithm: &str) -> AccessFile {
+        self.hashing = algorithm.to_string();
+        self
     }
 
     pub(crate) fn backend(&self) -> &dyn Backend {
@@ -604,8 +633,9 @@ impl AccessFile {
         lock.lock().map_err(self.io(&self.lock_path))?;
         let mut definitions = match self.read()? {
             Some(definitions) => definitions,
-            None => seeded(seed)?,
+            None => seeded(seed, &self.hashing)?,
         };
+        definitions.hashing.clone_from(&self.hashing);
         let before = definitions.clone();
         let out = change(&mut definitions)?;
         let exists = self.backend.open(&self.path, false).is_ok();
@@ -620,8 +650,8 @@ impl AccessFile {
     }
 }
 
-fn seeded(seed: &Seed<'_>) -> Result<AccessDefinitions, AccessError> {
-    let mut definitions = AccessDefinitions::default();
+fn seeded(seed: &Seed<'_>, hashing: &str) -> Result<AccessDefinitions, AccessError> {
+    let mut definitions = AccessDefinitions { hashing: hashing.to_string(), ..AccessDefinitions::default() };
     for vhost in seed.vhosts {
         if !definitions.has_vhost(vhost) {
             definitions.add_vhost(vhost)?;

@@ -165,7 +165,7 @@ impl Broker {
     /// Same, on the given storage backend and clock.
     pub fn open_with(config: Config, environment: Environment) -> Result<Broker, BrokerError> {
         let Environment { backend, clock } = environment;
-        let access_file = AccessFile::on(backend.clone(), &config.data_dir);
+        let access_file = AccessFile::on(backend.clone(), &config.data_dir).with_hashing(&config.password_hashing);
         let definitions = load_access(&config, &access_file)?;
         let access = Access::compile(&definitions);
         let new_vhost = |name: &str| {

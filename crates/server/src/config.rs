@@ -52,6 +52,10 @@ pub struct Config {
     /// Users that may log in only from a loopback address (RabbitMQ's
     /// `loopback_users`).
     pub loopback_users: Vec<String>,
+    /// How new passwords are hashed: `warren_argon2id` (memory-hard, the
+    /// default) or RabbitMQ's `rabbit_password_hashing_sha256`/`_sha512`,
+    /// which RabbitMQ can import from Warren's definitions export.
+    pub password_hashing: String,
     /// Most open connections on this node (0 = no limit); more are refused at
     /// `connection.open` with 530.
     pub max_connections: u64,
@@ -228,6 +232,7 @@ impl Default for Config {
             users: Vec::new(),
             default_user: true,
             loopback_users: vec!["guest".into()],
+            password_hashing: crate::password::ARGON2ID.into(),
             max_connections: 0,
             consumer_max_per_channel: 0,
             memory_high_watermark: 0.4,
@@ -294,6 +299,13 @@ impl Config {
                 "segment_bytes_max {} is above the largest allowed, {} (1 GiB)",
                 self.segment_bytes_max,
                 warren_storage::log::SEGMENT_BYTES_CAP
+            )));
+        }
+        if !crate::password::ALGORITHMS.contains(&self.password_hashing.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "password_hashing '{}' is not one of {}",
+                self.password_hashing,
+                crate::password::ALGORITHMS.join(", ")
             )));
         }
         if self.bind.is_empty() {

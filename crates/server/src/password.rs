@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256, Sha512};
 pub const ARGON2ID: &str = "warren_argon2id";
 pub const RABBIT_SHA256: &str = "rabbit_password_hashing_sha256";
 pub const RABBIT_SHA512: &str = "rabbit_password_hashing_sha512";
+/// The algorithms new passwords may be hashed with.
+pub const ALGORITHMS: [&str; 3] = [ARGON2ID, RABBIT_SHA256, RABBIT_SHA512];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PasswordError {
@@ -51,6 +53,30 @@ pub fn hash(password: &str) -> Result<String, PasswordError> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| PasswordError::Malformed(e.to_string()))
+}
+
+/// A new hash of `password` with `algorithm` (one of [`ALGORITHMS`]).
+/// RabbitMQ's are its own format, a 4-byte random salt, so RabbitMQ can
+/// verify what Warren exports.
+pub fn hash_as(algorithm: &str, password: &str) -> Result<String, PasswordError> {
+    match algorithm {
+        ARGON2ID => hash(password),
+        RABBIT_SHA256 => Ok(hash_rabbit::<Sha256>(password)),
+        RABBIT_SHA512 => Ok(hash_rabbit::<Sha512>(password)),
+        other => Err(PasswordError::Algorithm(other.to_string())),
+    }
+}
+
+fn hash_rabbit<D: Digest>(password: &str) -> String {
+    use rand_core::RngCore;
+    let mut salt = [0u8; 4];
+    OsRng.fill_bytes(&mut salt);
+    let mut digest = D::new();
+    digest.update(salt);
+    digest.update(password.as_bytes());
+    let mut out = salt.to_vec();
+    out.extend_from_slice(&digest.finalize());
+    base64::engine::general_purpose::STANDARD.encode(out)
 }
 
 /// Whether `password` matches the stored hash. Unknown algorithms and empty
@@ -135,6 +161,10 @@ mod tests {
         assert_ne!(a, b, "salts differ");
         assert!(a.starts_with("$argon2id$"));
         assert!(verify(ARGON2ID, &a, "s3cret"));
+        for algorithm in ALGORITHMS {
+            let h = hash_as(algorithm, "pw").unwrap();
+            assert!(check(algorithm, &h).is_ok() && verify(algorithm, &h, "pw") && !verify(algorithm, &h, "pW"));
+        }
         assert!(!verify(ARGON2ID, &a, "s3cret "));
         assert!(check(ARGON2ID, &a).is_ok());
     }

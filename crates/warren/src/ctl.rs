@@ -185,7 +185,7 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
-    let file = AccessFile::new(&config.data_dir);
+    let file = AccessFile::new(&config.data_dir).with_hashing(&config.password_hashing);
     // Seeds a new file exactly as the broker's first start would.
     let current = warren_server::broker::load_access(&config, &file)?;
     let update = |change: &dyn Fn(&mut AccessDefinitions) -> Result<(), warren_server::access::AccessError>| {

@@ -268,6 +268,10 @@ impl VirtualHostState {
             self.process_dead_letters();
         }
         let Some(entry) = popped else {
+            if let Some(q) = self.queues.get_mut(&id) {
+                q.stats.get_empty += 1;
+            }
+            self.stats.get_empty += 1;
             return Ok(None);
         };
         let (Some(q), Some(channel)) = (self.queues.get_mut(&id), self.channels.get_mut(&key)) else {
