@@ -121,11 +121,44 @@ pub async fn channels(
     caller: Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    Ok(Json(answer(channel_items(&state, visible(&state, &caller)), &query)?))
+}
+
+/// `GET /api/connections/{name}/channels`.
+pub async fn connection_channels(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let mut mine = visible(&state, &caller);
+    mine.retain(|c| c.info.name == name);
+    if mine.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(answer(channel_items(&state, mine), &query)?))
+}
+
+/// `GET /api/channels/{name}`, the name as listed (`connection (number)`).
+pub async fn channel(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    channel_items(&state, visible(&state, &caller))
+        .into_iter()
+        .find(|c| c["name"] == name.as_str())
+        .map(Json)
+        .ok_or(ApiError::NotFound)
+}
+
+fn channel_items(state: &AppState, connections: Vec<ConnectionView>) -> Vec<Value> {
     let mut items = Vec::new();
-    for c in visible(&state, &caller) {
+    for c in connections {
         let Some(host) = state.broker.vhost(&c.vhost) else { continue };
         let channels = host.lock().channel_summaries(c.id);
-        for (number, consumers, unacked) in channels {
+        for ch in channels {
+            let number = ch.channel;
             items.push(json!({
                 "name": format!("{} ({number})", c.info.name),
                 "node": state.node,
@@ -133,15 +166,15 @@ pub async fn channels(
                 "user": c.user,
                 "vhost": c.vhost,
                 "state": "running",
-                "consumer_count": consumers,
-                "messages_unacknowledged": unacked,
+                "consumer_count": ch.consumers,
+                "messages_unacknowledged": ch.unacked,
                 "messages_unconfirmed": 0,
                 "messages_uncommitted": 0,
                 "acks_uncommitted": 0,
-                "prefetch_count": 0,
-                "global_prefetch_count": 0,
-                "confirm": false,
-                "transactional": false,
+                "prefetch_count": ch.prefetch_count,
+                "global_prefetch_count": ch.global_prefetch_count,
+                "confirm": ch.confirm,
+                "transactional": ch.transactional,
                 "connection_details": {
                     "name": c.info.name,
                     "peer_host": c.info.peer.ip().to_string(),
@@ -150,7 +183,7 @@ pub async fn channels(
             }));
         }
     }
-    Ok(Json(answer(items, &query)?))
+    items
 }
 
 fn consumer_json(state: &AppState, vhost: &str, c: &ConsumerSummary, names: &HashMap<u64, ConnectionView>) -> Value {

@@ -274,6 +274,22 @@ fn an_amqp_clients_queue_consumer_and_connection_are_listed_and_the_connection_c
     assert_eq!(connections[0].username, "boss");
     assert_eq!(connections[0].channel_count, 2);
     assert_eq!(client.list_channels().unwrap().len(), 2);
+    // Per connection, with the worker channel's prefetch.
+    let path = format!("/api/connections/{}/channels", connections[0].name.replace(' ', "%20").replace('>', "%3E"));
+    let (status, _, body) = http(node.http, "GET", &path, ADMIN, None);
+    assert_eq!(status, 200, "{body}");
+    let channels = json_of(&body);
+    let worker = channels.as_array().unwrap().iter().find(|c| c["number"] == 2).expect("channel 2").clone();
+    assert_eq!((worker["prefetch_count"].clone(), worker["consumer_count"].clone()), (json!(1), json!(1)));
+    let name = worker["name"]
+        .as_str()
+        .unwrap()
+        .replace(' ', "%20")
+        .replace('>', "%3E")
+        .replace('(', "%28")
+        .replace(')', "%29");
+    let (status, _, body) = http(node.http, "GET", &format!("/api/channels/{name}"), ADMIN, None);
+    assert_eq!((status, json_of(&body)["messages_unacknowledged"].clone()), (200, json!(1)));
 
     let mut events = conn.events_listener();
     client.close_connection(&connections[0].name, Some("maintenance"), false).unwrap();

@@ -72,19 +72,20 @@ function table(columns, rows, empty) {
 
 function rate(details) { return details && details.rate !== undefined ? details.rate.toFixed(1) + "/s" : ""; }
 
-function drawChart(canvas) {
+// Lines of samples [time, a, b, ...], one colour per series, on a shared scale.
+function drawChart(canvas, history = depthHistory, colors = ["#2563eb", "#d97706"]) {
   const context = canvas.getContext("2d");
   context.clearRect(0, 0, canvas.width, canvas.height);
-  if (depthHistory.length < 2) return;
-  const max = Math.max(1, ...depthHistory.map(([, r, u]) => r + u));
-  const x = (i) => (i / (depthHistory.length - 1)) * (canvas.width - 10) + 5;
+  if (history.length < 2) return;
+  const max = Math.max(1, ...history.flatMap((sample) => sample.slice(1)));
+  const x = (i) => (i / (history.length - 1)) * (canvas.width - 10) + 5;
   const y = (v) => canvas.height - 5 - (v / max) * (canvas.height - 10);
-  for (const [index, color] of [[1, "#2563eb"], [2, "#d97706"]]) {
+  colors.forEach((color, series) => {
     context.strokeStyle = color;
     context.beginPath();
-    depthHistory.forEach((sample, i) => (i ? context.lineTo(x(i), y(sample[index])) : context.moveTo(x(i), y(sample[index]))));
+    history.forEach((sample, i) => (i ? context.lineTo(x(i), y(sample[series + 1])) : context.moveTo(x(i), y(sample[series + 1]))));
     context.stroke();
-  }
+  });
 }
 
 async function overviewPage() {
@@ -118,17 +119,19 @@ async function overviewPage() {
       ${node.disk_free_alarm ? '<span class="alarm">disk alarm</span>' : ""}</p>` : ""}
     <h2>Listeners</h2>
     ${table([{ title: "protocol", value: (l) => l.protocol }, { title: "address", value: (l) => l.ip_address }, { title: "port", value: (l) => l.port, num: true }], overview.listeners, "none")}`;
-  drawChart(document.getElementById("chart"));
+  drawChart(document.getElementById("chart"), depthHistory.map(([t, r, u]) => [t, r, u]));
   timer = setTimeout(refresh, 5000);
 }
 
-let queueQuery = { page: 1, sort: "name", reverse: false, name: "" };
+let queueQuery = { page: 1, size: 100, sort: "name", reverse: false, name: "" };
 
 async function queuesPage() {
-  const params = new URLSearchParams({ page: queueQuery.page, page_size: 100, sort: queueQuery.sort, sort_reverse: queueQuery.reverse, name: queueQuery.name });
+  const params = new URLSearchParams({ page: queueQuery.page, page_size: queueQuery.size, sort: queueQuery.sort, sort_reverse: queueQuery.reverse, name: queueQuery.name });
   const [page, vhosts] = await Promise.all([api("GET", "/queues?" + params), api("GET", "/vhosts")]);
   main.innerHTML = `<h1>Queues</h1>
-    <form id="filter"><label>Filter by name <input name="name" value="${esc(queueQuery.name)}"></label><button>Filter</button>
+    <form id="filter"><label>Filter by name <input name="name" value="${esc(queueQuery.name)}"></label>
+      <label>Per page <select name="size">${[100, 500].map((n) => `<option ${n === queueQuery.size ? "selected" : ""}>${n}</option>`).join("")}</select></label>
+      <button>Filter</button>
       <span>${page.filtered_count} of ${page.total_count} queues, page ${page.page} of ${Math.max(1, page.page_count)}</span>
       <button type="button" id="previous" ${page.page <= 1 ? "disabled" : ""}>Previous</button>
       <button type="button" id="next" ${page.page >= page.page_count ? "disabled" : ""}>Next</button></form>
@@ -154,7 +157,14 @@ async function queuesPage() {
   ["vhost", "name", null, "messages_ready", "messages_unacknowledged", "messages", null, null, "consumers"].forEach((field, i) => {
     if (field && headers[i]) headers[i].onclick = () => { queueQuery.reverse = queueQuery.sort === field && !queueQuery.reverse; queueQuery.sort = field; refresh(); };
   });
-  document.getElementById("filter").onsubmit = (event) => { event.preventDefault(); queueQuery.name = new FormData(event.target).get("name"); queueQuery.page = 1; refresh(); };
+  document.getElementById("filter").onsubmit = (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    queueQuery.name = form.get("name");
+    queueQuery.size = Number(form.get("size"));
+    queueQuery.page = 1;
+    refresh();
+  };
   document.getElementById("previous").onclick = () => { queueQuery.page -= 1; refresh(); };
   document.getElementById("next").onclick = () => { queueQuery.page += 1; refresh(); };
   document.getElementById("add-queue").onsubmit = (event) => act(event, async (form) => {
@@ -175,9 +185,21 @@ async function act(event, action) {
   }
 }
 
+// The shown queue's samples: [time, ready, unacked, publish/s, deliver/s].
+let queueHistory = { key: "", samples: [] };
+
 async function queuePage(vhost, name) {
   const base = `/queues/${seg(vhost)}/${seg(name)}`;
   const [queue, bindings] = await Promise.all([api("GET", base), api("GET", base + "/bindings")]);
+  if (queueHistory.key !== base) queueHistory = { key: base, samples: [] };
+  const stats = queue.message_stats || {};
+  queueHistory.samples.push([Date.now(), queue.messages_ready, queue.messages_unacknowledged,
+    (stats.publish_details || {}).rate || 0, (stats.deliver_get_details || {}).rate || 0]);
+  if (queueHistory.samples.length > 120) queueHistory.samples.shift();
+  // Forms keep what was typed across the refresh.
+  const same = document.getElementById("queue-name")?.textContent === name;
+  const typed = same ? [...main.querySelectorAll("form input, form textarea")].filter((i) => i.name).map((i) => [i.closest("form").id, i.name, i.value]) : [];
+  const shown = same ? document.getElementById("messages")?.innerHTML ?? "" : "";
   main.innerHTML = `<h1>Queue <span id="queue-name">${esc(name)}</span></h1>
     <p>virtual host ${esc(vhost)}, ${queue.durable ? "durable" : "transient"}${queue.auto_delete ? ", auto-delete" : ""}${queue.exclusive ? ", exclusive" : ""}, ${esc(queue.type)}</p>
     <div class="cards">
@@ -187,7 +209,11 @@ async function queuePage(vhost, name) {
       <div class="card">publish<b>${rate(queue.message_stats.publish_details)}</b></div>
       <div class="card">deliver / get<b>${rate(queue.message_stats.deliver_get_details)}</b></div>
     </div>
+    <h2>Depth and rates</h2>
+    <canvas id="queue-depth" width="600" height="120" aria-label="ready (blue) and unacked (orange) over time"></canvas>
+    <canvas id="queue-rates" width="600" height="120" aria-label="publish (green) and deliver/get (purple) per second over time"></canvas>
     <h2>Arguments</h2><pre>${esc(JSON.stringify(queue.arguments, null, 1))}</pre>
+    <p id="queue-policy">policy: ${queue.policy ? `${esc(queue.policy)} <code>${esc(JSON.stringify(queue.effective_policy_definition))}</code>` : "none"}</p>
     <h2>Consumers</h2>
     ${table([{ title: "tag", value: (c) => c.consumer_tag }, { title: "channel", value: (c) => c.channel_details.name }, { title: "exclusive", value: (c) => c.exclusive }], queue.consumer_details || [], "No consumers.")}
     <h2>Bindings</h2>
@@ -201,10 +227,16 @@ async function queuePage(vhost, name) {
     <form id="get"><label>Ack mode <select name="ackmode"><option value="ack_requeue_true">Nack, requeue (peek)</option>
       <option value="ack_requeue_false">Ack, remove</option><option value="reject_requeue_false">Reject, dead-letter</option></select></label>
       <label>Messages <input name="count" type="number" value="1" min="1"></label><button>Get messages</button></form>
-    <div id="messages"></div>
+    <div id="messages">${shown}</div>
     <h2>Danger</h2>
     <form id="purge"><button>Purge messages</button></form>
     <form id="delete"><button>Delete queue</button></form>`;
+  drawChart(document.getElementById("queue-depth"), queueHistory.samples.map(([t, r, u]) => [t, r, u]));
+  drawChart(document.getElementById("queue-rates"), queueHistory.samples.map(([t, , , p, d]) => [t, p, d]), ["#16a34a", "#9333ea"]);
+  for (const [form, field, value] of typed) {
+    const input = document.querySelector(`#${form} [name="${field}"]`);
+    if (input && input.type !== "file") input.value = value;
+  }
   document.getElementById("bind").onsubmit = (event) => act(event, (form) =>
     api("POST", `/bindings/${seg(vhost)}/e/${seg(form.get("exchange"))}/q/${seg(name)}`, { routing_key: form.get("key"), arguments: {} }));
   document.getElementById("publish").onsubmit = (event) => act(event, async (form) => {
@@ -225,6 +257,7 @@ async function queuePage(vhost, name) {
     }
   };
   document.getElementById("purge").onsubmit = (event) => act(event, () => api("DELETE", base + "/contents"));
+  timer = setTimeout(refresh, 5000);
   document.getElementById("delete").onsubmit = async (event) => {
     event.preventDefault();
     try {
@@ -255,17 +288,97 @@ async function exchangesPage() {
 async function connectionsPage() {
   const [connections, channels] = await Promise.all([api("GET", "/connections"), api("GET", "/channels")]);
   main.innerHTML = `<h1>Connections</h1>
-    ${table([{ title: "name", value: (c) => c.name }, { title: "user", value: (c) => c.user }, { title: "vhost", value: (c) => c.vhost },
+    ${table([{ title: "name", html: (c) => `<a href="#/connections/${seg(c.name)}">${esc(c.name)}</a>` }, { title: "user", value: (c) => c.user }, { title: "vhost", value: (c) => c.vhost },
       { title: "channels", value: (c) => c.channels, num: true }, { title: "TLS", value: (c) => c.ssl },
+      { title: "in", value: (c) => bytesRate(c.recv_oct_details), num: true }, { title: "out", value: (c) => bytesRate(c.send_oct_details), num: true },
       { title: "", html: (c) => `<button data-close="${esc(c.name)}">Close</button>` }], connections, "No connections.")}
     <h1>Channels</h1>
-    ${table([{ title: "channel", value: (c) => c.name }, { title: "user", value: (c) => c.user }, { title: "consumers", value: (c) => c.consumer_count, num: true },
-      { title: "unacked", value: (c) => c.messages_unacknowledged, num: true }], channels, "No channels.")}`;
+    ${channelTable(channels)}`;
   main.querySelectorAll("button[data-close]").forEach((button) => button.onclick = async () => {
     await fetch("/api/connections/" + seg(button.dataset.close), { method: "DELETE", headers: { "Authorization": "Basic " + credentials, "X-Reason": "Closed from the web UI" } });
     refresh();
   });
   timer = setTimeout(refresh, 5000);
+}
+
+function bytesRate(details) {
+  const rate = (details && details.rate) || 0;
+  return rate >= 1048576 ? (rate / 1048576).toFixed(1) + " MiB/s" : rate >= 1024 ? (rate / 1024).toFixed(1) + " KiB/s" : rate.toFixed(0) + " B/s";
+}
+
+function channelTable(channels) {
+  return table([{ title: "channel", value: (c) => c.name }, { title: "user", value: (c) => c.user },
+    { title: "mode", value: (c) => (c.confirm ? "confirm" : "") + (c.transactional ? "transactional" : "") },
+    { title: "prefetch", value: (c) => c.prefetch_count || c.global_prefetch_count || "", num: true },
+    { title: "consumers", value: (c) => c.consumer_count, num: true },
+    { title: "unacked", value: (c) => c.messages_unacknowledged, num: true }], channels, "No channels.");
+}
+
+async function connectionPage(name) {
+  const base = "/connections/" + seg(name);
+  const [c, channels] = await Promise.all([api("GET", base), api("GET", base + "/channels")]);
+  const client = c.client_properties || {};
+  main.innerHTML = `<h1>Connection <span id="connection-name">${esc(name)}</span></h1>
+    <div class="cards">
+      <div class="card">user<b>${esc(c.user)}</b></div>
+      <div class="card">virtual host<b>${esc(c.vhost)}</b></div>
+      <div class="card">channels<b id="connection-channels">${c.channels}</b></div>
+      <div class="card">received<b id="connection-recv">${c.recv_oct}</b>${bytesRate(c.recv_oct_details)}</div>
+      <div class="card">sent<b>${c.send_oct}</b>${bytesRate(c.send_oct_details)}</div>
+    </div>
+    <p>${esc(c.protocol)} from ${esc(c.peer_host)}:${c.peer_port}${c.ssl ? " over TLS" : ""}, connected ${esc(new Date(c.connected_at).toLocaleString())};
+      heartbeat ${c.timeout} s, frame max ${c.frame_max}, channel max ${c.channel_max}</p>
+    <h2>Client</h2>
+    <p id="client">${esc(client.product || "")} ${esc(client.version || "")} ${esc(client.platform || "")}${client.connection_name ? ` (${esc(client.connection_name)})` : ""}</p>
+    <pre>${esc(JSON.stringify(client, null, 1))}</pre>
+    <h2>Channels</h2>
+    ${channelTable(channels)}
+    <h2>Close</h2>
+    <form id="close"><label>Reason <input name="reason" value="Closed from the web UI"></label><button>Close connection</button></form>`;
+  document.getElementById("close").onsubmit = async (event) => {
+    event.preventDefault();
+    const reason = new FormData(event.target).get("reason");
+    await fetch("/api" + base, { method: "DELETE", headers: { "Authorization": "Basic " + credentials, "X-Reason": reason } });
+    location.hash = "#/connections";
+  };
+  timer = setTimeout(refresh, 5000);
+}
+
+async function policiesPage() {
+  const [policies, vhosts] = await Promise.all([api("GET", "/policies"), api("GET", "/vhosts")]);
+  main.innerHTML = `<h1>Policies</h1>
+    <div id="policy-table">${table([{ title: "vhost", value: (p) => p.vhost }, { title: "name", value: (p) => p.name },
+      { title: "pattern", value: (p) => p.pattern }, { title: "apply to", value: (p) => p["apply-to"] },
+      { title: "definition", value: (p) => JSON.stringify(p.definition) }, { title: "priority", value: (p) => p.priority, num: true },
+      { title: "", html: (p) => `<button data-vhost="${esc(p.vhost)}" data-policy="${esc(p.name)}">Delete</button>` }], policies, "No policies.")}</div>
+    <h2>Add or replace a policy</h2>
+    <form id="add-policy">
+      <label>Virtual host <select name="vhost">${vhosts.map((v) => `<option>${esc(v.name)}</option>`).join("")}</select></label>
+      <label>Name <input name="name" required></label>
+      <label>Pattern <input name="pattern" required placeholder="^jobs\\."></label>
+      <label>Apply to <select name="apply"><option>queues</option><option>exchanges</option><option>all</option></select></label>
+      <label>Priority <input name="priority" type="number" value="0"></label>
+      <label>Definition (JSON) <input name="definition" required placeholder='{"max-length": 1000}'></label>
+      <button>Add policy</button></form>`;
+  main.querySelectorAll("button[data-policy]").forEach((button) => button.onclick = async () => {
+    try {
+      await api("DELETE", `/policies/${seg(button.dataset.vhost)}/${seg(button.dataset.policy)}`);
+      showError("");
+    } catch (error) {
+      showError(error.message);
+    }
+    refresh();
+  });
+  document.getElementById("add-policy").onsubmit = (event) => act(event, async (form) => {
+    let definition;
+    try {
+      definition = JSON.parse(form.get("definition"));
+    } catch (error) {
+      throw new Error("The definition is not JSON: " + error.message);
+    }
+    await api("PUT", `/policies/${seg(form.get("vhost"))}/${seg(form.get("name"))}`,
+      { pattern: form.get("pattern"), "apply-to": form.get("apply"), priority: Number(form.get("priority")), definition });
+  });
 }
 
 async function adminPage() {
@@ -310,7 +423,9 @@ async function refresh() {
     if (parts[0] === "queues" && parts.length >= 3) await queuePage(parts[1], parts.slice(2).join("/"));
     else if (parts[0] === "queues") await queuesPage();
     else if (parts[0] === "exchanges") await exchangesPage();
+    else if (parts[0] === "connections" && parts.length >= 2 && parts[1]) await connectionPage(parts.slice(1).join("/"));
     else if (parts[0] === "connections") await connectionsPage();
+    else if (parts[0] === "policies") await policiesPage();
     else if (parts[0] === "admin") await adminPage();
     else await overviewPage();
   } catch (error) {
@@ -324,6 +439,7 @@ async function route() {
     const me = await api("GET", "/whoami");
     document.getElementById("nav").hidden = false;
     document.getElementById("nav-admin").hidden = !me.tags.includes("administrator");
+    document.getElementById("nav-policies").hidden = !me.tags.includes("administrator") && !me.tags.includes("policymaker");
     document.getElementById("who").innerHTML = `${esc(me.name)} <button id="logout">Log out</button>`;
     document.getElementById("logout").onclick = () => { sessionStorage.removeItem("warren-credentials"); credentials = null; loginPage(); };
   } catch (error) {

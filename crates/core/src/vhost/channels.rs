@@ -31,6 +31,8 @@ impl VirtualHostState {
                 reply_consumer: None,
                 timed_out: BTreeSet::new(),
                 failing: false,
+                confirm: false,
+                transactional: false,
             },
         );
     }
@@ -88,6 +90,15 @@ impl VirtualHostState {
             self.mark_dirty(queue);
         }
     }
+    /// Records that the channel is in confirm or transactional mode, for
+    /// operators' listings.
+    pub fn set_channel_mode(&mut self, key: ChannelKey, confirm: bool, transactional: bool) {
+        if let Some(channel) = self.channels.get_mut(&key) {
+            channel.confirm = confirm;
+            channel.transactional = transactional;
+        }
+    }
+
     pub fn qos(&mut self, key: ChannelKey, prefetch_size: u32, prefetch_count: u16, global: bool) {
         if let Some(channel) = self.channels.get_mut(&key) {
             if global {

@@ -34,6 +34,20 @@ pub struct QueueSummary {
     pub policy: Option<(String, FieldTable)>,
 }
 
+/// A channel as an operator sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub channel: u16,
+    pub consumers: usize,
+    pub unacked: usize,
+    /// `basic.qos global=false`: for each new consumer.
+    pub prefetch_count: u16,
+    /// `basic.qos global=true`: shared by the channel.
+    pub global_prefetch_count: u16,
+    pub confirm: bool,
+    pub transactional: bool,
+}
+
 /// An exchange as an operator sees it.
 #[derive(Clone, Debug)]
 pub struct ExchangeSummary {
@@ -204,14 +218,22 @@ impl VirtualHostState {
     }
 
     /// Channels of a connection: (channel number, consumers, unacked).
-    pub fn channel_summaries(&self, connection: ConnectionId) -> Vec<(u16, usize, usize)> {
-        let mut out: Vec<(u16, usize, usize)> = self
+    pub fn channel_summaries(&self, connection: ConnectionId) -> Vec<ChannelSummary> {
+        let mut out: Vec<ChannelSummary> = self
             .channels
             .iter()
             .filter(|(key, _)| key.connection == connection)
-            .map(|(key, channel)| (key.channel, channel.consumers.len(), channel.unacked.len()))
+            .map(|(key, channel)| ChannelSummary {
+                channel: key.channel,
+                consumers: channel.consumers.len(),
+                unacked: channel.unacked.len(),
+                prefetch_count: channel.consumer_prefetch,
+                global_prefetch_count: channel.prefetch_count,
+                confirm: channel.confirm,
+                transactional: channel.transactional,
+            })
             .collect();
-        out.sort_unstable();
+        out.sort_unstable_by_key(|c| c.channel);
         out
     }
 }

@@ -102,6 +102,9 @@ struct ChannelState {
     timed_out: BTreeSet<u64>,
     /// Asked to be closed for a consumer timeout (close-channel mode).
     failing: bool,
+    /// `confirm.select` or `tx.select` was received (for operators).
+    confirm: bool,
+    transactional: bool,
 }
 
 impl ChannelState {
@@ -406,7 +409,7 @@ pub(crate) fn count_u32(count: usize) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX)
 }
 
-pub use inspect::{BindingSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
+pub use inspect::{BindingSummary, ChannelSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
 
 mod channels;
 mod dead_letters;

@@ -148,6 +148,7 @@ impl Connection {
                     ));
                 }
                 ch.confirms.enabled = true;
+                state.set_channel_mode(self.key(number), true, false);
                 if !select.nowait {
                     self.send(number, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
                 }
@@ -464,6 +465,7 @@ impl Connection {
                 if ch.tx.is_none() {
                     ch.tx = Some(Vec::new());
                 }
+                state.set_channel_mode(key, false, true);
                 self.send(number, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
                 Ok(())
             }
