@@ -127,7 +127,14 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonBody {
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<JsonBody, Self::Rejection> {
         use axum::response::IntoResponse;
-        // Over the body limit: the extractor's own 413.
+        // Announced over the limit: refused before a byte of it is read.
+        let announced = request.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+        if announced.and_then(|v| v.parse::<usize>().ok()).is_some_and(|n| n > crate::BODY_LIMIT_BYTES) {
+            let reason = format!("the request body is larger than {} bytes", crate::BODY_LIMIT_BYTES);
+            let body = serde_json::json!({"error": "bad_request", "reason": reason});
+            return Err((axum::http::StatusCode::PAYLOAD_TOO_LARGE, axum::Json(body)).into_response());
+        }
+        // Over the limit without saying so: the extractor's own 413.
         let bytes = axum::body::Bytes::from_request(request, state).await.map_err(IntoResponse::into_response)?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(Value::Object(Map::new())));

@@ -166,6 +166,24 @@ fn http_as(
     (status, headers, body.to_string())
 }
 
+/// The status of a POST announcing `length` bytes of which only the start
+/// is sent: a server that checks the limit answers without the rest.
+fn oversized_post(addr: SocketAddr, path: &str, length: usize) -> u16 {
+    use base64::Engine;
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let token = base64::engine::general_purpose::STANDARD.encode("boss:boss-pw");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"payload\":\""
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut response = [0u8; 64];
+    let n = stream.read(&mut response).unwrap_or(0);
+    let text = String::from_utf8_lossy(&response[..n]);
+    text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -419,6 +437,19 @@ fn bad_input_gets_rabbitmqs_status_and_changes_nothing() {
     assert_eq!(status, 201);
     let (status, _, body) = http(node.http, "GET", "/api/queues/%2F/my.q", ADMIN, None);
     assert_eq!((status, json_of(&body)["name"].as_str()), (200, Some("my.q")));
+    // A name that looks like a path is only a name: nothing outside the
+    // object it names is reached.
+    let (status, _, _) = http(node.http, "GET", "/api/queues/%2F/..%2F..%2Fusers", ADMIN, None);
+    assert_eq!(status, 404);
+    let (status, _, _) = http(node.http, "PUT", "/api/queues/%2F/..%2F..%2Fescape", ADMIN, Some("{}"));
+    assert_eq!(status, 201);
+    let (_, _, body) = http(node.http, "GET", "/api/queues/%2F", ADMIN, None);
+    assert!(json_of(&body).as_array().unwrap().iter().any(|q| q["name"] == "../../escape"));
+    assert!(!node.dir.join("..").join("..").join("escape").exists());
+    // Bodies over the documented 16 MiB limit are refused before parsing.
+    assert_eq!(oversized_post(node.http, "/api/exchanges/%2F/amq.default/publish", 17 * 1024 * 1024), 413);
+    let (_, _, body) = http(node.http, "GET", "/api/queues/%2F/my.q", ADMIN, None);
+    assert_eq!(json_of(&body)["messages"], 0, "nothing was published");
 }
 
 #[test]
