@@ -287,6 +287,9 @@ fn an_amqp_clients_queue_consumer_and_connection_are_listed_and_the_connection_c
     let consumers = client.list_consumers().unwrap();
     assert_eq!(consumers.len(), 1);
     assert_eq!(consumers[0].consumer_tag, "worker-1");
+    let (_, _, body) = http(node.http, "GET", "/api/consumers", ADMIN, None);
+    let consumer = &json_of(&body)[0];
+    assert_eq!((consumer["prefetch_count"].clone(), consumer["ack_required"].clone()), (json!(1), json!(true)));
     let connections = client.list_connections().unwrap();
     assert_eq!(connections.len(), 1);
     assert_eq!(connections[0].username, "boss");

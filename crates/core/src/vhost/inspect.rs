@@ -79,6 +79,10 @@ pub struct ConsumerSummary {
     pub tag: String,
     pub exclusive: bool,
     pub priority: i64,
+    /// Acknowledgements required (not `no_ack`).
+    pub ack_required: bool,
+    /// The consumer's prefetch (0: none).
+    pub prefetch_count: u16,
 }
 
 impl VirtualHostState {
@@ -205,12 +209,15 @@ impl VirtualHostState {
         let mut out = Vec::new();
         for queue in self.queues.values() {
             for consumer in &queue.consumers {
+                let state = self.channels.get(&consumer.channel).and_then(|c| c.consumers.get(&consumer.tag));
                 out.push(ConsumerSummary {
                     queue: queue.name.to_string(),
                     channel: consumer.channel,
                     tag: consumer.tag.to_string(),
                     exclusive: consumer.exclusive,
                     priority: consumer.priority,
+                    ack_required: state.is_none_or(|s| !s.no_ack),
+                    prefetch_count: state.map_or(0, |s| s.prefetch_count),
                 });
             }
         }

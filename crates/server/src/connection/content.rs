@@ -192,7 +192,7 @@ impl Connection {
             return Ok(());
         }
         match self.route(number, exchange_name, Arc::new(message), mandatory, &extra_keys, state) {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(error) if error.hard => Err(error),
             Err(error) => {
                 self.channel_error(number, error.at(60, 40), Some(state));
@@ -202,7 +202,8 @@ impl Connection {
     }
 
     /// Routes a complete message; sends `basic.return` when mandatory and
-    /// unroutable; counts it for publisher confirms.
+    /// unroutable; counts it for publisher confirms. Returns the log index
+    /// its persistence waits for, if any (`Err` if the store refused it).
     pub(super) fn route(
         &mut self,
         number: u16,
@@ -211,13 +212,18 @@ impl Connection {
         mandatory: bool,
         extra_keys: &[Vec<u8>],
         state: &mut Session<'_>,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<Result<Option<u64>, ()>, AmqpError> {
         let seq = self.channels.get_mut(&number).and_then(|ch| ch.confirms.publish());
         if seq.is_some() {
             Counters::add(&self.broker.counters.received_confirm, 1);
         }
         let routed = state.publish(exchange, message.clone(), extra_keys)?;
         let stored = state.flush_indices();
+        let waits_for = match &stored {
+            Ok(appended) => Ok(appended.published),
+            Err(_) if message.persistent => Err(()),
+            Err(_) => Ok(None),
+        };
         if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
             match stored {
                 // A queue at its length limit refused it (reject-publish).
@@ -242,6 +248,6 @@ impl Connection {
                 encode::content(buf, number, message.properties(), message.body(), frame_max);
             });
         }
-        Ok(())
+        Ok(waits_for)
     }
 }

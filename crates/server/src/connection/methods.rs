@@ -473,11 +473,14 @@ impl Connection {
                 let Some(ops) = ch.tx.replace(Vec::new()) else {
                     return Err(AmqpError::soft(ReplyCode::PreconditionFailed, "channel is not transactional", 0, 0));
                 };
+                let mut waits_for = None;
                 for op in ops {
                     match op {
                         TxOp::Publish { exchange, message, mandatory, extra_keys } => {
                             let exchange = str_of(&exchange)?;
-                            self.route(number, exchange, Arc::new(message), mandatory, &extra_keys, state)?;
+                            let stored =
+                                self.route(number, exchange, Arc::new(message), mandatory, &extra_keys, state)?;
+                            waits_for = waits_for.max(stored.map_err(|()| not_stored())?);
                         }
                         TxOp::Ack { delivery_tag, multiple } => state.ack(key, delivery_tag, multiple)?,
                         TxOp::Nack { delivery_tag, multiple, requeue } => {
@@ -485,7 +488,17 @@ impl Connection {
                         }
                     }
                 }
-                self.send(number, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                // Persistent messages into durable queues are fsynced before
+                // commit-ok, as RabbitMQ promises (one group-committed fsync
+                // per commit); a store that cannot take them closes with 541.
+                let appended = state.flush_indices().map_err(|_| not_stored())?;
+                let reply = AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}));
+                match waits_for.max(appended.published) {
+                    Some(index) if index > self.store.durable_index() => {
+                        self.waiting = Some(Wait::Durable(DeferredReply { index, channel: number, reply }));
+                    }
+                    _ => self.send(number, reply),
+                }
                 Ok(())
             }
             tx::AMQPMethod::Rollback(_) => {

@@ -11,7 +11,7 @@ use warren_codec::encode;
 use warren_codec::frame::{FrameDecoder, FrameKind};
 use warren_codec::method::{self, Method};
 use warren_codec::properties::flag;
-use warren_codec::spec::{basic, channel, confirm, connection, queue, AMQPClass};
+use warren_codec::spec::{basic, channel, confirm, connection, queue, tx, AMQPClass};
 use warren_codec::types::{AMQPValue, FieldTable, LongString, ShortString};
 use warren_storage::sim::{Faults, SimBackend};
 
@@ -452,4 +452,46 @@ fn a_publish_a_full_queue_rejects_is_nacked_between_the_acks_around_it() {
         requeue: false,
     })));
     assert_eq!(out, vec![Out::Ack { tag: 1, multiple: false }, nack, Out::Ack { tag: 3, multiple: false }]);
+}
+
+fn tx(h: &mut Harness, class: tx::AMQPMethod) {
+    h.feed(|buf| method(buf, 1, AMQPClass::Tx(class)));
+}
+
+/// Commits one persistent message into a durable queue; returns what the
+/// connection answered once the log settled (durable or failed).
+fn commit_one_persistent(h: &mut Harness, faults: Faults) -> Vec<Out> {
+    h.open_channel(1);
+    declare(h, "ledger", true, FieldTable::default());
+    tx(h, tx::AMQPMethod::Select(tx::Select {}));
+    assert_eq!(h.output(), vec![Out::Method(AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})))]);
+    h.disk.set_faults(faults);
+    h.feed(|buf| publish(buf, 1, "ledger", PERSISTENT, b"entry"));
+    tx(h, tx::AMQPMethod::Commit(tx::Commit {}));
+    let mut out = h.output();
+    if let Some(Wait::Durable(deferred)) = h.conn.take_wait() {
+        assert!(out.is_empty(), "nothing before the commit's fsync: {out:?}");
+        let store = h.conn.store.clone();
+        wait_for(|| store.durable_index() >= deferred.index || store.is_poisoned());
+        let stored = if store.is_poisoned() { Err(warren_storage::StorageError::Poisoned) } else { Ok(()) };
+        h.conn.send_deferred(deferred, stored);
+        out.extend(h.output());
+    }
+    out
+}
+
+#[test]
+fn tx_commit_answers_once_its_persistent_messages_are_durable() {
+    let mut h = Harness::open(|_| {});
+    let out = commit_one_persistent(&mut h, Faults::default());
+    assert_eq!(out, vec![Out::Method(AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})))]);
+    assert!(h.conn.store.durable_index() > 0);
+}
+
+#[test]
+fn tx_commit_whose_fsync_fails_is_never_answered_commit_ok() {
+    let mut h = Harness::open(|_| {});
+    let out = commit_one_persistent(&mut h, Faults { fail_syncs: true, ..Faults::default() });
+    assert!(!out.iter().any(|o| matches!(o, Out::Method(AMQPClass::Tx(tx::AMQPMethod::CommitOk(_))))), "{out:?}");
+    assert_eq!(close_code(&out).map(|(code, _)| code), Some(541), "{out:?}");
 }
