@@ -451,6 +451,22 @@ impl Queue {
         self.retry_due.push(Reverse((due, seq)));
     }
 
+    /// Takes a ready message (recovered from the log) out of line until
+    /// `due`, as if it had just been returned with a retry delay. False if
+    /// it is not there or cannot be read back.
+    pub fn hold_for_retry(&mut self, seq: u64, due: u64, loader: Option<&dyn MessageLoader>) -> bool {
+        let Some(entry) = (0..self.lanes.len()).find_map(|lane| self.lanes[lane].remove_seq(seq)) else {
+            return false;
+        };
+        match self.materialize(entry, loader) {
+            Some(queued) => {
+                self.retry_later(seq, queued.message, due);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Messages waiting for a retry.
     pub fn retrying(&self) -> impl Iterator<Item = &Arc<Message>> {
         self.retrying.values()

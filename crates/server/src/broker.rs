@@ -225,8 +225,9 @@ impl Broker {
         let mut state = Session::open(vhost, &self.store);
         let name = state.name.clone();
         state.set_policies(self.compiled_policies(&self.access.read(), &name));
-        state.set_loader(self.store.clone());
+        // The clock first: recovered retries are held against it.
         state.set_clock(self.clock.clone());
+        state.set_loader(self.store.clone());
         state.set_consumer_timeout((config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms));
         state.set_consumer_timeout_closes_channel(
             config.consumer_timeout_action == crate::config::ConsumerTimeoutAction::CloseChannel,

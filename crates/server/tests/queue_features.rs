@@ -521,6 +521,33 @@ async fn rejected_messages_are_retried_with_growing_delays_then_dead_lettered() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waiting_out_its_retry_delay_still_waits_after_a_restart() {
+    let server = TestServer::with_manual_clock(|_| {}).await;
+    let (conn, ch) = open(&server).await;
+    queue(&ch, "retry-later", true, args(&[("x-retry-delay", long(10_000))])).await;
+    publish(&ch, "retry-later", b"try again", BasicProperties::default().with_delivery_mode(2)).await;
+    let mut consumer = consume(&ch, "retry-later", "worker", false).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    delivery.acker.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+    count(&ch, "retry-later").await;
+    conn.close(200, "bye".into()).await.unwrap();
+    server.advance(4_000);
+
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    let mut consumer = consume(&ch, "retry-later", "worker", false).await;
+    let early = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(early.is_err(), "ready at once after the restart, 6 s before its due time");
+    server.advance(5_900);
+    let early = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await;
+    assert!(early.is_err(), "ready 100 ms before its due time");
+    server.advance(200);
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(delivery.data, b"try again");
+    assert!(delivery.redelivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacknowledged_delivery_is_taken_back_after_the_consumer_timeout() {
     let server = TestServer::with_manual_clock(|_| {}).await;
     let (_conn, ch) = open(&server).await;

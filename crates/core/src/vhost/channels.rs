@@ -220,7 +220,16 @@ impl VirtualHostState {
         let Some(queue) = self.queues.get_mut(&unacked.queue) else { return };
         let attempt = queue.returns.get(&unacked.seq).copied().unwrap_or(1);
         let delay = retry.delay_for(attempt, noise(unacked.seq, attempt));
-        queue.retry_later(unacked.seq, unacked.message, now.saturating_add(delay));
+        let due = now.saturating_add(delay);
+        // The return just journaled (stored messages only) carries the due
+        // time, so a restart keeps the message waiting.
+        let stored = unacked.message.stored_index();
+        if let Some(JournalEvent::Returned { stored: s, retry_at_ms, .. }) = self.journal.last_mut() {
+            if *s == stored && stored != 0 {
+                *retry_at_ms = Some(due);
+            }
+        }
+        queue.retry_later(unacked.seq, unacked.message, due);
         self.timed.insert(unacked.queue);
     }
     /// Returns a delivered message to its queue, or dead-letters it once it
@@ -246,7 +255,7 @@ impl VirtualHostState {
         let returns = *returns;
         let stored = unacked.message.stored_index();
         if queue.durable && stored != 0 {
-            self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns });
+            self.journal.push(JournalEvent::Returned { queue: queue.name.clone(), stored, returns, retry_at_ms: None });
         }
         if queue.settings.delivery_limit.is_some_and(|limit| returns > limit) {
             let entry = QueuedMessage { seq: unacked.seq, message: unacked.message, redelivered: true };

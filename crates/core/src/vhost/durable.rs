@@ -129,7 +129,15 @@ impl VirtualHostState {
     }
     /// Puts a message recovered from the store back into a durable queue,
     /// paged out (read back from the log when delivered).
-    pub fn recover_stored(&mut self, queue: &str, stored: u64, size: u64, priority: u8, returns: u64) -> bool {
+    pub fn recover_stored(
+        &mut self,
+        queue: &str,
+        stored: u64,
+        size: u64,
+        priority: u8,
+        returns: u64,
+        retry_at_ms: Option<u64>,
+    ) -> bool {
         if let Some(exchange) = queue.strip_prefix(DELAYED_PREFIX) {
             return match self.exchanges.get_mut(exchange).and_then(|x| x.delayed.as_mut()) {
                 Some(delayed) => {
@@ -152,6 +160,10 @@ impl VirtualHostState {
                 let seq = q.push_stored(stored, size, priority);
                 if returns > 0 {
                     q.returns.insert(seq, returns);
+                }
+                // Held back once the store can read it ([`Self::set_loader`]).
+                if let Some(due) = retry_at_ms {
+                    self.recovered_retries.push((q.id, seq, due));
                 }
                 true
             }
@@ -224,5 +236,20 @@ impl VirtualHostState {
     /// Where paged-out messages are read back from.
     pub fn set_loader(&mut self, loader: Arc<dyn MessageLoader>) {
         self.loader = Some(loader);
+        self.hold_recovered_retries();
+    }
+
+    /// Messages that were waiting out a retry delay when the broker stopped
+    /// wait again until their due time, instead of being ready at once.
+    fn hold_recovered_retries(&mut self) {
+        let now = self.clock.now_ms();
+        for (id, seq, due) in std::mem::take(&mut self.recovered_retries) {
+            let loader = self.loader.as_deref();
+            let Some(q) = self.queues.get_mut(&id) else { continue };
+            if due <= now || !q.hold_for_retry(seq, due, loader) {
+                continue;
+            }
+            self.timed.insert(id);
+        }
     }
 }

@@ -159,8 +159,9 @@ pub enum JournalEvent {
     /// A binding between durable ends was removed.
     Unbound(BindingDefinition),
     /// A stored message came back to a queue that counts returns
-    /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far.
-    Returned { queue: Arc<str>, stored: u64, returns: u64 },
+    /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far,
+    /// `retry_at_ms` when it is ready again (`x-retry-delay`; wall clock).
+    Returned { queue: Arc<str>, stored: u64, returns: u64, retry_at_ms: Option<u64> },
 }
 
 /// Durable definitions of a virtual host, as stored and restored.
@@ -373,6 +374,9 @@ pub struct VirtualHostState {
     policies: Vec<Policy>,
     /// The queue recovery last filled (recovery visits long runs of one).
     recovering: Option<(Arc<str>, QueueId)>,
+    /// Recovered messages still inside a retry delay: (queue, seq, due),
+    /// held back once the store can read them.
+    recovered_retries: Vec<(QueueId, u64, u64)>,
     scratch_destinations: Vec<Destination>,
     scratch_queues: Vec<QueueId>,
     /// The virtual host's queue limit (RabbitMQ's `max-queues`).
@@ -457,6 +461,7 @@ impl VirtualHostState {
             shortest_consumer_timeout: None,
             policies: Vec::new(),
             recovering: None,
+            recovered_retries: Vec::new(),
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
             max_queues: None,

@@ -317,7 +317,12 @@ fn journal_records_persistent_messages_in_durable_queues_and_their_settlement() 
             JournalEvent::Published { message, queues } => format!("P{}{:?}", message.stored_index(), queues),
             JournalEvent::Settled { queue, stored } => format!("S{stored}{queue}"),
             JournalEvent::QueueDeleted { queue } => format!("D{queue}"),
-            JournalEvent::Returned { queue, stored, returns } => format!("R{stored}{queue}{returns}"),
+            JournalEvent::Returned { queue, stored, returns, retry_at_ms: None } => {
+                format!("R{stored}{queue}{returns}")
+            }
+            JournalEvent::Returned { queue, stored, returns, retry_at_ms: Some(due) } => {
+                format!("R{stored}{queue}{returns}@{due}")
+            }
             _ => "definition".into(),
         })
         .collect();

@@ -163,8 +163,8 @@ impl Store {
                     self.definitions.lock().apply(index, vhost, Change::QueueDeleted(&queue));
                     appended.definitions = Some(index);
                 }
-                JournalEvent::Returned { queue, stored, returns } => {
-                    encode_returned(scratch, vhost, &queue, stored, returns);
+                JournalEvent::Returned { queue, stored, returns, retry_at_ms } => {
+                    encode_returned(scratch, vhost, &queue, stored, returns, retry_at_ms);
                     self.commit.append(scratch)?;
                 }
                 definition => {

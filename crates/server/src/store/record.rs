@@ -104,12 +104,24 @@ pub(super) fn encode_settled(out: &mut Vec<u8>, vhost: &str, settled: &[(Arc<str
 }
 
 /// A stored message's return count in one queue.
-pub(super) fn encode_returned(out: &mut Vec<u8>, vhost: &str, queue: &str, stored: u64, returns: u64) {
-    out.push(b'R');
+/// `R`, or `r` with the retry's due time (wall-clock ms) appended: logs
+/// written before retries were kept read unchanged.
+pub(super) fn encode_returned(
+    out: &mut Vec<u8>,
+    vhost: &str,
+    queue: &str,
+    stored: u64,
+    returns: u64,
+    retry_at_ms: Option<u64>,
+) {
+    out.push(if retry_at_ms.is_some() { b'r' } else { b'R' });
     put_short(out, vhost.as_bytes());
     put_short(out, queue.as_bytes());
     out.extend_from_slice(&stored.to_le_bytes());
     out.extend_from_slice(&returns.to_le_bytes());
+    if let Some(due) = retry_at_ms {
+        out.extend_from_slice(&due.to_le_bytes());
+    }
 }
 
 pub(super) fn encode_deleted(out: &mut Vec<u8>, vhost: &str, queue: &str) {
@@ -194,6 +206,7 @@ pub(super) enum Record<'a> {
         queue: &'a str,
         stored: u64,
         returns: u64,
+        retry_at_ms: Option<u64>,
     },
     Definition {
         vhost: &'a str,
@@ -229,8 +242,10 @@ pub(super) fn decode(payload: &[u8]) -> Option<Record<'_>> {
             Some(Record::Settled { vhost, settled })
         }
         b'D' => Some(Record::Deleted { vhost: r.short_str()?, queue: r.short_str()? }),
-        b'R' => {
-            Some(Record::Returned { vhost: r.short_str()?, queue: r.short_str()?, stored: r.u64()?, returns: r.u64()? })
+        tag @ (b'R' | b'r') => {
+            let (vhost, queue, stored, returns) = (r.short_str()?, r.short_str()?, r.u64()?, r.u64()?);
+            let retry_at_ms = if tag == b'r' { Some(r.u64()?) } else { None };
+            Some(Record::Returned { vhost, queue, stored, returns, retry_at_ms })
         }
         tag @ (b'Q' | b'X' | b'x' | b'B' | b'U' | b'V') => {
             let vhost = r.short_str()?;
@@ -343,8 +358,23 @@ mod tests {
         encode_deleted(&mut out, "v", "q");
         assert!(matches!(decode(&out), Some(Record::Deleted { vhost: "v", queue: "q" })));
         out.clear();
-        encode_returned(&mut out, "v", "q", 7, 3);
-        assert!(matches!(decode(&out), Some(Record::Returned { vhost: "v", queue: "q", stored: 7, returns: 3 })));
+        encode_returned(&mut out, "v", "q", 7, 3, None);
+        assert!(matches!(
+            decode(&out),
+            Some(Record::Returned { vhost: "v", queue: "q", stored: 7, returns: 3, retry_at_ms: None })
+        ));
+        out.clear();
+        encode_returned(&mut out, "v", "q", 7, 3, Some(1_700_000_000_000));
+        assert!(matches!(
+            decode(&out),
+            Some(Record::Returned {
+                vhost: "v",
+                queue: "q",
+                stored: 7,
+                returns: 3,
+                retry_at_ms: Some(1_700_000_000_000)
+            })
+        ));
         out.clear();
         let queue = JournalEvent::QueueDeclared(QueueDefinition {
             name: "q".into(),

@@ -76,6 +76,8 @@ impl Store {
         const SETTLED: u32 = u32::MAX;
         // Return counts by (log index, queue); moved entries carry theirs.
         let mut returns: HashMap<(u64, u32), u64> = HashMap::new();
+        // (log index, queue) -> when a retry delay it was waiting out ends.
+        let mut retries: HashMap<(u64, u32), u64> = HashMap::new();
         // (priority << 56 | log index, queue, body size): 16 bytes per
         // queue entry, in index order.
         let mut live: Vec<(u64, u32, u32)> = Vec::new();
@@ -108,11 +110,20 @@ impl Store {
                         if let Some(count) = returns.remove(&(from, *id)) {
                             returns.insert((index, *id), count);
                         }
+                        if let Some(due) = retries.remove(&(from, *id)) {
+                            retries.insert((index, *id), due);
+                        }
                     }
                     live.extend(ids.into_iter().map(|id| (key, id, size)));
                 }
-                Some(Record::Returned { vhost, queue, stored, returns: count }) => {
-                    returns.insert((stored, intern(vhost, queue)), count);
+                Some(Record::Returned { vhost, queue, stored, returns: count, retry_at_ms }) => {
+                    let id = intern(vhost, queue);
+                    returns.insert((stored, id), count);
+                    // The latest return decides: a plain one (requeue) ends a wait.
+                    match retry_at_ms {
+                        Some(due) => retries.insert((stored, id), due),
+                        None => retries.remove(&(stored, id)),
+                    };
                 }
                 Some(Record::Settled { vhost, settled }) => {
                     for (stored, queue) in settled {
@@ -177,7 +188,8 @@ impl Store {
             }
             let Some((_, state)) = locked.as_mut() else { continue };
             let count = if returns.is_empty() { 0 } else { returns.get(&(index, id)).copied().unwrap_or(0) };
-            if state.recover_stored(queue, index, u64::from(size), priority, count) {
+            let retry_at = if retries.is_empty() { None } else { retries.get(&(index, id)).copied() };
+            if state.recover_stored(queue, index, u64::from(size), priority, count, retry_at) {
                 recovered.queue_entries += 1;
                 if index != previous {
                     recovered.messages += 1;
