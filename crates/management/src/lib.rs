@@ -56,6 +56,8 @@ pub struct AppState {
     /// RabbitMQ's node name form: `warren@<host>`.
     pub node: String,
     pub rates: rates::Rates,
+    /// When the management API started (the node's `uptime`).
+    pub started: std::time::Instant,
 }
 
 /// The management API's listeners, ready to serve.
@@ -78,7 +80,13 @@ impl Management {
                 amqp.push(Listener { protocol: "http", address });
             }
         }
-        let state = Arc::new(AppState { broker, listeners: amqp, node: node_name(), rates: rates::Rates::default() });
+        let state = Arc::new(AppState {
+            broker,
+            listeners: amqp,
+            node: node_name(),
+            rates: rates::Rates::default(),
+            started: std::time::Instant::now(),
+        });
         Management { listeners, prometheus: Vec::new(), https: Vec::new(), state }
     }
 

@@ -144,6 +144,8 @@ fn node_json(state: &AppState) -> Value {
     let memory = warren_server::alarm::resident_bytes().unwrap_or(0);
     let memory_limit = state.broker.config.memory_limit().unwrap_or(0);
     let (log_bytes, _) = state.broker.store.disk_usage();
+    let (fds, sockets) = warren_server::alarm::open_fds_and_sockets();
+    let max_fds = warren_server::alarm::max_open_files().unwrap_or(0);
     json!({
         "name": state.node,
         "type": "disc",
@@ -157,12 +159,13 @@ fn node_json(state: &AppState) -> Value {
         "disk_free_details": rate(),
         "disk_free_limit": state.broker.config.disk_free_limit_bytes,
         "disk_free_alarm": alarms.disk,
-        "fd_used": open_fds(),
+        "fd_used": fds,
         "fd_used_details": rate(),
-        "fd_total": 0,
-        "sockets_used": state.broker.connection_count(),
+        "fd_total": max_fds,
+        "sockets_used": sockets,
         "sockets_used_details": rate(),
-        "sockets_total": 0,
+        // Sockets are file descriptors: no limit of their own.
+        "sockets_total": max_fds,
         "proc_used": 0,
         "proc_used_details": rate(),
         "proc_total": 0,
@@ -171,7 +174,7 @@ fn node_json(state: &AppState) -> Value {
         "mem_calculation_strategy": "rss",
         "cluster_links": [],
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "uptime": 0,
+        "uptime": u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "run_queue": 0,
         "os_pid": std::process::id().to_string(),
         "partitions": [],

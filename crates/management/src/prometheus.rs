@@ -35,6 +35,7 @@ struct QueueRow {
     unacked: u64,
     bytes: u64,
     consumers: u64,
+    published: u64,
 }
 
 /// A histogram read from counters kept elsewhere (the broker's atomics):
@@ -83,6 +84,7 @@ fn snapshot(state: &AppState) -> Snapshot {
                 unacked: q.unacked,
                 bytes: q.ready_bytes,
                 consumers: q.consumers as u64,
+                published: q.stats.publish,
             });
         }
     }
@@ -196,6 +198,33 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         registry.register(name, help, family);
     }
 
+    // rabbitmq_prometheus's channel counters, summed over the node: what
+    // RabbitMQ's Overview dashboard charts.
+    for (name, help, value) in [
+        ("rabbitmq_channel_messages_published", "Total number of messages published into an exchange on a channel", s.publish),
+        ("rabbitmq_channel_messages_confirmed", "Total number of messages published into an exchange and confirmed on the channel", node.confirmed),
+        ("rabbitmq_channel_messages_unroutable_dropped", "Total number of messages published as non-mandatory into an exchange and dropped as unroutable", s.unroutable),
+        ("rabbitmq_channel_messages_unroutable_returned", "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable", node.returned_unroutable),
+        ("rabbitmq_channel_messages_delivered_ack", "Total number of messages delivered to consumers in manual acknowledgement mode", s.deliver),
+        ("rabbitmq_channel_messages_delivered", "Total number of messages delivered to consumers in automatic acknowledgement mode", s.deliver_no_ack),
+        ("rabbitmq_channel_messages_redelivered", "Total number of messages redelivered to consumers", s.redeliver),
+        ("rabbitmq_channel_messages_acked", "Total number of messages acknowledged by consumers", s.ack),
+        ("rabbitmq_channel_get_ack", "Total number of messages fetched with basic.get in manual acknowledgement mode", s.get),
+        ("rabbitmq_channel_get", "Total number of messages fetched with basic.get in automatic acknowledgement mode", s.get_no_ack),
+        ("rabbitmq_channel_get_empty", "Total number of times basic.get operations fetched no message", s.get_empty),
+        ("rabbitmq_queue_messages_published", "Total number of messages published to queues", snapshot.queues.iter().map(|q| q.published).sum()),
+    ] {
+        counter(&mut registry, name, help, value);
+    }
+    gauge(&mut registry, "rabbitmq_channel_consumers", "Consumers on a channel", consumers);
+    let unconfirmed = state.broker.connections().iter().map(|c| c.unconfirmed).sum();
+    gauge(
+        &mut registry,
+        "rabbitmq_channel_messages_unconfirmed",
+        "Published but not yet confirmed messages",
+        unconfirmed,
+    );
+
     let ready: u64 = snapshot.queues.iter().map(|q| q.ready).sum();
     let unacked: u64 = snapshot.queues.iter().map(|q| q.unacked).sum();
     let bytes: u64 = snapshot.queues.iter().map(|q| q.bytes).sum();
@@ -239,7 +268,13 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         "Disk space available in bytes",
         warren_server::alarm::disk_free(&state.broker.config.data_dir).unwrap_or(0),
     );
-    gauge(&mut registry, "rabbitmq_process_open_fds", "Open file descriptors", crate::overview::open_fds());
+    let (fds, sockets) = warren_server::alarm::open_fds_and_sockets();
+    let max_fds = warren_server::alarm::max_open_files().unwrap_or(0);
+    gauge(&mut registry, "rabbitmq_process_open_fds", "Open file descriptors", fds);
+    gauge(&mut registry, "rabbitmq_process_max_fds", "Open file descriptors limit", max_fds);
+    gauge(&mut registry, "rabbitmq_process_open_tcp_sockets", "Open TCP sockets", sockets);
+    // Sockets are file descriptors: no limit of their own.
+    gauge(&mut registry, "rabbitmq_process_max_tcp_sockets", "Open TCP sockets limit", max_fds);
     let alarms = state.broker.alarms.state();
     gauge(
         &mut registry,
@@ -402,6 +437,7 @@ fn detailed_registry(state: &AppState, families: &[String], vhosts: &[String]) -
                     unacked: q.unacked,
                     bytes: q.ready_bytes,
                     consumers,
+                    published: q.stats.publish,
                 };
                 rows.push(row);
             }

@@ -589,6 +589,10 @@ fn prometheus_metrics_carry_rabbitmqs_names_and_parse() {
                 .await
                 .unwrap();
         }
+        // Everything published was confirmed: nothing counts as unconfirmed.
+        let during = scrape(&node, "/metrics");
+        assert_eq!(value(&during, "rabbitmq_channel_messages_unconfirmed", &[]), Some(0.0));
+        assert_eq!(value(&during, "rabbitmq_channel_messages_confirmed_total", &[]), Some(3.0));
         // Its socket traffic, counted per read and write.
         let listed = json_of(&http(node.http, "GET", "/api/connections", ADMIN, None).2);
         let traffic = &listed[0];
@@ -896,4 +900,17 @@ fn with_rabbitmqs_password_hashing_the_export_carries_hashes_rabbitmq_verifies()
     let raw = base64::engine::general_purpose::STANDARD.decode(carol["password_hash"].as_str().unwrap()).unwrap();
     let (salt, digest) = raw.split_at(4);
     assert_eq!(digest, sha2::Sha256::new_with_prefix(salt).chain_update(b"carol-pw").finalize().as_slice());
+}
+
+#[test]
+fn every_metric_rabbitmqs_overview_dashboard_charts_is_served() {
+    let node = Node::start();
+    let fixture = include_str!("fixtures/grafana-overview-metrics.txt");
+    let names: Vec<&str> = fixture.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    assert!(names.len() > 30, "the fixture lists the dashboard's metrics");
+    let served = scrape(&node, "/metrics");
+    let missing: Vec<&&str> = names.iter().filter(|name| !served.samples.iter().any(|s| s.metric == **name)).collect();
+    assert!(missing.is_empty(), "the Overview dashboard queries these, not served: {missing:?}");
+    let identity = served.samples.iter().find(|s| s.metric == "rabbitmq_identity_info").expect("identity");
+    assert!(identity.labels.get("rabbitmq_cluster").is_some() && identity.labels.get("rabbitmq_node").is_some());
 }

@@ -74,6 +74,31 @@ pub fn resident_bytes() -> Option<u64> {
     kib_field(&status, "VmRSS:")
 }
 
+/// The soft limit on open files (`ulimit -n`), from `/proc/self/limits`.
+pub fn max_open_files() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    max_open_files_in(&limits)
+}
+
+fn max_open_files_in(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// Open file descriptors, and how many of them are sockets.
+pub fn open_fds_and_sockets() -> (u64, u64) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return (0, 0) };
+    let mut fds = 0;
+    let mut sockets = 0;
+    for entry in dir.flatten() {
+        fds += 1;
+        if std::fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy().starts_with("socket:")) {
+            sockets += 1;
+        }
+    }
+    (fds, sockets)
+}
+
 fn kib_field(text: &str, name: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
@@ -119,6 +144,17 @@ pub fn raise_open_files_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_read_from_procs_table() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max processes             63414                63414                processes\n\
+                      Max open files            1024                 524288               files\n";
+        assert_eq!(max_open_files_in(limits), Some(1024));
+        assert!(max_open_files().is_some_and(|n| n > 0));
+        let (fds, sockets) = open_fds_and_sockets();
+        assert!(fds >= 3 && sockets <= fds);
+    }
 
     #[test]
     fn readings_are_plausible() {

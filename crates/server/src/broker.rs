@@ -43,6 +43,8 @@ pub struct ConnectionView {
     pub vhost: String,
     pub info: ConnectionInfo,
     pub traffic: crate::outbox::Traffic,
+    /// Publishes waiting for their confirm.
+    pub unconfirmed: u64,
 }
 
 /// Node-wide counters for operators (relaxed atomics: one add per event,
@@ -392,6 +394,7 @@ impl Broker {
                 vhost: r.vhost.clone(),
                 info: r.info.clone(),
                 traffic: r.outbox.traffic(),
+                unconfirmed: r.outbox.unconfirmed(),
             })
             .collect();
         out.sort_by_key(|c| c.id);

@@ -43,6 +43,8 @@ pub struct ConnectionOutbox {
     recv_cnt: AtomicU64,
     send_oct: AtomicU64,
     send_cnt: AtomicU64,
+    /// Publishes in confirm mode not yet acked or nacked (all channels).
+    unconfirmed: AtomicU64,
 }
 
 /// A connection's socket traffic so far (RabbitMQ's `recv_oct`...).
@@ -72,7 +74,21 @@ impl ConnectionOutbox {
             recv_cnt: AtomicU64::new(0),
             send_oct: AtomicU64::new(0),
             send_cnt: AtomicU64::new(0),
+            unconfirmed: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn add_unconfirmed(&self, n: u64) {
+        self.unconfirmed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub_unconfirmed(&self, n: u64) {
+        self.unconfirmed.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Publishes waiting for their confirm.
+    pub fn unconfirmed(&self) -> u64 {
+        self.unconfirmed.load(Ordering::Relaxed)
     }
 
     pub(crate) fn count_received(&self, bytes: usize) {

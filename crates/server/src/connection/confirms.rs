@@ -70,6 +70,11 @@ impl Confirms {
         self.confirmed
     }
 
+    /// Publishes not confirmed yet.
+    pub(super) fn pending(&self) -> u64 {
+        self.published - self.confirmed
+    }
+
     pub(super) fn is_waiting(&self) -> bool {
         !self.waiting.is_empty()
     }
@@ -132,7 +137,9 @@ impl Connection {
                     self.outbox.write(|buf| encode::basic_nack(buf, number, tag, false, false))
                 }
             });
-            acked += ch.confirms.confirmed() - before - nacked;
+            let done = ch.confirms.confirmed() - before;
+            self.outbox.sub_unconfirmed(done);
+            acked += done - nacked;
             if let Some(elapsed) = ch.confirms.take_sample() {
                 self.broker.counters.confirm_latency.observe(elapsed);
             }

@@ -216,6 +216,7 @@ impl Connection {
         let seq = self.channels.get_mut(&number).and_then(|ch| ch.confirms.publish());
         if seq.is_some() {
             Counters::add(&self.broker.counters.received_confirm, 1);
+            self.outbox.add_unconfirmed(1);
         }
         let routed = state.publish(exchange, message.clone(), extra_keys)?;
         let stored = state.flush_indices();

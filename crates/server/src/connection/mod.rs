@@ -310,8 +310,11 @@ impl Connection {
     }
 
     fn forget_channel(&mut self, number: u16) {
-        if self.channels.remove(&number).is_some() && self.account.is_some() {
-            self.broker.close_channel(&self.user);
+        if let Some(channel) = self.channels.remove(&number) {
+            self.outbox.sub_unconfirmed(channel.confirms.pending());
+            if self.account.is_some() {
+                self.broker.close_channel(&self.user);
+            }
         }
     }
 
