@@ -49,6 +49,10 @@ impl Store {
         if live_in_first == 0 || live_in_first > MOVE_AT_MOST {
             return Ok(0);
         }
+        if *self.stuck.lock() == Some((first, live_in_first)) {
+            return Ok(0);
+        }
+        self.compaction_scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut moved_count = 0;
         let mut scratch = Vec::new();
         for vhost in vhosts {
@@ -103,6 +107,19 @@ impl Store {
         if moved_count > 0 {
             info!(moved = moved_count, segment = first, "compacted: live messages moved out of the oldest segment");
         }
+        // Live entries the queues do not hold (delayed messages wait in
+        // their exchange) stay: remember, rather than walk every queue again
+        // each round while nothing changed.
+        let left = self.live.lock().count_in(first..second);
+        *self.stuck.lock() = (left > 0).then_some((first, left));
+        if left > 0 {
+            info!(segment = first, live = left, "compaction: live entries that cannot be moved pin the oldest segment");
+        }
         Ok(moved_count)
+    }
+
+    /// How many times compaction walked the queues.
+    pub fn compaction_scans(&self) -> u64 {
+        self.compaction_scans.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

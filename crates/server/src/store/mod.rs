@@ -92,6 +92,12 @@ pub struct Store {
     /// Highest log index written by compaction; nothing is purged until it
     /// is durable.
     moved_until: Mutex<u64>,
+    /// The oldest segment's start and live count when compaction last found
+    /// live entries no queue could move (a delayed message, say): not
+    /// scanned again until either changes.
+    stuck: Mutex<Option<(u64, u64)>>,
+    /// Times compaction walked the queues (for tests and operators).
+    compaction_scans: std::sync::atomic::AtomicU64,
     definitions_path: PathBuf,
     definitions: Mutex<DefinitionsLog>,
     dedup_path: PathBuf,

@@ -233,6 +233,8 @@ impl Store {
             durable,
             live: Mutex::new(liveness),
             moved_until: Mutex::new(0),
+            stuck: Mutex::new(None),
+            compaction_scans: std::sync::atomic::AtomicU64::new(0),
             definitions_path,
             definitions: Mutex::new(definitions),
             dedup_path,
