@@ -35,6 +35,37 @@ impl VirtualHostState {
         }
         changed
     }
+    /// Whether a durable queue here deduplicates (its windows are saved).
+    pub fn has_durable_dedup(&self) -> bool {
+        self.queues.values().any(|q| q.durable && q.settings.dedup.is_some())
+    }
+    /// The virtual host's clock, in its milliseconds (what deduplication
+    /// windows and retry times are measured in).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+    /// Remembers the keys of messages recovered from the log that the last
+    /// saved window may not hold, as if published at `published_by_ms` (no
+    /// later than that): a duplicate of a confirmed message is still
+    /// recognised after a crash.
+    pub fn restore_dedup_published(&mut self, queue: &str, keys: &[Vec<u8>], published_by_ms: u64) {
+        let Some(window) = self.queue_ids.get(queue).and_then(|id| self.queues.get(id)).and_then(|q| q.settings.dedup)
+        else {
+            return;
+        };
+        let until = published_by_ms.saturating_add(window.window_ms);
+        if until <= self.clock.now_ms() || keys.is_empty() {
+            return;
+        }
+        let Some(q) = self.queue_ids.get(queue).and_then(|id| self.queues.get_mut(id)) else { return };
+        for key in keys {
+            if !q.dedup.contains(key, until.saturating_sub(1)) {
+                q.dedup.remember(Arc::from(key.as_slice()), until, window.max_keys);
+            }
+        }
+        // Saved again at the next snapshot.
+        q.dedup.changed = true;
+    }
     /// Restores a durable queue's deduplication keys (at start).
     pub fn restore_dedup(&mut self, queue: &str, entries: &[(Vec<u8>, u64)]) {
         let now = self.clock.now_ms();

@@ -414,6 +414,7 @@ pub(crate) fn count_u32(count: usize) -> u32 {
 }
 
 pub use inspect::{BindingSummary, ChannelSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
+pub use routing::dedup_key;
 
 mod channels;
 mod dead_letters;

@@ -17,7 +17,7 @@ pub(super) struct Walk<'a, 'w> {
 
 /// A message's deduplication key: its `x-deduplication-header` header (a
 /// string or bytes; other values by their text), else its `message_id`.
-pub(super) fn dedup_key(message: &Message) -> Option<Vec<u8>> {
+pub fn dedup_key(message: &Message) -> Option<Vec<u8>> {
     let properties = message.properties_view();
     if let Some(headers) = properties.headers() {
         if let Some(value) = warren_codec::table::get(&headers, "x-deduplication-header") {

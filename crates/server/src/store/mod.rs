@@ -103,6 +103,8 @@ pub struct Store {
     dedup_path: PathBuf,
     /// vhost -> queue -> deduplication keys (hex) and when each is forgotten.
     dedup: Mutex<DedupKeys>,
+    /// The log index the saved `dedup.json` is complete up to.
+    dedup_index: Mutex<u64>,
     /// Where `definitions.json` and `dedup.json` live: the log's backend.
     files: Arc<dyn warren_storage::Backend>,
 }

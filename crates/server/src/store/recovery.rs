@@ -227,7 +227,14 @@ impl Store {
         );
         // Deduplication windows, written every second by the janitor.
         let dedup_path = data_dir.join("dedup.json");
-        let dedup = sidecar::load_dedup(&*files, &dedup_path, vhosts);
+        let dedup_file = sidecar::read_dedup(&*files, &dedup_path);
+        let (dedup, dedup_index) = match &dedup_file {
+            Some(file) => {
+                sidecar::apply_dedup(&file.windows, vhosts);
+                (file.windows.clone(), file.log_index)
+            }
+            None => (sidecar::DedupKeys::new(), 0),
+        };
         let store = Store {
             commit,
             durable,
@@ -239,8 +246,10 @@ impl Store {
             definitions: Mutex::new(definitions),
             dedup_path,
             dedup: Mutex::new(dedup),
+            dedup_index: Mutex::new(dedup_index),
             files,
         };
+        store.replay_dedup(dedup_file.as_ref(), vhosts);
         Ok((Arc::new(store), recovered))
     }
 }
