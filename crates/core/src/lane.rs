@@ -53,10 +53,21 @@ impl Entry {
         self.seq_flags & REDELIVERED != 0
     }
 
+    /// The log index of its stored copy (0 if none; a spilled body is not
+    /// stored).
     pub(crate) fn stored_index(&self) -> u64 {
         match &self.body {
             Body::Loaded(message) => message.stored_index(),
+            Body::Paged(index, _) if crate::queue::is_spilled(index.get()) => 0,
             Body::Paged(index, _) => index.get(),
+        }
+    }
+
+    /// The spill reference of a paged-out transient body (0 if none).
+    pub(crate) fn spilled(&self) -> u64 {
+        match &self.body {
+            Body::Paged(index, _) if crate::queue::is_spilled(index.get()) => index.get(),
+            _ => 0,
         }
     }
 }
@@ -232,6 +243,7 @@ pub(crate) struct View<'a> {
     pub(crate) redelivered: bool,
     pub(crate) message: Option<&'a Arc<Message>>,
     pub(crate) stored: u64,
+    pub(crate) spilled: u64,
 }
 
 impl<'a> View<'a> {
@@ -244,6 +256,7 @@ impl<'a> View<'a> {
                 Body::Paged(..) => None,
             },
             stored: entry.stored_index(),
+            spilled: entry.spilled(),
         }
     }
 }
@@ -378,7 +391,13 @@ impl Lane {
     /// oldest first, once the front is a full window: stored messages whose
     /// log entry is readable become paged, transient ones stay loaded; a
     /// persistent message not yet stored stops it. Returns how many moved.
-    pub(crate) fn page_out(&mut self, readable: u64, budget: usize, window: usize) -> usize {
+    pub(crate) fn page_out(
+        &mut self,
+        readable: u64,
+        budget: usize,
+        window: usize,
+        spill: Option<&dyn crate::queue::MessageLoader>,
+    ) -> usize {
         let mut moved = 0;
         while self.front.len() < window && self.middle.is_empty() {
             let Some(entry) = self.back.pop_front() else { break };
@@ -400,9 +419,20 @@ impl Lane {
                         self.back.pop_front();
                         self.append_middle(seq, redelivered, stored, arrived_s);
                     } else if stored == 0 && !message.persistent {
-                        if let Some(entry) = self.back.pop_front() {
-                            self.middle.push_back(Item::Single(entry));
-                            self.middle_len += 1;
+                        // In no log entry: to the spill if there is one,
+                        // else it stays in memory.
+                        let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
+                        match spill.and_then(|s| s.spill(message)) {
+                            Some(reference) => {
+                                self.back.pop_front();
+                                self.append_middle(seq, redelivered, reference, arrived_s);
+                            }
+                            None => {
+                                if let Some(entry) = self.back.pop_front() {
+                                    self.middle.push_back(Item::Single(entry));
+                                    self.middle_len += 1;
+                                }
+                            }
                         }
                     } else {
                         // Its log entry is on its way: try again later.
@@ -425,7 +455,8 @@ impl Lane {
                 Item::Single(entry) => visit(View::of(entry)),
                 Item::Run(run) => {
                     for (seq, index, _) in run.decode() {
-                        visit(View { seq, redelivered: run.redelivered, message: None, stored: index });
+                        let (stored, spilled) = if crate::queue::is_spilled(index) { (0, index) } else { (index, 0) };
+                        visit(View { seq, redelivered: run.redelivered, message: None, stored, spilled });
                     }
                 }
             }
@@ -472,8 +503,8 @@ impl Lane {
     }
 
     /// Drops everything, handing each entry to `dropped`.
-    pub(crate) fn drain(&mut self, mut dropped: impl FnMut(u64, u64)) {
-        self.for_each(|view| dropped(view.seq, view.stored));
+    pub(crate) fn drain(&mut self, mut dropped: impl FnMut(u64, u64, u64)) {
+        self.for_each(|view| dropped(view.seq, view.stored, view.spilled));
         self.front.clear();
         self.middle.clear();
         self.middle_len = 0;
@@ -518,9 +549,9 @@ mod tests {
         let mut lane = Lane::default();
         for seq in 0..100_000u64 {
             lane.push(paged(seq, 10 + seq * 2), 16);
-            lane.page_out(u64::MAX, 2, 16);
+            lane.page_out(u64::MAX, 2, 16, None);
         }
-        lane.page_out(u64::MAX, usize::MAX, 16);
+        lane.page_out(u64::MAX, usize::MAX, 16, None);
         assert_eq!(lane.len(), 100_000);
         let per_message = lane.middle_bytes() as f64 / (100_000 - 16) as f64;
         assert!(per_message < 3.0, "{per_message} bytes per paged message");
@@ -570,7 +601,7 @@ mod tests {
                         next_seq += 1;
                     }
                     Op::PageOut(budget) => {
-                        lane.page_out(u64::MAX, budget, 4);
+                        lane.page_out(u64::MAX, budget, 4, None);
                     }
                     Op::Pop => {
                         let got = lane.pop_front().map(|e| (e.seq(), e.stored_index()));

@@ -25,10 +25,28 @@ use crate::{ChannelKey, ConnectionId, QueueId};
 
 /// Reads stored messages back (implemented by the server over its log).
 pub trait MessageLoader: Send + Sync {
-    /// The message whose log entry has this index, if it can be read.
+    /// The message whose log entry (or spill reference, [`is_spilled`]) has
+    /// this index, if it can be read.
     fn load(&self, stored: u64) -> Option<Message>;
     /// Entries up to this index can be loaded.
     fn readable_upto(&self) -> u64;
+    /// Writes a message that is in no log entry (transient, or in a
+    /// non-durable queue) to the spill; its reference, or `None` to keep it
+    /// in memory.
+    fn spill(&self, _message: &Message) -> Option<u64> {
+        None
+    }
+    /// A spilled body is no longer needed (read back, or dropped unread).
+    fn release_spilled(&self, _reference: u64) {}
+}
+
+/// Set in spill references, never in a log index: a paged entry holds
+/// either.
+pub const SPILL_FLAG: u64 = 1 << 62;
+
+/// Whether a paged entry's index is a spill reference.
+pub fn is_spilled(index: u64) -> bool {
+    index & SPILL_FLAG != 0
 }
 
 /// Keys of messages seen recently (deduplication), oldest first.
@@ -115,6 +133,8 @@ pub struct EntryRef<'a> {
     pub message: Option<&'a Arc<Message>>,
     /// Log index of the stored copy, 0 if not stored.
     pub stored: u64,
+    /// Spill reference of a paged-out transient body, 0 if none.
+    pub spilled: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +339,7 @@ impl Queue {
                     redelivered: view.redelivered,
                     message: view.message,
                     stored: view.stored,
+                    spilled: view.spilled,
                 })
             });
         }
@@ -333,8 +354,15 @@ impl Queue {
             Body::Loaded(message) => message,
             Body::Paged(index, _) => match loader.and_then(|l| l.load(index.get())) {
                 Some(message) => {
-                    message.set_stored_index(index.get());
+                    Self::loaded(&message, index.get(), loader);
                     Arc::new(message)
+                }
+                None if is_spilled(index.get()) => {
+                    tracing::error!(queue = %self.name, "a spilled message cannot be read back; dropped");
+                    if let Some(loader) = loader {
+                        loader.release_spilled(index.get());
+                    }
+                    return None;
                 }
                 None => {
                     tracing::error!(queue = %self.name, stored = index.get(), "stored message cannot be read back; dropped");
@@ -345,6 +373,18 @@ impl Queue {
         };
         self.ready_bytes = self.ready_bytes.saturating_sub(message.body_len() as u64);
         Some(QueuedMessage { seq, message, redelivered })
+    }
+
+    /// A paged body was read back: a stored one keeps its log index, a
+    /// spilled one gives its spill space back (it is in memory from now on).
+    fn loaded(message: &Message, index: u64, loader: Option<&dyn MessageLoader>) {
+        if is_spilled(index) {
+            if let Some(loader) = loader {
+                loader.release_spilled(index);
+            }
+        } else {
+            message.set_stored_index(index);
+        }
     }
 
     /// Takes the next message, reading it back from the store if it was
@@ -372,7 +412,7 @@ impl Queue {
             };
             match loader.and_then(|l| l.load(index.get())) {
                 Some(message) => {
-                    message.set_stored_index(index.get());
+                    Self::loaded(&message, index.get(), loader);
                     entry.body = Body::Loaded(Arc::new(message));
                     return true;
                 }
@@ -403,7 +443,13 @@ impl Queue {
                     // The latest it could have arrived is the end of that second.
                     let latest = u64::from(*arrived_s) * 1000 + 999;
                     if *arrived_s != 0 && latest.saturating_add(ttl) < now {
-                        let stored = index.get();
+                        let mut stored = index.get();
+                        if is_spilled(stored) {
+                            if let Some(loader) = loader {
+                                loader.release_spilled(stored);
+                            }
+                            stored = 0;
+                        }
                         let _ = self.lanes[lane].pop_front();
                         self.ready_len -= 1;
                         // Its size is unknown unread; the byte count is
@@ -505,10 +551,11 @@ impl Queue {
     /// Pages out up to `budget` stored messages beyond each lane's loaded
     /// window whose log entries are readable. Cheap enough to call on every
     /// publish.
-    pub fn page_out(&mut self, readable: u64, budget: usize) {
+    pub fn page_out(&mut self, loader: &dyn MessageLoader, budget: usize) {
         let mut left = budget;
+        let readable = loader.readable_upto();
         for lane in self.lanes.iter_mut().rev() {
-            left = left.saturating_sub(lane.page_out(readable, left, LOADED_WINDOW));
+            left = left.saturating_sub(lane.page_out(readable, left, LOADED_WINDOW, Some(loader)));
             if left == 0 {
                 break;
             }
@@ -525,12 +572,17 @@ impl Queue {
 
     /// Drops every ready message, handing each one's stored index (0 when
     /// not stored) to `dropped` first.
-    pub fn purge(&mut self, mut dropped: impl FnMut(u64)) -> usize {
+    pub fn purge(&mut self, loader: Option<&dyn MessageLoader>, mut dropped: impl FnMut(u64)) -> usize {
         let count = self.ready_len;
         let returns = &mut self.returns;
         for lane in &mut self.lanes {
-            lane.drain(|seq, stored| {
+            lane.drain(|seq, stored, spilled| {
                 returns.remove(&seq);
+                if spilled != 0 {
+                    if let Some(loader) = loader {
+                        loader.release_spilled(spilled);
+                    }
+                }
                 dropped(stored);
             });
         }
@@ -598,7 +650,7 @@ mod tests {
             let message = Arc::new(builder.finish());
             message.set_stored_index(i);
             queue.push(message);
-            queue.page_out(Disk.readable_upto(), 2);
+            queue.page_out(&Disk, 2);
         }
         let paged = queue.entries().iter().filter(|e| e.message.is_none()).count();
         assert_eq!(paged, 50, "everything beyond the window is paged out");
@@ -611,6 +663,66 @@ mod tests {
             (1..=total).filter(|i| *i != 13 || usize::try_from(*i).unwrap() <= LOADED_WINDOW).collect();
         assert_eq!(seen, expected);
         assert!(queue.unreadable.is_empty() || queue.unreadable == vec![13]);
+    }
+
+    /// A spill in memory: bodies by reference, and what was released.
+    #[derive(Default)]
+    struct Spill {
+        bodies: parking_lot::Mutex<HashMap<u64, Vec<u8>>>,
+        next: std::sync::atomic::AtomicU64,
+        released: parking_lot::Mutex<Vec<u64>>,
+    }
+
+    impl MessageLoader for Spill {
+        fn load(&self, stored: u64) -> Option<Message> {
+            assert!(is_spilled(stored), "only spilled bodies here");
+            let body = self.bodies.lock().get(&stored)?.clone();
+            let mut builder = Message::builder(b"", b"q", &Properties::empty(), body.len());
+            builder.push_body(&body);
+            Some(builder.finish())
+        }
+        fn readable_upto(&self) -> u64 {
+            0
+        }
+        fn spill(&self, message: &Message) -> Option<u64> {
+            let reference = SPILL_FLAG | self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.bodies.lock().insert(reference, message.body().to_vec());
+            Some(reference)
+        }
+        fn release_spilled(&self, reference: u64) {
+            self.released.lock().push(reference);
+        }
+    }
+
+    #[test]
+    fn transient_messages_past_the_window_spill_and_come_back_in_order() {
+        let spill = Spill::default();
+        let mut queue = Queue::new(1, "q", false, None, false, FieldTable::default(), QueueSettings::default());
+        let total = LOADED_WINDOW as u64 + 100;
+        for i in 1..=total {
+            queue.push(msg(&i.to_be_bytes()));
+            queue.page_out(&spill, 2);
+        }
+        let entries = queue.entries();
+        let spilled: Vec<u64> = entries.iter().map(|e| e.spilled).filter(|s| *s != 0).collect();
+        assert_eq!(spilled.len(), 100, "everything beyond the window is on disk");
+        assert!(entries.iter().all(|e| e.stored == 0), "a spilled body is not a stored one");
+        let order: Vec<u64> = std::iter::from_fn(|| queue.pop(Some(&spill)))
+            .map(|m| {
+                assert_eq!(m.message.stored_index(), 0);
+                u64::from_be_bytes(m.message.body().try_into().unwrap())
+            })
+            .collect();
+        assert_eq!(order, (1..=total).collect::<Vec<_>>());
+        assert_eq!(spill.released.lock().len(), 100, "read back, each gave its space back");
+
+        // Purged unread, they give it back too.
+        for i in 1..=total {
+            queue.push(msg(&i.to_be_bytes()));
+            queue.page_out(&spill, 2);
+        }
+        queue.purge(Some(&spill), |stored| assert_eq!(stored, 0));
+        assert_eq!(spill.released.lock().len(), 200);
     }
 
     #[test]

@@ -442,3 +442,57 @@ async fn compaction_that_cannot_move_an_unreadable_message_does_not_rescan_every
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     assert!(store.compaction_scans() <= scans + 1, "rescanned: {} after {scans}", store.compaction_scans());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_transient_queue_pages_to_the_spill_and_a_restart_empties_it() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    ch.queue_declare("burst".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("kept".into(), AMQPValue::LongString("as sent".into()));
+    let properties = BasicProperties::default().with_headers(headers).with_priority(3).with_message_id("m".into());
+    for i in 0..6000u32 {
+        let mut body = i.to_be_bytes().to_vec();
+        body.extend_from_slice(&[(i % 251) as u8; 1024]);
+        ch.basic_publish("".into(), "burst".into(), BasicPublishOptions::default(), &body, properties.clone())
+            .await
+            .unwrap();
+    }
+    common::wait_count(&ch, "burst", 6000).await;
+    let store = server.broker.store.clone();
+    let spilled = store.spill_stats();
+    assert!(spilled.live >= 4000, "the bodies past the in-memory window are on disk: {spilled:?}");
+    let spill_dir = server.config.data_dir.join("spill");
+    assert!(std::fs::read_dir(&spill_dir).unwrap().count() >= 1);
+
+    // Served back in order, byte for byte, properties and all.
+    let mut next = 0u32;
+    while next < 3000 {
+        let m = ch.basic_get("burst".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+        let i = u32::from_be_bytes(m.delivery.data[..4].try_into().unwrap());
+        assert_eq!(i, next, "FIFO across memory and spill");
+        assert!(m.delivery.data[4..].iter().all(|b| *b == (i % 251) as u8), "body of {i} intact");
+        assert_eq!(m.delivery.properties.priority(), &Some(3));
+        assert!(m.delivery.properties.headers().as_ref().is_some_and(|h| h.inner().contains_key("kept")));
+        next += 1;
+    }
+    assert!(store.spill_stats().live < spilled.live, "read-back bodies gave their space back");
+    // A purge gives back the rest.
+    ch.queue_purge("burst".into(), QueuePurgeOptions::default()).await.unwrap();
+    assert_eq!(store.spill_stats().live, 0);
+
+    // Pages of a previous run are gone after a restart.
+    for i in 0..3000u32 {
+        let body = [i.to_be_bytes().to_vec(), vec![1u8; 1024]].concat();
+        ch.basic_publish("".into(), "burst".into(), BasicPublishOptions::default(), &body, properties.clone())
+            .await
+            .unwrap();
+    }
+    common::wait_count(&ch, "burst", 3000).await;
+    assert!(store.spill_stats().live > 0);
+    drop(store);
+    let server = server.restart().await;
+    let stats = server.broker.store.spill_stats();
+    assert_eq!((stats.live, stats.bytes), (0, 0), "{stats:?}");
+    assert_eq!(std::fs::read_dir(server.config.data_dir.join("spill")).unwrap().count(), 1, "one empty segment");
+}

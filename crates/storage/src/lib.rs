@@ -10,6 +10,8 @@
 //! - [`group`]: group commit on a dedicated thread: appends are buffered, one
 //!   write and one fsync cover everything appended since the last sync, and
 //!   the durable index is published after each sync.
+//! - [`spill`]: unsynced append-only files for bodies that need not survive
+//!   a restart but do not fit in memory, emptied at start.
 //!
 //! Invariant: an index is reported durable only after the bytes holding it
 //! (and the directory entry of a new segment) were fsynced. After a failed
@@ -30,6 +32,7 @@ pub mod error;
 pub mod group;
 pub mod log;
 pub mod sim;
+pub mod spill;
 
 pub use backend::{Backend, FsBackend, StorageFile};
 pub use error::StorageError;

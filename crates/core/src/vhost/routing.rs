@@ -236,9 +236,11 @@ impl VirtualHostState {
         if dropped_itself {
             return Enqueued::Dropped;
         }
-        if queue.durable && queue.len() > LOADED_WINDOW {
+        // Past the head window, bodies go to disk: stored ones are already
+        // in the log, the others to the spill.
+        if queue.len() > LOADED_WINDOW {
             if let Some(loader) = &self.loader {
-                queue.page_out(loader.readable_upto(), 2);
+                queue.page_out(loader.as_ref(), 2);
             }
         }
         if queue.consumers.is_empty() {

@@ -553,7 +553,7 @@ impl VirtualHostState {
         };
         let journal = &mut self.journal;
         let (durable, queue_name) = (queue.durable, queue.name.clone());
-        let count = queue.purge(|stored| {
+        let count = queue.purge(self.loader.as_deref(), |stored| {
             if durable && stored != 0 {
                 journal.push(JournalEvent::Settled { queue: queue_name.clone(), stored });
             }
@@ -599,6 +599,16 @@ impl VirtualHostState {
                     journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: entry.stored });
                 }
             });
+        }
+        // Spilled bodies it held give their space back, durable or not.
+        if let Some(loader) = self.loader.as_deref() {
+            queue.for_each_entry(|entry| {
+                if entry.spilled != 0 {
+                    loader.release_spilled(entry.spilled);
+                }
+            });
+        }
+        if queue.durable {
             for channel in self.channels.values() {
                 for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.stored_index() != 0) {
                     self.journal.push(JournalEvent::Settled {

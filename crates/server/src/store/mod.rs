@@ -105,6 +105,10 @@ pub struct Store {
     dedup: Mutex<DedupKeys>,
     /// The log index the saved `dedup.json` is complete up to.
     dedup_index: Mutex<u64>,
+    /// Bodies of messages in no log entry, paged out of long queues (none
+    /// if it could not be opened: they then stay in memory).
+    spill: Option<warren_storage::spill::Spill>,
+    spill_failing: std::sync::atomic::AtomicBool,
     /// Where `definitions.json` and `dedup.json` live: the log's backend.
     files: Arc<dyn warren_storage::Backend>,
 }
@@ -121,6 +125,11 @@ impl Store {
 
     pub fn is_poisoned(&self) -> bool {
         self.commit.is_poisoned()
+    }
+
+    /// What the spill holds (bytes on disk, segment files, bodies).
+    pub fn spill_stats(&self) -> warren_storage::spill::SpillStats {
+        self.spill.as_ref().map(|s| s.stats()).unwrap_or_default()
     }
 
     pub fn commit_stats(&self) -> warren_storage::group::Stats {
@@ -231,8 +240,21 @@ impl Store {
     }
 }
 
+// The queues' and the spill's idea of a spill reference are the same.
+const _: () = assert!(warren_core::queue::SPILL_FLAG == warren_storage::spill::SPILL_FLAG);
+
 impl MessageLoader for Store {
     fn load(&self, stored: u64) -> Option<Message> {
+        if warren_core::queue::is_spilled(stored) {
+            let spill = self.spill.as_ref()?;
+            return match spill.read(stored) {
+                Ok(bytes) => record::decode_message(&bytes),
+                Err(error) => {
+                    warn!(%error, "a spilled message cannot be read");
+                    None
+                }
+            };
+        }
         let entry = match self.commit.read(stored) {
             Ok(entry) => entry,
             Err(error) => {
@@ -248,5 +270,30 @@ impl MessageLoader for Store {
 
     fn readable_upto(&self) -> u64 {
         self.commit.written_index()
+    }
+
+    fn spill(&self, message: &Message) -> Option<u64> {
+        let spill = self.spill.as_ref()?;
+        let mut page = Vec::with_capacity(message.body_len() + message.properties().len() + 64);
+        record::encode_message(&mut page, message);
+        match spill.append(&page) {
+            Ok(reference) => {
+                self.spill_failing.store(false, std::sync::atomic::Ordering::Relaxed);
+                Some(reference)
+            }
+            Err(error) => {
+                // Said once per failing spell, not per message.
+                if !self.spill_failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    warn!(%error, "cannot page messages out to the spill; they stay in memory");
+                }
+                None
+            }
+        }
+    }
+
+    fn release_spilled(&self, reference: u64) {
+        if let Some(spill) = &self.spill {
+            spill.release(reference);
+        }
     }
 }

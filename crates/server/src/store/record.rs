@@ -74,6 +74,12 @@ fn put_queues<Q: AsRef<str>>(out: &mut Vec<u8>, tag: u8, from: Option<u64>, vhos
 
 pub(super) fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message, queues: &[Arc<str>]) {
     put_queues(out, b'P', None, vhost, queues);
+    encode_message(out, message);
+}
+
+/// A message as a `P` entry's tail holds it (and the spill, a page):
+/// exchange, routing key, properties, arrival time, body.
+pub(super) fn encode_message(out: &mut Vec<u8>, message: &Message) {
     put_short(out, message.exchange());
     put_short(out, message.routing_key());
     // Properties come from one content header frame: below frame_max (u32).

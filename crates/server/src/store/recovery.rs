@@ -247,9 +247,28 @@ impl Store {
             dedup_path,
             dedup: Mutex::new(dedup),
             dedup_index: Mutex::new(dedup_index),
+            spill: open_spill(files.clone(), &data_dir.join("spill"), segment_bytes_max),
+            spill_failing: std::sync::atomic::AtomicBool::new(false),
             files,
         };
         store.replay_dedup(dedup_file.as_ref(), vhosts);
         Ok((Arc::new(store), recovered))
+    }
+}
+
+/// The spill, emptied of what a previous run paged out (those transient
+/// messages are gone with it). Without one, long queues keep their
+/// transient messages in memory.
+fn open_spill(
+    backend: Arc<dyn warren_storage::Backend>,
+    dir: &std::path::Path,
+    segment_bytes: u64,
+) -> Option<warren_storage::spill::Spill> {
+    match warren_storage::spill::Spill::open(backend, dir, segment_bytes) {
+        Ok(spill) => Some(spill),
+        Err(error) => {
+            tracing::warn!(%error, "no spill: transient messages of long queues stay in memory");
+            None
+        }
     }
 }
