@@ -10,6 +10,8 @@
 # password KDF alone costs more than thousands of messages) and queue setup.
 #
 # Usage: scripts/bench-instructions.sh OLD_BINARY NEW_BINARY [ROUNDS] [COUNT]
+# PERF_EXTRA adds `warren perf` arguments to every scenario (e.g.
+# "--rate 1000" keeps queues short: the fast path without paging).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -34,7 +36,8 @@ instructions() { # binary perf-args...
         python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null && break
         sleep 0.1
     done
-    "$new" perf --port "$port" --duration 600 --json "$@" >/dev/null
+    # shellcheck disable=SC2086
+    "$new" perf --port "$port" --duration 600 --json ${PERF_EXTRA:-} "$@" >/dev/null
     kill -TERM "$pid"
     wait "$pid" 2>/dev/null || true
     # Every thread's file; the totals line of each.

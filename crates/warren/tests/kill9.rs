@@ -350,3 +350,51 @@ fn kill9_keeps_the_deduplication_key_of_a_confirmed_message() {
     broker.wait().unwrap();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// kill -9 while transient messages are paged out: the restart discards
+/// their pages and gives the space back; persistent messages are intact.
+#[test]
+fn kill9_during_paging_discards_transient_pages_and_keeps_persistent_messages() {
+    let data = std::env::temp_dir().join(format!("warren-kill9-spill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port();
+    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (mut broker, _) = start(port, &data);
+    runtime.block_on(async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare("mixed".into(), durable, FieldTable::default()).await.unwrap();
+        let body = vec![7u8; 4096];
+        for i in 0..3000u32 {
+            let properties =
+                if i % 30 == 0 { BasicProperties::default().with_delivery_mode(2) } else { BasicProperties::default() };
+            ch.basic_publish("".into(), "mixed".into(), BasicPublishOptions::default(), &body, properties)
+                .await
+                .unwrap();
+        }
+        ch.wait_for_confirms().await.unwrap();
+    });
+    let spill = data.join("spill");
+    let spilled: u64 = std::fs::read_dir(&spill).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(spilled > 1_000_000, "transient bodies were paged out: {spilled} bytes");
+    broker.kill().unwrap(); // SIGKILL
+    broker.wait().unwrap();
+
+    let (mut broker, _) = start(port, &data);
+    let count = runtime.block_on(async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        ch.queue_declare("mixed".into(), passive, FieldTable::default()).await.unwrap().message_count()
+    });
+    assert_eq!(count, 100, "the persistent messages, and only they");
+    // Checked once the broker answers (its port opens before it recovers).
+    let files: Vec<u64> = std::fs::read_dir(&spill).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).collect();
+    assert_eq!(files, vec![0], "the old pages are gone, one empty segment is open");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+}
