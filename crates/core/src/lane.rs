@@ -389,14 +389,17 @@ impl Lane {
 
     /// Moves up to `budget` entries from the back into the paged middle,
     /// oldest first, once the front is a full window: stored messages whose
-    /// log entry is readable become paged, transient ones stay loaded; a
-    /// persistent message not yet stored stops it. Returns how many moved.
+    /// log entry is readable become paged; messages no log entry will hold
+    /// (transient ones, or any in a non-`durable` queue) go to `spill` if
+    /// there is one, else stay loaded; a persistent message of a durable
+    /// queue not yet stored stops it. Returns how many moved.
     pub(crate) fn page_out(
         &mut self,
         readable: u64,
         budget: usize,
         window: usize,
         spill: Option<&dyn crate::queue::MessageLoader>,
+        durable: bool,
     ) -> usize {
         let mut moved = 0;
         while self.front.len() < window && self.middle.is_empty() {
@@ -418,7 +421,7 @@ impl Lane {
                         let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
                         self.back.pop_front();
                         self.append_middle(seq, redelivered, stored, arrived_s);
-                    } else if stored == 0 && !message.persistent {
+                    } else if stored == 0 && (!message.persistent || !durable) {
                         // In no log entry: to the spill if there is one,
                         // else it stays in memory.
                         let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
@@ -549,9 +552,9 @@ mod tests {
         let mut lane = Lane::default();
         for seq in 0..100_000u64 {
             lane.push(paged(seq, 10 + seq * 2), 16);
-            lane.page_out(u64::MAX, 2, 16, None);
+            lane.page_out(u64::MAX, 2, 16, None, true);
         }
-        lane.page_out(u64::MAX, usize::MAX, 16, None);
+        lane.page_out(u64::MAX, usize::MAX, 16, None, true);
         assert_eq!(lane.len(), 100_000);
         let per_message = lane.middle_bytes() as f64 / (100_000 - 16) as f64;
         assert!(per_message < 3.0, "{per_message} bytes per paged message");
@@ -601,7 +604,7 @@ mod tests {
                         next_seq += 1;
                     }
                     Op::PageOut(budget) => {
-                        lane.page_out(u64::MAX, budget, 4, None);
+                        lane.page_out(u64::MAX, budget, 4, None, true);
                     }
                     Op::Pop => {
                         let got = lane.pop_front().map(|e| (e.seq(), e.stored_index()));

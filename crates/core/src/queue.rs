@@ -554,8 +554,9 @@ impl Queue {
     pub fn page_out(&mut self, loader: &dyn MessageLoader, budget: usize) {
         let mut left = budget;
         let readable = loader.readable_upto();
+        let durable = self.durable;
         for lane in self.lanes.iter_mut().rev() {
-            left = left.saturating_sub(lane.page_out(readable, left, LOADED_WINDOW, Some(loader)));
+            left = left.saturating_sub(lane.page_out(readable, left, LOADED_WINDOW, Some(loader), durable));
             if left == 0 {
                 break;
             }
@@ -723,6 +724,18 @@ mod tests {
         }
         queue.purge(Some(&spill), |stored| assert_eq!(stored, 0));
         assert_eq!(spill.released.lock().len(), 200);
+
+        // Persistent messages of a non-durable queue are in no log entry
+        // either: they spill too, rather than stopping the paging.
+        let persistent = Properties::parse(bytes::Bytes::from_static(&[0x10, 0, 2])).unwrap();
+        for i in 1..=total {
+            let body = i.to_be_bytes();
+            let mut builder = Message::builder(b"", b"q", &persistent, body.len());
+            builder.push_body(&body);
+            queue.push(Arc::new(builder.finish()));
+            queue.page_out(&spill, 2);
+        }
+        assert_eq!(queue.entries().iter().filter(|e| e.spilled != 0).count(), 100);
     }
 
     #[test]
