@@ -480,6 +480,18 @@ async fn a_deep_transient_queue_pages_to_the_spill_and_a_restart_empties_it() {
     // A purge gives back the rest.
     ch.queue_purge("burst".into(), QueuePurgeOptions::default()).await.unwrap();
     assert_eq!(store.spill_stats().live, 0);
+    // So does deleting the queue.
+    for i in 0..3000u32 {
+        let body = [i.to_be_bytes().to_vec(), vec![2u8; 1024]].concat();
+        ch.basic_publish("".into(), "burst".into(), BasicPublishOptions::default(), &body, properties.clone())
+            .await
+            .unwrap();
+    }
+    common::wait_count(&ch, "burst", 3000).await;
+    assert!(store.spill_stats().live > 0);
+    ch.queue_delete("burst".into(), QueueDeleteOptions::default()).await.unwrap();
+    assert_eq!(store.spill_stats().live, 0);
+    ch.queue_declare("burst".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
 
     // Pages of a previous run are gone after a restart.
     for i in 0..3000u32 {

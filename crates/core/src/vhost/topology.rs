@@ -590,24 +590,18 @@ impl VirtualHostState {
         self.churn.deleted += 1;
         self.queue_ids.remove(&*queue.name);
         self.timed.remove(&id);
-        if queue.durable {
-            // Every stored message it held is settled, ready or unacked, so
-            // the store can reclaim them; then the deletion itself.
-            let journal = &mut self.journal;
-            queue.for_each_entry(|entry| {
-                if entry.stored != 0 {
-                    journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: entry.stored });
-                }
-            });
-        }
-        // Spilled bodies it held give their space back, durable or not.
-        if let Some(loader) = self.loader.as_deref() {
-            queue.for_each_entry(|entry| {
-                if entry.spilled != 0 {
-                    loader.release_spilled(entry.spilled);
-                }
-            });
-        }
+        // Every stored message it held is settled (durable queues), ready or
+        // unacked, so the store can reclaim them; spilled bodies give their
+        // space back; then the deletion itself.
+        let (journal, loader) = (&mut self.journal, self.loader.as_deref());
+        queue.for_each_entry(|entry| {
+            if queue.durable && entry.stored != 0 {
+                journal.push(JournalEvent::Settled { queue: queue.name.clone(), stored: entry.stored });
+            }
+            if let (Some(loader), true) = (loader, entry.spilled != 0) {
+                loader.release_spilled(entry.spilled);
+            }
+        });
         if queue.durable {
             for channel in self.channels.values() {
                 for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.stored_index() != 0) {
