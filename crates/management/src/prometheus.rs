@@ -289,6 +289,9 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         u64::from(alarms.disk),
     );
 
+    let spill = state.broker.store.spill_stats();
+    gauge(&mut registry, "warren_spill_bytes", "Bytes of the spill's files (pages of transient messages)", spill.bytes);
+    gauge(&mut registry, "warren_spill_messages", "Message bodies paged out to the spill", spill.live);
     let (log_bytes, segments) = state.broker.store.disk_usage();
     gauge(&mut registry, "warren_log_bytes", "Bytes of the message log on disk", log_bytes);
     gauge(&mut registry, "warren_log_segments", "Segment files of the message log", segments as u64);

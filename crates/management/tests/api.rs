@@ -914,3 +914,31 @@ fn every_metric_rabbitmqs_overview_dashboard_charts_is_served() {
     let identity = served.samples.iter().find(|s| s.metric == "rabbitmq_identity_info").expect("identity");
     assert!(identity.labels.get("rabbitmq_cluster").is_some() && identity.labels.get("rabbitmq_node").is_some());
 }
+
+#[test]
+fn transient_bodies_paged_to_the_spill_show_in_the_metrics() {
+    let node = Node::start();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let conn = lapin::Connection::connect(&node.amqp_uri(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let options = lapin::options::QueueDeclareOptions::default();
+        ch.queue_declare("deep".into(), options, lapin::types::FieldTable::default()).await.unwrap();
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+        for _ in 0..1100 {
+            let options = lapin::options::BasicPublishOptions::default();
+            ch.basic_publish("".into(), "deep".into(), options, b"page me", lapin::BasicProperties::default())
+                .await
+                .unwrap();
+        }
+        ch.wait_for_confirms().await.unwrap();
+    });
+    let paged = scrape(&node, "/metrics");
+    // Past the 1,024-message window, two bodies are paged per publish.
+    assert!(
+        value(&paged, "warren_spill_messages", &[]).is_some_and(|n| n >= 70.0),
+        "{:?}",
+        value(&paged, "warren_spill_messages", &[])
+    );
+    assert!(value(&paged, "warren_spill_bytes", &[]).is_some_and(|n| n > 0.0));
+}
