@@ -189,11 +189,6 @@ fn node_json(state: &AppState) -> Value {
     })
 }
 
-/// Open file descriptors of the process.
-pub fn open_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count() as u64)
-}
-
 pub async fn nodes(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require_monitor()?;
     Ok(Json(Value::Array(vec![node_json(&state)])))

@@ -158,10 +158,7 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         ("rabbitmq_global_messages_redelivered", "Total number of messages redelivered to consumers", s.redeliver),
         ("rabbitmq_global_messages_acknowledged", "Total number of messages acknowledged by consumers", s.ack),
     ] {
-        // Named without `_total`: the encoder adds it to counters.
-        let family = Family::<Labels, Counter>::default();
-        family.get_or_create(&vec![("protocol".to_string(), "amqp091".to_string())]).inc_by(value);
-        registry.register(name, help, family);
+        amqp_counter(&mut registry, name, help, value);
     }
 
     let node = crate::rates::NodeCounts::now(state);
@@ -174,9 +171,7 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         ("rabbitmq_queues_created", "Total number of queues created", node.queues_created),
         ("rabbitmq_queues_deleted", "Total number of queues deleted", node.queues_deleted),
     ] {
-        let metric: Counter<u64, AtomicU64> = Counter::default();
-        metric.inc_by(value);
-        registry.register(name, help, metric);
+        counter(&mut registry, name, help, value);
     }
     use warren_server::broker::Counters;
     let counters = &state.broker.counters;
@@ -193,9 +188,7 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
             node.returned_unroutable,
         ),
     ] {
-        let family = Family::<Labels, Counter>::default();
-        family.get_or_create(&vec![("protocol".to_string(), "amqp091".to_string())]).inc_by(value);
-        registry.register(name, help, family);
+        amqp_counter(&mut registry, name, help, value);
     }
 
     // rabbitmq_prometheus's channel counters, summed over the node: what
@@ -296,12 +289,8 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
     gauge(&mut registry, "warren_log_bytes", "Bytes of the message log on disk", log_bytes);
     gauge(&mut registry, "warren_log_segments", "Segment files of the message log", segments as u64);
     let commits = state.broker.store.commit_stats();
-    let fsyncs: Counter<u64, AtomicU64> = Counter::default();
-    fsyncs.inc_by(commits.syncs);
-    registry.register("warren_log_fsyncs", "Fsyncs of the message log (group commits)", fsyncs);
-    let entries: Counter<u64, AtomicU64> = Counter::default();
-    entries.inc_by(commits.entries);
-    registry.register("warren_log_entries", "Entries appended to the message log", entries);
+    counter(&mut registry, "warren_log_fsyncs", "Fsyncs of the message log (group commits)", commits.syncs);
+    counter(&mut registry, "warren_log_entries", "Entries appended to the message log", commits.entries);
     let bounds = warren_storage::group::BATCH_BOUNDS.iter().map(|&b| b as f64).chain(std::iter::once(f64::MAX));
     #[expect(clippy::cast_precision_loss, reason = "a metric")]
     let per_fsync = Loaded {
@@ -322,9 +311,7 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
         ("rabbitmq_connection_incoming_bytes", "Total number of bytes received on a connection", traffic.0),
         ("rabbitmq_connection_outgoing_bytes", "Total number of bytes sent on a connection", traffic.1),
     ] {
-        let metric: Counter<u64, AtomicU64> = Counter::default();
-        metric.inc_by(value);
-        registry.register(name, help, metric);
+        counter(&mut registry, name, help, value);
     }
     registry
 }
@@ -376,6 +363,14 @@ fn per_queue(registry: &mut Registry, rows: &[QueueRow], name: &str, help: &str,
     registry.register(name, help, family);
 }
 
+/// A counter of rabbitmq_prometheus's `global` family, labelled with the
+/// protocol (named without `_total`: the encoder adds it).
+fn amqp_counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let family = Family::<Labels, Counter>::default();
+    family.get_or_create(&vec![("protocol".to_string(), "amqp091".to_string())]).inc_by(value);
+    registry.register(name, help, family);
+}
+
 fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     let metric: Counter<u64, AtomicU64> = Counter::default();
     metric.inc_by(value);
@@ -408,7 +403,7 @@ fn detailed_registry(state: &AppState, families: &[String], vhosts: &[String]) -
             &mut registry,
             "rabbitmq_detailed_process_open_fds",
             "Open file descriptors",
-            crate::overview::open_fds(),
+            warren_server::alarm::open_fds_and_sockets().0,
         );
         let memory = warren_server::alarm::resident_bytes().unwrap_or(0);
         gauge(&mut registry, "rabbitmq_detailed_process_resident_memory_bytes", "Memory used in bytes", memory);
