@@ -165,12 +165,7 @@ pub async fn put_permission(
     JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
-    let field = |name: &str| {
-        body.get(name)
-            .and_then(Value::as_str)
-            .map(String::from)
-            .ok_or_else(|| ApiError::BadRequest(format!("'{name}' is required")))
-    };
+    let field = |name: &str| required(&body, name);
     let (configure, write, read) = (field("configure")?, field("write")?, field("read")?);
     let existed = current(&state)?.permissions.iter().any(|p| p.vhost == vhost && p.user == user);
     update_access(&state, move |defs| defs.set_permissions(&vhost, &user, &configure, &write, &read)).await?;
@@ -214,12 +209,7 @@ pub async fn put_topic_permission(
     JsonBody(body): JsonBody,
 ) -> Result<StatusCode, ApiError> {
     caller.require_administrator()?;
-    let field = |name: &str| {
-        body.get(name)
-            .and_then(Value::as_str)
-            .map(String::from)
-            .ok_or_else(|| ApiError::BadRequest(format!("'{name}' is required")))
-    };
+    let field = |name: &str| required(&body, name);
     let (exchange, write, read) = (field("exchange")?, field("write")?, field("read")?);
     let existed =
         current(&state)?.topic_permissions.iter().any(|p| p.vhost == vhost && p.user == user && p.exchange == exchange);
@@ -236,6 +226,14 @@ pub async fn delete_topic_permission(
     caller.require_administrator()?;
     update_access(&state, move |defs| defs.clear_topic_permissions(&vhost, &user, None)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A string field a write needs.
+fn required(body: &Value, name: &str) -> Result<String, ApiError> {
+    body.get(name)
+        .and_then(Value::as_str)
+        .map(String::from)
+        .ok_or_else(|| ApiError::BadRequest(format!("'{name}' is required")))
 }
 
 fn text<'a>(item: &'a Value, key: &str) -> Result<&'a str, ApiError> {

@@ -117,6 +117,16 @@ pub fn count(value: Option<&Value>) -> Option<u64> {
     }
 }
 
+/// A signed integer sent as a number or as a string of digits (the classic
+/// `rabbitmqadmin` sends strings).
+pub fn integer(value: Option<&Value>) -> Option<i64> {
+    match value? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
 /// A request body parsed as JSON whatever its `Content-Type` says, as
 /// RabbitMQ's API does (`curl -d` sends a form type); an empty body is `{}`.
 /// Anything else that is not JSON is refused with RabbitMQ's `not_json`.

@@ -14,6 +14,7 @@ use warren_server::access::PolicyDef;
 use crate::admin::{current, update_access};
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::json::integer;
 use crate::json::JsonBody;
 use crate::AppState;
 
@@ -88,13 +89,7 @@ pub async fn put_policy(
     };
     let priority = match body.get("priority") {
         None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) => {
-            n.as_i64().ok_or_else(|| ApiError::BadRequest("'priority' must be an integer".into()))?
-        }
-        Some(Value::String(text)) => {
-            text.trim().parse().map_err(|_| ApiError::BadRequest("'priority' must be an integer".into()))?
-        }
-        Some(_) => return Err(ApiError::BadRequest("'priority' must be an integer".into())),
+        given => integer(given).ok_or_else(|| ApiError::BadRequest("'priority' must be an integer".into()))?,
     };
     let apply_to = body.get("apply-to").and_then(Value::as_str).unwrap_or("all").to_string();
     let existed = state.broker.policies(&vhost).iter().any(|p| p.name == name);
@@ -124,13 +119,7 @@ pub async fn delete_policy(
 
 /// A limit's value from `{"value": n}` (a string of digits too).
 fn limit_value(body: &Value) -> Result<i64, ApiError> {
-    match body.get("value") {
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| ApiError::BadRequest("'value' must be an integer".into())),
-        Some(Value::String(text)) => {
-            text.trim().parse().map_err(|_| ApiError::BadRequest("'value' must be an integer".into()))
-        }
-        _ => Err(ApiError::BadRequest("'value' is required and must be an integer".into())),
-    }
+    integer(body.get("value")).ok_or_else(|| ApiError::BadRequest("'value' is required and must be an integer".into()))
 }
 
 fn limits_json(limits: &std::collections::BTreeMap<String, i64>) -> String {
