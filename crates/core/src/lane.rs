@@ -261,17 +261,64 @@ impl<'a> View<'a> {
     }
 }
 
+/// Where paging puts an entry.
+enum Placement {
+    /// Paged: its log index or spill reference, and arrival second.
+    Paged(u64, u32),
+    /// Nowhere on disk will take it: it stays in memory.
+    Memory,
+    /// Its log entry is on its way: try again later.
+    Later,
+}
+
+impl Placement {
+    /// Writes a body to `spill` when that is where it goes.
+    fn of(entry: &Entry, readable: u64, spill: Option<&dyn crate::queue::MessageLoader>, durable: bool) -> Placement {
+        match &entry.body {
+            Body::Paged(index, arrived_s) => Placement::Paged(index.get(), *arrived_s),
+            Body::Loaded(message) => {
+                let stored = message.stored_index();
+                let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
+                if stored != 0 && stored <= readable {
+                    Placement::Paged(stored, arrived_s)
+                } else if stored == 0 && (!message.persistent || !durable) {
+                    match spill.and_then(|s| s.spill(message)) {
+                        Some(reference) => Placement::Paged(reference, arrived_s),
+                        None => Placement::Memory,
+                    }
+                } else {
+                    Placement::Later
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Lane {
     front: VecDeque<Entry>,
     middle: VecDeque<Item>,
     middle_len: usize,
+    /// Single entries in the middle (bodies that found no place on disk).
+    middle_singles: usize,
     back: VecDeque<Entry>,
 }
 
 impl Lane {
     pub(crate) fn len(&self) -> usize {
         self.front.len() + self.middle_len + self.back.len()
+    }
+
+    /// Entries whose body is (or may be) in memory: the front, the back and
+    /// the single entries of the middle.
+    pub(crate) fn loaded_len(&self) -> usize {
+        self.front.len() + self.middle_singles + self.back.len()
+    }
+
+    /// True while entries wait to be paged out: a front longer than
+    /// `window`, or anything at the back.
+    pub(crate) fn needs_paging(&self, window: usize) -> bool {
+        !self.back.is_empty() || self.front.len() > window
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -328,6 +375,7 @@ impl Lane {
             Some(Item::Single(_)) => {
                 if let Some(Item::Single(entry)) = self.middle.pop_front() {
                     self.middle_len -= 1;
+                    self.middle_singles -= 1;
                     self.front.push_back(entry);
                 }
             }
@@ -369,7 +417,10 @@ impl Lane {
             return None;
         }
         let found = match self.middle.remove(position)? {
-            Item::Single(entry) => entry,
+            Item::Single(entry) => {
+                self.middle_singles -= 1;
+                entry
+            }
             Item::Run(run) => {
                 let entries = run.decode();
                 let k = (seq - run.seq) as usize;
@@ -387,12 +438,13 @@ impl Lane {
         Some(found)
     }
 
-    /// Moves up to `budget` entries from the back into the paged middle,
-    /// oldest first, once the front is a full window: stored messages whose
-    /// log entry is readable become paged; messages no log entry will hold
-    /// (transient ones, or any in a non-`durable` queue) go to `spill` if
-    /// there is one, else stay loaded; a persistent message of a durable
-    /// queue not yet stored stops it. Returns how many moved.
+    /// Moves up to `budget` entries into the paged middle, oldest first:
+    /// first the newest of a front longer than `window` (the window
+    /// shrank), then from the back once the front is a full window. Stored
+    /// messages whose log entry is readable become paged; messages no log
+    /// entry will hold (transient ones, or any in a non-`durable` queue) go
+    /// to `spill` if there is one, else stay loaded; a persistent message of
+    /// a durable queue not yet stored stops it. Returns how many moved.
     pub(crate) fn page_out(
         &mut self,
         readable: u64,
@@ -401,7 +453,7 @@ impl Lane {
         spill: Option<&dyn crate::queue::MessageLoader>,
         durable: bool,
     ) -> usize {
-        let mut moved = 0;
+        let mut moved = self.shrink_front(readable, budget, window, spill, durable);
         while self.front.len() < window && self.middle.is_empty() {
             let Some(entry) = self.back.pop_front() else { break };
             self.front.push_back(entry);
@@ -409,43 +461,65 @@ impl Lane {
         while moved < budget {
             let Some(entry) = self.back.front() else { break };
             let (seq, redelivered) = (entry.seq(), entry.redelivered());
-            match &entry.body {
-                Body::Paged(index, arrived_s) => {
-                    let (index, arrived_s) = (index.get(), *arrived_s);
+            match Placement::of(entry, readable, spill, durable) {
+                Placement::Paged(index, arrived_s) => {
                     self.back.pop_front();
                     self.append_middle(seq, redelivered, index, arrived_s);
                 }
-                Body::Loaded(message) => {
-                    let stored = message.stored_index();
-                    if stored != 0 && stored <= readable {
-                        let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
-                        self.back.pop_front();
-                        self.append_middle(seq, redelivered, stored, arrived_s);
-                    } else if stored == 0 && (!message.persistent || !durable) {
-                        // In no log entry: to the spill if there is one,
-                        // else it stays in memory.
-                        let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
-                        match spill.and_then(|s| s.spill(message)) {
-                            Some(reference) => {
-                                self.back.pop_front();
-                                self.append_middle(seq, redelivered, reference, arrived_s);
-                            }
-                            None => {
-                                if let Some(entry) = self.back.pop_front() {
-                                    self.middle.push_back(Item::Single(entry));
-                                    self.middle_len += 1;
-                                }
-                            }
-                        }
-                    } else {
-                        // Its log entry is on its way: try again later.
-                        break;
+                Placement::Memory => {
+                    if let Some(entry) = self.back.pop_front() {
+                        self.middle.push_back(Item::Single(entry));
+                        self.middle_len += 1;
+                        self.middle_singles += 1;
                     }
                 }
+                Placement::Later => break,
             }
             moved += 1;
         }
         moved
+    }
+
+    /// Moves up to `budget` of the newest front entries beyond `window` to
+    /// the start of the middle; those that cannot be paged now stay loaded
+    /// there as single entries.
+    fn shrink_front(
+        &mut self,
+        readable: u64,
+        budget: usize,
+        window: usize,
+        spill: Option<&dyn crate::queue::MessageLoader>,
+        durable: bool,
+    ) -> usize {
+        let excess = self.front.len().saturating_sub(window).min(budget);
+        if excess == 0 {
+            return 0;
+        }
+        let start = self.front.len() - excess;
+        let mut items: Vec<Item> = Vec::new();
+        for entry in self.front.drain(start..) {
+            let (seq, redelivered) = (entry.seq(), entry.redelivered());
+            match Placement::of(&entry, readable, spill, durable) {
+                Placement::Paged(index, arrived_s) => {
+                    let fits = match items.last_mut() {
+                        Some(Item::Run(run)) => run.try_push(seq, redelivered, index, arrived_s),
+                        _ => false,
+                    };
+                    if !fits {
+                        items.push(Item::Run(Run::new(seq, redelivered, index, arrived_s)));
+                    }
+                }
+                Placement::Memory | Placement::Later => {
+                    self.middle_singles += 1;
+                    items.push(Item::Single(entry));
+                }
+            }
+        }
+        self.middle_len += excess;
+        for item in items.into_iter().rev() {
+            self.middle.push_front(item);
+        }
+        excess
     }
 
     /// Every entry in order (paged ones decoded), to `visit`.
@@ -511,6 +585,7 @@ impl Lane {
         self.front.clear();
         self.middle.clear();
         self.middle_len = 0;
+        self.middle_singles = 0;
         self.back.clear();
     }
 
@@ -566,10 +641,21 @@ mod tests {
         assert_eq!(seqs, (0..100_000).collect::<Vec<_>>());
     }
 
+    /// A transient message in memory: paging without a spill keeps it
+    /// loaded, as a single entry.
+    fn loaded(seq: u64) -> Entry {
+        let properties = warren_codec::properties::Properties::empty();
+        let mut builder = Message::builder(b"", b"q", &properties, 1);
+        builder.push_body(b"x");
+        Entry::new(seq, false, Body::Loaded(Arc::new(builder.finish())))
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Push,
-        PageOut(usize),
+        PushLoaded,
+        /// Budget and window: a window smaller than the front shrinks it.
+        PageOut(usize, usize),
         Pop,
         Requeue,
         Remove(u64),
@@ -579,7 +665,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => Just(Op::Push),
-            2 => (0usize..5).prop_map(Op::PageOut),
+            1 => Just(Op::PushLoaded),
+            2 => (0usize..5, 1usize..6).prop_map(|(budget, window)| Op::PageOut(budget, window)),
             2 => Just(Op::Pop),
             1 => Just(Op::Requeue),
             1 => (0u64..200).prop_map(Op::Remove),
@@ -589,7 +676,9 @@ mod tests {
 
     proptest! {
         /// The lane behaves as a sorted list of (seq, index) whatever the
-        /// mix of pushes, paging, pops, requeues, removals and re-keys.
+        /// mix of pushes, paging (with windows growing and shrinking),
+        /// pops, requeues, removals and re-keys; its count of loaded
+        /// entries covers every body in memory.
         #[test]
         fn lane_agrees_with_a_sorted_list(ops in proptest::collection::vec(op(), 1..300)) {
             let mut lane = Lane::default();
@@ -603,8 +692,17 @@ mod tests {
                         model.push((next_seq, 1000 + next_seq * 3));
                         next_seq += 1;
                     }
-                    Op::PageOut(budget) => {
-                        lane.page_out(u64::MAX, budget, 4, None, true);
+                    Op::PushLoaded => {
+                        lane.push(loaded(next_seq), 4);
+                        model.push((next_seq, 0));
+                        next_seq += 1;
+                    }
+                    Op::PageOut(budget, window) => {
+                        let (before, loaded_before) = (lane.len(), lane.loaded_len());
+                        let moved = lane.page_out(u64::MAX, budget, window, None, true);
+                        prop_assert!(moved <= budget);
+                        prop_assert_eq!(lane.len(), before);
+                        prop_assert!(lane.loaded_len() <= loaded_before);
                     }
                     Op::Pop => {
                         let got = lane.pop_front().map(|e| (e.seq(), e.stored_index()));
@@ -614,7 +712,7 @@ mod tests {
                     }
                     Op::Requeue => {
                         if let Some((seq, index)) = popped.pop() {
-                            lane.requeue(paged(seq, index));
+                            lane.requeue(if index == 0 { loaded(seq) } else { paged(seq, index) });
                             let position = model.partition_point(|(s, _)| *s < seq);
                             model.insert(position, (seq, index));
                         }
@@ -625,7 +723,7 @@ mod tests {
                         prop_assert_eq!(got, want);
                     }
                     Op::Rekey(seq) => {
-                        if let Some(entry) = model.iter_mut().find(|(s, _)| *s == seq) {
+                        if let Some(entry) = model.iter_mut().find(|(s, index)| *s == seq && *index != 0) {
                             let moved: std::collections::HashMap<u64, u64> = [(entry.1, entry.1 + 1_000_000)].into();
                             entry.1 += 1_000_000;
                             lane.rekey(&moved);
@@ -634,8 +732,13 @@ mod tests {
                 }
                 prop_assert_eq!(lane.len(), model.len());
                 let mut seen = Vec::new();
-                lane.for_each(|view| seen.push((view.seq, view.stored)));
+                let mut in_memory = 0;
+                lane.for_each(|view| {
+                    seen.push((view.seq, view.stored));
+                    in_memory += usize::from(view.message.is_some());
+                });
                 prop_assert_eq!(&seen, &model);
+                prop_assert!(lane.loaded_len() >= in_memory && lane.loaded_len() <= lane.len());
             }
         }
     }

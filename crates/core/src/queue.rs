@@ -146,8 +146,47 @@ pub struct QueueConsumer {
     pub priority: i64,
 }
 
-/// Entries at the head of a queue that stay in memory.
+/// Entries at the head of a queue that stay in memory, by default.
 pub const LOADED_WINDOW: usize = 1024;
+
+/// Entries at the head of a queue that stay in memory while memory use is
+/// above the paging ratio of the high watermark.
+pub const PRESSURE_WINDOW: usize = 16;
+
+/// How much of a queue's head stays in memory; the rest of its bodies are
+/// paged to disk (the log for stored messages, the spill for the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    /// Most messages kept in memory.
+    pub messages: usize,
+    /// Most body bytes kept in memory, judged by the queue's mean message
+    /// size (at least one message stays).
+    pub bytes: u64,
+    /// Memory use passed the paging ratio: every queue keeps at most
+    /// [`PRESSURE_WINDOW`] messages in memory.
+    pub pressure: bool,
+}
+
+impl Default for Paging {
+    fn default() -> Paging {
+        Paging { messages: LOADED_WINDOW, bytes: 8 * 1024 * 1024, pressure: false }
+    }
+}
+
+impl Paging {
+    /// The in-memory window of a queue holding `len` messages of `bytes`.
+    pub fn window(&self, len: usize, bytes: u64) -> usize {
+        let mut window = self.messages.max(1);
+        if len > 0 && bytes > 0 {
+            let mean = (bytes / len as u64).max(1);
+            window = window.min(usize::try_from(self.bytes / mean).unwrap_or(usize::MAX).max(1));
+        }
+        if self.pressure {
+            window = window.min(PRESSURE_WINDOW);
+        }
+        window
+    }
+}
 
 #[derive(Debug)]
 pub struct Queue {
@@ -193,6 +232,9 @@ pub struct Queue {
     /// Messages delivered and not yet settled.
     pub unacked: u64,
     pub stats: crate::stats::MessageStats,
+    pub(crate) paging: Paging,
+    /// On its virtual host's list of queues with paging left to do.
+    pub(crate) paging_due: bool,
 }
 
 impl Queue {
@@ -231,7 +273,25 @@ impl Queue {
             had_consumer: false,
             unacked: 0,
             stats: crate::stats::MessageStats::default(),
+            paging: Paging::default(),
+            paging_due: false,
         }
+    }
+
+    /// Its in-memory window now.
+    pub fn window(&self) -> usize {
+        self.paging.window(self.ready_len, self.ready_bytes)
+    }
+
+    /// Ready messages whose bodies are in memory.
+    pub fn loaded_len(&self) -> usize {
+        self.lanes.iter().map(Lane::loaded_len).sum()
+    }
+
+    /// True while bodies wait to be paged out.
+    pub(crate) fn needs_paging(&self) -> bool {
+        let window = self.window();
+        self.ready_len > window && self.lanes.iter().any(|lane| lane.needs_paging(window))
     }
 
     /// New settings (a policy changed). The priority lanes stay as they
@@ -295,7 +355,8 @@ impl Queue {
         self.ready_len += 1;
         self.track_expiry(&message, seq);
         let lane = self.lane_of(message.priority);
-        self.lanes[lane].push(Entry::new(seq, false, Body::Loaded(message)), LOADED_WINDOW);
+        let window = self.window();
+        self.lanes[lane].push(Entry::new(seq, false, Body::Loaded(message)), window);
     }
 
     /// Adds a message recovered from the store (`size` body bytes), paged
@@ -548,19 +609,22 @@ impl Queue {
         self.lanes[lane].requeue(Entry::new(seq, true, Body::Loaded(message)));
     }
 
-    /// Pages out up to `budget` stored messages beyond each lane's loaded
-    /// window whose log entries are readable. Cheap enough to call on every
-    /// publish.
-    pub fn page_out(&mut self, loader: &dyn MessageLoader, budget: usize) {
+    /// Pages out up to `budget` bodies beyond each lane's in-memory window
+    /// (stored messages once their log entries are readable, the others to
+    /// the spill). Cheap enough to call on every publish.
+    /// Returns how many moved.
+    pub fn page_out(&mut self, loader: &dyn MessageLoader, budget: usize) -> usize {
         let mut left = budget;
         let readable = loader.readable_upto();
         let durable = self.durable;
+        let window = self.window();
         for lane in self.lanes.iter_mut().rev() {
-            left = left.saturating_sub(lane.page_out(readable, left, LOADED_WINDOW, Some(loader), durable));
+            left = left.saturating_sub(lane.page_out(readable, left, window, Some(loader), durable));
             if left == 0 {
                 break;
             }
         }
+        budget - left
     }
 
     /// Points entries stored at an old log index to the index their message
@@ -736,6 +800,43 @@ mod tests {
             queue.page_out(&spill, 2);
         }
         assert_eq!(queue.entries().iter().filter(|e| e.spilled != 0).count(), 100);
+    }
+
+    #[test]
+    fn the_window_is_the_tightest_of_messages_bytes_and_pressure() {
+        let paging = Paging { messages: 1000, bytes: 1 << 20, pressure: false };
+        assert_eq!(paging.window(0, 0), 1000);
+        assert_eq!(paging.window(10, 10 * 100), 1000, "small messages: the count binds");
+        assert_eq!(paging.window(10, 10 * 16384), 64, "16 KiB messages: 1 MiB holds 64");
+        assert_eq!(paging.window(1, 100 << 20), 1, "a message larger than the bound still stays");
+        assert_eq!(Paging { pressure: true, ..paging }.window(10, 1000), PRESSURE_WINDOW);
+    }
+
+    #[test]
+    fn a_shrinking_window_pages_the_head_out_and_keeps_the_order() {
+        let spill = Spill::default();
+        let mut queue = Queue::new(1, "q", false, None, false, FieldTable::default(), QueueSettings::default());
+        let total = LOADED_WINDOW as u64 + 10;
+        for i in 1..=total {
+            queue.push(msg(&i.to_be_bytes()));
+            queue.page_out(&spill, 2);
+        }
+        assert_eq!(queue.loaded_len(), LOADED_WINDOW);
+        assert!(!queue.needs_paging());
+        queue.paging.pressure = true;
+        assert!(queue.needs_paging());
+        let moved = queue.page_out(&spill, usize::MAX);
+        assert_eq!(moved, LOADED_WINDOW - PRESSURE_WINDOW);
+        assert_eq!(queue.loaded_len(), PRESSURE_WINDOW);
+        assert!(!queue.needs_paging());
+        // A delivered message that comes back goes to the head.
+        let first = queue.pop(Some(&spill)).unwrap();
+        queue.requeue(first.seq, first.message);
+        assert_eq!(queue.loaded_len(), PRESSURE_WINDOW);
+        let order: Vec<u64> = std::iter::from_fn(|| queue.pop(Some(&spill)))
+            .map(|m| u64::from_be_bytes(m.message.body().try_into().unwrap()))
+            .collect();
+        assert_eq!(order, (1..=total).collect::<Vec<_>>());
     }
 
     #[test]

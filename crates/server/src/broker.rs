@@ -3,7 +3,7 @@
 //! counted against.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -122,6 +122,9 @@ pub struct Broker {
     /// milliseconds each, so a login storm must queue, not fan out.
     verify_slots: tokio::sync::Semaphore,
     pub alarms: crate::alarm::Alarms,
+    /// Memory use is above the paging ratio of the watermark: queues keep
+    /// a short head in memory.
+    paging_pressure: AtomicBool,
     /// One permit per connection still in its handshake
     /// (`max_pending_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
@@ -209,6 +212,7 @@ impl Broker {
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             ),
             alarms: crate::alarm::Alarms::default(),
+            paging_pressure: AtomicBool::new(false),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshake_slots)),
         };
         for (name, vhost) in vhosts {
@@ -236,6 +240,20 @@ impl Broker {
         );
         let limits = self.access.read().vhost_limits(&state.name).unwrap_or_default();
         state.set_max_queues(limits.max_queues);
+        state.set_paging(config.paging(self.paging_pressure.load(Ordering::Relaxed)));
+    }
+
+    /// Starts or ends memory pressure: every queue's in-memory head shrinks
+    /// to a few messages, or grows back. True if it changed.
+    pub fn set_paging_pressure(&self, pressure: bool) -> bool {
+        if self.paging_pressure.swap(pressure, Ordering::Relaxed) == pressure {
+            return false;
+        }
+        let paging = self.config.paging(pressure);
+        for vhost in self.vhosts() {
+            vhost.lock().set_paging(paging);
+        }
+        true
     }
 
     /// A virtual host's policies: the configuration file's, then the

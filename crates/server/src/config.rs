@@ -74,6 +74,16 @@ pub struct Config {
     /// How often memory is measured, milliseconds (disk: ten times less
     /// often).
     pub resource_check_interval_ms: u64,
+    /// Most messages at the head of a queue kept in memory; the bodies of
+    /// the rest are paged to disk.
+    pub paging_queue_messages: usize,
+    /// Most body bytes at the head of a queue kept in memory (judged by
+    /// the queue's mean message size; at least one message stays).
+    pub paging_queue_bytes: u64,
+    /// Above this fraction of the memory high watermark, every queue keeps
+    /// only a short head in memory (RabbitMQ's
+    /// `vm_memory_high_watermark_paging_ratio`).
+    pub memory_high_watermark_paging_ratio: f64,
     /// Largest frame offered in `connection.tune`.
     pub frame_max: u32,
     /// Most channels per connection offered in `connection.tune`.
@@ -239,6 +249,9 @@ impl Default for Config {
             memory_high_watermark_bytes: 0,
             disk_free_limit_bytes: 50_000_000,
             resource_check_interval_ms: 100,
+            paging_queue_messages: warren_core::queue::LOADED_WINDOW,
+            paging_queue_bytes: 8 * 1024 * 1024,
+            memory_high_watermark_paging_ratio: 0.5,
             frame_max: 131_072,
             channel_max: 2047,
             heartbeat_s: 60,
@@ -288,6 +301,15 @@ impl Config {
                 self.memory_high_watermark
             )));
         }
+        if !(self.memory_high_watermark_paging_ratio > 0.0 && self.memory_high_watermark_paging_ratio <= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "memory_high_watermark_paging_ratio {} must be a fraction in (0, 1]",
+                self.memory_high_watermark_paging_ratio
+            )));
+        }
+        if self.paging_queue_messages == 0 || self.paging_queue_bytes == 0 {
+            return Err(ConfigError::Invalid("paging_queue_messages and paging_queue_bytes must be at least 1".into()));
+        }
         if self.max_message_size > MAX_MESSAGE_SIZE_CAP {
             return Err(ConfigError::Invalid(format!(
                 "max_message_size {} is above the largest allowed, {MAX_MESSAGE_SIZE_CAP} (512 MiB, as RabbitMQ)",
@@ -325,6 +347,18 @@ impl Config {
         }
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a fraction in (0, 1] of a u64")]
         crate::alarm::total_memory().map(|total| (total as f64 * self.memory_high_watermark) as u64)
+    }
+
+    /// Above this resident memory, queues keep a short head in memory
+    /// (`None` without a memory limit).
+    pub fn paging_threshold(&self) -> Option<u64> {
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a fraction in (0, 1] of a u64")]
+        self.memory_limit().map(|limit| (limit as f64 * self.memory_high_watermark_paging_ratio) as u64)
+    }
+
+    /// The queues' in-memory bounds, with or without memory pressure.
+    pub fn paging(&self, pressure: bool) -> warren_core::queue::Paging {
+        warren_core::queue::Paging { messages: self.paging_queue_messages, bytes: self.paging_queue_bytes, pressure }
     }
 
     /// Whether `user` may log in only from loopback.
@@ -368,5 +402,20 @@ mod tests {
         let segment = Config { segment_bytes_max: (1 << 30) + 1, ..Config::default() };
         assert!(segment.validate().is_err());
         assert!(Config { max_message_size: MAX_MESSAGE_SIZE_CAP, ..Config::default() }.validate().is_ok());
+    }
+
+    #[test]
+    fn paging_bounds_must_leave_a_head_and_a_fraction() {
+        for bad in [
+            Config { paging_queue_messages: 0, ..Config::default() },
+            Config { paging_queue_bytes: 0, ..Config::default() },
+            Config { memory_high_watermark_paging_ratio: 0.0, ..Config::default() },
+            Config { memory_high_watermark_paging_ratio: 1.5, ..Config::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let config = Config { memory_high_watermark_bytes: 1000, ..Config::default() };
+        assert_eq!(config.paging_threshold(), Some(500));
+        assert_eq!(config.paging(true).window(1, 1), warren_core::queue::PRESSURE_WINDOW);
     }
 }

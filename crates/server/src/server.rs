@@ -20,6 +20,10 @@ use crate::session::Session;
 /// How often the access file is checked for changes.
 const ACCESS_POLL: Duration = Duration::from_millis(250);
 
+/// Bodies paged out per virtual host every 5 ms besides what publishes
+/// page: bounds how long the lock is held (256 × 16 KiB is 4 MiB written).
+const PAGE_PER_TICK: usize = 256;
+
 pub struct Server {
     listeners: Vec<TcpListener>,
     /// AMQPS listeners, with the acceptor they share.
@@ -107,7 +111,7 @@ impl Server {
         }
         // Expire messages and queues, release delayed messages: every 5 ms
         // (so a due time is met within 10 ms), only in virtual hosts that
-        // have something timed.
+        // have something timed. Page out what publishes left behind.
         let timer_broker = self.broker.clone();
         let timers = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -118,6 +122,9 @@ impl Server {
                 let check_consumers = ticks.is_multiple_of(20);
                 for vhost in timer_broker.vhosts() {
                     let mut session = Session::open(&vhost, &timer_broker.store);
+                    if session.has_paging_due() {
+                        session.page_due(PAGE_PER_TICK);
+                    }
                     if check_consumers {
                         session.check_consumer_timeouts();
                     } else if !session.has_timers() {
@@ -305,13 +312,27 @@ async fn accept_loop(
 async fn watch_resources(broker: Arc<Broker>) {
     let config = &broker.config;
     let memory_limit = config.memory_limit();
+    let paging_threshold = config.paging_threshold();
+    let mut pressure = false;
     let disk_limit = config.disk_free_limit_bytes;
     info!(memory_limit = ?memory_limit, disk_free_limit = disk_limit, "resource alarms armed");
     let mut tick = tokio::time::interval(Duration::from_millis(config.resource_check_interval_ms.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     for n in 0u64.. {
         tick.tick().await;
-        if let (Some(limit), Some(used)) = (memory_limit, crate::alarm::resident_bytes()) {
+        let used = crate::alarm::resident_bytes();
+        if let (Some(threshold), Some(used)) = (paging_threshold, used) {
+            // Ends below 90% of the threshold, so it does not flap.
+            pressure = if pressure { used >= threshold / 10 * 9 } else { used > threshold };
+            if broker.set_paging_pressure(pressure) {
+                if pressure {
+                    info!(used, threshold, "memory above the paging ratio: queues keep a short head in memory");
+                } else {
+                    info!(used, threshold, "memory below the paging ratio: queues keep their full head in memory");
+                }
+            }
+        }
+        if let (Some(limit), Some(used)) = (memory_limit, used) {
             let on = broker.alarms.state().memory;
             let alarm = if on { used >= limit / 20 * 19 } else { used > limit };
             if broker.alarms.set(Some(alarm), None) {

@@ -508,3 +508,88 @@ async fn a_deep_transient_queue_pages_to_the_spill_and_a_restart_empties_it() {
     assert_eq!((stats.live, stats.bytes), (0, 0), "{stats:?}");
     assert_eq!(std::fs::read_dir(server.config.data_dir.join("spill")).unwrap().count(), 1, "one empty segment");
 }
+
+/// Ready messages of `queue` in `/` whose bodies are in memory.
+fn loaded(server: &TestServer, queue: &str) -> usize {
+    server.broker.vhost("/").unwrap().lock().queue(queue).map_or(usize::MAX, |q| q.loaded_len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_keeps_its_bytes_bound_in_memory_and_pages_what_a_burst_left_behind() {
+    let server = TestServer::with_config(|c| c.paging_queue_bytes = 64 * 1024).await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("deep".into(), durable, FieldTable::default()).await.unwrap();
+    ch.queue_declare("wide".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    // Persistent 4 KiB into a durable queue, published as one burst: the
+    // newest wait for their log entries, so publishing alone leaves them
+    // in memory; the broker pages them out once written. 64 KiB holds 16.
+    let mut confirms = Vec::new();
+    for i in 0..300u32 {
+        let body = [i.to_be_bytes().to_vec(), vec![7u8; 4092]].concat();
+        confirms.push(
+            ch.basic_publish("".into(), "deep".into(), BasicPublishOptions::default(), &body, persistent())
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    eventually("the durable queue keeps 16 bodies in memory", || async { loaded(&server, "deep") == 16 }).await;
+    // Transient 1 KiB: 64 stay, the rest spill.
+    for i in 0..300u32 {
+        let body = [i.to_be_bytes().to_vec(), vec![1u8; 1020]].concat();
+        ch.basic_publish("".into(), "wide".into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    eventually("the transient queue keeps 64 bodies in memory", || async { loaded(&server, "wide") == 64 }).await;
+    assert_eq!(server.broker.store.spill_stats().live, 300 - 64);
+    for (queue, total) in [("deep", 300u32), ("wide", 300)] {
+        let got = drain(&ch, queue).await;
+        let order: Vec<u32> = got.iter().map(|(body, _)| u32::from_be_bytes(body[..4].try_into().unwrap())).collect();
+        assert_eq!(order, (0..total).collect::<Vec<_>>(), "{queue} in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_paging_ratio_every_queue_keeps_a_short_head_in_memory() {
+    // A paging threshold of about 1 KiB: the broker is above it at once.
+    let server = TestServer::with_config(|c| {
+        c.memory_high_watermark_bytes = 1 << 40;
+        c.memory_high_watermark_paging_ratio = 1e-9;
+    })
+    .await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for queue in ["a", "b"] {
+        ch.queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+        for i in 0..200u32 {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    }
+    let window = warren_core::queue::PRESSURE_WINDOW;
+    eventually("both queues keep a short head", || async {
+        loaded(&server, "a") == window && loaded(&server, "b") == window
+    })
+    .await;
+    let got = drain(&ch, "a").await;
+    assert_eq!(
+        got.iter().map(|(body, _)| u32::from_be_bytes(body[..4].try_into().unwrap())).collect::<Vec<_>>(),
+        (0..200).collect::<Vec<_>>()
+    );
+}

@@ -24,6 +24,8 @@ pub struct QueueSummary {
     pub unacked: u64,
     /// Body bytes of the ready messages.
     pub ready_bytes: u64,
+    /// Ready messages whose bodies are in memory (the rest are paged out).
+    pub ready_ram: u64,
     /// Consumer tag of the exclusive consumer, if there is one.
     pub exclusive_consumer_tag: Option<String>,
     pub stats: MessageStats,
@@ -126,6 +128,7 @@ impl VirtualHostState {
             ready: queue.len() as u64,
             unacked: queue.unacked,
             ready_bytes: queue.bytes(),
+            ready_ram: queue.loaded_len() as u64,
             exclusive_consumer_tag: queue.consumers.iter().find(|c| c.exclusive).map(|c| c.tag.to_string()),
             stats: queue.stats,
             last_used_ms: queue.last_used,

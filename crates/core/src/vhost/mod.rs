@@ -30,7 +30,7 @@ use crate::dead_letter::{self, Reason};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, DELAYED_PREFIX, DELAYED_TYPE};
 use crate::message::Message;
 use crate::policy::{self, Policy};
-use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage, LOADED_WINDOW};
+use crate::queue::{MessageLoader, Queue, QueueConsumer, QueuedMessage};
 use crate::settings::{int_type, value_type, Overflow, QueueSettings, QueueType, TypeRefusal};
 use crate::{Clock, SystemClock};
 
@@ -381,6 +381,11 @@ pub struct VirtualHostState {
     scratch_queues: Vec<QueueId>,
     /// The virtual host's queue limit (RabbitMQ's `max-queues`).
     max_queues: Option<u64>,
+    /// How much of each queue's head stays in memory.
+    paging: crate::queue::Paging,
+    /// Queues with bodies still to page out (their `paging_due` is set),
+    /// for [`VirtualHostState::page_due`].
+    paging_due: Vec<QueueId>,
     /// `basic.cancel` notifications for consumers of deleted queues, sent
     /// by [`VirtualHostState::send_notices`] after the reply to the method
     /// that caused them, as RabbitMQ orders them (`queue.delete-ok` first).
@@ -466,6 +471,8 @@ impl VirtualHostState {
             scratch_destinations: Vec::new(),
             scratch_queues: Vec::new(),
             max_queues: None,
+            paging: crate::queue::Paging::default(),
+            paging_due: Vec::new(),
         };
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -553,14 +560,58 @@ impl VirtualHostState {
     pub fn set_consumer_timeout(&mut self, millis: Option<u64>) {
         self.default_consumer_timeout = millis;
     }
-    /// Makes a consumer timeout close the channel (406), as RabbitMQ does,
-    /// instead of taking the delivery back.
     pub fn set_max_queues(&mut self, max: Option<u64>) {
         self.max_queues = max;
     }
     pub fn channel_consumer_count(&self, key: ChannelKey) -> usize {
         self.channels.get(&key).map_or(0, |c| c.consumers.len())
     }
+    /// New in-memory bounds for every queue (settings, or memory pressure
+    /// starting or ending); queues now over theirs are paged out by
+    /// [`VirtualHostState::page_due`].
+    pub fn set_paging(&mut self, paging: crate::queue::Paging) {
+        if self.paging == paging {
+            return;
+        }
+        self.paging = paging;
+        for (id, queue) in &mut self.queues {
+            queue.paging = paging;
+            if !queue.paging_due && queue.needs_paging() {
+                queue.paging_due = true;
+                self.paging_due.push(*id);
+            }
+        }
+    }
+    /// True while some queue has bodies to page out.
+    pub fn has_paging_due(&self) -> bool {
+        !self.paging_due.is_empty()
+    }
+    /// Pages out up to `budget` bodies from the queues that have some
+    /// waiting: what publishes left (paging trails a burst, or waits for
+    /// log entries to be written) and what a shrunken window freed. Call it
+    /// often (every few milliseconds); it holds the lock for its budget.
+    pub fn page_due(&mut self, budget: usize) {
+        let Some(loader) = self.loader.clone() else {
+            self.paging_due.clear();
+            return;
+        };
+        let mut left = budget;
+        let mut kept = Vec::new();
+        for id in std::mem::take(&mut self.paging_due) {
+            let Some(queue) = self.queues.get_mut(&id) else { continue };
+            if left > 0 {
+                left -= queue.page_out(loader.as_ref(), left);
+            }
+            if queue.needs_paging() {
+                kept.push(id);
+            } else {
+                queue.paging_due = false;
+            }
+        }
+        self.paging_due = kept;
+    }
+    /// Makes a consumer timeout close the channel (406), as RabbitMQ does,
+    /// instead of taking the delivery back.
     pub fn set_consumer_timeout_closes_channel(&mut self, close: bool) {
         self.timeout_closes_channel = close;
     }

@@ -237,10 +237,15 @@ impl VirtualHostState {
             return Enqueued::Dropped;
         }
         // Past the head window, bodies go to disk: stored ones are already
-        // in the log, the others to the spill.
-        if queue.len() > LOADED_WINDOW {
+        // in the log, the others to the spill. Two per publish keep pace;
+        // what is left (log entries not yet written) is paged by `page_due`.
+        if queue.len() > queue.window() {
             if let Some(loader) = &self.loader {
                 queue.page_out(loader.as_ref(), 2);
+                if !queue.paging_due && queue.needs_paging() {
+                    queue.paging_due = true;
+                    self.paging_due.push(id);
+                }
             }
         }
         if queue.consumers.is_empty() {

@@ -530,6 +530,7 @@ impl VirtualHostState {
         }
         let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments, settings);
         queue.last_used = now;
+        queue.paging = self.paging;
         self.queues.insert(id, queue);
         self.queue_ids.insert(name.as_str().into(), id);
         self.churn.declared += 1;
