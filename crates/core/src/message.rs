@@ -22,6 +22,11 @@ pub struct Message {
     /// Log index of the stored copy (0: not stored). Set by the server once
     /// the message's entry is appended; the journal refers to it by this.
     stored: std::sync::atomic::AtomicU64,
+    /// Log index of an earlier entry holding this very body, when the
+    /// stored copy refers to it instead of holding the body (a dead-lettered
+    /// or released delayed copy), or when such a copy is yet to be stored;
+    /// 0 otherwise.
+    body_at: std::sync::atomic::AtomicU64,
 }
 
 const NO_EXPIRATION: u64 = u64::MAX;
@@ -103,6 +108,37 @@ impl Message {
 
     pub fn set_stored_index(&self, index: u64) {
         self.stored.store(index, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Log index of the earlier entry holding this body, 0 if none.
+    pub fn body_at(&self) -> u64 {
+        self.body_at.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_body_at(&self, index: u64) {
+        self.body_at.store(index, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The log entry holding this message's body: the one its stored copy
+    /// refers to, else the stored copy itself (0 if not stored).
+    pub fn body_root(&self) -> u64 {
+        match self.body_at() {
+            0 => self.stored_index(),
+            at => at,
+        }
+    }
+
+    /// Its stored copy was rewritten whole at `index` (compaction).
+    pub fn moved_to(&self, index: u64) {
+        self.set_stored_index(index);
+        self.set_body_at(0);
+    }
+
+    /// Lets this copy of `original` refer to the body `original`'s stored
+    /// copy holds. Only for a copy journaled before `original` is settled:
+    /// the body's entry must still be live when the copy is written.
+    pub fn share_stored_body(&self, original: &Message) {
+        self.set_body_at(original.body_root());
     }
 
     pub fn body_len(&self) -> usize {
@@ -194,6 +230,7 @@ impl MessageBuilder {
             expiration: self.expiration,
             arrived: std::sync::atomic::AtomicU64::new(0),
             stored: std::sync::atomic::AtomicU64::new(0),
+            body_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

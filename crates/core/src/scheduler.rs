@@ -161,7 +161,7 @@ impl Scheduler {
         }
         for (_, message) in &self.staging {
             if let Some(new) = moved.get(&message.stored_index()) {
-                message.set_stored_index(*new);
+                message.moved_to(*new);
             }
         }
     }

@@ -593,3 +593,125 @@ async fn above_the_paging_ratio_every_queue_keeps_a_short_head_in_memory() {
         (0..200).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_copies_refer_to_the_stored_body_and_outlive_its_segment() {
+    let server = TestServer::with_config(|c| c.segment_bytes_max = 256 * 1024).await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let dlx = common::args(&[
+        ("x-dead-letter-exchange", common::text("")),
+        ("x-dead-letter-routing-key", common::text("dlq")),
+    ]);
+    ch.queue_declare("work".into(), durable, dlx).await.unwrap();
+    ch.queue_declare("dlq".into(), durable, FieldTable::default()).await.unwrap();
+    let body = |i: u32| [i.to_be_bytes().to_vec(), vec![(i % 251) as u8; 64 * 1024]].concat();
+    for i in 0..20u32 {
+        ch.basic_publish("".into(), "work".into(), BasicPublishOptions::default(), &body(i), persistent())
+            .await
+            .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    let wal = server.config.data_dir.join("wal");
+    let before = size(&wal);
+    while let Some(m) = ch.basic_get("work".into(), BasicGetOptions::default()).await.unwrap() {
+        m.delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await.unwrap();
+    }
+    common::wait_count(&ch, "dlq", 20).await;
+    let store = server.broker.store.clone();
+    assert_eq!(store.linked_entries(), 20, "each copy refers to its original's body");
+    let written = size(&wal) - before;
+    assert!(written < 20 * 4096, "dead-lettering 20 × 64 KiB wrote {written} bytes: the bodies again?");
+
+    // Filler through another queue fills segments; the originals' segment
+    // then holds nothing but the bodies the copies refer to, and
+    // compaction rewrites the copies whole so it can go.
+    ch.queue_declare("filler".into(), durable, FieldTable::default()).await.unwrap();
+    for _ in 0..3 {
+        for _ in 0..60 {
+            ch.basic_publish("".into(), "filler".into(), BasicPublishOptions::default(), &[9u8; 8192], persistent())
+                .await
+                .unwrap();
+        }
+        ch.wait_for_confirms().await.unwrap();
+        ch.queue_purge("filler".into(), QueuePurgeOptions::default()).await.unwrap();
+    }
+    // The copies' bodies once (1.3 MB) and a few segments; with the
+    // originals' segments kept it would be twice that.
+    let limit = 20 * 64 * 1024 + 3 * 256 * 1024;
+    for _ in 0..300 {
+        if store.linked_entries() == 0 && size(&wal) < limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.linked_entries(), 0, "the copies were rewritten whole");
+    assert!(size(&wal) < limit, "the originals' segments were reclaimed: {} bytes", size(&wal));
+    drop(store);
+
+    // After a restart the copies are whole, with their x-death, in order.
+    let server = server.restart().await;
+    let (_conn, ch) = open(&server).await;
+    for i in 0..20u32 {
+        let m = ch.basic_get("dlq".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+        assert_eq!(m.delivery.data, body(i));
+        let headers = m.delivery.properties.headers().clone().unwrap();
+        assert!(headers.inner().contains_key("x-death"));
+        m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_copies_survive_a_restart_and_let_the_body_go_once_settled() {
+    let server = TestServer::start().await;
+    let (_conn, ch) = open(&server).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let dlx = common::args(&[
+        ("x-dead-letter-exchange", common::text("")),
+        ("x-dead-letter-routing-key", common::text("dlq")),
+    ]);
+    ch.queue_declare("work".into(), durable, dlx).await.unwrap();
+    ch.queue_declare("dlq".into(), durable, FieldTable::default()).await.unwrap();
+    // Delayed release links too: a durable delayed exchange routing to `work`.
+    let delayed = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let kind = common::args(&[("x-delayed-type", common::text("direct"))]);
+    ch.exchange_declare("later".into(), ExchangeKind::Custom("x-delayed-message".into()), delayed, kind).await.unwrap();
+    ch.queue_bind("work".into(), "later".into(), "work".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("x-delay".into(), AMQPValue::LongInt(50));
+    let big = vec![5u8; 8192];
+    ch.basic_publish(
+        "later".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        &big,
+        persistent().with_headers(headers),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish("".into(), "work".into(), BasicPublishOptions::default(), b"small", persistent()).await.unwrap();
+    ch.wait_for_confirms().await.unwrap();
+    common::wait_count(&ch, "work", 2).await;
+    let store = server.broker.store.clone();
+    assert_eq!(store.linked_entries(), 1, "the released delayed message refers to its scheduled body");
+    for _ in 0..2 {
+        let m = ch.basic_get("work".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+        m.delivery.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await.unwrap();
+    }
+    common::wait_count(&ch, "dlq", 2).await;
+    assert_eq!(store.linked_entries(), 1, "a small body is written again; a copy of a linked copy links to the root");
+    drop(store);
+
+    let server = server.restart().await;
+    assert_eq!(server.broker.store.linked_entries(), 1, "links are rebuilt from the log");
+    let (_conn, ch) = open(&server).await;
+    let got = drain(&ch, "dlq").await;
+    let mut bodies: Vec<Vec<u8>> = got.into_iter().map(|(b, _)| b).collect();
+    bodies.sort();
+    assert_eq!(bodies, vec![big.clone(), b"small".to_vec()]);
+    assert_eq!(server.broker.store.linked_entries(), 0);
+}

@@ -34,6 +34,12 @@ impl VirtualHostState {
                         dead_letter::Target { queue: &dead.source, exchange, routing_key: dead.routing_key.as_deref() };
                     let (copy, keys) =
                         dead_letter::copy(&dead.message, dead.reason, &target, self.clock.now_ms() / 1000);
+                    // The original's entry stays live until it is settled
+                    // below, after the copy is journaled: the copy may
+                    // refer to its body instead of writing it again.
+                    if dead.settle {
+                        copy.share_stored_body(&dead.message);
+                    }
                     let copy = Arc::new(copy);
                     let mut queues = Vec::new();
                     self.route_message(exchange, &copy, keys.get(1..).unwrap_or_default(), &mut queues);

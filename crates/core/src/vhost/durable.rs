@@ -201,24 +201,25 @@ impl VirtualHostState {
             _ => false,
         }
     }
-    /// Stored messages whose log index is in `range`, with the durable
-    /// queues holding them (ready or unacked), for compaction.
-    pub fn stored_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, Vec<Arc<str>>)> {
+    /// Stored messages whose log index `wanted` picks, with the durable
+    /// queues (and delayed exchanges) holding them, ready, retrying or
+    /// unacked, for compaction.
+    pub fn stored_where(&self, wanted: impl Fn(u64) -> bool) -> Vec<(u64, Vec<Arc<str>>)> {
         let mut found: std::collections::BTreeMap<u64, Vec<Arc<str>>> = std::collections::BTreeMap::new();
         for queue in self.queues.values().filter(|q| q.durable) {
             queue.for_each_entry(|entry| {
-                if range.contains(&entry.stored) {
+                if entry.stored != 0 && wanted(entry.stored) {
                     found.entry(entry.stored).or_default().push(queue.name.clone());
                 }
             });
-            for stored in queue.retrying().map(|m| m.stored_index()).filter(|s| range.contains(s)) {
+            for stored in queue.retrying().map(|m| m.stored_index()).filter(|s| *s != 0 && wanted(*s)) {
                 found.entry(stored).or_default().push(queue.name.clone());
             }
         }
         for channel in self.channels.values() {
             for unacked in &channel.unacked {
                 let stored = unacked.message.stored_index();
-                if range.contains(&stored) {
+                if stored != 0 && wanted(stored) {
                     if let Some(queue) = self.queues.get(&unacked.queue).filter(|q| q.durable) {
                         found.entry(stored).or_default().push(queue.name.clone());
                     }
@@ -227,7 +228,7 @@ impl VirtualHostState {
         }
         for exchange in self.exchanges.values().filter(|x| x.durable) {
             if let Some(delayed) = &exchange.delayed {
-                for stored in delayed.scheduler.stored().filter(|s| range.contains(s)) {
+                for stored in delayed.scheduler.stored().filter(|s| *s != 0 && wanted(*s)) {
                     found.entry(stored).or_default().push(delayed.store_name.clone());
                 }
             }
@@ -240,13 +241,13 @@ impl VirtualHostState {
             queue.for_each_entry(|entry| {
                 if let Some(message) = entry.message {
                     if let Some(new) = moved.get(&entry.stored) {
-                        message.set_stored_index(*new);
+                        message.moved_to(*new);
                     }
                 }
             });
             for message in queue.retrying() {
                 if let Some(new) = moved.get(&message.stored_index()) {
-                    message.set_stored_index(*new);
+                    message.moved_to(*new);
                 }
             }
             queue.rekey(moved);
@@ -254,7 +255,7 @@ impl VirtualHostState {
         for channel in self.channels.values() {
             for unacked in &channel.unacked {
                 if let Some(new) = moved.get(&unacked.message.stored_index()) {
-                    unacked.message.set_stored_index(*new);
+                    unacked.message.moved_to(*new);
                 }
             }
         }

@@ -150,6 +150,9 @@ impl VirtualHostState {
                 // Routed as a new message; its scheduled copy is settled
                 // after the routed one is journaled.
                 let scheduled = message.stored_index();
+                // It may refer to the scheduled copy's body: that copy is
+                // settled only after it is journaled.
+                let body_at = (durable && scheduled != 0).then(|| message.body_root());
                 // As the plugin: the released message carries `x-delay`
                 // negated, so publishing it to a delayed exchange again does
                 // not delay it twice.
@@ -160,6 +163,9 @@ impl VirtualHostState {
                         -i32::try_from(delay_of(&message).unwrap_or(0)).unwrap_or(i32::MAX),
                     ),
                 ));
+                if let Some(body_at) = body_at {
+                    message.set_body_at(body_at);
+                }
                 let mut queues = Vec::new();
                 let cc = dead_letter::cc_keys(&message);
                 self.route_message(&name, &message, &cc, &mut queues);

@@ -1,7 +1,7 @@
 //! Giving disk space back: purging log segments nothing needs any more, and
 //! moving the few live messages out of the oldest segment so it can go.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tracing::info;
@@ -9,6 +9,7 @@ use warren_core::VirtualHost;
 use warren_storage::StorageError;
 
 use super::record::{decode, encode_moved, Record};
+use super::liveness::BUCKET_INDICES;
 use super::Store;
 
 impl Store {
@@ -45,6 +46,15 @@ impl Store {
         if starts.len() < 3 {
             return Ok(0);
         }
+        // Liveness is counted per bucket of log indices, and the segment
+        // can go only once every bucket it touches is dead: move what is
+        // live up to the end of its last bucket (later segments' entries
+        // included), unless that reaches the head segment, where moved
+        // entries would land in the same buckets again.
+        let second = second.saturating_sub(1) / BUCKET_INDICES * BUCKET_INDICES + BUCKET_INDICES;
+        if starts.last().is_some_and(|&head| second > head) {
+            return Ok(0);
+        }
         let live_in_first = self.live.lock().count_in(first..second);
         if live_in_first == 0 || live_in_first > MOVE_AT_MOST {
             return Ok(0);
@@ -55,18 +65,29 @@ impl Store {
         self.compaction_scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut moved_count = 0;
         let mut scratch = Vec::new();
+        // Copies elsewhere whose bodies are in this segment move too,
+        // rewritten whole: then nothing refers to the segment.
+        let linked: HashSet<u64> = self.live.lock().linked_into(first..second).into_iter().collect();
         for vhost in vhosts {
             let mut state = vhost.lock();
             let name = state.name.clone();
             let mut moved = HashMap::new();
             let mut failure = None;
-            for (old, queues) in state.stored_in(first..second) {
+            for (old, queues) in
+                state.stored_where(|stored| (first..second).contains(&stored) || linked.contains(&stored))
+            {
                 // An unreadable entry stays where it is (its queue will find
                 // out when delivering it); the others still move.
                 let Ok(entry) = self.commit.read(old) else { continue };
-                let Some(Record::Published { message, .. } | Record::Moved { message, .. }) = decode(&entry.payload)
-                else {
-                    continue;
+                let whole;
+                let message = match decode(&entry.payload) {
+                    Some(Record::Published { message, .. } | Record::Moved { message, .. }) => message,
+                    Some(Record::Linked { body_at, head, body_len, .. }) => {
+                        let Some(message) = self.linked_message(body_at, head, body_len) else { continue };
+                        whole = message;
+                        &whole
+                    }
+                    _ => continue,
                 };
                 scratch.clear();
                 encode_moved(&mut scratch, old, &name, &queues, message);

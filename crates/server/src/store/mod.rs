@@ -11,6 +11,10 @@
 //! - `R` returned: a stored message's return count in a queue;
 //! - `M` moved: a live message rewritten at the head by compaction, with
 //!   the index of the copy it replaces;
+//! - `L` linked: like `P` for a dead-lettered or released delayed copy of
+//!   a stored message, without the body: it names the `P`/`M` entry holding
+//!   it, which stays live while the copy is (bodies of `LINK_BODY_MIN` and
+//!   up; compaction rewrites a copy whole when the body's segment goes);
 //! - definitions (`definitions.rs`): `Q` queue declared, `D` queue deleted,
 //!   `X`/`x` exchange declared/deleted, `B`/`U` bound/unbound, `V` vhost
 //!   deleted.
@@ -45,8 +49,8 @@ use warren_storage::{GroupCommit, StorageError};
 use definitions::{Change, DefinitionsLog};
 use liveness::Liveness;
 use record::{
-    decode, decode_message, encode_definition, encode_deleted, encode_published, encode_returned, encode_settled,
-    Record,
+    build_message, decode, decode_message, encode_definition, encode_deleted, encode_linked, encode_published,
+    encode_returned, encode_settled, split_message, Record,
 };
 use sidecar::DedupKeys;
 
@@ -80,6 +84,12 @@ pub struct Appended {
     /// definitions waits until it is durable.
     pub definitions: Option<u64>,
 }
+
+/// Bodies at least this long are not written again for a dead-lettered or
+/// released delayed copy of a stored message: the copy's `L` entry refers
+/// to them. Below it, a copy is cheaper to write whole than the ~32 bytes
+/// of memory a live reference costs.
+pub const LINK_BODY_MIN: usize = 1024;
 
 /// Settlements per `S` entry at most (a purge of millions becomes several
 /// entries of bounded size).
@@ -152,10 +162,23 @@ impl Store {
             scratch.clear();
             match event {
                 JournalEvent::Published { message, queues } => {
-                    encode_published(scratch, vhost, &message, &queues);
+                    // A copy of a stored message refers to its body rather
+                    // than writing it again, when the body is worth it.
+                    let body_at = message.body_at();
+                    let linked = body_at != 0 && message.body_len() >= LINK_BODY_MIN;
+                    if linked {
+                        encode_linked(scratch, vhost, body_at, &message, &queues);
+                    } else {
+                        encode_published(scratch, vhost, &message, &queues);
+                    }
                     let index = self.commit.append(scratch)?;
                     message.set_stored_index(index);
                     live.add(index, queues.len());
+                    if linked {
+                        live.link(index, queues.len(), body_at);
+                    } else {
+                        message.set_body_at(0);
+                    }
                     appended.published = Some(index);
                 }
                 JournalEvent::Settled { queue, stored } => {
@@ -234,10 +257,43 @@ impl Store {
         self.commit.shutdown();
     }
 
+    fn read_entry(&self, index: u64) -> Option<warren_storage::log::Entry> {
+        match self.commit.read(index) {
+            Ok(entry) => Some(entry),
+            Err(error) => {
+                warn!(index, %error, "stored message cannot be read");
+                None
+            }
+        }
+    }
+
+    /// An `L` entry's message rebuilt whole, encoded as a `P` entry's tail
+    /// (compaction rewrites it so).
+    fn linked_message(&self, body_at: u64, head: &[u8], body_len: u64) -> Option<Vec<u8>> {
+        let entry = self.read_entry(body_at)?;
+        let body = body_of(&entry.payload, body_len)?;
+        Some([head, body].concat())
+    }
+
+    /// `L` entries still referring to a body (for tests and operators).
+    pub fn linked_entries(&self) -> usize {
+        self.live.lock().links()
+    }
+
     /// Log size on disk and segment count.
     pub fn disk_usage(&self) -> (u64, usize) {
         self.commit.with_log(|log| (log.bytes(), log.segment_count()))
     }
+}
+
+/// The body of a `P` or `M` entry's payload, if it is `len` bytes long (an
+/// `L` entry only ever refers to such an entry).
+fn body_of(payload: &[u8], len: u64) -> Option<&[u8]> {
+    let (Record::Published { message, .. } | Record::Moved { message, .. }) = decode(payload)? else {
+        return None;
+    };
+    let (_, body) = split_message(message)?;
+    (body.len() as u64 == len).then_some(body)
 }
 
 // The queues' and the spill's idea of a spill reference are the same.
@@ -255,15 +311,15 @@ impl MessageLoader for Store {
                 }
             };
         }
-        let entry = match self.commit.read(stored) {
-            Ok(entry) => entry,
-            Err(error) => {
-                warn!(stored, %error, "stored message cannot be read");
-                return None;
-            }
-        };
+        let entry = self.read_entry(stored)?;
         match decode(&entry.payload) {
             Some(Record::Published { message, .. } | Record::Moved { message, .. }) => decode_message(message),
+            Some(Record::Linked { body_at, head, body_len, .. }) => {
+                let body = self.read_entry(body_at)?;
+                let message = build_message(head, body_of(&body.payload, body_len)?)?;
+                message.set_body_at(body_at);
+                Some(message)
+            }
             _ => None,
         }
     }

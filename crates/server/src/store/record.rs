@@ -80,6 +80,22 @@ pub(super) fn encode_published(out: &mut Vec<u8>, vhost: &str, message: &Message
 /// A message as a `P` entry's tail holds it (and the spill, a page):
 /// exchange, routing key, properties, arrival time, body.
 pub(super) fn encode_message(out: &mut Vec<u8>, message: &Message) {
+    encode_head(out, message);
+    out.extend_from_slice(message.body());
+}
+
+/// A copy of a stored message (dead-lettered, or a delayed message
+/// released) whose body the entry at `body_at` already holds: the tail is
+/// the message as [`encode_message`] writes it without the body, then the
+/// body's length.
+pub(super) fn encode_linked(out: &mut Vec<u8>, vhost: &str, body_at: u64, message: &Message, queues: &[Arc<str>]) {
+    put_queues(out, b'L', Some(body_at), vhost, queues);
+    encode_head(out, message);
+    out.extend_from_slice(&(message.body_len() as u64).to_le_bytes());
+}
+
+/// Everything of a message before its body.
+fn encode_head(out: &mut Vec<u8>, message: &Message) {
     put_short(out, message.exchange());
     put_short(out, message.routing_key());
     // Properties come from one content header frame: below frame_max (u32).
@@ -87,7 +103,6 @@ pub(super) fn encode_message(out: &mut Vec<u8>, message: &Message) {
     out.extend_from_slice(&properties_len.to_le_bytes());
     out.extend_from_slice(message.properties());
     out.extend_from_slice(&message.arrived().to_le_bytes());
-    out.extend_from_slice(message.body());
 }
 
 /// A live message rewritten at the head (compaction): `message` is the
@@ -199,6 +214,15 @@ pub(super) enum Record<'a> {
         queues: Vec<&'a str>,
         message: &'a [u8],
     },
+    /// A copy whose body is in the entry at `body_at`: `head` is its
+    /// encoded message up to the body, `body_len` the body's length.
+    Linked {
+        body_at: u64,
+        vhost: &'a str,
+        queues: Vec<&'a str>,
+        head: &'a [u8],
+        body_len: u64,
+    },
     Settled {
         vhost: &'a str,
         settled: Vec<(u64, &'a str)>,
@@ -223,8 +247,8 @@ pub(super) enum Record<'a> {
 pub(super) fn decode(payload: &[u8]) -> Option<Record<'_>> {
     let mut r = Reader { bytes: payload, at: 0 };
     match r.u8()? {
-        tag @ (b'P' | b'M' | b'p' | b'm') => {
-            let from = if tag.eq_ignore_ascii_case(&b'M') { Some(r.u64()?) } else { None };
+        tag @ (b'P' | b'M' | b'p' | b'm' | b'L' | b'l') => {
+            let from = if matches!(tag, b'M' | b'm' | b'L' | b'l') { Some(r.u64()?) } else { None };
             let vhost = r.short_str()?;
             let count = if tag.is_ascii_lowercase() { r.u32()? } else { u32::from(r.u16()?) };
             let mut queues = Vec::with_capacity(count.min(65_536) as usize);
@@ -233,6 +257,12 @@ pub(super) fn decode(payload: &[u8]) -> Option<Record<'_>> {
             }
             let message = r.rest();
             Some(match from {
+                Some(body_at) if tag.eq_ignore_ascii_case(&b'L') => {
+                    let split = message.len().checked_sub(8)?;
+                    let (head, len) = message.split_at(split);
+                    let body_len = u64::from_le_bytes(len.try_into().ok()?);
+                    Record::Linked { body_at, vhost, queues, head, body_len }
+                }
                 Some(from) => Record::Moved { from, vhost, queues, message },
                 None => Record::Published { vhost, queues, message },
             })
@@ -272,13 +302,30 @@ pub(super) fn decode(payload: &[u8]) -> Option<Record<'_>> {
 
 /// Builds the message of a `P` entry from its encoded tail.
 pub(super) fn decode_message(encoded: &[u8]) -> Option<Message> {
+    let (head, body) = split_message(encoded)?;
+    build_message(head, body)
+}
+
+/// An encoded message's head (everything before the body) and body.
+pub(super) fn split_message(encoded: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut r = Reader { bytes: encoded, at: 0 };
+    r.short()?;
+    r.short()?;
+    let props_len = r.u32()? as usize;
+    r.take(props_len)?;
+    r.u64()?;
+    Some(encoded.split_at(r.at))
+}
+
+/// Builds a message from an encoded head and a body (a `P` entry's parts,
+/// or an `L` entry's head and the body it refers to).
+pub(super) fn build_message(head: &[u8], body: &[u8]) -> Option<Message> {
+    let mut r = Reader { bytes: head, at: 0 };
     let exchange = r.short()?;
     let routing_key = r.short()?;
     let props_len = r.u32()? as usize;
     let properties = Properties::parse(Bytes::copy_from_slice(r.take(props_len)?))?;
     let arrived = r.u64()?;
-    let body = r.rest();
     let mut builder = Message::builder(exchange, routing_key, &properties, body.len());
     builder.push_body(body);
     let message = builder.finish();
@@ -297,6 +344,12 @@ pub(super) fn encoded_summary(encoded: &[u8]) -> Option<(u32, u8)> {
     r.u64()?;
     let size = u32::try_from(r.rest().len()).unwrap_or(u32::MAX);
     Some((size, Properties::view(properties).priority().unwrap_or(0)))
+}
+
+/// The same for an `L` entry's head and body length.
+pub(super) fn linked_summary(head: &[u8], body_len: u64) -> Option<(u32, u8)> {
+    let (_, priority) = encoded_summary(head)?;
+    Some((u32::try_from(body_len).unwrap_or(u32::MAX), priority))
 }
 
 /// Recovery keeps a message's priority in the top byte of its log index
@@ -406,6 +459,24 @@ mod tests {
             decode(&out),
             Some(Record::Definition { vhost: "v", record: DefinitionRecord::VhostDeleted })
         ));
+        out.clear();
+        let copy = decode_message(&{
+            let mut encoded = Vec::new();
+            encode_message(&mut encoded, &message);
+            encoded
+        })
+        .unwrap();
+        encode_linked(&mut out, "/", 41, &copy, &["dlq".into()]);
+        match decode(&out) {
+            Some(Record::Linked { body_at: 41, vhost: "/", queues, head, body_len: 3 }) => {
+                assert_eq!(queues, vec!["dlq"]);
+                assert_eq!(linked_summary(head, 3), Some((3, 0)));
+                let m = build_message(head, b"abc").unwrap();
+                assert_eq!((m.exchange(), m.routing_key(), m.body()), (&b"ex"[..], &b"rk"[..], &b"abc"[..]));
+            }
+            _ => panic!("not decoded"),
+        }
+        assert!(decode(b"L\x01\x00").is_none(), "too short for its body length");
         assert!(decode(b"Zjunk").is_none());
         assert!(decode(b"P\x01").is_none());
     }

@@ -20,7 +20,7 @@ use warren_storage::{Backend, FsyncPolicy, GroupCommit, Log, LogOptions};
 
 use super::definitions::{self, Change};
 use super::liveness::{Liveness, BUCKET_INDICES};
-use super::record::{decode, encoded_summary, Record, INDEX_MASK, PRIORITY_SHIFT};
+use super::record::{decode, encoded_summary, linked_summary, Record, INDEX_MASK, PRIORITY_SHIFT};
 use super::{sidecar, Recovered, Store, StoreError};
 
 impl Store {
@@ -82,6 +82,8 @@ impl Store {
         // queue entry, in index order.
         let mut live: Vec<(u64, u32, u32)> = Vec::new();
         let mut undecodable = 0u64;
+        // `L` entry -> (queue entries restored holding it, its body's entry).
+        let mut links: HashMap<u64, (usize, u64)> = HashMap::new();
         // Queue -> log index of its last deletion.
         let mut deleted_at: HashMap<u32, u64> = HashMap::new();
         let (mut log, log_recovery) = Log::open_visiting(
@@ -95,6 +97,14 @@ impl Store {
                     for queue in queues {
                         live.push((key, intern(vhost, queue), size));
                     }
+                }
+                Some(Record::Linked { body_at, vhost, queues, head, body_len }) => {
+                    let (size, priority) = linked_summary(head, body_len).unwrap_or((0, 0));
+                    let key = index | u64::from(priority) << PRIORITY_SHIFT;
+                    for queue in queues {
+                        live.push((key, intern(vhost, queue), size));
+                    }
+                    links.insert(index, (0, body_at));
                 }
                 Some(Record::Moved { from, vhost, queues, message }) => {
                     let (size, priority) = encoded_summary(message).unwrap_or((0, 0));
@@ -191,6 +201,11 @@ impl Store {
             let retry_at = if retries.is_empty() { None } else { retries.get(&(index, id)).copied() };
             if state.recover_stored(queue, index, u64::from(size), priority, count, retry_at) {
                 recovered.queue_entries += 1;
+                if !links.is_empty() {
+                    if let Some((refs, _)) = links.get_mut(&index) {
+                        *refs += 1;
+                    }
+                }
                 if index != previous {
                     recovered.messages += 1;
                     previous = index;
@@ -210,6 +225,9 @@ impl Store {
         drop(locked);
         if let Some((bucket, refs)) = bucket_run {
             liveness.add_to_bucket(bucket, refs);
+        }
+        for (index, (refs, body_at)) in links {
+            liveness.link(index, refs, body_at);
         }
 
         let (durable_tx, _) = watch::channel(log.next_index().saturating_sub(1));

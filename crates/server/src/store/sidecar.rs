@@ -90,14 +90,17 @@ impl Store {
         let mut replayed = 0u64;
         for index in from..=last {
             let Ok(entry) = self.commit.read(index) else { continue };
-            let (vhost_name, queues, message) = match super::record::decode(&entry.payload) {
-                Some(super::record::Record::Published { vhost, queues, message }) => (vhost, queues, message),
-                Some(super::record::Record::Moved { vhost, queues, message, .. }) => (vhost, queues, message),
+            use super::record::{build_message, decode, decode_message, Record};
+            // The key is in the headers: a linked copy's body is not needed.
+            let (vhost_name, queues, message) = match decode(&entry.payload) {
+                Some(Record::Published { vhost, queues, message } | Record::Moved { vhost, queues, message, .. }) => {
+                    (vhost, queues, decode_message(message))
+                }
+                Some(Record::Linked { vhost, queues, head, .. }) => (vhost, queues, build_message(head, &[])),
                 _ => continue,
             };
             let Some(vhost) = vhosts.get(vhost_name) else { continue };
-            let Some(key) = super::record::decode_message(message).as_ref().and_then(warren_core::vhost::dedup_key)
-            else {
+            let Some(key) = message.as_ref().and_then(warren_core::vhost::dedup_key) else {
                 continue;
             };
             let mut state = vhost.lock();
