@@ -76,7 +76,8 @@ warren_pid=$!
 wait_port "$port"
 echo "# $PRODUCERS publishers, $SIZE-byte transient messages, non-durable queue, $TOTAL_MIB MiB, watermark $WATERMARK_MIB MiB"
 run warren "$port" "$warren_pid"
-echo "warren: memory alarms $(grep -c 'memory alarm set' "$data/warren.log" || true)"
+echo "warren: memory alarms $(grep -c 'memory alarm set' "$data/warren.log" || true)," \
+    "spells above the paging ratio $(grep -c 'memory above the paging ratio' "$data/warren.log" || true)"
 kill -TERM "$warren_pid"
 wait "$warren_pid" 2>/dev/null || true
 rm -rf "$data"
