@@ -144,9 +144,10 @@ fn node_json(state: &AppState) -> Value {
     let memory = warren_server::alarm::resident_bytes().unwrap_or(0);
     let memory_limit = state.broker.config.memory_limit().unwrap_or(0);
     let (log_bytes, _) = state.broker.store.disk_usage();
+    let spill = state.broker.store.spill_stats();
     let (fds, sockets) = warren_server::alarm::open_fds_and_sockets();
     let max_fds = warren_server::alarm::max_open_files().unwrap_or(0);
-    json!({
+    let mut node = json!({
         "name": state.node,
         "type": "disc",
         "running": true,
@@ -186,7 +187,15 @@ fn node_json(state: &AppState) -> Value {
         "log_files": [],
         "config_files": [],
         "warren_log_bytes": log_bytes,
-    })
+    });
+    // Beyond what one `json!` expands: Warren's own paging figures.
+    if let Value::Object(map) = &mut node {
+        map.insert("warren_spill_bytes".into(), json!(spill.bytes));
+        map.insert("warren_spill_messages".into(), json!(spill.live));
+        map.insert("warren_paging_pressure".into(), json!(state.broker.paging_pressure()));
+        map.insert("warren_paging_threshold".into(), json!(state.broker.config.paging_threshold().unwrap_or(0)));
+    }
+    node
 }
 
 pub async fn nodes(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {

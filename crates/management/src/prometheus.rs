@@ -285,6 +285,12 @@ fn registry(state: &AppState, per_object: bool) -> Registry {
     let spill = state.broker.store.spill_stats();
     gauge(&mut registry, "warren_spill_bytes", "Bytes of the spill's files (pages of transient messages)", spill.bytes);
     gauge(&mut registry, "warren_spill_messages", "Message bodies paged out to the spill", spill.live);
+    gauge(
+        &mut registry,
+        "warren_paging_pressure",
+        "Is memory above the paging ratio of the watermark (queues keep a short head in memory)",
+        u64::from(state.broker.paging_pressure()),
+    );
     let (log_bytes, segments) = state.broker.store.disk_usage();
     gauge(&mut registry, "warren_log_bytes", "Bytes of the message log on disk", log_bytes);
     gauge(&mut registry, "warren_log_segments", "Segment files of the message log", segments as u64);

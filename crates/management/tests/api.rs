@@ -201,6 +201,13 @@ fn a_strict_client_reads_the_overview_whoami_and_node() {
     let me = client.current_user().unwrap();
     assert_eq!(me.name, "boss");
     assert_eq!(client.list_nodes().unwrap().len(), 1);
+    let (status, _, body) = http(node.http, "GET", "/api/nodes", ADMIN, None);
+    assert_eq!(status, 200, "{body}");
+    let nodes = json_of(&body);
+    let node_json = &nodes[0];
+    assert_eq!(node_json["warren_spill_messages"], json!(0));
+    assert_eq!(node_json["warren_paging_pressure"], json!(false));
+    assert!(node_json["warren_paging_threshold"].as_u64().unwrap() > 0);
     let vhosts = client.list_vhosts().unwrap();
     assert_eq!(vhosts.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["/"]);
 }

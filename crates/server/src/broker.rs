@@ -243,6 +243,11 @@ impl Broker {
         state.set_paging(config.paging(self.paging_pressure.load(Ordering::Relaxed)));
     }
 
+    /// Memory use is above the paging ratio: queues keep a short head.
+    pub fn paging_pressure(&self) -> bool {
+        self.paging_pressure.load(Ordering::Relaxed)
+    }
+
     /// Starts or ends memory pressure: every queue's in-memory head shrinks
     /// to a few messages, or grows back. True if it changed.
     pub fn set_paging_pressure(&self, pressure: bool) -> bool {

@@ -8,8 +8,8 @@ use tracing::info;
 use warren_core::VirtualHost;
 use warren_storage::StorageError;
 
-use super::record::{decode, encode_moved, Record};
 use super::liveness::BUCKET_INDICES;
+use super::record::{decode, encode_moved, Record};
 use super::Store;
 
 impl Store {
