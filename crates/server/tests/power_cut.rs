@@ -313,3 +313,48 @@ async fn a_definition_the_disk_refuses_is_an_error_for_the_client() {
     assert!(found.is_empty());
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_paging_transient_messages_keeps_them_in_memory_and_in_order() {
+    let sim = SimBackend::new();
+    let data_dir = common::temp_data_dir();
+    let mut config = sim_config(&data_dir, 64 * 1024);
+    config.paging_queue_messages = 16;
+    // Room for the log's first segment and a little spill, not for 2 MiB.
+    sim.set_faults(Faults { capacity_bytes: Some(512 * 1024), ..Faults::default() });
+    let (addr, stop, task) = common::start_on(Arc::new(sim.clone()), config).await;
+    let conn =
+        Connection::connect(&format!("amqp://guest:guest@{addr}/%2F"), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.queue_declare("burst".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    let total = 2000u32;
+    for i in 0..total {
+        let body = [i.to_be_bytes().to_vec(), vec![4u8; 1020]].concat();
+        let confirm = ch
+            .basic_publish("".into(), "burst".into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack(), "a transient message is accepted whatever the spill can take");
+    }
+    let used = sim.total_bytes();
+    assert!(used > 400 * 1024 && used <= 512 * 1024, "the spill filled the disk: {used} bytes");
+    let mut next = 0u32;
+    while let Some(m) = ch.basic_get("burst".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        assert_eq!(u32::from_be_bytes(m.delivery.data[..4].try_into().unwrap()), next, "in order");
+        assert_eq!(m.delivery.data.len(), 1024);
+        next += 1;
+    }
+    assert_eq!(next, total, "nothing lost");
+    // Still serving: a new queue takes and gives back a message.
+    ch.queue_declare("after".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    ch.basic_publish("".into(), "after".into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ch.basic_get("after".into(), BasicGetOptions { no_ack: true }).await.unwrap().is_some());
+    let _ = stop.send(());
+    let _ = task.await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
