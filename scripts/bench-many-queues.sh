@@ -24,14 +24,7 @@ echo "# $QUEUES queues x $PER_QUEUE x $SIZE-byte transient messages, watermark $
 for binary in "$@"; do
     data=$(mktemp -d)
     port=$(free_port)
-    cat >"$data/warren.toml" <<CONF
-amqp_port = $port
-http_port = 0
-prometheus_port = 0
-bind = ["127.0.0.1"]
-data_dir = "$data/data"
-memory_high_watermark_bytes = $((WATERMARK_MIB * 1024 * 1024))
-CONF
+    bench_config "$data" "$port" "$WATERMARK_MIB"
     "$binary" --config "$data/warren.toml" --log info >"$data/warren.log" 2>&1 &
     pid=$!
     wait_port "$port"

@@ -63,14 +63,7 @@ EOF
 cargo build --release -p warren --quiet
 data=$(mktemp -d)
 port=$(free_port)
-cat >"$data/warren.toml" <<EOF
-amqp_port = $port
-http_port = 0
-prometheus_port = 0
-bind = ["127.0.0.1"]
-data_dir = "$data/data"
-memory_high_watermark_bytes = $((WATERMARK_MIB * 1024 * 1024))
-EOF
+bench_config "$data" "$port" "$WATERMARK_MIB"
 ./target/release/warren --config "$data/warren.toml" --log info >"$data/warren.log" 2>&1 &
 warren_pid=$!
 wait_port "$port"

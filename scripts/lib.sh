@@ -32,3 +32,18 @@ stop_warren() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }
+
+# Writes DATA_DIR/warren.toml for a benchmark broker on 127.0.0.1:PORT with
+# its data in DATA_DIR/data, the management API and Prometheus off, and a
+# memory watermark of WATERMARK_MIB.
+# Usage: bench_config DATA_DIR PORT WATERMARK_MIB
+bench_config() {
+    cat >"$1/warren.toml" <<CONF
+amqp_port = $2
+http_port = 0
+prometheus_port = 0
+bind = ["127.0.0.1"]
+data_dir = "$1/data"
+memory_high_watermark_bytes = $(($3 * 1024 * 1024))
+CONF
+}

@@ -594,10 +594,9 @@ async fn above_the_paging_ratio_every_queue_keeps_a_short_head_in_memory() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_lettered_copies_refer_to_the_stored_body_and_outlive_its_segment() {
-    let server = TestServer::with_config(|c| c.segment_bytes_max = 256 * 1024).await;
-    let (_conn, ch) = open(&server).await;
+/// Durable queues `work` and `dlq`, `work` dead-lettering to `dlq`, on a
+/// channel in confirm mode; returns the durable declare options.
+async fn work_with_a_dead_letter_queue(ch: &Channel) -> QueueDeclareOptions {
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
     let dlx = common::args(&[
@@ -606,6 +605,14 @@ async fn dead_lettered_copies_refer_to_the_stored_body_and_outlive_its_segment()
     ]);
     ch.queue_declare("work".into(), durable, dlx).await.unwrap();
     ch.queue_declare("dlq".into(), durable, FieldTable::default()).await.unwrap();
+    durable
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_copies_refer_to_the_stored_body_and_outlive_its_segment() {
+    let server = TestServer::with_config(|c| c.segment_bytes_max = 256 * 1024).await;
+    let (_conn, ch) = open(&server).await;
+    let durable = work_with_a_dead_letter_queue(&ch).await;
     let body = |i: u32| [i.to_be_bytes().to_vec(), vec![(i % 251) as u8; 64 * 1024]].concat();
     for i in 0..20u32 {
         ch.basic_publish("".into(), "work".into(), BasicPublishOptions::default(), &body(i), persistent())
@@ -666,14 +673,7 @@ async fn dead_lettered_copies_refer_to_the_stored_body_and_outlive_its_segment()
 async fn linked_copies_survive_a_restart_and_let_the_body_go_once_settled() {
     let server = TestServer::start().await;
     let (_conn, ch) = open(&server).await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    let dlx = common::args(&[
-        ("x-dead-letter-exchange", common::text("")),
-        ("x-dead-letter-routing-key", common::text("dlq")),
-    ]);
-    ch.queue_declare("work".into(), durable, dlx).await.unwrap();
-    ch.queue_declare("dlq".into(), durable, FieldTable::default()).await.unwrap();
+    work_with_a_dead_letter_queue(&ch).await;
     // Delayed release links too: a durable delayed exchange routing to `work`.
     let delayed = ExchangeDeclareOptions { durable: true, ..Default::default() };
     let kind = common::args(&[("x-delayed-type", common::text("direct"))]);
