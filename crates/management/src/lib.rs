@@ -58,6 +58,8 @@ pub struct AppState {
     pub rates: rates::Rates,
     /// When the management API started (the node's `uptime`).
     pub started: std::time::Instant,
+    /// The other nodes, when this one is in a cluster.
+    pub cluster: std::sync::OnceLock<warren_cluster::Members>,
 }
 
 /// The management API's listeners, ready to serve.
@@ -80,18 +82,26 @@ impl Management {
                 amqp.push(Listener { protocol: "http", address });
             }
         }
+        let node = broker.config.node_name();
         let state = Arc::new(AppState {
             broker,
             listeners: amqp,
-            node: node_name(),
+            node,
             rates: rates::Rates::default(),
             started: std::time::Instant::now(),
+            cluster: std::sync::OnceLock::new(),
         });
         Management { listeners, prometheus: Vec::new(), https: Vec::new(), state }
     }
 
     /// Also serves Prometheus metrics (`/metrics`, `/metrics/per-object`)
     /// on these listeners.
+    /// Lists the cluster's other nodes in `/api/nodes`.
+    pub fn with_cluster(self, members: warren_cluster::Members) -> Management {
+        let _ = self.state.cluster.set(members);
+        self
+    }
+
     pub fn with_prometheus(mut self, listeners: Vec<TcpListener>) -> Management {
         self.prometheus = listeners;
         self
@@ -164,15 +174,6 @@ impl Management {
         while tasks.join_next().await.is_some() {}
         sampler.abort();
     }
-}
-
-fn node_name() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("warren@{host}")
 }
 
 /// Every route of the API.

@@ -173,7 +173,14 @@ fn node_json(state: &AppState) -> Value {
         "db_dir": state.broker.config.data_dir.display().to_string(),
         "rates_mode": "basic",
         "mem_calculation_strategy": "rss",
-        "cluster_links": [],
+        "cluster_links": state.cluster.get().map_or_else(Vec::new, |members| {
+            members
+                .status()
+                .into_iter()
+                .filter(|peer| peer.up)
+                .map(|peer| json!({"name": peer.name, "peer_addr": peer.address}))
+                .collect::<Vec<_>>()
+        }),
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "uptime": u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "run_queue": 0,
@@ -200,7 +207,23 @@ fn node_json(state: &AppState) -> Value {
 
 pub async fn nodes(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require_monitor()?;
-    Ok(Json(Value::Array(vec![node_json(&state)])))
+    let mut nodes = vec![node_json(&state)];
+    if let Some(members) = state.cluster.get() {
+        nodes.extend(members.status().iter().map(peer_json));
+    }
+    Ok(Json(Value::Array(nodes)))
+}
+
+/// Another node of the cluster: all this node knows of it is whether it is
+/// up (its own figures are on its own API).
+fn peer_json(peer: &warren_cluster::PeerStatus) -> Value {
+    json!({
+        "name": peer.name,
+        "type": "disc",
+        "running": peer.up,
+        "warren_cluster_address": peer.address,
+        "warren_cluster_error": peer.error,
+    })
 }
 
 pub async fn node(

@@ -118,6 +118,17 @@ pub struct Config {
     pub policies: Vec<PolicyConfig>,
     /// AMQPS listeners (off unless configured).
     pub tls: Option<TlsConfig>,
+    /// This node's name in a cluster (default `warren@` and the host name).
+    pub node_name: Option<String>,
+    /// Port for the other nodes of a cluster, on the first `bind` address;
+    /// 0 (the default) runs a single node.
+    pub cluster_port: u16,
+    /// `host:port` cluster ports of nodes to join (this node's own may be
+    /// among them).
+    pub cluster_seeds: Vec<String>,
+    /// File holding the secret every node of the cluster shares (RabbitMQ's
+    /// Erlang cookie); required with `cluster_port`.
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// AMQP over TLS, RabbitMQ's `ssl_options` under Warren's names.
@@ -265,6 +276,10 @@ impl Default for Config {
             consumer_timeout_action: ConsumerTimeoutAction::Requeue,
             policies: Vec::new(),
             tls: None,
+            node_name: None,
+            cluster_port: 0,
+            cluster_seeds: Vec::new(),
+            cluster_secret_file: None,
         }
     }
 }
@@ -330,6 +345,11 @@ impl Config {
                 crate::password::ALGORITHMS.join(", ")
             )));
         }
+        if self.cluster_port != 0 && self.cluster_secret_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "cluster_port is set but cluster_secret_file is not: the nodes of a cluster must share a secret".into(),
+            ));
+        }
         if self.bind.is_empty() {
             return Err(ConfigError::Invalid("bind lists no address".into()));
         }
@@ -359,6 +379,20 @@ impl Config {
     /// The queues' in-memory bounds, with or without memory pressure.
     pub fn paging(&self, pressure: bool) -> warren_core::queue::Paging {
         warren_core::queue::Paging { messages: self.paging_queue_messages, bytes: self.paging_queue_bytes, pressure }
+    }
+
+    /// This node's name: the configured one, else `warren@` and the host
+    /// name.
+    pub fn node_name(&self) -> String {
+        if let Some(name) = &self.node_name {
+            return name.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("warren@{host}")
     }
 
     /// Whether `user` may log in only from loopback.

@@ -86,6 +86,20 @@ struct ServeArgs {
     /// its queue; 0 = never [default: 1800000].
     #[arg(long, env = "WARREN_CONSUMER_TIMEOUT")]
     consumer_timeout: Option<u64>,
+    /// This node's name in a cluster (default: `warren@` followed by the host name).
+    #[arg(long, env = "WARREN_NODE_NAME")]
+    node_name: Option<String>,
+    /// Port the other nodes of a cluster connect to, on the first --bind address; 0 (the default)
+    /// runs a single node.
+    #[arg(long, env = "WARREN_CLUSTER_PORT")]
+    cluster_port: Option<u16>,
+    /// Cluster ports of nodes to join, `host:port`, comma-separated (this node's own may be among
+    /// them).
+    #[arg(long, env = "WARREN_CLUSTER_SEEDS", value_delimiter = ',')]
+    cluster_seeds: Vec<String>,
+    /// File holding the secret every node of the cluster shares; required with --cluster-port.
+    #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    cluster_secret_file: Option<PathBuf>,
     /// Log filter, e.g. `info` or `warren_server=debug` [default: info].
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
@@ -129,6 +143,18 @@ impl ServeArgs {
         }
         if let Some(millis) = self.consumer_timeout {
             config.consumer_timeout_ms = millis;
+        }
+        if let Some(name) = &self.node_name {
+            config.node_name = Some(name.clone());
+        }
+        if let Some(port) = self.cluster_port {
+            config.cluster_port = port;
+        }
+        if !self.cluster_seeds.is_empty() {
+            config.cluster_seeds = self.cluster_seeds.clone();
+        }
+        if let Some(file) = &self.cluster_secret_file {
+            config.cluster_secret_file = Some(file.clone());
         }
         config.validate()?;
         Ok(config)
@@ -176,7 +202,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let server = Server::bind(config.clone()).await?;
-    let management = management(&config, &server).await?;
+    let cluster = cluster(&config).await?;
+    let mut management = management(&config, &server).await?;
+    if let (Some(cluster), Some(m)) = (&cluster, management.take()) {
+        management = Some(m.with_cluster(cluster.members()));
+    }
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let http = management.map(|m| {
         let mut stopped = http_stopped.clone();
@@ -185,6 +215,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }))
     });
     server.run(shutdown_signal()).await;
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
     let _ = stop_http.send(true);
     if let Some(http) = http {
         let _ = http.await;
@@ -196,6 +229,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("allocations: {allocations} bytes: {bytes}");
     }
     Ok(())
+}
+
+/// Cluster membership on `cluster_port` (first `bind` address), if set.
+async fn cluster(config: &Config) -> anyhow::Result<Option<warren_cluster::Cluster>> {
+    if config.cluster_port == 0 {
+        return Ok(None);
+    }
+    let Some(path) = &config.cluster_secret_file else {
+        anyhow::bail!("cluster_port is set but cluster_secret_file is not");
+    };
+    let secret = std::fs::read(path).with_context(|| format!("reading the cluster secret {}", path.display()))?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.is_empty() {
+        anyhow::bail!("the cluster secret file {} is empty", path.display());
+    }
+    let address = match config.bind.first() {
+        Some(entry) => warren_server::server::expand(entry)?.into_iter().next(),
+        None => None,
+    };
+    let Some(address) = address else {
+        anyhow::bail!("no bind address for the cluster port");
+    };
+    let listener = tokio::net::TcpListener::bind((address, config.cluster_port))
+        .await
+        .with_context(|| format!("listening on cluster port {address}:{}", config.cluster_port))?;
+    let members =
+        warren_cluster::ClusterConfig { node_name: config.node_name(), seeds: config.cluster_seeds.clone(), secret };
+    Ok(Some(warren_cluster::Cluster::start(members, listener)?))
 }
 
 /// The management API on `http_port` and Prometheus metrics on

@@ -1,0 +1,71 @@
+//! Nodes on 127.0.0.1 with distinct ports: they find each other from their
+//! seeds, refuse a node with another secret, and notice a node that stops.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use warren_cluster::{Cluster, ClusterConfig, PeerStatus};
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+fn start(name: &str, listener: TcpListener, seeds: &[String], secret: &[u8]) -> Cluster {
+    let config = ClusterConfig { node_name: name.into(), seeds: seeds.to_vec(), secret: secret.to_vec() };
+    Cluster::start(config, listener).unwrap()
+}
+
+fn up(cluster: &Cluster) -> Vec<String> {
+    cluster.status().into_iter().filter(|p| p.up).map(|p| p.name).collect()
+}
+
+/// Waits up to 5 s for `check`.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_with_one_seed_list_form_a_cluster_and_see_a_node_go() {
+    let listeners = [listener().await, listener().await, listener().await];
+    let seeds: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let [a, b, c] = listeners;
+    let a = start("a", a, &seeds, b"cookie");
+    let b = start("b", b, &seeds, b"cookie");
+    let c = start("c", c, &seeds, b"cookie");
+    eventually("each node sees the other two", || up(&a) == ["b", "c"] && up(&b) == ["a", "c"] && up(&c) == ["a", "b"])
+        .await;
+    assert!(a.status().iter().all(|p| p.name != "a"), "a node is not its own peer");
+
+    // A node that stops is down for the others at once (its connections close).
+    c.stop().await;
+    eventually("c is down for a and b", || up(&a) == ["b"] && up(&b) == ["a"]).await;
+    let c_seen_by_a: Vec<PeerStatus> = a.status().into_iter().filter(|p| p.name == "c").collect();
+    assert_eq!(c_seen_by_a.len(), 1, "still known, as down: {c_seen_by_a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_later_joins_and_one_with_another_secret_is_refused() {
+    let (la, lb) = (listener().await, listener().await);
+    let a_addr = la.local_addr().unwrap().to_string();
+    let a = start("a", la, &[], b"cookie");
+    // Joins later, knowing only a.
+    let b = start("b", lb, std::slice::from_ref(&a_addr), b"cookie");
+    eventually("a and b see each other", || up(&a) == ["b"] && up(&b) == ["a"]).await;
+
+    let intruder = start("x", listener().await, std::slice::from_ref(&a_addr), b"not the cookie");
+    eventually("x is told why", || {
+        intruder.status().iter().any(|p| p.error.as_deref().is_some_and(|e| e.contains("another cluster secret")))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(up(&intruder).is_empty());
+    assert_eq!(up(&a), ["b"], "a never counts x as a peer");
+}

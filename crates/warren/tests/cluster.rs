@@ -1,0 +1,149 @@
+//! Three `warren` processes on 127.0.0.1 form a cluster from one seed list,
+//! list each other in `/api/nodes`, notice a `kill -9`, and a node with
+//! another secret is refused and says why.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    child: Child,
+    http: u16,
+    data: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn start(name: &str, cluster_port: u16, seeds: &[String], secret: &Path) -> Node {
+    let data = std::env::temp_dir().join(format!("warren-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let http = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["--amqp-port", &free_port().to_string(), "--http-port", &http.to_string(), "--prometheus-port", "0"])
+        .args(["--bind", "127.0.0.1", "--log", "warn", "--node-name", name])
+        .args(["--cluster-port", &cluster_port.to_string(), "--cluster-seeds", &seeds.join(",")])
+        .arg("--cluster-secret-file")
+        .arg(secret)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Node { child, http, data }
+}
+
+/// `/api/nodes` as guest, or None while the API is not up.
+fn nodes(node: &Node) -> Option<Vec<Value>> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.http)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let request = "GET /api/nodes HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    serde_json::from_str::<Value>(body).ok()?.as_array().cloned()
+}
+
+/// Names of the nodes `node` lists as running, itself included.
+fn running(node: &Node) -> Vec<String> {
+    let mut names: Vec<String> = nodes(node)
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| n["running"] == Value::Bool(true))
+        .filter_map(|n| n["name"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    names
+}
+
+fn eventually(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < Duration::from_secs(seconds), "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn three_processes_form_a_cluster_notice_a_kill_and_refuse_another_secret() {
+    let dir = std::env::temp_dir().join(format!("warren-cluster-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "cookie\n").unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let a = start("a@test", ports[0], &seeds, &secret);
+    let b = start("b@test", ports[1], &seeds, &secret);
+    let mut c = start("c@test", ports[2], &seeds, &secret);
+    let all = ["a@test", "b@test", "c@test"];
+    eventually("every node lists all three running", 30, || [&a, &b, &c].iter().all(|node| running(node) == all));
+    let listed = nodes(&a).unwrap();
+    let links = listed[0]["cluster_links"].as_array().unwrap();
+    assert_eq!(links.len(), 2, "{listed:?}");
+
+    // Paused (SIGSTOP): no connection closes, the missing heartbeats tell.
+    let signal = |name: &str, pid: u32| {
+        assert!(Command::new("kill").args([name, &pid.to_string()]).status().unwrap().success());
+    };
+    signal("-STOP", c.child.id());
+    let paused = Instant::now();
+    eventually("a and b list the paused c as not running", 5, || {
+        running(&a) == ["a@test", "b@test"] && running(&b) == ["a@test", "b@test"]
+    });
+    println!("a paused node was seen down after {:?}", paused.elapsed());
+    signal("-CONT", c.child.id());
+    eventually("c is back for everyone", 10, || [&a, &b, &c].iter().all(|node| running(node) == all));
+
+    // kill -9: its connections close, the others see it down at once.
+    let killed = Instant::now();
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    eventually("a and b list c as not running", 5, || {
+        running(&a) == ["a@test", "b@test"] && running(&b) == ["a@test", "b@test"]
+    });
+    println!("a killed node was seen down after {:?}", killed.elapsed());
+
+    // Another secret: refused, and the newcomer's API says why.
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "not the cookie").unwrap();
+    let x = start("x@test", free_port(), &seeds[..1], &wrong);
+    eventually("x reports the refusal", 30, || {
+        nodes(&x)
+            .unwrap_or_default()
+            .iter()
+            .any(|n| n["warren_cluster_error"].as_str().is_some_and(|e| e.contains("another cluster secret")))
+    });
+    assert_eq!(running(&x), ["x@test"]);
+    assert_eq!(running(&a), ["a@test", "b@test"], "x is never counted a member");
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_cluster_port_without_a_secret_file_is_refused_at_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["--amqp-port", "0", "--http-port", "0", "--prometheus-port", "0", "--cluster-port", "25672"])
+        .arg("--data-dir")
+        .arg(std::env::temp_dir().join(format!("warren-cluster-nosecret-{}", std::process::id())))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cluster_secret_file"), "{stderr}");
+}
