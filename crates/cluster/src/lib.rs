@@ -14,14 +14,18 @@
 
 mod handshake;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -37,7 +41,51 @@ const REDIAL: Duration = Duration::from_millis(500);
 /// A handshake must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest request or response: an authenticated peer is trusted, but a
+/// bug there must not make this node allocate without bound.
+pub const FRAME_MAX: usize = 64 * 1024 * 1024;
+
+// Frames after the handshake: kind, request id (0 for heartbeats), payload
+// length (u32, little-endian), payload.
 const FRAME_HEARTBEAT: u8 = 1;
+const FRAME_REQUEST: u8 = 2;
+const FRAME_RESPONSE: u8 = 3;
+const FRAME_HEADER: usize = 1 + 8 + 4;
+
+fn frame(kind: u8, id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
+    out.push(kind);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Answers the requests other nodes send with [`Members::call`].
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+}
+
+/// A node that serves no requests answers each with nothing.
+struct Unhandled;
+
+impl Handler for Unhandled {
+    fn handle(&self, _from: &str, _request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        Box::pin(async { Vec::new() })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("node '{0}' is not connected")]
+    NotConnected(String),
+    #[error("node '{0}' went away before answering")]
+    Lost(String),
+    #[error("node '{0}' did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("a request of {0} bytes is above the frame limit")]
+    TooLarge(usize),
+}
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -62,16 +110,26 @@ pub struct PeerStatus {
     pub error: Option<String>,
 }
 
-#[derive(Debug)]
+/// One open connection to a peer: where to send frames, and the calls
+/// waiting for its answers.
+#[derive(Clone)]
+struct Link {
+    id: u64,
+    outbox: mpsc::Sender<Vec<u8>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
+}
+
 struct Peer {
     address: String,
     /// Open connections to it (both sides may dial each other).
-    connections: u32,
+    links: Vec<Link>,
     last_heard: Instant,
 }
 
 struct Shared {
     config: ClusterConfig,
+    handler: Arc<dyn Handler>,
+    next_id: AtomicU64,
     peers: Mutex<BTreeMap<String, Peer>>,
     /// Seed address -> why it could not be joined.
     seed_errors: Mutex<BTreeMap<String, String>>,
@@ -87,9 +145,23 @@ pub struct Cluster {
 impl Cluster {
     /// Serves the cluster port on `listener` and dials the seeds.
     pub fn start(config: ClusterConfig, listener: TcpListener) -> std::io::Result<Cluster> {
+        Self::start_with(config, listener, Arc::new(Unhandled))
+    }
+
+    /// The same, answering other nodes' requests with `handler`.
+    pub fn start_with(
+        config: ClusterConfig,
+        listener: TcpListener,
+        handler: Arc<dyn Handler>,
+    ) -> std::io::Result<Cluster> {
         let local_addr = listener.local_addr()?;
-        let shared =
-            Arc::new(Shared { config, peers: Mutex::new(BTreeMap::new()), seed_errors: Mutex::new(BTreeMap::new()) });
+        let shared = Arc::new(Shared {
+            config,
+            handler,
+            next_id: AtomicU64::new(1),
+            peers: Mutex::new(BTreeMap::new()),
+            seed_errors: Mutex::new(BTreeMap::new()),
+        });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(listener, shared.clone()));
         for seed in shared.config.seeds.clone() {
@@ -141,12 +213,12 @@ impl Members {
             .map(|(name, peer)| PeerStatus {
                 name: name.clone(),
                 address: peer.address.clone(),
-                up: peer.connections > 0 && peer.last_heard.elapsed() < DOWN_AFTER,
+                up: !peer.links.is_empty() && peer.last_heard.elapsed() < DOWN_AFTER,
                 error: None,
             })
             .collect();
         for (seed, error) in shared.seed_errors.lock().iter() {
-            if !peers.values().any(|p| &p.address == seed && p.connections > 0) {
+            if !peers.values().any(|p| &p.address == seed && !p.links.is_empty()) {
                 out.push(PeerStatus {
                     name: seed.clone(),
                     address: seed.clone(),
@@ -156,6 +228,33 @@ impl Members {
             }
         }
         out
+    }
+
+    /// Sends `request` to `peer`'s handler and waits up to `timeout` for
+    /// its answer.
+    pub async fn call(&self, peer: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
+        if request.len() > FRAME_MAX {
+            return Err(CallError::TooLarge(request.len()));
+        }
+        let link = self.0.peers.lock().get(peer).and_then(|p| p.links.first().cloned());
+        let Some(link) = link else {
+            return Err(CallError::NotConnected(peer.into()));
+        };
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        link.pending.lock().insert(id, answer);
+        if link.outbox.send(frame(FRAME_REQUEST, id, request)).await.is_err() {
+            link.pending.lock().remove(&id);
+            return Err(CallError::Lost(peer.into()));
+        }
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(CallError::Lost(peer.into())),
+            Err(_) => {
+                link.pending.lock().remove(&id);
+                Err(CallError::Timeout(peer.into(), timeout))
+            }
+        }
     }
 }
 
@@ -227,56 +326,99 @@ async fn dial_loop(seed: String, shared: Arc<Shared>) {
     }
 }
 
-/// Heartbeats both ways until the connection fails; the peer is up
-/// meanwhile.
+/// Heartbeats both ways and carries requests and responses until the
+/// connection fails; the peer is up meanwhile.
 async fn run_connection(stream: TcpStream, peer: String, address: String, shared: Arc<Shared>) {
+    let (outbox, mut outgoing) = mpsc::channel::<Vec<u8>>(1024);
+    let link = Link {
+        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        outbox: outbox.clone(),
+        pending: Arc::new(Mutex::new(HashMap::new())),
+    };
     {
         let mut peers = shared.peers.lock();
         let entry = peers.entry(peer.clone()).or_insert_with(|| Peer {
             address: address.clone(),
-            connections: 0,
+            links: Vec::new(),
             last_heard: Instant::now(),
         });
-        if entry.connections == 0 {
+        if entry.links.is_empty() {
             info!(peer = %peer, %address, "cluster peer up");
         }
-        entry.connections += 1;
+        entry.links.push(link.clone());
         entry.address = address;
         entry.last_heard = Instant::now();
     }
     let (mut reader, mut writer) = stream.into_split();
-    let heartbeats = async {
+    let write = async {
         let mut tick = tokio::time::interval(HEARTBEAT);
+        let heartbeat = frame(FRAME_HEARTBEAT, 0, &[]);
         loop {
-            tick.tick().await;
-            if writer.write_all(&[FRAME_HEARTBEAT]).await.is_err() {
+            let bytes = tokio::select! {
+                _ = tick.tick() => heartbeat.clone(),
+                next = outgoing.recv() => match next {
+                    Some(bytes) => bytes,
+                    None => return,
+                },
+            };
+            if writer.write_all(&bytes).await.is_err() {
                 return;
             }
         }
     };
-    let listen = async {
-        let mut frame = [0u8; 1];
+    let read = async {
+        let mut header = [0u8; FRAME_HEADER];
         loop {
-            match tokio::time::timeout(DOWN_AFTER * 3, reader.read_exact(&mut frame)).await {
-                Ok(Ok(_)) if frame[0] == FRAME_HEARTBEAT => {
-                    if let Some(entry) = shared.peers.lock().get_mut(&peer) {
-                        entry.last_heard = Instant::now();
+            // A closed socket, long silence or a malformed frame ends it.
+            match tokio::time::timeout(DOWN_AFTER * 3, reader.read_exact(&mut header)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let kind = header[0];
+            let id = u64::from_le_bytes(header[1..9].try_into().unwrap_or_default());
+            let len = u32::from_le_bytes(header[9..13].try_into().unwrap_or_default()) as usize;
+            if len > FRAME_MAX {
+                warn!(peer = %peer, len, "cluster frame above the limit: connection closed");
+                return;
+            }
+            let mut payload = vec![0u8; len];
+            if reader.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if let Some(entry) = shared.peers.lock().get_mut(&peer) {
+                entry.last_heard = Instant::now();
+            }
+            match kind {
+                FRAME_HEARTBEAT => {}
+                FRAME_REQUEST => {
+                    let (handler, outbox, from) = (shared.handler.clone(), outbox.clone(), peer.clone());
+                    tokio::spawn(async move {
+                        let response = handler.handle(&from, payload).await;
+                        if response.len() <= FRAME_MAX {
+                            let _ = outbox.send(frame(FRAME_RESPONSE, id, &response)).await;
+                        }
+                    });
+                }
+                FRAME_RESPONSE => {
+                    if let Some(answer) = link.pending.lock().remove(&id) {
+                        let _ = answer.send(payload);
                     }
                 }
-                // An unknown frame, a closed socket or long silence ends it.
                 _ => return,
             }
         }
     };
     tokio::select! {
-        () = heartbeats => {}
-        () = listen => {}
+        () = write => {}
+        () = read => {}
     }
     let mut peers = shared.peers.lock();
     if let Some(entry) = peers.get_mut(&peer) {
-        entry.connections = entry.connections.saturating_sub(1);
-        if entry.connections == 0 {
+        entry.links.retain(|l| l.id != link.id);
+        if entry.links.is_empty() {
             info!(peer = %peer, "cluster peer down");
         }
     }
+    // Calls waiting on this connection learn it is gone.
+    link.pending.lock().clear();
 }
