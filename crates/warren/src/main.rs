@@ -203,10 +203,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let server = Server::bind(config.clone()).await?;
     let cluster = cluster(&config).await?;
-    let mut management = management(&config, &server).await?;
-    if let (Some(cluster), Some(m)) = (&cluster, management.take()) {
-        management = Some(m.with_cluster(cluster.members()));
-    }
+    let management = management(&config, &server).await?.map(|m| match &cluster {
+        Some(cluster) => m.with_cluster(cluster.members()),
+        None => m,
+    });
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let http = management.map(|m| {
         let mut stopped = http_stopped.clone();

@@ -43,14 +43,14 @@ fn a_bad_config_file_is_refused_with_its_path() {
 
 #[test]
 fn serves_clients_from_a_config_file_and_exits_cleanly_on_sigterm() {
-    let port = free_port();
+    let (port, http) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("warren-cli-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("warren.toml");
     std::fs::write(
         &file,
         format!(
-            "amqp_port = {port}\nhttp_port = 0\nprometheus_port = 0\nbind = [\"127.0.0.1\"]\ndata_dir = \"{}\"\n[[users]]\nname = \"app\"\npassword = \"s3cret\"\n",
+            "amqp_port = {port}\nhttp_port = {http}\nprometheus_port = 0\nbind = [\"127.0.0.1\"]\ndata_dir = \"{}\"\n[[users]]\nname = \"app\"\npassword = \"s3cret\"\n",
             dir.join("data").display()
         ),
     )
@@ -63,6 +63,7 @@ fn serves_clients_from_a_config_file_and_exits_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     wait_for_port(port);
+    wait_for_port(http);
     assert!(dir.join("data").is_dir(), "data directory created at start");
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
