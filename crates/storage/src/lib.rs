@@ -10,6 +10,8 @@
 //! - [`group`]: group commit on a dedicated thread: appends are buffered, one
 //!   write and one fsync cover everything appended since the last sync, and
 //!   the durable index is published after each sync.
+//! - [`groups`]: many Raft groups' logs and votes multiplexed on one group
+//!   commit, so one fsync serves every group.
 //! - [`spill`]: unsynced append-only files for bodies that need not survive
 //!   a restart but do not fit in memory, emptied at start.
 //!
@@ -30,6 +32,7 @@ pub fn usize_of(n: u64) -> usize {
 pub mod backend;
 pub mod error;
 pub mod group;
+pub mod groups;
 pub mod log;
 pub mod sim;
 pub mod spill;
