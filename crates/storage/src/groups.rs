@@ -249,6 +249,11 @@ impl GroupLog {
         self.commit.durable_index()
     }
 
+    /// Fsyncs and entries made durable so far.
+    pub fn stats(&self) -> crate::group::Stats {
+        self.commit.stats()
+    }
+
     /// Deletes the shared log's segments that no group needs any more.
     /// Votes and purge marks older than every live entry are written again
     /// at the head first, so they outlive their segments. Blocking.
