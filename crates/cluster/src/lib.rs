@@ -133,6 +133,25 @@ struct Shared {
     peers: Mutex<BTreeMap<String, Peer>>,
     /// Seed address -> why it could not be joined.
     seed_errors: Mutex<BTreeMap<String, String>>,
+    /// Remote address -> why its last connection was refused: a node with
+    /// another secret redials every half second, and is logged once.
+    refusals: Mutex<HashMap<std::net::IpAddr, String>>,
+}
+
+impl Shared {
+    fn refused(&self, from: SocketAddr, why: &str) {
+        let mut refusals = self.refusals.lock();
+        if refusals.get(&from.ip()).map(String::as_str) == Some(why) {
+            debug!(%from, why, "cluster connection refused");
+            return;
+        }
+        warn!(%from, why, "cluster connection refused");
+        if refusals.len() >= 1024 {
+            // Many strangers knocking: start over rather than grow.
+            refusals.clear();
+        }
+        refusals.insert(from.ip(), why.to_string());
+    }
 }
 
 /// A running member of a cluster; stops its tasks when dropped.
@@ -161,6 +180,7 @@ impl Cluster {
             next_id: AtomicU64::new(1),
             peers: Mutex::new(BTreeMap::new()),
             seed_errors: Mutex::new(BTreeMap::new()),
+            refusals: Mutex::new(HashMap::new()),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(listener, shared.clone()));
@@ -274,8 +294,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         match handshake.await {
                             Ok(Ok((stream, peer))) => run_connection(stream, peer, from.to_string(), shared).await,
                             Ok(Err(HandshakeError::SameNode)) => {}
-                            Ok(Err(error)) => warn!(%from, %error, "cluster connection refused"),
-                            Err(_) => warn!(%from, "cluster connection refused: handshake timed out"),
+                            Ok(Err(error)) => shared.refused(from, &error.to_string()),
+                            Err(_) => shared.refused(from, "handshake timed out"),
                         }
                     });
                 }
