@@ -40,6 +40,24 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// What every test here starts from: an empty data directory, a free port,
+/// the URI of guest there, and a runtime for the clients.
+struct Scene {
+    data: std::path::PathBuf,
+    port: u16,
+    uri: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn scene(name: &str) -> Scene {
+    let data = std::env::temp_dir().join(format!("warren-kill9-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let port = free_port();
+    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    Scene { data, port, uri, runtime }
+}
+
 fn start(port: u16, data: &Path) -> (Child, Duration) {
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
@@ -143,13 +161,9 @@ async fn consumer(uri: String, history: Arc<Mutex<History>>, stop: Arc<AtomicBoo
 #[test]
 fn kill9_loop_loses_no_confirmed_message() {
     let cycles: usize = std::env::var("WARREN_KILL9_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let data = std::env::temp_dir().join(format!("warren-kill9-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let port = free_port();
-    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
+    let Scene { data, port, uri, runtime } = scene("confirms");
     let history = Arc::new(Mutex::new(History::default()));
     let next = Arc::new(AtomicU64::new(0));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut restart_ms = Vec::new();
     let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(std::process::id());
     for _ in 0..cycles {
@@ -221,11 +235,7 @@ fn kill9_loop_loses_no_confirmed_message() {
 #[test]
 fn kill9_keeps_committed_transactions_and_drops_uncommitted_ones() {
     const BATCH: u64 = 10;
-    let data = std::env::temp_dir().join(format!("warren-kill9-tx-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let port = free_port();
-    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let Scene { data, port, uri, runtime } = scene("tx");
     let committed = Arc::new(Mutex::new(BTreeSet::new()));
     let (mut broker, _) = start(port, &data);
     let persistent = BasicProperties::default().with_delivery_mode(2);
@@ -309,11 +319,7 @@ fn kill9_keeps_committed_transactions_and_drops_uncommitted_ones() {
 /// its windows (every second).
 #[test]
 fn kill9_keeps_the_deduplication_key_of_a_confirmed_message() {
-    let data = std::env::temp_dir().join(format!("warren-kill9-dedup-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let port = free_port();
-    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let Scene { data, port, uri, runtime } = scene("dedup");
     let publish = |id: &'static str| {
         let uri = uri.clone();
         async move {
@@ -355,11 +361,7 @@ fn kill9_keeps_the_deduplication_key_of_a_confirmed_message() {
 /// their pages and gives the space back; persistent messages are intact.
 #[test]
 fn kill9_during_paging_discards_transient_pages_and_keeps_persistent_messages() {
-    let data = std::env::temp_dir().join(format!("warren-kill9-spill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let port = free_port();
-    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2F");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let Scene { data, port, uri, runtime } = scene("spill");
     let (mut broker, _) = start(port, &data);
     runtime.block_on(async {
         let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
