@@ -157,7 +157,6 @@ impl Shared {
 /// A running member of a cluster; stops its tasks when dropped.
 pub struct Cluster {
     shared: Arc<Shared>,
-    local_addr: SocketAddr,
     tasks: JoinSet<()>,
 }
 
@@ -188,15 +187,7 @@ impl Cluster {
             tasks.spawn(dial_loop(seed, shared.clone()));
         }
         info!(node = %shared.config.node_name, %local_addr, seeds = ?shared.config.seeds, "cluster port open");
-        Ok(Cluster { shared, local_addr, tasks })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    pub fn node_name(&self) -> &str {
-        &self.shared.config.node_name
+        Ok(Cluster { shared, tasks })
     }
 
     /// Every peer reached so far, and every seed not reached, by name.
@@ -220,10 +211,6 @@ impl Cluster {
 pub struct Members(Arc<Shared>);
 
 impl Members {
-    pub fn node_name(&self) -> &str {
-        &self.0.config.node_name
-    }
-
     /// Every peer reached so far, and every seed not reached, by name.
     pub fn status(&self) -> Vec<PeerStatus> {
         let shared = &self.0;

@@ -313,7 +313,6 @@ async fn watch_resources(broker: Arc<Broker>) {
     let config = &broker.config;
     let memory_limit = config.memory_limit();
     let paging_threshold = config.paging_threshold();
-    let mut pressure = false;
     let disk_limit = config.disk_free_limit_bytes;
     info!(memory_limit = ?memory_limit, disk_free_limit = disk_limit, "resource alarms armed");
     let mut tick = tokio::time::interval(Duration::from_millis(config.resource_check_interval_ms.max(10)));
@@ -322,8 +321,8 @@ async fn watch_resources(broker: Arc<Broker>) {
         tick.tick().await;
         let used = crate::alarm::resident_bytes();
         if let (Some(threshold), Some(used)) = (paging_threshold, used) {
-            // Ends below 90% of the threshold, so it does not flap.
-            pressure = if pressure { used >= threshold / 10 * 9 } else { used > threshold };
+            // Ends below 90% of the threshold, so it does not flap around it.
+            let pressure = if broker.paging_pressure() { used >= threshold / 10 * 9 } else { used > threshold };
             if broker.set_paging_pressure(pressure) {
                 if pressure {
                     info!(used, threshold, "memory above the paging ratio: queues keep a short head in memory");

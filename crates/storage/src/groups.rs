@@ -97,12 +97,6 @@ impl Group {
         }
         self.purged = Some((position, wal));
     }
-
-    /// The oldest WAL index this group needs.
-    fn oldest_wal(&self) -> Option<u64> {
-        let entries = self.entries.front().map(|(wal, _)| *wal);
-        [entries, self.purged.map(|(_, wal)| wal), self.vote.map(|(_, wal)| wal)].into_iter().flatten().min()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,11 +285,6 @@ impl GroupLog {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         Ok(self.commit.purge_prefix(keep.min(self.commit.durable_index() + 1))?)
-    }
-
-    /// The oldest WAL index any group needs (for tests and operators).
-    pub fn oldest_needed(&self) -> Option<u64> {
-        self.groups.lock().values().filter_map(Group::oldest_wal).min()
     }
 
     /// Commits what is pending and stops the commit thread.

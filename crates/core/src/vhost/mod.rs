@@ -592,7 +592,12 @@ impl VirtualHostState {
     /// often (every few milliseconds); it holds the lock for its budget.
     pub fn page_due(&mut self, budget: usize) {
         let Some(loader) = self.loader.clone() else {
-            self.paging_due.clear();
+            // Nowhere to page to: nothing is due.
+            for id in self.paging_due.drain(..) {
+                if let Some(queue) = self.queues.get_mut(&id) {
+                    queue.paging_due = false;
+                }
+            }
             return;
         };
         let mut left = budget;

@@ -51,11 +51,11 @@ impl Store {
         // live up to the end of its last bucket (later segments' entries
         // included), unless that reaches the head segment, where moved
         // entries would land in the same buckets again.
-        let second = second.saturating_sub(1) / BUCKET_INDICES * BUCKET_INDICES + BUCKET_INDICES;
-        if starts.last().is_some_and(|&head| second > head) {
+        let end = second.saturating_sub(1) / BUCKET_INDICES * BUCKET_INDICES + BUCKET_INDICES;
+        if starts.last().is_some_and(|&head| end > head) {
             return Ok(0);
         }
-        let live_in_first = self.live.lock().count_in(first..second);
+        let live_in_first = self.live.lock().count_in(first..end);
         if live_in_first == 0 || live_in_first > MOVE_AT_MOST {
             return Ok(0);
         }
@@ -67,14 +67,13 @@ impl Store {
         let mut scratch = Vec::new();
         // Copies elsewhere whose bodies are in this segment move too,
         // rewritten whole: then nothing refers to the segment.
-        let linked: HashSet<u64> = self.live.lock().linked_into(first..second).into_iter().collect();
+        let linked: HashSet<u64> = self.live.lock().linked_into(first..end).into_iter().collect();
         for vhost in vhosts {
             let mut state = vhost.lock();
             let name = state.name.clone();
             let mut moved = HashMap::new();
             let mut failure = None;
-            for (old, queues) in
-                state.stored_where(|stored| (first..second).contains(&stored) || linked.contains(&stored))
+            for (old, queues) in state.stored_where(|stored| (first..end).contains(&stored) || linked.contains(&stored))
             {
                 // An unreadable entry stays where it is (its queue will find
                 // out when delivering it); the others still move.
@@ -131,7 +130,7 @@ impl Store {
         // Live entries the queues do not hold (delayed messages wait in
         // their exchange) stay: remember, rather than walk every queue again
         // each round while nothing changed.
-        let left = self.live.lock().count_in(first..second);
+        let left = self.live.lock().count_in(first..end);
         *self.stuck.lock() = (left > 0).then_some((first, left));
         if left > 0 {
             info!(segment = first, live = left, "compaction: live entries that cannot be moved pin the oldest segment");
