@@ -7,7 +7,7 @@
 //!
 //! - `E` group, index, term, payload: an entry (it replaces any entries of
 //!   the group from that index on, as an append after a conflict does);
-//! - `T` group, index: the group's entries after `index` are gone;
+//! - `T` group, index: the group's entries from `index` on are gone;
 //! - `U` group, index, term: the group's entries up to `index` are purged
 //!   (a snapshot covers them);
 //! - `V` group, term, node, committed: the group's vote.
@@ -61,9 +61,10 @@ impl Group {
         }
     }
 
-    /// The index the next entry must have.
-    fn next_index(&self) -> u64 {
-        self.last().map_or(1, |(index, _)| index + 1)
+    /// The index the next entry must have; any, for a group with nothing
+    /// yet (a Raft log starts at 0, or after a snapshot it was given).
+    fn next_index(&self) -> Option<u64> {
+        self.last().map(|(index, _)| index + 1)
     }
 
     fn put(&mut self, index: u64, term: u64, wal: u64) {
@@ -78,11 +79,11 @@ impl Group {
         self.entries.push_back((wal, term));
     }
 
-    fn truncate_after(&mut self, index: u64) {
-        if index < self.first {
+    fn truncate_from(&mut self, index: u64) {
+        if index <= self.first {
             self.entries.clear();
         } else {
-            self.entries.truncate(crate::usize_of(index - self.first + 1));
+            self.entries.truncate(crate::usize_of(index - self.first));
         }
     }
 
@@ -144,7 +145,7 @@ impl GroupLog {
             let state = groups.entry(group).or_default();
             match (tag, field(payload, 1), field(payload, 2)) {
                 (b'E', Some(index), Some(term)) => state.put(index, term, wal),
-                (b'T', Some(index), _) => state.truncate_after(index),
+                (b'T', Some(index), _) => state.truncate_from(index),
                 (b'U', Some(index), Some(term)) => state.purge_upto((index, term), wal),
                 (b'V', Some(term), Some(node)) => {
                     let committed = payload.get(25) == Some(&1);
@@ -160,7 +161,8 @@ impl GroupLog {
 
     /// Appends entries of `group`, in order from its next index (or from an
     /// earlier index, replacing the entries there: a follower resolving a
-    /// conflict). Returns the WAL index the batch is durable with.
+    /// conflict; a group with no entries takes any index). Returns the WAL
+    /// index the batch is durable with.
     pub fn append<'a>(
         &self,
         group: GroupId,
@@ -170,9 +172,7 @@ impl GroupLog {
         let state = groups.entry(group).or_default();
         let mut wal = 0;
         for (index, term, payload) in entries {
-            let next = state.next_index();
-            let floor = state.purged.map_or(1, |((purged, _), _)| purged + 1);
-            if index > next || index < floor {
+            if let Some(next) = state.next_index().filter(|next| index > *next) {
                 return Err(GroupLogError::NotContiguous { group, index, next });
             }
             wal = self.commit.append(&record(b'E', group, &[index, term], payload))?;
@@ -181,11 +181,11 @@ impl GroupLog {
         Ok(wal)
     }
 
-    /// Deletes `group`'s entries after `index`.
-    pub fn truncate_after(&self, group: GroupId, index: u64) -> Result<u64, GroupLogError> {
+    /// Deletes `group`'s entries from `index` on.
+    pub fn truncate_from(&self, group: GroupId, index: u64) -> Result<u64, GroupLogError> {
         let mut groups = self.groups.lock();
         let wal = self.commit.append(&record(b'T', group, &[index], &[]))?;
-        groups.entry(group).or_default().truncate_after(index);
+        groups.entry(group).or_default().truncate_from(index);
         Ok(wal)
     }
 
@@ -333,7 +333,7 @@ mod tests {
         log.save_vote(7, Vote { term: 2, node: 3, committed: true }).unwrap();
         // A follower replaces a conflicting tail: entries from 41 on, term 2.
         log.append(9, [(41, 2, &b"new"[..])]).unwrap();
-        let truncated = log.truncate_after(7, 45).unwrap();
+        let truncated = log.truncate_from(7, 46).unwrap();
         wait(&log, last.max(truncated));
         log.shutdown();
         sim.power_cut();
@@ -349,6 +349,23 @@ mod tests {
             log.append(7, [(47, 1, &b"gap"[..])]),
             Err(GroupLogError::NotContiguous { group: 7, index: 47, next: 46 })
         ));
+    }
+
+    #[test]
+    fn a_new_group_starts_anywhere() {
+        let sim = SimBackend::new();
+        let log = open(&sim, 1 << 20);
+        log.append(1, [(0, 0, &b"zero"[..]), (1, 1, &b"one"[..])]).unwrap();
+        // A follower given a snapshot up to 9 starts its log at 10.
+        log.append(2, [(10, 3, &b"ten"[..])]).unwrap();
+        assert_eq!(log.state(1), (None, Some((1, 1))));
+        assert_eq!(log.state(2), (None, Some((10, 3))));
+        log.purge_upto(1, (1, 1)).unwrap();
+        let wal = log.truncate_from(2, 0).unwrap();
+        wait(&log, wal);
+        assert_eq!(log.read(2, 0..100).unwrap(), Vec::new());
+        log.append(1, [(2, 2, &b"two"[..])]).unwrap();
+        assert_eq!(log.read(1, 0..100).unwrap(), vec![(2, 2, b"two".to_vec())]);
     }
 
     #[test]
@@ -448,7 +465,7 @@ mod tests {
                         let m = &mut models[usize::from(g)];
                         let floor = m.purged.map_or(0, |(i, _)| i);
                         let after = m.next().saturating_sub(1 + u64::from(back)).max(floor);
-                        log.truncate_after(u64::from(g), after).unwrap();
+                        log.truncate_from(u64::from(g), after + 1).unwrap();
                         m.entries.split_off(&(after + 1));
                     }
                     Op::Purge(g, back) => {

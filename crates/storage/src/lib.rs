@@ -40,4 +40,5 @@ pub mod spill;
 pub use backend::{Backend, FsBackend, StorageFile};
 pub use error::StorageError;
 pub use group::{FsyncPolicy, GroupCommit, Stats};
+pub use groups::{GroupId, GroupLog, GroupLogError, Vote as GroupVote};
 pub use log::{Entry, Log, LogOptions, Recovery};
