@@ -1,0 +1,82 @@
+//! Replicated state machines for Warren: Raft groups on openraft.
+//!
+//! openraft is pinned to one exact version and stays behind this crate:
+//! the rest of Warren sees [`StateMachine`] (what a replicated queue or the
+//! metadata implements: apply a committed command, take and restore a
+//! snapshot) and [`Node`] (a node's groups: create, write, read their
+//! status). Underneath:
+//!
+//! - every group's log and vote are records in one shared write-ahead log
+//!   ([`warren_storage::GroupLog`]), so one fsync makes the appends of all
+//!   groups on a node durable (`log_store.rs`);
+//! - the RPCs go over the cluster port as requests of `warren-cluster`,
+//!   tagged with their group (`network.rs`);
+//! - groups send no heartbeats of their own and start no elections on
+//!   their own timers: the cluster's one failure detector per node pair
+//!   tells [`Node`] when a leader's node went, and it starts elections in
+//!   the groups that leader led (`node.rs`).
+
+// openraft's traits return its `StorageError` (some 200 bytes); helpers
+// that build it return it too rather than converting twice.
+#![allow(clippy::result_large_err)]
+
+mod log_store;
+mod machine;
+mod network;
+mod node;
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+pub use log_store::{LogStore, SharedLog};
+pub use machine::Machine;
+pub use node::{GroupStatus, Node, NodeError, NodeOptions};
+pub use warren_storage::GroupId;
+
+/// openraft's node id. Warren names nodes; the id is derived from the name
+/// ([`node_id`]), so every node computes the same id for the same name.
+pub type NodeId = u64;
+
+/// A command for a group's state machine, as the log stores it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command(pub Vec<u8>);
+
+/// A state machine's answer to one command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply(pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// Warren's openraft configuration: opaque commands, nodes named by
+    /// their cluster name (in `BasicNode::addr`), snapshots in memory.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+
+/// What Warren replicates: a deterministic machine over a log of commands.
+/// Every replica applies the same commands in the same order and must end
+/// in the same state with the same replies.
+pub trait StateMachine: Send + Sync + 'static {
+    /// Applies the committed command at log `index`.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// The whole state, to be given to [`StateMachine::restore`].
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot's.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+/// The node id of a node name: the first 8 bytes of its SHA-256. The
+/// largest id is kept free (the log stores "voted for nobody" as it).
+pub fn node_id(name: &str) -> NodeId {
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(bytes).min(u64::MAX - 1)
+}

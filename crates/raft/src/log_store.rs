@@ -1,0 +1,255 @@
+//! openraft's log storage over the shared write-ahead log: one
+//! [`SharedLog`] per node, one [`LogStore`] per group.
+//!
+//! An append is acknowledged to openraft (`LogFlushed`) once the shared
+//! log's fsync covers it, from the group-commit thread; a vote is saved
+//! before `save_vote` returns. Each entry is stored as its term and index
+//! (the shared log's own fields) and a payload: a kind byte, then the
+//! command's bytes or the encoded membership.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    AnyError, CommittedLeaderId, Entry, EntryPayload, LogState, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use warren_storage::{
+    Backend, FsyncPolicy, GroupId, GroupLog, GroupLogError, GroupVote, LogOptions, StorageError as WalError,
+};
+
+use crate::{Command, LogId, NodeId, TypeConfig};
+
+const BLANK: u8 = 0;
+const NORMAL: u8 = 1;
+const MEMBERSHIP: u8 = 2;
+
+/// "Voted for nobody" as the log stores it (no node has this id).
+const NOBODY: u64 = u64::MAX;
+
+/// Appends waiting for the fsync that makes them durable.
+struct Flushes {
+    durable: AtomicU64,
+    changed: watch::Sender<u64>,
+    waiting: Mutex<Vec<(u64, LogFlushed<TypeConfig>)>>,
+}
+
+impl Flushes {
+    /// Called by the group-commit thread after each fsync.
+    fn durable(&self, wal: u64) {
+        self.durable.store(wal, Ordering::Release);
+        self.changed.send_replace(wal);
+        let done: Vec<LogFlushed<TypeConfig>> = {
+            let mut waiting = self.waiting.lock();
+            let (done, rest): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(at, _)| *at <= wal);
+            *waiting = rest;
+            done.into_iter().map(|(_, flushed)| flushed).collect()
+        };
+        for flushed in done {
+            flushed.log_io_completed(Ok(()));
+        }
+    }
+
+    fn when_durable(&self, wal: u64, flushed: LogFlushed<TypeConfig>) {
+        let mut waiting = self.waiting.lock();
+        // Checked under the lock the commit thread drains under: an fsync
+        // that lands now either is seen here or finds this entry.
+        if self.durable.load(Ordering::Acquire) >= wal {
+            drop(waiting);
+            flushed.log_io_completed(Ok(()));
+        } else {
+            waiting.push((wal, flushed));
+        }
+    }
+}
+
+/// A node's write-ahead log for all its groups.
+pub struct SharedLog {
+    log: GroupLog,
+    flushes: Arc<Flushes>,
+}
+
+impl SharedLog {
+    /// Opens (or creates) the shared log in `dir`.
+    pub fn open(backend: Arc<dyn Backend>, dir: &Path, policy: FsyncPolicy) -> Result<Arc<SharedLog>, WalError> {
+        let (changed, _) = watch::channel(0);
+        let flushes = Arc::new(Flushes { durable: AtomicU64::new(0), changed, waiting: Mutex::new(Vec::new()) });
+        let listener = flushes.clone();
+        let log = GroupLog::open(backend, dir, LogOptions::default(), policy, move |wal| listener.durable(wal))?;
+        Ok(Arc::new(SharedLog { log, flushes }))
+    }
+
+    /// `group`'s view of the log.
+    pub fn store(self: &Arc<Self>, group: GroupId) -> LogStore {
+        LogStore { shared: self.clone(), group }
+    }
+
+    /// Fsyncs, and entries made durable by them, since opening.
+    pub fn stats(&self) -> warren_storage::Stats {
+        self.log.stats()
+    }
+
+    /// Deletes segments no group needs any more. Blocking.
+    pub fn reclaim(&self) -> Result<usize, GroupLogError> {
+        self.log.reclaim()
+    }
+
+    pub fn shutdown(&self) {
+        self.log.shutdown();
+    }
+
+    async fn until_durable(&self, wal: u64) {
+        let mut changed = self.flushes.changed.subscribe();
+        // The sender lives as long as `self`, so this ends.
+        let _ = changed.wait_for(|durable| *durable >= wal).await;
+    }
+}
+
+/// One group's log, as openraft sees it.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<SharedLog>,
+    group: GroupId,
+}
+
+fn log_id(index: u64, term: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 0), index)
+}
+
+fn write_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+fn read_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn encode(entry: &Entry<TypeConfig>) -> Result<Vec<u8>, StorageError<NodeId>> {
+    Ok(match &entry.payload {
+        EntryPayload::Blank => vec![BLANK],
+        EntryPayload::Normal(command) => {
+            let mut out = Vec::with_capacity(1 + command.0.len());
+            out.push(NORMAL);
+            out.extend_from_slice(&command.0);
+            out
+        }
+        EntryPayload::Membership(membership) => {
+            let mut out = vec![MEMBERSHIP];
+            bincode::serialize_into(&mut out, membership).map_err(write_error)?;
+            out
+        }
+    })
+}
+
+fn decode(index: u64, term: u64, payload: &[u8]) -> Result<Entry<TypeConfig>, StorageError<NodeId>> {
+    let log_id = log_id(index, term);
+    let payload = match payload.split_first() {
+        Some((&BLANK, _)) => EntryPayload::Blank,
+        Some((&NORMAL, command)) => EntryPayload::Normal(Command(command.to_vec())),
+        Some((&MEMBERSHIP, membership)) => {
+            EntryPayload::Membership(bincode::deserialize(membership).map_err(read_error)?)
+        }
+        _ => {
+            let e =
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("log entry {index} has no known kind"));
+            return Err(StorageIOError::read_log_entry(log_id, AnyError::new(&e)).into());
+        }
+    };
+    Ok(Entry { log_id, payload })
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let read = self.shared.log.read(self.group, start..end).map_err(read_error)?;
+        read.into_iter().map(|(index, term, payload)| decode(index, term, &payload)).collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let (purged, last) = self.shared.log.state(self.group);
+        Ok(LogState {
+            last_purged_log_id: purged.map(|(index, term)| log_id(index, term)),
+            last_log_id: last.map(|(index, term)| log_id(index, term)),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let saved = GroupVote {
+            term: vote.leader_id.term,
+            node: vote.leader_id.voted_for.unwrap_or(NOBODY),
+            committed: vote.committed,
+        };
+        let wal = self
+            .shared
+            .log
+            .save_vote(self.group, saved)
+            .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))?;
+        // A vote counts only once it survives a crash.
+        self.shared.until_durable(wal).await;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(self.shared.log.vote(self.group).map(|v| {
+            let mut vote = Vote::new(v.term, v.node);
+            vote.leader_id.voted_for = (v.node != NOBODY).then_some(v.node);
+            vote.committed = v.committed;
+            vote
+        }))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut encoded = Vec::new();
+        for entry in entries {
+            encoded.push((entry.log_id.index, entry.log_id.leader_id.term, encode(&entry)?));
+        }
+        let wal = self
+            .shared
+            .log
+            .append(self.group, encoded.iter().map(|(index, term, payload)| (*index, *term, &payload[..])))
+            .map_err(write_error)?;
+        self.shared.flushes.when_durable(wal, callback);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        // Needs no fsync of its own: the entries that replace the removed
+        // ones are acknowledged after it, by a later fsync.
+        self.shared.log.truncate_from(self.group, log_id.index).map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        self.shared.log.purge_upto(self.group, (log_id.index, log_id.leader_id.term)).map_err(write_error)?;
+        Ok(())
+    }
+}

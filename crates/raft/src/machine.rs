@@ -1,0 +1,200 @@
+//! openraft's state machine around a Warren [`StateMachine`].
+//!
+//! The machine itself lives in memory; what outlives a restart is its
+//! latest snapshot, in one file per group (written to a temporary file,
+//! fsynced, renamed), and the log after it, replayed by openraft.
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    AnyError, Entry, EntryPayload, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::{LogId, NodeId, Reply, StateMachine, TypeConfig};
+
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+struct Inner<S> {
+    state: S,
+    applied: Option<LogId>,
+    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    current: Option<(Meta, Vec<u8>)>,
+    built: u64,
+    installed: u64,
+}
+
+/// A group's state machine as openraft drives it. Clones share it.
+pub struct Machine<S> {
+    inner: Arc<Mutex<Inner<S>>>,
+    /// Where the latest snapshot is kept; none for a machine that needs
+    /// no restart (tests).
+    file: Option<PathBuf>,
+}
+
+impl<S> Clone for Machine<S> {
+    fn clone(&self) -> Self {
+        Machine { inner: self.inner.clone(), file: self.file.clone() }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: Meta,
+    data: Vec<u8>,
+}
+
+fn snapshot_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
+}
+
+impl<S: StateMachine> Machine<S> {
+    /// A machine in its initial `state`, or restored from the snapshot in
+    /// `file` if there is one.
+    pub fn open(mut state: S, file: Option<PathBuf>) -> Result<Machine<S>, StorageError<NodeId>> {
+        let mut applied = None;
+        let mut membership = StoredMembership::default();
+        let mut current = None;
+        if let Some(path) = &file {
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    let saved: SnapshotFile = bincode::deserialize(&bytes)
+                        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
+                    state
+                        .restore(&saved.data)
+                        .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::error(e))))?;
+                    applied = saved.meta.last_log_id;
+                    membership = saved.meta.last_membership.clone();
+                    current = Some((saved.meta, saved.data));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageIOError::read_snapshot(None, AnyError::new(&e)).into()),
+            }
+        }
+        Ok(Machine {
+            inner: Arc::new(Mutex::new(Inner { state, applied, membership, current, built: 0, installed: 0 })),
+            file,
+        })
+    }
+
+    /// Runs `f` on the machine's state (for reads served by a replica).
+    pub fn with<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+        f(&self.inner.lock().state)
+    }
+
+    /// Snapshots received from a leader since opening.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.inner.lock().installed
+    }
+
+    fn save(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError<NodeId>> {
+        let Some(path) = &self.file else { return Ok(()) };
+        let bytes =
+            bincode::serialize(&SnapshotFile { meta: meta.clone(), data: data.to_vec() }).map_err(snapshot_error)?;
+        let temporary = path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_data()?;
+            std::fs::rename(&temporary, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(snapshot_error)
+    }
+}
+
+impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for Machine<S> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (meta, data) = {
+            let mut inner = self.inner.lock();
+            inner.built += 1;
+            let id = match inner.applied {
+                Some(applied) => format!("{}-{}-{}", applied.leader_id.term, applied.index, inner.built),
+                None => format!("--{}", inner.built),
+            };
+            let meta = Meta { last_log_id: inner.applied, last_membership: inner.membership.clone(), snapshot_id: id };
+            (meta, inner.state.snapshot())
+        };
+        self.save(&meta, &data)?;
+        self.inner.lock().current = Some((meta.clone(), data.clone()));
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
+    type SnapshotBuilder = Machine<S>;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, openraft::BasicNode>), StorageError<NodeId>> {
+        let inner = self.inner.lock();
+        Ok((inner.applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut inner = self.inner.lock();
+        let mut replies = Vec::new();
+        for entry in entries {
+            inner.applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(command) => inner.state.apply(entry.log_id.index, &command.0),
+                EntryPayload::Membership(membership) => {
+                    inner.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Vec::new()
+                }
+            };
+            replies.push(Reply(reply));
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        // Durable first: the log before it is purged once this returns.
+        self.save(meta, &data)?;
+        let mut inner = self.inner.lock();
+        inner
+            .state
+            .restore(&data)
+            .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(e))))?;
+        inner.applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        inner.current = Some((meta.clone(), data));
+        inner.installed += 1;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .current
+            .as_ref()
+            .map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.clone())) }))
+    }
+}

@@ -1,0 +1,159 @@
+//! Raft RPCs as requests on the cluster port.
+//!
+//! A request is the group id (8 bytes, little-endian), one byte for the
+//! RPC, and the RPC encoded with bincode. The answer is one status byte
+//! and, when the group answered, its `Result` encoded the same way.
+
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use warren_cluster::Members;
+
+use crate::{GroupId, NodeId, Raft, TypeConfig};
+
+pub(crate) const APPEND: u8 = 1;
+pub(crate) const VOTE: u8 = 2;
+pub(crate) const SNAPSHOT: u8 = 3;
+
+/// The group answered (with its result, success or a Raft error).
+pub(crate) const ANSWERED: u8 = 0;
+/// This node has no such group (not created yet, or deleted).
+pub(crate) const NO_GROUP: u8 = 1;
+/// The request could not be read.
+pub(crate) const MALFORMED: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error(transparent)]
+    Call(#[from] warren_cluster::CallError),
+    #[error("node '{0}' has no group {1}")]
+    NoGroup(String, GroupId),
+    #[error("node '{0}' could not read the request")]
+    Malformed(String),
+    #[error("unreadable answer from '{0}': {1}")]
+    Answer(String, bincode::Error),
+}
+
+/// Makes openraft's clients for one group.
+pub(crate) struct Network {
+    pub(crate) members: Members,
+    pub(crate) group: GroupId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer { members: self.members.clone(), group: self.group, target, name: node.addr.clone() }
+    }
+}
+
+/// One group's client for one other node (named in `BasicNode::addr`).
+pub(crate) struct Peer {
+    members: Members,
+    group: GroupId,
+    target: NodeId,
+    name: String,
+}
+
+type Failed<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl Peer {
+    async fn call<Req, Resp, E>(&self, kind: u8, rpc: &Req, ttl: Duration) -> Result<Resp, Failed<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let mut request = Vec::with_capacity(64);
+        request.extend_from_slice(&self.group.to_le_bytes());
+        request.push(kind);
+        bincode::serialize_into(&mut request, rpc)
+            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError::Answer(self.name.clone(), e))))?;
+        let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
+        let answer =
+            self.members.call(&self.name, &request, ttl).await.map_err(|e| unreachable(TransportError::Call(e)))?;
+        match answer.split_first() {
+            Some((&ANSWERED, body)) => {
+                let result: Result<Resp, RaftError<NodeId, E>> = bincode::deserialize(body)
+                    .map_err(|e| RPCError::Network(NetworkError::new(&TransportError::Answer(self.name.clone(), e))))?;
+                result.map_err(|e| {
+                    RPCError::RemoteError(RemoteError::new_with_node(
+                        self.target,
+                        BasicNode { addr: self.name.clone() },
+                        e,
+                    ))
+                })
+            }
+            Some((&NO_GROUP, _)) => Err(unreachable(TransportError::NoGroup(self.name.clone(), self.group))),
+            _ => Err(unreachable(TransportError::Malformed(self.name.clone()))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, Failed<openraft::error::Infallible>> {
+        self.call(APPEND, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, Failed<openraft::error::Infallible>> {
+        self.call(VOTE, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, Failed<InstallSnapshotError>> {
+        self.call(SNAPSHOT, &rpc, option.hard_ttl()).await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // A peer that went is reported by the failure detector; retrying
+        // sooner than openraft's half second brings it back sooner.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}
+
+fn answered<T: Serialize>(result: &T) -> Vec<u8> {
+    let mut out = vec![ANSWERED];
+    if bincode::serialize_into(&mut out, result).is_err() {
+        return vec![MALFORMED];
+    }
+    out
+}
+
+/// Answers one request of another node, given the group it names.
+pub(crate) async fn serve(raft: Raft, kind: u8, body: &[u8]) -> Vec<u8> {
+    match kind {
+        APPEND => match bincode::deserialize::<AppendEntriesRequest<TypeConfig>>(body) {
+            Ok(rpc) => answered(&raft.append_entries(rpc).await),
+            Err(_) => vec![MALFORMED],
+        },
+        VOTE => match bincode::deserialize::<VoteRequest<NodeId>>(body) {
+            Ok(rpc) => answered(&raft.vote(rpc).await),
+            Err(_) => vec![MALFORMED],
+        },
+        SNAPSHOT => match bincode::deserialize::<InstallSnapshotRequest<TypeConfig>>(body) {
+            Ok(rpc) => answered(&raft.install_snapshot(rpc).await),
+            Err(_) => vec![MALFORMED],
+        },
+        _ => vec![MALFORMED],
+    }
+}

@@ -1,0 +1,352 @@
+//! A node's Raft groups: created and reached by group id, answering other
+//! nodes' RPCs, with elections started from the cluster's failure
+//! detector rather than from a timer per group.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use parking_lot::RwLock;
+use tracing::{debug, info};
+use warren_cluster::{Handler, Members};
+use warren_storage::{FsBackend, FsyncPolicy};
+
+use crate::log_store::SharedLog;
+use crate::machine::Machine;
+use crate::network::{self, Network};
+use crate::{node_id, Command, GroupId, NodeId, Raft, StateMachine};
+
+/// How often the election driver looks at the groups.
+const DRIVE_EVERY: Duration = Duration::from_millis(25);
+/// Between two election attempts of one group on one node.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Between the election attempts of successive voters (in an order that
+/// differs per group), so that two voters rarely split a vote.
+const RANK_STEP: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("group {0} is not on this node")]
+    NoGroup(GroupId),
+    #[error("group {0} is already on this node")]
+    Exists(GroupId),
+    #[error("the cluster transport is not attached yet")]
+    Detached,
+    #[error("group {group}: this node is not its leader (the leader is {leader:?})")]
+    NotLeader { group: GroupId, leader: Option<String> },
+    #[error("group {0}: {1}")]
+    Raft(GroupId, String),
+}
+
+/// A group as this node sees it (`warren ctl quorum_status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub group: GroupId,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<String>,
+    pub voters: Vec<String>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// The last index in this member's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// The last index this member's log has forgotten (the snapshot has it).
+    pub purged_index: Option<u64>,
+    /// On the leader: the last index each member holds.
+    pub matched: BTreeMap<String, Option<u64>>,
+}
+
+struct Inner {
+    id: NodeId,
+    name: String,
+    log: Arc<SharedLog>,
+    snapshots: PathBuf,
+    config: Arc<openraft::Config>,
+    members: OnceLock<Members>,
+    groups: RwLock<HashMap<GroupId, Raft>>,
+}
+
+/// This node's Raft groups. Clones share them.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// Raft's timing. Groups send no heartbeats and start no elections on
+/// their own (`enable_heartbeat`, `enable_elect` off): the failure
+/// detector of `warren-cluster` does that for all groups at once. The
+/// election timeout still bounds the leader lease: a follower refuses to
+/// vote for another while it heard its leader within the maximum.
+fn raft_config(options: &NodeOptions) -> Result<openraft::Config, NodeError> {
+    openraft::Config {
+        cluster_name: "warren".into(),
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        heartbeat_interval: 50,
+        enable_heartbeat: false,
+        enable_elect: false,
+        max_payload_entries: 4096,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(options.snapshot_every),
+        // The log up to a snapshot goes at once: a member far behind gets
+        // the snapshot.
+        max_in_snapshot_log_to_keep: 0,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| NodeError::Raft(0, e.to_string()))
+}
+
+/// How a node keeps its groups.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub fsync: FsyncPolicy,
+    /// A group snapshots its state machine after this many log entries,
+    /// and forgets the log before it.
+    pub snapshot_every: u64,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions { fsync: FsyncPolicy::Always, snapshot_every: 8192 }
+    }
+}
+
+impl Node {
+    /// Opens this node's shared log and snapshots under `dir`.
+    pub fn open(name: &str, dir: &Path, options: NodeOptions) -> Result<Node, NodeError> {
+        let storage = |e: &dyn std::fmt::Display| NodeError::Storage(e.to_string());
+        let snapshots = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(|e| storage(&e))?;
+        let log = SharedLog::open(Arc::new(FsBackend), &dir.join("wal"), options.fsync).map_err(|e| storage(&e))?;
+        Ok(Node {
+            inner: Arc::new(Inner {
+                id: node_id(name),
+                name: name.to_string(),
+                log,
+                snapshots,
+                config: Arc::new(raft_config(&options)?),
+                members: OnceLock::new(),
+                groups: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// What answers other nodes' Raft RPCs: give it to
+    /// `warren_cluster::Cluster::start_with`.
+    pub fn handler(&self) -> Arc<dyn Handler> {
+        Arc::new(Serve(Arc::downgrade(&self.inner)))
+    }
+
+    /// Connects the groups to the cluster's transport and starts the
+    /// election driver (on the current tokio runtime).
+    pub fn attach(&self, members: Members) {
+        if self.inner.members.set(members.clone()).is_ok() {
+            tokio::spawn(drive(Arc::downgrade(&self.inner), members));
+        }
+    }
+
+    /// Starts (or restarts, from its log and snapshot) group `group` on
+    /// this node with `state` as the machine's initial state.
+    pub async fn create_group<S: StateMachine>(&self, group: GroupId, state: S) -> Result<Machine<S>, NodeError> {
+        let members = self.inner.members.get().cloned().ok_or(NodeError::Detached)?;
+        if self.inner.groups.read().contains_key(&group) {
+            return Err(NodeError::Exists(group));
+        }
+        let file = self.inner.snapshots.join(format!("{group:016x}.snapshot"));
+        let machine = Machine::open(state, Some(file)).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let raft = Raft::new(
+            self.inner.id,
+            self.inner.config.clone(),
+            Network { members, group },
+            self.inner.log.store(group),
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Raft(group, e.to_string()))?;
+        self.inner.groups.write().insert(group, raft);
+        Ok(machine)
+    }
+
+    /// Makes `voters` (node names, this node among them) the group's first
+    /// members. Once, on one node; a group already set up stays as it is.
+    pub async fn initialize(&self, group: GroupId, voters: &[String]) -> Result<(), NodeError> {
+        let raft = self.raft(group)?;
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            voters.iter().map(|name| (node_id(name), BasicNode { addr: name.clone() })).collect();
+        match raft.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(NodeError::Raft(group, e.to_string())),
+        }
+    }
+
+    /// Commits `command` in `group` (on a majority's disks) and returns the
+    /// state machine's reply. Only the leader accepts writes.
+    pub async fn write(&self, group: GroupId, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        let raft = self.raft(group)?;
+        let response = raft.client_write(Command(command)).await.map_err(|e| write_error(group, e))?;
+        Ok(response.data.0)
+    }
+
+    /// Adds node `name` to the group's voters (it catches up as a learner
+    /// first, from the log or a snapshot). On the leader.
+    pub async fn add_member(&self, group: GroupId, name: &str) -> Result<(), NodeError> {
+        let raft = self.raft(group)?;
+        let id = node_id(name);
+        raft.add_learner(id, BasicNode { addr: name.to_string() }, true).await.map_err(|e| write_error(group, e))?;
+        let voters: BTreeSet<NodeId> = [id].into();
+        raft.change_membership(ChangeMembers::AddVoterIds(voters), false).await.map_err(|e| write_error(group, e))?;
+        Ok(())
+    }
+
+    /// Removes node `name` from the group. On the leader.
+    pub async fn remove_member(&self, group: GroupId, name: &str) -> Result<(), NodeError> {
+        let raft = self.raft(group)?;
+        let voters: BTreeSet<NodeId> = [node_id(name)].into();
+        raft.change_membership(ChangeMembers::RemoveVoters(voters), false).await.map_err(|e| write_error(group, e))?;
+        Ok(())
+    }
+
+    /// The group's state on this node.
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        let raft = self.raft(group).ok()?;
+        let metrics = raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let name = |id: &NodeId| membership.get_node(id).map_or_else(|| format!("{id:016x}"), |n| n.addr.clone());
+        Some(GroupStatus {
+            group,
+            state: format!("{:?}", metrics.state),
+            term: metrics.current_term,
+            leader: metrics.current_leader.as_ref().map(name),
+            voters: membership.voter_ids().map(|id| name(&id)).collect(),
+            last_log_index: metrics.last_log_index,
+            applied_index: metrics.last_applied.map(|id| id.index),
+            snapshot_index: metrics.snapshot.map(|id| id.index),
+            purged_index: metrics.purged.map(|id| id.index),
+            matched: metrics
+                .replication
+                .iter()
+                .flatten()
+                .map(|(id, matched)| (name(id), matched.map(|m| m.index)))
+                .collect(),
+        })
+    }
+
+    /// Every group on this node.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut groups: Vec<GroupId> = self.inner.groups.read().keys().copied().collect();
+        groups.sort_unstable();
+        groups
+    }
+
+    /// Fsyncs of the shared log, and entries made durable by them.
+    pub fn wal_stats(&self) -> warren_storage::Stats {
+        self.inner.log.stats()
+    }
+
+    /// Stops every group and the shared log.
+    pub async fn shutdown(&self) {
+        let rafts: Vec<Raft> = self.inner.groups.write().drain().map(|(_, raft)| raft).collect();
+        for raft in rafts {
+            let _ = raft.shutdown().await;
+        }
+        self.inner.log.shutdown();
+    }
+
+    fn raft(&self, group: GroupId) -> Result<Raft, NodeError> {
+        self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))
+    }
+}
+
+fn write_error(group: GroupId, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> NodeError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            NodeError::NotLeader { group, leader: forward.leader_node.map(|node| node.addr) }
+        }
+        e => NodeError::Raft(group, e.to_string()),
+    }
+}
+
+struct Serve(Weak<Inner>);
+
+impl Handler for Serve {
+    fn handle(&self, _from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        let parsed = request.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).zip(request.get(8));
+        let Some((group, &kind)) = parsed else { return Box::pin(async { vec![network::MALFORMED] }) };
+        let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).cloned());
+        match raft {
+            Some(raft) => Box::pin(async move { network::serve(raft, kind, &request[9..]).await }),
+            None => Box::pin(async { vec![network::NO_GROUP] }),
+        }
+    }
+}
+
+/// The order in which `voter` tries to become leader of `group` among
+/// the voters: a hash, so that leaderships spread over the nodes.
+fn rank_key(group: GroupId, voter: NodeId) -> u64 {
+    (group ^ voter).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+}
+
+/// Starts elections in the groups whose leader's node the failure detector
+/// reports down, or that have no leader: the voters try one after another,
+/// in an order of their own for each group.
+async fn drive(inner: Weak<Inner>, members: Members) {
+    // Group -> when this node may next try an election.
+    let mut next_try: HashMap<GroupId, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(DRIVE_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let up: HashSet<String> = members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
+        let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.clone())).collect();
+        let now = Instant::now();
+        for (group, raft) in groups {
+            let metrics = raft.metrics().borrow().clone();
+            let membership = metrics.membership_config.membership();
+            let is_up =
+                |id: NodeId| id == inner.id || membership.get_node(&id).is_some_and(|node| up.contains(&node.addr));
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let leader_alive = match metrics.current_leader {
+                Some(leader) if leader == inner.id => metrics.state == ServerState::Leader,
+                Some(leader) => is_up(leader),
+                None => false,
+            };
+            if leader_alive || !voters.contains(&inner.id) || metrics.state == ServerState::Learner {
+                next_try.remove(&group);
+                continue;
+            }
+            let at = *next_try.entry(group).or_insert_with(|| {
+                let mut live: Vec<NodeId> = voters.iter().copied().filter(|v| is_up(*v)).collect();
+                live.sort_by_key(|v| rank_key(group, *v));
+                let rank = live.iter().position(|v| *v == inner.id).unwrap_or(live.len());
+                now + RANK_STEP * u32::try_from(rank).unwrap_or(u32::MAX)
+            });
+            if now < at {
+                continue;
+            }
+            debug!(group, term = metrics.current_term, leader = ?metrics.current_leader, "starting an election");
+            if raft.trigger().elect().await.is_err() {
+                info!(group, "group stopped");
+            }
+            next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
+        }
+        next_try.retain(|group, _| inner.groups.read().contains_key(group));
+    }
+}
+
+/// A small random number, to keep two voters' retries apart.
+fn rand_below(n: u8) -> u8 {
+    let mut byte = [0u8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    byte[0] % n.max(1)
+}

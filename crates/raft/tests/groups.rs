@@ -1,0 +1,188 @@
+//! Raft groups on three nodes over the real cluster transport (TCP on
+//! 127.0.0.1, the shared-secret handshake, the failure detector), with
+//! real files: replication, a leader's node going away, a node restarting
+//! from its data, and a new member catching up from a snapshot.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use warren_cluster::{Cluster, ClusterConfig};
+use warren_raft::{Machine, Node, NodeError, NodeOptions, StateMachine};
+
+/// Remembers every command in order.
+#[derive(Default)]
+struct Journal(Vec<Vec<u8>>);
+
+impl StateMachine for Journal {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        self.0.push(command.to_vec());
+        index.to_le_bytes().to_vec()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.join(&b"\n"[..])
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.0 = if snapshot.is_empty() {
+            Vec::new()
+        } else {
+            snapshot.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect()
+        };
+        Ok(())
+    }
+}
+
+struct Member {
+    node: Node,
+    cluster: Cluster,
+    machine: Machine<Journal>,
+}
+
+const GROUP: u64 = 42;
+
+async fn start(name: &str, dir: &Path, listener: TcpListener, seeds: &[String], snapshot_every: u64) -> Member {
+    let node = Node::open(name, dir, NodeOptions { snapshot_every, ..NodeOptions::default() }).unwrap();
+    let config = ClusterConfig { node_name: name.into(), seeds: seeds.to_vec(), secret: b"cookie".to_vec() };
+    let cluster = Cluster::start_with(config, listener, node.handler()).unwrap();
+    node.attach(cluster.members());
+    let machine = node.create_group(GROUP, Journal::default()).await.unwrap();
+    Member { node, cluster, machine }
+}
+
+async fn eventually<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never happened within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The member that is leader, as its own node says.
+fn leader(members: &BTreeMap<String, Member>) -> Option<String> {
+    members
+        .iter()
+        .find(|(_, m)| m.node.status(GROUP).is_some_and(|s| s.state == "Leader"))
+        .map(|(name, _)| name.clone())
+}
+
+/// Writes `command` through whichever member leads, retrying while there
+/// is none; returns the log index it was committed at.
+async fn write(members: &BTreeMap<String, Member>, command: &[u8]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(name) = leader(members) {
+            match members[&name].node.write(GROUP, command.to_vec()).await {
+                Ok(reply) => return u64::from_le_bytes(reply.try_into().unwrap()),
+                Err(NodeError::NotLeader { .. } | NodeError::Raft(..)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader took {command:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn journal(member: &Member) -> Vec<Vec<u8>> {
+    member.machine.with(|j| j.0.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_replicates_fails_over_and_members_catch_up() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let seeds: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let names = ["a", "b", "c"].map(String::from);
+    let mut members = BTreeMap::new();
+    for ((name, listener), dir) in names.iter().zip(listeners).zip(&dirs) {
+        members.insert(name.clone(), start(name, dir.path(), listener, &seeds, 50).await);
+    }
+    members["a"].node.initialize(GROUP, &names).await.unwrap();
+    let first = eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
+
+    // Every write is committed at the next index, and every replica
+    // applies the same commands in the same order.
+    let mut written = Vec::new();
+    for i in 0..120u32 {
+        let command = format!("m{i}").into_bytes();
+        write(&members, &command).await;
+        written.push(command);
+    }
+    eventually("all three applied all", Duration::from_secs(5), || {
+        members.values().all(|m| journal(m) == written).then_some(())
+    })
+    .await;
+    let status = members[&first].node.status(GROUP).unwrap();
+    assert_eq!(status.voters.len(), 3);
+    assert_eq!(status.matched.len(), 3, "the leader reports each member: {status:?}");
+
+    // The leader's node goes (its connections close): the failure
+    // detector sees it and the others elect a new leader.
+    let gone = members.remove(&first).unwrap();
+    let went = Instant::now();
+    gone.cluster.stop().await;
+    gone.node.shutdown().await;
+    write(&members, b"after").await;
+    let failover = went.elapsed();
+    written.push(b"after".to_vec());
+    let second = leader(&members).unwrap();
+    assert_ne!(second, first);
+    println!("writes accepted again {failover:?} after the leader's node went");
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+
+    // Two of three carry on: a majority.
+    for i in 120..200u32 {
+        let command = format!("m{i}").into_bytes();
+        write(&members, &command).await;
+        written.push(command);
+    }
+
+    // The old leader comes back from its data (on a new port) and catches
+    // up; it does not lead on its old term.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dir = dirs[names.iter().position(|n| *n == first).unwrap()].path();
+    let back = start(&first, dir, listener, &seeds, 50).await;
+    assert_ne!(back.node.status(GROUP).unwrap().state, "Leader");
+    members.insert(first.clone(), back);
+    write(&members, b"welcome back").await;
+    written.push(b"welcome back".to_vec());
+    eventually("the restarted member caught up", Duration::from_secs(10), || {
+        (journal(&members[&first]) == written).then_some(())
+    })
+    .await;
+
+    // A new node joins the group: the log before the last snapshot is
+    // gone, so it starts from the snapshot.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let d = start("d", dirs[3].path(), listener, &seeds, 50).await;
+    let leader_name = eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
+    eventually("d is connected", Duration::from_secs(5), || {
+        members[&leader_name].cluster.status().iter().any(|p| p.name == "d" && p.up).then_some(())
+    })
+    .await;
+    let purged = members[&leader_name].node.status(GROUP).unwrap().purged_index;
+    assert!(purged.is_some_and(|p| p > 0), "the leader forgot the log before its snapshot: {purged:?}");
+    members[&leader_name].node.add_member(GROUP, "d").await.unwrap();
+    members.insert("d".into(), d);
+    write(&members, b"four").await;
+    written.push(b"four".to_vec());
+    eventually("d caught up", Duration::from_secs(10), || (journal(&members["d"]) == written).then_some(())).await;
+    let d_status = members["d"].node.status(GROUP).unwrap();
+    assert_eq!(d_status.voters.len(), 4, "{d_status:?}");
+    assert_eq!(members["d"].machine.snapshots_installed(), 1, "d was given a snapshot");
+    assert!(dirs[3].path().join("snapshots").read_dir().unwrap().count() > 0, "and keeps it on disk");
+
+    for member in members.values() {
+        member.node.shutdown().await;
+    }
+}
