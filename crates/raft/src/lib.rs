@@ -20,10 +20,12 @@
 // that build it return it too rather than converting twice.
 #![allow(clippy::result_large_err)]
 
+mod batch;
 mod log_store;
 mod machine;
 mod network;
 mod node;
+mod transport;
 
 use std::io::Cursor;
 
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use log_store::{LogStore, SharedLog};
 pub use machine::Machine;
 pub use node::{GroupStatus, Node, NodeError, NodeOptions};
+pub use transport::{Call, Transport};
 pub use warren_storage::GroupId;
 
 /// openraft's node id. Warren names nodes; the id is derived from the name
@@ -64,7 +67,9 @@ pub type LogId = openraft::LogId<NodeId>;
 /// Every replica applies the same commands in the same order and must end
 /// in the same state with the same replies.
 pub trait StateMachine: Send + Sync + 'static {
-    /// Applies the committed command at log `index`.
+    /// Applies a committed command of the entry at log `index`. Writes
+    /// that arrive together share an entry, so several commands may come
+    /// with the same index, in order.
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
     /// The whole state, to be given to [`StateMachine::restore`].
     fn snapshot(&self) -> Vec<u8>;

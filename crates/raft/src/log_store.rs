@@ -7,10 +7,11 @@
 //! (the shared log's own fields) and a payload: a kind byte, then the
 //! command's bytes or the encoded membership.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -35,13 +36,21 @@ const NOBODY: u64 = u64::MAX;
 /// Appends waiting for the fsync that makes them durable.
 struct Flushes {
     durable: AtomicU64,
+    /// The log failed (a write or fsync) or was stopped: nothing more
+    /// becomes durable.
+    failed: AtomicBool,
     changed: watch::Sender<u64>,
     waiting: Mutex<Vec<(u64, LogFlushed<TypeConfig>)>>,
 }
 
 impl Flushes {
-    /// Called by the group-commit thread after each fsync.
+    /// Called by the group-commit thread after each fsync, and with the
+    /// unchanged durable index when the log is poisoned.
     fn durable(&self, wal: u64) {
+        if wal <= self.durable.load(Ordering::Acquire) {
+            self.fail();
+            return;
+        }
         self.durable.store(wal, Ordering::Release);
         self.changed.send_replace(wal);
         let done: Vec<LogFlushed<TypeConfig>> = {
@@ -55,8 +64,25 @@ impl Flushes {
         }
     }
 
+    fn fail(&self) {
+        let waiting: Vec<_> = {
+            let mut waiting = self.waiting.lock();
+            self.failed.store(true, Ordering::Release);
+            waiting.drain(..).collect()
+        };
+        self.changed.send_modify(|_| {});
+        for (_, flushed) in waiting {
+            flushed.log_io_completed(Err(std::io::Error::other("the shared log failed or was stopped")));
+        }
+    }
+
     fn when_durable(&self, wal: u64, flushed: LogFlushed<TypeConfig>) {
         let mut waiting = self.waiting.lock();
+        if self.failed.load(Ordering::Acquire) {
+            drop(waiting);
+            flushed.log_io_completed(Err(std::io::Error::other("the shared log failed or was stopped")));
+            return;
+        }
         // Checked under the lock the commit thread drains under: an fsync
         // that lands now either is seen here or finds this entry.
         if self.durable.load(Ordering::Acquire) >= wal {
@@ -68,20 +94,36 @@ impl Flushes {
     }
 }
 
+/// A group's entries not yet durable, with their WAL index.
+type Tail = VecDeque<(u64, Entry<TypeConfig>)>;
+
 /// A node's write-ahead log for all its groups.
 pub struct SharedLog {
     log: GroupLog,
     flushes: Arc<Flushes>,
+    /// Per group, the entries appended and not yet durable, with their WAL
+    /// index: a leader reads them back at once to replicate them, and the
+    /// commit thread may not have written them yet (reading would wait
+    /// for it, on a runtime thread).
+    tails: Mutex<HashMap<GroupId, Tail>>,
 }
 
 impl SharedLog {
     /// Opens (or creates) the shared log in `dir`.
     pub fn open(backend: Arc<dyn Backend>, dir: &Path, policy: FsyncPolicy) -> Result<Arc<SharedLog>, WalError> {
         let (changed, _) = watch::channel(0);
-        let flushes = Arc::new(Flushes { durable: AtomicU64::new(0), changed, waiting: Mutex::new(Vec::new()) });
+        let flushes = Arc::new(Flushes {
+            durable: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            changed,
+            waiting: Mutex::new(Vec::new()),
+        });
         let listener = flushes.clone();
         let log = GroupLog::open(backend, dir, LogOptions::default(), policy, move |wal| listener.durable(wal))?;
-        Ok(Arc::new(SharedLog { log, flushes }))
+        // What the log held when opened is durable; the listener hears of
+        // later fsyncs only.
+        flushes.durable.fetch_max(log.durable_index(), Ordering::AcqRel);
+        Ok(Arc::new(SharedLog { log, flushes, tails: Mutex::new(HashMap::new()) }))
     }
 
     /// `group`'s view of the log.
@@ -99,14 +141,22 @@ impl SharedLog {
         self.log.reclaim()
     }
 
+    /// Commits what is pending and stops; later appends fail.
     pub fn shutdown(&self) {
         self.log.shutdown();
+        self.flushes.fail();
     }
 
-    async fn until_durable(&self, wal: u64) {
+    async fn until_durable(&self, wal: u64) -> std::io::Result<()> {
         let mut changed = self.flushes.changed.subscribe();
+        let failed = || self.flushes.failed.load(Ordering::Acquire);
         // The sender lives as long as `self`, so this ends.
-        let _ = changed.wait_for(|durable| *durable >= wal).await;
+        let _ = changed.wait_for(|durable| *durable >= wal || failed()).await;
+        if self.flushes.durable.load(Ordering::Acquire) >= wal {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("the shared log failed or was stopped"))
+        }
     }
 }
 
@@ -178,8 +228,28 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i,
             Bound::Unbounded => u64::MAX,
         };
-        let read = self.shared.log.read(self.group, start..end).map_err(read_error)?;
-        read.into_iter().map(|(index, term, payload)| decode(index, term, &payload)).collect()
+        // Recent entries from memory, older ones from the log.
+        let (cached, from) = {
+            let tails = self.shared.tails.lock();
+            let tail = tails.get(&self.group);
+            let from = tail.and_then(|t| t.front()).map_or(u64::MAX, |(_, e)| e.log_id.index).max(start);
+            let cached: Vec<Entry<TypeConfig>> = tail
+                .into_iter()
+                .flatten()
+                .map(|(_, entry)| entry)
+                .filter(|e| e.log_id.index >= from && e.log_id.index < end)
+                .cloned()
+                .collect();
+            (cached, from)
+        };
+        let mut out = Vec::new();
+        if start < from.min(end) {
+            for (index, term, payload) in self.shared.log.read(self.group, start..from.min(end)).map_err(read_error)? {
+                out.push(decode(index, term, &payload)?);
+            }
+        }
+        out.extend(cached);
+        Ok(out)
     }
 }
 
@@ -210,8 +280,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .save_vote(self.group, saved)
             .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))?;
         // A vote counts only once it survives a crash.
-        self.shared.until_durable(wal).await;
-        Ok(())
+        self.shared
+            .until_durable(wal)
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -229,14 +301,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut encoded = Vec::new();
+        let mut appended = Vec::new();
         for entry in entries {
             encoded.push((entry.log_id.index, entry.log_id.leader_id.term, encode(&entry)?));
+            appended.push(entry);
         }
-        let wal = self
-            .shared
-            .log
-            .append(self.group, encoded.iter().map(|(index, term, payload)| (*index, *term, &payload[..])))
-            .map_err(write_error)?;
+        let wal = {
+            // Under the tails' lock, so that a reader sees an entry either
+            // in the tail or in the log.
+            let mut tails = self.shared.tails.lock();
+            let wal = self
+                .shared
+                .log
+                .append(self.group, encoded.iter().map(|(index, term, payload)| (*index, *term, &payload[..])))
+                .map_err(write_error)?;
+            let durable = self.shared.flushes.durable.load(Ordering::Acquire);
+            let tail = tails.entry(self.group).or_default();
+            if let Some(first) = appended.first() {
+                // An append at an earlier index replaces what follows it.
+                while tail.back().is_some_and(|(_, e)| e.log_id.index >= first.log_id.index) {
+                    tail.pop_back();
+                }
+            }
+            while tail.front().is_some_and(|(at, _)| *at <= durable) {
+                tail.pop_front();
+            }
+            tail.extend(appended.into_iter().map(|entry| (wal, entry)));
+            wal
+        };
         self.shared.flushes.when_durable(wal, callback);
         Ok(())
     }
@@ -244,12 +336,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
         // Needs no fsync of its own: the entries that replace the removed
         // ones are acknowledged after it, by a later fsync.
+        let mut tails = self.shared.tails.lock();
         self.shared.log.truncate_from(self.group, log_id.index).map_err(write_error)?;
+        if let Some(tail) = tails.get_mut(&self.group) {
+            tail.retain(|(_, e)| e.log_id.index < log_id.index);
+        }
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        let mut tails = self.shared.tails.lock();
         self.shared.log.purge_upto(self.group, (log_id.index, log_id.leader_id.term)).map_err(write_error)?;
+        if let Some(tail) = tails.get_mut(&self.group) {
+            tail.retain(|(_, e)| e.log_id.index > log_id.index);
+        }
         Ok(())
     }
 }

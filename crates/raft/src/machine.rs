@@ -151,7 +151,15 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
             inner.applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => Vec::new(),
-                EntryPayload::Normal(command) => inner.state.apply(entry.log_id.index, &command.0),
+                EntryPayload::Normal(command) => {
+                    let Some(commands) = crate::batch::decode(&command.0) else {
+                        let e = std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed batch of commands");
+                        return Err(StorageIOError::apply(entry.log_id, AnyError::new(&e)).into());
+                    };
+                    let replies: Vec<Vec<u8>> =
+                        commands.into_iter().map(|c| inner.state.apply(entry.log_id.index, c)).collect();
+                    crate::batch::encode(replies.iter().map(Vec::as_slice))
+                }
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Vec::new()

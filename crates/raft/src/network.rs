@@ -15,7 +15,9 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use warren_cluster::Members;
+use std::sync::Arc;
+
+use crate::transport::Transport;
 
 use crate::{GroupId, NodeId, Raft, TypeConfig};
 
@@ -32,8 +34,8 @@ pub(crate) const MALFORMED: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 enum TransportError {
-    #[error(transparent)]
-    Call(#[from] warren_cluster::CallError),
+    #[error("{0}")]
+    Call(String),
     #[error("node '{0}' has no group {1}")]
     NoGroup(String, GroupId),
     #[error("node '{0}' could not read the request")]
@@ -44,7 +46,7 @@ enum TransportError {
 
 /// Makes openraft's clients for one group.
 pub(crate) struct Network {
-    pub(crate) members: Members,
+    pub(crate) transport: Arc<dyn Transport>,
     pub(crate) group: GroupId,
 }
 
@@ -52,13 +54,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { members: self.members.clone(), group: self.group, target, name: node.addr.clone() }
+        Peer { transport: self.transport.clone(), group: self.group, target, name: node.addr.clone() }
     }
 }
 
 /// One group's client for one other node (named in `BasicNode::addr`).
 pub(crate) struct Peer {
-    members: Members,
+    transport: Arc<dyn Transport>,
     group: GroupId,
     target: NodeId,
     name: String,
@@ -80,7 +82,7 @@ impl Peer {
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError::Answer(self.name.clone(), e))))?;
         let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
         let answer =
-            self.members.call(&self.name, &request, ttl).await.map_err(|e| unreachable(TransportError::Call(e)))?;
+            self.transport.call(&self.name, request, ttl).await.map_err(|e| unreachable(TransportError::Call(e)))?;
         match answer.split_first() {
             Some((&ANSWERED, body)) => {
                 let result: Result<Resp, RaftError<NodeId, E>> = bincode::deserialize(body)

@@ -11,15 +11,17 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
 use tracing::{debug, info};
-use warren_cluster::{Handler, Members};
-use warren_storage::{FsBackend, FsyncPolicy};
+use warren_cluster::Handler;
+use warren_storage::{Backend, FsBackend, FsyncPolicy};
 
 use crate::log_store::SharedLog;
 use crate::machine::Machine;
 use crate::network::{self, Network};
-use crate::{node_id, Command, GroupId, NodeId, Raft, StateMachine};
+use crate::transport::Transport;
+use crate::{node_id, Command, GroupId, NodeId, Raft, Reply, StateMachine};
 
 /// How often the election driver looks at the groups.
 const DRIVE_EVERY: Duration = Duration::from_millis(25);
@@ -29,7 +31,7 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// differs per group), so that two voters rarely split a vote.
 const RANK_STEP: Duration = Duration::from_millis(100);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("storage: {0}")]
     Storage(String),
@@ -69,9 +71,30 @@ struct Inner {
     log: Arc<SharedLog>,
     snapshots: PathBuf,
     config: Arc<openraft::Config>,
-    members: OnceLock<Members>,
-    groups: RwLock<HashMap<GroupId, Raft>>,
+    transport: OnceLock<Arc<dyn Transport>>,
+    groups: RwLock<HashMap<GroupId, Group>>,
 }
+
+/// Where a write's reply goes.
+type Answer = oneshot::Sender<Result<Vec<u8>, NodeError>>;
+
+/// Writes waiting for the group's next entry.
+#[derive(Default)]
+struct Pending {
+    commands: Vec<(Vec<u8>, Answer)>,
+    /// A task is writing the group's entries.
+    flushing: bool,
+}
+
+#[derive(Clone)]
+struct Group {
+    raft: Raft,
+    pending: Arc<Mutex<Pending>>,
+}
+
+/// At most this many commands, or about this many bytes, in one entry.
+const BATCH_COMMANDS: usize = 4096;
+const BATCH_BYTES: usize = 8 << 20;
 
 /// This node's Raft groups. Clones share them.
 #[derive(Clone)]
@@ -121,10 +144,16 @@ impl Default for NodeOptions {
 impl Node {
     /// Opens this node's shared log and snapshots under `dir`.
     pub fn open(name: &str, dir: &Path, options: NodeOptions) -> Result<Node, NodeError> {
+        Self::open_on(name, Arc::new(FsBackend), dir, options)
+    }
+
+    /// The same, with the shared log on `backend` (a simulated disk in
+    /// tests); snapshots are files under `dir` all the same.
+    pub fn open_on(name: &str, backend: Arc<dyn Backend>, dir: &Path, options: NodeOptions) -> Result<Node, NodeError> {
         let storage = |e: &dyn std::fmt::Display| NodeError::Storage(e.to_string());
         let snapshots = dir.join("snapshots");
         std::fs::create_dir_all(&snapshots).map_err(|e| storage(&e))?;
-        let log = SharedLog::open(Arc::new(FsBackend), &dir.join("wal"), options.fsync).map_err(|e| storage(&e))?;
+        let log = SharedLog::open(backend, &dir.join("wal"), options.fsync).map_err(|e| storage(&e))?;
         Ok(Node {
             inner: Arc::new(Inner {
                 id: node_id(name),
@@ -132,7 +161,7 @@ impl Node {
                 log,
                 snapshots,
                 config: Arc::new(raft_config(&options)?),
-                members: OnceLock::new(),
+                transport: OnceLock::new(),
                 groups: RwLock::new(HashMap::new()),
             }),
         })
@@ -148,18 +177,18 @@ impl Node {
         Arc::new(Serve(Arc::downgrade(&self.inner)))
     }
 
-    /// Connects the groups to the cluster's transport and starts the
-    /// election driver (on the current tokio runtime).
-    pub fn attach(&self, members: Members) {
-        if self.inner.members.set(members.clone()).is_ok() {
-            tokio::spawn(drive(Arc::downgrade(&self.inner), members));
+    /// Connects the groups to the other nodes (the cluster's `Members`)
+    /// and starts the election driver (on the current tokio runtime).
+    pub fn attach(&self, transport: Arc<dyn Transport>) {
+        if self.inner.transport.set(transport.clone()).is_ok() {
+            tokio::spawn(drive(Arc::downgrade(&self.inner), transport));
         }
     }
 
     /// Starts (or restarts, from its log and snapshot) group `group` on
     /// this node with `state` as the machine's initial state.
     pub async fn create_group<S: StateMachine>(&self, group: GroupId, state: S) -> Result<Machine<S>, NodeError> {
-        let members = self.inner.members.get().cloned().ok_or(NodeError::Detached)?;
+        let transport = self.inner.transport.get().cloned().ok_or(NodeError::Detached)?;
         if self.inner.groups.read().contains_key(&group) {
             return Err(NodeError::Exists(group));
         }
@@ -168,13 +197,13 @@ impl Node {
         let raft = Raft::new(
             self.inner.id,
             self.inner.config.clone(),
-            Network { members, group },
+            Network { transport, group },
             self.inner.log.store(group),
             machine.clone(),
         )
         .await
         .map_err(|e| NodeError::Raft(group, e.to_string()))?;
-        self.inner.groups.write().insert(group, raft);
+        self.inner.groups.write().insert(group, Group { raft, pending: Arc::default() });
         Ok(machine)
     }
 
@@ -193,9 +222,17 @@ impl Node {
     /// Commits `command` in `group` (on a majority's disks) and returns the
     /// state machine's reply. Only the leader accepts writes.
     pub async fn write(&self, group: GroupId, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
-        let raft = self.raft(group)?;
-        let response = raft.client_write(Command(command)).await.map_err(|e| write_error(group, e))?;
-        Ok(response.data.0)
+        let Group { raft, pending } = self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))?;
+        let (reply, replied) = oneshot::channel();
+        let start = {
+            let mut pending = pending.lock();
+            pending.commands.push((command, reply));
+            !std::mem::replace(&mut pending.flushing, true)
+        };
+        if start {
+            tokio::spawn(flush(group, raft, pending));
+        }
+        replied.await.map_err(|_| NodeError::Raft(group, "the group stopped".into()))?
     }
 
     /// Adds node `name` to the group's voters (it catches up as a learner
@@ -254,9 +291,22 @@ impl Node {
         self.inner.log.stats()
     }
 
+    /// Stops the shared log and every group without waiting for them, as
+    /// a dying process does. (Fault-injection tests make the disk fail
+    /// first, so that nothing pending lands.)
+    pub fn crash(&self) {
+        self.inner.log.shutdown();
+        let rafts: Vec<Raft> = self.inner.groups.write().drain().map(|(_, group)| group.raft).collect();
+        for raft in rafts {
+            tokio::spawn(async move {
+                let _ = raft.shutdown().await;
+            });
+        }
+    }
+
     /// Stops every group and the shared log.
     pub async fn shutdown(&self) {
-        let rafts: Vec<Raft> = self.inner.groups.write().drain().map(|(_, raft)| raft).collect();
+        let rafts: Vec<Raft> = self.inner.groups.write().drain().map(|(_, group)| group.raft).collect();
         for raft in rafts {
             let _ = raft.shutdown().await;
         }
@@ -264,7 +314,82 @@ impl Node {
     }
 
     fn raft(&self, group: GroupId) -> Result<Raft, NodeError> {
-        self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))
+        self.inner.groups.read().get(&group).map(|g| g.raft.clone()).ok_or(NodeError::NoGroup(group))
+    }
+}
+
+/// Writes a group's queued commands, an entry at a time, until none are
+/// left.
+async fn flush(group: GroupId, raft: Raft, pending: Arc<Mutex<Pending>>) {
+    loop {
+        let batch: Vec<_> = {
+            let mut pending = pending.lock();
+            if pending.commands.is_empty() {
+                pending.flushing = false;
+                return;
+            }
+            let mut bytes = 0;
+            let count = pending
+                .commands
+                .iter()
+                .take(BATCH_COMMANDS)
+                .take_while(|(command, _)| {
+                    bytes += command.len() + 4;
+                    bytes <= BATCH_BYTES
+                })
+                .count()
+                .max(1);
+            pending.commands.drain(..count).collect()
+        };
+        let payload = crate::batch::encode(batch.iter().map(|(command, _)| command.as_slice()));
+        let result = write_while_leader(group, &raft, payload).await;
+        match result {
+            Ok(reply) => match crate::batch::decode(&reply.0).filter(|r| r.len() == batch.len()) {
+                Some(replies) => {
+                    for ((_, reply), answer) in batch.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(answer.to_vec()));
+                    }
+                }
+                None => {
+                    let e = NodeError::Raft(group, "the state machine's replies do not match the batch".into());
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            },
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// `client_write`, given up when this node stops leading the term it
+/// was taken in: openraft 0.9 may never answer a write its leader took
+/// before stepping down (the new leader may commit it or not; the outcome
+/// is unknown, as when a connection drops).
+async fn write_while_leader(group: GroupId, raft: &Raft, payload: Vec<u8>) -> Result<Reply, NodeError> {
+    let mut metrics = raft.metrics();
+    let (term, leading) = {
+        let m = metrics.borrow_and_update();
+        (m.current_term, m.state == ServerState::Leader)
+    };
+    let not_leader = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+        let leader =
+            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+        NodeError::NotLeader { group, leader }
+    };
+    if !leading {
+        return Err(not_leader(&metrics.borrow()));
+    }
+    tokio::select! {
+        result = raft.client_write(Command(payload)) => result.map(|r| r.data).map_err(|e| write_error(group, e)),
+        changed = metrics.wait_for(|m| m.state != ServerState::Leader || m.current_term != term) => match changed {
+            Ok(m) => Err(not_leader(&m)),
+            Err(_) => Err(NodeError::Raft(group, "the group stopped".into())),
+        },
     }
 }
 
@@ -283,7 +408,7 @@ impl Handler for Serve {
     fn handle(&self, _from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let parsed = request.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).zip(request.get(8));
         let Some((group, &kind)) = parsed else { return Box::pin(async { vec![network::MALFORMED] }) };
-        let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).cloned());
+        let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone()));
         match raft {
             Some(raft) => Box::pin(async move { network::serve(raft, kind, &request[9..]).await }),
             None => Box::pin(async { vec![network::NO_GROUP] }),
@@ -300,15 +425,15 @@ fn rank_key(group: GroupId, voter: NodeId) -> u64 {
 /// Starts elections in the groups whose leader's node the failure detector
 /// reports down, or that have no leader: the voters try one after another,
 /// in an order of their own for each group.
-async fn drive(inner: Weak<Inner>, members: Members) {
+async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
     // Group -> when this node may next try an election.
     let mut next_try: HashMap<GroupId, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(DRIVE_EVERY);
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let up: HashSet<String> = members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
-        let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.clone())).collect();
+        let up: HashSet<String> = transport.up();
+        let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.raft.clone())).collect();
         let now = Instant::now();
         for (group, raft) in groups {
             let metrics = raft.metrics().borrow().clone();
@@ -321,12 +446,16 @@ async fn drive(inner: Weak<Inner>, members: Members) {
                 Some(leader) => is_up(leader),
                 None => false,
             };
-            if leader_alive || !voters.contains(&inner.id) || metrics.state == ServerState::Learner {
+            let mut live: Vec<NodeId> = voters.iter().copied().filter(|v| is_up(*v)).collect();
+            // A node that cannot reach a majority cannot win: it would only
+            // raise the term, and unseat a working leader once it is back
+            // (the job Raft's pre-vote does, done by the failure detector).
+            let hopeless = live.len() * 2 <= voters.len();
+            if leader_alive || hopeless || !voters.contains(&inner.id) || metrics.state == ServerState::Learner {
                 next_try.remove(&group);
                 continue;
             }
             let at = *next_try.entry(group).or_insert_with(|| {
-                let mut live: Vec<NodeId> = voters.iter().copied().filter(|v| is_up(*v)).collect();
                 live.sort_by_key(|v| rank_key(group, *v));
                 let rank = live.iter().position(|v| *v == inner.id).unwrap_or(live.len());
                 now + RANK_STEP * u32::try_from(rank).unwrap_or(u32::MAX)

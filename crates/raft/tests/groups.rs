@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -49,7 +50,7 @@ async fn start(name: &str, dir: &Path, listener: TcpListener, seeds: &[String], 
     let node = Node::open(name, dir, NodeOptions { snapshot_every, ..NodeOptions::default() }).unwrap();
     let config = ClusterConfig { node_name: name.into(), seeds: seeds.to_vec(), secret: b"cookie".to_vec() };
     let cluster = Cluster::start_with(config, listener, node.handler()).unwrap();
-    node.attach(cluster.members());
+    node.attach(Arc::new(cluster.members()));
     let machine = node.create_group(GROUP, Journal::default()).await.unwrap();
     Member { node, cluster, machine }
 }

@@ -1,0 +1,29 @@
+//! How a node's groups reach other nodes: the cluster port
+//! (`warren_cluster::Members`) in a running broker, a simulated network in
+//! the fault-injection tests.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+pub type Call = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>;
+
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `request` to node `peer`'s handler; its answer, or why none came.
+    fn call(&self, peer: &str, request: Vec<u8>, timeout: Duration) -> Call;
+    /// The nodes the failure detector holds up (this node not among them).
+    fn up(&self) -> HashSet<String>;
+}
+
+impl Transport for warren_cluster::Members {
+    fn call(&self, peer: &str, request: Vec<u8>, timeout: Duration) -> Call {
+        let members = self.clone();
+        let peer = peer.to_string();
+        Box::pin(async move { members.call(&peer, &request, timeout).await.map_err(|e| e.to_string()) })
+    }
+
+    fn up(&self) -> HashSet<String> {
+        self.status().into_iter().filter(|p| p.up).map(|p| p.name).collect()
+    }
+}
