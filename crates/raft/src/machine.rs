@@ -92,23 +92,27 @@ impl<S: StateMachine> Machine<S> {
         self.inner.lock().installed
     }
 
-    fn save(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError<NodeId>> {
-        let Some(path) = &self.file else { return Ok(()) };
+    /// Writes the snapshot file, off the runtime's threads (it fsyncs).
+    async fn save(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError<NodeId>> {
+        let Some(path) = self.file.clone() else { return Ok(()) };
         let bytes =
             bincode::serialize(&SnapshotFile { meta: meta.clone(), data: data.to_vec() }).map_err(snapshot_error)?;
-        let temporary = path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
+        let write = move || -> std::io::Result<()> {
             use std::io::Write;
+            let temporary = path.with_extension("tmp");
             let mut file = std::fs::File::create(&temporary)?;
             file.write_all(&bytes)?;
             file.sync_data()?;
-            std::fs::rename(&temporary, path)?;
+            std::fs::rename(&temporary, &path)?;
             if let Some(dir) = path.parent() {
                 std::fs::File::open(dir)?.sync_all()?;
             }
             Ok(())
         };
-        write().map_err(snapshot_error)
+        match tokio::task::spawn_blocking(write).await {
+            Ok(written) => written.map_err(snapshot_error),
+            Err(e) => Err(snapshot_error(std::io::Error::other(e))),
+        }
     }
 }
 
@@ -124,7 +128,7 @@ impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for Machine<S> {
             let meta = Meta { last_log_id: inner.applied, last_membership: inner.membership.clone(), snapshot_id: id };
             (meta, inner.state.snapshot())
         };
-        self.save(&meta, &data)?;
+        self.save(&meta, &data).await?;
         self.inner.lock().current = Some((meta.clone(), data.clone()));
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -185,7 +189,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
         // Durable first: the log before it is purged once this returns.
-        self.save(meta, &data)?;
+        self.save(meta, &data).await?;
         let mut inner = self.inner.lock();
         inner
             .state

@@ -25,6 +25,8 @@ use crate::{node_id, Command, GroupId, NodeId, Raft, Reply, StateMachine};
 
 /// How often the election driver looks at the groups.
 const DRIVE_EVERY: Duration = Duration::from_millis(25);
+/// How long a member with no leader known waits before an election.
+const UNKNOWN_LEADER_GRACE: Duration = Duration::from_millis(500);
 /// Between two election attempts of one group on one node.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Between the election attempts of successive voters (in an order that
@@ -260,12 +262,14 @@ impl Node {
         let metrics = raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let name = |id: &NodeId| membership.get_node(id).map_or_else(|| format!("{id:016x}"), |n| n.addr.clone());
+        let mut voters: Vec<String> = membership.voter_ids().map(|id| name(&id)).collect();
+        voters.sort();
         Some(GroupStatus {
             group,
             state: format!("{:?}", metrics.state),
             term: metrics.current_term,
             leader: metrics.current_leader.as_ref().map(name),
-            voters: membership.voter_ids().map(|id| name(&id)).collect(),
+            voters,
             last_log_index: metrics.last_log_index,
             applied_index: metrics.last_applied.map(|id| id.index),
             snapshot_index: metrics.snapshot.map(|id| id.index),
@@ -428,6 +432,8 @@ fn rank_key(group: GroupId, voter: NodeId) -> u64 {
 async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
     // Group -> when this node may next try an election.
     let mut next_try: HashMap<GroupId, Instant> = HashMap::new();
+    // Group -> the leader last seen (to log changes).
+    let mut seen: HashMap<GroupId, (u64, NodeId)> = HashMap::new();
     let mut tick = tokio::time::interval(DRIVE_EVERY);
     loop {
         tick.tick().await;
@@ -441,6 +447,12 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             let is_up =
                 |id: NodeId| id == inner.id || membership.get_node(&id).is_some_and(|node| up.contains(&node.addr));
             let voters: Vec<NodeId> = membership.voter_ids().collect();
+            if let Some(leader) = metrics.current_leader {
+                if seen.insert(group, (metrics.current_term, leader)) != Some((metrics.current_term, leader)) {
+                    let name = membership.get_node(&leader).map_or("?", |n| n.addr.as_str());
+                    info!(group, term = metrics.current_term, leader = name, "group leader");
+                }
+            }
             let leader_alive = match metrics.current_leader {
                 Some(leader) if leader == inner.id => metrics.state == ServerState::Leader,
                 Some(leader) => is_up(leader),
@@ -458,7 +470,12 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             let at = *next_try.entry(group).or_insert_with(|| {
                 live.sort_by_key(|v| rank_key(group, *v));
                 let rank = live.iter().position(|v| *v == inner.id).unwrap_or(live.len());
-                now + RANK_STEP * u32::try_from(rank).unwrap_or(u32::MAX)
+                // A leader that went is replaced at once. With no leader
+                // known (a node just started), one may well exist: its
+                // replication reaches this node within its retry interval,
+                // and an election now would only unseat it.
+                let grace = if metrics.current_leader.is_none() { UNKNOWN_LEADER_GRACE } else { Duration::ZERO };
+                now + grace + RANK_STEP * u32::try_from(rank).unwrap_or(u32::MAX)
             });
             if now < at {
                 continue;
@@ -470,6 +487,7 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
         }
         next_try.retain(|group, _| inner.groups.read().contains_key(group));
+        seen.retain(|group, _| inner.groups.read().contains_key(group));
     }
 }
 
