@@ -133,6 +133,8 @@ struct Shared {
     peers: Mutex<BTreeMap<String, Peer>>,
     /// Seed address -> why it could not be joined.
     seed_errors: Mutex<BTreeMap<String, String>>,
+    /// The seed address that turned out to be this node.
+    own_seed: Mutex<Option<String>>,
     /// Remote address -> why its last connection was refused: a node with
     /// another secret redials every half second, and is logged once.
     refusals: Mutex<HashMap<std::net::IpAddr, String>>,
@@ -179,6 +181,7 @@ impl Cluster {
             next_id: AtomicU64::new(1),
             peers: Mutex::new(BTreeMap::new()),
             seed_errors: Mutex::new(BTreeMap::new()),
+            own_seed: Mutex::new(None),
             refusals: Mutex::new(HashMap::new()),
         });
         let mut tasks = JoinSet::new();
@@ -235,6 +238,21 @@ impl Members {
             }
         }
         out
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.0.config.node_name
+    }
+
+    /// The seed addresses the node was started with.
+    pub fn seeds(&self) -> &[String] {
+        &self.0.config.seeds
+    }
+
+    /// Which of the seeds is this node itself, once dialing it showed so.
+    pub fn own_seed(&self) -> Option<String> {
+        self.0.own_seed.lock().clone()
     }
 
     /// Sends `request` to `peer`'s handler and waits up to `timeout` for
@@ -310,6 +328,7 @@ async fn dial_loop(seed: String, shared: Arc<Shared>) {
             }
             Ok(Err(HandshakeError::SameNode)) => {
                 debug!(%seed, "a seed is this node itself");
+                *shared.own_seed.lock() = Some(seed);
                 return;
             }
             Ok(Err(error)) => {

@@ -43,6 +43,10 @@ async fn three_nodes_with_one_seed_list_form_a_cluster_and_see_a_node_go() {
     eventually("each node sees the other two", || up(&a) == ["b", "c"] && up(&b) == ["a", "c"] && up(&c) == ["a", "b"])
         .await;
     assert!(a.status().iter().all(|p| p.name != "a"), "a node is not its own peer");
+    eventually("each node knows which seed it is", || {
+        [&a, &b, &c].iter().zip(&seeds).all(|(node, seed)| node.members().own_seed().as_ref() == Some(seed))
+    })
+    .await;
 
     // A node that stops is down for the others at once (its connections close).
     c.stop().await;
