@@ -3,7 +3,8 @@
 # (default 3) named node-1@local ..., AMQP on 5701.., management API on
 # 15701.., cluster ports 25701.., data under ./cluster-data (a shared secret
 # is generated there on first use). Nodes run in the background; `down`
-# stops them, `status` shows what node 1 knows of the others.
+# stops them, `status` shows what node 1 knows of the others and of the
+# metadata Raft group.
 #
 # Usage: scripts/cluster.sh up [N] | down | status
 set -euo pipefail
@@ -53,7 +54,10 @@ import json, sys
 for node in json.load(sys.stdin):
     error = node.get("warren_cluster_error")
     print("%-16s %s%s" % (node["name"], "running" if node["running"] else "not running",
-                          "  (" + error + ")" if error else ""))'
+                          "  (" + error + ")" if error else ""))
+    meta = node.get("warren_metadata")
+    if meta:
+        print("metadata group:  leader %s, term %s, members %s" % (meta["leader"], meta["term"], ", ".join(meta["members"]) or "none yet"))'
 }
 
 case "${1:-}" in

@@ -60,6 +60,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// The other nodes, when this one is in a cluster.
     pub cluster: std::sync::OnceLock<warren_cluster::Members>,
+    /// This node's Raft groups, when clustered.
+    pub raft: std::sync::OnceLock<warren_raft::Node>,
 }
 
 /// The management API's listeners, ready to serve.
@@ -90,18 +92,25 @@ impl Management {
             rates: rates::Rates::default(),
             started: std::time::Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            raft: std::sync::OnceLock::new(),
         });
         Management { listeners, prometheus: Vec::new(), https: Vec::new(), state }
     }
 
-    /// Also serves Prometheus metrics (`/metrics`, `/metrics/per-object`)
-    /// on these listeners.
     /// Lists the cluster's other nodes in `/api/nodes`.
     pub fn with_cluster(self, members: warren_cluster::Members) -> Management {
         let _ = self.state.cluster.set(members);
         self
     }
 
+    /// Shows this node's view of the metadata group in `/api/nodes`.
+    pub fn with_raft(self, node: warren_raft::Node) -> Management {
+        let _ = self.state.raft.set(node);
+        self
+    }
+
+    /// Also serves Prometheus metrics (`/metrics`, `/metrics/per-object`)
+    /// on these listeners.
     pub fn with_prometheus(mut self, listeners: Vec<TcpListener>) -> Management {
         self.prometheus = listeners;
         self

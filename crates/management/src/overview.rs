@@ -201,6 +201,19 @@ fn node_json(state: &AppState) -> Value {
         map.insert("warren_spill_messages".into(), json!(spill.live));
         map.insert("warren_paging_pressure".into(), json!(state.broker.paging_pressure()));
         map.insert("warren_paging_threshold".into(), json!(state.broker.config.paging_threshold().unwrap_or(0)));
+        if let Some(status) = state.raft.get().and_then(|raft| raft.status(warren_raft::metadata::METADATA)) {
+            map.insert(
+                "warren_metadata".into(),
+                json!({
+                    "state": status.state,
+                    "term": status.term,
+                    "leader": status.leader,
+                    "members": status.voters,
+                    "last_log_index": status.last_log_index,
+                    "applied_index": status.applied_index,
+                }),
+            );
+        }
     }
     node
 }

@@ -23,6 +23,7 @@
 mod batch;
 mod log_store;
 mod machine;
+pub mod metadata;
 mod network;
 mod node;
 mod transport;
@@ -35,7 +36,7 @@ pub use log_store::{LogStore, SharedLog};
 pub use machine::Machine;
 pub use node::{GroupStatus, Node, NodeError, NodeOptions};
 pub use transport::{Call, Transport};
-pub use warren_storage::GroupId;
+pub use warren_storage::{FsyncPolicy, GroupId};
 
 /// openraft's node id. Warren names nodes; the id is derived from the name
 /// ([`node_id`]), so every node computes the same id for the same name.

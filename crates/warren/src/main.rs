@@ -100,7 +100,7 @@ struct ServeArgs {
     /// File holding the secret every node of the cluster shares; required with --cluster-port.
     #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE", value_name = "FILE")]
     cluster_secret_file: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `warren_server=debug` [default: info].
+    /// Log filter, e.g. `info` or `warren_server=debug` [default: info]. openraft logs only errors unless the filter names it (`info,openraft=info`).
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
 }
@@ -186,8 +186,15 @@ async fn shutdown_signal() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Colours only on a terminal: a log file or journal gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // openraft reports every election step at info, and messages of a term
+    // gone at warn; Warren logs elections and failures itself. A filter
+    // that names openraft gets what it asks for.
+    let filter = match args.log.contains("openraft") {
+        true => args.log.clone(),
+        false => format!("{},openraft=error", args.log),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info,openraft=error")))
         .with_ansi(ansi)
         .init();
     let config = args.config()?;
@@ -204,7 +211,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::bind(config.clone()).await?;
     let cluster = cluster(&config).await?;
     let management = management(&config, &server).await?.map(|m| match &cluster {
-        Some(cluster) => m.with_cluster(cluster.members()),
+        Some((cluster, raft)) => m.with_cluster(cluster.members()).with_raft(raft.clone()),
         None => m,
     });
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
@@ -215,8 +222,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }))
     });
     server.run(shutdown_signal()).await;
-    if let Some(cluster) = cluster {
+    if let Some((cluster, raft)) = cluster {
         cluster.stop().await;
+        raft.shutdown().await;
     }
     let _ = stop_http.send(true);
     if let Some(http) = http {
@@ -231,8 +239,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cluster membership on `cluster_port` (first `bind` address), if set.
-async fn cluster(config: &Config) -> anyhow::Result<Option<warren_cluster::Cluster>> {
+/// Cluster membership on `cluster_port` (first `bind` address), if set,
+/// and this node's Raft groups (under `data_dir/raft`) running over it.
+async fn cluster(config: &Config) -> anyhow::Result<Option<(warren_cluster::Cluster, warren_raft::Node)>> {
     if config.cluster_port == 0 {
         return Ok(None);
     }
@@ -254,9 +263,18 @@ async fn cluster(config: &Config) -> anyhow::Result<Option<warren_cluster::Clust
     let listener = tokio::net::TcpListener::bind((address, config.cluster_port))
         .await
         .with_context(|| format!("listening on cluster port {address}:{}", config.cluster_port))?;
+    let fsync = match config.fsync {
+        warren_server::config::Fsync::Always => warren_raft::FsyncPolicy::Always,
+        warren_server::config::Fsync::Never => warren_raft::FsyncPolicy::Never,
+    };
+    let options = warren_raft::NodeOptions { fsync, ..warren_raft::NodeOptions::default() };
+    let raft = warren_raft::Node::open(&config.node_name(), &config.data_dir.join("raft"), options)?;
     let members =
         warren_cluster::ClusterConfig { node_name: config.node_name(), seeds: config.cluster_seeds.clone(), secret };
-    Ok(Some(warren_cluster::Cluster::start(members, listener)?))
+    let cluster = warren_cluster::Cluster::start_with(members, listener, raft.handler())?;
+    raft.attach(std::sync::Arc::new(cluster.members()));
+    warren_raft::metadata::start(&raft, cluster.members()).await?;
+    Ok(Some((cluster, raft)))
 }
 
 /// The management API on `http_port` and Prometheus metrics on

@@ -1,6 +1,7 @@
 //! Three `warren` processes on 127.0.0.1 form a cluster from one seed list,
 //! list each other in `/api/nodes`, notice a `kill -9`, and a node with
-//! another secret is refused and says why.
+//! another secret is refused and says why. Their metadata Raft group forms,
+//! and elects a new leader when its leader is killed or paused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,6 +33,11 @@ impl Drop for Node {
 fn start(name: &str, cluster_port: u16, seeds: &[String], secret: &Path) -> Node {
     let data = std::env::temp_dir().join(format!("warren-cluster-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
+    start_in(name, cluster_port, seeds, secret, data)
+}
+
+/// Starts a node on the data directory `data` as it is (a restart).
+fn start_in(name: &str, cluster_port: u16, seeds: &[String], secret: &Path, data: PathBuf) -> Node {
     let http = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["--amqp-port", &free_port().to_string(), "--http-port", &http.to_string(), "--prometheus-port", "0"])
@@ -132,6 +138,96 @@ fn three_processes_form_a_cluster_notice_a_kill_and_refuse_another_secret() {
     assert_eq!(running(&x), ["x@test"]);
     assert_eq!(running(&a), ["a@test", "b@test"], "x is never counted a member");
     drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The metadata group as `node` sees it: (state, term, leader, members).
+fn metadata(node: &Node) -> Option<(String, u64, Option<String>, usize)> {
+    let listed = nodes(node)?;
+    let m = &listed.first()?["warren_metadata"];
+    Some((
+        m["state"].as_str()?.to_string(),
+        m["term"].as_u64()?,
+        m["leader"].as_str().map(String::from),
+        m["members"].as_array()?.len(),
+    ))
+}
+
+#[test]
+fn the_metadata_group_forms_and_elects_a_new_leader_after_a_kill_or_a_pause() {
+    let dir = std::env::temp_dir().join(format!("warren-cluster-meta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "cookie\n").unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let names = ["a@meta", "b@meta", "c@meta"];
+    let mut nodes: Vec<Node> = names.iter().zip(ports).map(|(name, port)| start(name, port, &seeds, &secret)).collect();
+    // The leader all three agree on, once they do.
+    let agreed = |nodes: &[Node]| -> Option<(u64, String)> {
+        let views: Vec<_> = nodes.iter().map(metadata).collect::<Option<Vec<_>>>()?;
+        let (_, term, leader, members) = views.first()?.clone();
+        let leader = leader?;
+        views
+            .iter()
+            .all(|v| v.1 == term && v.2.as_deref() == Some(leader.as_str()) && v.3 == 3 && members == 3)
+            .then_some((term, leader))
+    };
+    let mut agreement = None;
+    eventually("the metadata group forms with all three", 30, || {
+        agreement = agreed(&nodes);
+        agreement.is_some()
+    });
+
+    // kill -9 of the leader's process, three times: the others elect
+    // another; the killed node restarts from its data and follows.
+    let mut failovers = Vec::new();
+    for _ in 0..3 {
+        let (term, leader) = agreement.clone().unwrap();
+        let i = names.iter().position(|n| *n == leader).unwrap();
+        nodes[i].child.kill().unwrap();
+        nodes[i].child.wait().unwrap();
+        let killed = Instant::now();
+        let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+        eventually("the others elect another leader", 20, || {
+            others
+                .iter()
+                .all(|j| metadata(&nodes[*j]).is_some_and(|(_, t, l, _)| t > term && l.is_some_and(|l| l != leader)))
+        });
+        failovers.push(killed.elapsed());
+        // The old process is gone; its data stays for the restart.
+        let data = std::mem::take(&mut nodes[i].data);
+        nodes[i] = start_in(names[i], ports[i], &seeds, &secret, data);
+        eventually("the restarted node follows the new leader", 30, || {
+            agreement = agreed(&nodes);
+            agreement.is_some()
+        });
+    }
+    println!("metadata leader killed: another elected after {failovers:?}");
+
+    // A paused leader (SIGSTOP) is replaced once the failure detector
+    // misses its heartbeats; woken, it follows the newer term.
+    let (term, leader) = agreement.clone().unwrap();
+    let i = names.iter().position(|n| *n == leader).unwrap();
+    let signal = |name: &str, pid: u32| {
+        assert!(Command::new("kill").args([name, &pid.to_string()]).status().unwrap().success());
+    };
+    signal("-STOP", nodes[i].child.id());
+    let paused = Instant::now();
+    let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+    eventually("a paused leader is replaced", 20, || {
+        others
+            .iter()
+            .all(|j| metadata(&nodes[*j]).is_some_and(|(_, t, l, _)| t > term && l.is_some_and(|l| l != leader)))
+    });
+    println!("metadata leader paused: another elected after {:?}", paused.elapsed());
+    signal("-CONT", nodes[i].child.id());
+    eventually("the woken node follows the newer leader", 30, || {
+        agreement = agreed(&nodes);
+        agreement.as_ref().is_some_and(|(t, l)| *t > term && *l != leader)
+    });
+    assert_ne!(metadata(&nodes[i]).unwrap().0, "Leader", "no leader on a stale term");
+    drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
