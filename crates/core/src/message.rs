@@ -175,6 +175,26 @@ impl Message {
         Some(self.arrived().saturating_add(ttl))
     }
 
+    /// A copy of its own (not stored anywhere yet), keeping when it
+    /// arrived: a replicated queue keys its messages by their stored index,
+    /// which a message shared with other queues cannot carry twice.
+    pub fn duplicate(&self) -> Message {
+        let message = Message {
+            data: self.data.clone(),
+            exchange_len: self.exchange_len,
+            routing_key_len: self.routing_key_len,
+            properties_len: self.properties_len,
+            persistent: self.persistent,
+            priority: self.priority,
+            expiration: self.expiration,
+            arrived: std::sync::atomic::AtomicU64::new(0),
+            stored: std::sync::atomic::AtomicU64::new(0),
+            body_at: std::sync::atomic::AtomicU64::new(0),
+        };
+        message.set_arrived(self.arrived());
+        message
+    }
+
     /// A copy with different properties (Direct Reply-To, BCC removal).
     pub fn with_properties(&self, properties: &Properties) -> Message {
         let mut builder = Message::builder(self.exchange(), self.routing_key(), properties, self.body_len());

@@ -235,6 +235,10 @@ pub struct Queue {
     pub(crate) paging: Paging,
     /// On its virtual host's list of queues with paging left to do.
     pub(crate) paging_due: bool,
+    /// A quorum queue led from this node: its journal goes to its Raft
+    /// group, keyed by each message's own stored index, and its bodies
+    /// stay in memory (the log that holds them is the group's).
+    pub replicated: bool,
 }
 
 impl Queue {
@@ -275,11 +279,15 @@ impl Queue {
             stats: crate::stats::MessageStats::default(),
             paging: Paging::default(),
             paging_due: false,
+            replicated: false,
         }
     }
 
     /// Its in-memory window now.
     pub fn window(&self) -> usize {
+        if self.replicated {
+            return usize::MAX;
+        }
         self.paging.window(self.ready_len, self.ready_bytes)
     }
 
@@ -357,6 +365,20 @@ impl Queue {
         let lane = self.lane_of(message.priority);
         let window = self.window();
         self.lanes[lane].push(Entry::new(seq, false, Body::Loaded(message)), window);
+    }
+
+    /// Adds a message taken over from another node's leadership: it may
+    /// have been delivered there, so it is marked redelivered. Returns its
+    /// sequence number.
+    pub fn push_recovered(&mut self, message: Arc<Message>) -> u64 {
+        let seq = self.next_seq();
+        self.ready_bytes += message.body_len() as u64;
+        self.ready_len += 1;
+        self.track_expiry(&message, seq);
+        let lane = self.lane_of(message.priority);
+        let window = self.window();
+        self.lanes[lane].push(Entry::new(seq, true, Body::Loaded(message)), window);
+        seq
     }
 
     /// Adds a message recovered from the store (`size` body bytes), paged

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 use warren_cluster::Members;
 
-use crate::{GroupId, Node, StateMachine};
+use crate::{GroupId, Machine, Node, StateMachine};
 
 pub const METADATA: GroupId = 0;
 
@@ -41,10 +41,12 @@ impl StateMachine for Metadata {
 /// How often formation and joining are looked at.
 const EVERY: Duration = Duration::from_millis(200);
 
-/// Starts the metadata group on this node and keeps its membership: forms
-/// it (on the first seed), adds nodes that join (on the leader).
-pub async fn start(node: &Node, members: Members) -> Result<(), crate::NodeError> {
-    node.create_group(METADATA, Metadata).await?;
+/// Starts the metadata group on this node with `state` as its machine
+/// ([`Metadata`] when the broker keeps nothing there) and keeps its
+/// membership: forms it (on the first seed), adds nodes that join (on the
+/// leader).
+pub async fn start<S: StateMachine>(node: &Node, members: Members, state: S) -> Result<Machine<S>, crate::NodeError> {
+    let machine = node.create_group(METADATA, state).await?;
     let node = node.clone();
     tokio::spawn(async move {
         let mut first_seeds: Vec<String> = members.seeds().to_vec();
@@ -76,5 +78,5 @@ pub async fn start(node: &Node, members: Members) -> Result<(), crate::NodeError
             }
         }
     });
-    Ok(())
+    Ok(machine)
 }

@@ -24,6 +24,12 @@ use crate::{GroupId, NodeId, Raft, TypeConfig};
 pub(crate) const APPEND: u8 = 1;
 pub(crate) const VOTE: u8 = 2;
 pub(crate) const SNAPSHOT: u8 = 3;
+/// A client's command handed to the leader by a follower (not openraft's:
+/// the answer is `ANSWERED` and the reply's bytes, or `NOT_LEADER`).
+pub(crate) const FORWARD: u8 = 4;
+
+/// How long a vote waits for a member to create its group.
+const NO_GROUP_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The group answered (with its result, success or a Raft error).
 pub(crate) const ANSWERED: u8 = 0;
@@ -31,6 +37,8 @@ pub(crate) const ANSWERED: u8 = 0;
 pub(crate) const NO_GROUP: u8 = 1;
 /// The request could not be read.
 pub(crate) const MALFORMED: u8 = 2;
+/// A forwarded command found no leader here.
+pub(crate) const NOT_LEADER: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 enum TransportError {
@@ -81,8 +89,24 @@ impl Peer {
         bincode::serialize_into(&mut request, rpc)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError::Answer(self.name.clone(), e))))?;
         let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
-        let answer =
-            self.transport.call(&self.name, request, ttl).await.map_err(|e| unreachable(TransportError::Call(e)))?;
+        // A vote that finds no group may have come first: the group is
+        // created on every member as the metadata that places it is
+        // applied there, and the member that set it up votes at once.
+        let patience = if kind == VOTE { ttl.min(NO_GROUP_PATIENCE) } else { Duration::ZERO };
+        let started = std::time::Instant::now();
+        let answer = loop {
+            let again = (started.elapsed() < patience).then(|| request.clone());
+            let answer = self
+                .transport
+                .call(&self.name, request, ttl)
+                .await
+                .map_err(|e| unreachable(TransportError::Call(e)))?;
+            match again {
+                Some(again) if answer.first() == Some(&NO_GROUP) => request = again,
+                _ => break answer,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         match answer.split_first() {
             Some((&ANSWERED, body)) => {
                 let result: Result<Resp, RaftError<NodeId, E>> = bincode::deserialize(body)

@@ -80,6 +80,9 @@ struct Inner {
 /// Where a write's reply goes.
 type Answer = oneshot::Sender<Result<Vec<u8>, NodeError>>;
 
+/// A submitted write's reply, once it is committed (or refused).
+pub type Submitted = oneshot::Receiver<Result<Vec<u8>, NodeError>>;
+
 /// Writes waiting for the group's next entry.
 #[derive(Default)]
 struct Pending {
@@ -224,6 +227,13 @@ impl Node {
     /// Commits `command` in `group` (on a majority's disks) and returns the
     /// state machine's reply. Only the leader accepts writes.
     pub async fn write(&self, group: GroupId, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        self.submit(group, command)?.await.map_err(|_| NodeError::Raft(group, "the group stopped".into()))?
+    }
+
+    /// [`Node::write`] without waiting: the command is queued now (so
+    /// commands submitted one after another are committed in that order)
+    /// and the receiver gets the reply. Called within a tokio runtime.
+    pub fn submit(&self, group: GroupId, command: Vec<u8>) -> Result<Submitted, NodeError> {
         let Group { raft, pending } = self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))?;
         let (reply, replied) = oneshot::channel();
         let start = {
@@ -234,7 +244,58 @@ impl Node {
         if start {
             tokio::spawn(flush(group, raft, pending));
         }
-        replied.await.map_err(|_| NodeError::Raft(group, "the group stopped".into()))?
+        Ok(replied)
+    }
+
+    /// [`Node::write`] from any member: a follower hands the command to
+    /// the leader it knows (retrying while none is known, up to `patience`).
+    pub async fn write_anywhere(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+        patience: Duration,
+    ) -> Result<Vec<u8>, NodeError> {
+        let give_up = Instant::now() + patience;
+        loop {
+            let leader = match self.write(group, command.clone()).await {
+                Err(NodeError::NotLeader { leader: Some(leader), .. }) if leader != self.inner.name => leader,
+                Err(NodeError::NotLeader { .. }) if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                done => return done,
+            };
+            let transport = self.inner.transport.get().cloned().ok_or(NodeError::Detached)?;
+            let mut request = Vec::with_capacity(command.len() + 9);
+            request.extend_from_slice(&group.to_le_bytes());
+            request.push(network::FORWARD);
+            request.extend_from_slice(&command);
+            let answer = transport.call(&leader, request, patience.max(Duration::from_millis(100))).await;
+            match answer.as_deref().map(|a| (a.first(), a.get(1..))) {
+                Ok((Some(&network::ANSWERED), Some(reply))) => return Ok(reply.to_vec()),
+                _ if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) => return Err(NodeError::NotLeader { group, leader: Some(leader) }),
+                Err(e) => return Err(NodeError::Raft(group, e.clone())),
+            }
+        }
+    }
+
+    /// Starts an election in `group` now (a leader placed on this node).
+    pub async fn campaign(&self, group: GroupId) -> Result<(), NodeError> {
+        self.raft(group)?.trigger().elect().await.map_err(|e| NodeError::Raft(group, e.to_string()))
+    }
+
+    /// Returns once this node, as leader, has applied every entry committed
+    /// before the call (a new leader's state machine is then complete).
+    pub async fn barrier(&self, group: GroupId) -> Result<(), NodeError> {
+        match self.raft(group)?.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(_)) => {
+                let leader = self.status(group).and_then(|s| s.leader);
+                Err(NodeError::NotLeader { group, leader })
+            }
+            Err(e) => Err(NodeError::Raft(group, e.to_string())),
+        }
     }
 
     /// Adds node `name` to the group's voters (it catches up as a learner
@@ -412,6 +473,17 @@ impl Handler for Serve {
     fn handle(&self, _from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let parsed = request.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).zip(request.get(8));
         let Some((group, &kind)) = parsed else { return Box::pin(async { vec![network::MALFORMED] }) };
+        if kind == network::FORWARD {
+            let Some(inner) = self.0.upgrade() else { return Box::pin(async { vec![network::NO_GROUP] }) };
+            let node = Node { inner };
+            let command = request[9..].to_vec();
+            return Box::pin(async move {
+                match node.write(group, command).await {
+                    Ok(reply) => [&[network::ANSWERED][..], &reply].concat(),
+                    Err(_) => vec![network::NOT_LEADER],
+                }
+            });
+        }
         let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone()));
         match raft {
             Some(raft) => Box::pin(async move { network::serve(raft, kind, &request[9..]).await }),

@@ -128,6 +128,10 @@ pub struct Broker {
     /// One permit per connection still in its handshake
     /// (`max_pending_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Publishes into quorum queues wait on these (`quorum::tickets`).
+    pub tickets: crate::quorum::tickets::Tickets,
+    /// In a cluster: the quorum queues (set once the cluster is up).
+    pub replication: std::sync::OnceLock<Arc<crate::quorum::Replication>>,
 }
 
 /// Why the broker could not open its data directory.
@@ -214,6 +218,8 @@ impl Broker {
             alarms: crate::alarm::Alarms::default(),
             paging_pressure: AtomicBool::new(false),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshake_slots)),
+            tickets: Default::default(),
+            replication: std::sync::OnceLock::new(),
         };
         for (name, vhost) in vhosts {
             broker.prepare_vhost(&vhost);

@@ -18,6 +18,7 @@ pub mod files;
 pub mod histogram;
 pub mod outbox;
 pub mod password;
+pub mod quorum;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -209,7 +209,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let server = Server::bind(config.clone()).await?;
-    let cluster = cluster(&config).await?;
+    let cluster = cluster(&config, &server.broker()).await?;
     let management = management(&config, &server).await?.map(|m| match &cluster {
         Some((cluster, raft)) => m.with_cluster(cluster.members()).with_raft(raft.clone()),
         None => m,
@@ -241,7 +241,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Cluster membership on `cluster_port` (first `bind` address), if set,
 /// and this node's Raft groups (under `data_dir/raft`) running over it.
-async fn cluster(config: &Config) -> anyhow::Result<Option<(warren_cluster::Cluster, warren_raft::Node)>> {
+async fn cluster(
+    config: &Config,
+    broker: &std::sync::Arc<warren_server::Broker>,
+) -> anyhow::Result<Option<(warren_cluster::Cluster, warren_raft::Node)>> {
     if config.cluster_port == 0 {
         return Ok(None);
     }
@@ -273,7 +276,8 @@ async fn cluster(config: &Config) -> anyhow::Result<Option<(warren_cluster::Clus
         warren_cluster::ClusterConfig { node_name: config.node_name(), seeds: config.cluster_seeds.clone(), secret };
     let cluster = warren_cluster::Cluster::start_with(members, listener, raft.handler())?;
     raft.attach(std::sync::Arc::new(cluster.members()));
-    warren_raft::metadata::start(&raft, cluster.members()).await?;
+    let replication = warren_server::quorum::Replication::start(broker, raft.clone(), cluster.members()).await?;
+    let _ = broker.replication.set(replication);
     Ok(Some((cluster, raft)))
 }
 

@@ -1,7 +1,8 @@
 //! Three `warren` processes on 127.0.0.1 form a cluster from one seed list,
 //! list each other in `/api/nodes`, notice a `kill -9`, and a node with
 //! another secret is refused and says why. Their metadata Raft group forms,
-//! and elects a new leader when its leader is killed or paused.
+//! and elects a new leader when its leader is killed or paused. A quorum
+//! queue keeps every confirmed message when its leader's node is killed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +20,7 @@ fn free_port() -> u16 {
 struct Node {
     child: Child,
     http: u16,
+    amqp: u16,
     data: PathBuf,
 }
 
@@ -38,9 +40,9 @@ fn start(name: &str, cluster_port: u16, seeds: &[String], secret: &Path) -> Node
 
 /// Starts a node on the data directory `data` as it is (a restart).
 fn start_in(name: &str, cluster_port: u16, seeds: &[String], secret: &Path, data: PathBuf) -> Node {
-    let http = free_port();
+    let (http, amqp) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["--amqp-port", &free_port().to_string(), "--http-port", &http.to_string(), "--prometheus-port", "0"])
+        .args(["--amqp-port", &amqp.to_string(), "--http-port", &http.to_string(), "--prometheus-port", "0"])
         .args(["--bind", "127.0.0.1", "--log", "warn", "--node-name", name])
         .args(["--cluster-port", &cluster_port.to_string(), "--cluster-seeds", &seeds.join(",")])
         .arg("--cluster-secret-file")
@@ -51,7 +53,7 @@ fn start_in(name: &str, cluster_port: u16, seeds: &[String], secret: &Path, data
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Node { child, http, data }
+    Node { child, http, amqp, data }
 }
 
 /// `/api/nodes` as guest, or None while the API is not up.
@@ -242,4 +244,133 @@ fn a_cluster_port_without_a_secret_file_is_refused_at_start() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cluster_secret_file"), "{stderr}");
+}
+
+async fn connect(node: &Node) -> lapin::Connection {
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2F", node.amqp);
+    lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await.unwrap()
+}
+
+fn quorum() -> lapin::types::FieldTable {
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+    arguments
+}
+
+/// Publishes `bodies` with confirms; all must be acked.
+async fn publish_confirmed(channel: &lapin::Channel, queue: &str, bodies: impl Iterator<Item = String>) {
+    let mut pending = Vec::new();
+    for body in bodies {
+        let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        let options = lapin::options::BasicPublishOptions::default();
+        pending
+            .push(channel.basic_publish("".into(), queue.into(), options, body.as_bytes(), properties).await.unwrap());
+    }
+    for confirm in pending {
+        assert!(confirm.await.unwrap().is_ack(), "a publish into the quorum queue was nacked");
+    }
+}
+
+#[test]
+fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed() {
+    use futures_lite::StreamExt;
+    use lapin::options::QueueDeclareOptions;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+
+    let dir = std::env::temp_dir().join(format!("warren-quorum-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "cookie\n").unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut a = start("qa@test", ports[0], &seeds, &secret);
+    let b = start("qb@test", ports[1], &seeds, &secret);
+    let c = start("qc@test", ports[2], &seeds, &secret);
+    eventually("the metadata group has three members and a leader", 30, || {
+        [&a, &b, &c].iter().all(|n| metadata(n).is_some_and(|(_, _, leader, members)| leader.is_some() && members == 3))
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        let conn = connect(&a).await;
+        let channel = conn.create_channel().await.unwrap();
+        let declared = channel.queue_declare("orders".into(), durable, quorum()).await.unwrap();
+        assert_eq!(declared.message_count(), 0);
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish_confirmed(&channel, "orders", (0..500).map(|i| format!("m{i}"))).await;
+
+        // Another node knows the queue (passive declare answers from its replica).
+        let other = connect(&b).await;
+        let passive = QueueDeclareOptions { passive: true, ..durable };
+        let seen = other.create_channel().await.unwrap().queue_declare("orders".into(), passive, quorum()).await;
+        assert!(seen.is_ok(), "a follower answers a passive declare: {seen:?}");
+
+        // 100 acked, 50 more delivered and left unacknowledged.
+        let consumer_channel = conn.create_channel().await.unwrap();
+        consumer_channel.basic_qos(150, BasicQosOptions::default()).await.unwrap();
+        let options = BasicConsumeOptions::default();
+        let mut consumer =
+            consumer_channel.basic_consume("orders".into(), "c".into(), options, Default::default()).await.unwrap();
+        for i in 0..150 {
+            let delivery = consumer.next().await.unwrap().unwrap();
+            assert_eq!(delivery.data, format!("m{i}").into_bytes(), "in order");
+            if i < 100 {
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+        }
+        // The acks are committed before the kill (a confirmed publish on
+        // the same connection's other channel comes after them).
+        publish_confirmed(&channel, "orders", std::iter::once("m500".to_string())).await;
+        drop(other);
+    });
+
+    let killed = Instant::now();
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+
+    runtime.block_on(async {
+        // The new leader's node serves the queue once it took it up.
+        let (conn, mut consumer) = loop {
+            assert!(killed.elapsed() < Duration::from_secs(20), "no node serves the quorum queue after the kill");
+            let mut served = None;
+            for node in [&b, &c] {
+                let conn = connect(node).await;
+                let channel = conn.create_channel().await.unwrap();
+                let options = BasicConsumeOptions::default();
+                if let Ok(consumer) =
+                    channel.basic_consume("orders".into(), "c2".into(), options, Default::default()).await
+                {
+                    served = Some((conn, consumer));
+                    break;
+                }
+            }
+            match served {
+                Some(found) => break found,
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        println!("the quorum queue was served again {:?} after its leader was killed", killed.elapsed());
+        let mut bodies = Vec::new();
+        while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+            let delivery = delivery.unwrap();
+            let body = String::from_utf8(delivery.data.clone()).unwrap();
+            let n: usize = body[1..].parse().unwrap();
+            assert!(n >= 100, "{body} was acknowledged before the kill");
+            if n < 150 {
+                assert!(delivery.redelivered, "{body} was delivered before: redelivered");
+            }
+            bodies.push(n);
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        let expected: Vec<usize> = (100..=500).collect();
+        assert_eq!(bodies, expected, "every confirmed message not acknowledged, once, in order");
+        // It goes on taking confirmed publishes.
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish_confirmed(&channel, "orders", std::iter::once("m501".to_string())).await;
+        let delivery = consumer.next().await.unwrap().unwrap();
+        assert_eq!(delivery.data, b"m501");
+    });
+    drop((b, c));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -37,7 +37,10 @@ impl VirtualHostState {
                     // The original's entry stays live until it is settled
                     // below, after the copy is journaled: the copy may
                     // refer to its body instead of writing it again.
-                    if dead.settle {
+                    // (Not a replicated queue's: its body is in its group's
+                    // log, which the local store cannot refer to.)
+                    let replicated = self.queue_ids.get(&*dead.source).and_then(|id| self.queues.get(id));
+                    if dead.settle && !replicated.is_some_and(|q| q.replicated) {
                         copy.share_stored_body(&dead.message);
                     }
                     let copy = Arc::new(copy);

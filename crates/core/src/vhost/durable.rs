@@ -81,7 +81,9 @@ impl VirtualHostState {
     /// The durable exchanges, queues and bindings (exclusive queues excluded).
     pub fn durable_definitions(&self) -> Definitions {
         let mut definitions = Definitions::default();
-        let durable_queue = |id: &QueueId| self.queues.get(id).filter(|q| q.durable && q.exclusive_owner.is_none());
+        // Replicated queues are their group's to keep, not this node's.
+        let durable_queue =
+            |id: &QueueId| self.queues.get(id).filter(|q| q.durable && q.exclusive_owner.is_none() && !q.replicated);
         for exchange in self.exchanges.values().filter(|x| x.durable) {
             if !exchange.name.starts_with("amq.") {
                 definitions.exchanges.push(ExchangeDefinition {
@@ -112,7 +114,7 @@ impl VirtualHostState {
                 });
             }
         }
-        for queue in self.queues.values().filter(|q| q.durable && q.exclusive_owner.is_none()) {
+        for queue in self.queues.values().filter(|q| q.durable && q.exclusive_owner.is_none() && !q.replicated) {
             definitions.queues.push(QueueDefinition {
                 name: queue.name.to_string(),
                 auto_delete: queue.auto_delete,
@@ -206,7 +208,8 @@ impl VirtualHostState {
     /// unacked, for compaction.
     pub fn stored_where(&self, wanted: impl Fn(u64) -> bool) -> Vec<(u64, Vec<Arc<str>>)> {
         let mut found: std::collections::BTreeMap<u64, Vec<Arc<str>>> = std::collections::BTreeMap::new();
-        for queue in self.queues.values().filter(|q| q.durable) {
+        // A replicated queue's keys are its group's, not the store's.
+        for queue in self.queues.values().filter(|q| q.durable && !q.replicated) {
             queue.for_each_entry(|entry| {
                 if entry.stored != 0 && wanted(entry.stored) {
                     found.entry(entry.stored).or_default().push(queue.name.clone());
@@ -220,7 +223,7 @@ impl VirtualHostState {
             for unacked in &channel.unacked {
                 let stored = unacked.message.stored_index();
                 if stored != 0 && wanted(stored) {
-                    if let Some(queue) = self.queues.get(&unacked.queue).filter(|q| q.durable) {
+                    if let Some(queue) = self.queues.get(&unacked.queue).filter(|q| q.durable && !q.replicated) {
                         found.entry(stored).or_default().push(queue.name.clone());
                     }
                 }

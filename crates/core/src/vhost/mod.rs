@@ -426,6 +426,7 @@ mod dead_letters;
 mod dispatch;
 mod durable;
 mod inspect;
+mod replicated;
 mod routing;
 mod timers;
 mod topology;

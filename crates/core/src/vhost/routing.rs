@@ -155,11 +155,28 @@ impl VirtualHostState {
         let mut durable: Vec<Arc<str>> = Vec::new();
         let mut rejected = false;
         for &id in queues {
+            // A replicated queue's message carries the key its group knows
+            // it by: it gets a copy of its own when other queues share it,
+            // and every message counts (a quorum queue keeps them all).
+            let replicated = self.queues.get(&id).is_some_and(|q| q.replicated);
+            let own;
+            let message = if replicated && queues.len() > 1 {
+                own = Arc::new(message.duplicate());
+                &own
+            } else {
+                message
+            };
             let enqueued = self.enqueue(id, message);
             if let (Enqueued::Accepted { .. }, Some(queue)) = (&enqueued, self.queues.get_mut(&id)) {
                 queue.stats.publish += 1;
             }
             match enqueued {
+                Enqueued::Accepted { .. } if replicated => {
+                    if let Some(queue) = self.queues.get(&id) {
+                        let queues = vec![queue.name.clone()];
+                        self.journal.push(JournalEvent::Published { message: message.clone(), queues });
+                    }
+                }
                 Enqueued::Accepted { durable: true } => {
                     if let Some(queue) = self.queues.get(&id) {
                         durable.push(queue.name.clone());

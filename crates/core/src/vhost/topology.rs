@@ -440,20 +440,7 @@ impl VirtualHostState {
             name
         };
         admit(name)?;
-        let queue_type =
-            QueueType::from_arguments(&arguments).map_err(|r| self.type_refusal(name, QueueType::Classic, r))?;
-        // As RabbitMQ: the values of the arguments the type takes are
-        // checked first, then an argument it does not take is refused.
-        match queue_type.unsupported_argument(&arguments) {
-            Some(key) => {
-                self.check_queue_arguments(name, &queue_type.supported_arguments(&arguments))?;
-                return Err(self.type_refusal(name, queue_type, TypeRefusal::Argument(key)));
-            }
-            None => self.check_queue_arguments(name, &arguments)?,
-        }
-        queue_type
-            .check_properties(durable, exclusive, auto_delete)
-            .map_err(|r| self.type_refusal(name, queue_type, r))?;
+        let queue_type = self.check_queue_type(name, durable, exclusive, auto_delete, &arguments)?;
         let now = self.clock.now_ms();
         if let Some(&id) = self.queue_ids.get(name) {
             if let Some(queue) = self.queues.get_mut(&id) {
@@ -536,6 +523,50 @@ impl VirtualHostState {
         self.churn.declared += 1;
         self.churn.created += 1;
         Ok(self.declared(id))
+    }
+    /// The checks of a declaration's type, arguments and properties;
+    /// returns the type.
+    fn check_queue_type(
+        &self,
+        name: &str,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: &FieldTable,
+    ) -> Result<QueueType, AmqpError> {
+        let queue_type =
+            QueueType::from_arguments(arguments).map_err(|r| self.type_refusal(name, QueueType::Classic, r))?;
+        // As RabbitMQ: the values of the arguments the type takes are
+        // checked first, then an argument it does not take is refused.
+        match queue_type.unsupported_argument(arguments) {
+            Some(key) => {
+                self.check_queue_arguments(name, &queue_type.supported_arguments(arguments))?;
+                return Err(self.type_refusal(name, queue_type, TypeRefusal::Argument(key)));
+            }
+            None => self.check_queue_arguments(name, arguments)?,
+        }
+        queue_type
+            .check_properties(durable, exclusive, auto_delete)
+            .map_err(|r| self.type_refusal(name, queue_type, r))?;
+        Ok(queue_type)
+    }
+    /// Whether declaring a queue named `name` (not here yet) would be
+    /// refused, and why; its type otherwise. For declarations that are
+    /// made elsewhere (a quorum queue placed through the cluster).
+    pub fn check_new_queue(&self, declare: &QueueDeclare<'_>) -> Result<QueueType, AmqpError> {
+        let QueueDeclare { name, durable, exclusive, auto_delete, arguments, .. } = declare;
+        let queue_type = self.check_queue_type(name, *durable, *exclusive, *auto_delete, arguments)?;
+        if name.starts_with("amq.") {
+            return Err(soft(
+                ReplyCode::AccessRefused,
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
+            ));
+        }
+        Ok(queue_type)
+    }
+    /// Whether a queue of this name is in the virtual host.
+    pub fn has_queue(&self, name: &str) -> bool {
+        self.queue_ids.contains_key(name)
     }
     pub(super) fn declared(&self, id: QueueId) -> QueueDeclared {
         match self.queues.get(&id) {

@@ -14,10 +14,18 @@ use crate::broker::Counters;
 /// What a publish's confirm waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    /// An ack once the log is durable up to this index.
-    Stored(u64),
+    /// An ack once the log is durable up to `index` and the quorum queues'
+    /// commands of `ticket` are committed (0: nothing to wait for).
+    Stored { index: u64, ticket: u64 },
     /// A nack: a queue at its limit (reject-publish) or the store refused it.
     Refused,
+}
+
+/// Where the quorum queues' commands stand: every ticket up to `resolved`
+/// is resolved, and `failed` tells those that failed.
+pub(super) struct Replicated<'a> {
+    pub(super) resolved: u64,
+    pub(super) failed: &'a dyn Fn(u64) -> bool,
 }
 
 /// A confirm to send.
@@ -82,14 +90,27 @@ impl Confirms {
     /// Emits what can be confirmed with the log durable up to `durable`
     /// (a poisoned store refuses everything still waiting): acks coalesced
     /// into `multiple` runs, a nack for each refused publish, in order.
-    pub(super) fn release(&mut self, durable: u64, poisoned: bool, mut emit: impl FnMut(Confirm)) {
-        if poisoned {
-            for entry in self.waiting.iter_mut() {
+    pub(super) fn release(
+        &mut self,
+        durable: u64,
+        poisoned: bool,
+        replicated: &Replicated,
+        mut emit: impl FnMut(Confirm),
+    ) {
+        for entry in self.waiting.iter_mut() {
+            let failed = match entry.1 {
+                Pending::Stored { ticket, .. } => {
+                    ticket != 0 && ticket <= replicated.resolved && (replicated.failed)(ticket)
+                }
+                Pending::Refused => false,
+            };
+            if poisoned || failed {
                 entry.1 = Pending::Refused;
             }
         }
+        let done = |p: Pending| matches!(p, Pending::Stored { index, ticket } if index <= durable && ticket <= replicated.resolved);
         loop {
-            while self.waiting.front().is_some_and(|&(_, p)| matches!(p, Pending::Stored(i) if i <= durable)) {
+            while self.waiting.front().is_some_and(|&(_, p)| done(p)) {
                 self.waiting.pop_front();
             }
             let confirmable = self.waiting.front().map_or(self.published, |&(seq, _)| seq - 1);
@@ -124,11 +145,13 @@ impl Connection {
     pub(super) fn flush_confirms(&mut self) {
         let durable = self.store.durable_index();
         let poisoned = self.store.is_poisoned();
+        let tickets = &self.broker.tickets;
+        let replicated = Replicated { resolved: tickets.resolved(), failed: &|ticket| tickets.failed(ticket) };
         let mut acked = 0;
         for (&number, ch) in self.channels.iter_mut().filter(|(_, ch)| ch.confirms.enabled && !ch.closing) {
             let before = ch.confirms.confirmed();
             let mut nacked = 0;
-            ch.confirms.release(durable, poisoned, |confirm| match confirm {
+            ch.confirms.release(durable, poisoned, &replicated, |confirm| match confirm {
                 Confirm::Ack { tag, multiple } => {
                     self.outbox.write(|buf| encode::basic_ack(buf, number, tag, multiple))
                 }
@@ -160,7 +183,8 @@ mod tests {
 
     fn release(confirms: &mut Confirms, durable: u64, poisoned: bool) -> Vec<Confirm> {
         let mut out = Vec::new();
-        confirms.release(durable, poisoned, |c| out.push(c));
+        let replicated = Replicated { resolved: u64::MAX, failed: &|_| false };
+        confirms.release(durable, poisoned, &replicated, |c| out.push(c));
         out
     }
 
@@ -180,10 +204,10 @@ mod tests {
     fn a_stored_publish_holds_back_every_later_ack_until_durable() {
         let mut c = confirms();
         let first = c.publish().unwrap_or_default();
-        c.wait(first, Pending::Stored(10));
+        c.wait(first, Pending::Stored { index: 10, ticket: 0 });
         c.publish();
         let third = c.publish().unwrap_or_default();
-        c.wait(third, Pending::Stored(5));
+        c.wait(third, Pending::Stored { index: 5, ticket: 0 });
         assert_eq!(release(&mut c, 5, false), vec![], "publish 1 is not durable yet");
         assert!(c.is_waiting());
         assert_eq!(release(&mut c, 10, false), vec![Confirm::Ack { tag: 3, multiple: true }]);
@@ -213,7 +237,7 @@ mod tests {
         let mut c = confirms();
         for _ in 0..2 {
             let seq = c.publish().unwrap_or_default();
-            c.wait(seq, Pending::Stored(7));
+            c.wait(seq, Pending::Stored { index: 7, ticket: 0 });
         }
         c.publish();
         assert_eq!(
@@ -226,7 +250,7 @@ mod tests {
     fn one_publish_at_a_time_is_timed_until_its_confirm() {
         let mut c = confirms();
         let first = c.publish().unwrap_or_default();
-        c.wait(first, Pending::Stored(3));
+        c.wait(first, Pending::Stored { index: 3, ticket: 0 });
         c.publish();
         assert_eq!(release(&mut c, 2, false), vec![]);
         assert_eq!(c.take_sample(), None, "not confirmed yet");

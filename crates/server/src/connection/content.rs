@@ -229,7 +229,10 @@ impl Connection {
             match stored {
                 // A queue at its length limit refused it (reject-publish).
                 _ if routed.rejected => ch.confirms.wait(seq, Pending::Refused),
-                Ok(Appended { published: Some(index), .. }) => ch.confirms.wait(seq, Pending::Stored(index)),
+                Ok(Appended { published, replicated, .. }) if published.is_some() || replicated.is_some() => {
+                    let (index, ticket) = (published.unwrap_or(0), replicated.unwrap_or(0));
+                    ch.confirms.wait(seq, Pending::Stored { index, ticket })
+                }
                 Err(_) if message.persistent => ch.confirms.wait(seq, Pending::Refused),
                 _ => {}
             }

@@ -103,6 +103,7 @@ async fn serve_stream<R, W>(
     let mut conn = Connection::new(broker.clone(), endpoints);
     let outbox = conn.outbox.clone();
     let mut durable = broker.store.durable_watch();
+    let mut replicated = broker.tickets.watch();
     let mut alarms = broker.alarms.subscribe();
     let (heartbeat_tx, heartbeat_rx) = watch::channel(0u16);
     let writer_task = tokio::spawn(write_loop(writer, outbox.clone(), heartbeat_rx));
@@ -154,6 +155,10 @@ async fn serve_stream<R, W>(
                 conn.flush_confirms();
                 continue;
             }
+            _ = replicated.changed(), if conn.awaiting_store() => {
+                conn.flush_confirms();
+                continue;
+            }
             _ = outbox.failed_notify.notified() => {
                 if let Some((code, text)) = outbox.take_forced() {
                     if conn.phase == Phase::Running {
@@ -186,6 +191,16 @@ async fn serve_stream<R, W>(
                 Some(Wait::Durable(deferred)) => {
                     let stored = wait_durable(&mut durable, &conn.store, deferred.index).await;
                     conn.send_deferred(deferred, stored);
+                }
+                Some(Wait::Quorum(declare)) => {
+                    let placed = match (broker.replication.get(), &conn.vhost) {
+                        (Some(replication), Some(vhost)) => {
+                            let vhost = vhost.lock().name.to_string();
+                            replication.declare(&vhost, &declare.name, &declare.arguments).await
+                        }
+                        _ => Ok(()),
+                    };
+                    conn.finish_quorum_declare(declare, placed);
                 }
                 None => break,
             }

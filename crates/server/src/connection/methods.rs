@@ -261,6 +261,9 @@ impl Connection {
         let conn = self.id;
         match m {
             M::Declare(d) => {
+                if self.broker.replication.get().is_some() && self.quorum_declare(number, &d, state)? {
+                    return Ok(());
+                }
                 let permissions = self.current_permissions();
                 let declare = QueueDeclare {
                     name: d.queue.as_str(),

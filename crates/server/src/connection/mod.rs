@@ -24,6 +24,7 @@ mod handshake;
 mod io;
 mod methods;
 mod permissions;
+mod quorum;
 #[cfg(test)]
 mod tests;
 
@@ -83,6 +84,17 @@ pub(crate) enum Wait {
     /// Send a reply once the log is durable up to its index, then
     /// [`Connection::send_deferred`].
     Durable(DeferredReply),
+    /// Place a quorum queue in the cluster, then
+    /// [`Connection::finish_quorum_declare`].
+    Quorum(QuorumDeclare),
+}
+
+/// A `queue.declare` of a quorum queue not placed yet.
+pub(crate) struct QuorumDeclare {
+    channel: u16,
+    name: String,
+    arguments: warren_codec::types::FieldTable,
+    nowait: bool,
 }
 
 /// A reply waiting for the log entry of the change it reports (the method

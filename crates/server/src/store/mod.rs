@@ -83,6 +83,16 @@ pub struct Appended {
     /// The last definition entry: the reply to the method that changed
     /// definitions waits until it is durable.
     pub definitions: Option<u64>,
+    /// The ticket of the commands handed to quorum queues' groups: a
+    /// publisher confirm waits until it is resolved (`quorum::tickets`).
+    pub replicated: Option<u64>,
+}
+
+/// Takes the journal events of queues whose log is not this store's (the
+/// quorum queues this node leads) out of a virtual host's journal, hands
+/// them to their Raft groups, and returns the ticket to wait for.
+pub trait Replicator: Send + Sync {
+    fn take(&self, vhost: &str, events: &mut Vec<JournalEvent>) -> Option<u64>;
 }
 
 /// Bodies at least this long are not written again for a dead-lettered or
@@ -121,6 +131,8 @@ pub struct Store {
     spill_failing: std::sync::atomic::AtomicBool,
     /// Where `definitions.json` and `dedup.json` live: the log's backend.
     files: Arc<dyn warren_storage::Backend>,
+    /// Set in a cluster: where replicated queues' events go.
+    replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
 }
 
 impl Store {
@@ -235,9 +247,17 @@ impl Store {
             return Ok(Appended::default());
         }
         state.drain_journal(events);
-        self.append(&state.name, events, scratch).inspect_err(|error| {
+        let replicated = self.replicator.get().and_then(|r| r.take(&state.name, events));
+        let mut appended = self.append(&state.name, events, scratch).inspect_err(|error| {
             tracing::error!(%error, "the store refused journal entries");
-        })
+        })?;
+        appended.replicated = replicated;
+        Ok(appended)
+    }
+
+    /// Sends replicated queues' journal events to `replicator` from now on.
+    pub fn set_replicator(&self, replicator: Arc<dyn Replicator>) {
+        let _ = self.replicator.set(replicator);
     }
 
     /// Blocks until the log is durable up to `index`; fails if the store

@@ -268,6 +268,7 @@ impl Store {
             spill: open_spill(files.clone(), &data_dir.join("spill"), segment_bytes_max),
             spill_failing: std::sync::atomic::AtomicBool::new(false),
             files,
+            replicator: std::sync::OnceLock::new(),
         };
         store.replay_dedup(dedup_file.as_ref(), vhosts);
         Ok((Arc::new(store), recovered))

@@ -1,0 +1,85 @@
+//! `queue.declare` of quorum queues in a cluster: a new one is placed
+//! through the metadata group (the connection waits, reading nothing
+//! further, as for a durable definition), and a passive declare finds a
+//! quorum queue led from another node.
+
+use warren_codec::reply::AmqpError;
+use warren_codec::spec::{queue, AMQPClass};
+use warren_core::settings::QueueType;
+use warren_core::QueueDeclare;
+
+use super::{access_refused, short, Connection, QuorumDeclare, Wait};
+use crate::access::{Permission, Resource};
+use crate::session::Session;
+
+impl Connection {
+    /// Handles the declaration here if it is a quorum queue's that the
+    /// local virtual host cannot answer alone; false to go on as usual.
+    pub(super) fn quorum_declare(
+        &mut self,
+        number: u16,
+        d: &queue::Declare,
+        state: &mut Session<'_>,
+    ) -> Result<bool, AmqpError> {
+        let Some(replication) = self.broker.replication.get().cloned() else { return Ok(false) };
+        let name = d.queue.as_str();
+        if name.is_empty() || state.has_queue(name) {
+            return Ok(false);
+        }
+        if d.passive {
+            let Some(message_count) = replication.placed(&state.name, name) else { return Ok(false) };
+            self.answer_declare(number, name, (message_count, 0), d.nowait);
+            return Ok(true);
+        }
+        let declare = QueueDeclare {
+            name,
+            passive: false,
+            durable: d.durable,
+            exclusive: d.exclusive,
+            auto_delete: d.auto_delete,
+            arguments: d.arguments.clone(),
+        };
+        if QueueType::from_arguments(&declare.arguments) != Ok(QueueType::Quorum) {
+            return Ok(false);
+        }
+        self.current_permissions().check(Permission::Configure, Resource::Queue, name).map_err(access_refused)?;
+        state.check_new_queue(&declare)?;
+        self.waiting = Some(Wait::Quorum(QuorumDeclare {
+            channel: number,
+            name: name.to_string(),
+            arguments: declare.arguments,
+            nowait: d.nowait,
+        }));
+        Ok(true)
+    }
+
+    /// Answers a quorum queue's declaration once it is placed: from the
+    /// queue here if this node leads it, else as placed elsewhere.
+    pub(crate) fn finish_quorum_declare(&mut self, declare: QuorumDeclare, placed: Result<(), AmqpError>) {
+        let QuorumDeclare { channel, name, nowait, .. } = declare;
+        let Some(vhost) = self.vhost.clone() else { return };
+        let store = self.store.clone();
+        let mut session = Session::open(&vhost, &store);
+        if let Err(error) = placed {
+            self.channel_error(channel, error.at(50, 10), Some(&mut session));
+            return;
+        }
+        let passive = QueueDeclare { passive: true, ..QueueDeclare::named(&name) };
+        let (message_count, consumer_count) = match session.declare_queue(self.id, passive) {
+            Ok(declared) => (declared.message_count, declared.consumer_count),
+            Err(_) => (0, 0),
+        };
+        drop(session);
+        self.answer_declare(channel, &name, (message_count, consumer_count), nowait);
+    }
+
+    fn answer_declare(&mut self, number: u16, name: &str, (message_count, consumer_count): (u32, u32), nowait: bool) {
+        if let Some(ch) = self.channels.get_mut(&number) {
+            ch.last_queue = name.to_string();
+        }
+        if !nowait {
+            let ok = queue::DeclareOk { queue: short(name), message_count, consumer_count };
+            self.send(number, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)));
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Quorum queues in a cluster: each is a Raft group (`warren-raft`) whose
+//! members hold a replica of its messages; the metadata group says where
+//! each queue is placed.
+//!
+//! The queue runs on its leader's node as a queue of the virtual host
+//! like any other (`warren_core::vhost::replicated`), and what it
+//! journals (a message in, settled, returned) goes to its group instead
+//! of the local store ([`Replication`] is the store's
+//! [`crate::store::Replicator`]). A publisher confirm waits until those
+//! commands are committed, that is fsynced on a majority of the members
+//! ([`tickets`]). When leadership moves, the old leader's node drops the
+//! queue and the new leader's node rebuilds it from its replica
+//! ([`replica`]); what was delivered and not acknowledged is delivered
+//! again, marked redelivered.
+//!
+//! Not yet: clients reach a quorum queue only on its leader's node (no
+//! forwarding inside the cluster), bindings to a quorum queue are kept
+//! only by the node that made them, and bodies stay in memory.
+
+pub mod placements;
+pub mod replica;
+pub mod tickets;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use warren_codec::reply::{AmqpError, ReplyCode};
+use warren_codec::types::{AMQPValue, FieldTable};
+use warren_core::vhost::JournalEvent;
+use warren_raft::metadata::METADATA;
+use warren_raft::{GroupId, Machine, Node};
+
+use crate::broker::Broker;
+use crate::session::Session;
+use placements::{Change, Event, Placement, Placements};
+use replica::QueueReplica;
+
+/// How long a quorum queue's declaration may take (the metadata write,
+/// then its group's first election).
+const DECLARE_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a publish's commands may wait for their commit before the
+/// publish is nacked (a leader cut off from its majority).
+const COMMIT_PATIENCE: Duration = Duration::from_secs(30);
+/// How often leaderships are looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+
+/// A quorum queue this node holds a replica of.
+struct Local {
+    vhost: String,
+    name: String,
+    group: GroupId,
+    arguments: FieldTable,
+    machine: Machine<QueueReplica>,
+    /// The next key for a message (leader only).
+    next_key: AtomicU64,
+    /// The queue runs in this node's virtual host (this node leads).
+    active: AtomicBool,
+    /// A takeover is under way.
+    activating: AtomicBool,
+}
+
+pub struct Replication {
+    node: Node,
+    members: warren_cluster::Members,
+    metadata: Machine<Placements>,
+    broker: Weak<Broker>,
+    /// vhost -> queue -> the replica here.
+    queues: RwLock<HashMap<String, HashMap<String, Arc<Local>>>>,
+}
+
+impl Replication {
+    /// Starts the metadata group with the quorum queues' placements and
+    /// the task that follows them (groups to start, leaderships to take
+    /// up or give up).
+    pub async fn start(
+        broker: &Arc<Broker>,
+        node: Node,
+        members: warren_cluster::Members,
+    ) -> Result<Arc<Replication>, warren_raft::NodeError> {
+        let (events, received) = mpsc::unbounded_channel();
+        let metadata = warren_raft::metadata::start(&node, members.clone(), Placements::new(events)).await?;
+        let replication = Arc::new(Replication {
+            node,
+            members,
+            metadata,
+            broker: Arc::downgrade(broker),
+            queues: RwLock::default(),
+        });
+        broker.store.set_replicator(replication.clone());
+        tokio::spawn(run(Arc::downgrade(&replication), received));
+        Ok(replication)
+    }
+
+    fn local(&self, vhost: &str, name: &str) -> Option<Arc<Local>> {
+        self.queues.read().get(vhost).and_then(|queues| queues.get(name)).cloned()
+    }
+
+    /// Whether a quorum queue of this name is placed in the cluster, and
+    /// its ready messages as this node's replica knows them.
+    pub fn placed(&self, vhost: &str, name: &str) -> Option<u32> {
+        self.metadata.with(|p| p.get(vhost, name).is_some()).then(|| {
+            let count = self.local(vhost, name).map_or(0, |local| local.machine.with(|r| r.len()));
+            u32::try_from(count).unwrap_or(u32::MAX)
+        })
+    }
+
+    /// Places a new quorum queue (replicas on this node and the next ones
+    /// up, `x-quorum-initial-group-size` in all) and waits until it runs
+    /// here or has a leader elsewhere. The declaration's arguments were
+    /// checked by the caller.
+    pub async fn declare(&self, vhost: &str, name: &str, arguments: &FieldTable) -> Result<(), AmqpError> {
+        let unavailable = |why: String| {
+            AmqpError::soft(
+                ReplyCode::ResourceLocked,
+                format!("RESOURCE_LOCKED - cannot declare quorum queue '{name}' in vhost '{vhost}': {why}"),
+                50,
+                10,
+            )
+        };
+        if self.metadata.with(|p| p.get(vhost, name).is_none()) {
+            let size = match warren_codec::table::get(arguments, "x-quorum-initial-group-size") {
+                Some(AMQPValue::LongInt(n)) => usize::try_from(*n).unwrap_or(3),
+                Some(AMQPValue::LongLongInt(n)) => usize::try_from(*n).unwrap_or(3),
+                Some(AMQPValue::ShortInt(n)) => usize::try_from(*n).unwrap_or(3),
+                _ => 3,
+            }
+            .max(1);
+            let mut others: Vec<String> = self.members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
+            others.sort();
+            let mut members = vec![self.node.name().to_string()];
+            members.extend(others.into_iter().take(size - 1));
+            let change =
+                Change::Declare { vhost: vhost.into(), name: name.into(), members, arguments: arguments.clone() };
+            let command = serde_json::to_vec(&change).map_err(|e| unavailable(e.to_string()))?;
+            self.node
+                .write_anywhere(METADATA, command, DECLARE_PATIENCE)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+        }
+        // Applied here too, then its group elects a leader.
+        let give_up = tokio::time::Instant::now() + DECLARE_PATIENCE;
+        loop {
+            let placement = self.metadata.with(|p| p.get(vhost, name).cloned());
+            if let Some(placement) = placement {
+                let here = self.local(vhost, name);
+                let led_here = here.as_ref().is_some_and(|l| l.active.load(Ordering::Acquire));
+                let member = placement.members.iter().any(|m| m == self.node.name());
+                let leader_elsewhere = !member
+                    || self
+                        .node
+                        .status(placement.group)
+                        .is_some_and(|s| s.leader.is_some_and(|l| l != self.node.name()));
+                if led_here || (leader_elsewhere && here.is_some() || !member) {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(unavailable("its replicas elected no leader in time".into()));
+            }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    }
+
+    /// A quorum queue was deleted on this node (its leader): its placement
+    /// goes.
+    fn deleted(&self, vhost: &str, name: &str) {
+        let change = Change::Delete { vhost: vhost.into(), name: name.into() };
+        let Ok(command) = serde_json::to_vec(&change) else { return };
+        let node = self.node.clone();
+        let (vhost, name) = (vhost.to_string(), name.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = node.write_anywhere(METADATA, command, DECLARE_PATIENCE).await {
+                warn!(%vhost, queue = %name, %e, "removing a deleted quorum queue's placement failed");
+            }
+        });
+    }
+
+    async fn placed_event(&self, placement: Placement) {
+        if !placement.members.iter().any(|m| m == self.node.name())
+            || self.local(&placement.vhost, &placement.name).is_some()
+        {
+            return;
+        }
+        let machine = match self.node.create_group(placement.group, QueueReplica::default()).await {
+            Ok(machine) => machine,
+            Err(e) => {
+                warn!(vhost = %placement.vhost, queue = %placement.name, %e, "cannot start a quorum queue's group");
+                return;
+            }
+        };
+        let local = Arc::new(Local {
+            vhost: placement.vhost.clone(),
+            name: placement.name.clone(),
+            group: placement.group,
+            arguments: placement.arguments.clone(),
+            machine,
+            next_key: AtomicU64::new(1),
+            active: AtomicBool::new(false),
+            activating: AtomicBool::new(false),
+        });
+        self.queues.write().entry(placement.vhost.clone()).or_default().insert(placement.name.clone(), local);
+        // The declaring node sets the group up (once: later it is a no-op)
+        // and, as it called the election itself, leads it first.
+        if placement.members.first().map(String::as_str) == Some(self.node.name()) {
+            if let Err(e) = self.node.initialize(placement.group, &placement.members).await {
+                warn!(queue = %placement.name, %e, "cannot set up a quorum queue's group");
+            }
+        }
+    }
+
+    fn removed_event(&self, vhost: &str, name: &str, group: GroupId) {
+        let local = self.queues.write().get_mut(vhost).and_then(|queues| queues.remove(name));
+        if let Some(local) = local {
+            self.give_up(&local);
+        }
+        // The group's log stays until groups can be deleted.
+        info!(%vhost, queue = %name, group, "quorum queue removed");
+    }
+
+    /// Takes up or gives up the leaderships that moved.
+    fn watch_leaderships(self: &Arc<Self>) {
+        let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
+        for local in locals {
+            let leading = self.node.status(local.group).is_some_and(|s| s.state == "Leader");
+            let active = local.active.load(Ordering::Acquire);
+            if leading && !active && !local.activating.swap(true, Ordering::AcqRel) {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    this.take_up(&local).await;
+                    local.activating.store(false, Ordering::Release);
+                });
+            } else if !leading && active {
+                self.give_up(&local);
+            }
+        }
+    }
+
+    /// This node leads the queue's group: once its replica holds every
+    /// committed command, the queue runs here from it.
+    async fn take_up(&self, local: &Local) {
+        let Some(term) = self.node.status(local.group).map(|s| s.term) else { return };
+        if let Err(e) = self.node.barrier(local.group).await {
+            info!(queue = %local.name, %e, "leadership lost before taking the queue up");
+            return;
+        }
+        if self.node.status(local.group).is_none_or(|s| s.term != term || s.state != "Leader") {
+            return;
+        }
+        let Some(broker) = self.broker.upgrade() else { return };
+        let Some(vhost) = broker.vhost(&local.vhost) else {
+            warn!(vhost = %local.vhost, queue = %local.name, "a quorum queue's virtual host is not on this node");
+            return;
+        };
+        let (messages, last_key) = local.machine.with(|r| (r.messages(), r.last_key()));
+        let count = messages.len();
+        let mut session = Session::open(&vhost, &broker.store);
+        if let Err(error) = session.declare_replicated(&local.name, local.arguments.clone()) {
+            warn!(queue = %local.name, %error, "cannot run a quorum queue here");
+            return;
+        }
+        local.next_key.store(last_key + 1, Ordering::Release);
+        local.active.store(true, Ordering::Release);
+        session.restore_replicated(&local.name, messages.into_iter().map(|(m, returns)| (Arc::new(m), returns)));
+        drop(session);
+        info!(vhost = %local.vhost, queue = %local.name, term, messages = count, "quorum queue led from this node");
+    }
+
+    fn give_up(&self, local: &Local) {
+        if !local.active.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(broker) = self.broker.upgrade() else { return };
+        if let Some(vhost) = broker.vhost(&local.vhost) {
+            Session::open(&vhost, &broker.store).drop_replicated(&local.name);
+        }
+        info!(vhost = %local.vhost, queue = %local.name, "quorum queue no longer led from this node");
+    }
+
+    /// Submits one replicated queue's journal event; false if it is not
+    /// one (the store takes it).
+    fn submit(&self, local: &Local, event: &JournalEvent, out: &mut Vec<Submitted>) -> Result<(), ()> {
+        let mut command = Vec::new();
+        match event {
+            JournalEvent::Published { message, .. } => {
+                let key = local.next_key.fetch_add(1, Ordering::AcqRel);
+                message.set_stored_index(key);
+                replica::encode_enqueue(&mut command, key, message);
+            }
+            JournalEvent::Settled { stored, .. } => replica::encode_settle(&mut command, *stored),
+            JournalEvent::Returned { stored, returns, .. } => replica::encode_return(&mut command, *stored, *returns),
+            _ => return Ok(()),
+        }
+        out.push(self.node.submit(local.group, command).map_err(|_| ())?);
+        Ok(())
+    }
+}
+
+type Submitted = warren_raft::Submitted;
+
+impl crate::store::Replicator for Replication {
+    fn take(&self, vhost: &str, events: &mut Vec<JournalEvent>) -> Option<u64> {
+        let queues = self.queues.read();
+        let here = queues.get(vhost).filter(|q| !q.is_empty())?;
+        let mut submitted = Vec::new();
+        let mut failed = false;
+        let mut deleted = Vec::new();
+        events.retain(|event| {
+            let name = match event {
+                JournalEvent::Published { queues, .. } if queues.len() == 1 => &queues[0],
+                JournalEvent::Settled { queue, .. }
+                | JournalEvent::Returned { queue, .. }
+                | JournalEvent::QueueDeleted { queue } => queue,
+                _ => return true,
+            };
+            let Some(local) = here.get(&**name).filter(|l| l.active.load(Ordering::Acquire)) else {
+                return true;
+            };
+            if let JournalEvent::QueueDeleted { queue } = event {
+                deleted.push(queue.to_string());
+            } else {
+                failed |= self.submit(local, event, &mut submitted).is_err();
+            }
+            false
+        });
+        drop(queues);
+        for name in deleted {
+            if let Some(local) = self.local(vhost, &name) {
+                local.active.store(false, Ordering::Release);
+            }
+            self.deleted(vhost, &name);
+        }
+        if submitted.is_empty() && !failed {
+            return None;
+        }
+        let broker = self.broker.upgrade()?;
+        let ticket = broker.tickets.issue();
+        let tickets = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let mut ok = !failed;
+            for reply in submitted {
+                match tokio::time::timeout(COMMIT_PATIENCE, reply).await {
+                    Ok(Ok(Ok(_))) => {}
+                    _ => ok = false,
+                }
+            }
+            if let Some(broker) = tickets.upgrade() {
+                broker.tickets.resolve(ticket, ok);
+            }
+        });
+        Some(ticket)
+    }
+}
+
+/// Follows placements and leaderships until the replication goes.
+async fn run(replication: Weak<Replication>, mut events: mpsc::UnboundedReceiver<Event>) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let (Some(event), Some(this)) = (event, replication.upgrade()) else { return };
+                match event {
+                    Event::Placed(placement) => this.placed_event(placement).await,
+                    Event::Removed { vhost, name, group } => this.removed_event(&vhost, &name, group),
+                }
+            }
+            _ = tick.tick() => {
+                let Some(this) = replication.upgrade() else { return };
+                this.watch_leaderships();
+            }
+        }
+    }
+}
