@@ -141,6 +141,11 @@ impl SharedLog {
         self.log.reclaim()
     }
 
+    /// Groups whose oldest entry is older than the newest `keep` segments.
+    pub fn pinning(&self, keep: usize) -> Vec<GroupId> {
+        self.log.pinning(keep)
+    }
+
     /// Commits what is pending and stops; later appends fail.
     pub fn shutdown(&self) {
         self.log.shutdown();

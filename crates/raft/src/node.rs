@@ -187,6 +187,7 @@ impl Node {
     pub fn attach(&self, transport: Arc<dyn Transport>) {
         if self.inner.transport.set(transport.clone()).is_ok() {
             tokio::spawn(drive(Arc::downgrade(&self.inner), transport));
+            tokio::spawn(reclaim(Arc::downgrade(&self.inner)));
         }
     }
 
@@ -560,6 +561,47 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
         }
         next_try.retain(|group, _| inner.groups.read().contains_key(group));
         seen.retain(|group, _| inner.groups.read().contains_key(group));
+    }
+}
+
+/// How often the shared log is looked at for segments to reclaim.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+/// Segments of the shared log kept before groups holding older entries
+/// are made to snapshot (16 MiB each).
+const KEEP_SEGMENTS: usize = 8;
+/// At most one snapshot a group is made to take in this long (a snapshot
+/// holds the machine's whole state).
+const FORCED_SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the shared log short: a group whose oldest entry is older than
+/// the newest segments snapshots (and forgets its log up to there), then
+/// the segments no group needs are deleted. openraft's own policy counts
+/// entries per group, which says nothing of the bytes a group pins.
+async fn reclaim(inner: Weak<Inner>) {
+    let mut forced: HashMap<GroupId, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(RECLAIM_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(node) = inner.upgrade() else { return };
+        let now = Instant::now();
+        for group in node.log.pinning(KEEP_SEGMENTS) {
+            if forced.get(&group).is_some_and(|at| now.duration_since(*at) < FORCED_SNAPSHOT_EVERY) {
+                continue;
+            }
+            let Some(raft) = node.groups.read().get(&group).map(|g| g.raft.clone()) else { continue };
+            forced.insert(group, now);
+            debug!(group, "snapshot to release the shared log");
+            let _ = raft.trigger().snapshot().await;
+        }
+        forced.retain(|_, at| now.duration_since(*at) < FORCED_SNAPSHOT_EVERY);
+        let log = node.log.clone();
+        drop(node);
+        match tokio::task::spawn_blocking(move || log.reclaim()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(segments)) => debug!(segments, "shared log segments reclaimed"),
+            Ok(Err(e)) => info!(%e, "reclaiming the shared log failed"),
+            Err(_) => {}
+        }
     }
 }
 

@@ -287,6 +287,24 @@ impl GroupLog {
         Ok(self.commit.purge_prefix(keep.min(self.commit.durable_index() + 1))?)
     }
 
+    /// The groups whose oldest entry lies before the newest `keep`
+    /// segments: they keep the log from being reclaimed (a snapshot of
+    /// theirs lets it go).
+    pub fn pinning(&self, keep: usize) -> Vec<GroupId> {
+        let starts = self.commit.with_log(|log| log.segment_starts());
+        let Some(&oldest_kept) = starts.len().checked_sub(keep.max(1)).and_then(|at| starts.get(at)) else {
+            return Vec::new();
+        };
+        let groups = self.groups.lock();
+        let mut pinning: Vec<GroupId> = groups
+            .iter()
+            .filter(|(_, g)| g.entries.front().is_some_and(|(wal, _)| *wal < oldest_kept))
+            .map(|(id, _)| *id)
+            .collect();
+        pinning.sort_unstable();
+        pinning
+    }
+
     /// Commits what is pending and stops the commit thread.
     pub fn shutdown(&self) {
         self.commit.shutdown();
@@ -395,6 +413,24 @@ mod tests {
         assert_eq!(log.vote(1), Some(Vote { term: 5, node: 1, committed: false }), "the vote outlived its segment");
         assert_eq!(log.state(1), (Some((90, 5)), Some((100, 5))));
         assert_eq!(log.read(1, 0..200).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn a_group_with_old_entries_is_named_as_pinning_the_log() {
+        let sim = SimBackend::new();
+        let log = open(&sim, 4096);
+        let body = vec![0u8; 500];
+        let mut last = log.append(1, [(1, 1, &b"old"[..])]).unwrap();
+        for index in 1..=40u64 {
+            last = log.append(2, [(index, 1, &body[..])]).unwrap();
+            wait(&log, last);
+        }
+        assert!(log.commit.with_log(|l| l.segment_count()) > 3);
+        assert_eq!(log.pinning(2), vec![1, 2], "both start in the first segment");
+        last = last.max(log.purge_upto(2, (38, 1)).unwrap());
+        wait(&log, last);
+        assert_eq!(log.pinning(2), vec![1], "group 2's oldest entry is recent now");
+        assert_eq!(log.pinning(1000), Vec::<GroupId>::new(), "nothing is old when every segment is kept");
     }
 
     #[derive(Debug, Clone)]
