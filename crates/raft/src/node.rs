@@ -27,6 +27,10 @@ use crate::{node_id, Command, GroupId, NodeId, Raft, Reply, StateMachine};
 const DRIVE_EVERY: Duration = Duration::from_millis(25);
 /// How long a member with no leader known waits before an election.
 const UNKNOWN_LEADER_GRACE: Duration = Duration::from_millis(500);
+/// How often a leader prods members that lag behind its log.
+const PROD_EVERY: Duration = Duration::from_millis(500);
+/// How long after a node came back its leaders prod it regardless.
+const CAME_BACK_WINDOW: Duration = Duration::from_secs(10);
 /// Between two election attempts of one group on one node.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Between the election attempts of successive voters (in an order that
@@ -507,6 +511,11 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
     let mut next_try: HashMap<GroupId, Instant> = HashMap::new();
     // Group -> the leader last seen (to log changes).
     let mut seen: HashMap<GroupId, (u64, NodeId)> = HashMap::new();
+    // The nodes up at the last look, and when lagging members were last
+    // prodded.
+    let mut was_up: HashSet<String> = HashSet::new();
+    let mut prodded = Instant::now();
+    let mut came_back_at: Option<Instant> = None;
     let mut tick = tokio::time::interval(DRIVE_EVERY);
     loop {
         tick.tick().await;
@@ -514,8 +523,32 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
         let up: HashSet<String> = transport.up();
         let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.raft.clone())).collect();
         let now = Instant::now();
+        if up.difference(&was_up).next().is_some() {
+            came_back_at = Some(now);
+        }
+        // A node that came back may have lost its disk, and creates its
+        // groups as it learns of them: its leaders prod it for a while
+        // whatever they think it holds.
+        let came_back = came_back_at.is_some_and(|at| now.duration_since(at) < CAME_BACK_WINDOW);
+        let prod = now.duration_since(prodded) >= PROD_EVERY;
+        if prod {
+            prodded = now;
+        }
         for (group, raft) in groups {
             let metrics = raft.metrics().borrow().clone();
+            // Groups send nothing while idle: a member that came back (or
+            // lags, its disk lost, say) hears from its leader only when
+            // prodded, and then catches up.
+            if prod && metrics.state == ServerState::Leader {
+                let behind = metrics
+                    .replication
+                    .iter()
+                    .flatten()
+                    .any(|(_, matched)| matched.map(|m| m.index) < metrics.last_log_index);
+                if came_back || behind {
+                    let _ = raft.trigger().heartbeat().await;
+                }
+            }
             let membership = metrics.membership_config.membership();
             let is_up =
                 |id: NodeId| id == inner.id || membership.get_node(&id).is_some_and(|node| up.contains(&node.addr));
@@ -559,6 +592,7 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             }
             next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
         }
+        was_up = up;
         next_try.retain(|group, _| inner.groups.read().contains_key(group));
         seen.retain(|group, _| inner.groups.read().contains_key(group));
     }

@@ -43,17 +43,29 @@ fn start_in(name: &str, cluster_port: u16, seeds: &[String], secret: &Path, data
     let (http, amqp) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["--amqp-port", &amqp.to_string(), "--http-port", &http.to_string(), "--prometheus-port", "0"])
-        .args(["--bind", "127.0.0.1", "--log", "warn", "--node-name", name])
+        .args(["--bind", "127.0.0.1", "--node-name", name])
+        .args(["--log", &std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into())])
         .args(["--cluster-port", &cluster_port.to_string(), "--cluster-seeds", &seeds.join(",")])
         .arg("--cluster-secret-file")
         .arg(secret)
         .arg("--data-dir")
         .arg(&data)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_to(name))
         .spawn()
         .unwrap();
     Node { child, http, amqp, data }
+}
+
+/// Where a node's log goes: a file under `WARREN_TEST_LOGS` if set (to
+/// read after a failure), else nowhere.
+fn log_to(name: &str) -> Stdio {
+    let Some(dir) = std::env::var_os("WARREN_TEST_LOGS") else { return Stdio::null() };
+    let path = Path::new(&dir).join(format!("{name}.log"));
+    match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        Ok(file) => Stdio::from(file),
+        Err(_) => Stdio::null(),
+    }
 }
 
 /// `/api/nodes` as guest, or None while the API is not up.
@@ -372,5 +384,120 @@ fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed(
         assert_eq!(delivery.data, b"m501");
     });
     drop((b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A consumer on whichever of `nodes` serves `queue` (its leader's), once
+/// one does; which node, and the consumer.
+async fn consume_where_led(
+    nodes: &[&Node],
+    queue: &str,
+    patience: Duration,
+) -> (usize, lapin::Connection, lapin::Consumer) {
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < patience, "no node serves {queue}");
+        for (i, node) in nodes.iter().enumerate() {
+            let conn = connect(node).await;
+            let channel = conn.create_channel().await.unwrap();
+            let options = lapin::options::BasicConsumeOptions::default();
+            if let Ok(consumer) = channel.basic_consume(queue.into(), "c".into(), options, Default::default()).await {
+                return (i, conn, consumer);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Passive declare's message count of `queue` on `node` (its replica's).
+async fn replica_count(node: &Node, queue: &str) -> Option<u32> {
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2F", node.amqp);
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await.ok()?;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    let declared = conn.create_channel().await.ok()?.queue_declare(queue.into(), passive, quorum()).await.ok()?;
+    Some(declared.message_count())
+}
+
+#[test]
+fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_replica_catches_up() {
+    use futures_lite::StreamExt;
+    use lapin::options::{BasicAckOptions, ConfirmSelectOptions, QueueDeclareOptions};
+
+    let dir = std::env::temp_dir().join(format!("warren-quorum-pause-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "cookie\n").unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let a = start("pa@test", ports[0], &seeds, &secret);
+    let b = start("pb@test", ports[1], &seeds, &secret);
+    let mut c = start("pc@test", ports[2], &seeds, &secret);
+    eventually("the metadata group has three members and a leader", 30, || {
+        [&a, &b, &c].iter().all(|n| metadata(n).is_some_and(|(_, _, leader, members)| leader.is_some() && members == 3))
+    });
+    let signal = |name: &str, pid: u32| {
+        assert!(Command::new("kill").args([name, &pid.to_string()]).status().unwrap().success());
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let conn = connect(&a).await;
+        let channel = conn.create_channel().await.unwrap();
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.queue_declare("jobs".into(), durable, quorum()).await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish_confirmed(&channel, "jobs", (0..200).map(|i| format!("j{i}"))).await;
+    });
+
+    // Paused: no connection closes; the failure detector's missing
+    // heartbeats start the election.
+    signal("-STOP", a.child.id());
+    let paused = Instant::now();
+    runtime.block_on(async {
+        let (_, conn, mut consumer) = consume_where_led(&[&b, &c], "jobs", Duration::from_secs(20)).await;
+        println!("a paused quorum leader was replaced after {:?}", paused.elapsed());
+        for i in 0..200 {
+            let delivery = consumer.next().await.unwrap().unwrap();
+            assert_eq!(delivery.data, format!("j{i}").into_bytes());
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish_confirmed(&channel, "jobs", (200..250).map(|i| format!("j{i}"))).await;
+        drop(consumer);
+        conn.close(200, "done".into()).await.unwrap();
+    });
+
+    // Woken, the old leader learns of the new term and gives the queue up:
+    // it no longer serves it, and its replica has what the new leader took.
+    signal("-CONT", a.child.id());
+    runtime.block_on(async {
+        let woken = Instant::now();
+        loop {
+            let conn = connect(&a).await;
+            let channel = conn.create_channel().await.unwrap();
+            let options = lapin::options::BasicConsumeOptions::default();
+            let served = channel.basic_consume("jobs".into(), "stale".into(), options, Default::default()).await;
+            if served.is_err() && replica_count(&a, "jobs").await == Some(50) {
+                break;
+            }
+            assert!(woken.elapsed() < Duration::from_secs(15), "the woken old leader still serves the queue");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // A replica whose disk was lost comes back empty and catches up.
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    let data = c.data.clone();
+    std::fs::remove_dir_all(&data).unwrap();
+    let c = start_in("pc@test", ports[2], &seeds, &secret, data);
+    runtime.block_on(async {
+        let restarted = Instant::now();
+        while replica_count(&c, "jobs").await != Some(50) {
+            assert!(restarted.elapsed() < Duration::from_secs(20), "the wiped replica never caught up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    drop((a, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }
