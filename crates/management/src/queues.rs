@@ -434,6 +434,36 @@ pub fn properties_json(properties: &Properties<&[u8]>) -> Value {
     Value::Object(map)
 }
 
+/// `GET /api/warren/quorum/{vhost}/{name}`: where a quorum queue is placed
+/// and its Raft group as this node sees it (the members' indices come from
+/// the leader: ask the node named `leader` for them).
+pub async fn quorum_status(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    caller.vhost_access(&state, &vhost)?;
+    let replication = state.broker.replication.get().ok_or(ApiError::NotFound)?;
+    let status = replication.status(&vhost, &name).ok_or(ApiError::NotFound)?;
+    let group = status.group.as_ref();
+    Ok(Json(json!({
+        "name": name,
+        "vhost": vhost,
+        "node": status.node,
+        "group": status.placement.group,
+        "members": status.placement.members,
+        "raft_state": group.map(|g| g.state.clone()),
+        "term": group.map(|g| g.term),
+        "leader": group.and_then(|g| g.leader.clone()),
+        "voters": group.map(|g| g.voters.clone()),
+        "last_log_index": group.and_then(|g| g.last_log_index),
+        "applied_index": group.and_then(|g| g.applied_index),
+        "snapshot_index": group.and_then(|g| g.snapshot_index),
+        "matched": group.map(|g| g.matched.clone()),
+        "messages": status.messages,
+    })))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -30,8 +30,36 @@ struct VhostArg {
     vhost: String,
 }
 
+/// A running broker, reached through its management API.
+#[derive(Args)]
+struct BrokerArg {
+    /// The management API's address [default: 127.0.0.1 and the configuration's http_port].
+    #[arg(long, value_name = "HOST:PORT")]
+    api: Option<String>,
+    #[arg(long, env = "WARREN_CTL_USER", default_value = "guest")]
+    user: String,
+    #[arg(long, env = "WARREN_CTL_PASSWORD", default_value = "guest")]
+    password: String,
+}
+
 #[derive(Subcommand)]
 enum CtlCommand {
+    /// The cluster's nodes and its metadata group, as the running broker sees them.
+    #[command(name = "cluster_status")]
+    ClusterStatus {
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// A quorum queue's members and Raft state (ask its leader for every
+    /// member's log index).
+    #[command(name = "quorum_status")]
+    QuorumStatus {
+        queue: String,
+        #[command(flatten)]
+        vhost: VhostArg,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
     /// Creates a user; the password is read from standard input if omitted.
     #[command(name = "add_user")]
     AddUser { name: String, password: Option<String> },
@@ -183,8 +211,107 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// `GET path` on the running broker's management API; the JSON answer.
+fn api_get(config: &Config, broker: &BrokerArg, path: &str) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let address = broker.api.clone().unwrap_or_else(|| format!("127.0.0.1:{}", config.http_port));
+    let mut stream = std::net::TcpStream::connect(&address)
+        .with_context(|| format!("cannot reach the broker's management API at {address}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", broker.user, broker.password));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    match status {
+        "200" => Ok(serde_json::from_str(body).context("the broker's answer is not JSON")?),
+        "404" => anyhow::bail!("not found: {path}"),
+        other => anyhow::bail!("the broker answered {other}: {body}"),
+    }
+}
+
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Commands answered by the running broker, not the access file.
+fn run_remote(config: &Config, command: &CtlCommand) -> anyhow::Result<bool> {
+    match command {
+        CtlCommand::ClusterStatus { broker } => {
+            let nodes = api_get(config, broker, "/api/nodes")?;
+            let nodes = nodes.as_array().cloned().unwrap_or_default();
+            print_table(
+                &["node", "running", "error"],
+                nodes
+                    .iter()
+                    .map(|n| vec![text(&n["name"]), text(&n["running"]), text(&n["warren_cluster_error"])])
+                    .collect(),
+            );
+            if let Some(meta) = nodes.first().map(|n| &n["warren_metadata"]).filter(|m| !m.is_null()) {
+                println!(
+                    "metadata group: leader {}, term {}, members {}",
+                    text(&meta["leader"]),
+                    text(&meta["term"]),
+                    text(&meta["members"])
+                );
+            }
+            Ok(true)
+        }
+        CtlCommand::QuorumStatus { queue, vhost, broker } => {
+            let encode = |s: &str| {
+                s.bytes()
+                    .map(|b| match b {
+                        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect::<String>()
+            };
+            let path = format!("/api/warren/quorum/{}/{}", encode(&vhost.vhost), encode(queue));
+            let status = api_get(config, broker, &path)
+                .with_context(|| format!("no quorum queue '{queue}' in vhost '{}'", vhost.vhost))?;
+            println!(
+                "quorum queue '{queue}' in vhost '{}': group {}, leader {}, term {} (as {} sees it)",
+                vhost.vhost,
+                text(&status["group"]),
+                text(&status["leader"]),
+                text(&status["term"]),
+                text(&status["node"])
+            );
+            let matched = status["matched"].as_object().cloned().unwrap_or_default();
+            let members = status["members"].as_array().cloned().unwrap_or_default();
+            let leader = text(&status["leader"]);
+            print_table(
+                &["member", "role", "log index (on the leader)"],
+                members
+                    .iter()
+                    .map(|m| {
+                        let name = text(m);
+                        let role = if name == leader { "leader" } else { "follower" };
+                        let index = matched.get(&name).map(text).unwrap_or_else(|| "-".into());
+                        vec![name, role.into(), index]
+                    })
+                    .collect(),
+            );
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
+    if run_remote(&config, &args.command)? {
+        return Ok(());
+    }
     let file = AccessFile::new(&config.data_dir).with_hashing(&config.password_hashing);
     // Seeds a new file exactly as the broker's first start would.
     let current = warren_server::broker::load_access(&config, &file)?;
@@ -339,6 +466,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             update(&|d| d.import(imported.clone()))?;
             println!("{} users, {} virtual hosts, {} permissions imported", counts.0, counts.1, counts.2);
         }
+        // Answered by `run_remote` above.
+        C::ClusterStatus { .. } | C::QuorumStatus { .. } => {}
         C::ExportDefinitions { file: path } => {
             let text = serde_json::to_string_pretty(&current)?;
             if path.as_os_str() == "-" {

@@ -311,6 +311,20 @@ fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed(
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         publish_confirmed(&channel, "orders", (0..500).map(|i| format!("m{i}"))).await;
 
+        // `warren ctl quorum_status` names the members and the leader.
+        let ctl = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["ctl", "--data-dir"])
+            .arg(&a.data)
+            .args(["quorum_status", "orders", "--api", &format!("127.0.0.1:{}", a.http)])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&ctl.stdout);
+        assert!(ctl.status.success(), "{out} {}", String::from_utf8_lossy(&ctl.stderr));
+        assert!(out.contains("leader qa@test"), "{out}");
+        for member in ["qa@test", "qb@test", "qc@test"] {
+            assert!(out.contains(member), "{out}");
+        }
+
         // Another node knows the queue (passive declare answers from its replica).
         let other = connect(&b).await;
         let passive = QueueDeclareOptions { passive: true, ..durable };

@@ -64,6 +64,17 @@ struct Local {
     activating: AtomicBool,
 }
 
+/// A quorum queue as one node sees it.
+pub struct QuorumStatus {
+    pub placement: Placement,
+    /// The node answering.
+    pub node: String,
+    /// Its group here, if this node holds a replica.
+    pub group: Option<warren_raft::GroupStatus>,
+    /// Messages in this node's replica.
+    pub messages: Option<usize>,
+}
+
 pub struct Replication {
     node: Node,
     members: warren_cluster::Members,
@@ -107,6 +118,16 @@ impl Replication {
             let count = self.local(vhost, name).map_or(0, |local| local.machine.with(|r| r.len()));
             u32::try_from(count).unwrap_or(u32::MAX)
         })
+    }
+
+    /// Where a quorum queue is placed and how its group stands as this node
+    /// sees it (`warren ctl quorum_status`): its members' indices are known
+    /// on the leader only.
+    pub fn status(&self, vhost: &str, name: &str) -> Option<QuorumStatus> {
+        let placement = self.metadata.with(|p| p.get(vhost, name).cloned())?;
+        let group = self.node.status(placement.group);
+        let messages = self.local(vhost, name).map(|local| local.machine.with(|r| r.len()));
+        Some(QuorumStatus { placement, node: self.node.name().to_string(), group, messages })
     }
 
     /// Places a new quorum queue (replicas on this node and the next ones
