@@ -115,13 +115,26 @@ cmd_up() {
     local i
     for i in "${NODES[@]}"; do rm -rf "$(node_dir "$i")/mnesia"; done
     share_cookie
-    for i in "${NODES[@]}"; do rmq "$i" start; done
+    # rabbitmq.sh start leaves a background subshell holding its stdout and
+    # stderr for the node's lifetime, so `up | tail` would never end: send
+    # its output through a file instead.
+    local out
+    for i in "${NODES[@]}"; do
+        out="$(node_dir "$i")/start.out"
+        if ! rmq "$i" start >"$out" 2>&1; then cat "$out" >&2; exit 1; fi
+        cat "$out" >&2
+    done
     for i in "${NODES[@]:1}"; do
         if running_nodes | grep -qx "$(node_name "$i")"; then continue; fi
         log "joining $(node_name "$i") to $(node_name 1)"
-        rmq "$i" ctl stop_app >/dev/null
-        rmq "$i" ctl join_cluster "$(node_name 1)" >/dev/null
-        rmq "$i" ctl start_app >/dev/null
+        # join_cluster logs harmless "Failed to create a tracked connection
+        # table ... node_not_running" errors (3.10): show its output only if
+        # it fails.
+        out="$(node_dir "$i")/join.out"
+        if ! { rmq "$i" ctl stop_app && rmq "$i" ctl join_cluster "$(node_name 1)" \
+                && rmq "$i" ctl start_app; } >"$out" 2>&1; then
+            cat "$out" >&2; exit 1
+        fi
     done
     if ! all_up; then
         log "cluster did not form; running nodes seen by $(node_name 1): $(running_nodes | tr '\n' ' ')"

@@ -239,6 +239,10 @@ pub struct Queue {
     /// group, keyed by each message's own stored index, and its bodies
     /// stay in memory (the log that holds them is the group's).
     pub replicated: bool,
+    /// A quorum queue led from another node: publishes to it are handed
+    /// to its leader through the cluster (journaled, never kept here), and
+    /// it cannot be consumed from here.
+    pub remote: bool,
 }
 
 impl Queue {
@@ -280,6 +284,7 @@ impl Queue {
             paging: Paging::default(),
             paging_due: false,
             replicated: false,
+            remote: false,
         }
     }
 

@@ -325,11 +325,21 @@ fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed(
             assert!(out.contains(member), "{out}");
         }
 
-        // Another node knows the queue (passive declare answers from its replica).
+        // Another node knows the queue (passive declare answers from its
+        // replica), and takes publishes for it: they are forwarded to the
+        // leader, and confirmed once its group committed them.
         let other = connect(&b).await;
         let passive = QueueDeclareOptions { passive: true, ..durable };
         let seen = other.create_channel().await.unwrap().queue_declare("orders".into(), passive, quorum()).await;
         assert!(seen.is_ok(), "a follower answers a passive declare: {seen:?}");
+        let through_b = other.create_channel().await.unwrap();
+        through_b.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish_confirmed(&through_b, "orders", (0..20).map(|i| format!("f{i}"))).await;
+        let refused = other.create_channel().await.unwrap();
+        let consumed = refused
+            .basic_consume("orders".into(), "x".into(), BasicConsumeOptions::default(), Default::default())
+            .await;
+        assert!(consumed.is_err(), "consuming through a node that does not lead the queue is refused, not silent");
 
         // 100 acked, 50 more delivered and left unacknowledged.
         let consumer_channel = conn.create_channel().await.unwrap();
@@ -376,20 +386,25 @@ fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed(
             }
         };
         println!("the quorum queue was served again {:?} after its leader was killed", killed.elapsed());
-        let mut bodies = Vec::new();
+        let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
         while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
             let delivery = delivery.unwrap();
             let body = String::from_utf8(delivery.data.clone()).unwrap();
             let n: usize = body[1..].parse().unwrap();
-            assert!(n >= 100, "{body} was acknowledged before the kill");
-            if n < 150 {
-                assert!(delivery.redelivered, "{body} was delivered before: redelivered");
+            if body.starts_with('f') {
+                forwarded.push(n);
+            } else {
+                assert!(n >= 100, "{body} was acknowledged before the kill");
+                if n < 150 {
+                    assert!(delivery.redelivered, "{body} was delivered before: redelivered");
+                }
+                direct.push(n);
             }
-            bodies.push(n);
             delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
         let expected: Vec<usize> = (100..=500).collect();
-        assert_eq!(bodies, expected, "every confirmed message not acknowledged, once, in order");
+        assert_eq!(direct, expected, "every confirmed message not acknowledged, once, in order");
+        assert_eq!(forwarded, (0..20).collect::<Vec<_>>(), "the forwarded ones too");
         // It goes on taking confirmed publishes.
         let channel = conn.create_channel().await.unwrap();
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();

@@ -60,6 +60,7 @@ impl VirtualHostState {
             return Ok(tag.to_string());
         }
         let id = self.queue_id(key.connection, queue)?;
+        self.check_local(id)?;
         let global_qos = self.channels.get(&key).is_some_and(|c| c.prefetch_count > 0);
         if global_qos && self.queues.get(&id).is_some_and(|q| q.settings.queue_type == QueueType::Quorum) {
             return Err(AmqpError::hard(
@@ -231,6 +232,7 @@ impl VirtualHostState {
     }
     pub fn get(&mut self, key: ChannelKey, queue: &str, no_ack: bool) -> Result<Option<GetResult>, AmqpError> {
         let id = self.queue_id(key.connection, queue)?;
+        self.check_local(id)?;
         let Some(q) = self.queues.get_mut(&id) else {
             return Err(self.not_found_queue(queue));
         };

@@ -9,9 +9,10 @@
 use super::*;
 
 impl VirtualHostState {
-    /// Declares a quorum queue this node now leads (a durable queue whose
-    /// declaration is not journaled: the cluster's metadata holds it).
-    pub fn declare_replicated(&mut self, name: &str, arguments: FieldTable) -> Result<(), AmqpError> {
+    /// Declares a quorum queue (a durable queue whose declaration is not
+    /// journaled: the cluster's metadata holds it), led from this node or,
+    /// `remote`, from another one.
+    pub fn declare_replicated(&mut self, name: &str, arguments: FieldTable, remote: bool) -> Result<(), AmqpError> {
         let journaled = self.journal.len();
         let declared = self.declare_queue(0, QueueDeclare::named(name).durable().with_arguments(arguments));
         self.journal.truncate(journaled);
@@ -20,7 +21,42 @@ impl VirtualHostState {
             return Err(self.not_found_queue(name));
         };
         queue.replicated = true;
+        queue.remote = remote;
         Ok(())
+    }
+
+    /// A message its group committed that this node's queue did not take
+    /// in itself (published through another node): it joins the queue as a
+    /// publish would, under the key the group gave it. If the queue will
+    /// not have it (a length limit), it is settled at once.
+    pub fn accept_replicated(&mut self, name: &str, message: Arc<Message>) {
+        let Some(id) = self.queue_ids.get(name).copied() else { return };
+        if !self.queues.get(&id).is_some_and(|q| q.replicated && !q.remote) {
+            return;
+        }
+        let stored = message.stored_index();
+        let enqueued = self.enqueue(id, &message);
+        if matches!(enqueued, Enqueued::Rejected | Enqueued::Dropped | Enqueued::Duplicate) {
+            self.journal.push(JournalEvent::Settled { queue: name.into(), stored });
+        }
+        self.process_dead_letters();
+    }
+
+    /// Refuses what only the queue's leader can do (consume, get) on a
+    /// quorum queue led from another node.
+    pub(super) fn check_local(&self, id: QueueId) -> Result<(), AmqpError> {
+        match self.queues.get(&id) {
+            Some(queue) if queue.remote => Err(precondition(format!(
+                "quorum queue '{}' in vhost '{}' is led from another node: consume from it there (consuming through another node is not supported yet)",
+                queue.name, self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `name` is a stand-in for a quorum queue led from another node.
+    pub fn is_remote(&self, name: &str) -> bool {
+        self.queue_ids.get(name).and_then(|id| self.queues.get(id)).is_some_and(|q| q.remote)
     }
 
     /// Whether `name` is a quorum queue led from here.
@@ -51,10 +87,11 @@ impl VirtualHostState {
         }
     }
 
-    /// Removes a quorum queue whose leadership went elsewhere: consumers
-    /// here are cancelled (with a notice), and nothing is journaled, so its
-    /// group keeps every message; what was delivered from here and not
-    /// yet settled is delivered again by the new leader.
+    /// Removes a quorum queue whose leadership went elsewhere (or a remote
+    /// one's stand-in): consumers here are cancelled (with a notice), and
+    /// nothing is journaled, so its group keeps every message; what was
+    /// delivered from here and not yet settled is delivered again by the
+    /// new leader.
     pub fn drop_replicated(&mut self, name: &str) {
         let Some(id) = self.queue_ids.get(name).copied() else { return };
         if !self.queues.get(&id).is_some_and(|q| q.replicated) {

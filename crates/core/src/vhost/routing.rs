@@ -196,6 +196,11 @@ impl VirtualHostState {
         let Some(queue) = self.queues.get_mut(&id) else {
             return Enqueued::Dropped;
         };
+        if queue.remote {
+            // Journaled by `enqueue_all`; its leader's queue decides.
+            queue.stats.publish += 1;
+            return Enqueued::Accepted { durable: true };
+        }
         // The key is remembered only once the message is accepted, so a
         // publish refused by a length limit can be retried.
         let mut dedup_key_now = None;

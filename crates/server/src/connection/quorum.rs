@@ -23,7 +23,9 @@ impl Connection {
     ) -> Result<bool, AmqpError> {
         let Some(replication) = self.broker.replication.get().cloned() else { return Ok(false) };
         let name = d.queue.as_str();
-        if name.is_empty() || state.has_queue(name) {
+        // A stand-in (the queue is led elsewhere) answers a passive
+        // declare from this node's replica, as a missing queue does.
+        if name.is_empty() || (state.has_queue(name) && !(d.passive && state.is_remote(name))) {
             return Ok(false);
         }
         if d.passive {

@@ -48,6 +48,8 @@ const DECLARE_PATIENCE: Duration = Duration::from_secs(10);
 const COMMIT_PATIENCE: Duration = Duration::from_secs(30);
 /// How often leaderships are looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// Body bytes per command forwarding publishes to a leader, about.
+const FORWARD_BATCH_BYTES: usize = 4 << 20;
 
 /// A quorum queue this node holds a replica of.
 struct Local {
@@ -62,6 +64,24 @@ struct Local {
     active: AtomicBool,
     /// A takeover is under way.
     activating: AtomicBool,
+    /// While this node leads: the log index its queue was rebuilt from
+    /// (forwarded messages up to it were in the replica then). Taking up
+    /// and taking in forwarded messages hold it, so none is missed or
+    /// taken twice.
+    restored: parking_lot::Mutex<Option<u64>>,
+    /// A stand-in for the queue is in this node's virtual host (another
+    /// node leads): publishes to it are forwarded.
+    stand_in: AtomicBool,
+    /// Messages published here waiting to be forwarded to the leader.
+    forwarding: parking_lot::Mutex<Forwarding>,
+}
+
+/// Publishes through a node that does not lead the queue, sent to the
+/// leader in order, a batch at a time.
+#[derive(Default)]
+struct Forwarding {
+    waiting: Vec<(Arc<warren_core::Message>, tokio::sync::oneshot::Sender<bool>)>,
+    sending: bool,
 }
 
 /// A quorum queue as one node sees it.
@@ -82,6 +102,10 @@ pub struct Replication {
     broker: Weak<Broker>,
     /// vhost -> queue -> the replica here.
     queues: RwLock<HashMap<String, HashMap<String, Arc<Local>>>>,
+    /// Forwarded messages applied by the replicas here.
+    applied: mpsc::UnboundedSender<(GroupId, replica::Applied)>,
+    /// Itself, for the tasks it starts.
+    me: Weak<Replication>,
 }
 
 impl Replication {
@@ -94,16 +118,19 @@ impl Replication {
         members: warren_cluster::Members,
     ) -> Result<Arc<Replication>, warren_raft::NodeError> {
         let (events, received) = mpsc::unbounded_channel();
+        let (applied, applied_received) = mpsc::unbounded_channel();
         let metadata = warren_raft::metadata::start(&node, members.clone(), Placements::new(events)).await?;
-        let replication = Arc::new(Replication {
+        let replication = Arc::new_cyclic(|me| Replication {
             node,
             members,
             metadata,
             broker: Arc::downgrade(broker),
             queues: RwLock::default(),
+            applied,
+            me: me.clone(),
         });
         broker.store.set_replicator(replication.clone());
-        tokio::spawn(run(Arc::downgrade(&replication), received));
+        tokio::spawn(run(Arc::downgrade(&replication), received, applied_received));
         Ok(replication)
     }
 
@@ -207,7 +234,18 @@ impl Replication {
         {
             return;
         }
-        let machine = match self.node.create_group(placement.group, QueueReplica::default()).await {
+        // The replica tells of forwarded messages as it applies them.
+        let (tell, mut told) = mpsc::unbounded_channel();
+        let applied = self.applied.clone();
+        let group = placement.group;
+        tokio::spawn(async move {
+            while let Some(message) = told.recv().await {
+                if applied.send((group, message)).is_err() {
+                    return;
+                }
+            }
+        });
+        let machine = match self.node.create_group(placement.group, QueueReplica::telling(tell)).await {
             Ok(machine) => machine,
             Err(e) => {
                 warn!(vhost = %placement.vhost, queue = %placement.name, %e, "cannot start a quorum queue's group");
@@ -223,6 +261,9 @@ impl Replication {
             next_key: AtomicU64::new(1),
             active: AtomicBool::new(false),
             activating: AtomicBool::new(false),
+            restored: parking_lot::Mutex::new(None),
+            stand_in: AtomicBool::new(false),
+            forwarding: parking_lot::Mutex::default(),
         });
         self.queues.write().entry(placement.vhost.clone()).or_default().insert(placement.name.clone(), local);
         // The declaring node sets the group up (once: later it is a no-op)
@@ -238,6 +279,7 @@ impl Replication {
         let local = self.queues.write().get_mut(vhost).and_then(|queues| queues.remove(name));
         if let Some(local) = local {
             self.give_up(&local);
+            self.drop_stand_in(&local);
         }
         // The group's log stays until groups can be deleted.
         info!(%vhost, queue = %name, group, "quorum queue removed");
@@ -250,13 +292,108 @@ impl Replication {
             let leading = self.node.status(local.group).is_some_and(|s| s.state == "Leader");
             let active = local.active.load(Ordering::Acquire);
             if leading && !active && !local.activating.swap(true, Ordering::AcqRel) {
-                let this = self.clone();
+                let (this, local) = (self.clone(), local.clone());
                 tokio::spawn(async move {
                     this.take_up(&local).await;
                     local.activating.store(false, Ordering::Release);
                 });
             } else if !leading && active {
                 self.give_up(&local);
+            }
+            // Led elsewhere: a stand-in here takes publishes for it.
+            let led_elsewhere =
+                self.node.status(local.group).is_some_and(|s| s.leader.is_some() && s.state != "Leader");
+            if led_elsewhere && !local.active.load(Ordering::Acquire) && !local.stand_in.load(Ordering::Acquire) {
+                self.put_stand_in(&local);
+            }
+        }
+    }
+
+    fn put_stand_in(&self, local: &Local) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let Some(vhost) = broker.vhost(&local.vhost) else { return };
+        let mut session = Session::open(&vhost, &broker.store);
+        if session.has_queue(&local.name) {
+            return;
+        }
+        match session.declare_replicated(&local.name, local.arguments.clone(), true) {
+            Ok(()) => local.stand_in.store(true, Ordering::Release),
+            Err(error) => warn!(queue = %local.name, %error, "cannot put a quorum queue's stand-in here"),
+        }
+    }
+
+    fn drop_stand_in(&self, local: &Local) {
+        if !local.stand_in.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(broker) = self.broker.upgrade() else { return };
+        if let Some(vhost) = broker.vhost(&local.vhost) {
+            Session::open(&vhost, &broker.store).drop_replicated(&local.name);
+        }
+    }
+
+    /// A forwarded message the group committed: the leader's queue takes
+    /// it in, unless it was in the replica the queue was rebuilt from.
+    fn applied_event(&self, group: GroupId, applied: replica::Applied) {
+        let local = self.queues.read().values().flat_map(|q| q.values()).find(|l| l.group == group).cloned();
+        let Some(local) = local else { return };
+        let restored = local.restored.lock();
+        if !restored.is_some_and(|from| applied.index > from) {
+            return;
+        }
+        let Some(broker) = self.broker.upgrade() else { return };
+        if let Some(vhost) = broker.vhost(&local.vhost) {
+            Session::open(&vhost, &broker.store).accept_replicated(&local.name, Arc::new(applied.message));
+        }
+    }
+
+    /// Queues messages published here for the leader; the receiver hears
+    /// whether they were committed.
+    fn forward(
+        self: &Arc<Self>,
+        local: &Arc<Local>,
+        message: Arc<warren_core::Message>,
+    ) -> tokio::sync::oneshot::Receiver<bool> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut forwarding = local.forwarding.lock();
+            forwarding.waiting.push((message, done));
+            !std::mem::replace(&mut forwarding.sending, true)
+        };
+        if start {
+            let (this, local) = (self.clone(), local.clone());
+            tokio::spawn(async move { this.send_forwarded(&local).await });
+        }
+        committed
+    }
+
+    /// Sends the queued forwarded messages, a batch per command, until
+    /// none are left.
+    async fn send_forwarded(&self, local: &Local) {
+        loop {
+            let batch: Vec<_> = {
+                let mut forwarding = local.forwarding.lock();
+                if forwarding.waiting.is_empty() {
+                    forwarding.sending = false;
+                    return;
+                }
+                let mut bytes = 0;
+                let count = forwarding
+                    .waiting
+                    .iter()
+                    .take_while(|(message, _)| {
+                        bytes += message.body_len() + 64;
+                        bytes <= FORWARD_BATCH_BYTES
+                    })
+                    .count()
+                    .max(1);
+                forwarding.waiting.drain(..count).collect()
+            };
+            let mut command = Vec::new();
+            replica::encode_forwarded(&mut command, batch.iter().map(|(message, _)| &**message));
+            let ok = self.node.write_anywhere(local.group, command, COMMIT_PATIENCE).await.is_ok();
+            for (_, done) in batch {
+                let _ = done.send(ok);
             }
         }
     }
@@ -277,21 +414,29 @@ impl Replication {
             warn!(vhost = %local.vhost, queue = %local.name, "a quorum queue's virtual host is not on this node");
             return;
         };
-        let (messages, last_key) = local.machine.with(|r| (r.messages(), r.last_key()));
+        let mut restored = local.restored.lock();
+        let (messages, last_key, last_index) = local.machine.with(|r| (r.messages(), r.last_key(), r.last_index()));
         let count = messages.len();
         let mut session = Session::open(&vhost, &broker.store);
-        if let Err(error) = session.declare_replicated(&local.name, local.arguments.clone()) {
+        if local.stand_in.swap(false, Ordering::AcqRel) {
+            session.drop_replicated(&local.name);
+        }
+        if let Err(error) = session.declare_replicated(&local.name, local.arguments.clone(), false) {
             warn!(queue = %local.name, %error, "cannot run a quorum queue here");
             return;
         }
         local.next_key.store(last_key + 1, Ordering::Release);
         local.active.store(true, Ordering::Release);
+        *restored = Some(last_index);
         session.restore_replicated(&local.name, messages.into_iter().map(|(m, returns)| (Arc::new(m), returns)));
         drop(session);
+        drop(restored);
         info!(vhost = %local.vhost, queue = %local.name, term, messages = count, "quorum queue led from this node");
     }
 
     fn give_up(&self, local: &Local) {
+        let mut restored = local.restored.lock();
+        *restored = None;
         if !local.active.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -330,6 +475,7 @@ impl crate::store::Replicator for Replication {
         let mut submitted = Vec::new();
         let mut failed = false;
         let mut deleted = Vec::new();
+        let mut forwarded = Vec::new();
         events.retain(|event| {
             let name = match event {
                 JournalEvent::Published { queues, .. } if queues.len() == 1 => &queues[0],
@@ -338,13 +484,20 @@ impl crate::store::Replicator for Replication {
                 | JournalEvent::QueueDeleted { queue } => queue,
                 _ => return true,
             };
-            let Some(local) = here.get(&**name).filter(|l| l.active.load(Ordering::Acquire)) else {
-                return true;
-            };
-            if let JournalEvent::QueueDeleted { queue } = event {
-                deleted.push(queue.to_string());
-            } else {
-                failed |= self.submit(local, event, &mut submitted).is_err();
+            let Some(local) = here.get(&**name) else { return true };
+            let active = local.active.load(Ordering::Acquire);
+            match event {
+                JournalEvent::QueueDeleted { queue } if active || local.stand_in.load(Ordering::Acquire) => {
+                    deleted.push(queue.to_string());
+                }
+                JournalEvent::Published { message, .. } if !active && local.stand_in.load(Ordering::Acquire) => {
+                    forwarded.push((local.clone(), message.clone()));
+                }
+                // What a stand-in journals besides publishes concerns
+                // nothing stored (it holds no message).
+                _ if !active && local.stand_in.load(Ordering::Acquire) => {}
+                _ if !active => return true,
+                _ => failed |= self.submit(local, event, &mut submitted).is_err(),
             }
             false
         });
@@ -352,10 +505,13 @@ impl crate::store::Replicator for Replication {
         for name in deleted {
             if let Some(local) = self.local(vhost, &name) {
                 local.active.store(false, Ordering::Release);
+                local.stand_in.store(false, Ordering::Release);
             }
             self.deleted(vhost, &name);
         }
-        if submitted.is_empty() && !failed {
+        let this = self.me.upgrade()?;
+        let forwarded: Vec<_> = forwarded.into_iter().map(|(local, message)| this.forward(&local, message)).collect();
+        if submitted.is_empty() && forwarded.is_empty() && !failed {
             return None;
         }
         let broker = self.broker.upgrade()?;
@@ -369,6 +525,9 @@ impl crate::store::Replicator for Replication {
                     _ => ok = false,
                 }
             }
+            for committed in forwarded {
+                ok &= committed.await.unwrap_or(false);
+            }
             if let Some(broker) = tickets.upgrade() {
                 broker.tickets.resolve(ticket, ok);
             }
@@ -378,10 +537,18 @@ impl crate::store::Replicator for Replication {
 }
 
 /// Follows placements and leaderships until the replication goes.
-async fn run(replication: Weak<Replication>, mut events: mpsc::UnboundedReceiver<Event>) {
+async fn run(
+    replication: Weak<Replication>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    mut applied: mpsc::UnboundedReceiver<(GroupId, replica::Applied)>,
+) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
         tokio::select! {
+            message = applied.recv() => {
+                let (Some((group, message)), Some(this)) = (message, replication.upgrade()) else { return };
+                this.applied_event(group, message);
+            }
             event = events.recv() => {
                 let (Some(event), Some(this)) = (event, replication.upgrade()) else { return };
                 match event {

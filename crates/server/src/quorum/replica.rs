@@ -17,6 +17,25 @@ use warren_raft::StateMachine;
 const ENQUEUE: u8 = b'E';
 const SETTLE: u8 = b'S';
 const RETURN: u8 = b'R';
+/// Messages published through another node: each takes a key from its
+/// log position ([`forwarded_key`]).
+const FORWARDED: u8 = b'F';
+
+/// Keys of forwarded messages: the leader's own keys stay below.
+const FORWARDED_BIT: u64 = 1 << 62;
+
+/// The key of the `position`th message of the forwarded batch at log
+/// `index`: the same on every replica, and never one a leader hands out.
+fn forwarded_key(index: u64, position: u64) -> u64 {
+    FORWARDED_BIT | (index << 20) | (position & 0xF_FFFF)
+}
+
+/// A forwarded message as applied, for the leader's node to put in its
+/// queue.
+pub struct Applied {
+    pub index: u64,
+    pub message: Message,
+}
 
 /// A message as the replica keeps it: when it arrived, then exchange,
 /// routing key, properties and body, as [`encode_enqueue`] wrote them.
@@ -28,8 +47,12 @@ struct Kept {
 #[derive(Default)]
 pub struct QueueReplica {
     messages: BTreeMap<u64, Kept>,
-    /// The largest key ever enqueued (a new leader goes on above it).
+    /// The largest key a leader ever gave (a new leader goes on above it).
     last_key: u64,
+    /// The log index of the last command applied.
+    last_index: u64,
+    /// Where forwarded messages are told as they are applied.
+    forwarded: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
 }
 
 /// `E`, key, arrival time, exchange, routing key, properties, body.
@@ -45,6 +68,20 @@ pub fn encode_enqueue(out: &mut Vec<u8>, key: u64, message: &Message) {
     out.extend_from_slice(&u32::try_from(message.properties().len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(message.properties());
     out.extend_from_slice(message.body());
+}
+
+/// `F`, then each message as [`encode_enqueue`] writes it after its key,
+/// with its length first.
+pub fn encode_forwarded<'a>(out: &mut Vec<u8>, messages: impl IntoIterator<Item = &'a Message>) {
+    out.push(FORWARDED);
+    let mut one = Vec::new();
+    for message in messages {
+        one.clear();
+        encode_enqueue(&mut one, 0, message);
+        let data = &one[9..];
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(data);
+    }
 }
 
 pub fn encode_settle(out: &mut Vec<u8>, key: u64) {
@@ -87,6 +124,16 @@ fn decode_message(data: &[u8]) -> Option<Message> {
 }
 
 impl QueueReplica {
+    /// A replica that tells `forwarded` of forwarded messages it applies.
+    pub fn telling(forwarded: tokio::sync::mpsc::UnboundedSender<Applied>) -> QueueReplica {
+        QueueReplica { forwarded: Some(forwarded), ..QueueReplica::default() }
+    }
+
+    /// The log index of the last command applied.
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
     pub fn len(&self) -> usize {
         self.messages.len()
     }
@@ -97,6 +144,23 @@ impl QueueReplica {
 
     pub fn last_key(&self) -> u64 {
         self.last_key
+    }
+
+    fn apply_forwarded(&mut self, index: u64, mut rest: &[u8]) {
+        let mut position = 0;
+        while let Some(len) = u64_at(rest, 0).and_then(|l| usize::try_from(l).ok()) {
+            let Some(data) = rest.get(8..8 + len) else { break };
+            let key = forwarded_key(index, position);
+            if let Some(forwarded) = &self.forwarded {
+                if let Some(message) = decode_message(data) {
+                    message.set_stored_index(key);
+                    let _ = forwarded.send(Applied { index, message });
+                }
+            }
+            self.messages.insert(key, Kept { data: data.into(), returns: 0 });
+            rest = &rest[8 + len..];
+            position += 1;
+        }
     }
 
     /// The messages in key order (the order they were enqueued), each with
@@ -117,7 +181,12 @@ impl QueueReplica {
 }
 
 impl StateMachine for QueueReplica {
-    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        self.last_index = index;
+        if command.first() == Some(&FORWARDED) {
+            self.apply_forwarded(index, &command[1..]);
+            return Vec::new();
+        }
         let key = u64_at(command, 1);
         match (command.first(), key) {
             (Some(&ENQUEUE), Some(key)) => {
@@ -143,6 +212,7 @@ impl StateMachine for QueueReplica {
     fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&self.last_key.to_le_bytes());
+        out.extend_from_slice(&self.last_index.to_le_bytes());
         for (key, kept) in &self.messages {
             out.extend_from_slice(&key.to_le_bytes());
             out.extend_from_slice(&kept.returns.to_le_bytes());
@@ -155,8 +225,9 @@ impl StateMachine for QueueReplica {
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         let bad = || "a quorum queue snapshot is cut short".to_string();
         let last_key = u64_at(snapshot, 0).ok_or_else(bad)?;
+        let last_index = u64_at(snapshot, 8).ok_or_else(bad)?;
         let mut messages = BTreeMap::new();
-        let mut at = 8;
+        let mut at = 16;
         while at < snapshot.len() {
             let key = u64_at(snapshot, at).ok_or_else(bad)?;
             let returns = u64_at(snapshot, at + 8).ok_or_else(bad)?;
@@ -165,7 +236,8 @@ impl StateMachine for QueueReplica {
             messages.insert(key, Kept { data: data.into(), returns });
             at += 24 + len;
         }
-        *self = QueueReplica { messages, last_key };
+        let forwarded = self.forwarded.take();
+        *self = QueueReplica { messages, last_key, last_index, forwarded };
         Ok(())
     }
 }
