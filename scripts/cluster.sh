@@ -14,6 +14,12 @@ cd "$(dirname "$0")/.."
 DIR=${CLUSTER_DIR:-./cluster-data}
 BIN=${WARREN_BIN:-./target/release/warren}
 
+# A process that was killed stays a zombie until something reaps it
+# (kill -0 still succeeds): it is not running.
+alive() {
+    kill -0 "$1" 2>/dev/null && [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" != Z ]
+}
+
 up() {
     local n=${1:-3} seeds="" i
     [ -x "$BIN" ] || cargo build --release -p warren --quiet
@@ -22,7 +28,7 @@ up() {
     chmod 600 "$DIR/secret"
     for i in $(seq 1 "$n"); do seeds="$seeds${seeds:+,}127.0.0.1:$((25700 + i))"; done
     for i in $(seq 1 "$n"); do
-        if [ -f "$DIR/node-$i.pid" ] && kill -0 "$(cat "$DIR/node-$i.pid")" 2>/dev/null; then
+        if [ -f "$DIR/node-$i.pid" ] && alive "$(cat "$DIR/node-$i.pid")"; then
             echo "node-$i@local is already running"
             continue
         fi
@@ -42,7 +48,7 @@ down() {
         [ -e "$pid_file" ] || continue
         pid=$(cat "$pid_file")
         kill "$pid" 2>/dev/null || true
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        while alive "$pid"; do sleep 0.1; done
         rm -f "$pid_file"
         echo "stopped $(basename "$pid_file" .pid)@local"
     done

@@ -15,6 +15,7 @@
 # Usage: scripts/rabbitmq-cluster.sh up|down|status
 #        scripts/rabbitmq-cluster.sh ctl N ARGS...   (rabbitmqctl against node N)
 #        scripts/rabbitmq-cluster.sh pid N           (pid of node N's beam.smp)
+#        scripts/rabbitmq-cluster.sh start N         (start node N again after a kill)
 #
 # `up` does nothing if all three nodes are running and clustered; otherwise
 # it stops any leftover nodes and builds a fresh cluster (node data is wiped,
@@ -177,5 +178,9 @@ case "${1:-}" in
     status) cmd_status ;;
     ctl) shift; n="${1:?usage: $0 ctl N ARGS...}"; shift; rmq "$n" ctl "$@" ;;
     pid) node_pid "${2:?usage: $0 pid N}" ;;
-    *) echo "usage: $0 up|down|status | ctl N ARGS... | pid N" >&2; exit 2 ;;
+    start)
+        # Starts node N again (after a kill); it rejoins from its own data.
+        n="${2:?usage: $0 start N}"; out="$(node_dir "$n")/start.out"
+        if ! rmq "$n" start >"$out" 2>&1; then cat "$out" >&2; exit 1; fi ;;
+    *) echo "usage: $0 up|down|status | ctl N ARGS... | pid N | start N" >&2; exit 2 ;;
 esac

@@ -7,7 +7,8 @@
 //!
 //! Forming it needs one node to go first, and only one: the node at the
 //! first seed address (in sorted order) initializes the group once it
-//! reaches a majority of the seeds, with the nodes it reaches. From then
+//! reaches a majority of the seeds, with the nodes it reaches, unless one
+//! of them already has the group (the first seed lost its disk). From then
 //! on its leader adds every node that connects and is not yet a member
 //! (nodes started later join this way).
 
@@ -59,6 +60,16 @@ pub async fn start<S: StateMachine>(node: &Node, members: Members, state: S) -> 
             if status.voters.is_empty() {
                 let majority = (up.len() + 1) * 2 > members.seeds().len();
                 if first.is_some() && members.own_seed() == first && majority {
+                    // A first seed that lost its disk finds the group on the
+                    // others (their leader brings it up to date).
+                    match node.formed_elsewhere(METADATA).await {
+                        Ok(false) => {}
+                        Ok(true) => continue,
+                        Err(e) => {
+                            warn!(%e, "cannot tell whether the metadata group exists");
+                            continue;
+                        }
+                    }
                     let mut voters = up.clone();
                     voters.push(node.name().to_string());
                     info!(?voters, "forming the cluster's metadata group");

@@ -27,6 +27,9 @@ pub(crate) const SNAPSHOT: u8 = 3;
 /// A client's command handed to the leader by a follower (not openraft's:
 /// the answer is `ANSWERED` and the reply's bytes, or `NOT_LEADER`).
 pub(crate) const FORWARD: u8 = 4;
+/// Whether the group has members on the node asked (the answer is
+/// `ANSWERED` and one byte, 1 if it has).
+pub(crate) const PROBE: u8 = 5;
 
 /// How long a vote waits for a member to create its group.
 const NO_GROUP_PATIENCE: Duration = Duration::from_secs(1);

@@ -25,6 +25,10 @@ use crate::{node_id, Command, GroupId, NodeId, Raft, Reply, StateMachine};
 
 /// How often the election driver looks at the groups.
 const DRIVE_EVERY: Duration = Duration::from_millis(25);
+/// How long a follower refuses votes after it last heard its leader
+/// (`election_timeout_max`).
+const LEADER_LEASE_MS: u64 = 120;
+const LEADER_LEASE: Duration = Duration::from_millis(LEADER_LEASE_MS);
 /// How long a member with no leader known waits before an election.
 const UNKNOWN_LEADER_GRACE: Duration = Duration::from_millis(500);
 /// How often a leader prods members that lag behind its log.
@@ -119,9 +123,9 @@ pub struct Node {
 fn raft_config(options: &NodeOptions) -> Result<openraft::Config, NodeError> {
     openraft::Config {
         cluster_name: "warren".into(),
-        election_timeout_min: 150,
-        election_timeout_max: 300,
-        heartbeat_interval: 50,
+        election_timeout_min: 60,
+        election_timeout_max: LEADER_LEASE_MS,
+        heartbeat_interval: 20,
         enable_heartbeat: false,
         enable_elect: false,
         max_payload_entries: 4096,
@@ -265,7 +269,7 @@ impl Node {
             let leader = match self.write(group, command.clone()).await {
                 Err(NodeError::NotLeader { leader: Some(leader), .. }) if leader != self.inner.name => leader,
                 Err(NodeError::NotLeader { .. }) if Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
                 done => return done,
@@ -278,11 +282,28 @@ impl Node {
             let answer = transport.call(&leader, request, patience.max(Duration::from_millis(100))).await;
             match answer.as_deref().map(|a| (a.first(), a.get(1..))) {
                 Ok((Some(&network::ANSWERED), Some(reply))) => return Ok(reply.to_vec()),
-                _ if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(20)).await,
                 Ok(_) => return Err(NodeError::NotLeader { group, leader: Some(leader) }),
                 Err(e) => return Err(NodeError::Raft(group, e.clone())),
             }
         }
+    }
+
+    /// Whether a node up now holds `group` with members: a node that lost
+    /// its disk must not set up anew a group that exists.
+    pub async fn formed_elsewhere(&self, group: GroupId) -> Result<bool, NodeError> {
+        let transport = self.inner.transport.get().cloned().ok_or(NodeError::Detached)?;
+        let mut request = group.to_le_bytes().to_vec();
+        request.push(network::PROBE);
+        for peer in transport.up() {
+            match transport.call(&peer, request.clone(), Duration::from_secs(1)).await {
+                Ok(answer) if answer == [network::ANSWERED, 1] => return Ok(true),
+                Ok(_) => {}
+                // Not knowing is not knowing it is not formed.
+                Err(e) => return Err(NodeError::Raft(group, e)),
+            }
+        }
+        Ok(false)
     }
 
     /// Starts an election in `group` now (a leader placed on this node).
@@ -478,6 +499,13 @@ impl Handler for Serve {
     fn handle(&self, _from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
         let parsed = request.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).zip(request.get(8));
         let Some((group, &kind)) = parsed else { return Box::pin(async { vec![network::MALFORMED] }) };
+        if kind == network::PROBE {
+            let formed =
+                self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone())).is_some_and(
+                    |raft| raft.metrics().borrow().membership_config.membership().voter_ids().next().is_some(),
+                );
+            return Box::pin(async move { vec![network::ANSWERED, u8::from(formed)] });
+        }
         if kind == network::FORWARD {
             let Some(inner) = self.0.upgrade() else { return Box::pin(async { vec![network::NO_GROUP] }) };
             let node = Node { inner };
@@ -516,6 +544,8 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
     let mut was_up: HashSet<String> = HashSet::new();
     let mut prodded = Instant::now();
     let mut came_back_at: Option<Instant> = None;
+    // Group -> the (term, leader) known when that leader's node came back.
+    let mut restarted: HashMap<GroupId, (u64, NodeId)> = HashMap::new();
     let mut tick = tokio::time::interval(DRIVE_EVERY);
     loop {
         tick.tick().await;
@@ -523,7 +553,8 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
         let up: HashSet<String> = transport.up();
         let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.raft.clone())).collect();
         let now = Instant::now();
-        if up.difference(&was_up).next().is_some() {
+        let returned: HashSet<&String> = up.difference(&was_up).collect();
+        if !returned.is_empty() {
             came_back_at = Some(now);
         }
         // A node that came back may have lost its disk, and creates its
@@ -559,8 +590,20 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
                     info!(group, term = metrics.current_term, leader = name, "group leader");
                 }
             }
+            // A leader whose node went down and came back was restarted
+            // (or cut off long enough to be counted gone): it leads
+            // nothing any more, whatever this member last heard.
+            if let Some(leader) = metrics.current_leader {
+                if membership.get_node(&leader).is_some_and(|n| returned.contains(&n.addr)) {
+                    restarted.insert(group, (metrics.current_term, leader));
+                }
+            }
+            let stale = restarted
+                .get(&group)
+                .is_some_and(|&(term, leader)| metrics.current_term == term && metrics.current_leader == Some(leader));
             let leader_alive = match metrics.current_leader {
                 Some(leader) if leader == inner.id => metrics.state == ServerState::Leader,
+                Some(_) if stale => false,
                 Some(leader) => is_up(leader),
                 None => false,
             };
@@ -576,11 +619,12 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             let at = *next_try.entry(group).or_insert_with(|| {
                 live.sort_by_key(|v| rank_key(group, *v));
                 let rank = live.iter().position(|v| *v == inner.id).unwrap_or(live.len());
-                // A leader that went is replaced at once. With no leader
-                // known (a node just started), one may well exist: its
-                // replication reaches this node within its retry interval,
-                // and an election now would only unseat it.
-                let grace = if metrics.current_leader.is_none() { UNKNOWN_LEADER_GRACE } else { Duration::ZERO };
+                // A leader that went is replaced once the other members'
+                // lease on it has run out (they refuse votes before). With
+                // no leader known (a node just started), one may well
+                // exist: its replication reaches this node within its
+                // retry interval, and an election now would only unseat it.
+                let grace = if metrics.current_leader.is_none() { UNKNOWN_LEADER_GRACE } else { LEADER_LEASE };
                 now + grace + RANK_STEP * u32::try_from(rank).unwrap_or(u32::MAX)
             });
             if now < at {
@@ -593,6 +637,7 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
         }
         was_up = up;
+        restarted.retain(|group, _| inner.groups.read().contains_key(group));
         next_try.retain(|group, _| inner.groups.read().contains_key(group));
         seen.retain(|group, _| inner.groups.read().contains_key(group));
     }
