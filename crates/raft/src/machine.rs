@@ -24,7 +24,9 @@ struct Inner<S> {
     state: S,
     applied: Option<LogId>,
     membership: StoredMembership<NodeId, openraft::BasicNode>,
-    current: Option<(Meta, Vec<u8>)>,
+    /// The latest snapshot: its metadata, and its data unless it is in
+    /// the file.
+    current: Option<(Meta, Option<Vec<u8>>)>,
     built: u64,
     installed: u64,
 }
@@ -49,6 +51,18 @@ struct SnapshotFile {
     data: Vec<u8>,
 }
 
+/// [`SnapshotFile`] as written, without copying the data first (bincode
+/// writes a slice as it writes a `Vec`).
+#[derive(Serialize)]
+struct SnapshotFileRef<'a> {
+    meta: &'a Meta,
+    data: &'a [u8],
+}
+
+fn read_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_snapshot(None, AnyError::new(&e)).into()
+}
+
 fn snapshot_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
 }
@@ -70,7 +84,7 @@ impl<S: StateMachine> Machine<S> {
                         .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::error(e))))?;
                     applied = saved.meta.last_log_id;
                     membership = saved.meta.last_membership.clone();
-                    current = Some((saved.meta, saved.data));
+                    current = Some((saved.meta, None));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StorageIOError::read_snapshot(None, AnyError::new(&e)).into()),
@@ -80,6 +94,12 @@ impl<S: StateMachine> Machine<S> {
             inner: Arc::new(Mutex::new(Inner { state, applied, membership, current, built: 0, installed: 0 })),
             file,
         })
+    }
+
+    /// What is kept of the latest snapshot in memory: nothing when it is in
+    /// its file (it is read back when a member needs it), all of it else.
+    fn kept(&self, data: &[u8]) -> Option<Vec<u8>> {
+        self.file.is_none().then(|| data.to_vec())
     }
 
     /// Runs `f` on the machine's state (for reads served by a replica).
@@ -95,8 +115,7 @@ impl<S: StateMachine> Machine<S> {
     /// Writes the snapshot file, off the runtime's threads (it fsyncs).
     async fn save(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError<NodeId>> {
         let Some(path) = self.file.clone() else { return Ok(()) };
-        let bytes =
-            bincode::serialize(&SnapshotFile { meta: meta.clone(), data: data.to_vec() }).map_err(snapshot_error)?;
+        let bytes = bincode::serialize(&SnapshotFileRef { meta, data }).map_err(snapshot_error)?;
         let write = move || -> std::io::Result<()> {
             use std::io::Write;
             let temporary = path.with_extension("tmp");
@@ -129,7 +148,7 @@ impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for Machine<S> {
             (meta, inner.state.snapshot())
         };
         self.save(&meta, &data).await?;
-        self.inner.lock().current = Some((meta.clone(), data.clone()));
+        self.inner.lock().current = Some((meta.clone(), self.kept(&data)));
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -197,16 +216,26 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
             .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::error(e))))?;
         inner.applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
-        inner.current = Some((meta.clone(), data));
+        inner.current = Some((meta.clone(), self.kept(&data)));
         inner.installed += 1;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let inner = self.inner.lock();
-        Ok(inner
-            .current
-            .as_ref()
-            .map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.clone())) }))
+        let current = self.inner.lock().current.clone();
+        let Some((meta, kept)) = current else { return Ok(None) };
+        let data = match (kept, &self.file) {
+            (Some(data), _) => data,
+            (None, Some(path)) => {
+                let path = path.clone();
+                let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+                let bytes =
+                    read.map_err(|e| std::io::Error::other(e.to_string())).and_then(|r| r).map_err(read_error)?;
+                let saved: SnapshotFile = bincode::deserialize(&bytes).map_err(read_error)?;
+                saved.data
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
