@@ -1,0 +1,193 @@
+"""Quorum queues on a three-node Warren cluster, through pika.
+
+Starts its own three `warren` processes (WARREN_BIN, else
+target/debug/warren) on free ports; skipped when no binary is there (as
+against a RabbitMQ reference, which these tests cannot cluster).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pika
+import pytest
+from pika.exceptions import ChannelClosedByBroker
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = Path(os.environ.get("WARREN_BIN", ROOT / "target" / "debug" / "warren")).resolve()
+
+pytestmark = pytest.mark.skipif(not BINARY.exists(), reason="no warren binary to start a cluster with")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(port):
+    params = pika.ConnectionParameters(port=port, socket_timeout=5, connection_attempts=1)
+    return pika.BlockingConnection(params)
+
+
+def eventually(what, check, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception:  # a node still starting, a queue still moving
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("never happened: " + what)
+        time.sleep(0.1)
+
+
+class Cluster:
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        (tmp_path / "secret").write_text("cookie\n")
+        cluster_ports = [free_port() for _ in range(3)]
+        self.seeds = ",".join("127.0.0.1:%d" % p for p in cluster_ports)
+        self.nodes = []
+        for i, cluster_port in enumerate(cluster_ports):
+            self.nodes.append({"name": "n%d@pika" % i, "amqp": free_port(), "cluster": cluster_port,
+                               "data": tmp_path / ("n%d" % i), "process": None})
+        for node in self.nodes:
+            self.start(node)
+
+    def start(self, node):
+        log = open(self.tmp / ("%s.log" % node["name"]), "a")
+        node["process"] = subprocess.Popen(
+            [str(BINARY), "--node-name", node["name"], "--bind", "127.0.0.1", "--log", "warn",
+             "--amqp-port", str(node["amqp"]), "--http-port", "0", "--prometheus-port", "0",
+             "--data-dir", str(node["data"]), "--cluster-port", str(node["cluster"]),
+             "--cluster-seeds", self.seeds, "--cluster-secret-file", str(self.tmp / "secret")],
+            stdout=log, stderr=log)
+
+    def kill(self, node):
+        node["process"].send_signal(signal.SIGKILL)
+        node["process"].wait()
+
+    def stop(self):
+        for node in self.nodes:
+            if node["process"] and node["process"].poll() is None:
+                node["process"].kill()
+                node["process"].wait()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def declare(port, name, **arguments):
+    conn = connect(port)
+    try:
+        conn.channel().queue_declare(name, durable=True, arguments=dict({"x-queue-type": "quorum"}, **arguments))
+    finally:
+        conn.close()
+
+
+def consume_all(port, name, expected):
+    """Consumes `expected` messages on the node at `port`, acking each."""
+    conn = connect(port)
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=100)
+    bodies = []
+
+    def on_message(channel, method, properties, body):
+        bodies.append((body.decode(), method.redelivered))
+        channel.basic_ack(method.delivery_tag)
+
+    ch.basic_consume(name, on_message)
+    deadline = time.monotonic() + 10
+    while len(bodies) < expected and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    conn.close()
+    return bodies
+
+
+def test_a_quorum_queue_takes_publishes_through_any_node_and_serves_them_from_its_leader(cluster):
+    first, second, third = cluster.nodes
+    name = "orders-" + uuid.uuid4().hex[:8]
+    # The metadata group forms once the nodes meet; declaring waits for it.
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+
+    # Through another node: forwarded to the leader, confirmed once committed.
+    conn = connect(second["amqp"])
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for i in range(50):
+        ch.basic_publish("", name, b"m%d" % i, pika.BasicProperties(delivery_mode=2))
+    # Consuming there is refused, not served empty.
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        conn.channel().basic_consume(name, lambda *a: None)
+    assert refused.value.reply_code == 406
+    assert "led from another node" in refused.value.reply_text
+    conn.close()
+
+    # A passive declare on the third node answers from its replica.
+    passive = eventually("the third replica has the messages",
+                         lambda: connect(third["amqp"]).channel().queue_declare(name, passive=True)
+                         .method.message_count == 50)
+    assert passive
+
+    bodies = consume_all(first["amqp"], name, 50)
+    assert [b for b, _ in bodies] == ["m%d" % i for i in range(50)]
+
+
+def test_a_quorum_queue_refuses_what_rabbitmq_refuses(cluster):
+    first = cluster.nodes[0]
+    conn = eventually("a connection", lambda: connect(first["amqp"]))
+    ch = conn.channel()
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        ch.queue_declare("qq-" + uuid.uuid4().hex[:8], durable=True,
+                         arguments={"x-queue-type": "quorum", "x-max-priority": 5})
+    assert refused.value.reply_code == 406
+    assert "invalid arg 'x-max-priority'" in refused.value.reply_text
+    ch = conn.channel()
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        ch.queue_declare("qq-" + uuid.uuid4().hex[:8], durable=False, arguments={"x-queue-type": "quorum"})
+    assert refused.value.reply_code == 406
+    assert "invalid property 'non-durable'" in refused.value.reply_text
+    conn.close()
+
+
+def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
+    first, second, third = cluster.nodes
+    name = "jobs-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+    conn = connect(first["amqp"])
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for i in range(200):
+        ch.basic_publish("", name, b"j%d" % i, pika.BasicProperties(delivery_mode=2))
+    conn.close()
+    cluster.kill(first)
+
+    def led_by():
+        for node in (second, third):
+            conn = connect(node["amqp"])
+            try:
+                conn.channel().basic_consume(name, lambda *a: None)
+                return node
+            except ChannelClosedByBroker:
+                continue
+            finally:
+                if conn.is_open:
+                    conn.close()
+        return None
+
+    leader = eventually("another node leads the queue", led_by, timeout=20)
+    bodies = consume_all(leader["amqp"], name, 200)
+    assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
