@@ -145,6 +145,25 @@ def test_a_quorum_queue_takes_publishes_through_any_node_and_serves_them_from_it
     bodies = consume_all(first["amqp"], name, 50)
     assert [b for b, _ in bodies] == ["m%d" % i for i in range(50)]
 
+    # Deleted on its leader: gone from every node.
+    conn = connect(first["amqp"])
+    conn.channel().queue_delete(name)
+    conn.close()
+
+    def gone(node):
+        conn = connect(node["amqp"])
+        try:
+            conn.channel().queue_declare(name, passive=True)
+            return False
+        except ChannelClosedByBroker as e:
+            return e.reply_code == 404
+        finally:
+            if conn.is_open:
+                conn.close()
+
+    for node in (first, second, third):
+        eventually("the deleted queue is gone from %s" % node["name"], lambda: gone(node), timeout=10)
+
 
 def test_a_quorum_queue_refuses_what_rabbitmq_refuses(cluster):
     first = cluster.nodes[0]

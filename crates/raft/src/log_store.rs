@@ -141,6 +141,14 @@ impl SharedLog {
         self.log.reclaim()
     }
 
+    /// Forgets a deleted group's log and vote.
+    pub fn drop_group(&self, group: GroupId) -> Result<(), GroupLogError> {
+        let mut tails = self.tails.lock();
+        self.log.drop_group(group)?;
+        tails.remove(&group);
+        Ok(())
+    }
+
     /// Groups whose oldest entry is older than the newest `keep` segments.
     pub fn pinning(&self, keep: usize) -> Vec<GroupId> {
         self.log.pinning(keep)

@@ -289,6 +289,21 @@ impl Node {
         }
     }
 
+    /// Stops `group` on this node and forgets it: its log, vote and
+    /// snapshot (the group was deleted; every member does this).
+    pub async fn remove_group(&self, group: GroupId) -> Result<(), NodeError> {
+        let removed = self.inner.groups.write().remove(&group);
+        let Some(removed) = removed else { return Err(NodeError::NoGroup(group)) };
+        let _ = removed.raft.shutdown().await;
+        self.inner.log.drop_group(group).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let file = self.inner.snapshots.join(format!("{group:016x}.snapshot"));
+        match std::fs::remove_file(&file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(NodeError::Storage(e.to_string())),
+        }
+    }
+
     /// Whether a node up now holds `group` with members: a node that lost
     /// its disk must not set up anew a group that exists.
     pub async fn formed_elsewhere(&self, group: GroupId) -> Result<bool, NodeError> {

@@ -142,6 +142,10 @@ impl GroupLog {
         let mut groups: HashMap<GroupId, Group> = HashMap::new();
         let (mut log, _) = Log::open_visiting(backend, dir, options, |wal, _, payload| {
             let (Some(&tag), Some(group)) = (payload.first(), field(payload, 0)) else { return };
+            if tag == b'X' {
+                groups.remove(&group);
+                return;
+            }
             let state = groups.entry(group).or_default();
             match (tag, field(payload, 1), field(payload, 2)) {
                 (b'E', Some(index), Some(term)) => state.put(index, term, wal),
@@ -186,6 +190,15 @@ impl GroupLog {
         let mut groups = self.groups.lock();
         let wal = self.commit.append(&record(b'T', group, &[index], &[]))?;
         groups.entry(group).or_default().truncate_from(index);
+        Ok(wal)
+    }
+
+    /// Forgets `group` entirely (entries, vote, purge mark): the group was
+    /// deleted. Returns the WAL index the record is durable with.
+    pub fn drop_group(&self, group: GroupId) -> Result<u64, GroupLogError> {
+        let mut groups = self.groups.lock();
+        let wal = self.commit.append(&record(b'X', group, &[], &[]))?;
+        groups.remove(&group);
         Ok(wal)
     }
 
@@ -413,6 +426,26 @@ mod tests {
         assert_eq!(log.vote(1), Some(Vote { term: 5, node: 1, committed: false }), "the vote outlived its segment");
         assert_eq!(log.state(1), (Some((90, 5)), Some((100, 5))));
         assert_eq!(log.read(1, 0..200).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn a_dropped_group_is_gone_after_a_restart_and_pins_nothing() {
+        let sim = SimBackend::new();
+        let log = open(&sim, 1 << 20);
+        log.append(3, [(1, 1, &b"a"[..]), (2, 1, &b"b"[..])]).unwrap();
+        log.save_vote(3, Vote { term: 1, node: 2, committed: true }).unwrap();
+        log.append(4, [(1, 1, &b"kept"[..])]).unwrap();
+        let wal = log.drop_group(3).unwrap();
+        wait(&log, wal);
+        assert_eq!(log.state(3), (None, None));
+        assert!(!log.groups.lock().contains_key(&3), "nothing of it is kept (its marks are not carried on)");
+        log.shutdown();
+        sim.power_cut();
+
+        let log = open(&sim, 1 << 20);
+        assert!(!log.groups.lock().contains_key(&3));
+        assert_eq!(log.vote(3), None);
+        assert_eq!(log.read(4, 0..10).unwrap(), vec![(1, 1, b"kept".to_vec())]);
     }
 
     #[test]

@@ -275,13 +275,15 @@ impl Replication {
         }
     }
 
-    fn removed_event(&self, vhost: &str, name: &str, group: GroupId) {
+    async fn removed_event(&self, vhost: &str, name: &str, group: GroupId) {
         let local = self.queues.write().get_mut(vhost).and_then(|queues| queues.remove(name));
         if let Some(local) = local {
             self.give_up(&local);
             self.drop_stand_in(&local);
+            if let Err(e) = self.node.remove_group(group).await {
+                warn!(%vhost, queue = %name, group, %e, "cannot remove a deleted quorum queue's group");
+            }
         }
-        // The group's log stays until groups can be deleted.
         info!(%vhost, queue = %name, group, "quorum queue removed");
     }
 
@@ -553,7 +555,7 @@ async fn run(
                 let (Some(event), Some(this)) = (event, replication.upgrade()) else { return };
                 match event {
                     Event::Placed(placement) => this.placed_event(placement).await,
-                    Event::Removed { vhost, name, group } => this.removed_event(&vhost, &name, group),
+                    Event::Removed { vhost, name, group } => this.removed_event(&vhost, &name, group).await,
                 }
             }
             _ = tick.tick() => {
