@@ -11,12 +11,14 @@
 //! ([`tickets`]). When leadership moves, the old leader's node drops the
 //! queue and the new leader's node rebuilds it from its replica
 //! ([`replica`]); what was delivered and not acknowledged is delivered
-//! again, marked redelivered.
+//! again, marked redelivered. The other members hold a stand-in that
+//! forwards publishes to the leader (`forward.rs`).
 //!
-//! Not yet: clients reach a quorum queue only on its leader's node (no
-//! forwarding inside the cluster), bindings to a quorum queue are kept
-//! only by the node that made them, and bodies stay in memory.
+//! Not yet: consuming through a node that does not lead the queue (it is
+//! refused), bindings to a quorum queue are kept only by the node that
+//! made them, and bodies stay in memory.
 
+mod forward;
 pub mod placements;
 pub mod replica;
 pub mod tickets;
@@ -307,95 +309,6 @@ impl Replication {
                 self.node.status(local.group).is_some_and(|s| s.leader.is_some() && s.state != "Leader");
             if led_elsewhere && !local.active.load(Ordering::Acquire) && !local.stand_in.load(Ordering::Acquire) {
                 self.put_stand_in(&local);
-            }
-        }
-    }
-
-    fn put_stand_in(&self, local: &Local) {
-        let Some(broker) = self.broker.upgrade() else { return };
-        let Some(vhost) = broker.vhost(&local.vhost) else { return };
-        let mut session = Session::open(&vhost, &broker.store);
-        if session.has_queue(&local.name) {
-            return;
-        }
-        match session.declare_replicated(&local.name, local.arguments.clone(), true) {
-            Ok(()) => local.stand_in.store(true, Ordering::Release),
-            Err(error) => warn!(queue = %local.name, %error, "cannot put a quorum queue's stand-in here"),
-        }
-    }
-
-    fn drop_stand_in(&self, local: &Local) {
-        if !local.stand_in.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let Some(broker) = self.broker.upgrade() else { return };
-        if let Some(vhost) = broker.vhost(&local.vhost) {
-            Session::open(&vhost, &broker.store).drop_replicated(&local.name);
-        }
-    }
-
-    /// A forwarded message the group committed: the leader's queue takes
-    /// it in, unless it was in the replica the queue was rebuilt from.
-    fn applied_event(&self, group: GroupId, applied: replica::Applied) {
-        let local = self.queues.read().values().flat_map(|q| q.values()).find(|l| l.group == group).cloned();
-        let Some(local) = local else { return };
-        let restored = local.restored.lock();
-        if !restored.is_some_and(|from| applied.index > from) {
-            return;
-        }
-        let Some(broker) = self.broker.upgrade() else { return };
-        if let Some(vhost) = broker.vhost(&local.vhost) {
-            Session::open(&vhost, &broker.store).accept_replicated(&local.name, Arc::new(applied.message));
-        }
-    }
-
-    /// Queues messages published here for the leader; the receiver hears
-    /// whether they were committed.
-    fn forward(
-        self: &Arc<Self>,
-        local: &Arc<Local>,
-        message: Arc<warren_core::Message>,
-    ) -> tokio::sync::oneshot::Receiver<bool> {
-        let (done, committed) = tokio::sync::oneshot::channel();
-        let start = {
-            let mut forwarding = local.forwarding.lock();
-            forwarding.waiting.push((message, done));
-            !std::mem::replace(&mut forwarding.sending, true)
-        };
-        if start {
-            let (this, local) = (self.clone(), local.clone());
-            tokio::spawn(async move { this.send_forwarded(&local).await });
-        }
-        committed
-    }
-
-    /// Sends the queued forwarded messages, a batch per command, until
-    /// none are left.
-    async fn send_forwarded(&self, local: &Local) {
-        loop {
-            let batch: Vec<_> = {
-                let mut forwarding = local.forwarding.lock();
-                if forwarding.waiting.is_empty() {
-                    forwarding.sending = false;
-                    return;
-                }
-                let mut bytes = 0;
-                let count = forwarding
-                    .waiting
-                    .iter()
-                    .take_while(|(message, _)| {
-                        bytes += message.body_len() + 64;
-                        bytes <= FORWARD_BATCH_BYTES
-                    })
-                    .count()
-                    .max(1);
-                forwarding.waiting.drain(..count).collect()
-            };
-            let mut command = Vec::new();
-            replica::encode_forwarded(&mut command, batch.iter().map(|(message, _)| &**message));
-            let ok = self.node.write_anywhere(local.group, command, COMMIT_PATIENCE).await.is_ok();
-            for (_, done) in batch {
-                let _ = done.send(ok);
             }
         }
     }
