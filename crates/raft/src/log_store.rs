@@ -257,7 +257,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         if start < from.min(end) {
-            for (index, term, payload) in self.shared.log.read(self.group, start..from.min(end)).map_err(read_error)? {
+            // Reading may wait for the commit thread and reads files: not on
+            // a runtime thread, which serves connections meanwhile (a
+            // follower catching up is sent thousands of entries this way).
+            let (shared, group, range) = (self.shared.clone(), self.group, start..from.min(end));
+            let read = tokio::task::spawn_blocking(move || shared.log.read(group, range))
+                .await
+                .map_err(read_error)?;
+            for (index, term, payload) in read.map_err(read_error)? {
                 out.push(decode(index, term, &payload)?);
             }
         }
