@@ -210,3 +210,27 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     leader = eventually("another node leads the queue", led_by, timeout=20)
     bodies = consume_all(leader["amqp"], name, 200)
     assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
+
+
+def test_balanced_placement_spreads_the_leaders(cluster):
+    first = cluster.nodes[0]
+    names = ["spread-%d-%s" % (i, uuid.uuid4().hex[:6]) for i in range(3)]
+    for name in names:
+        # All declared through the same node.
+        eventually("declared", lambda: declare(first["amqp"], name, **{"x-queue-leader-locator": "balanced"}) or True)
+
+    def leader_of(name):
+        for node in cluster.nodes:
+            conn = connect(node["amqp"])
+            try:
+                conn.channel().basic_consume(name, lambda *a: None)
+                return node["name"]
+            except ChannelClosedByBroker:
+                continue
+            finally:
+                if conn.is_open:
+                    conn.close()
+        return None
+
+    leaders = [eventually("%s has a leader" % name, lambda: leader_of(name), timeout=10) for name in names]
+    assert sorted(leaders) == sorted(node["name"] for node in cluster.nodes), leaders

@@ -261,9 +261,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             // a runtime thread, which serves connections meanwhile (a
             // follower catching up is sent thousands of entries this way).
             let (shared, group, range) = (self.shared.clone(), self.group, start..from.min(end));
-            let read = tokio::task::spawn_blocking(move || shared.log.read(group, range))
-                .await
-                .map_err(read_error)?;
+            let read = tokio::task::spawn_blocking(move || shared.log.read(group, range)).await.map_err(read_error)?;
             for (index, term, payload) in read.map_err(read_error)? {
                 out.push(decode(index, term, &payload)?);
             }

@@ -32,7 +32,7 @@ use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use warren_codec::reply::{AmqpError, ReplyCode};
-use warren_codec::types::{AMQPValue, FieldTable};
+use warren_codec::types::FieldTable;
 use warren_core::vhost::JournalEvent;
 use warren_raft::metadata::METADATA;
 use warren_raft::{GroupId, Machine, Node};
@@ -173,17 +173,28 @@ impl Replication {
             )
         };
         if self.metadata.with(|p| p.get(vhost, name).is_none()) {
-            let size = match warren_codec::table::get(arguments, "x-quorum-initial-group-size") {
-                Some(AMQPValue::LongInt(n)) => usize::try_from(*n).unwrap_or(3),
-                Some(AMQPValue::LongLongInt(n)) => usize::try_from(*n).unwrap_or(3),
-                Some(AMQPValue::ShortInt(n)) => usize::try_from(*n).unwrap_or(3),
-                _ => 3,
-            }
-            .max(1);
+            let size = warren_codec::table::get(arguments, "x-quorum-initial-group-size")
+                .and_then(warren_codec::table::as_i64)
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(3)
+                .max(1);
             let mut others: Vec<String> = self.members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
             others.sort();
             let mut members = vec![self.node.name().to_string()];
-            members.extend(others.into_iter().take(size - 1));
+            members.extend(others);
+            // The first member leads first: this node (`client-local`), or
+            // with `balanced` the node that leads the fewest queues first
+            // (this node on a tie), as the placements count them.
+            let locator =
+                warren_codec::table::get(arguments, "x-queue-leader-locator").and_then(warren_codec::table::as_str);
+            if locator == Some("balanced") {
+                let led = self.metadata.with(|p| p.first_members());
+                let load = |name: &String| led.get(name).copied().unwrap_or(0);
+                members.sort_by(|a, b| {
+                    load(a).cmp(&load(b)).then((a != self.node.name()).cmp(&(b != self.node.name()))).then(a.cmp(b))
+                });
+            }
+            members.truncate(size);
             let change =
                 Change::Declare { vhost: vhost.into(), name: name.into(), members, arguments: arguments.clone() };
             let command = serde_json::to_vec(&change).map_err(|e| unavailable(e.to_string()))?;

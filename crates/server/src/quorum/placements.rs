@@ -56,6 +56,17 @@ impl Placements {
         self.state.placements.get(&(vhost.to_string(), name.to_string()))
     }
 
+    /// How many queues each node was placed first for (it led them first).
+    pub fn first_members(&self) -> std::collections::HashMap<String, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for placement in self.state.placements.values() {
+            if let Some(first) = placement.members.first() {
+                *counts.entry(first.clone()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     fn tell(&self, event: Event) {
         if let Some(events) = &self.events {
             let _ = events.send(event);
