@@ -98,6 +98,21 @@ def declare(port, name, **arguments):
         conn.close()
 
 
+def leader_of(nodes, name):
+    """The node of `nodes` that serves `name` (its leader's), if any."""
+    for node in nodes:
+        conn = connect(node["amqp"])
+        try:
+            conn.channel().basic_consume(name, lambda *a: None)
+            return node
+        except ChannelClosedByBroker:
+            continue
+        finally:
+            if conn.is_open:
+                conn.close()
+    return None
+
+
 def consume_all(port, name, expected):
     """Consumes `expected` messages on the node at `port`, acking each."""
     conn = connect(port)
@@ -194,20 +209,7 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     conn.close()
     cluster.kill(first)
 
-    def led_by():
-        for node in (second, third):
-            conn = connect(node["amqp"])
-            try:
-                conn.channel().basic_consume(name, lambda *a: None)
-                return node
-            except ChannelClosedByBroker:
-                continue
-            finally:
-                if conn.is_open:
-                    conn.close()
-        return None
-
-    leader = eventually("another node leads the queue", led_by, timeout=20)
+    leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
     bodies = consume_all(leader["amqp"], name, 200)
     assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
 
@@ -219,18 +221,6 @@ def test_balanced_placement_spreads_the_leaders(cluster):
         # All declared through the same node.
         eventually("declared", lambda: declare(first["amqp"], name, **{"x-queue-leader-locator": "balanced"}) or True)
 
-    def leader_of(name):
-        for node in cluster.nodes:
-            conn = connect(node["amqp"])
-            try:
-                conn.channel().basic_consume(name, lambda *a: None)
-                return node["name"]
-            except ChannelClosedByBroker:
-                continue
-            finally:
-                if conn.is_open:
-                    conn.close()
-        return None
-
-    leaders = [eventually("%s has a leader" % name, lambda: leader_of(name), timeout=10) for name in names]
+    leaders = [eventually("%s has a leader" % name, lambda: leader_of(cluster.nodes, name), timeout=10)["name"]
+               for name in names]
     assert sorted(leaders) == sorted(node["name"] for node in cluster.nodes), leaders

@@ -179,18 +179,17 @@ impl Message {
     /// arrived: a replicated queue keys its messages by their stored index,
     /// which a message shared with other queues cannot carry twice.
     pub fn duplicate(&self) -> Message {
-        let message = Message {
-            data: self.data.clone(),
+        let message = MessageBuilder {
+            data: self.data.to_vec(),
             exchange_len: self.exchange_len,
             routing_key_len: self.routing_key_len,
             properties_len: self.properties_len,
+            body_size: self.body_len(),
             persistent: self.persistent,
             priority: self.priority,
             expiration: self.expiration,
-            arrived: std::sync::atomic::AtomicU64::new(0),
-            stored: std::sync::atomic::AtomicU64::new(0),
-            body_at: std::sync::atomic::AtomicU64::new(0),
-        };
+        }
+        .finish();
         message.set_arrived(self.arrived());
         message
     }

@@ -363,26 +363,24 @@ impl Queue {
     }
 
     pub fn push(&mut self, message: Arc<Message>) {
-        let seq = self.next_seq();
-        self.ready_bytes += message.body_len() as u64;
-        self.ready_len += 1;
-        self.track_expiry(&message, seq);
-        let lane = self.lane_of(message.priority);
-        let window = self.window();
-        self.lanes[lane].push(Entry::new(seq, false, Body::Loaded(message)), window);
+        self.push_loaded(message, false);
     }
 
     /// Adds a message taken over from another node's leadership: it may
     /// have been delivered there, so it is marked redelivered. Returns its
     /// sequence number.
     pub fn push_recovered(&mut self, message: Arc<Message>) -> u64 {
+        self.push_loaded(message, true)
+    }
+
+    fn push_loaded(&mut self, message: Arc<Message>, redelivered: bool) -> u64 {
         let seq = self.next_seq();
         self.ready_bytes += message.body_len() as u64;
         self.ready_len += 1;
         self.track_expiry(&message, seq);
         let lane = self.lane_of(message.priority);
         let window = self.window();
-        self.lanes[lane].push(Entry::new(seq, true, Body::Loaded(message)), window);
+        self.lanes[lane].push(Entry::new(seq, redelivered, Body::Loaded(message)), window);
         seq
     }
 

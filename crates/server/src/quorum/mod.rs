@@ -304,7 +304,8 @@ impl Replication {
     fn watch_leaderships(self: &Arc<Self>) {
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
         for local in locals {
-            let leading = self.node.status(local.group).is_some_and(|s| s.state == "Leader");
+            let Some(status) = self.node.status(local.group) else { continue };
+            let leading = status.state == "Leader";
             let active = local.active.load(Ordering::Acquire);
             if leading && !active && !local.activating.swap(true, Ordering::AcqRel) {
                 let (this, local) = (self.clone(), local.clone());
@@ -316,8 +317,7 @@ impl Replication {
                 self.give_up(&local);
             }
             // Led elsewhere: a stand-in here takes publishes for it.
-            let led_elsewhere =
-                self.node.status(local.group).is_some_and(|s| s.leader.is_some() && s.state != "Leader");
+            let led_elsewhere = status.leader.is_some() && !leading;
             if led_elsewhere && !local.active.load(Ordering::Acquire) && !local.stand_in.load(Ordering::Acquire) {
                 self.put_stand_in(&local);
             }
