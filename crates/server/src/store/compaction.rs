@@ -12,6 +12,10 @@ use super::liveness::BUCKET_INDICES;
 use super::record::{decode, encode_moved, Record};
 use super::Store;
 
+/// How long compaction trusts that the oldest segment's live entries
+/// cannot be moved before it walks the queues again.
+const STUCK_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Store {
     /// Deletes log segments that hold no live message. Blocking (it may wait
     /// for an fsync): run it off the async runtime.
@@ -59,7 +63,14 @@ impl Store {
         if live_in_first == 0 || live_in_first > MOVE_AT_MOST {
             return Ok(0);
         }
-        if *self.stuck.lock() == Some((first, live_in_first)) {
+        // Walked again after a while even so: the count is taken after the
+        // walk, outside the virtual hosts' locks, and a message settled or
+        // moved in between must not leave the segment pinned for good.
+        if self
+            .stuck
+            .lock()
+            .is_some_and(|(at, live, when)| (at, live) == (first, live_in_first) && when.elapsed() < STUCK_RECHECK)
+        {
             return Ok(0);
         }
         self.compaction_scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -131,7 +142,7 @@ impl Store {
         // their exchange) stay: remember, rather than walk every queue again
         // each round while nothing changed.
         let left = self.live.lock().count_in(first..end);
-        *self.stuck.lock() = (left > 0).then_some((first, left));
+        *self.stuck.lock() = (left > 0).then_some((first, left, std::time::Instant::now()));
         if left > 0 {
             info!(segment = first, live = left, "compaction: live entries that cannot be moved pin the oldest segment");
         }

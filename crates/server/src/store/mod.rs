@@ -113,9 +113,9 @@ pub struct Store {
     /// is durable.
     moved_until: Mutex<u64>,
     /// The oldest segment's start and live count when compaction last found
-    /// live entries no queue could move (a delayed message, say): not
-    /// scanned again until either changes.
-    stuck: Mutex<Option<(u64, u64)>>,
+    /// live entries no queue could move (a delayed message, say), and when:
+    /// not scanned again until either changes, or for `STUCK_RECHECK`.
+    stuck: Mutex<Option<(u64, u64, std::time::Instant)>>,
     /// Times compaction walked the queues (for tests and operators).
     compaction_scans: std::sync::atomic::AtomicU64,
     definitions_path: PathBuf,
