@@ -373,8 +373,9 @@ impl Replication {
         info!(vhost = %local.vhost, queue = %local.name, "quorum queue no longer led from this node");
     }
 
-    /// Submits one replicated queue's journal event; false if it is not
-    /// one (the store takes it).
+    /// Submits a message in, settled or returned of a queue led here to its
+    /// group (other events carry nothing for the replicas); `Err` if the
+    /// group is gone.
     fn submit(&self, local: &Local, event: &JournalEvent, out: &mut Vec<Submitted>) -> Result<(), ()> {
         let mut command = Vec::new();
         match event {
@@ -412,17 +413,15 @@ impl crate::store::Replicator for Replication {
             };
             let Some(local) = here.get(&**name) else { return true };
             let active = local.active.load(Ordering::Acquire);
+            let stand_in = !active && local.stand_in.load(Ordering::Acquire);
             match event {
-                JournalEvent::QueueDeleted { queue } if active || local.stand_in.load(Ordering::Acquire) => {
-                    deleted.push(queue.to_string());
-                }
-                JournalEvent::Published { message, .. } if !active && local.stand_in.load(Ordering::Acquire) => {
-                    forwarded.push((local.clone(), message.clone()));
-                }
+                // Neither led here nor stood in for: not this queue's event.
+                _ if !active && !stand_in => return true,
+                JournalEvent::QueueDeleted { queue } => deleted.push(queue.to_string()),
+                JournalEvent::Published { message, .. } if stand_in => forwarded.push((local.clone(), message.clone())),
                 // What a stand-in journals besides publishes concerns
                 // nothing stored (it holds no message).
-                _ if !active && local.stand_in.load(Ordering::Acquire) => {}
-                _ if !active => return true,
+                _ if stand_in => {}
                 _ => failed |= self.submit(local, event, &mut submitted).is_err(),
             }
             false
