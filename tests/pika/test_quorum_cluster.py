@@ -99,11 +99,11 @@ def declare(port, name, **arguments):
 
 
 def leader_of(nodes, name):
-    """The node of `nodes` that serves `name` (its leader's), if any."""
+    """The node of `nodes` that leads `name` (basic.get works there only), if any."""
     for node in nodes:
         conn = connect(node["amqp"])
         try:
-            conn.channel().basic_consume(name, lambda *a: None)
+            conn.channel().basic_get(name)
             return node
         except ChannelClosedByBroker:
             continue
@@ -132,7 +132,7 @@ def consume_all(port, name, expected):
     return bodies
 
 
-def test_a_quorum_queue_takes_publishes_through_any_node_and_serves_them_from_its_leader(cluster):
+def test_a_quorum_queue_takes_publishes_and_serves_consumers_through_any_node(cluster):
     first, second, third = cluster.nodes
     name = "orders-" + uuid.uuid4().hex[:8]
     # The metadata group forms once the nodes meet; declaring waits for it.
@@ -144,9 +144,9 @@ def test_a_quorum_queue_takes_publishes_through_any_node_and_serves_them_from_it
     ch.confirm_delivery()
     for i in range(50):
         ch.basic_publish("", name, b"m%d" % i, pika.BasicProperties(delivery_mode=2))
-    # Consuming there is refused, not served empty.
+    # basic.get there is refused, not answered empty.
     with pytest.raises(ChannelClosedByBroker) as refused:
-        conn.channel().basic_consume(name, lambda *a: None)
+        conn.channel().basic_get(name)
     assert refused.value.reply_code == 406
     assert "led from another node" in refused.value.reply_text
     conn.close()
@@ -157,8 +157,13 @@ def test_a_quorum_queue_takes_publishes_through_any_node_and_serves_them_from_it
                          .method.message_count == 50)
     assert passive
 
-    bodies = consume_all(first["amqp"], name, 50)
-    assert [b for b, _ in bodies] == ["m%d" % i for i in range(50)]
+    # A consumer on the third node is served by the leader, in order, and
+    # its acks settle the messages there.
+    bodies = consume_all(third["amqp"], name, 50)
+    assert bodies == [("m%d" % i, False) for i in range(50)]
+    conn = connect(first["amqp"])
+    assert conn.channel().queue_declare(name, passive=True).method.message_count == 0
+    conn.close()
 
     # Deleted on its leader: gone from every node.
     conn = connect(first["amqp"])
@@ -212,6 +217,47 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
     bodies = consume_all(leader["amqp"], name, 200)
     assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
+
+
+def test_a_consumer_through_another_node_carries_on_across_a_kill_of_the_leader(cluster):
+    first, second, third = cluster.nodes
+    name = "feed-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+    conn = connect(first["amqp"])
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for i in range(300):
+        ch.basic_publish("", name, b"f%d" % i, pika.BasicProperties(delivery_mode=2))
+    conn.close()
+
+    conn = connect(second["amqp"])
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=50)
+    received, cancelled = [], []
+
+    def on_message(channel, method, properties, body):
+        received.append((body.decode(), method.redelivered))
+        channel.basic_ack(method.delivery_tag)
+
+    ch.add_on_cancel_callback(cancelled.append)
+    ch.basic_consume(name, on_message)
+    deadline = time.monotonic() + 30
+    killed = False
+    while len({b for b, _ in received}) < 300 and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.05)
+        if not killed and len(received) >= 100:
+            cluster.kill(first)
+            killed = True
+    conn.close()
+
+    assert killed
+    assert {b for b, _ in received} == {"f%d" % i for i in range(300)}
+    assert cancelled == []
+    # A message delivered again (its ack lost with the leader) says so.
+    seen = set()
+    for body, redelivered in received:
+        assert body not in seen or redelivered, body
+        seen.add(body)
 
 
 def test_balanced_placement_spreads_the_leaders(cluster):

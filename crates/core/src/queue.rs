@@ -599,6 +599,12 @@ impl Queue {
         }
     }
 
+    /// Forgets the messages waiting for a retry.
+    pub fn clear_retrying(&mut self) {
+        self.retrying.clear();
+        self.retry_due.clear();
+    }
+
     /// Messages waiting for a retry.
     pub fn retrying(&self) -> impl Iterator<Item = &Arc<Message>> {
         self.retrying.values()

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use log_store::{LogStore, SharedLog};
 pub use machine::Machine;
-pub use node::{GroupStatus, Node, NodeError, NodeOptions, Submitted};
+pub use node::{other_request, GroupStatus, Node, NodeError, NodeOptions, Submitted};
 pub use transport::{Call, Transport};
 pub use warren_storage::{FsyncPolicy, GroupId};
 

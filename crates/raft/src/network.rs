@@ -30,6 +30,8 @@ pub(crate) const FORWARD: u8 = 4;
 /// Whether the group has members on the node asked (the answer is
 /// `ANSWERED` and one byte, 1 if it has).
 pub(crate) const PROBE: u8 = 5;
+/// Not Raft's: a request for the handler given to `Node::serve_also`.
+pub(crate) const OTHER: u8 = 6;
 
 /// How long a vote waits for a member to create its group.
 const NO_GROUP_PATIENCE: Duration = Duration::from_secs(1);

@@ -83,6 +83,18 @@ struct Inner {
     config: Arc<openraft::Config>,
     transport: OnceLock<Arc<dyn Transport>>,
     groups: RwLock<HashMap<GroupId, Group>>,
+    /// Answers the requests that are not Raft's ([`Node::serve_also`]).
+    other: OnceLock<Arc<dyn Handler>>,
+}
+
+/// A request for another node's [`Node::serve_also`] handler, to send with
+/// `warren_cluster::Members::call` on the same cluster connections.
+pub fn other_request(payload: &[u8]) -> Vec<u8> {
+    let mut request = Vec::with_capacity(9 + payload.len());
+    request.extend_from_slice(&0u64.to_le_bytes());
+    request.push(network::OTHER);
+    request.extend_from_slice(payload);
+    request
 }
 
 /// Where a write's reply goes.
@@ -176,6 +188,7 @@ impl Node {
                 config: Arc::new(raft_config(&options)?),
                 transport: OnceLock::new(),
                 groups: RwLock::new(HashMap::new()),
+                other: OnceLock::new(),
             }),
         })
     }
@@ -188,6 +201,12 @@ impl Node {
     /// `warren_cluster::Cluster::start_with`.
     pub fn handler(&self) -> Arc<dyn Handler> {
         Arc::new(Serve(Arc::downgrade(&self.inner)))
+    }
+
+    /// Hands the requests made with [`other_request`] to `handler` (the
+    /// broker's own, beside Raft's on the cluster connections); set once.
+    pub fn serve_also(&self, handler: Arc<dyn Handler>) {
+        let _ = self.inner.other.set(handler);
     }
 
     /// Connects the groups to the other nodes (the cluster's `Members`)
@@ -511,7 +530,13 @@ fn write_error(group: GroupId, e: RaftError<NodeId, ClientWriteError<NodeId, Bas
 struct Serve(Weak<Inner>);
 
 impl Handler for Serve {
-    fn handle(&self, _from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+    fn handle(&self, from: &str, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> {
+        if request.get(8) == Some(&network::OTHER) {
+            return match self.0.upgrade().and_then(|inner| inner.other.get().cloned()) {
+                Some(other) => other.handle(from, request[9..].to_vec()),
+                None => Box::pin(async { Vec::new() }),
+            };
+        }
         let parsed = request.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).zip(request.get(8));
         let Some((group, &kind)) = parsed else { return Box::pin(async { vec![network::MALFORMED] }) };
         if kind == network::PROBE {

@@ -52,6 +52,7 @@ impl VirtualHostState {
             self.requeue(unacked);
         }
         for (tag, consumer) in channel.consumers {
+            self.relay_cancel(consumer.queue, consumer.id);
             self.detach_consumer(consumer.queue, key, &tag);
         }
         self.run_dispatch();
@@ -205,6 +206,11 @@ impl VirtualHostState {
     /// it comes back after a growing delay (up to the delivery limit); else
     /// a rejected message is dead-lettered and a timed-out one requeued.
     pub(super) fn give_up(&mut self, unacked: Unacked, reason: Reason) {
+        if self.is_remote_id(unacked.queue) {
+            let outcome = if reason == Reason::Rejected { Outcome::Reject } else { Outcome::Requeue };
+            self.relay_settle(&unacked, outcome);
+            return;
+        }
         let Some(retry) = self.queues.get(&unacked.queue).and_then(|q| q.settings.retry) else {
             match reason {
                 Reason::Rejected => {
@@ -235,6 +241,10 @@ impl VirtualHostState {
     /// Returns a delivered message to its queue, or dead-letters it once it
     /// came back more often than the queue's delivery limit allows.
     pub(super) fn requeue(&mut self, unacked: Unacked) {
+        if self.is_remote_id(unacked.queue) {
+            self.relay_settle(&unacked, Outcome::Requeue);
+            return;
+        }
         let Some(unacked) = self.count_return(unacked) else { return };
         if let Some(queue) = self.queues.get_mut(&unacked.queue) {
             queue.requeue(unacked.seq, unacked.message);

@@ -60,7 +60,6 @@ impl VirtualHostState {
             return Ok(tag.to_string());
         }
         let id = self.queue_id(key.connection, queue)?;
-        self.check_local(id)?;
         let global_qos = self.channels.get(&key).is_some_and(|c| c.prefetch_count > 0);
         if global_qos && self.queues.get(&id).is_some_and(|q| q.settings.queue_type == QueueType::Quorum) {
             return Err(AmqpError::hard(
@@ -94,11 +93,25 @@ impl VirtualHostState {
         q.last_used = self.clock.now_ms();
         let consumer_id = self.next_consumer_id;
         self.next_consumer_id += 1;
+        let remote = q.remote.then(|| q.name.clone());
         if let Some(channel) = self.channels.get_mut(&key) {
             let prefetch_count = channel.consumer_prefetch;
             channel
                 .consumers
                 .insert(tag.clone(), ConsumerState { id: consumer_id, queue: id, no_ack, prefetch_count, unacked: 0 });
+            if let Some(queue) = remote {
+                let relayed = RelayedConsumer {
+                    key,
+                    tag: tag.clone(),
+                    id: consumer_id,
+                    no_ack,
+                    exclusive,
+                    priority,
+                    prefetch: prefetch_count,
+                    established: false,
+                };
+                self.journal.push(JournalEvent::Relay { queue, relay: Relay::Consume(relayed) });
+            }
         }
         self.mark_dirty(id);
         Ok(tag.to_string())
@@ -117,6 +130,7 @@ impl VirtualHostState {
         let Some(consumer) = channel.consumers.remove(consumer_tag) else {
             return false;
         };
+        self.relay_cancel(consumer.queue, consumer.id);
         self.detach_consumer(consumer.queue, key, consumer_tag);
         true
     }

@@ -16,6 +16,10 @@ impl VirtualHostState {
         let Some(q) = self.queues.get_mut(&unacked.queue) else {
             return;
         };
+        if q.remote {
+            self.relay_settle(unacked, Outcome::Ack);
+            return;
+        }
         if !q.returns.is_empty() {
             q.returns.remove(&unacked.seq);
         }

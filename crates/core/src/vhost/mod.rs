@@ -162,6 +162,10 @@ pub enum JournalEvent {
     /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far,
     /// `retry_at_ms` when it is ready again (`x-retry-delay`; wall clock).
     Returned { queue: Arc<str>, stored: u64, returns: u64, retry_at_ms: Option<u64> },
+    /// What a consumer of a quorum queue's stand-in asks of the queue's
+    /// leader (nothing stored here: the server sends it to the leader's
+    /// node).
+    Relay { queue: Arc<str>, relay: Relay },
 }
 
 /// Durable definitions of a virtual host, as stored and restored.
@@ -419,6 +423,7 @@ pub(crate) fn count_u32(count: usize) -> u32 {
 }
 
 pub use inspect::{BindingSummary, ChannelSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
+pub use replicated::{Outcome, Relay, RelayedConsumer};
 pub use routing::dedup_key;
 
 mod channels;

@@ -5,8 +5,49 @@
 //! Where leadership moves, the queue leaves this virtual host without a
 //! word to the journal, and the new leader's node rebuilds it from its
 //! replica of the group's state.
+//!
+//! A stand-in's consumers are served by the leader: each is subscribed
+//! there (`Relay::Consume`), the leader's deliveries are handed to it here
+//! (`deliver_relayed`) under this channel's delivery tags, and what the
+//! client settles goes back to the leader (`Relay::Settle`). The core only
+//! records these; the server carries them between the nodes.
 
 use super::*;
+
+/// What a stand-in's consumer asks of the queue's leader.
+#[derive(Clone, Debug)]
+pub enum Relay {
+    /// Deliver to this consumer from the leader's queue.
+    Consume(RelayedConsumer),
+    /// The consumer was cancelled (or its channel closed).
+    Cancel { consumer: u64 },
+    /// The client settled a delivery the leader made under its tag
+    /// `upstream`.
+    Settle { consumer: u64, upstream: u64, outcome: Outcome },
+}
+
+/// A consumer of a stand-in, as the leader's queue is to know it.
+#[derive(Clone, Debug)]
+pub struct RelayedConsumer {
+    pub key: ChannelKey,
+    pub tag: Arc<str>,
+    /// Unique in this virtual host (a tag can be used again).
+    pub id: u64,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub priority: i64,
+    pub prefetch: u16,
+    /// Its client has had `consume-ok` (the queue was led from here).
+    pub established: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ack,
+    Requeue,
+    /// Rejected without requeue: the leader dead-letters it (or retries).
+    Reject,
+}
 
 impl VirtualHostState {
     /// Declares a quorum queue (a durable queue whose declaration is not
@@ -42,16 +83,198 @@ impl VirtualHostState {
         self.process_dead_letters();
     }
 
-    /// Refuses what only the queue's leader can do (consume, get) on a
-    /// quorum queue led from another node.
+    /// Refuses `basic.get` on a quorum queue led from another node.
     pub(super) fn check_local(&self, id: QueueId) -> Result<(), AmqpError> {
         match self.queues.get(&id) {
             Some(queue) if queue.remote => Err(precondition(format!(
-                "quorum queue '{}' in vhost '{}' is led from another node: consume from it there (consuming through another node is not supported yet)",
+                "quorum queue '{}' in vhost '{}' is led from another node: basic.get works there only (consume instead, which works through any node)",
                 queue.name, self.name
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// A delivery the queue's leader made to a consumer of this stand-in:
+    /// sent to the client under this channel's next delivery tag, and
+    /// unacknowledged here until the client settles it (then the leader
+    /// hears of it under `upstream`, its own tag). False if the consumer
+    /// is gone.
+    pub fn deliver_relayed(&mut self, consumer: u64, upstream: u64, redelivered: bool, message: Arc<Message>) -> bool {
+        let Some((key, tag, id)) = self.relayed_consumer(consumer) else { return false };
+        let Some(channel) = self.channels.get_mut(&key) else { return false };
+        let delivery_tag = channel.next_tag();
+        channel.outbox.deliver(key.channel, &tag, delivery_tag, redelivered, &message);
+        let Some(state) = channel.consumers.get_mut(&tag) else { return false };
+        let Some(queue) = self.queues.get_mut(&id) else { return false };
+        queue.stats.delivered(state.no_ack, redelivered);
+        self.stats.delivered(state.no_ack, redelivered);
+        if !state.no_ack {
+            state.unacked += 1;
+            channel.unacked_bytes += message.body_len() as u64;
+            queue.unacked += 1;
+            channel.unacked.push_back(Unacked {
+                delivery_tag,
+                queue: id,
+                seq: upstream,
+                message,
+                consumer: Some((tag, consumer)),
+                delivered_at: self.coarse_now,
+            });
+        }
+        true
+    }
+
+    /// The channel, tag and queue of consumer `id`, if it reads a stand-in.
+    fn relayed_consumer(&self, id: u64) -> Option<(ChannelKey, Arc<str>, QueueId)> {
+        self.queues.values().filter(|q| q.remote).find_map(|q| {
+            q.consumers.iter().find_map(|c| {
+                let state = self.channels.get(&c.channel)?.consumers.get(&c.tag)?;
+                (state.id == id).then(|| (c.channel, c.tag.clone(), q.id))
+            })
+        })
+    }
+
+    /// Whether the client of consumer `id` (of a stand-in) has more unsent
+    /// bytes than it should: the leader's next deliveries wait.
+    pub fn relayed_congested(&self, id: u64) -> bool {
+        self.relayed_consumer(id)
+            .and_then(|(key, _, _)| self.channels.get(&key))
+            .is_some_and(|channel| channel.outbox.is_congested())
+    }
+
+    /// The leader closed consumer `id`'s delivery channel (a delivery
+    /// acknowledgement timed out): its channel here closes as well.
+    pub fn fail_relayed(&mut self, id: u64, text: &str) {
+        let Some((key, _, _)) = self.relayed_consumer(id) else { return };
+        if let Some(channel) = self.channels.get_mut(&key) {
+            channel.outbox.fail_channel(key.channel, text);
+            channel.failing = true;
+        }
+    }
+
+    /// The leader refused consumer `id` when it was subscribed again (a
+    /// new leader): it is cancelled, and its client told so.
+    pub fn cancel_relayed(&mut self, id: u64) {
+        let Some((key, tag, queue)) = self.relayed_consumer(id) else { return };
+        let Some(channel) = self.channels.get_mut(&key) else { return };
+        channel.consumers.remove(&tag);
+        self.cancel_notices.push((channel.outbox.clone(), key.channel, tag.clone()));
+        self.detach_consumer(queue, key, &tag);
+    }
+
+    /// Whether consumer `id` is still attached to quorum queue `name`.
+    pub fn has_consumer(&self, name: &str, id: u64) -> bool {
+        let Some(queue) = self.queue_ids.get(name).and_then(|q| self.queues.get(q)) else { return false };
+        queue
+            .consumers
+            .iter()
+            .any(|c| self.channels.get(&c.channel).and_then(|ch| ch.consumers.get(&c.tag)).is_some_and(|s| s.id == id))
+    }
+
+    /// Takes back the deliveries of queue `name` not yet settled (those to
+    /// consumer `consumer` only, if given): their queue's leader changed,
+    /// and the new one delivers them again. The client may still settle
+    /// their tags; that is accepted and does nothing.
+    pub fn take_back(&mut self, name: &str, consumer: Option<u64>) {
+        let Some(id) = self.queue_ids.get(name).copied() else { return };
+        let mut taken = 0;
+        for channel in self.channels.values_mut() {
+            if !channel.unacked.iter().any(|u| u.queue == id) {
+                continue;
+            }
+            let (gone, kept): (VecDeque<Unacked>, VecDeque<Unacked>) =
+                std::mem::take(&mut channel.unacked).into_iter().partition(|u| {
+                    u.queue == id && consumer.is_none_or(|c| u.consumer.as_ref().is_some_and(|(_, i)| *i == c))
+                });
+            channel.unacked = kept;
+            for unacked in gone {
+                channel.unacked_bytes = channel.unacked_bytes.saturating_sub(unacked.message.body_len() as u64);
+                channel.timed_out.insert(unacked.delivery_tag);
+                if let Some((tag, owner)) = &unacked.consumer {
+                    if let Some(state) = channel.consumers.get_mut(tag).filter(|s| s.id == *owner) {
+                        state.unacked = state.unacked.saturating_sub(1);
+                    }
+                }
+                taken += 1;
+            }
+        }
+        if let Some(queue) = self.queues.get_mut(&id) {
+            queue.unacked = queue.unacked.saturating_sub(taken);
+        }
+        self.mark_dirty(id);
+    }
+
+    /// This node now leads the queue it stood in for: its consumers stay
+    /// and are served from here once the queue is filled from the replica.
+    pub fn promote_replicated(&mut self, name: &str) {
+        self.take_back(name, None);
+        if let Some(queue) = self.queue_ids.get(name).and_then(|id| self.queues.get_mut(id)) {
+            queue.remote = false;
+        }
+    }
+
+    /// This node no longer leads the queue: it becomes a stand-in, empty
+    /// (the group keeps every message, and its next leader delivers again
+    /// what was delivered from here and not settled), whose consumers and
+    /// bindings stay; each consumer is subscribed at the next leader.
+    /// `serving` are the channels that served other nodes' consumers from
+    /// it: they close (those consumers subscribe at the next leader from
+    /// their own nodes).
+    pub fn demote_replicated(&mut self, name: &str, serving: &[ChannelKey]) {
+        let Some(id) = self.queue_ids.get(name).copied() else { return };
+        if !self.queues.get(&id).is_some_and(|q| q.replicated && !q.remote) {
+            return;
+        }
+        let journaled = self.journal.len();
+        self.take_back(name, None);
+        let loader = self.loader.as_deref();
+        let Some(queue) = self.queues.get_mut(&id) else { return };
+        queue.purge(loader, |_| {});
+        queue.clear_retrying();
+        queue.returns.clear();
+        queue.remote = true;
+        self.timed.remove(&id);
+        for key in serving {
+            self.close_channel(*key);
+        }
+        self.journal.truncate(journaled);
+        let Some(queue) = self.queues.get(&id) else { return };
+        let consumers: Vec<(ChannelKey, Arc<str>, i64, bool)> =
+            queue.consumers.iter().map(|c| (c.channel, c.tag.clone(), c.priority, c.exclusive)).collect();
+        let queue_name = queue.name.clone();
+        for (key, tag, priority, exclusive) in consumers {
+            let Some(state) = self.channels.get(&key).and_then(|c| c.consumers.get(&tag)) else { continue };
+            let relayed = RelayedConsumer {
+                key,
+                tag,
+                id: state.id,
+                no_ack: state.no_ack,
+                exclusive,
+                priority,
+                prefetch: state.prefetch_count,
+                established: true,
+            };
+            self.journal.push(JournalEvent::Relay { queue: queue_name.clone(), relay: Relay::Consume(relayed) });
+        }
+    }
+
+    /// A consumer of stand-in `queue` settled a relayed delivery.
+    pub(super) fn relay_settle(&mut self, unacked: &Unacked, outcome: Outcome) {
+        let Some(queue) = self.queues.get(&unacked.queue) else { return };
+        let Some((_, consumer)) = &unacked.consumer else { return };
+        let relay = Relay::Settle { consumer: *consumer, upstream: unacked.seq, outcome };
+        self.journal.push(JournalEvent::Relay { queue: queue.name.clone(), relay });
+    }
+
+    /// A consumer of a stand-in went: the leader's queue is to stop
+    /// delivering to it.
+    pub(super) fn relay_cancel(&mut self, id: QueueId, consumer: u64) {
+        let Some(queue) = self.queues.get(&id).filter(|q| q.remote) else { return };
+        self.journal.push(JournalEvent::Relay { queue: queue.name.clone(), relay: Relay::Cancel { consumer } });
+    }
+
+    pub(super) fn is_remote_id(&self, id: QueueId) -> bool {
+        self.queues.get(&id).is_some_and(|q| q.remote)
     }
 
     /// Whether `name` is a stand-in for a quorum queue led from another node.

@@ -202,6 +202,19 @@ async fn serve_stream<R, W>(
                     };
                     conn.finish_quorum_declare(declare, placed);
                 }
+                Some(Wait::Relay(consume)) => {
+                    let key = warren_core::vhost::ChannelKey { connection: conn.id, channel: consume.channel };
+                    let replication = broker.replication.get().cloned();
+                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
+                    let accepted = match (&replication, &vhost) {
+                        (Some(replication), Some(vhost)) => replication.relayed_consume(vhost, key, &consume.tag).await,
+                        _ => Ok(()),
+                    };
+                    conn.finish_relayed_consume(&consume, accepted);
+                    if let (Some(replication), Some(vhost)) = (replication, vhost) {
+                        replication.relay_ready(&vhost, key, &consume.tag);
+                    }
+                }
                 None => break,
             }
             conn.process(&mut buf);

@@ -359,6 +359,10 @@ impl Connection {
                     arguments: c.arguments,
                 };
                 let tag = state.consume(key, consume)?;
+                if state.is_remote(&name) {
+                    self.relayed_consume(number, tag, c.nowait);
+                    return Ok(());
+                }
                 if !c.nowait {
                     self.send(
                         number,

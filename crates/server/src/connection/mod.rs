@@ -87,6 +87,16 @@ pub(crate) enum Wait {
     /// Place a quorum queue in the cluster, then
     /// [`Connection::finish_quorum_declare`].
     Quorum(QuorumDeclare),
+    /// Subscribe a consumer at its quorum queue's leader (the queue here is
+    /// a stand-in), then [`Connection::finish_relayed_consume`].
+    Relay(RelayedConsume),
+}
+
+/// A `basic.consume` on a quorum queue led from another node.
+pub(crate) struct RelayedConsume {
+    pub(crate) channel: u16,
+    pub(crate) tag: String,
+    nowait: bool,
 }
 
 /// A `queue.declare` of a quorum queue not placed yet.

@@ -1,14 +1,15 @@
 //! `queue.declare` of quorum queues in a cluster: a new one is placed
 //! through the metadata group (the connection waits, reading nothing
 //! further, as for a durable definition), and a passive declare finds a
-//! quorum queue led from another node.
+//! quorum queue led from another node; a consumer of such a queue is
+//! confirmed once the queue's leader accepted it.
 
 use warren_codec::reply::AmqpError;
-use warren_codec::spec::{queue, AMQPClass};
+use warren_codec::spec::{basic, queue, AMQPClass};
 use warren_core::settings::QueueType;
 use warren_core::QueueDeclare;
 
-use super::{access_refused, short, Connection, QuorumDeclare, Wait};
+use super::{access_refused, short, Connection, QuorumDeclare, RelayedConsume, Wait};
 use crate::access::{Permission, Resource};
 use crate::session::Session;
 
@@ -73,6 +74,32 @@ impl Connection {
         };
         drop(session);
         self.answer_declare(channel, &name, (message_count, consumer_count), nowait);
+    }
+
+    /// A consumer of a stand-in: registered here, and answered once the
+    /// leader accepted it.
+    pub(super) fn relayed_consume(&mut self, channel: u16, tag: String, nowait: bool) {
+        self.waiting = Some(Wait::Relay(RelayedConsume { channel, tag, nowait }));
+    }
+
+    /// Answers a consumer of a stand-in: `consume-ok`, or the leader's
+    /// refusal (the consumer is cancelled here).
+    pub(crate) fn finish_relayed_consume(&mut self, consume: &RelayedConsume, accepted: Result<(), AmqpError>) {
+        let RelayedConsume { channel, tag, nowait } = consume;
+        match accepted {
+            Ok(()) if !nowait => {
+                let ok = basic::ConsumeOk { consumer_tag: short(tag) };
+                self.send(*channel, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
+            }
+            Ok(()) => {}
+            Err(error) => {
+                let Some(vhost) = self.vhost.clone() else { return };
+                let store = self.store.clone();
+                let mut session = Session::open(&vhost, &store);
+                session.cancel(self.key(*channel), tag);
+                self.channel_error(*channel, error, Some(&mut session));
+            }
+        }
     }
 
     fn answer_declare(&mut self, number: u16, name: &str, (message_count, consumer_count): (u32, u32), nowait: bool) {

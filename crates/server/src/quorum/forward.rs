@@ -42,7 +42,14 @@ impl Replication {
         let local = self.queues.read().values().flat_map(|q| q.values()).find(|l| l.group == group).cloned();
         let Some(local) = local else { return };
         let restored = local.restored.lock();
-        if !restored.is_some_and(|from| applied.index > from) {
+        if !restored.is_some_and(|(from, _)| applied.index > from) {
+            return;
+        }
+        // A leader deposed while it could not hear (paused) applies the
+        // next leader's entries before it notices: its queue must not take
+        // them in, the next leader's does.
+        let term = restored.map(|(_, term)| term);
+        if self.node.status(group).is_none_or(|s| s.state != "Leader" || Some(s.term) != term) {
             return;
         }
         let Some(broker) = self.broker.upgrade() else { return };

@@ -12,14 +12,18 @@
 //! queue and the new leader's node rebuilds it from its replica
 //! ([`replica`]); what was delivered and not acknowledged is delivered
 //! again, marked redelivered. The other members hold a stand-in that
-//! forwards publishes to the leader (`forward.rs`).
+//! forwards publishes to the leader (`forward.rs`), and whose consumers
+//! the leader serves (`relay.rs`). When leadership moves, consumers stay:
+//! the old leader's node keeps its queue as a stand-in and subscribes them
+//! at the new leader; the new leader's node serves its own from the queue
+//! it rebuilt.
 //!
-//! Not yet: consuming through a node that does not lead the queue (it is
-//! refused), bindings to a quorum queue are kept only by the node that
-//! made them, and bodies stay in memory.
+//! Not yet: bindings to a quorum queue are kept only by the node that made
+//! them, and bodies stay in memory.
 
 mod forward;
 pub mod placements;
+mod relay;
 pub mod replica;
 pub mod tickets;
 
@@ -67,10 +71,10 @@ struct Local {
     /// A takeover is under way.
     activating: AtomicBool,
     /// While this node leads: the log index its queue was rebuilt from
-    /// (forwarded messages up to it were in the replica then). Taking up
-    /// and taking in forwarded messages hold it, so none is missed or
-    /// taken twice.
-    restored: parking_lot::Mutex<Option<u64>>,
+    /// (forwarded messages up to it were in the replica then), and the term
+    /// it leads in. Taking up and taking in forwarded messages hold it, so
+    /// none is missed or taken twice.
+    restored: parking_lot::Mutex<Option<(u64, u64)>>,
     /// A stand-in for the queue is in this node's virtual host (another
     /// node leads): publishes to it are forwarded.
     stand_in: AtomicBool,
@@ -106,6 +110,8 @@ pub struct Replication {
     queues: RwLock<HashMap<String, HashMap<String, Arc<Local>>>>,
     /// Forwarded messages applied by the replicas here.
     applied: mpsc::UnboundedSender<(GroupId, replica::Applied)>,
+    /// Consumers through stand-ins, here and served from here.
+    relays: relay::Relays,
     /// Itself, for the tasks it starts.
     me: Weak<Replication>,
 }
@@ -129,8 +135,10 @@ impl Replication {
             broker: Arc::downgrade(broker),
             queues: RwLock::default(),
             applied,
+            relays: relay::Relays::new(),
             me: me.clone(),
         });
+        replication.node.serve_also(Arc::new(relay::RelayHandler(Arc::downgrade(&replication))));
         broker.store.set_replicator(replication.clone());
         tokio::spawn(run(Arc::downgrade(&replication), received, applied_received));
         Ok(replication)
@@ -292,6 +300,7 @@ impl Replication {
         let local = self.queues.write().get_mut(vhost).and_then(|queues| queues.remove(name));
         if let Some(local) = local {
             self.give_up(&local);
+            self.forget_subscriptions(&local);
             self.drop_stand_in(&local);
             if let Err(e) = self.node.remove_group(group).await {
                 warn!(%vhost, queue = %name, group, %e, "cannot remove a deleted quorum queue's group");
@@ -302,6 +311,10 @@ impl Replication {
 
     /// Takes up or gives up the leaderships that moved.
     fn watch_leaderships(self: &Arc<Self>) {
+        let up: std::collections::HashSet<String> =
+            self.members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
+        self.check_subscriptions(&up);
+        self.check_served(&up);
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
         for local in locals {
             let Some(status) = self.node.status(local.group) else { continue };
@@ -344,16 +357,18 @@ impl Replication {
         let (messages, last_key, last_index) = local.machine.with(|r| (r.messages(), r.last_key(), r.last_index()));
         let count = messages.len();
         let mut session = Session::open(&vhost, &broker.store);
+        // The stand-in becomes the queue: its consumers stay, served from
+        // here now.
         if local.stand_in.swap(false, Ordering::AcqRel) {
-            session.drop_replicated(&local.name);
-        }
-        if let Err(error) = session.declare_replicated(&local.name, local.arguments.clone(), false) {
+            self.forget_subscriptions(local);
+            session.promote_replicated(&local.name);
+        } else if let Err(error) = session.declare_replicated(&local.name, local.arguments.clone(), false) {
             warn!(queue = %local.name, %error, "cannot run a quorum queue here");
             return;
         }
         local.next_key.store(last_key + 1, Ordering::Release);
         local.active.store(true, Ordering::Release);
-        *restored = Some(last_index);
+        *restored = Some((last_index, term));
         session.restore_replicated(&local.name, messages.into_iter().map(|(m, returns)| (Arc::new(m), returns)));
         drop(session);
         drop(restored);
@@ -368,7 +383,12 @@ impl Replication {
         }
         let Some(broker) = self.broker.upgrade() else { return };
         if let Some(vhost) = broker.vhost(&local.vhost) {
-            Session::open(&vhost, &broker.store).drop_replicated(&local.name);
+            // It stays as a stand-in, whose consumers are subscribed at the
+            // next leader as its journal goes through `take`.
+            let mut session = Session::open(&vhost, &broker.store);
+            local.stand_in.store(true, Ordering::Release);
+            let serving = self.stop_serving(&local.vhost, &local.name);
+            session.demote_replicated(&local.name, &serving);
         }
         info!(vhost = %local.vhost, queue = %local.name, "quorum queue no longer led from this node");
     }
@@ -404,6 +424,12 @@ impl crate::store::Replicator for Replication {
         let mut deleted = Vec::new();
         let mut forwarded = Vec::new();
         events.retain(|event| {
+            if let JournalEvent::Relay { queue, relay } = event {
+                if let Some(local) = here.get(&**queue) {
+                    self.relay_event(vhost, local, relay.clone());
+                }
+                return false;
+            }
             let name = match event {
                 JournalEvent::Published { queues, .. } if queues.len() == 1 => &queues[0],
                 JournalEvent::Settled { queue, .. }

@@ -55,10 +55,15 @@ pub struct QueueReplica {
     forwarded: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
 }
 
-/// `E`, key, arrival time, exchange, routing key, properties, body.
+/// `E`, key, then the message as [`encode_message`] writes it.
 pub fn encode_enqueue(out: &mut Vec<u8>, key: u64, message: &Message) {
     out.push(ENQUEUE);
     out.extend_from_slice(&key.to_le_bytes());
+    encode_message(out, message);
+}
+
+/// Arrival time, exchange, routing key, properties, body.
+pub(super) fn encode_message(out: &mut Vec<u8>, message: &Message) {
     out.extend_from_slice(&message.arrived().to_le_bytes());
     // Both at most 255 bytes (the message cut them).
     out.push(u8::try_from(message.exchange().len()).unwrap_or(u8::MAX));
@@ -99,8 +104,8 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
 }
 
-/// Rebuilds a message from what [`encode_enqueue`] wrote after the key.
-fn decode_message(data: &[u8]) -> Option<Message> {
+/// Rebuilds a message from what [`encode_message`] wrote.
+pub(super) fn decode_message(data: &[u8]) -> Option<Message> {
     let arrived = u64_at(data, 0)?;
     let mut at = 8;
     let exchange_len = usize::from(*data.get(at)?);

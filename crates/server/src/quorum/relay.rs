@@ -1,0 +1,838 @@
+//! Consuming through any node. A consumer of a stand-in is subscribed at
+//! the queue's leader, whose node serves it as a consumer of its own queue
+//! on a channel of no connection; the leader's deliveries come back over
+//! the cluster connection and go to the client under its channel's tags,
+//! and what the client settles goes back under the leader's tags.
+//!
+//! Each subscription has a number of its own (`wire`). When the leader
+//! changes, the stand-in's node takes back what the client holds unsettled
+//! (the next leader delivers it again, marked redelivered), and subscribes
+//! again under a new number: a late delivery or settlement of the old
+//! subscription is recognised and dropped, never applied to the new one.
+//!
+//! Requests (this node's handler beside Raft's, `Node::serve_also`), first
+//! byte: to the leader `C` subscribe, `S` settle, `X` cancel; to the
+//! stand-in's node `D` deliver, `G` gone (the leader stopped serving it),
+//! `F` failed (a delivery acknowledgement timed out: close the channel).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+use warren_codec::reply::{AmqpError, ReplyCode};
+use warren_codec::types::{AMQPValue, FieldTable};
+use warren_core::vhost::{ChannelKey, Outcome, Relay, RelayedConsumer};
+use warren_core::{Consume, Message, Outbox};
+
+use super::{replica, Local, Replication};
+use crate::session::Session;
+
+const SUBSCRIBE: u8 = b'C';
+const SETTLE: u8 = b'S';
+const CANCEL: u8 = b'X';
+const DELIVER: u8 = b'D';
+const GONE: u8 = b'G';
+const FAILED: u8 = b'F';
+
+const OK: u8 = 0;
+/// The queue does not run on the node asked (not its leader, or not yet).
+const NOT_LEADER: u8 = 1;
+/// The leader refused the consumer (then code, hard flag, text).
+const REFUSED: u8 = 2;
+/// No such subscription (or an older one).
+const UNKNOWN: u8 = 3;
+
+/// How long one relay request may take.
+const CALL_PATIENCE: Duration = Duration::from_secs(10);
+/// How long one subscription request may take (then it is tried again,
+/// at whichever node leads by then).
+const SUBSCRIBE_CALL_PATIENCE: Duration = Duration::from_secs(1);
+/// How long `basic.consume` through a stand-in waits for the leader.
+const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(10);
+/// Unsent delivery bytes above which the leader stops delivering to a
+/// relayed consumer until they are sent.
+const RELAY_BUFFER_BYTES: usize = 4 << 20;
+/// How often a waiting subscription looks for a leader again.
+const RETRY_EVERY: Duration = Duration::from_millis(25);
+
+/// Both sides' state on this node.
+#[derive(Default)]
+pub(super) struct Relays {
+    /// Stand-in side: (vhost, consumer id) -> its subscription.
+    subscribers: Mutex<HashMap<(String, u64), Arc<Subscriber>>>,
+    /// Leader side: (node, vhost, consumer id) -> the consumer served here.
+    served: Mutex<HashMap<(String, String, u64), Arc<Served>>>,
+    next_wire: AtomicU64,
+    next_connection: AtomicU64,
+}
+
+impl Relays {
+    pub(super) fn new() -> Relays {
+        // Subscription numbers differ from a previous run's (a leader may
+        // still serve one of those).
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| (d.as_secs() << 30) ^ u64::from(d.subsec_nanos()));
+        Relays { next_wire: AtomicU64::new(seed | 1), next_connection: AtomicU64::new(1), ..Relays::default() }
+    }
+
+    fn wire(&self) -> u64 {
+        self.next_wire.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A consumer of a stand-in here, subscribed at the leader.
+pub(super) struct Subscriber {
+    vhost: String,
+    local: Arc<Local>,
+    consumer: RelayedConsumer,
+    state: Mutex<SubState>,
+    /// Set once the client has its `consume-ok` (deliveries wait for it).
+    ready: watch::Sender<bool>,
+    /// The first subscription's outcome, for the `basic.consume` waiting.
+    answered: watch::Sender<Option<Result<(), AmqpError>>>,
+}
+
+struct SubState {
+    /// The current subscription (0: none, the consumer is gone or served
+    /// here).
+    wire: u64,
+    /// Where the current subscription was accepted.
+    leader: Option<String>,
+    ops: VecDeque<Op>,
+    sending: bool,
+}
+
+enum Op {
+    Subscribe(u64),
+    Settle(u64, u64, Outcome),
+    Cancel(u64),
+}
+
+/// A consumer of another node's stand-in, served by this node's queue.
+struct Served {
+    node: String,
+    vhost: String,
+    consumer: u64,
+    wire: u64,
+    key: ChannelKey,
+    tag: Arc<str>,
+    queue: String,
+    outbox: Arc<RelayOutbox>,
+    cancelled: AtomicBool,
+}
+
+/// Where the core writes a served consumer's deliveries: encoded for the
+/// stand-in's node, sent by the consumer's task.
+struct RelayOutbox {
+    buf: Mutex<Vec<u8>>,
+    notify: Notify,
+    congested: AtomicBool,
+    gone: AtomicBool,
+    failed: Mutex<Option<String>>,
+    closed: AtomicBool,
+}
+
+impl Outbox for RelayOutbox {
+    fn deliver(&self, _channel: u16, _consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message) {
+        let mut buf = self.buf.lock();
+        let start = buf.len();
+        buf.extend_from_slice(&delivery_tag.to_le_bytes());
+        buf.push(u8::from(redelivered));
+        buf.extend_from_slice(&[0; 4]);
+        replica::encode_message(&mut buf, message);
+        let len = u32::try_from(buf.len() - start - 13).unwrap_or(u32::MAX);
+        buf[start + 9..start + 13].copy_from_slice(&len.to_le_bytes());
+        if buf.len() > RELAY_BUFFER_BYTES {
+            self.congested.store(true, Ordering::Release);
+        }
+        drop(buf);
+        self.notify.notify_one();
+    }
+
+    fn consumer_cancelled(&self, _channel: u16, _consumer_tag: &str) {
+        self.gone.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn is_congested(&self) -> bool {
+        self.congested.load(Ordering::Acquire)
+    }
+
+    fn fail_channel(&self, _channel: u16, text: &str) {
+        *self.failed.lock() = Some(text.to_string());
+        self.notify.notify_one();
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&u16::try_from(s.len()).unwrap_or(u16::MAX).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Reads what [`put_str`] and the fixed-size writes put, in order.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.bytes(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.bytes(2)?.try_into().ok().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes(4)?.try_into().ok().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.bytes(8)?.try_into().ok().map(u64::from_le_bytes)
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = usize::from(self.u16()?);
+        std::str::from_utf8(self.bytes(n)?).ok()
+    }
+}
+
+/// The leader's refusal as the client is to hear it.
+fn refusal(code: u16, hard: bool, text: &str) -> AmqpError {
+    let code = match code {
+        403 => ReplyCode::AccessRefused,
+        404 => ReplyCode::NotFound,
+        405 => ReplyCode::ResourceLocked,
+        530 => ReplyCode::NotAllowed,
+        540 => ReplyCode::NotImplemented,
+        _ => ReplyCode::PreconditionFailed,
+    };
+    AmqpError { code, text: text.to_string(), class_id: 60, method_id: 20, hard }
+}
+
+fn outcome_byte(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Ack => 0,
+        Outcome::Requeue => 1,
+        Outcome::Reject => 2,
+    }
+}
+
+impl Replication {
+    // ---- the stand-in's side ----
+
+    /// A stand-in's consumer came or went, or settled a delivery (called
+    /// while its virtual host is locked: only queues work).
+    pub(super) fn relay_event(&self, vhost: &str, local: &Arc<Local>, relay: Relay) {
+        let mut subscribers = self.relays.subscribers.lock();
+        let subscriber = match relay {
+            Relay::Consume(consumer) => {
+                let wire = self.relays.wire();
+                let subscriber = Arc::new(Subscriber {
+                    vhost: vhost.to_string(),
+                    local: local.clone(),
+                    state: Mutex::new(SubState {
+                        wire,
+                        leader: None,
+                        ops: VecDeque::from([Op::Subscribe(wire)]),
+                        sending: false,
+                    }),
+                    // A consumer already confirmed to its client (its
+                    // queue was led from here) is subscribed again as is.
+                    ready: watch::channel(consumer.established).0,
+                    answered: watch::channel(consumer.established.then_some(Ok(()))).0,
+                    consumer,
+                });
+                subscribers.insert((vhost.to_string(), subscriber.consumer.id), subscriber.clone());
+                subscriber
+            }
+            Relay::Cancel { consumer } => {
+                let Some(subscriber) = subscribers.remove(&(vhost.to_string(), consumer)) else { return };
+                let mut state = subscriber.state.lock();
+                let wire = std::mem::take(&mut state.wire);
+                if wire != 0 {
+                    state.ops.push_back(Op::Cancel(wire));
+                }
+                drop(state);
+                subscriber
+            }
+            Relay::Settle { consumer, upstream, outcome } => {
+                let Some(subscriber) = subscribers.get(&(vhost.to_string(), consumer)).cloned() else { return };
+                let mut state = subscriber.state.lock();
+                let wire = state.wire;
+                if wire != 0 {
+                    state.ops.push_back(Op::Settle(wire, upstream, outcome));
+                }
+                drop(state);
+                subscriber
+            }
+        };
+        drop(subscribers);
+        self.send_ops(subscriber);
+    }
+
+    fn send_ops(&self, subscriber: Arc<Subscriber>) {
+        {
+            let mut state = subscriber.state.lock();
+            if state.ops.is_empty() || std::mem::replace(&mut state.sending, true) {
+                return;
+            }
+        }
+        let Some(this) = self.me.upgrade() else { return };
+        tokio::spawn(async move { this.run_ops(&subscriber).await });
+    }
+
+    /// Sends a subscriber's requests in order, settlements in batches.
+    async fn run_ops(&self, subscriber: &Subscriber) {
+        loop {
+            let op = {
+                let mut state = subscriber.state.lock();
+                match state.ops.pop_front() {
+                    Some(op) => op,
+                    None => {
+                        state.sending = false;
+                        return;
+                    }
+                }
+            };
+            match op {
+                Op::Subscribe(wire) => self.subscribe(subscriber, wire).await,
+                Op::Settle(wire, upstream, outcome) => {
+                    let mut settles = vec![(upstream, outcome)];
+                    {
+                        let mut state = subscriber.state.lock();
+                        while let Some(Op::Settle(w, upstream, outcome)) = state.ops.front() {
+                            if *w != wire {
+                                break;
+                            }
+                            settles.push((*upstream, *outcome));
+                            state.ops.pop_front();
+                        }
+                    }
+                    let Some(leader) = subscriber.state.lock().leader.clone() else { continue };
+                    let mut request = self.header(SETTLE, subscriber, wire);
+                    request.extend_from_slice(&u32::try_from(settles.len()).unwrap_or(u32::MAX).to_le_bytes());
+                    for (upstream, outcome) in settles {
+                        request.extend_from_slice(&upstream.to_le_bytes());
+                        request.push(outcome_byte(outcome));
+                    }
+                    // Lost with a leader that went: the next one delivers
+                    // those messages again.
+                    let _ = self.call(&leader, &request).await;
+                }
+                Op::Cancel(wire) => {
+                    let leader = subscriber.state.lock().leader.clone();
+                    if let Some(leader) = leader {
+                        self.send_cancel(subscriber, wire, &leader).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_cancel(&self, subscriber: &Subscriber, wire: u64, leader: &str) {
+        let request = self.header(CANCEL, subscriber, wire);
+        let _ = self.call(leader, &request).await;
+    }
+
+    /// A request's start: kind, subscription, consumer, virtual host.
+    fn header(&self, kind: u8, subscriber: &Subscriber, wire: u64) -> Vec<u8> {
+        let mut request = vec![kind];
+        request.extend_from_slice(&wire.to_le_bytes());
+        request.extend_from_slice(&subscriber.consumer.id.to_le_bytes());
+        put_str(&mut request, &subscriber.vhost);
+        request
+    }
+
+    async fn call(&self, node: &str, payload: &[u8]) -> Option<Vec<u8>> {
+        self.call_within(node, payload, CALL_PATIENCE).await
+    }
+
+    async fn call_within(&self, node: &str, payload: &[u8], patience: Duration) -> Option<Vec<u8>> {
+        let request = warren_raft::other_request(payload);
+        self.members.call(node, &request, patience).await.ok()
+    }
+
+    fn is_up(&self, node: &str) -> bool {
+        self.members.status().iter().any(|p| p.name == node && p.up)
+    }
+
+    /// Subscribes at the queue's leader, retrying while it has none or is
+    /// not ready; gives up when the subscription was replaced or dropped.
+    async fn subscribe(&self, subscriber: &Subscriber, wire: u64) {
+        let first = subscriber.answered.borrow().is_none();
+        let give_up = tokio::time::Instant::now() + SUBSCRIBE_PATIENCE;
+        let mut request = self.header(SUBSCRIBE, subscriber, wire);
+        let c = &subscriber.consumer;
+        put_str(&mut request, &subscriber.local.name);
+        put_str(&mut request, &c.tag);
+        request.push(u8::from(c.no_ack));
+        request.push(u8::from(c.exclusive));
+        request.extend_from_slice(&c.priority.to_le_bytes());
+        request.extend_from_slice(&c.prefetch.to_le_bytes());
+        loop {
+            if subscriber.state.lock().wire != wire {
+                return;
+            }
+            let leader = self.node.status(subscriber.local.group).and_then(|s| s.leader);
+            match leader {
+                // Led from here (or about to be): the consumer stays on the
+                // queue, which is served here once taken up.
+                Some(leader) if leader == self.node.name() => {
+                    subscriber.answered.send_replace(Some(Ok(())));
+                    return;
+                }
+                // A paused leader answers nothing: wait for its successor.
+                Some(leader) if self.is_up(&leader) => {
+                    let answer = self.call_within(&leader, &request, SUBSCRIBE_CALL_PATIENCE).await;
+                    match answer.as_deref() {
+                        Some([OK]) => {
+                            let cancelled = {
+                                let mut state = subscriber.state.lock();
+                                if state.wire == wire {
+                                    state.leader = Some(leader.clone());
+                                }
+                                state.wire == 0
+                            };
+                            // Cancelled while subscribing: the cancel finds
+                            // no leader to go to but this one.
+                            if cancelled {
+                                self.send_cancel(subscriber, wire, &leader).await;
+                            }
+                            subscriber.answered.send_replace(Some(Ok(())));
+                            return;
+                        }
+                        Some([REFUSED, rest @ ..]) => {
+                            let mut reader = Reader(rest);
+                            let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
+                            let error = refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"));
+                            if first {
+                                subscriber.answered.send_replace(Some(Err(error)));
+                            } else {
+                                info!(queue = %subscriber.local.name, %error, "a consumer was refused by the queue's new leader");
+                                self.cancel_here(subscriber);
+                            }
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+            if first && tokio::time::Instant::now() >= give_up {
+                let error = AmqpError::soft(
+                    ReplyCode::ResourceLocked,
+                    format!(
+                        "cannot consume from quorum queue '{}' in vhost '{}': its leader did not answer in time",
+                        subscriber.local.name, subscriber.vhost
+                    ),
+                    60,
+                    20,
+                );
+                subscriber.answered.send_replace(Some(Err(error)));
+                return;
+            }
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+    }
+
+    /// Cancels a subscriber's consumer here (its client is told).
+    fn cancel_here(&self, subscriber: &Subscriber) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let Some(vhost) = broker.vhost(&subscriber.vhost) else { return };
+        Session::open(&vhost, &broker.store).cancel_relayed(subscriber.consumer.id);
+    }
+
+    /// `basic.consume` on a stand-in waits for this: the leader accepted
+    /// the consumer, or why not.
+    pub async fn relayed_consume(&self, vhost: &str, key: ChannelKey, tag: &str) -> Result<(), AmqpError> {
+        let subscriber = self
+            .relays
+            .subscribers
+            .lock()
+            .values()
+            .find(|s| s.vhost == vhost && s.consumer.key == key && &*s.consumer.tag == tag)
+            .cloned();
+        // Already gone (cancelled meanwhile) or served here.
+        let Some(subscriber) = subscriber else { return Ok(()) };
+        let mut answered = subscriber.answered.subscribe();
+        let outcome = match answered.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+            Err(_) => Ok(()),
+        };
+        outcome
+    }
+
+    /// The client has its `consume-ok`: deliveries may go to it.
+    pub fn relay_ready(&self, vhost: &str, key: ChannelKey, tag: &str) {
+        let subscribers = self.relays.subscribers.lock();
+        let found = subscribers.values().find(|s| s.vhost == vhost && s.consumer.key == key && &*s.consumer.tag == tag);
+        if let Some(subscriber) = found {
+            subscriber.ready.send_replace(true);
+        }
+    }
+
+    /// Subscriptions whose leader changed or went down subscribe again
+    /// (after taking back what the client holds unsettled).
+    pub(super) fn check_subscriptions(&self, up: &std::collections::HashSet<String>) {
+        let subscribers: Vec<Arc<Subscriber>> = self.relays.subscribers.lock().values().cloned().collect();
+        for subscriber in subscribers {
+            let (wire, leader) = {
+                let state = subscriber.state.lock();
+                (state.wire, state.leader.clone())
+            };
+            let Some(leader) = leader else { continue };
+            let current = self.node.status(subscriber.local.group).and_then(|s| s.leader);
+            if wire != 0 && (current.as_deref() != Some(&leader) || !up.contains(&leader)) {
+                self.resubscribe(&subscriber, wire);
+            }
+        }
+    }
+
+    /// Subscription `wire` ended: what it delivered and the client did not
+    /// settle is taken back, and a new one is made.
+    fn resubscribe(&self, subscriber: &Arc<Subscriber>, wire: u64) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let Some(vhost) = broker.vhost(&subscriber.vhost) else { return };
+        let mut session = Session::open(&vhost, &broker.store);
+        {
+            let mut state = subscriber.state.lock();
+            if state.wire != wire {
+                return;
+            }
+            let next = self.relays.wire();
+            state.wire = next;
+            state.leader = None;
+            state.ops.retain(|op| !matches!(op, Op::Settle(..)));
+            state.ops.push_back(Op::Subscribe(next));
+        }
+        session.take_back(&subscriber.local.name, Some(subscriber.consumer.id));
+        drop(session);
+        self.send_ops(subscriber.clone());
+    }
+
+    /// The queue's subscriptions end without a word to the leader: the
+    /// queue is led from here now, or deleted.
+    pub(super) fn forget_subscriptions(&self, local: &Local) {
+        let mut subscribers = self.relays.subscribers.lock();
+        subscribers.retain(|_, s| {
+            let ours = s.local.group == local.group;
+            if ours {
+                s.state.lock().wire = 0;
+            }
+            !ours
+        });
+    }
+
+    /// Deliveries of a subscription of this node's (`D`).
+    async fn delivered(&self, mut reader: Reader<'_>) -> Vec<u8> {
+        let (Some(wire), Some(consumer), Some(vhost)) = (reader.u64(), reader.u64(), reader.str()) else {
+            return vec![UNKNOWN];
+        };
+        let subscriber = self.relays.subscribers.lock().get(&(vhost.to_string(), consumer)).cloned();
+        let Some(subscriber) = subscriber.filter(|s| s.state.lock().wire == wire) else { return vec![UNKNOWN] };
+        let mut ready = subscriber.ready.subscribe();
+        if tokio::time::timeout(SUBSCRIBE_PATIENCE, ready.wait_for(|r| *r)).await.is_err() {
+            return vec![UNKNOWN];
+        }
+        let Some(broker) = self.broker.upgrade() else { return vec![UNKNOWN] };
+        let Some(vhost) = broker.vhost(vhost) else { return vec![UNKNOWN] };
+        {
+            let mut session = Session::open(&vhost, &broker.store);
+            if subscriber.state.lock().wire != wire {
+                return vec![UNKNOWN];
+            }
+            while let (Some(upstream), Some(redelivered), Some(len)) = (reader.u64(), reader.u8(), reader.u32()) {
+                let Some(message) = reader.bytes(len as usize).and_then(replica::decode_message) else {
+                    return vec![UNKNOWN];
+                };
+                if !session.deliver_relayed(consumer, upstream, redelivered == 1, Arc::new(message)) {
+                    return vec![UNKNOWN];
+                }
+            }
+        }
+        // The client reads slower than the leader delivers: the leader
+        // waits for this answer.
+        while Session::open(&vhost, &broker.store).relayed_congested(consumer) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        vec![OK]
+    }
+
+    // ---- the leader's side ----
+
+    /// A stand-in's consumer to serve from this node's queue (`C`).
+    fn serve(&self, from: &str, mut reader: Reader<'_>) -> Vec<u8> {
+        let parsed = (|| {
+            let (wire, consumer, vhost, queue, tag) =
+                (reader.u64()?, reader.u64()?, reader.str()?, reader.str()?, reader.str()?);
+            let (no_ack, exclusive) = (reader.u8()? == 1, reader.u8()? == 1);
+            let priority = i64::from_le_bytes(reader.bytes(8)?.try_into().ok()?);
+            let prefetch = reader.u16()?;
+            Some((wire, consumer, vhost, queue, tag, no_ack, exclusive, priority, prefetch))
+        })();
+        let Some((wire, consumer, vhost_name, queue, tag, no_ack, exclusive, priority, prefetch)) = parsed else {
+            return vec![UNKNOWN];
+        };
+        let Some(broker) = self.broker.upgrade() else { return vec![NOT_LEADER] };
+        let Some(vhost) = broker.vhost(vhost_name) else { return vec![NOT_LEADER] };
+        let id = (from.to_string(), vhost_name.to_string(), consumer);
+        let mut session = Session::open(&vhost, &broker.store);
+        if !session.is_replicated(queue) || session.is_remote(queue) {
+            return vec![NOT_LEADER];
+        }
+        // A stand-in subscribes again (its last answer was lost): the
+        // older subscription's deliveries come back first.
+        if let Some(old) = self.relays.served.lock().remove(&id) {
+            old.outbox.closed.store(true, Ordering::Release);
+            old.outbox.notify.notify_one();
+            session.close_channel(old.key);
+        }
+        let connection = (1 << 62) | self.relays.next_connection.fetch_add(1, Ordering::Relaxed);
+        let key = ChannelKey { connection, channel: 1 };
+        let outbox = Arc::new(RelayOutbox {
+            buf: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+            congested: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        session.open_channel(key, outbox.clone());
+        session.qos(key, 0, prefetch, false);
+        let mut arguments = FieldTable::default();
+        if priority != 0 {
+            arguments.insert("x-priority".into(), AMQPValue::LongLongInt(priority));
+        }
+        let consume = Consume { queue, consumer_tag: tag, no_ack, exclusive, arguments };
+        let tag = match session.consume(key, consume) {
+            Ok(tag) => tag,
+            Err(error) => {
+                session.close_channel(key);
+                let mut answer = vec![REFUSED];
+                answer.extend_from_slice(&error.code.code().to_le_bytes());
+                answer.push(u8::from(error.hard));
+                put_str(&mut answer, &error.text);
+                return answer;
+            }
+        };
+        let served = Arc::new(Served {
+            node: from.to_string(),
+            vhost: vhost_name.to_string(),
+            consumer,
+            wire,
+            key,
+            tag: tag.into(),
+            queue: queue.to_string(),
+            outbox,
+            cancelled: AtomicBool::new(false),
+        });
+        self.relays.served.lock().insert(id, served.clone());
+        drop(session);
+        if let Some(this) = self.me.upgrade() {
+            tokio::spawn(async move { this.deliver_served(&served).await });
+        }
+        vec![OK]
+    }
+
+    fn find_served(&self, from: &str, reader: &mut Reader<'_>) -> Option<Arc<Served>> {
+        let (wire, consumer, vhost) = (reader.u64()?, reader.u64()?, reader.str()?);
+        let served = self.relays.served.lock().get(&(from.to_string(), vhost.to_string(), consumer)).cloned()?;
+        (served.wire == wire).then_some(served)
+    }
+
+    /// A served consumer's client settled deliveries (`S`).
+    fn settle_served(&self, from: &str, mut reader: Reader<'_>) -> Vec<u8> {
+        let Some(served) = self.find_served(from, &mut reader) else { return vec![UNKNOWN] };
+        let Some(count) = reader.u32() else { return vec![UNKNOWN] };
+        let Some(broker) = self.broker.upgrade() else { return vec![UNKNOWN] };
+        let Some(vhost) = broker.vhost(&served.vhost) else { return vec![UNKNOWN] };
+        let mut session = Session::open(&vhost, &broker.store);
+        for _ in 0..count {
+            let (Some(tag), Some(outcome)) = (reader.u64(), reader.u8()) else { break };
+            // A tag the leader took back (consumer timeout) is no error.
+            let _ = match outcome {
+                0 => session.ack(served.key, tag, false),
+                1 => session.nack(served.key, tag, false, true),
+                _ => session.nack(served.key, tag, false, false),
+            };
+        }
+        if served.cancelled.load(Ordering::Acquire) && session.channel_unacked(served.key) == 0 {
+            self.close_served(&served, &mut session);
+        }
+        vec![OK]
+    }
+
+    /// A served consumer was cancelled (`X`); its channel goes once every
+    /// delivery is settled.
+    fn cancel_served(&self, from: &str, mut reader: Reader<'_>) -> Vec<u8> {
+        let Some(served) = self.find_served(from, &mut reader) else { return vec![UNKNOWN] };
+        let Some(broker) = self.broker.upgrade() else { return vec![UNKNOWN] };
+        let Some(vhost) = broker.vhost(&served.vhost) else { return vec![UNKNOWN] };
+        let mut session = Session::open(&vhost, &broker.store);
+        served.cancelled.store(true, Ordering::Release);
+        session.cancel(served.key, &served.tag);
+        if session.channel_unacked(served.key) == 0 {
+            self.close_served(&served, &mut session);
+        }
+        vec![OK]
+    }
+
+    /// Stops serving: its unsettled deliveries return to the queue.
+    fn close_served(&self, served: &Arc<Served>, session: &mut Session<'_>) {
+        let id = (served.node.clone(), served.vhost.clone(), served.consumer);
+        let mut all = self.relays.served.lock();
+        if all.get(&id).is_some_and(|s| Arc::ptr_eq(s, served)) {
+            all.remove(&id);
+        }
+        drop(all);
+        served.outbox.closed.store(true, Ordering::Release);
+        served.outbox.notify.notify_one();
+        session.close_channel(served.key);
+    }
+
+    fn close_served_now(&self, served: &Arc<Served>) {
+        let Some(broker) = self.broker.upgrade() else { return };
+        let Some(vhost) = broker.vhost(&served.vhost) else { return };
+        let mut session = Session::open(&vhost, &broker.store);
+        self.close_served(served, &mut session);
+    }
+
+    /// Sends a served consumer's deliveries to its node, a batch per
+    /// request, until it is closed.
+    async fn deliver_served(&self, served: &Arc<Served>) {
+        let outbox = &served.outbox;
+        loop {
+            if outbox.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let batch = std::mem::take(&mut *outbox.buf.lock());
+            if !batch.is_empty() {
+                let mut request = vec![DELIVER];
+                request.extend_from_slice(&served.wire.to_le_bytes());
+                request.extend_from_slice(&served.consumer.to_le_bytes());
+                put_str(&mut request, &served.vhost);
+                request.extend_from_slice(&batch);
+                drop(batch);
+                if self.call(&served.node, &request).await.as_deref() != Some(&[OK]) {
+                    self.close_served_now(served);
+                    return;
+                }
+                continue;
+            }
+            if outbox.congested.swap(false, Ordering::AcqRel) {
+                if let Some(broker) = self.broker.upgrade() {
+                    if let Some(vhost) = broker.vhost(&served.vhost) {
+                        Session::open(&vhost, &broker.store).resume_connection(served.key.connection);
+                    }
+                }
+            }
+            let failed = outbox.failed.lock().take();
+            if let Some(text) = failed {
+                let mut request = vec![FAILED];
+                request.extend_from_slice(&served.wire.to_le_bytes());
+                request.extend_from_slice(&served.consumer.to_le_bytes());
+                put_str(&mut request, &served.vhost);
+                put_str(&mut request, &text);
+                let _ = self.call(&served.node, &request).await;
+            }
+            if outbox.gone.load(Ordering::Acquire) {
+                self.tell_gone(served).await;
+                self.close_served_now(served);
+                return;
+            }
+            outbox.notify.notified().await;
+        }
+    }
+
+    async fn tell_gone(&self, served: &Served) {
+        let mut request = vec![GONE];
+        request.extend_from_slice(&served.wire.to_le_bytes());
+        request.extend_from_slice(&served.consumer.to_le_bytes());
+        put_str(&mut request, &served.vhost);
+        let _ = self.call(&served.node, &request).await;
+    }
+
+    /// The queue is no longer led from here: the consumers served for other
+    /// nodes are dropped (those nodes subscribe at the next leader).
+    pub(super) fn stop_serving(&self, vhost: &str, queue: &str) -> Vec<ChannelKey> {
+        let mut all = self.relays.served.lock();
+        let mut keys = Vec::new();
+        all.retain(|_, served| {
+            let ours = served.vhost == vhost && served.queue == queue;
+            if ours {
+                keys.push(served.key);
+                served.outbox.gone.store(true, Ordering::Release);
+                served.outbox.notify.notify_one();
+            }
+            !ours
+        });
+        keys
+    }
+
+    /// Consumers served for a node that went down are dropped.
+    pub(super) fn check_served(&self, up: &std::collections::HashSet<String>) {
+        let gone: Vec<Arc<Served>> =
+            self.relays.served.lock().values().filter(|s| !up.contains(&s.node)).cloned().collect();
+        for served in gone {
+            warn!(node = %served.node, queue = %served.queue, "a consumer's node went down: its deliveries are taken back");
+            self.close_served_now(&served);
+        }
+    }
+
+    /// This node's answers to relay requests.
+    pub(super) async fn relay_request(&self, from: &str, request: &[u8]) -> Vec<u8> {
+        let Some((&kind, rest)) = request.split_first() else { return vec![UNKNOWN] };
+        let reader = Reader(rest);
+        match kind {
+            SUBSCRIBE => self.serve(from, reader),
+            SETTLE => self.settle_served(from, reader),
+            CANCEL => self.cancel_served(from, reader),
+            DELIVER => self.delivered(reader).await,
+            GONE | FAILED => self.ended(kind, reader),
+            _ => vec![UNKNOWN],
+        }
+    }
+
+    /// The leader stopped serving a subscription of this node's (`G`), or
+    /// closed its channel (`F`).
+    fn ended(&self, kind: u8, mut reader: Reader<'_>) -> Vec<u8> {
+        let (Some(wire), Some(consumer), Some(vhost)) = (reader.u64(), reader.u64(), reader.str()) else {
+            return vec![UNKNOWN];
+        };
+        let subscriber = self.relays.subscribers.lock().get(&(vhost.to_string(), consumer)).cloned();
+        let Some(subscriber) = subscriber else { return vec![UNKNOWN] };
+        if kind == GONE {
+            self.resubscribe(&subscriber, wire);
+        } else if let (Some(text), Some(broker)) = (reader.str(), self.broker.upgrade()) {
+            if let Some(vhost) = broker.vhost(vhost) {
+                Session::open(&vhost, &broker.store).fail_relayed(consumer, text);
+            }
+        }
+        vec![OK]
+    }
+}
+
+/// Answers relay requests for the node's [`Replication`].
+pub struct RelayHandler(pub(super) std::sync::Weak<Replication>);
+
+impl warren_cluster::Handler for RelayHandler {
+    fn handle(
+        &self,
+        from: &str,
+        request: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> {
+        let this = self.0.clone();
+        let from = from.to_string();
+        Box::pin(async move {
+            match this.upgrade() {
+                Some(replication) => replication.relay_request(&from, &request).await,
+                None => vec![NOT_LEADER],
+            }
+        })
+    }
+}
