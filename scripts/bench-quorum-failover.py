@@ -7,11 +7,14 @@ Each cycle finds the queue's leader, keeps a publisher (pika, one message
 at a time, each waiting for its confirm) connected to another node, kills
 the leader's process with SIGKILL and times how long the publisher waits
 for its next confirm; then the node is started again and the next cycle
-begins once it is back. At the end every confirmed message is drained
-from the queue and checked: none may be missing.
+begins once it is back. With --consumer, an acking consumer (prefetch
+100) connected to the third node takes messages throughout each cycle.
+At the end every confirmed message is drained from the queue and checked:
+none may be missing, and a message delivered twice must say so
+(`redelivered`) the second time.
 
 Usage:
-  scripts/bench-quorum-failover.py [--cycles N] [--rabbitmq]
+  scripts/bench-quorum-failover.py [--cycles N] [--consumer] [--rabbitmq]
 """
 
 import argparse
@@ -158,6 +161,37 @@ class Publisher(threading.Thread):
             self.error = e
 
 
+class Consumer(threading.Thread):
+    """Consumes through one node with acks; records each delivery's body
+    and redelivered flag, and whether the broker cancelled it."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.received = []
+        self.cancelled = False
+        self.stop = False
+        self.error = None
+
+    def run(self):
+        try:
+            conn = pika.BlockingConnection(pika.ConnectionParameters(port=self.port, heartbeat=0))
+            channel = conn.channel()
+            channel.basic_qos(prefetch_count=100)
+
+            def on_message(ch, method, properties, body):
+                self.received.append((body.decode(), method.redelivered))
+                ch.basic_ack(method.delivery_tag)
+
+            channel.add_on_cancel_callback(lambda frame: setattr(self, "cancelled", True))
+            channel.basic_consume(QUEUE, on_message)
+            while not self.stop:
+                conn.process_data_events(time_limit=0.05)
+            conn.close()
+        except Exception as e:  # the cycle reports it
+            self.error = e
+
+
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))]
@@ -167,6 +201,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--rabbitmq", action="store_true")
+    parser.add_argument("--consumer", action="store_true", help="an acking consumer through the third node")
     args = parser.parse_args()
     broker = RabbitMQ() if args.rabbitmq else Warren()
     broker.up()
@@ -180,11 +215,15 @@ def main():
     conn.close()
     time.sleep(1)
 
-    gaps, confirmed = [], []
+    gaps, confirmed, consumed, cancels = [], [], [], 0
     for cycle in range(args.cycles):
         leader = broker.leader([1, 2, 3])
         assert leader, "no leader"
         via = next(i for i in (1, 2, 3) if i != leader)
+        consumer = None
+        if args.consumer:
+            consumer = Consumer(ports[next(i for i in (1, 2, 3) if i not in (leader, via))])
+            consumer.start()
         publisher = Publisher(ports[via], cycle)
         publisher.start()
         time.sleep(1.0)
@@ -205,6 +244,12 @@ def main():
         publisher.join(10)
         confirmed.extend(publisher.confirmed)
         gaps.append(gap)
+        if consumer:
+            consumer.stop = True
+            consumer.join(10)
+            assert consumer.error is None, consumer.error
+            consumed.extend(consumer.received)
+            cancels += consumer.cancelled
         print(f"cycle {cycle + 1}: leader node {leader} killed, publisher through node {via}: longest wait for a confirm {gap * 1000:.0f} ms", flush=True)
         broker.restart(leader)
         deadline = time.monotonic() + 60
@@ -217,18 +262,25 @@ def main():
     leader = broker.leader([1, 2, 3])
     conn = pika.BlockingConnection(pika.ConnectionParameters(port=ports[leader]))
     channel = conn.channel()
-    seen = {}
+    deliveries = list(consumed)
     while True:
         method, _, body = channel.basic_get(QUEUE, auto_ack=True)
         if method is None:
             break
-        seen[body.decode()] = seen.get(body.decode(), 0) + 1
+        deliveries.append((body.decode(), method.redelivered))
     conn.close()
+    seen, unflagged = {}, 0
+    for body, redelivered in deliveries:
+        if body in seen and not redelivered:
+            unflagged += 1
+        seen[body] = seen.get(body, 0) + 1
     lost = [b for b in confirmed if b not in seen]
     duplicates = sum(n - 1 for n in seen.values() if n > 1)
     print(f"{broker.name}: {len(gaps)} cycles, longest wait for a confirm across a kill -9 of the leader: "
-          f"p50 {percentile(gaps, 0.5) * 1000:.0f} ms, max {max(gaps) * 1000:.0f} ms; "
-          f"{len(confirmed)} confirmed, {len(lost)} lost, {duplicates} duplicates")
+          f"p50 {percentile(gaps, 0.5) * 1000:.0f} ms, p90 {percentile(gaps, 0.9) * 1000:.0f} ms, "
+          f"max {max(gaps) * 1000:.0f} ms; {len(confirmed)} confirmed, {len(lost)} lost, "
+          f"{duplicates} delivered twice ({unflagged} of them without redelivered)"
+          + (f"; the consumer took {len(consumed)}, cancelled {cancels} times" if args.consumer else ""))
     broker.down()
     sys.exit(1 if lost else 0)
 

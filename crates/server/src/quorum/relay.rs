@@ -45,6 +45,9 @@ const NOT_LEADER: u8 = 1;
 const REFUSED: u8 = 2;
 /// No such subscription (or an older one).
 const UNKNOWN: u8 = 3;
+/// A cancelled consumer's last delivery was settled: the leader no longer
+/// serves it.
+const CLOSED: u8 = 4;
 
 /// How long one relay request may take.
 const CALL_PATIENCE: Duration = Duration::from_secs(10);
@@ -105,6 +108,9 @@ struct SubState {
     leader: Option<String>,
     ops: VecDeque<Op>,
     sending: bool,
+    /// The client cancelled it: what it holds may still be settled, then
+    /// the leader closes it.
+    cancelled: bool,
 }
 
 enum Op {
@@ -240,6 +246,7 @@ impl Replication {
                         leader: None,
                         ops: VecDeque::from([Op::Subscribe(wire)]),
                         sending: false,
+                        cancelled: false,
                     }),
                     // A consumer already confirmed to its client (its
                     // queue was led from here) is subscribed again as is.
@@ -251,12 +258,11 @@ impl Replication {
                 subscriber
             }
             Relay::Cancel { consumer } => {
-                let Some(subscriber) = subscribers.remove(&(vhost.to_string(), consumer)) else { return };
+                let Some(subscriber) = subscribers.get(&(vhost.to_string(), consumer)).cloned() else { return };
                 let mut state = subscriber.state.lock();
-                let wire = std::mem::take(&mut state.wire);
-                if wire != 0 {
-                    state.ops.push_back(Op::Cancel(wire));
-                }
+                state.cancelled = true;
+                let wire = state.wire;
+                state.ops.push_back(Op::Cancel(wire));
                 drop(state);
                 subscriber
             }
@@ -322,21 +328,37 @@ impl Replication {
                     }
                     // Lost with a leader that went: the next one delivers
                     // those messages again.
-                    let _ = self.call(&leader, &request).await;
+                    let answer = self.call(&leader, &request).await;
+                    self.closed_if(subscriber, answer.as_deref());
                 }
                 Op::Cancel(wire) => {
                     let leader = subscriber.state.lock().leader.clone();
-                    if let Some(leader) = leader {
-                        self.send_cancel(subscriber, wire, &leader).await;
-                    }
+                    let answer = match leader {
+                        Some(leader) => self.call(&leader, &self.header(CANCEL, subscriber, wire)).await,
+                        // Never subscribed: nothing to tell.
+                        None => Some(vec![CLOSED]),
+                    };
+                    self.closed_if(subscriber, answer.as_deref());
                 }
             }
         }
     }
 
-    async fn send_cancel(&self, subscriber: &Subscriber, wire: u64, leader: &str) {
-        let request = self.header(CANCEL, subscriber, wire);
-        let _ = self.call(leader, &request).await;
+    /// A cancelled subscriber whose leader closed it (or that has no leader
+    /// any more) is forgotten.
+    fn closed_if(&self, subscriber: &Subscriber, answer: Option<&[u8]>) {
+        let cancelled = subscriber.state.lock().cancelled;
+        if cancelled && matches!(answer, None | Some([CLOSED | UNKNOWN])) {
+            self.forget(subscriber);
+        }
+    }
+
+    fn forget(&self, subscriber: &Subscriber) {
+        let mut subscribers = self.relays.subscribers.lock();
+        let id = (subscriber.vhost.clone(), subscriber.consumer.id);
+        if subscribers.get(&id).is_some_and(|s| std::ptr::eq(&**s, subscriber)) {
+            subscribers.remove(&id);
+        }
     }
 
     /// A request's start: kind, subscription, consumer, virtual host.
@@ -375,8 +397,11 @@ impl Replication {
         request.extend_from_slice(&c.priority.to_le_bytes());
         request.extend_from_slice(&c.prefetch.to_le_bytes());
         loop {
-            if subscriber.state.lock().wire != wire {
-                return;
+            {
+                let state = subscriber.state.lock();
+                if state.wire != wire || state.cancelled {
+                    return;
+                }
             }
             let leader = self.node.status(subscriber.local.group).and_then(|s| s.leader);
             match leader {
@@ -391,18 +416,13 @@ impl Replication {
                     let answer = self.call_within(&leader, &request, SUBSCRIBE_CALL_PATIENCE).await;
                     match answer.as_deref() {
                         Some([OK]) => {
-                            let cancelled = {
-                                let mut state = subscriber.state.lock();
-                                if state.wire == wire {
-                                    state.leader = Some(leader.clone());
-                                }
-                                state.wire == 0
-                            };
-                            // Cancelled while subscribing: the cancel finds
-                            // no leader to go to but this one.
-                            if cancelled {
-                                self.send_cancel(subscriber, wire, &leader).await;
+                            // (Cancelled meanwhile: the cancel queued goes
+                            // to this leader.)
+                            let mut state = subscriber.state.lock();
+                            if state.wire == wire {
+                                state.leader = Some(leader.clone());
                             }
+                            drop(state);
                             subscriber.answered.send_replace(Some(Ok(())));
                             return;
                         }
@@ -504,6 +524,17 @@ impl Replication {
             if state.wire != wire {
                 return;
             }
+            // A cancelled consumer is not subscribed again: what it still
+            // holds comes again from the next leader, to other consumers.
+            if state.cancelled {
+                state.wire = 0;
+                state.ops.clear();
+                drop(state);
+                session.take_back(&subscriber.local.name, Some(subscriber.consumer.id));
+                drop(session);
+                self.forget(subscriber);
+                return;
+            }
             let next = self.relays.wire();
             state.wire = next;
             state.leader = None;
@@ -546,13 +577,30 @@ impl Replication {
             if subscriber.state.lock().wire != wire {
                 return vec![UNKNOWN];
             }
+            let mut returned = Vec::new();
             while let (Some(upstream), Some(redelivered), Some(len)) = (reader.u64(), reader.u8(), reader.u32()) {
                 let Some(message) = reader.bytes(len as usize).and_then(replica::decode_message) else {
                     return vec![UNKNOWN];
                 };
-                if !session.deliver_relayed(consumer, upstream, redelivered == 1, Arc::new(message)) {
+                if !returned.is_empty()
+                    || !session.deliver_relayed(consumer, upstream, redelivered == 1, Arc::new(message))
+                {
+                    returned.push(upstream);
+                }
+            }
+            if !returned.is_empty() {
+                // Sent before the leader heard of the cancel: back to it.
+                let mut state = subscriber.state.lock();
+                if !state.cancelled {
                     return vec![UNKNOWN];
                 }
+                for upstream in returned {
+                    state.ops.push_back(Op::Settle(wire, upstream, Outcome::Requeue));
+                }
+                drop(state);
+                drop(session);
+                self.send_ops(subscriber);
+                return vec![OK];
             }
         }
         // The client reads slower than the leader delivers: the leader
@@ -663,6 +711,7 @@ impl Replication {
         }
         if served.cancelled.load(Ordering::Acquire) && session.channel_unacked(served.key) == 0 {
             self.close_served(&served, &mut session);
+            return vec![CLOSED];
         }
         vec![OK]
     }
@@ -678,6 +727,7 @@ impl Replication {
         session.cancel(served.key, &served.tag);
         if session.channel_unacked(served.key) == 0 {
             self.close_served(&served, &mut session);
+            return vec![CLOSED];
         }
         vec![OK]
     }
