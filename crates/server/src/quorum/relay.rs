@@ -501,13 +501,18 @@ impl Replication {
     pub(super) fn check_subscriptions(&self, up: &std::collections::HashSet<String>) {
         let subscribers: Vec<Arc<Subscriber>> = self.relays.subscribers.lock().values().cloned().collect();
         for subscriber in subscribers {
-            let (wire, leader) = {
+            let (wire, leader, idle) = {
                 let state = subscriber.state.lock();
-                (state.wire, state.leader.clone())
+                (state.wire, state.leader.clone(), !state.sending && !state.cancelled)
             };
-            let Some(leader) = leader else { continue };
             let current = self.node.status(subscriber.local.group).and_then(|s| s.leader);
-            if wire != 0 && (current.as_deref() != Some(&leader) || !up.contains(&leader)) {
+            let moved = match &leader {
+                Some(leader) => current.as_ref() != Some(leader) || !up.contains(leader),
+                // Left to this node, which then did not take the queue up
+                // (it lost the leadership first): subscribe elsewhere.
+                None => idle && current.is_some_and(|c| c != self.node.name() && up.contains(&c)),
+            };
+            if wire != 0 && moved {
                 self.resubscribe(&subscriber, wire);
             }
         }

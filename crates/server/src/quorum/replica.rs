@@ -55,7 +55,7 @@ pub struct QueueReplica {
     forwarded: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
 }
 
-/// `E`, key, then the message as [`encode_message`] writes it.
+/// `E`, key, then the message as `encode_message` writes it.
 pub fn encode_enqueue(out: &mut Vec<u8>, key: u64, message: &Message) {
     out.push(ENQUEUE);
     out.extend_from_slice(&key.to_le_bytes());
