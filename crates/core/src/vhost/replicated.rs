@@ -94,13 +94,20 @@ impl VirtualHostState {
         }
     }
 
-    /// A delivery the queue's leader made to a consumer of this stand-in:
+    /// A delivery the queue's leader made to `consumer` of a stand-in:
     /// sent to the client under this channel's next delivery tag, and
     /// unacknowledged here until the client settles it (then the leader
     /// hears of it under `upstream`, its own tag). False if the consumer
     /// is gone.
-    pub fn deliver_relayed(&mut self, consumer: u64, upstream: u64, redelivered: bool, message: Arc<Message>) -> bool {
-        let Some((key, tag, id)) = self.relayed_consumer(consumer) else { return false };
+    pub fn deliver_relayed(
+        &mut self,
+        consumer: &RelayedConsumer,
+        upstream: u64,
+        redelivered: bool,
+        message: Arc<Message>,
+    ) -> bool {
+        let Some(id) = self.relayed_queue(consumer) else { return false };
+        let (key, tag) = (consumer.key, consumer.tag.clone());
         let Some(channel) = self.channels.get_mut(&key) else { return false };
         let delivery_tag = channel.next_tag();
         channel.outbox.deliver(key.channel, &tag, delivery_tag, redelivered, &message);
@@ -117,58 +124,46 @@ impl VirtualHostState {
                 queue: id,
                 seq: upstream,
                 message,
-                consumer: Some((tag, consumer)),
+                consumer: Some((tag, consumer.id)),
                 delivered_at: self.coarse_now,
             });
         }
         true
     }
 
-    /// The channel, tag and queue of consumer `id`, if it reads a stand-in.
-    fn relayed_consumer(&self, id: u64) -> Option<(ChannelKey, Arc<str>, QueueId)> {
-        self.queues.values().filter(|q| q.remote).find_map(|q| {
-            q.consumers.iter().find_map(|c| {
-                let state = self.channels.get(&c.channel)?.consumers.get(&c.tag)?;
-                (state.id == id).then(|| (c.channel, c.tag.clone(), q.id))
-            })
-        })
+    /// The stand-in `consumer` reads, while it is still there.
+    fn relayed_queue(&self, consumer: &RelayedConsumer) -> Option<QueueId> {
+        let state = self.channels.get(&consumer.key)?.consumers.get(&consumer.tag)?;
+        (state.id == consumer.id && self.is_remote_id(state.queue)).then_some(state.queue)
     }
 
-    /// Whether the client of consumer `id` (of a stand-in) has more unsent
+    /// Whether the client of `consumer` (of a stand-in) has more unsent
     /// bytes than it should: the leader's next deliveries wait.
-    pub fn relayed_congested(&self, id: u64) -> bool {
-        self.relayed_consumer(id)
-            .and_then(|(key, _, _)| self.channels.get(&key))
-            .is_some_and(|channel| channel.outbox.is_congested())
+    pub fn relayed_congested(&self, consumer: &RelayedConsumer) -> bool {
+        self.relayed_queue(consumer).is_some()
+            && self.channels.get(&consumer.key).is_some_and(|channel| channel.outbox.is_congested())
     }
 
-    /// The leader closed consumer `id`'s delivery channel (a delivery
+    /// The leader closed `consumer`'s delivery channel (a delivery
     /// acknowledgement timed out): its channel here closes as well.
-    pub fn fail_relayed(&mut self, id: u64, text: &str) {
-        let Some((key, _, _)) = self.relayed_consumer(id) else { return };
-        if let Some(channel) = self.channels.get_mut(&key) {
-            channel.outbox.fail_channel(key.channel, text);
+    pub fn fail_relayed(&mut self, consumer: &RelayedConsumer, text: &str) {
+        if self.relayed_queue(consumer).is_none() {
+            return;
+        }
+        if let Some(channel) = self.channels.get_mut(&consumer.key) {
+            channel.outbox.fail_channel(consumer.key.channel, text);
             channel.failing = true;
         }
     }
 
-    /// The leader refused consumer `id` when it was subscribed again (a
+    /// The leader refused `consumer` when it was subscribed again (a
     /// new leader): it is cancelled, and its client told so.
-    pub fn cancel_relayed(&mut self, id: u64) {
-        let Some((key, tag, queue)) = self.relayed_consumer(id) else { return };
-        let Some(channel) = self.channels.get_mut(&key) else { return };
-        channel.consumers.remove(&tag);
-        self.cancel_notices.push((channel.outbox.clone(), key.channel, tag.clone()));
-        self.detach_consumer(queue, key, &tag);
-    }
-
-    /// Whether consumer `id` is still attached to quorum queue `name`.
-    pub fn has_consumer(&self, name: &str, id: u64) -> bool {
-        let Some(queue) = self.queue_ids.get(name).and_then(|q| self.queues.get(q)) else { return false };
-        queue
-            .consumers
-            .iter()
-            .any(|c| self.channels.get(&c.channel).and_then(|ch| ch.consumers.get(&c.tag)).is_some_and(|s| s.id == id))
+    pub fn cancel_relayed(&mut self, consumer: &RelayedConsumer) {
+        let Some(queue) = self.relayed_queue(consumer) else { return };
+        let Some(channel) = self.channels.get_mut(&consumer.key) else { return };
+        channel.consumers.remove(&consumer.tag);
+        self.cancel_notices.push((channel.outbox.clone(), consumer.key.channel, consumer.tag.clone()));
+        self.detach_consumer(queue, consumer.key, &consumer.tag);
     }
 
     /// Takes back the deliveries of queue `name` not yet settled (those to

@@ -464,7 +464,7 @@ impl Replication {
     fn cancel_here(&self, subscriber: &Subscriber) {
         let Some(broker) = self.broker.upgrade() else { return };
         let Some(vhost) = broker.vhost(&subscriber.vhost) else { return };
-        Session::open(&vhost, &broker.store).cancel_relayed(subscriber.consumer.id);
+        Session::open(&vhost, &broker.store).cancel_relayed(&subscriber.consumer);
     }
 
     /// `basic.consume` on a stand-in waits for this: the leader accepted
@@ -588,7 +588,7 @@ impl Replication {
                     return vec![UNKNOWN];
                 };
                 if !returned.is_empty()
-                    || !session.deliver_relayed(consumer, upstream, redelivered == 1, Arc::new(message))
+                    || !session.deliver_relayed(&subscriber.consumer, upstream, redelivered == 1, Arc::new(message))
                 {
                     returned.push(upstream);
                 }
@@ -610,7 +610,7 @@ impl Replication {
         }
         // The client reads slower than the leader delivers: the leader
         // waits for this answer.
-        while Session::open(&vhost, &broker.store).relayed_congested(consumer) {
+        while Session::open(&vhost, &broker.store).relayed_congested(&subscriber.consumer) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         vec![OK]
@@ -865,7 +865,7 @@ impl Replication {
             self.resubscribe(&subscriber, wire);
         } else if let (Some(text), Some(broker)) = (reader.str(), self.broker.upgrade()) {
             if let Some(vhost) = broker.vhost(vhost) {
-                Session::open(&vhost, &broker.store).fail_relayed(consumer, text);
+                Session::open(&vhost, &broker.store).fail_relayed(&subscriber.consumer, text);
             }
         }
         vec![OK]
