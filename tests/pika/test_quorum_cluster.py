@@ -219,6 +219,29 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
 
 
+def test_an_exclusive_consumer_through_another_node_holds_the_queue_on_every_node(cluster):
+    first, second, third = cluster.nodes
+    name = "solo-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+    holder = connect(second["amqp"])
+    held = holder.channel()
+    held.basic_consume(name, lambda *a: None, exclusive=True)
+    # Refused as RabbitMQ refuses it, whichever node the second consumer uses.
+    for node in (third, first):
+        conn = connect(node["amqp"])
+        with pytest.raises(ChannelClosedByBroker) as refused:
+            conn.channel().basic_consume(name, lambda *a: None)
+        assert refused.value.reply_code == 403
+        assert "in exclusive use" in refused.value.reply_text
+        conn.close()
+    # Once the holder cancels, the queue is free again.
+    held.basic_cancel(held.consumer_tags[0])
+    holder.close()
+    conn = connect(third["amqp"])
+    eventually("the queue is free", lambda: conn.channel().basic_consume(name, lambda *a: None) or True, timeout=5)
+    conn.close()
+
+
 def test_a_consumer_through_another_node_carries_on_across_a_kill_of_the_leader(cluster):
     first, second, third = cluster.nodes
     name = "feed-" + uuid.uuid4().hex[:8]

@@ -82,7 +82,7 @@ impl Replication {
     /// none are left.
     pub(super) async fn send_forwarded(&self, local: &Local) {
         loop {
-            let batch: Vec<_> = {
+            let (number, batch): (u64, Vec<_>) = {
                 let mut forwarding = local.forwarding.lock();
                 if forwarding.waiting.is_empty() {
                     forwarding.sending = false;
@@ -98,10 +98,11 @@ impl Replication {
                     })
                     .count()
                     .max(1);
-                forwarding.waiting.drain(..count).collect()
+                forwarding.batches += 1;
+                (forwarding.batches, forwarding.waiting.drain(..count).collect())
             };
             let mut command = Vec::new();
-            replica::encode_forwarded(&mut command, batch.iter().map(|(message, _)| &**message));
+            replica::encode_forwarded(&mut command, self.origin, number, batch.iter().map(|(message, _)| &**message));
             let ok = self.node.write_anywhere(local.group, command, COMMIT_PATIENCE).await.is_ok();
             for (_, done) in batch {
                 let _ = done.send(ok);

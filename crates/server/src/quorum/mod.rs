@@ -88,6 +88,16 @@ struct Local {
 struct Forwarding {
     waiting: Vec<(Arc<warren_core::Message>, tokio::sync::oneshot::Sender<bool>)>,
     sending: bool,
+    /// The last batch's number.
+    batches: u64,
+}
+
+/// A number this run of the node has and no earlier one had: forwarded
+/// batches and relay subscriptions are told apart by it.
+fn run_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| (d.as_secs() << 30) ^ u64::from(d.subsec_nanos()))
 }
 
 /// A quorum queue as one node sees it.
@@ -112,6 +122,8 @@ pub struct Replication {
     applied: mpsc::UnboundedSender<(GroupId, replica::Applied)>,
     /// Consumers through stand-ins, here and served from here.
     relays: relay::Relays,
+    /// Names this node's run in the batches it forwards.
+    origin: u64,
     /// Itself, for the tasks it starts.
     me: Weak<Replication>,
 }
@@ -128,6 +140,8 @@ impl Replication {
         let (events, received) = mpsc::unbounded_channel();
         let (applied, applied_received) = mpsc::unbounded_channel();
         let metadata = warren_raft::metadata::start(&node, members.clone(), Placements::new(events)).await?;
+        // Two nodes started in the same nanosecond still differ.
+        let origin = node.name().bytes().fold(run_seed(), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
         let replication = Arc::new_cyclic(|me| Replication {
             node,
             members,
@@ -135,7 +149,8 @@ impl Replication {
             broker: Arc::downgrade(broker),
             queues: RwLock::default(),
             applied,
-            relays: relay::Relays::new(),
+            relays: relay::Relays::new(run_seed()),
+            origin,
             me: me.clone(),
         });
         replication.node.serve_also(Arc::new(relay::RelayHandler(Arc::downgrade(&replication))));

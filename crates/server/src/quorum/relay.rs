@@ -74,12 +74,9 @@ pub(super) struct Relays {
 }
 
 impl Relays {
-    pub(super) fn new() -> Relays {
-        // Subscription numbers differ from a previous run's (a leader may
-        // still serve one of those).
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| (d.as_secs() << 30) ^ u64::from(d.subsec_nanos()));
+    /// `seed`: subscription numbers differ from a previous run's (a leader
+    /// may still serve one of those).
+    pub(super) fn new(seed: u64) -> Relays {
         Relays { next_wire: AtomicU64::new(seed | 1), next_connection: AtomicU64::new(1), ..Relays::default() }
     }
 

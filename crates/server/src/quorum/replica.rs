@@ -18,8 +18,16 @@ const ENQUEUE: u8 = b'E';
 const SETTLE: u8 = b'S';
 const RETURN: u8 = b'R';
 /// Messages published through another node: each takes a key from its
-/// log position ([`forwarded_key`]).
+/// log position ([`forwarded_key`]). Written before batches had numbers;
+/// still read.
 const FORWARDED: u8 = b'F';
+/// The same, numbered by the node that sent them: a batch sent again
+/// (its first answer was lost with a leader that died after committing
+/// it) is applied once.
+const FORWARDED_ONCE: u8 = b'G';
+/// Marks a snapshot that carries the forwarding nodes' last batches (no
+/// leader key is this large).
+const SNAPSHOT_V2: u64 = u64::MAX;
 
 /// Keys of forwarded messages: the leader's own keys stay below.
 const FORWARDED_BIT: u64 = 1 << 62;
@@ -53,6 +61,8 @@ pub struct QueueReplica {
     last_index: u64,
     /// Where forwarded messages are told as they are applied.
     forwarded: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
+    /// Each forwarding node's (per run) last batch applied.
+    batches: BTreeMap<u64, u64>,
 }
 
 /// `E`, key, then the message as `encode_message` writes it.
@@ -75,10 +85,18 @@ pub(super) fn encode_message(out: &mut Vec<u8>, message: &Message) {
     out.extend_from_slice(message.body());
 }
 
-/// `F`, then each message as [`encode_enqueue`] writes it after its key,
-/// with its length first.
-pub fn encode_forwarded<'a>(out: &mut Vec<u8>, messages: impl IntoIterator<Item = &'a Message>) {
-    out.push(FORWARDED);
+/// `G`, the sending node's `origin` and the batch's number (rising), then
+/// each message as [`encode_enqueue`] writes it after its key, with its
+/// length first.
+pub fn encode_forwarded<'a>(
+    out: &mut Vec<u8>,
+    origin: u64,
+    batch: u64,
+    messages: impl IntoIterator<Item = &'a Message>,
+) {
+    out.push(FORWARDED_ONCE);
+    out.extend_from_slice(&origin.to_le_bytes());
+    out.extend_from_slice(&batch.to_le_bytes());
     let mut one = Vec::new();
     for message in messages {
         one.clear();
@@ -192,6 +210,16 @@ impl StateMachine for QueueReplica {
             self.apply_forwarded(index, &command[1..]);
             return Vec::new();
         }
+        if command.first() == Some(&FORWARDED_ONCE) {
+            if let (Some(origin), Some(batch)) = (u64_at(command, 1), u64_at(command, 9)) {
+                let last = self.batches.entry(origin).or_insert(0);
+                if batch > *last {
+                    *last = batch;
+                    self.apply_forwarded(index, &command[17..]);
+                }
+            }
+            return Vec::new();
+        }
         let key = u64_at(command, 1);
         match (command.first(), key) {
             (Some(&ENQUEUE), Some(key)) => {
@@ -216,8 +244,14 @@ impl StateMachine for QueueReplica {
 
     fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        out.extend_from_slice(&SNAPSHOT_V2.to_le_bytes());
         out.extend_from_slice(&self.last_key.to_le_bytes());
         out.extend_from_slice(&self.last_index.to_le_bytes());
+        out.extend_from_slice(&(self.batches.len() as u64).to_le_bytes());
+        for (origin, batch) in &self.batches {
+            out.extend_from_slice(&origin.to_le_bytes());
+            out.extend_from_slice(&batch.to_le_bytes());
+        }
         for (key, kept) in &self.messages {
             out.extend_from_slice(&key.to_le_bytes());
             out.extend_from_slice(&kept.returns.to_le_bytes());
@@ -229,10 +263,21 @@ impl StateMachine for QueueReplica {
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         let bad = || "a quorum queue snapshot is cut short".to_string();
-        let last_key = u64_at(snapshot, 0).ok_or_else(bad)?;
-        let last_index = u64_at(snapshot, 8).ok_or_else(bad)?;
+        let v2 = u64_at(snapshot, 0) == Some(SNAPSHOT_V2);
+        let mut at = if v2 { 8 } else { 0 };
+        let last_key = u64_at(snapshot, at).ok_or_else(bad)?;
+        let last_index = u64_at(snapshot, at + 8).ok_or_else(bad)?;
+        at += 16;
+        let mut batches = BTreeMap::new();
+        if v2 {
+            let count = u64_at(snapshot, at).ok_or_else(bad)?;
+            at += 8;
+            for _ in 0..count {
+                batches.insert(u64_at(snapshot, at).ok_or_else(bad)?, u64_at(snapshot, at + 8).ok_or_else(bad)?);
+                at += 16;
+            }
+        }
         let mut messages = BTreeMap::new();
-        let mut at = 16;
         while at < snapshot.len() {
             let key = u64_at(snapshot, at).ok_or_else(bad)?;
             let returns = u64_at(snapshot, at + 8).ok_or_else(bad)?;
@@ -242,7 +287,7 @@ impl StateMachine for QueueReplica {
             at += 24 + len;
         }
         let forwarded = self.forwarded.take();
-        *self = QueueReplica { messages, last_key, last_index, forwarded };
+        *self = QueueReplica { messages, last_key, last_index, forwarded, batches };
         Ok(())
     }
 }
@@ -290,5 +335,39 @@ mod tests {
         assert_eq!(restored.restore(&replica.snapshot()), Ok(()));
         check(&restored);
         assert!(restored.restore(&replica.snapshot()[..20]).is_err());
+    }
+
+    #[test]
+    fn a_forwarded_batch_sent_again_is_applied_once_even_after_a_snapshot() {
+        let mut replica = QueueReplica::default();
+        let (a, b) = (message(b"a"), message(b"b"));
+        let first = command(|o| encode_forwarded(o, 77, 1, [&a, &b]));
+        replica.apply(1, &first);
+        replica.apply(2, &first);
+        assert_eq!(replica.len(), 2, "the second copy of batch 1 is skipped");
+        // Another node's batch 1 is its own.
+        replica.apply(3, &command(|o| encode_forwarded(o, 78, 1, [&a])));
+        assert_eq!(replica.len(), 3);
+        let mut restored = QueueReplica::default();
+        assert_eq!(restored.restore(&replica.snapshot()), Ok(()));
+        restored.apply(4, &first);
+        assert_eq!(restored.len(), 3, "a restored replica remembers the batches");
+        restored.apply(5, &command(|o| encode_forwarded(o, 77, 2, [&b])));
+        assert_eq!(restored.len(), 4);
+        let bodies: Vec<Vec<u8>> = restored.messages().iter().map(|(m, _)| m.body().to_vec()).collect();
+        assert_eq!(bodies, [b"a".to_vec(), b"b".to_vec(), b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    #[test]
+    fn a_snapshot_written_before_batches_had_numbers_still_restores() {
+        let mut replica = QueueReplica::default();
+        replica.apply(1, &command(|o| encode_enqueue(o, 5, &message(b"old"))));
+        let v2 = replica.snapshot();
+        // The earlier layout: the same without the marker and the batches.
+        let old = [&v2[8..24], &v2[32..]].concat();
+        let mut restored = QueueReplica::default();
+        assert_eq!(restored.restore(&old), Ok(()));
+        assert_eq!(restored.len(), 1);
+        assert_eq!(restored.last_key(), 5);
     }
 }
