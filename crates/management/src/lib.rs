@@ -208,7 +208,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/queues/{vhost}/{name}/contents", axum::routing::delete(queues::purge))
         .route("/api/queues/{vhost}/{name}/bindings", get(exchanges::queue_bindings))
         .route("/api/queues/{vhost}/{name}/get", post(queues::get_messages))
+        .route("/api/warren/quorum", get(queues::quorum_list))
         .route("/api/warren/quorum/{vhost}/{name}", get(queues::quorum_status))
+        .route(
+            "/api/warren/quorum/{vhost}/{name}/members/{node}",
+            put(queues::add_quorum_member).delete(queues::delete_quorum_member),
+        )
         .route("/api/exchanges", get(exchanges::list_all))
         .route("/api/exchanges/{vhost}", get(exchanges::list_vhost))
         .route("/api/exchanges/{vhost}/{name}", get(exchanges::show).put(exchanges::declare).delete(exchanges::delete))

@@ -464,6 +464,51 @@ pub async fn quorum_status(
     })))
 }
 
+/// `GET /api/warren/quorum`: every quorum queue's placement (the
+/// virtual hosts the caller may see).
+pub async fn quorum_list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let replication = state.broker.replication.get().ok_or(ApiError::NotFound)?;
+    let placements = replication.placements();
+    let visible: Vec<Value> = placements
+        .into_iter()
+        .filter(|p| caller.vhost_access(&state, &p.vhost).is_ok())
+        .map(|p| json!({ "vhost": p.vhost, "name": p.name, "group": p.group, "members": p.members }))
+        .collect();
+    Ok(Json(Value::Array(visible)))
+}
+
+/// `PUT /api/warren/quorum/{vhost}/{name}/members/{node}`: another replica
+/// on `node` (rabbitmq-queues' `add_member`); administrators only.
+pub async fn add_quorum_member(
+    state: State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name, node)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_quorum_member(state, caller, (vhost, name, node), true).await
+}
+
+/// `DELETE /api/warren/quorum/{vhost}/{name}/members/{node}`: the replica
+/// on `node` goes (rabbitmq-queues' `delete_member`).
+pub async fn delete_quorum_member(
+    state: State<Arc<AppState>>,
+    caller: Caller,
+    Path((vhost, name, node)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    set_quorum_member(state, caller, (vhost, name, node), false).await
+}
+
+async fn set_quorum_member(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    (vhost, name, node): (String, String, String),
+    add: bool,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let replication = state.broker.replication.get().ok_or(ApiError::NotFound)?;
+    let members = replication.set_member(&vhost, &name, &node, add).await.map_err(|e| ApiError::from_amqp(&e))?;
+    Ok(Json(json!({ "vhost": vhost, "name": name, "members": members })))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -60,6 +60,41 @@ enum CtlCommand {
         #[command(flatten)]
         broker: BrokerArg,
     },
+    /// Adds a replica of a quorum queue on NODE (rabbitmq-queues' add_member).
+    #[command(name = "add_member")]
+    AddMember {
+        queue: String,
+        node: String,
+        #[command(flatten)]
+        vhost: VhostArg,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Removes a quorum queue's replica on NODE (rabbitmq-queues' delete_member).
+    #[command(name = "delete_member")]
+    DeleteMember {
+        queue: String,
+        node: String,
+        #[command(flatten)]
+        vhost: VhostArg,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Adds a replica on NODE to every quorum queue (`all`), or to those with
+    /// an even number of members (`even`).
+    Grow {
+        node: String,
+        #[arg(value_parser = ["all", "even"])]
+        strategy: String,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Removes NODE's replica from every quorum queue that has another member.
+    Shrink {
+        node: String,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
     /// Creates a user; the password is read from standard input if omitted.
     #[command(name = "add_user")]
     AddUser { name: String, password: Option<String> },
@@ -213,6 +248,10 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 
 /// `GET path` on the running broker's management API; the JSON answer.
 fn api_get(config: &Config, broker: &BrokerArg, path: &str) -> anyhow::Result<serde_json::Value> {
+    api(config, broker, "GET", path)
+}
+
+fn api(config: &Config, broker: &BrokerArg, method: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     use base64::Engine;
     use std::io::{Read, Write};
     let address = broker.api.clone().unwrap_or_else(|| format!("127.0.0.1:{}", config.http_port));
@@ -221,7 +260,7 @@ fn api_get(config: &Config, broker: &BrokerArg, path: &str) -> anyhow::Result<se
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", broker.user, broker.password));
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes())?;
     let mut response = String::new();
@@ -233,6 +272,28 @@ fn api_get(config: &Config, broker: &BrokerArg, path: &str) -> anyhow::Result<se
         "404" => anyhow::bail!("not found: {path}"),
         other => anyhow::bail!("the broker answered {other}: {body}"),
     }
+}
+
+/// A path segment as the API takes it.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Adds (`add`) or removes `node`'s replica of a quorum queue.
+fn set_member(
+    config: &Config,
+    broker: &BrokerArg,
+    (vhost, queue, node): (&str, &str, &str),
+    add: bool,
+) -> anyhow::Result<Vec<String>> {
+    let path = format!("/api/warren/quorum/{}/{}/members/{}", encode(vhost), encode(queue), encode(node));
+    let answer = api(config, broker, if add { "PUT" } else { "DELETE" }, &path)?;
+    Ok(answer["members"].as_array().map(|m| m.iter().map(text).collect()).unwrap_or_default())
 }
 
 fn text(value: &serde_json::Value) -> String {
@@ -266,15 +327,50 @@ fn run_remote(config: &Config, command: &CtlCommand) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        CtlCommand::AddMember { queue, node, vhost, broker }
+        | CtlCommand::DeleteMember { queue, node, vhost, broker } => {
+            let add = matches!(command, CtlCommand::AddMember { .. });
+            let members = set_member(config, broker, (&vhost.vhost, queue, node), add)?;
+            println!("quorum queue '{queue}' in vhost '{}': members {}", vhost.vhost, members.join(", "));
+            Ok(true)
+        }
+        CtlCommand::Grow { node, strategy, broker } => {
+            let placements = api_get(config, broker, "/api/warren/quorum")?;
+            for placement in placements.as_array().cloned().unwrap_or_default() {
+                let members: Vec<String> =
+                    placement["members"].as_array().map(|m| m.iter().map(text).collect()).unwrap_or_default();
+                if members.contains(node) || (strategy == "even" && !members.len().is_multiple_of(2)) {
+                    continue;
+                }
+                let (vhost, queue) = (text(&placement["vhost"]), text(&placement["name"]));
+                match set_member(config, broker, (&vhost, &queue, node), true) {
+                    Ok(members) => println!("{vhost}\t{queue}\tgrown: {}", members.join(", ")),
+                    Err(e) => println!("{vhost}\t{queue}\terror: {e}"),
+                }
+            }
+            Ok(true)
+        }
+        CtlCommand::Shrink { node, broker } => {
+            let placements = api_get(config, broker, "/api/warren/quorum")?;
+            for placement in placements.as_array().cloned().unwrap_or_default() {
+                let members: Vec<String> =
+                    placement["members"].as_array().map(|m| m.iter().map(text).collect()).unwrap_or_default();
+                if !members.contains(node) {
+                    continue;
+                }
+                let (vhost, queue) = (text(&placement["vhost"]), text(&placement["name"]));
+                if members.len() == 1 {
+                    println!("{vhost}\t{queue}\tkept: its only member");
+                    continue;
+                }
+                match set_member(config, broker, (&vhost, &queue, node), false) {
+                    Ok(members) => println!("{vhost}\t{queue}\tshrunk: {}", members.join(", ")),
+                    Err(e) => println!("{vhost}\t{queue}\terror: {e}"),
+                }
+            }
+            Ok(true)
+        }
         CtlCommand::QuorumStatus { queue, vhost, broker } => {
-            let encode = |s: &str| {
-                s.bytes()
-                    .map(|b| match b {
-                        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-                        _ => format!("%{b:02X}"),
-                    })
-                    .collect::<String>()
-            };
             let path = format!("/api/warren/quorum/{}/{}", encode(&vhost.vhost), encode(queue));
             let status = api_get(config, broker, &path)
                 .with_context(|| format!("no quorum queue '{queue}' in vhost '{}'", vhost.vhost))?;
@@ -467,7 +563,12 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("{} users, {} virtual hosts, {} permissions imported", counts.0, counts.1, counts.2);
         }
         // Answered by `run_remote` above.
-        C::ClusterStatus { .. } | C::QuorumStatus { .. } => {}
+        C::ClusterStatus { .. }
+        | C::QuorumStatus { .. }
+        | C::AddMember { .. }
+        | C::DeleteMember { .. }
+        | C::Grow { .. }
+        | C::Shrink { .. } => {}
         C::ExportDefinitions { file: path } => {
             let text = serde_json::to_string_pretty(&current)?;
             if path.as_os_str() == "-" {

@@ -68,16 +68,24 @@ fn log_to(name: &str) -> Stdio {
     }
 }
 
-/// `/api/nodes` as guest, or None while the API is not up.
-fn nodes(node: &Node) -> Option<Vec<Value>> {
+/// `GET path` of `node`'s API as guest, or None while the API is not up
+/// (or the answer is not JSON).
+fn api_get(node: &Node, path: &str) -> Option<Value> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.http)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let request = "GET /api/nodes HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n";
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (_, body) = response.split_once("\r\n\r\n")?;
-    serde_json::from_str::<Value>(body).ok()?.as_array().cloned()
+    serde_json::from_str::<Value>(body).ok()
+}
+
+/// `/api/nodes` as guest, or None while the API is not up.
+fn nodes(node: &Node) -> Option<Vec<Value>> {
+    api_get(node, "/api/nodes")?.as_array().cloned()
 }
 
 /// Names of the nodes `node` lists as running, itself included.
@@ -519,6 +527,112 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
+    drop((a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `warren ctl ARGS --api` against `node`: whether it succeeded, and what
+/// it printed.
+fn ctl(node: &Node, args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["ctl", "--data-dir"])
+        .arg(&node.data)
+        .args(args)
+        .args(["--api", &format!("127.0.0.1:{}", node.http)])
+        .output()
+        .unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), printed)
+}
+
+#[test]
+fn quorum_queue_members_are_added_and_removed_by_ctl_and_the_queue_carries_on() {
+    use futures_lite::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, ConfirmSelectOptions, QueueDeclareOptions};
+
+    let dir = std::env::temp_dir().join(format!("warren-quorum-members-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "cookie\n").unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let seeds: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let a = start("ma@test", ports[0], &seeds, &secret);
+    let b = start("mb@test", ports[1], &seeds, &secret);
+    let c = start("mc@test", ports[2], &seeds, &secret);
+    eventually("the metadata group has three members and a leader", 30, || {
+        [&a, &b, &c].iter().all(|n| metadata(n).is_some_and(|(_, _, leader, members)| leader.is_some() && members == 3))
+    });
+    let status = |node: &Node| api_get(node, "/api/warren/quorum/%2F/tasks").unwrap_or(Value::Null);
+    let names = |value: &Value| -> Vec<String> {
+        let mut names: Vec<String> = value
+            .as_array()
+            .map(|v| v.iter().filter_map(|n| n.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        // Two replicas: a (declaring, leading) and the next node up, b.
+        let conn = connect(&a).await;
+        let channel = conn.create_channel().await.unwrap();
+        let mut arguments = quorum();
+        arguments.insert("x-quorum-initial-group-size".into(), lapin::types::AMQPValue::LongInt(2));
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.queue_declare("tasks".into(), durable, arguments).await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish_confirmed(&channel, "tasks", (0..100).map(|i| format!("t{i}"))).await;
+    });
+    assert_eq!(names(&status(&a)["voters"]), ["ma@test", "mb@test"]);
+
+    // A third replica on c: it joins the group and catches up.
+    let (ok, printed) = ctl(&b, &["add_member", "tasks", "mc@test"]);
+    assert!(ok, "{printed}");
+    assert!(printed.contains("ma@test, mb@test, mc@test"), "{printed}");
+    eventually("c is a voter of the queue's group and holds its messages", 20, || {
+        names(&status(&a)["voters"]).len() == 3 && status(&c)["messages"] == 100
+    });
+    let (ok, printed) = ctl(&b, &["add_member", "tasks", "mc@test"]);
+    assert!(!ok && printed.contains("already a member"), "{printed}");
+    let (ok, printed) = ctl(&b, &["add_member", "tasks", "nobody@test"]);
+    assert!(!ok && printed.contains("not a running member of the cluster"), "{printed}");
+
+    // The leader's own replica goes: another member leads, a drops its
+    // replica, and the queue carries on with every message.
+    let (ok, printed) = ctl(&c, &["delete_member", "tasks", "ma@test"]);
+    assert!(ok, "{printed}");
+    eventually("the group is b and c, led by one of them, and a's replica is gone", 20, || {
+        let on_b = status(&b);
+        names(&on_b["voters"]) == ["mb@test", "mc@test"]
+            && on_b["leader"].as_str().is_some_and(|l| l != "ma@test")
+            && status(&a)["raft_state"].is_null()
+    });
+    runtime.block_on(async {
+        let conn = connect(&b).await;
+        let channel = conn.create_channel().await.unwrap();
+        let options = BasicConsumeOptions::default();
+        let mut consumer =
+            channel.basic_consume("tasks".into(), "c".into(), options, Default::default()).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 100 {
+            let delivery =
+                tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+            seen.push(String::from_utf8(delivery.data.clone()).unwrap());
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        let expected: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
+        assert_eq!(seen, expected);
+    });
+
+    // shrink takes c's replica out of every queue with another member;
+    // grow puts a's back.
+    let (ok, printed) = ctl(&a, &["shrink", "mc@test"]);
+    assert!(ok && printed.contains("shrunk: mb@test"), "{printed}");
+    let (ok, printed) = ctl(&a, &["grow", "ma@test", "all"]);
+    assert!(ok && printed.contains("grown: mb@test, ma@test"), "{printed}");
+    eventually("the group is a and b", 20, || names(&status(&b)["voters"]) == ["ma@test", "mb@test"]);
+    let (ok, printed) = ctl(&a, &["delete_member", "tasks", "mc@test"]);
+    assert!(!ok && printed.contains("not a member"), "{printed}");
     drop((a, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -70,6 +70,10 @@ struct Local {
     active: AtomicBool,
     /// A takeover is under way.
     activating: AtomicBool,
+    /// Its leader here is changing the group's members to the placement's.
+    reconciling: AtomicBool,
+    /// Dropping the replica here is under way (no longer a member).
+    leaving: AtomicBool,
     /// While this node leads: the log index its queue was rebuilt from
     /// (forwarded messages up to it were in the replica then), and the term
     /// it leads in. Taking up and taking in forwarded messages hold it, so
@@ -250,6 +254,109 @@ impl Replication {
         }
     }
 
+    /// Every quorum queue's placement.
+    pub fn placements(&self) -> Vec<Placement> {
+        self.metadata.with(|p| p.all())
+    }
+
+    /// Adds node `node` to a quorum queue's members (`add`), or removes it
+    /// (rabbitmq-queues' `add_member` and `delete_member`). Answered once
+    /// the metadata group committed the new members; the queue's leader
+    /// then changes the group's membership (`warren ctl quorum_status`
+    /// shows it).
+    pub async fn set_member(&self, vhost: &str, name: &str, node: &str, add: bool) -> Result<Vec<String>, AmqpError> {
+        let refused = |why: String| AmqpError::soft(ReplyCode::PreconditionFailed, why, 50, 0);
+        let Some(placement) = self.metadata.with(|p| p.get(vhost, name).cloned()) else {
+            return Err(AmqpError::soft(
+                ReplyCode::NotFound,
+                format!("no quorum queue '{name}' in vhost '{vhost}'"),
+                50,
+                0,
+            ));
+        };
+        let mut members = placement.members.clone();
+        let is_member = members.iter().any(|m| m == node);
+        if add {
+            let up = node == self.node.name() || self.members.status().iter().any(|p| p.name == node && p.up);
+            if !up {
+                return Err(refused(format!("node '{node}' is not a running member of the cluster")));
+            }
+            if is_member {
+                return Err(refused(format!("node '{node}' is already a member of quorum queue '{name}'")));
+            }
+            members.push(node.to_string());
+        } else {
+            if !is_member {
+                return Err(refused(format!("node '{node}' is not a member of quorum queue '{name}'")));
+            }
+            if members.len() == 1 {
+                return Err(refused(format!("node '{node}' is the last member of quorum queue '{name}'")));
+            }
+            members.retain(|m| m != node);
+        }
+        let change = Change::Members { vhost: vhost.into(), name: name.into(), members: members.clone() };
+        let unavailable = |why: String| AmqpError::soft(ReplyCode::ResourceLocked, why, 50, 0);
+        let command = serde_json::to_vec(&change).map_err(|e| unavailable(e.to_string()))?;
+        self.node.write_anywhere(METADATA, command, DECLARE_PATIENCE).await.map_err(|e| unavailable(e.to_string()))?;
+        Ok(members)
+    }
+
+    /// The leader makes the group's voters the placement's members, one
+    /// change at a time (a new member is added as a learner first and
+    /// becomes a voter once it caught up).
+    fn reconcile(self: &Arc<Self>, local: &Arc<Local>, status: &warren_raft::GroupStatus) {
+        let Some(members) = self.metadata.with(|p| p.get(&local.vhost, &local.name).map(|p| p.members.clone())) else {
+            return;
+        };
+        let up: std::collections::HashSet<String> =
+            self.members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
+        let add: Vec<String> = members
+            .iter()
+            .filter(|m| !status.voters.contains(m) && (up.contains(*m) || *m == self.node.name()))
+            .cloned()
+            .collect();
+        let remove: Vec<String> = status.voters.iter().filter(|v| !members.contains(v)).cloned().collect();
+        if (add.is_empty() && remove.is_empty()) || local.reconciling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (this, local) = (self.clone(), local.clone());
+        tokio::spawn(async move {
+            for node in &add {
+                match this.node.add_member(local.group, node).await {
+                    Ok(()) => info!(queue = %local.name, %node, "quorum queue member added"),
+                    Err(e) => warn!(queue = %local.name, %node, %e, "adding a quorum queue member failed"),
+                }
+            }
+            for node in &remove {
+                match this.node.remove_member(local.group, node).await {
+                    Ok(()) => info!(queue = %local.name, %node, "quorum queue member removed"),
+                    Err(e) => warn!(queue = %local.name, %node, %e, "removing a quorum queue member failed"),
+                }
+            }
+            local.reconciling.store(false, Ordering::Release);
+        });
+    }
+
+    /// This node is no longer among the queue's members and its group no
+    /// longer counts it: the replica goes (and with it the queue's stand-in
+    /// here: consumers here are cancelled).
+    async fn leave(&self, local: &Local) {
+        let removed = {
+            let mut queues = self.queues.write();
+            let here = queues.get_mut(&local.vhost);
+            here.and_then(|q| q.remove(&local.name).filter(|l| l.group == local.group))
+        };
+        if let Some(local) = removed {
+            self.give_up(&local);
+            self.forget_subscriptions(&local);
+            self.drop_stand_in(&local);
+            if let Err(e) = self.node.remove_group(local.group).await {
+                warn!(queue = %local.name, group = local.group, %e, "cannot drop a quorum queue's replica");
+            }
+            info!(vhost = %local.vhost, queue = %local.name, "no longer a member of the quorum queue: replica dropped");
+        }
+    }
+
     /// A quorum queue was deleted on this node (its leader): its placement
     /// goes.
     fn deleted(&self, vhost: &str, name: &str) {
@@ -297,6 +404,8 @@ impl Replication {
             next_key: AtomicU64::new(1),
             active: AtomicBool::new(false),
             activating: AtomicBool::new(false),
+            reconciling: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             restored: parking_lot::Mutex::new(None),
             stand_in: AtomicBool::new(false),
             forwarding: parking_lot::Mutex::default(),
@@ -333,7 +442,20 @@ impl Replication {
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
         for local in locals {
             let Some(status) = self.node.status(local.group) else { continue };
+            let member = self.metadata.with(|p| {
+                p.get(&local.vhost, &local.name).is_some_and(|p| p.members.iter().any(|m| m == self.node.name()))
+            });
+            if !member && !status.voters.iter().any(|v| v == self.node.name()) {
+                if !local.leaving.swap(true, Ordering::AcqRel) {
+                    let (this, local) = (self.clone(), local.clone());
+                    tokio::spawn(async move { this.leave(&local).await });
+                }
+                continue;
+            }
             let leading = status.state == "Leader";
+            if leading {
+                self.reconcile(&local, &status);
+            }
             let active = local.active.load(Ordering::Acquire);
             if leading && !active && !local.activating.swap(true, Ordering::AcqRel) {
                 let (this, local) = (self.clone(), local.clone());

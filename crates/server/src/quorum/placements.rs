@@ -23,8 +23,25 @@ pub struct Placement {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Change {
-    Declare { vhost: String, name: String, members: Vec<String>, arguments: FieldTable },
-    Delete { vhost: String, name: String },
+    Declare {
+        vhost: String,
+        name: String,
+        members: Vec<String>,
+        arguments: FieldTable,
+    },
+    Delete {
+        vhost: String,
+        name: String,
+    },
+    /// The queue's replicas are to be on these nodes (`add_member`,
+    /// `delete_member`, `grow`, `shrink`): new members start the group,
+    /// the leader changes the group's membership, and a member left out
+    /// drops its replica once the group no longer counts it.
+    Members {
+        vhost: String,
+        name: String,
+        members: Vec<String>,
+    },
 }
 
 /// What applying changed, for the node to act on.
@@ -54,6 +71,11 @@ impl Placements {
 
     pub fn get(&self, vhost: &str, name: &str) -> Option<&Placement> {
         self.state.placements.get(&(vhost.to_string(), name.to_string()))
+    }
+
+    /// Every placement, in (vhost, name) order.
+    pub fn all(&self) -> Vec<Placement> {
+        self.state.placements.values().cloned().collect()
     }
 
     /// How many queues each node was placed first for (it led them first).
@@ -91,6 +113,14 @@ impl StateMachine for Placements {
                 self.state.placements.insert(key, placement.clone());
                 self.tell(Event::Placed(placement));
                 group.to_le_bytes().to_vec()
+            }
+            Ok(Change::Members { vhost, name, members }) => {
+                if let Some(placement) = self.state.placements.get_mut(&(vhost, name)) {
+                    placement.members = members;
+                    let placement = placement.clone();
+                    self.tell(Event::Placed(placement));
+                }
+                Vec::new()
             }
             Ok(Change::Delete { vhost, name }) => {
                 if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
