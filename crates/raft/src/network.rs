@@ -19,6 +19,57 @@ use std::sync::Arc;
 
 use crate::transport::Transport;
 
+/// What votes taught this node about its groups' elections. A candidate
+/// whose log is behind another member's cannot win, but every attempt it
+/// makes raises the term under the better one's feet (openraft 0.9 has no
+/// pre-vote): two members then take turns for seconds. So a candidate
+/// refused for its log stands back for a while, and the member that
+/// refused it stands at once.
+#[derive(Default)]
+pub(crate) struct Hints(parking_lot::Mutex<std::collections::HashMap<GroupId, Hint>>);
+
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Hint {
+    /// Until then this node does not stand (a member's log is ahead).
+    pub(crate) outranked_until: Option<std::time::Instant>,
+    /// When this node refused a candidate whose log is behind its own.
+    pub(crate) better_at: Option<std::time::Instant>,
+}
+
+/// How long a candidate refused for its log stands back.
+const OUTRANKED_FOR: Duration = Duration::from_millis(1000);
+
+impl Hints {
+    pub(crate) fn get(&self, group: GroupId) -> Hint {
+        self.0.lock().get(&group).copied().unwrap_or_default()
+    }
+
+    pub(crate) fn clear(&self, group: GroupId) {
+        self.0.lock().remove(&group);
+    }
+
+    /// Learns from a vote's answer (`refused_by_log`: the voter's log is
+    /// ahead of the candidate's); `here_is_candidate` says which side this
+    /// node was.
+    fn learn(&self, group: GroupId, refused_by_log: bool, here_is_candidate: bool) {
+        if !refused_by_log {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut hints = self.0.lock();
+        let hint = hints.entry(group).or_default();
+        if here_is_candidate {
+            hint.outranked_until = Some(now + OUTRANKED_FOR);
+        } else {
+            hint.better_at = Some(now);
+        }
+    }
+}
+
+fn refused_by_log(request: &VoteRequest<NodeId>, answer: &VoteResponse<NodeId>) -> bool {
+    !answer.vote_granted && answer.last_log_id > request.last_log_id
+}
+
 use crate::{GroupId, NodeId, Raft, TypeConfig};
 
 pub(crate) const APPEND: u8 = 1;
@@ -61,13 +112,20 @@ enum TransportError {
 pub(crate) struct Network {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) group: GroupId,
+    pub(crate) hints: Arc<Hints>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { transport: self.transport.clone(), group: self.group, target, name: node.addr.clone() }
+        Peer {
+            transport: self.transport.clone(),
+            group: self.group,
+            target,
+            name: node.addr.clone(),
+            hints: self.hints.clone(),
+        }
     }
 }
 
@@ -77,6 +135,7 @@ pub(crate) struct Peer {
     group: GroupId,
     target: NodeId,
     name: String,
+    hints: Arc<Hints>,
 }
 
 type Failed<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -144,7 +203,9 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, Failed<openraft::error::Infallible>> {
-        self.call(VOTE, &rpc, option.hard_ttl()).await
+        let answer: VoteResponse<NodeId> = self.call(VOTE, &rpc, option.hard_ttl()).await?;
+        self.hints.learn(self.group, refused_by_log(&rpc, &answer), true);
+        Ok(answer)
     }
 
     async fn install_snapshot(
@@ -171,14 +232,20 @@ fn answered<T: Serialize>(result: &T) -> Vec<u8> {
 }
 
 /// Answers one request of another node, given the group it names.
-pub(crate) async fn serve(raft: Raft, kind: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) async fn serve(raft: Raft, hints: &Hints, group: GroupId, kind: u8, body: &[u8]) -> Vec<u8> {
     match kind {
         APPEND => match bincode::deserialize::<AppendEntriesRequest<TypeConfig>>(body) {
             Ok(rpc) => answered(&raft.append_entries(rpc).await),
             Err(_) => vec![MALFORMED],
         },
         VOTE => match bincode::deserialize::<VoteRequest<NodeId>>(body) {
-            Ok(rpc) => answered(&raft.vote(rpc).await),
+            Ok(rpc) => {
+                let answer = raft.vote(rpc.clone()).await;
+                if let Ok(answer) = &answer {
+                    hints.learn(group, refused_by_log(&rpc, answer), false);
+                }
+                answered(&answer)
+            }
             Err(_) => vec![MALFORMED],
         },
         SNAPSHOT => match bincode::deserialize::<InstallSnapshotRequest<TypeConfig>>(body) {

@@ -40,6 +40,10 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Between the election attempts of successive voters (in an order that
 /// differs per group), so that two voters rarely split a vote.
 const RANK_STEP: Duration = Duration::from_millis(100);
+/// How long refusing a candidate whose log is behind makes this node the
+/// one to stand, and how soon it tries again meanwhile.
+const BETTER_FOR: Duration = Duration::from_millis(1000);
+const BETTER_RETRY: Duration = Duration::from_millis(60);
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum NodeError {
@@ -85,6 +89,8 @@ struct Inner {
     groups: RwLock<HashMap<GroupId, Group>>,
     /// Answers the requests that are not Raft's ([`Node::serve_also`]).
     other: OnceLock<Arc<dyn Handler>>,
+    /// What votes said about who should stand (`network::Hints`).
+    hints: Arc<network::Hints>,
 }
 
 /// A request for another node's [`Node::serve_also`] handler, to send with
@@ -189,6 +195,7 @@ impl Node {
                 transport: OnceLock::new(),
                 groups: RwLock::new(HashMap::new()),
                 other: OnceLock::new(),
+                hints: Arc::default(),
             }),
         })
     }
@@ -230,7 +237,7 @@ impl Node {
         let raft = Raft::new(
             self.inner.id,
             self.inner.config.clone(),
-            Network { transport, group },
+            Network { transport, group, hints: self.inner.hints.clone() },
             self.inner.log.store(group),
             machine.clone(),
         )
@@ -557,9 +564,14 @@ impl Handler for Serve {
                 }
             });
         }
-        let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone()));
-        match raft {
-            Some(raft) => Box::pin(async move { network::serve(raft, kind, &request[9..]).await }),
+        let found = self
+            .0
+            .upgrade()
+            .and_then(|inner| inner.groups.read().get(&group).map(|g| (g.raft.clone(), inner.hints.clone())));
+        match found {
+            Some((raft, hints)) => {
+                Box::pin(async move { network::serve(raft, &hints, group, kind, &request[9..]).await })
+            }
             None => Box::pin(async { vec![network::NO_GROUP] }),
         }
     }
@@ -654,7 +666,20 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             let hopeless = live.len() * 2 <= voters.len();
             if leader_alive || hopeless || !voters.contains(&inner.id) || metrics.state == ServerState::Learner {
                 next_try.remove(&group);
+                inner.hints.clear(group);
                 continue;
+            }
+            let hint = inner.hints.get(group);
+            // Another member's log is ahead: it should lead.
+            if hint.outranked_until.is_some_and(|until| now < until) {
+                continue;
+            }
+            // This node's log is ahead of a candidate's: stand now (and
+            // again soon, its first term may be the one that candidate
+            // took), not in rank order.
+            let better = hint.better_at.is_some_and(|at| now.duration_since(at) < BETTER_FOR);
+            if better && next_try.get(&group).is_none_or(|at| *at > now + BETTER_RETRY) {
+                next_try.insert(group, now);
             }
             let at = *next_try.entry(group).or_insert_with(|| {
                 live.sort_by_key(|v| rank_key(group, *v));
@@ -674,7 +699,8 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             if raft.trigger().elect().await.is_err() {
                 info!(group, "group stopped");
             }
-            next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
+            let retry = if better { BETTER_RETRY } else { RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)) };
+            next_try.insert(group, now + retry);
         }
         was_up = up;
         restarted.retain(|group, _| inner.groups.read().contains_key(group));
