@@ -294,10 +294,12 @@ impl Replication {
             }
             members.retain(|m| m != node);
         }
-        let change = Change::Members { vhost: vhost.into(), name: name.into(), members: members.clone() };
+        let change = Change::Member { vhost: vhost.into(), name: name.into(), node: node.into(), add };
         let unavailable = |why: String| AmqpError::soft(ReplyCode::ResourceLocked, why, 50, 0);
         let command = serde_json::to_vec(&change).map_err(|e| unavailable(e.to_string()))?;
         self.node.write_anywhere(METADATA, command, DECLARE_PATIENCE).await.map_err(|e| unavailable(e.to_string()))?;
+        // What this change makes of the members read above (the log applies
+        // it to whatever they are by then).
         Ok(members)
     }
 

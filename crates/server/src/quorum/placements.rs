@@ -33,14 +33,17 @@ pub enum Change {
         vhost: String,
         name: String,
     },
-    /// The queue's replicas are to be on these nodes (`add_member`,
-    /// `delete_member`, `grow`, `shrink`): new members start the group,
-    /// the leader changes the group's membership, and a member left out
-    /// drops its replica once the group no longer counts it.
-    Members {
+    /// A replica of the queue is to be on `node` (`add`) or not any more
+    /// (`add_member`, `delete_member`, `grow`, `shrink`): a new member
+    /// starts the group, the leader changes the group's membership, and a
+    /// member left out drops its replica once the group no longer counts
+    /// it. Applied to the members the log has by then (two changes at once
+    /// both count), never removing the last one.
+    Member {
         vhost: String,
         name: String,
-        members: Vec<String>,
+        node: String,
+        add: bool,
     },
 }
 
@@ -114,9 +117,14 @@ impl StateMachine for Placements {
                 self.tell(Event::Placed(placement));
                 group.to_le_bytes().to_vec()
             }
-            Ok(Change::Members { vhost, name, members }) => {
+            Ok(Change::Member { vhost, name, node, add }) => {
                 if let Some(placement) = self.state.placements.get_mut(&(vhost, name)) {
-                    placement.members = members;
+                    let member = placement.members.contains(&node);
+                    if add && !member {
+                        placement.members.push(node);
+                    } else if !add && member && placement.members.len() > 1 {
+                        placement.members.retain(|m| *m != node);
+                    }
                     let placement = placement.clone();
                     self.tell(Event::Placed(placement));
                 }
