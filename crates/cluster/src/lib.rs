@@ -138,6 +138,9 @@ struct Shared {
     /// Remote address -> why its last connection was refused: a node with
     /// another secret redials every half second, and is logged once.
     refusals: Mutex<HashMap<std::net::IpAddr, String>>,
+    /// Nodes removed from the cluster for good (`forget_cluster_node`):
+    /// their connections are closed as they open.
+    forgotten: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -183,6 +186,7 @@ impl Cluster {
             seed_errors: Mutex::new(BTreeMap::new()),
             own_seed: Mutex::new(None),
             refusals: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(std::collections::HashSet::new()),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(listener, shared.clone()));
@@ -238,6 +242,20 @@ impl Members {
             }
         }
         out
+    }
+
+    /// Removes node `name` from the cluster for good: it is no longer
+    /// listed, and its connections are closed as they open (a node with its
+    /// name must not come back with the state it had). False if it is
+    /// connected now.
+    pub fn forget(&self, name: &str) -> bool {
+        let mut peers = self.0.peers.lock();
+        if peers.get(name).is_some_and(|p| !p.links.is_empty()) {
+            return false;
+        }
+        peers.remove(name);
+        self.0.forgotten.lock().insert(name.to_string());
+        true
     }
 
     /// This node's name.
@@ -355,6 +373,10 @@ async fn dial_loop(seed: String, shared: Arc<Shared>) {
 /// Heartbeats both ways and carries requests and responses until the
 /// connection fails; the peer is up meanwhile.
 async fn run_connection(stream: TcpStream, peer: String, address: String, shared: Arc<Shared>) {
+    if shared.forgotten.lock().contains(&peer) {
+        debug!(peer = %peer, %address, "a node removed from the cluster connected: closed");
+        return;
+    }
     let (outbox, mut outgoing) = mpsc::channel::<Vec<u8>>(1024);
     let link = Link {
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),

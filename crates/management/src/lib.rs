@@ -209,6 +209,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/queues/{vhost}/{name}/bindings", get(exchanges::queue_bindings))
         .route("/api/queues/{vhost}/{name}/get", post(queues::get_messages))
         .route("/api/warren/quorum", get(queues::quorum_list))
+        .route("/api/warren/nodes/{node}", axum::routing::delete(queues::forget_node))
         .route("/api/warren/quorum/{vhost}/{name}", get(queues::quorum_status))
         .route(
             "/api/warren/quorum/{vhost}/{name}/members/{node}",

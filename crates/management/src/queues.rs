@@ -497,6 +497,19 @@ pub async fn delete_quorum_member(
     set_quorum_member(state, caller, (vhost, name, node), false).await
 }
 
+/// `DELETE /api/warren/nodes/{node}`: a stopped node leaves the cluster for
+/// good (rabbitmqctl's `forget_cluster_node`); administrators only.
+pub async fn forget_node(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_administrator()?;
+    let replication = state.broker.replication.get().ok_or(ApiError::NotFound)?;
+    replication.forget_node(&node).await.map_err(|e| ApiError::from_amqp(&e))?;
+    Ok(Json(json!({ "forgotten": node })))
+}
+
 async fn set_quorum_member(
     State(state): State<Arc<AppState>>,
     caller: Caller,

@@ -60,6 +60,14 @@ enum CtlCommand {
         #[command(flatten)]
         broker: BrokerArg,
     },
+    /// Removes a stopped node from the cluster for good: it leaves the
+    /// metadata group and every quorum queue it is a member of.
+    #[command(name = "forget_cluster_node")]
+    ForgetClusterNode {
+        node: String,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
     /// Adds a replica of a quorum queue on NODE (rabbitmq-queues' add_member).
     #[command(name = "add_member")]
     AddMember {
@@ -334,6 +342,11 @@ fn run_remote(config: &Config, command: &CtlCommand) -> anyhow::Result<bool> {
             println!("quorum queue '{queue}' in vhost '{}': members {}", vhost.vhost, members.join(", "));
             Ok(true)
         }
+        CtlCommand::ForgetClusterNode { node, broker } => {
+            api(config, broker, "DELETE", &format!("/api/warren/nodes/{}", encode(node)))?;
+            println!("node '{node}' removed from the cluster");
+            Ok(true)
+        }
         CtlCommand::Grow { node, strategy, broker } => {
             let placements = api_get(config, broker, "/api/warren/quorum")?;
             for placement in placements.as_array().cloned().unwrap_or_default() {
@@ -565,6 +578,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         // Answered by `run_remote` above.
         C::ClusterStatus { .. }
         | C::QuorumStatus { .. }
+        | C::ForgetClusterNode { .. }
         | C::AddMember { .. }
         | C::DeleteMember { .. }
         | C::Grow { .. }

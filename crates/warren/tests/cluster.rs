@@ -633,6 +633,27 @@ fn quorum_queue_members_are_added_and_removed_by_ctl_and_the_queue_carries_on() 
     eventually("the group is a and b", 20, || names(&status(&b)["voters"]) == ["ma@test", "mb@test"]);
     let (ok, printed) = ctl(&a, &["delete_member", "tasks", "mc@test"]);
     assert!(!ok && printed.contains("not a member"), "{printed}");
-    drop((a, b, c));
+
+    // c is stopped and forgotten: it leaves the queue and the metadata
+    // group, and the two others carry on. A running node is not forgotten.
+    let (ok, printed) = ctl(&a, &["add_member", "tasks", "mc@test"]);
+    assert!(ok, "{printed}");
+    eventually("c is a voter again", 20, || names(&status(&a)["voters"]).len() == 3);
+    let (ok, printed) = ctl(&a, &["forget_cluster_node", "mc@test"]);
+    assert!(!ok && printed.contains("is running: stop it first"), "{printed}");
+    drop(c);
+    eventually("c is seen down", 10, || !running(&a).contains(&"mc@test".to_string()));
+    let (ok, printed) = ctl(&a, &["forget_cluster_node", "mc@test"]);
+    assert!(ok, "{printed}");
+    eventually("c left the queue's group and the metadata group", 20, || {
+        names(&status(&a)["voters"]) == ["ma@test", "mb@test"]
+            && [&a, &b]
+                .iter()
+                .all(|n| metadata(n).is_some_and(|(_, _, leader, members)| leader.is_some() && members == 2))
+    });
+    assert!(nodes(&a).unwrap_or_default().iter().all(|n| n["name"] != "mc@test"), "a forgotten node is not listed");
+    let (ok, printed) = ctl(&a, &["forget_cluster_node", "nobody@test"]);
+    assert!(!ok && printed.contains("not found"), "{printed}");
+    drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -128,6 +128,8 @@ pub struct Replication {
     relays: relay::Relays,
     /// Names this node's run in the batches it forwards.
     origin: u64,
+    /// Its leader here is taking forgotten nodes out of the metadata group.
+    forgetting: AtomicBool,
     /// Itself, for the tasks it starts.
     me: Weak<Replication>,
 }
@@ -155,6 +157,7 @@ impl Replication {
             applied,
             relays: relay::Relays::new(run_seed()),
             origin,
+            forgetting: AtomicBool::new(false),
             me: me.clone(),
         });
         replication.node.serve_also(Arc::new(relay::RelayHandler(Arc::downgrade(&replication))));
@@ -303,6 +306,53 @@ impl Replication {
         Ok(members)
     }
 
+    /// Removes node `node` from the cluster for good (rabbitmqctl's
+    /// `forget_cluster_node`): it must be stopped. It leaves the metadata
+    /// group and every quorum queue it is a member of (a queue it is the
+    /// only member of keeps it, and is lost with it), and its connections
+    /// are refused from then on (a node of that name cannot join again).
+    pub async fn forget_node(&self, node: &str) -> Result<(), AmqpError> {
+        let refused = |why: String| AmqpError::soft(ReplyCode::PreconditionFailed, why, 50, 0);
+        if node == self.node.name() {
+            return Err(refused(format!("node '{node}' is the node asked: ask another one")));
+        }
+        let status = self.members.status();
+        if status.iter().any(|p| p.name == node && p.up) {
+            return Err(refused(format!("node '{node}' is running: stop it first")));
+        }
+        let known = status.iter().any(|p| p.name == node)
+            || self.node.status(METADATA).is_some_and(|s| s.voters.iter().any(|v| v == node))
+            || self.placements().iter().any(|p| p.members.iter().any(|m| m == node));
+        if !known {
+            return Err(AmqpError::soft(ReplyCode::NotFound, format!("node '{node}' is not in the cluster"), 50, 0));
+        }
+        let change = Change::Forget { node: node.into() };
+        let unavailable = |why: String| AmqpError::soft(ReplyCode::ResourceLocked, why, 50, 0);
+        let command = serde_json::to_vec(&change).map_err(|e| unavailable(e.to_string()))?;
+        self.node.write_anywhere(METADATA, command, DECLARE_PATIENCE).await.map_err(|e| unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The metadata group's leader takes forgotten nodes out of its voters.
+    fn forget_in_metadata(self: &Arc<Self>) {
+        let Some(status) = self.node.status(METADATA).filter(|s| s.state == "Leader") else { return };
+        let gone: Vec<String> =
+            self.metadata.with(|p| status.voters.iter().filter(|v| p.forgotten().contains(*v)).cloned().collect());
+        if gone.is_empty() || self.forgetting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for node in &gone {
+                match this.node.remove_member(METADATA, node).await {
+                    Ok(()) => info!(%node, "node removed from the metadata group"),
+                    Err(e) => warn!(%node, %e, "removing a node from the metadata group failed"),
+                }
+            }
+            this.forgetting.store(false, Ordering::Release);
+        });
+    }
+
     /// The leader makes the group's voters the placement's members, one
     /// change at a time (a new member is added as a learner first and
     /// becomes a voter once it caught up).
@@ -441,6 +491,7 @@ impl Replication {
             self.members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
         self.check_subscriptions(&up);
         self.check_served(&up);
+        self.forget_in_metadata();
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
         for local in locals {
             let Some(status) = self.node.status(local.group) else { continue };
@@ -644,6 +695,9 @@ async fn run(
                 match event {
                     Event::Placed(placement) => this.placed_event(placement).await,
                     Event::Removed { vhost, name, group } => this.removed_event(&vhost, &name, group).await,
+                    Event::Forgotten(node) => {
+                        this.members.forget(&node);
+                    }
                 }
             }
             _ = tick.tick() => {

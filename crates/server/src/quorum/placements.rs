@@ -45,6 +45,11 @@ pub enum Change {
         node: String,
         add: bool,
     },
+    /// Node `node` left the cluster for good (`forget_cluster_node`): it
+    /// leaves every queue it is a member of (but not a queue's last).
+    Forget {
+        node: String,
+    },
 }
 
 /// What applying changed, for the node to act on.
@@ -52,6 +57,7 @@ pub enum Change {
 pub enum Event {
     Placed(Placement),
     Removed { vhost: String, name: String, group: GroupId },
+    Forgotten(String),
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -59,6 +65,9 @@ struct State {
     placements: BTreeMap<(String, String), Placement>,
     /// Group ids are never reused (0 is the metadata group).
     next_group: GroupId,
+    /// Nodes removed from the cluster.
+    #[serde(default)]
+    forgotten: std::collections::BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -74,6 +83,11 @@ impl Placements {
 
     pub fn get(&self, vhost: &str, name: &str) -> Option<&Placement> {
         self.state.placements.get(&(vhost.to_string(), name.to_string()))
+    }
+
+    /// The nodes removed from the cluster.
+    pub fn forgotten(&self) -> &std::collections::BTreeSet<String> {
+        &self.state.forgotten
     }
 
     /// Every placement, in (vhost, name) order.
@@ -130,6 +144,21 @@ impl StateMachine for Placements {
                 }
                 Vec::new()
             }
+            Ok(Change::Forget { node }) => {
+                let mut changed = Vec::new();
+                for placement in self.state.placements.values_mut() {
+                    if placement.members.contains(&node) && placement.members.len() > 1 {
+                        placement.members.retain(|m| *m != node);
+                        changed.push(placement.clone());
+                    }
+                }
+                for placement in changed {
+                    self.tell(Event::Placed(placement));
+                }
+                self.state.forgotten.insert(node.clone());
+                self.tell(Event::Forgotten(node));
+                Vec::new()
+            }
             Ok(Change::Delete { vhost, name }) => {
                 if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
                     self.tell(Event::Removed { vhost: gone.vhost, name: gone.name, group: gone.group });
@@ -155,6 +184,9 @@ impl StateMachine for Placements {
         };
         for placement in state.placements.values() {
             self.tell(Event::Placed(placement.clone()));
+        }
+        for node in &state.forgotten {
+            self.tell(Event::Forgotten(node.clone()));
         }
         self.state = state;
         Ok(())
