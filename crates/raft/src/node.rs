@@ -40,6 +40,9 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Between the election attempts of successive voters (in an order that
 /// differs per group), so that two voters rarely split a vote.
 const RANK_STEP: Duration = Duration::from_millis(100);
+/// How often a command handed to another node's leader checks that it
+/// still leads.
+const LEADER_WATCH: Duration = Duration::from_millis(50);
 /// How long refusing a candidate whose log is behind makes this node the
 /// one to stand, and how soon it tries again meanwhile.
 const BETTER_FOR: Duration = Duration::from_millis(1000);
@@ -305,7 +308,30 @@ impl Node {
             request.extend_from_slice(&group.to_le_bytes());
             request.push(network::FORWARD);
             request.extend_from_slice(&command);
-            let answer = transport.call(&leader, request, patience.max(Duration::from_millis(100))).await;
+            // A leader cut off by a partition answers nothing, and closes no
+            // connection: stop waiting for it once another leads or its
+            // node is seen down (the command is sent again; a machine that
+            // must not apply it twice tells the copies apart).
+            let call = transport.call(&leader, request, patience.max(Duration::from_millis(100)));
+            tokio::pin!(call);
+            let answer = loop {
+                tokio::select! {
+                    answer = &mut call => break Some(answer),
+                    () = tokio::time::sleep(LEADER_WATCH) => {
+                        let known = self.status(group).and_then(|s| s.leader);
+                        if known.as_deref() != Some(leader.as_str()) || !transport.up().contains(&leader) {
+                            break None;
+                        }
+                    }
+                }
+            };
+            let Some(answer) = answer else {
+                if Instant::now() >= give_up {
+                    return Err(NodeError::NotLeader { group, leader: Some(leader) });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
             match answer.as_deref().map(|a| (a.first(), a.get(1..))) {
                 Ok((Some(&network::ANSWERED), Some(reply))) => return Ok(reply.to_vec()),
                 _ if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(20)).await,

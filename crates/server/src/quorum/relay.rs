@@ -325,7 +325,7 @@ impl Replication {
                     }
                     // Lost with a leader that went: the next one delivers
                     // those messages again.
-                    let answer = self.call(&leader, &request).await;
+                    let answer = self.call_while(&leader, &request, || subscriber.state.lock().wire == wire).await;
                     self.closed_if(subscriber, answer.as_deref());
                 }
                 Op::Cancel(wire) => {
@@ -374,6 +374,24 @@ impl Replication {
     async fn call_within(&self, node: &str, payload: &[u8], patience: Duration) -> Option<Vec<u8>> {
         let request = warren_raft::other_request(payload);
         self.members.call(node, &request, patience).await.ok()
+    }
+
+    /// [`Self::call`], given up as soon as `still` is false (the
+    /// subscription was replaced: a leader cut off by a partition answers
+    /// nothing and closes no connection).
+    async fn call_while(&self, node: &str, payload: &[u8], still: impl Fn() -> bool) -> Option<Vec<u8>> {
+        let call = self.call(node, payload);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                answer = &mut call => return answer,
+                () = tokio::time::sleep(RETRY_EVERY) => {
+                    if !still() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     fn is_up(&self, node: &str) -> bool {
