@@ -22,52 +22,30 @@ use crate::transport::Transport;
 /// What votes taught this node about its groups' elections. A candidate
 /// whose log is behind another member's cannot win, but every attempt it
 /// makes raises the term under the better one's feet (openraft 0.9 has no
-/// pre-vote): two members then take turns for seconds. So a candidate
-/// refused for its log stands back for a while, and the member that
-/// refused it stands at once.
+/// pre-vote): two members then took turns for seconds. So a candidate
+/// refused for its log stands back for a while (group -> until when).
 #[derive(Default)]
-pub(crate) struct Hints(parking_lot::Mutex<std::collections::HashMap<GroupId, Hint>>);
-
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Hint {
-    /// Until then this node does not stand (a member's log is ahead).
-    pub(crate) outranked_until: Option<std::time::Instant>,
-    /// When this node refused a candidate whose log is behind its own.
-    pub(crate) better_at: Option<std::time::Instant>,
-}
+pub(crate) struct Hints(parking_lot::Mutex<std::collections::HashMap<GroupId, std::time::Instant>>);
 
 /// How long a candidate refused for its log stands back.
 const OUTRANKED_FOR: Duration = Duration::from_millis(1000);
 
 impl Hints {
-    pub(crate) fn get(&self, group: GroupId) -> Hint {
-        self.0.lock().get(&group).copied().unwrap_or_default()
+    /// Whether this node is to stand back in `group` at `now`.
+    pub(crate) fn outranked(&self, group: GroupId, now: std::time::Instant) -> bool {
+        self.0.lock().get(&group).is_some_and(|until| now < *until)
     }
 
     pub(crate) fn clear(&self, group: GroupId) {
         self.0.lock().remove(&group);
     }
 
-    /// Learns from a vote's answer (`refused_by_log`: the voter's log is
-    /// ahead of the candidate's); `here_is_candidate` says which side this
-    /// node was.
-    fn learn(&self, group: GroupId, refused_by_log: bool, here_is_candidate: bool) {
-        if !refused_by_log {
-            return;
-        }
-        let now = std::time::Instant::now();
-        let mut hints = self.0.lock();
-        let hint = hints.entry(group).or_default();
-        if here_is_candidate {
-            hint.outranked_until = Some(now + OUTRANKED_FOR);
-        } else {
-            hint.better_at = Some(now);
+    /// Learns from the answer to this node's vote request in `group`.
+    fn learn(&self, group: GroupId, request: &VoteRequest<NodeId>, answer: &VoteResponse<NodeId>) {
+        if !answer.vote_granted && answer.last_log_id > request.last_log_id {
+            self.0.lock().insert(group, std::time::Instant::now() + OUTRANKED_FOR);
         }
     }
-}
-
-fn refused_by_log(request: &VoteRequest<NodeId>, answer: &VoteResponse<NodeId>) -> bool {
-    !answer.vote_granted && answer.last_log_id > request.last_log_id
 }
 
 use crate::{GroupId, NodeId, Raft, TypeConfig};
@@ -204,7 +182,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, Failed<openraft::error::Infallible>> {
         let answer: VoteResponse<NodeId> = self.call(VOTE, &rpc, option.hard_ttl()).await?;
-        self.hints.learn(self.group, refused_by_log(&rpc, &answer), true);
+        self.hints.learn(self.group, &rpc, &answer);
         Ok(answer)
     }
 
@@ -232,20 +210,14 @@ fn answered<T: Serialize>(result: &T) -> Vec<u8> {
 }
 
 /// Answers one request of another node, given the group it names.
-pub(crate) async fn serve(raft: Raft, hints: &Hints, group: GroupId, kind: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) async fn serve(raft: Raft, kind: u8, body: &[u8]) -> Vec<u8> {
     match kind {
         APPEND => match bincode::deserialize::<AppendEntriesRequest<TypeConfig>>(body) {
             Ok(rpc) => answered(&raft.append_entries(rpc).await),
             Err(_) => vec![MALFORMED],
         },
         VOTE => match bincode::deserialize::<VoteRequest<NodeId>>(body) {
-            Ok(rpc) => {
-                let answer = raft.vote(rpc.clone()).await;
-                if let Ok(answer) = &answer {
-                    hints.learn(group, refused_by_log(&rpc, answer), false);
-                }
-                answered(&answer)
-            }
+            Ok(rpc) => answered(&raft.vote(rpc).await),
             Err(_) => vec![MALFORMED],
         },
         SNAPSHOT => match bincode::deserialize::<InstallSnapshotRequest<TypeConfig>>(body) {

@@ -43,10 +43,6 @@ const RANK_STEP: Duration = Duration::from_millis(100);
 /// How often a command handed to another node's leader checks that it
 /// still leads.
 const LEADER_WATCH: Duration = Duration::from_millis(50);
-/// How long refusing a candidate whose log is behind makes this node the
-/// one to stand, and how soon it tries again meanwhile.
-const BETTER_FOR: Duration = Duration::from_millis(1000);
-const BETTER_RETRY: Duration = Duration::from_millis(60);
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum NodeError {
@@ -590,14 +586,9 @@ impl Handler for Serve {
                 }
             });
         }
-        let found = self
-            .0
-            .upgrade()
-            .and_then(|inner| inner.groups.read().get(&group).map(|g| (g.raft.clone(), inner.hints.clone())));
-        match found {
-            Some((raft, hints)) => {
-                Box::pin(async move { network::serve(raft, &hints, group, kind, &request[9..]).await })
-            }
+        let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone()));
+        match raft {
+            Some(raft) => Box::pin(async move { network::serve(raft, kind, &request[9..]).await }),
             None => Box::pin(async { vec![network::NO_GROUP] }),
         }
     }
@@ -695,17 +686,10 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
                 inner.hints.clear(group);
                 continue;
             }
-            let hint = inner.hints.get(group);
-            // Another member's log is ahead: it should lead.
-            if hint.outranked_until.is_some_and(|until| now < until) {
+            // Another member's log is ahead: it should lead, and this node's
+            // attempts would only raise the term under it.
+            if inner.hints.outranked(group, now) {
                 continue;
-            }
-            // This node's log is ahead of a candidate's: stand now (and
-            // again soon, its first term may be the one that candidate
-            // took), not in rank order.
-            let better = hint.better_at.is_some_and(|at| now.duration_since(at) < BETTER_FOR);
-            if better && next_try.get(&group).is_none_or(|at| *at > now + BETTER_RETRY) {
-                next_try.insert(group, now);
             }
             let at = *next_try.entry(group).or_insert_with(|| {
                 live.sort_by_key(|v| rank_key(group, *v));
@@ -725,8 +709,7 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             if raft.trigger().elect().await.is_err() {
                 info!(group, "group stopped");
             }
-            let retry = if better { BETTER_RETRY } else { RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)) };
-            next_try.insert(group, now + retry);
+            next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
         }
         was_up = up;
         restarted.retain(|group, _| inner.groups.read().contains_key(group));
