@@ -36,6 +36,9 @@ pub const HEARTBEAT: Duration = Duration::from_millis(100);
 /// A peer not heard from for this long is down, though its connection may
 /// still look open (a paused process, a dropped link).
 pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
+/// Bytes of queued frames written to a peer with one call, at most (about:
+/// the last frame taken may pass it).
+const WRITE_BATCH: usize = 256 << 10;
 /// How long a dialer waits between attempts to reach a seed.
 const REDIAL: Duration = Duration::from_millis(500);
 /// A handshake must finish within this time.
@@ -397,18 +400,28 @@ async fn run_connection(stream: TcpStream, peer: String, address: String, shared
         entry.address = address;
         entry.last_heard = Instant::now();
     }
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = stream.into_split();
+    // Frames are read header then payload: buffered, a read brings many.
+    let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
     let write = async {
         let mut tick = tokio::time::interval(HEARTBEAT);
         let heartbeat = frame(FRAME_HEARTBEAT, 0, &[]);
         loop {
-            let bytes = tokio::select! {
+            let mut bytes = tokio::select! {
                 _ = tick.tick() => heartbeat.clone(),
                 next = outgoing.recv() => match next {
                     Some(bytes) => bytes,
                     None => return,
                 },
             };
+            // Many groups' small requests go out in one write: what is
+            // queued meanwhile joins this one, up to a bound.
+            while bytes.len() < WRITE_BATCH {
+                match outgoing.try_recv() {
+                    Ok(more) => bytes.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
             if writer.write_all(&bytes).await.is_err() {
                 return;
             }

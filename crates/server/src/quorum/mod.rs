@@ -356,18 +356,22 @@ impl Replication {
     /// The leader makes the group's voters the placement's members, one
     /// change at a time (a new member is added as a learner first and
     /// becomes a voter once it caught up).
-    fn reconcile(self: &Arc<Self>, local: &Arc<Local>, status: &warren_raft::GroupStatus) {
-        let Some(members) = self.metadata.with(|p| p.get(&local.vhost, &local.name).map(|p| p.members.clone())) else {
+    fn reconcile(
+        self: &Arc<Self>,
+        local: &Arc<Local>,
+        status: &warren_raft::GroupStatus,
+        members: &[String],
+        up: &std::collections::HashSet<String>,
+    ) {
+        if members.len() == status.voters.len() && members.iter().all(|m| status.voters.contains(m)) {
             return;
-        };
-        let up: std::collections::HashSet<String> =
-            self.members.status().into_iter().filter(|p| p.up).map(|p| p.name).collect();
+        }
         let add: Vec<String> = members
             .iter()
             .filter(|m| !status.voters.contains(m) && (up.contains(*m) || *m == self.node.name()))
             .cloned()
             .collect();
-        let remove: Vec<String> = status.voters.iter().filter(|v| !members.contains(v)).cloned().collect();
+        let remove: Vec<String> = status.voters.iter().filter(|v| !members.contains(*v)).cloned().collect();
         if (add.is_empty() && remove.is_empty()) || local.reconciling.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -495,9 +499,12 @@ impl Replication {
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
         for local in locals {
             let Some(status) = self.node.status(local.group) else { continue };
-            let member = self.metadata.with(|p| {
-                p.get(&local.vhost, &local.name).is_some_and(|p| p.members.iter().any(|m| m == self.node.name()))
-            });
+            // No placement: the queue was deleted (`removed_event` drops it).
+            let Some(members) = self.metadata.with(|p| p.get(&local.vhost, &local.name).map(|p| p.members.clone()))
+            else {
+                continue;
+            };
+            let member = members.iter().any(|m| m == self.node.name());
             if !member && !status.voters.iter().any(|v| v == self.node.name()) {
                 if !local.leaving.swap(true, Ordering::AcqRel) {
                     let (this, local) = (self.clone(), local.clone());
@@ -507,7 +514,7 @@ impl Replication {
             }
             let leading = status.state == "Leader";
             if leading {
-                self.reconcile(&local, &status);
+                self.reconcile(&local, &status, &members, &up);
             }
             let active = local.active.load(Ordering::Acquire);
             if leading && !active && !local.activating.swap(true, Ordering::AcqRel) {
