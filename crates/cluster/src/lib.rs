@@ -111,6 +111,10 @@ pub struct PeerStatus {
     pub up: bool,
     /// Why the last attempt to reach it failed, if it did.
     pub error: Option<String>,
+    /// Counts its reconnections (from having no connection): a node whose
+    /// heartbeats were late but whose connection held keeps its number,
+    /// a restarted one does not.
+    pub incarnation: u64,
 }
 
 /// One open connection to a peer: where to send frames, and the calls
@@ -127,6 +131,7 @@ struct Peer {
     /// Open connections to it (both sides may dial each other).
     links: Vec<Link>,
     last_heard: Instant,
+    incarnation: u64,
 }
 
 struct Shared {
@@ -232,6 +237,7 @@ impl Members {
                 address: peer.address.clone(),
                 up: !peer.links.is_empty() && peer.last_heard.elapsed() < DOWN_AFTER,
                 error: None,
+                incarnation: peer.incarnation,
             })
             .collect();
         for (seed, error) in shared.seed_errors.lock().iter() {
@@ -241,6 +247,7 @@ impl Members {
                     address: seed.clone(),
                     up: false,
                     error: Some(error.clone()),
+                    incarnation: 0,
                 });
             }
         }
@@ -392,9 +399,11 @@ async fn run_connection(stream: TcpStream, peer: String, address: String, shared
             address: address.clone(),
             links: Vec::new(),
             last_heard: Instant::now(),
+            incarnation: 0,
         });
         if entry.links.is_empty() {
             info!(peer = %peer, %address, "cluster peer up");
+            entry.incarnation += 1;
         }
         entry.links.push(link.clone());
         entry.address = address;

@@ -611,6 +611,8 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
     // The nodes up at the last look, and when lagging members were last
     // prodded.
     let mut was_up: HashSet<String> = HashSet::new();
+    // Each node's reconnection count at the last look.
+    let mut incarnations: HashMap<String, u64> = HashMap::new();
     let mut prodded = Instant::now();
     let mut came_back_at: Option<Instant> = None;
     // Group -> the (term, leader) known when that leader's node came back.
@@ -620,9 +622,17 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let up: HashSet<String> = transport.up();
+        let now_incarnations = transport.incarnations();
         let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.raft.clone())).collect();
         let now = Instant::now();
-        let returned: HashSet<&String> = up.difference(&was_up).collect();
+        // Nodes that came back: reconnected where the transport counts
+        // reconnections (late heartbeats alone, from a starved process, do
+        // not make a node new), else seen up again.
+        let returned: HashSet<&String> = if now_incarnations.is_empty() {
+            up.difference(&was_up).collect()
+        } else {
+            up.iter().filter(|n| incarnations.get(*n) != now_incarnations.get(*n)).collect()
+        };
         if !returned.is_empty() {
             came_back_at = Some(now);
         }
@@ -712,6 +722,7 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             next_try.insert(group, now + RETRY_AFTER + RANK_STEP * u32::from(rand_below(3)));
         }
         was_up = up;
+        incarnations = now_incarnations;
         restarted.retain(|group, _| inner.groups.read().contains_key(group));
         next_try.retain(|group, _| inner.groups.read().contains_key(group));
         seen.retain(|group, _| inner.groups.read().contains_key(group));

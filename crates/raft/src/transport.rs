@@ -2,7 +2,7 @@
 //! (`warren_cluster::Members`) in a running broker, a simulated network in
 //! the fault-injection tests.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,6 +14,12 @@ pub trait Transport: Send + Sync + 'static {
     fn call(&self, peer: &str, request: Vec<u8>, timeout: Duration) -> Call;
     /// The nodes the failure detector holds up (this node not among them).
     fn up(&self) -> HashSet<String>;
+    /// Each node's reconnection count, where the transport keeps one: a
+    /// node that only missed heartbeats (a starved process) keeps its
+    /// number, one that restarted gets a new one.
+    fn incarnations(&self) -> HashMap<String, u64> {
+        HashMap::new()
+    }
 }
 
 impl Transport for warren_cluster::Members {
@@ -25,5 +31,9 @@ impl Transport for warren_cluster::Members {
 
     fn up(&self) -> HashSet<String> {
         self.status().into_iter().filter(|p| p.up).map(|p| p.name).collect()
+    }
+
+    fn incarnations(&self) -> HashMap<String, u64> {
+        self.status().into_iter().map(|p| (p.name, p.incarnation)).collect()
     }
 }
