@@ -291,7 +291,32 @@ impl Node {
     ) -> Result<Vec<u8>, NodeError> {
         let give_up = Instant::now() + patience;
         loop {
-            let leader = match self.write(group, command.clone()).await {
+            // Written here while this node leads; a leader deposed meanwhile
+            // may never answer its pending writes, so the write is given up
+            // once another leads (or at the end of the patience) and the
+            // command goes to the leader.
+            let local = self.write(group, command.clone());
+            tokio::pin!(local);
+            let written = loop {
+                tokio::select! {
+                    written = &mut local => break Some(written),
+                    () = tokio::time::sleep(LEADER_WATCH) => {
+                        let leads = self.status(group).is_some_and(|s| s.state == "Leader");
+                        if !leads || Instant::now() >= give_up {
+                            break None;
+                        }
+                    }
+                }
+            };
+            let written = match written {
+                Some(written) => written,
+                None if Instant::now() >= give_up => return Err(NodeError::NotLeader { group, leader: None }),
+                None => {
+                    let leader = self.status(group).and_then(|s| s.leader);
+                    Err(NodeError::NotLeader { group, leader })
+                }
+            };
+            let leader = match written {
                 Err(NodeError::NotLeader { leader: Some(leader), .. }) if leader != self.inner.name => leader,
                 Err(NodeError::NotLeader { .. }) if Instant::now() < give_up => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
