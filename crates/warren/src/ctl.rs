@@ -30,6 +30,17 @@ struct VhostArg {
     vhost: String,
 }
 
+/// A quorum queue and a node, for `add_member` and `delete_member`.
+#[derive(Args)]
+struct MemberArgs {
+    queue: String,
+    node: String,
+    #[command(flatten)]
+    vhost: VhostArg,
+    #[command(flatten)]
+    broker: BrokerArg,
+}
+
 /// A running broker, reached through its management API.
 #[derive(Args)]
 struct BrokerArg {
@@ -70,24 +81,10 @@ enum CtlCommand {
     },
     /// Adds a replica of a quorum queue on NODE (rabbitmq-queues' add_member).
     #[command(name = "add_member")]
-    AddMember {
-        queue: String,
-        node: String,
-        #[command(flatten)]
-        vhost: VhostArg,
-        #[command(flatten)]
-        broker: BrokerArg,
-    },
+    AddMember(MemberArgs),
     /// Removes a quorum queue's replica on NODE (rabbitmq-queues' delete_member).
     #[command(name = "delete_member")]
-    DeleteMember {
-        queue: String,
-        node: String,
-        #[command(flatten)]
-        vhost: VhostArg,
-        #[command(flatten)]
-        broker: BrokerArg,
-    },
+    DeleteMember(MemberArgs),
     /// Adds a replica on NODE to every quorum queue (`all`), or to those with
     /// an even number of members (`even`).
     Grow {
@@ -335,9 +332,9 @@ fn run_remote(config: &Config, command: &CtlCommand) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        CtlCommand::AddMember { queue, node, vhost, broker }
-        | CtlCommand::DeleteMember { queue, node, vhost, broker } => {
-            let add = matches!(command, CtlCommand::AddMember { .. });
+        CtlCommand::AddMember(MemberArgs { queue, node, vhost, broker })
+        | CtlCommand::DeleteMember(MemberArgs { queue, node, vhost, broker }) => {
+            let add = matches!(command, CtlCommand::AddMember(_));
             let members = set_member(config, broker, (&vhost.vhost, queue, node), add)?;
             println!("quorum queue '{queue}' in vhost '{}': members {}", vhost.vhost, members.join(", "));
             Ok(true)
@@ -579,8 +576,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         C::ClusterStatus { .. }
         | C::QuorumStatus { .. }
         | C::ForgetClusterNode { .. }
-        | C::AddMember { .. }
-        | C::DeleteMember { .. }
+        | C::AddMember(_)
+        | C::DeleteMember(_)
         | C::Grow { .. }
         | C::Shrink { .. } => {}
         C::ExportDefinitions { file: path } => {

@@ -177,6 +177,16 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// A request's start, either way: kind, subscription, consumer, virtual
+/// host.
+fn header(kind: u8, wire: u64, consumer: u64, vhost: &str) -> Vec<u8> {
+    let mut request = vec![kind];
+    request.extend_from_slice(&wire.to_le_bytes());
+    request.extend_from_slice(&consumer.to_le_bytes());
+    put_str(&mut request, vhost);
+    request
+}
+
 /// Reads what [`put_str`] and the fixed-size writes put, in order.
 struct Reader<'a>(&'a [u8]);
 
@@ -358,13 +368,8 @@ impl Replication {
         }
     }
 
-    /// A request's start: kind, subscription, consumer, virtual host.
     fn header(&self, kind: u8, subscriber: &Subscriber, wire: u64) -> Vec<u8> {
-        let mut request = vec![kind];
-        request.extend_from_slice(&wire.to_le_bytes());
-        request.extend_from_slice(&subscriber.consumer.id.to_le_bytes());
-        put_str(&mut request, &subscriber.vhost);
-        request
+        header(kind, wire, subscriber.consumer.id, &subscriber.vhost)
     }
 
     async fn call(&self, node: &str, payload: &[u8]) -> Option<Vec<u8>> {
@@ -782,10 +787,7 @@ impl Replication {
             }
             let batch = std::mem::take(&mut *outbox.buf.lock());
             if !batch.is_empty() {
-                let mut request = vec![DELIVER];
-                request.extend_from_slice(&served.wire.to_le_bytes());
-                request.extend_from_slice(&served.consumer.to_le_bytes());
-                put_str(&mut request, &served.vhost);
+                let mut request = header(DELIVER, served.wire, served.consumer, &served.vhost);
                 request.extend_from_slice(&batch);
                 drop(batch);
                 if self.call(&served.node, &request).await.as_deref() != Some(&[OK]) {
@@ -803,10 +805,7 @@ impl Replication {
             }
             let failed = outbox.failed.lock().take();
             if let Some(text) = failed {
-                let mut request = vec![FAILED];
-                request.extend_from_slice(&served.wire.to_le_bytes());
-                request.extend_from_slice(&served.consumer.to_le_bytes());
-                put_str(&mut request, &served.vhost);
+                let mut request = header(FAILED, served.wire, served.consumer, &served.vhost);
                 put_str(&mut request, &text);
                 let _ = self.call(&served.node, &request).await;
             }
@@ -820,10 +819,7 @@ impl Replication {
     }
 
     async fn tell_gone(&self, served: &Served) {
-        let mut request = vec![GONE];
-        request.extend_from_slice(&served.wire.to_le_bytes());
-        request.extend_from_slice(&served.consumer.to_le_bytes());
-        put_str(&mut request, &served.vhost);
+        let request = header(GONE, served.wire, served.consumer, &served.vhost);
         let _ = self.call(&served.node, &request).await;
     }
 
