@@ -185,6 +185,89 @@ def test_a_quorum_queue_takes_publishes_and_serves_consumers_through_any_node(cl
         eventually("the deleted queue is gone from %s" % node["name"], lambda: gone(node), timeout=10)
 
 
+def exchange_exists(node, exchange):
+    conn = connect(node["amqp"])
+    try:
+        conn.channel().exchange_declare(exchange, passive=True)
+        return True
+    except ChannelClosedByBroker as e:
+        assert e.reply_code == 404
+        return False
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def publish_routed(port, exchange, key, bodies):
+    """Publishes mandatory with confirms: raises if a message is not routed."""
+    conn = connect(port)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for body in bodies:
+        ch.basic_publish(exchange, key, body.encode(), pika.BasicProperties(delivery_mode=2), mandatory=True)
+    conn.close()
+
+
+def test_exchanges_and_bindings_made_on_one_node_route_on_every_node(cluster):
+    first, second, third = cluster.nodes
+    name = "shipping-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+
+    # Declared and bound on the first node; the replies come once the
+    # metadata group committed them.
+    conn = connect(first["amqp"])
+    ch = conn.channel()
+    ch.exchange_declare("orders", "topic", durable=True)
+    ch.exchange_declare("orders.all", "fanout", durable=True)
+    ch.exchange_bind("orders", "orders.all")
+    ch.queue_bind(name, "orders", routing_key="order.*")
+    conn.close()
+
+    # The other nodes route through both exchanges into the queue (an
+    # unroutable mandatory publish would be returned and raise here), once
+    # they applied what was committed (milliseconds later).
+    def routes(node, exchange, key, body):
+        try:
+            publish_routed(node["amqp"], exchange, key, [body])
+            return True
+        except pika.exceptions.UnroutableError:
+            return False
+
+    eventually("the second node routes by the topic binding",
+               lambda: routes(second, "orders", "order.created", "via-topic-0"), timeout=5)
+    eventually("the third node routes by the exchange binding",
+               lambda: routes(third, "orders.all", "order.fanned", "via-fanout-0"), timeout=5)
+    publish_routed(second["amqp"], "orders", "order.created", ["via-topic-%d" % i for i in range(1, 20)])
+    publish_routed(third["amqp"], "orders.all", "order.fanned", ["via-fanout-%d" % i for i in range(1, 20)])
+    with pytest.raises(pika.exceptions.UnroutableError):
+        publish_routed(second["amqp"], "orders", "invoice.created", ["nowhere"])
+    bodies = [body for body, _ in consume_all(third["amqp"], name, 40)]
+    assert sorted(bodies) == sorted(["via-topic-%d" % i for i in range(20)] + ["via-fanout-%d" % i for i in range(20)])
+
+    # Unbound on the third node: no node routes that way any more.
+    conn = connect(third["amqp"])
+    conn.channel().queue_unbind(name, "orders", routing_key="order.*")
+    conn.close()
+    eventually("the first node no longer routes by the removed binding",
+               lambda: not routes(first, "orders", "order.created", "unbound"), timeout=5)
+
+    # A node that was down hears of what changed meanwhile.
+    cluster.kill(third)
+    conn = connect(second["amqp"])
+    ch = conn.channel()
+    ch.exchange_delete("orders.all")
+    ch.exchange_declare("invoices", "direct", durable=True)
+    ch.queue_bind(name, "invoices", routing_key="due")
+    conn.close()
+    eventually("the first node deleted the exchange", lambda: not exchange_exists(first, "orders.all"), timeout=5)
+    cluster.start(third)
+    eventually("the restarted node knows the new exchange", lambda: exchange_exists(third, "invoices"))
+    assert not exchange_exists(third, "orders.all")
+    eventually("the restarted node routes by the new binding",
+               lambda: publish_routed(third["amqp"], "invoices", "due", ["invoice"]) or True)
+    assert [body for body, _ in consume_all(first["amqp"], name, 1)] == ["invoice"]
+
+
 def test_a_quorum_queue_refuses_what_rabbitmq_refuses(cluster):
     first = cluster.nodes[0]
     conn = eventually("a connection", lambda: connect(first["amqp"]))

@@ -16,7 +16,9 @@ use crate::AppState;
 pub const HTTP_CONNECTION: u64 = u64::MAX;
 
 /// Runs `apply` on the virtual host and waits until its log entries (a
-/// definition change, a persistent message) are durable.
+/// definition change, a persistent message) are durable, and in a cluster
+/// until what it handed to Raft groups (a definition every node must know,
+/// a message into a quorum queue) is committed.
 pub async fn change<T>(
     state: &AppState,
     vhost: &str,
@@ -34,8 +36,16 @@ pub async fn change<T>(
     };
     let value = result.map_err(|e| ApiError::from_amqp(&e))?;
     let appended = appended.map_err(|_| not_stored())?;
+    let ticket = appended.replicated;
     if let Some(index) = wanted(appended) {
         wait_durable(&store, index).await?;
+    }
+    if let Some(ticket) = ticket {
+        let tickets = &state.broker.tickets;
+        let _ = tickets.watch().wait_for(|&resolved| resolved >= ticket).await;
+        if tickets.failed(ticket) {
+            return Err(ApiError::Internal("the change could not be replicated (see the broker log)".into()));
+        }
     }
     Ok(value)
 }

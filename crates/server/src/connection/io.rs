@@ -189,7 +189,13 @@ async fn serve_stream<R, W>(
                     conn.finish_login(ok, user, &mechanism);
                 }
                 Some(Wait::Durable(deferred)) => {
-                    let stored = wait_durable(&mut durable, &conn.store, deferred.index).await;
+                    let mut stored = wait_durable(&mut durable, &conn.store, deferred.index).await;
+                    if let (Ok(()), Some(ticket)) = (&stored, deferred.ticket) {
+                        let _ = replicated.wait_for(|&resolved| resolved >= ticket).await;
+                        if broker.tickets.failed(ticket) {
+                            stored = Err(StorageError::Poisoned);
+                        }
+                    }
                     conn.send_deferred(deferred, stored);
                 }
                 Some(Wait::Quorum(declare)) => {

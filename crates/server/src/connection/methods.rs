@@ -168,9 +168,10 @@ impl Connection {
     }
 
     /// The reply to a method that changed durable definitions goes out once
-    /// their log entry is durable (the connection reads nothing more
-    /// meanwhile, so replies stay in order); a store that cannot take the
-    /// change closes the connection with 541.
+    /// their log entry is durable, and in a cluster once the metadata group
+    /// committed what every node must know (the connection reads nothing
+    /// more meanwhile, so replies stay in order); a store or a cluster that
+    /// cannot take the change closes the connection with 541.
     pub(super) fn reply_stored(
         &mut self,
         number: u16,
@@ -182,11 +183,13 @@ impl Connection {
         if nowait {
             return Ok(());
         }
-        match appended.definitions {
-            Some(index) if index > self.store.durable_index() => {
-                self.waiting = Some(Wait::Durable(DeferredReply { index, channel: number, reply }));
-            }
-            _ => self.send(number, reply),
+        let index = appended.definitions.filter(|&index| index > self.store.durable_index());
+        let ticket = appended.replicated;
+        if index.is_none() && ticket.is_none() {
+            self.send(number, reply);
+        } else {
+            let index = index.unwrap_or(0);
+            self.waiting = Some(Wait::Durable(DeferredReply { index, ticket, channel: number, reply }));
         }
         Ok(())
     }
@@ -502,7 +505,8 @@ impl Connection {
                 let reply = AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}));
                 match waits_for.max(appended.published) {
                     Some(index) if index > self.store.durable_index() => {
-                        self.waiting = Some(Wait::Durable(DeferredReply { index, channel: number, reply }));
+                        self.waiting =
+                            Some(Wait::Durable(DeferredReply { index, ticket: None, channel: number, reply }));
                     }
                     _ => self.send(number, reply),
                 }

@@ -111,6 +111,8 @@ pub(crate) struct QuorumDeclare {
 /// changed durable definitions).
 pub(crate) struct DeferredReply {
     index: u64,
+    /// In a cluster, the ticket of the change's metadata write.
+    pub(crate) ticket: Option<u64>,
     channel: u16,
     reply: AMQPClass,
 }

@@ -16,12 +16,16 @@ impl Replication {
     pub(super) fn put_stand_in(&self, local: &Local) {
         let Some(broker) = self.broker.upgrade() else { return };
         let Some(vhost) = broker.vhost(&local.vhost) else { return };
+        let _applying = super::definitions::Applying::enter();
         let mut session = Session::open(&vhost, &broker.store);
         if session.has_queue(&local.name) {
             return;
         }
         match session.declare_replicated(&local.name, local.arguments.clone(), true) {
-            Ok(()) => local.stand_in.store(true, Ordering::Release),
+            Ok(()) => {
+                local.stand_in.store(true, Ordering::Release);
+                self.bind_known(&mut session, local);
+            }
             Err(error) => warn!(queue = %local.name, %error, "cannot put a quorum queue's stand-in here"),
         }
     }

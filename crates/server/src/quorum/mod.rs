@@ -18,9 +18,10 @@
 //! at the new leader; the new leader's node serves its own from the queue
 //! it rebuilt.
 //!
-//! Not yet: bindings to a quorum queue are kept only by the node that made
-//! them, and bodies stay in memory.
+//! Durable exchanges and the bindings to quorum queues are known on every
+//! node (`definitions.rs`). Not yet: bodies stay in memory.
 
+mod definitions;
 mod forward;
 pub mod placements;
 mod relay;
@@ -130,6 +131,8 @@ pub struct Replication {
     origin: u64,
     /// Its leader here is taking forgotten nodes out of the metadata group.
     forgetting: AtomicBool,
+    /// Definition changes made here, on their way to the metadata group.
+    defining: mpsc::UnboundedSender<definitions::Defining>,
     /// Itself, for the tasks it starts.
     me: Weak<Replication>,
 }
@@ -148,6 +151,8 @@ impl Replication {
         let metadata = warren_raft::metadata::start(&node, members.clone(), Placements::new(events)).await?;
         // Two nodes started in the same nanosecond still differ.
         let origin = node.name().bytes().fold(run_seed(), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
+        let (defining, to_define) = mpsc::unbounded_channel();
+        tokio::spawn(definitions::write_in_order(node.clone(), to_define));
         let replication = Arc::new_cyclic(|me| Replication {
             node,
             members,
@@ -158,6 +163,7 @@ impl Replication {
             relays: relay::Relays::new(run_seed()),
             origin,
             forgetting: AtomicBool::new(false),
+            defining,
             me: me.clone(),
         });
         replication.node.serve_also(Arc::new(relay::RelayHandler(Arc::downgrade(&replication))));
@@ -553,6 +559,7 @@ impl Replication {
         let mut restored = local.restored.lock();
         let (messages, last_key, last_index) = local.machine.with(|r| (r.messages(), r.last_key(), r.last_index()));
         let count = messages.len();
+        let _applying = definitions::Applying::enter();
         let mut session = Session::open(&vhost, &broker.store);
         // The stand-in becomes the queue: its consumers stay, served from
         // here now.
@@ -562,6 +569,8 @@ impl Replication {
         } else if let Err(error) = session.declare_replicated(&local.name, local.arguments.clone(), false) {
             warn!(queue = %local.name, %error, "cannot run a quorum queue here");
             return;
+        } else {
+            self.bind_known(&mut session, local);
         }
         local.next_key.store(last_key + 1, Ordering::Release);
         local.active.store(true, Ordering::Release);
@@ -614,8 +623,45 @@ type Submitted = warren_raft::Submitted;
 
 impl crate::store::Replicator for Replication {
     fn take(&self, vhost: &str, events: &mut Vec<JournalEvent>) -> Option<u64> {
+        let defined = self.share_definitions(vhost, events);
+        let (submitted, forwarded, failed) = self.take_queue_events(vhost, events);
+        if defined.is_none() && submitted.is_empty() && forwarded.is_empty() && !failed {
+            return None;
+        }
+        let broker = self.broker.upgrade()?;
+        let ticket = broker.tickets.issue();
+        let tickets = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let mut ok = !failed;
+            for reply in submitted {
+                match tokio::time::timeout(COMMIT_PATIENCE, reply).await {
+                    Ok(Ok(Ok(_))) => {}
+                    _ => ok = false,
+                }
+            }
+            for committed in forwarded {
+                ok &= committed.await.unwrap_or(false);
+            }
+            if let Some(defined) = defined {
+                ok &= defined.await.unwrap_or(false);
+            }
+            if let Some(broker) = tickets.upgrade() {
+                broker.tickets.resolve(ticket, ok);
+            }
+        });
+        Some(ticket)
+    }
+}
+
+type Forwarded = tokio::sync::oneshot::Receiver<bool>;
+
+impl Replication {
+    /// Takes the events of the quorum queues here out of `events`: those of
+    /// queues led here become their groups' commands, publishes to
+    /// stand-ins are forwarded; whether any could not be submitted.
+    fn take_queue_events(&self, vhost: &str, events: &mut Vec<JournalEvent>) -> (Vec<Submitted>, Vec<Forwarded>, bool) {
         let queues = self.queues.read();
-        let here = queues.get(vhost).filter(|q| !q.is_empty())?;
+        let Some(here) = queues.get(vhost).filter(|q| !q.is_empty()) else { return (Vec::new(), Vec::new(), false) };
         let mut submitted = Vec::new();
         let mut failed = false;
         let mut deleted = Vec::new();
@@ -657,30 +703,9 @@ impl crate::store::Replicator for Replication {
             }
             self.deleted(vhost, &name);
         }
-        let this = self.me.upgrade()?;
-        let forwarded: Vec<_> = forwarded.into_iter().map(|(local, message)| this.forward(&local, message)).collect();
-        if submitted.is_empty() && forwarded.is_empty() && !failed {
-            return None;
-        }
-        let broker = self.broker.upgrade()?;
-        let ticket = broker.tickets.issue();
-        let tickets = Arc::downgrade(&broker);
-        tokio::spawn(async move {
-            let mut ok = !failed;
-            for reply in submitted {
-                match tokio::time::timeout(COMMIT_PATIENCE, reply).await {
-                    Ok(Ok(Ok(_))) => {}
-                    _ => ok = false,
-                }
-            }
-            for committed in forwarded {
-                ok &= committed.await.unwrap_or(false);
-            }
-            if let Some(broker) = tickets.upgrade() {
-                broker.tickets.resolve(ticket, ok);
-            }
-        });
-        Some(ticket)
+        let Some(this) = self.me.upgrade() else { return (submitted, Vec::new(), true) };
+        let forwarded = forwarded.into_iter().map(|(local, message)| this.forward(&local, message)).collect();
+        (submitted, forwarded, failed)
     }
 }
 
@@ -705,6 +730,8 @@ async fn run(
                     Event::Forgotten(node) => {
                         this.members.forget(&node);
                     }
+                    Event::Defined { vhost, origin, changes } => this.defined_event(&vhost, origin, &changes),
+                    Event::Known(known) => this.known_event(known),
                 }
             }
             _ = tick.tick() => {

@@ -1,13 +1,16 @@
-//! What the metadata group holds for quorum queues: where each one is
-//! placed (its group and the nodes holding its replicas) and its
-//! arguments. Every node applies the same placements and starts the
-//! groups it is a member of.
+//! What the metadata group holds: where each quorum queue is placed (its
+//! group and the nodes holding its replicas) and its arguments, and the
+//! durable exchanges and the bindings every node routes by (those between
+//! exchanges, and those to quorum queues). Every node applies the same
+//! placements and starts the groups it is a member of, and makes its
+//! virtual hosts' exchanges and bindings follow the log's.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 use warren_codec::types::FieldTable;
+use warren_core::vhost::{BindingDefinition, Definitions, ExchangeDefinition};
 use warren_raft::{GroupId, StateMachine};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,24 +53,122 @@ pub enum Change {
     Forget {
         node: String,
     },
+    /// Exchanges and bindings changed on one node (`origin`: its run,
+    /// which has them already): every other node makes the same changes.
+    Definitions {
+        vhost: String,
+        origin: u64,
+        changes: Vec<Definition>,
+    },
+}
+
+/// A change of the definitions every node routes by.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Definition {
+    Exchange(ExchangeDefinition),
+    ExchangeDeleted(String),
+    Bound(BindingDefinition),
+    Unbound(BindingDefinition),
 }
 
 /// What applying changed, for the node to act on.
 #[derive(Debug)]
 pub enum Event {
     Placed(Placement),
-    Removed { vhost: String, name: String, group: GroupId },
+    Removed {
+        vhost: String,
+        name: String,
+        group: GroupId,
+    },
     Forgotten(String),
+    /// Definitions changed on the node of run `origin`.
+    Defined {
+        vhost: String,
+        origin: u64,
+        changes: Vec<Definition>,
+    },
+    /// A snapshot was restored: every definition it holds, by vhost.
+    Known(BTreeMap<String, Definitions>),
 }
 
 #[derive(Default, Serialize, Deserialize)]
 struct State {
+    /// Stored as a list (JSON maps take string keys only).
+    #[serde(with = "by_queue")]
     placements: BTreeMap<(String, String), Placement>,
     /// Group ids are never reused (0 is the metadata group).
     next_group: GroupId,
     /// Nodes removed from the cluster.
     #[serde(default)]
     forgotten: std::collections::BTreeSet<String>,
+    /// vhost -> its replicated exchanges and bindings (no queues).
+    #[serde(default)]
+    definitions: BTreeMap<String, Definitions>,
+}
+
+/// Placements keyed by (vhost, name), written as the list of placements.
+mod by_queue {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Placement;
+
+    type Keyed = BTreeMap<(String, String), Placement>;
+
+    pub fn serialize<S: Serializer>(placements: &Keyed, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(placements.values())
+    }
+
+    /// A list; or a map, which only an empty one could have been written as.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        List(Vec<Placement>),
+        Map(BTreeMap<String, Placement>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Keyed, D::Error> {
+        let placements = match Written::deserialize(deserializer)? {
+            Written::List(list) => list,
+            Written::Map(map) => map.into_values().collect(),
+        };
+        Ok(placements.into_iter().map(|p| ((p.vhost.clone(), p.name.clone()), p)).collect())
+    }
+}
+
+impl State {
+    fn define(&mut self, vhost: &str, change: &Definition) {
+        let definitions = self.definitions.entry(vhost.to_string()).or_default();
+        match change {
+            Definition::Exchange(exchange) => {
+                definitions.exchanges.retain(|x| x.name != exchange.name);
+                definitions.exchanges.push(exchange.clone());
+            }
+            Definition::ExchangeDeleted(name) => {
+                definitions.exchanges.retain(|x| x.name != *name);
+                definitions
+                    .bindings
+                    .retain(|b| b.source != *name && (b.destination_is_queue || b.destination != *name));
+            }
+            Definition::Bound(binding) => {
+                if !definitions.bindings.contains(binding) {
+                    definitions.bindings.push(binding.clone());
+                }
+            }
+            Definition::Unbound(binding) => definitions.bindings.retain(|b| b != binding),
+        }
+        if definitions.exchanges.is_empty() && definitions.bindings.is_empty() {
+            self.definitions.remove(vhost);
+        }
+    }
+
+    /// A deleted quorum queue's bindings go with it.
+    fn unbind_queue(&mut self, vhost: &str, name: &str) {
+        if let Some(definitions) = self.definitions.get_mut(vhost) {
+            definitions.bindings.retain(|b| !(b.destination_is_queue && b.destination == name));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -104,6 +205,13 @@ impl Placements {
             }
         }
         counts
+    }
+
+    /// The replicated bindings to queue `name`.
+    pub fn bindings_to(&self, vhost: &str, name: &str) -> Vec<BindingDefinition> {
+        self.state.definitions.get(vhost).map_or_else(Vec::new, |d| {
+            d.bindings.iter().filter(|b| b.destination_is_queue && b.destination == name).cloned().collect()
+        })
     }
 
     fn tell(&self, event: Event) {
@@ -159,7 +267,15 @@ impl StateMachine for Placements {
                 self.tell(Event::Forgotten(node));
                 Vec::new()
             }
+            Ok(Change::Definitions { vhost, origin, changes }) => {
+                for change in &changes {
+                    self.state.define(&vhost, change);
+                }
+                self.tell(Event::Defined { vhost, origin, changes });
+                Vec::new()
+            }
             Ok(Change::Delete { vhost, name }) => {
+                self.state.unbind_queue(&vhost, &name);
                 if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
                     self.tell(Event::Removed { vhost: gone.vhost, name: gone.name, group: gone.group });
                 }
@@ -173,7 +289,12 @@ impl StateMachine for Placements {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.state).unwrap_or_default()
+        serde_json::to_vec(&self.state).unwrap_or_else(|error| {
+            // Nothing in the state can fail to serialize; an empty
+            // snapshot would lose every placement.
+            tracing::error!(%error, "the metadata snapshot could not be written");
+            Vec::new()
+        })
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
@@ -188,7 +309,104 @@ impl StateMachine for Placements {
         for node in &state.forgotten {
             self.tell(Event::Forgotten(node.clone()));
         }
+        if !state.definitions.is_empty() {
+            self.tell(Event::Known(state.definitions.clone()));
+        }
         self.state = state;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(source: &str, destination: &str, to_queue: bool) -> BindingDefinition {
+        BindingDefinition {
+            source: source.into(),
+            destination: destination.into(),
+            destination_is_queue: to_queue,
+            routing_key: "k".into(),
+            arguments: FieldTable::default(),
+        }
+    }
+
+    fn exchange(name: &str, kind: &str) -> ExchangeDefinition {
+        ExchangeDefinition {
+            name: name.into(),
+            kind: kind.into(),
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    fn apply(machine: &mut Placements, change: &Change) {
+        let command = serde_json::to_vec(change).unwrap_or_default();
+        machine.apply(1, &command);
+    }
+
+    #[test]
+    fn definitions_follow_the_log_and_survive_a_snapshot() {
+        let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
+        let mut machine = Placements::new(events);
+        let changes = vec![
+            Definition::Exchange(exchange("orders", "fanout")),
+            Definition::Exchange(exchange("orders", "topic")),
+            Definition::Exchange(exchange("audit", "fanout")),
+            Definition::Bound(binding("orders", "q", true)),
+            Definition::Bound(binding("orders", "q", true)),
+            Definition::Bound(binding("orders", "audit", false)),
+            Definition::Bound(binding("audit", "q", true)),
+        ];
+        apply(&mut machine, &Change::Definitions { vhost: "/".into(), origin: 7, changes: changes.clone() });
+        assert!(matches!(told.try_recv(), Ok(Event::Defined { origin: 7, changes: c, .. }) if c == changes));
+        assert_eq!(machine.bindings_to("/", "q").len(), 2, "a binding made twice is kept once");
+        let defined = &machine.state.definitions["/"];
+        assert_eq!(defined.exchanges.len(), 2);
+        assert_eq!(defined.exchanges.iter().find(|x| x.name == "orders").map(|x| x.kind.as_str()), Some("topic"));
+
+        // Deleting an exchange takes the bindings from and to it; deleting
+        // a quorum queue takes those to it.
+        let deleted = vec![Definition::ExchangeDeleted("audit".into())];
+        apply(&mut machine, &Change::Definitions { vhost: "/".into(), origin: 8, changes: deleted });
+        assert_eq!(machine.bindings_to("/", "q"), vec![binding("orders", "q", true)]);
+        assert_eq!(machine.state.definitions["/"].bindings.len(), 1, "orders -> audit went too");
+        apply(&mut machine, &Change::Delete { vhost: "/".into(), name: "q".into() });
+        assert!(machine.bindings_to("/", "q").is_empty());
+
+        // A restored snapshot tells every definition it holds.
+        let again = vec![Definition::Bound(binding("orders", "q", true))];
+        apply(&mut machine, &Change::Definitions { vhost: "/".into(), origin: 9, changes: again });
+        let snapshot = machine.snapshot();
+        let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
+        let mut restored = Placements::new(events);
+        assert_eq!(restored.restore(&snapshot), Ok(()));
+        match told.try_recv() {
+            Ok(Event::Known(known)) => {
+                assert_eq!(known["/"].exchanges.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["orders"]);
+                assert_eq!(known["/"].bindings, vec![binding("orders", "q", true)]);
+            }
+            other => panic!("expected the known definitions, got {other:?}"),
+        }
+        // Snapshots written before definitions were kept still restore.
+        assert_eq!(restored.restore(br#"{"placements":{},"next_group":3}"#), Ok(()));
+        assert!(restored.bindings_to("/", "q").is_empty());
+    }
+
+    #[test]
+    fn placements_survive_a_snapshot() {
+        let mut machine = Placements::default();
+        let declare = Change::Declare {
+            vhost: "/".into(),
+            name: "q".into(),
+            members: vec!["a".into()],
+            arguments: FieldTable::default(),
+        };
+        machine.apply(1, &serde_json::to_vec(&declare).unwrap_or_default());
+        let snapshot = machine.snapshot();
+        let mut restored = Placements::default();
+        assert_eq!(restored.restore(&snapshot), Ok(()));
+        assert!(restored.get("/", "q").is_some(), "snapshot: {}", String::from_utf8_lossy(&snapshot));
     }
 }
