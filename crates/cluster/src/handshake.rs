@@ -5,6 +5,7 @@
 //! listener -> MAGIC, name, nonce_l, HMAC(secret, "accept", nonce_d, nonce_l, names)
 //! dialer   -> HMAC(secret, "dial", nonce_d, nonce_l, names)   (or closes: wrong secret)
 //! listener -> 1 (welcome) or 0 (refused)
+//! both     -> run (8 bytes: a number each start of the process picks)
 //! ```
 
 use ring::hmac;
@@ -77,8 +78,34 @@ async fn read_hello(stream: &mut TcpStream) -> Result<(String, [u8; NONCE]), Han
     Ok((name, nonce))
 }
 
-/// Opens a connection to a listener; returns it and the listener's name.
-pub async fn dial(mut stream: TcpStream, name: &str, secret: &[u8]) -> Result<(TcpStream, String), HandshakeError> {
+/// What a handshake learned of the other node: its name and its run.
+pub struct Greeted {
+    pub name: String,
+    pub run: u64,
+}
+
+/// Each side tells its run, then reads the other's.
+async fn exchange_runs(stream: &mut TcpStream, run: u64) -> Result<u64, HandshakeError> {
+    stream.write_all(&run.to_le_bytes()).await?;
+    Ok(stream.read_u64_le().await?)
+}
+
+/// A number for this start of the process (peers tell a restart from a
+/// connection lost and made again by it).
+pub fn new_run() -> Result<u64, HandshakeError> {
+    let mut bytes = [0u8; 8];
+    SystemRandom::new().fill(&mut bytes).map_err(|_| HandshakeError::Random)?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// Opens a connection to a listener; returns it and the listener's name
+/// and run.
+pub async fn dial(
+    mut stream: TcpStream,
+    name: &str,
+    secret: &[u8],
+    run: u64,
+) -> Result<(TcpStream, Greeted), HandshakeError> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let mine = nonce()?;
     write_hello(&mut stream, name, &mine).await?;
@@ -94,13 +121,21 @@ pub async fn dial(mut stream: TcpStream, name: &str, secret: &[u8]) -> Result<(T
     let tag = hmac::sign(&key, &transcript(b"dial", &mine, &theirs, name, &peer));
     stream.write_all(tag.as_ref()).await?;
     match stream.read_u8().await {
-        Ok(1) => Ok((stream, peer)),
+        Ok(1) => {
+            let peer_run = exchange_runs(&mut stream, run).await?;
+            Ok((stream, Greeted { name: peer, run: peer_run }))
+        }
         _ => Err(HandshakeError::SecretMismatch { peer }),
     }
 }
 
-/// Answers a dialer; returns the connection and the dialer's name.
-pub async fn accept(mut stream: TcpStream, name: &str, secret: &[u8]) -> Result<(TcpStream, String), HandshakeError> {
+/// Answers a dialer; returns the connection and the dialer's name and run.
+pub async fn accept(
+    mut stream: TcpStream,
+    name: &str,
+    secret: &[u8],
+    run: u64,
+) -> Result<(TcpStream, Greeted), HandshakeError> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let (peer, theirs) = read_hello(&mut stream).await?;
     let mine = nonce()?;
@@ -119,5 +154,6 @@ pub async fn accept(mut stream: TcpStream, name: &str, secret: &[u8]) -> Result<
         return Err(HandshakeError::SecretMismatch { peer });
     }
     stream.write_all(&[1]).await?;
-    Ok((stream, peer))
+    let peer_run = exchange_runs(&mut stream, run).await?;
+    Ok((stream, Greeted { name: peer, run: peer_run }))
 }

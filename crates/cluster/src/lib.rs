@@ -111,9 +111,10 @@ pub struct PeerStatus {
     pub up: bool,
     /// Why the last attempt to reach it failed, if it did.
     pub error: Option<String>,
-    /// Counts its reconnections (from having no connection): a node whose
-    /// heartbeats were late but whose connection held keeps its number,
-    /// a restarted one does not.
+    /// The number its process picked at start, as its last connection
+    /// told it: it changes when the node restarted, not when its
+    /// heartbeats were late or its connections were lost and made again
+    /// (a partition that healed). 0 before any connection.
     pub incarnation: u64,
 }
 
@@ -149,6 +150,8 @@ struct Shared {
     /// Nodes removed from the cluster for good (`forget_cluster_node`):
     /// their connections are closed as they open.
     forgotten: Mutex<std::collections::HashSet<String>>,
+    /// This process's run, told to every peer.
+    run: u64,
 }
 
 impl Shared {
@@ -186,6 +189,7 @@ impl Cluster {
         handler: Arc<dyn Handler>,
     ) -> std::io::Result<Cluster> {
         let local_addr = listener.local_addr()?;
+        let run = handshake::new_run().map_err(|e| std::io::Error::other(e.to_string()))?;
         let shared = Arc::new(Shared {
             config,
             handler,
@@ -195,6 +199,7 @@ impl Cluster {
             own_seed: Mutex::new(None),
             refusals: Mutex::new(HashMap::new()),
             forgotten: Mutex::new(std::collections::HashSet::new()),
+            run,
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(listener, shared.clone()));
@@ -322,7 +327,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         let _ = stream.set_nodelay(true);
                         let handshake = tokio::time::timeout(
                             HANDSHAKE_TIMEOUT,
-                            handshake::accept(stream, &shared.config.node_name, &shared.config.secret),
+                            handshake::accept(stream, &shared.config.node_name, &shared.config.secret, shared.run),
                         );
                         match handshake.await {
                             Ok(Ok((stream, peer))) => run_connection(stream, peer, from.to_string(), shared).await,
@@ -347,7 +352,7 @@ async fn dial_loop(seed: String, shared: Arc<Shared>) {
         let attempt = async {
             let stream = TcpStream::connect(&seed).await.map_err(HandshakeError::Io)?;
             let _ = stream.set_nodelay(true);
-            handshake::dial(stream, &shared.config.node_name, &shared.config.secret).await
+            handshake::dial(stream, &shared.config.node_name, &shared.config.secret, shared.run).await
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
             Ok(Ok((stream, peer))) => {
@@ -382,7 +387,8 @@ async fn dial_loop(seed: String, shared: Arc<Shared>) {
 
 /// Heartbeats both ways and carries requests and responses until the
 /// connection fails; the peer is up meanwhile.
-async fn run_connection(stream: TcpStream, peer: String, address: String, shared: Arc<Shared>) {
+async fn run_connection(stream: TcpStream, greeted: handshake::Greeted, address: String, shared: Arc<Shared>) {
+    let handshake::Greeted { name: peer, run } = greeted;
     if shared.forgotten.lock().contains(&peer) {
         debug!(peer = %peer, %address, "a node removed from the cluster connected: closed");
         return;
@@ -403,8 +409,8 @@ async fn run_connection(stream: TcpStream, peer: String, address: String, shared
         });
         if entry.links.is_empty() {
             info!(peer = %peer, %address, "cluster peer up");
-            entry.incarnation += 1;
         }
+        entry.incarnation = run;
         entry.links.push(link.clone());
         entry.address = address;
         entry.last_heard = Instant::now();

@@ -14,9 +14,10 @@ pub trait Transport: Send + Sync + 'static {
     fn call(&self, peer: &str, request: Vec<u8>, timeout: Duration) -> Call;
     /// The nodes the failure detector holds up (this node not among them).
     fn up(&self) -> HashSet<String>;
-    /// Each node's reconnection count, where the transport keeps one: a
-    /// node that only missed heartbeats (a starved process) keeps its
-    /// number, one that restarted gets a new one.
+    /// Each node's run, where the transport knows it: a number its process
+    /// picked at start. A node that only missed heartbeats (a starved
+    /// process) or was cut off (a partition) keeps its number, one that
+    /// restarted has a new one.
     fn incarnations(&self) -> HashMap<String, u64> {
         HashMap::new()
     }
