@@ -61,6 +61,9 @@ pub(crate) const FORWARD: u8 = 4;
 pub(crate) const PROBE: u8 = 5;
 /// Not Raft's: a request for the handler given to `Node::serve_also`.
 pub(crate) const OTHER: u8 = 6;
+/// Who leads the group as the node asked knows it (the answer is
+/// `ANSWERED` and the leader's name, empty if it knows none).
+pub(crate) const LEADER: u8 = 7;
 
 /// How long a vote waits for a member to create its group.
 const NO_GROUP_PATIENCE: Duration = Duration::from_secs(1);
@@ -71,7 +74,8 @@ pub(crate) const ANSWERED: u8 = 0;
 pub(crate) const NO_GROUP: u8 = 1;
 /// The request could not be read.
 pub(crate) const MALFORMED: u8 = 2;
-/// A forwarded command found no leader here.
+/// A forwarded command found no leader here (then the name of the leader
+/// this node knows, if any).
 pub(crate) const NOT_LEADER: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]

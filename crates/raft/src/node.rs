@@ -90,6 +90,9 @@ struct Inner {
     other: OnceLock<Arc<dyn Handler>>,
     /// What votes said about who should stand (`network::Hints`).
     hints: Arc<network::Hints>,
+    /// The leaders of groups this node has no member of, as last learned
+    /// ([`Node::set_leader_hint`], or from a forward's refusal).
+    leader_hints: RwLock<HashMap<GroupId, String>>,
 }
 
 /// A request for another node's [`Node::serve_also`] handler, to send with
@@ -195,6 +198,7 @@ impl Node {
                 groups: RwLock::new(HashMap::new()),
                 other: OnceLock::new(),
                 hints: Arc::default(),
+                leader_hints: RwLock::default(),
             }),
         })
     }
@@ -281,8 +285,10 @@ impl Node {
         Ok(replied)
     }
 
-    /// [`Node::write`] from any member: a follower hands the command to
-    /// the leader it knows (retrying while none is known, up to `patience`).
+    /// [`Node::write`] from any node: a follower hands the command to the
+    /// leader it knows, a node with no member to the leader its hint names
+    /// ([`Node::set_leader_hint`]; a member that does not lead says who
+    /// does), retrying while none is known, up to `patience`.
     pub async fn write_anywhere(
         &self,
         group: GroupId,
@@ -295,26 +301,28 @@ impl Node {
             // may never answer its pending writes, so the write is given up
             // once another leads (or at the end of the patience) and the
             // command goes to the leader.
-            let local = self.write(group, command.clone());
-            tokio::pin!(local);
-            let written = loop {
-                tokio::select! {
-                    written = &mut local => break Some(written),
-                    () = tokio::time::sleep(LEADER_WATCH) => {
-                        let leads = self.status(group).is_some_and(|s| s.state == "Leader");
-                        if !leads || Instant::now() >= give_up {
-                            break None;
+            let written = if self.hosts(group) {
+                let local = self.write(group, command.clone());
+                tokio::pin!(local);
+                let written = loop {
+                    tokio::select! {
+                        written = &mut local => break Some(written),
+                        () = tokio::time::sleep(LEADER_WATCH) => {
+                            let leads = self.status(group).is_some_and(|s| s.state == "Leader");
+                            if !leads || Instant::now() >= give_up {
+                                break None;
+                            }
                         }
                     }
+                };
+                match written {
+                    Some(written) => written,
+                    None if Instant::now() >= give_up => return Err(NodeError::NotLeader { group, leader: None }),
+                    None => Err(NodeError::NotLeader { group, leader: self.known_leader(group) }),
                 }
-            };
-            let written = match written {
-                Some(written) => written,
-                None if Instant::now() >= give_up => return Err(NodeError::NotLeader { group, leader: None }),
-                None => {
-                    let leader = self.status(group).and_then(|s| s.leader);
-                    Err(NodeError::NotLeader { group, leader })
-                }
+            } else {
+                // No member here: to the leader the hints name.
+                Err(NodeError::NotLeader { group, leader: self.known_leader(group) })
             };
             let leader = match written {
                 Err(NodeError::NotLeader { leader: Some(leader), .. }) if leader != self.inner.name => leader,
@@ -339,7 +347,7 @@ impl Node {
                 tokio::select! {
                     answer = &mut call => break Some(answer),
                     () = tokio::time::sleep(LEADER_WATCH) => {
-                        let known = self.status(group).and_then(|s| s.leader);
+                        let known = self.known_leader(group);
                         if known.as_deref() != Some(leader.as_str()) || !transport.up().contains(&leader) {
                             break None;
                         }
@@ -355,6 +363,15 @@ impl Node {
             };
             match answer.as_deref().map(|a| (a.first(), a.get(1..))) {
                 Ok((Some(&network::ANSWERED), Some(reply))) => return Ok(reply.to_vec()),
+                // A member that does not lead says who does.
+                Ok((Some(&network::NOT_LEADER), Some(named))) if !self.hosts(group) => {
+                    let named = String::from_utf8_lossy(named).into_owned();
+                    self.set_leader_hint(group, (!named.is_empty() && named != leader).then_some(named));
+                    if Instant::now() >= give_up {
+                        return Err(NodeError::NotLeader { group, leader: Some(leader) });
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 _ if Instant::now() < give_up => tokio::time::sleep(Duration::from_millis(20)).await,
                 Ok(_) => return Err(NodeError::NotLeader { group, leader: Some(leader) }),
                 Err(e) => return Err(NodeError::Raft(group, e.clone())),
@@ -432,6 +449,45 @@ impl Node {
     }
 
     /// The group's state on this node.
+    /// Whether this node has a member of `group`.
+    pub fn hosts(&self, group: GroupId) -> bool {
+        self.inner.groups.read().contains_key(&group)
+    }
+
+    /// Who leads `group` as far as this node knows: its member's view, or
+    /// for a group with no member here, the last hint.
+    pub fn known_leader(&self, group: GroupId) -> Option<String> {
+        match self.status(group) {
+            Some(status) => status.leader,
+            None => self.inner.leader_hints.read().get(&group).cloned(),
+        }
+    }
+
+    /// Records who leads `group`, a group with no member here (`None`: not
+    /// known). [`Node::write_anywhere`] sends its commands there.
+    pub fn set_leader_hint(&self, group: GroupId, leader: Option<String>) {
+        let mut hints = self.inner.leader_hints.write();
+        match leader {
+            Some(leader) => hints.insert(group, leader),
+            None => hints.remove(&group),
+        };
+    }
+
+    /// Asks node `peer` who leads `group` (a member knows).
+    pub async fn ask_leader(&self, group: GroupId, peer: &str) -> Result<Option<String>, NodeError> {
+        let transport = self.inner.transport.get().cloned().ok_or(NodeError::Detached)?;
+        let mut request = group.to_le_bytes().to_vec();
+        request.push(network::LEADER);
+        let answer =
+            transport.call(peer, request, Duration::from_secs(1)).await.map_err(|e| NodeError::Raft(group, e))?;
+        match answer.split_first() {
+            Some((&network::ANSWERED, name)) if !name.is_empty() => {
+                Ok(Some(String::from_utf8_lossy(name).into_owned()))
+            }
+            _ => Ok(None),
+        }
+    }
+
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         let raft = self.raft(group).ok()?;
         let metrics = raft.metrics().borrow().clone();
@@ -607,9 +663,17 @@ impl Handler for Serve {
             return Box::pin(async move {
                 match node.write(group, command).await {
                     Ok(reply) => [&[network::ANSWERED][..], &reply].concat(),
+                    Err(NodeError::NotLeader { leader: Some(leader), .. }) => {
+                        [&[network::NOT_LEADER][..], leader.as_bytes()].concat()
+                    }
                     Err(_) => vec![network::NOT_LEADER],
                 }
             });
+        }
+        if kind == network::LEADER {
+            let leader = self.0.upgrade().and_then(|inner| Node { inner }.status(group)).and_then(|s| s.leader);
+            let answer = [&[network::ANSWERED][..], leader.unwrap_or_default().as_bytes()].concat();
+            return Box::pin(async move { answer });
         }
         let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone()));
         match raft {
@@ -650,9 +714,9 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
         let now_incarnations = transport.incarnations();
         let groups: Vec<(GroupId, Raft)> = inner.groups.read().iter().map(|(g, r)| (*g, r.raft.clone())).collect();
         let now = Instant::now();
-        // Nodes that came back: reconnected where the transport counts
-        // reconnections (late heartbeats alone, from a starved process, do
-        // not make a node new), else seen up again.
+        // Nodes that came back: restarted where the transport knows runs
+        // (late heartbeats from a starved process, or a healed partition,
+        // do not make a node new), else seen up again.
         let returned: HashSet<&String> = if now_incarnations.is_empty() {
             up.difference(&was_up).collect()
         } else {
@@ -694,9 +758,9 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
                     info!(group, term = metrics.current_term, leader = name, "group leader");
                 }
             }
-            // A leader whose node went down and came back was restarted
-            // (or cut off long enough to be counted gone): it leads
-            // nothing any more, whatever this member last heard.
+            // A leader whose node restarted leads nothing any more,
+            // whatever this member last heard. (One cut off by a partition
+            // that healed may still lead: the terms sort that out.)
             if let Some(leader) = metrics.current_leader {
                 if membership.get_node(&leader).is_some_and(|n| returned.contains(&n.addr)) {
                     restarted.insert(group, (metrics.current_term, leader));

@@ -132,7 +132,14 @@ pub struct Broker {
     pub tickets: crate::quorum::tickets::Tickets,
     /// In a cluster: the quorum queues (set once the cluster is up).
     pub replication: std::sync::OnceLock<Arc<crate::quorum::Replication>>,
+    /// In a cluster: where a change of the access file made here goes.
+    access_sink: std::sync::OnceLock<AccessSink>,
+    /// The access definitions last shared with or taken from the cluster.
+    access_shared: Mutex<Option<AccessDefinitions>>,
 }
+
+/// Takes the access definitions a node changed, to share them.
+pub type AccessSink = Box<dyn Fn(AccessDefinitions) + Send + Sync>;
 
 /// Why the broker could not open its data directory.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +227,8 @@ impl Broker {
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshake_slots)),
             tickets: Default::default(),
             replication: std::sync::OnceLock::new(),
+            access_sink: std::sync::OnceLock::new(),
+            access_shared: Mutex::new(None),
         };
         for (name, vhost) in vhosts {
             broker.prepare_vhost(&vhost);
@@ -355,7 +364,41 @@ impl Broker {
         };
         *self.access_stamp.lock() = now;
         self.apply(&definitions);
+        if let Some(share) = self.access_sink.get() {
+            let plain = AccessDefinitions { hashing: String::new(), ..definitions };
+            let mut shared = self.access_shared.lock();
+            if shared.as_ref() != Some(&plain) {
+                *shared = Some(plain.clone());
+                share(plain);
+            }
+        }
         Ok(true)
+    }
+
+    /// In a cluster: a change of the access file here (by `warren ctl` or
+    /// the API) is handed to `sink` from now on.
+    pub fn share_access(&self, sink: AccessSink) {
+        let _ = self.access_sink.set(sink);
+    }
+
+    /// Replaces the access file with the cluster's definitions (another
+    /// node changed them) and applies them; not shared again.
+    pub fn adopt_access(&self, definitions: AccessDefinitions) -> Result<(), AccessError> {
+        let plain = AccessDefinitions { hashing: String::new(), ..definitions };
+        {
+            let mut shared = self.access_shared.lock();
+            if shared.as_ref() == Some(&plain) {
+                return Ok(());
+            }
+            *shared = Some(plain.clone());
+        }
+        let seed = crate::access::Seed { vhosts: &[], users: Vec::new() };
+        self.access_file.update(&seed, |current| {
+            let hashing = std::mem::take(&mut current.hashing);
+            *current = AccessDefinitions { hashing, ..plain };
+            Ok(())
+        })?;
+        self.reload_access().map(drop)
     }
 
     fn apply(&self, definitions: &AccessDefinitions) {

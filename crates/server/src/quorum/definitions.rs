@@ -11,6 +11,10 @@
 //! earlier runs' changes are applied in log order like the others', so it
 //! ends where the log ends.
 //!
+//! Users, virtual hosts, permissions, limits and policies (the access
+//! file) are shared whole: a change made on one node (`warren ctl`, the
+//! API) replaces the file on every other.
+//!
 //! Bindings to classic queues stay on their node (those queues are not
 //! reachable from other nodes). A binding to a quorum queue whose stand-in
 //! is not up yet on a node is made when it is ([`Replication::bind_known`]).
@@ -30,6 +34,7 @@ use warren_raft::Node;
 
 use super::placements::{Change, Definition};
 use super::{Local, Replication, DECLARE_PATIENCE};
+use crate::access::AccessDefinitions;
 use crate::session::Session;
 
 thread_local! {
@@ -69,6 +74,30 @@ pub(super) async fn write_in_order(node: Node, mut changes: mpsc::UnboundedRecei
 }
 
 impl Replication {
+    /// Shares this node's access file (users, virtual hosts, permissions,
+    /// limits, policies) as it now is: every other node replaces its own
+    /// with it. Concurrent changes on two nodes: the later in the log wins.
+    pub(super) fn share_access(&self, definitions: AccessDefinitions) {
+        let change = Change::Access { origin: self.origin, definitions: Box::new(definitions) };
+        let Ok(command) = serde_json::to_vec(&change) else { return };
+        let (done, _) = oneshot::channel();
+        let _ = self.defining.send((command, done));
+    }
+
+    /// The access file another node (or an earlier run of this one)
+    /// shared replaces this node's.
+    pub(super) fn access_event(&self, origin: u64, definitions: AccessDefinitions) {
+        if origin == self.origin {
+            return;
+        }
+        let Some(broker) = self.broker.upgrade() else { return };
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = broker.adopt_access(definitions) {
+                warn!(%error, "the cluster's access definitions could not be written here");
+            }
+        });
+    }
+
     /// Sends the changes of `events` every node must know to the metadata
     /// group; the receiver says whether they were committed.
     pub(super) fn share_definitions(&self, vhost: &str, events: &[JournalEvent]) -> Option<oneshot::Receiver<bool>> {

@@ -55,6 +55,9 @@ const DECLARE_PATIENCE: Duration = Duration::from_secs(10);
 const COMMIT_PATIENCE: Duration = Duration::from_secs(30);
 /// How often leaderships are looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// How often a node that is not a member of a quorum queue asks the
+/// members who leads it.
+const LEADER_ASK_EVERY: Duration = Duration::from_secs(1);
 /// Body bytes per command forwarding publishes to a leader, about.
 const FORWARD_BATCH_BYTES: usize = 4 << 20;
 
@@ -64,7 +67,13 @@ struct Local {
     name: String,
     group: GroupId,
     arguments: FieldTable,
-    machine: Machine<QueueReplica>,
+    /// Its replica; none on a node that is not a member (which holds only
+    /// a stand-in, and learns who leads from the members).
+    machine: Option<Machine<QueueReplica>>,
+    /// Asking the members who leads is under way (not a member).
+    asking: AtomicBool,
+    /// When the members were last asked who leads (not a member).
+    asked: parking_lot::Mutex<Option<std::time::Instant>>,
     /// The next key for a message (leader only).
     next_key: AtomicU64,
     /// The queue runs in this node's virtual host (this node leads).
@@ -85,6 +94,28 @@ struct Local {
     stand_in: AtomicBool,
     /// Messages published here waiting to be forwarded to the leader.
     forwarding: parking_lot::Mutex<Forwarding>,
+}
+
+impl Local {
+    fn new(placement: &Placement, machine: Option<Machine<QueueReplica>>, stand_in: bool) -> Arc<Local> {
+        Arc::new(Local {
+            vhost: placement.vhost.clone(),
+            name: placement.name.clone(),
+            group: placement.group,
+            arguments: placement.arguments.clone(),
+            machine,
+            asking: AtomicBool::new(false),
+            asked: parking_lot::Mutex::new(None),
+            next_key: AtomicU64::new(1),
+            active: AtomicBool::new(false),
+            activating: AtomicBool::new(false),
+            reconciling: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            restored: parking_lot::Mutex::new(None),
+            stand_in: AtomicBool::new(stand_in),
+            forwarding: parking_lot::Mutex::default(),
+        })
+    }
 }
 
 /// Publishes through a node that does not lead the queue, sent to the
@@ -168,6 +199,12 @@ impl Replication {
         });
         replication.node.serve_also(Arc::new(relay::RelayHandler(Arc::downgrade(&replication))));
         broker.store.set_replicator(replication.clone());
+        let sharing = Arc::downgrade(&replication);
+        broker.share_access(Box::new(move |definitions| {
+            if let Some(replication) = sharing.upgrade() {
+                replication.share_access(definitions);
+            }
+        }));
         tokio::spawn(run(Arc::downgrade(&replication), received, applied_received));
         Ok(replication)
     }
@@ -180,7 +217,8 @@ impl Replication {
     /// its ready messages as this node's replica knows them.
     pub fn placed(&self, vhost: &str, name: &str) -> Option<u32> {
         self.metadata.with(|p| p.get(vhost, name).is_some()).then(|| {
-            let count = self.local(vhost, name).map_or(0, |local| local.machine.with(|r| r.len()));
+            let count =
+                self.local(vhost, name).and_then(|l| l.machine.as_ref().map(|m| m.with(|r| r.len()))).unwrap_or(0);
             u32::try_from(count).unwrap_or(u32::MAX)
         })
     }
@@ -191,7 +229,7 @@ impl Replication {
     pub fn status(&self, vhost: &str, name: &str) -> Option<QuorumStatus> {
         let placement = self.metadata.with(|p| p.get(vhost, name).cloned())?;
         let group = self.node.status(placement.group);
-        let messages = self.local(vhost, name).map(|local| local.machine.with(|r| r.len()));
+        let messages = self.local(vhost, name).and_then(|l| l.machine.as_ref().map(|m| m.with(|r| r.len())));
         Some(QuorumStatus { placement, node: self.node.name().to_string(), group, messages })
     }
 
@@ -246,13 +284,16 @@ impl Replication {
             if let Some(placement) = placement {
                 let here = self.local(vhost, name);
                 let led_here = here.as_ref().is_some_and(|l| l.active.load(Ordering::Acquire));
+                let stand_in = here.as_ref().is_some_and(|l| l.stand_in.load(Ordering::Acquire));
                 let member = placement.members.iter().any(|m| m == self.node.name());
+                // A member waits for the group's first leader; a node that
+                // is not one for its stand-in only.
                 let leader_elsewhere = !member
                     || self
                         .node
                         .status(placement.group)
                         .is_some_and(|s| s.leader.is_some_and(|l| l != self.node.name()));
-                if led_here || (leader_elsewhere && here.is_some() || !member) {
+                if led_here || (leader_elsewhere && stand_in) {
                     return Ok(());
                 }
             }
@@ -416,6 +457,13 @@ impl Replication {
                 warn!(queue = %local.name, group = local.group, %e, "cannot drop a quorum queue's replica");
             }
             info!(vhost = %local.vhost, queue = %local.name, "no longer a member of the quorum queue: replica dropped");
+            // The queue is still reachable from here, through a stand-in.
+            if let Some(placement) = self.metadata.with(|p| p.get(&local.vhost, &local.name).cloned()) {
+                let stand_in = Local::new(&placement, None, false);
+                let mut queues = self.queues.write();
+                let here = queues.entry(placement.vhost.clone()).or_default();
+                here.entry(placement.name.clone()).or_insert(stand_in);
+            }
         }
     }
 
@@ -434,11 +482,21 @@ impl Replication {
     }
 
     async fn placed_event(&self, placement: Placement) {
-        if !placement.members.iter().any(|m| m == self.node.name())
-            || self.local(&placement.vhost, &placement.name).is_some()
-        {
-            return;
+        let member = placement.members.iter().any(|m| m == self.node.name());
+        let existing = self.local(&placement.vhost, &placement.name);
+        match &existing {
+            // Not a member: a stand-in here, with no replica.
+            None if !member => {
+                let local = Local::new(&placement, None, false);
+                self.queues.write().entry(placement.vhost.clone()).or_default().insert(placement.name.clone(), local);
+                return;
+            }
+            None => {}
+            // Made a member: the replica comes (the stand-in stays).
+            Some(local) if member && local.machine.is_none() => {}
+            Some(_) => return,
         }
+        let stand_in = existing.is_some_and(|l| l.stand_in.load(Ordering::Acquire));
         // The replica tells of forwarded messages as it applies them.
         let (tell, mut told) = mpsc::unbounded_channel();
         let applied = self.applied.clone();
@@ -457,21 +515,8 @@ impl Replication {
                 return;
             }
         };
-        let local = Arc::new(Local {
-            vhost: placement.vhost.clone(),
-            name: placement.name.clone(),
-            group: placement.group,
-            arguments: placement.arguments.clone(),
-            machine,
-            next_key: AtomicU64::new(1),
-            active: AtomicBool::new(false),
-            activating: AtomicBool::new(false),
-            reconciling: AtomicBool::new(false),
-            leaving: AtomicBool::new(false),
-            restored: parking_lot::Mutex::new(None),
-            stand_in: AtomicBool::new(false),
-            forwarding: parking_lot::Mutex::default(),
-        });
+        self.node.set_leader_hint(placement.group, None);
+        let local = Local::new(&placement, Some(machine), stand_in);
         self.queues.write().entry(placement.vhost.clone()).or_default().insert(placement.name.clone(), local);
         // The declaring node sets the group up (once: later it is a no-op)
         // and, as it called the election itself, leads it first.
@@ -488,6 +533,11 @@ impl Replication {
             self.give_up(&local);
             self.forget_subscriptions(&local);
             self.drop_stand_in(&local);
+            self.node.set_leader_hint(group, None);
+            if local.machine.is_none() {
+                info!(%vhost, queue = %name, group, "quorum queue removed");
+                return;
+            }
             if let Err(e) = self.node.remove_group(group).await {
                 warn!(%vhost, queue = %name, group, %e, "cannot remove a deleted quorum queue's group");
             }
@@ -504,6 +554,10 @@ impl Replication {
         self.forget_in_metadata();
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
         for local in locals {
+            if local.machine.is_none() {
+                self.watch_from_outside(&local, &up);
+                continue;
+            }
             let Some(status) = self.node.status(local.group) else { continue };
             // No placement: the queue was deleted (`removed_event` drops it).
             let Some(members) = self.metadata.with(|p| p.get(&local.vhost, &local.name).map(|p| p.members.clone()))
@@ -532,12 +586,45 @@ impl Replication {
             } else if !leading && active {
                 self.give_up(&local);
             }
-            // Led elsewhere: a stand-in here takes publishes for it.
-            let led_elsewhere = status.leader.is_some() && !leading;
-            if led_elsewhere && !local.active.load(Ordering::Acquire) && !local.stand_in.load(Ordering::Acquire) {
+            // Led elsewhere, or no leader yet: a stand-in here takes
+            // publishes and consumers for it (they wait for a leader), so
+            // the queue is there on every member once it is placed.
+            if !leading && !local.active.load(Ordering::Acquire) && !local.stand_in.load(Ordering::Acquire) {
                 self.put_stand_in(&local);
             }
         }
+    }
+
+    /// A queue this node is not a member of: its stand-in is up, and the
+    /// members are asked who leads when that is not known, when the leader
+    /// known went down, and every second (leadership moves between
+    /// members that stay up).
+    fn watch_from_outside(self: &Arc<Self>, local: &Arc<Local>, up: &std::collections::HashSet<String>) {
+        if !local.stand_in.load(Ordering::Acquire) {
+            self.put_stand_in(local);
+        }
+        let known = self.node.known_leader(local.group);
+        let stale = local.asked.lock().is_none_or(|at| at.elapsed() >= LEADER_ASK_EVERY);
+        let lost = known.as_ref().is_none_or(|leader| !up.contains(leader));
+        if !(lost || stale) || local.asking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *local.asked.lock() = Some(std::time::Instant::now());
+        let Some(members) = self.metadata.with(|p| p.get(&local.vhost, &local.name).map(|p| p.members.clone())) else {
+            local.asking.store(false, Ordering::Release);
+            return;
+        };
+        let asked: Vec<String> = members.into_iter().filter(|m| up.contains(m)).collect();
+        let (this, local) = (self.clone(), local.clone());
+        tokio::spawn(async move {
+            for member in asked {
+                if let Ok(Some(leader)) = this.node.ask_leader(local.group, &member).await {
+                    this.node.set_leader_hint(local.group, Some(leader));
+                    break;
+                }
+            }
+            local.asking.store(false, Ordering::Release);
+        });
     }
 
     /// This node leads the queue's group: once its replica holds every
@@ -557,7 +644,8 @@ impl Replication {
             return;
         };
         let mut restored = local.restored.lock();
-        let (messages, last_key, last_index) = local.machine.with(|r| (r.messages(), r.last_key(), r.last_index()));
+        let Some(machine) = &local.machine else { return };
+        let (messages, last_key, last_index) = machine.with(|r| (r.messages(), r.last_key(), r.last_index()));
         let count = messages.len();
         let _applying = definitions::Applying::enter();
         let mut session = Session::open(&vhost, &broker.store);
@@ -732,6 +820,7 @@ async fn run(
                     }
                     Event::Defined { vhost, origin, changes } => this.defined_event(&vhost, origin, &changes),
                     Event::Known(known) => this.known_event(known),
+                    Event::Access { origin, definitions } => this.access_event(origin, *definitions),
                 }
             }
             _ = tick.tick() => {

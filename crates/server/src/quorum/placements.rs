@@ -13,6 +13,8 @@ use warren_codec::types::FieldTable;
 use warren_core::vhost::{BindingDefinition, Definitions, ExchangeDefinition};
 use warren_raft::{GroupId, StateMachine};
 
+use crate::access::AccessDefinitions;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Placement {
     pub vhost: String,
@@ -60,6 +62,12 @@ pub enum Change {
         origin: u64,
         changes: Vec<Definition>,
     },
+    /// Users, virtual hosts, permissions, limits and policies changed on
+    /// the node of run `origin`: the whole access file, as it is there now.
+    Access {
+        origin: u64,
+        definitions: Box<AccessDefinitions>,
+    },
 }
 
 /// A change of the definitions every node routes by.
@@ -89,6 +97,11 @@ pub enum Event {
     },
     /// A snapshot was restored: every definition it holds, by vhost.
     Known(BTreeMap<String, Definitions>),
+    /// The access file changed on the node of run `origin` (0: restored).
+    Access {
+        origin: u64,
+        definitions: Box<AccessDefinitions>,
+    },
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -104,6 +117,9 @@ struct State {
     /// vhost -> its replicated exchanges and bindings (no queues).
     #[serde(default)]
     definitions: BTreeMap<String, Definitions>,
+    /// The access file as last changed on any node.
+    #[serde(default)]
+    access: Option<Box<AccessDefinitions>>,
 }
 
 /// Placements keyed by (vhost, name), written as the list of placements.
@@ -274,6 +290,11 @@ impl StateMachine for Placements {
                 self.tell(Event::Defined { vhost, origin, changes });
                 Vec::new()
             }
+            Ok(Change::Access { origin, definitions }) => {
+                self.state.access = Some(definitions.clone());
+                self.tell(Event::Access { origin, definitions });
+                Vec::new()
+            }
             Ok(Change::Delete { vhost, name }) => {
                 self.state.unbind_queue(&vhost, &name);
                 if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
@@ -308,6 +329,9 @@ impl StateMachine for Placements {
         }
         for node in &state.forgotten {
             self.tell(Event::Forgotten(node.clone()));
+        }
+        if let Some(definitions) = &state.access {
+            self.tell(Event::Access { origin: 0, definitions: definitions.clone() });
         }
         if !state.definitions.is_empty() {
             self.tell(Event::Known(state.definitions.clone()));

@@ -423,7 +423,7 @@ impl Replication {
                     return;
                 }
             }
-            let leader = self.node.status(subscriber.local.group).and_then(|s| s.leader);
+            let leader = self.node.known_leader(subscriber.local.group);
             match leader {
                 // Led from here (or about to be): the consumer stays on the
                 // queue, which is served here once taken up.
@@ -457,6 +457,11 @@ impl Replication {
                                 self.cancel_here(subscriber);
                             }
                             return;
+                        }
+                        // Asked again from outside the group (the watch
+                        // asks its members who leads).
+                        Some([NOT_LEADER, ..]) if !self.node.hosts(subscriber.local.group) => {
+                            self.node.set_leader_hint(subscriber.local.group, None);
                         }
                         _ => {}
                     }
@@ -525,7 +530,7 @@ impl Replication {
                 let state = subscriber.state.lock();
                 (state.wire, state.leader.clone(), !state.sending && !state.cancelled)
             };
-            let current = self.node.status(subscriber.local.group).and_then(|s| s.leader);
+            let current = self.node.known_leader(subscriber.local.group);
             let moved = match &leader {
                 Some(leader) => current.as_ref() != Some(leader) || !up.contains(leader),
                 // Left to this node, which then did not take the queue up
