@@ -279,7 +279,11 @@ impl Placement {
             Body::Loaded(message) => {
                 let stored = message.stored_index();
                 let arrived_s = u32::try_from(message.arrived() / 1000).unwrap_or(0);
-                if stored != 0 && stored <= readable {
+                let pageable = match spill {
+                    Some(loader) => loader.can_page(stored),
+                    None => stored <= readable,
+                };
+                if stored != 0 && pageable {
                     Placement::Paged(stored, arrived_s)
                 } else if stored == 0 && (!message.persistent || !durable) {
                     match spill.and_then(|s| s.spill(message)) {

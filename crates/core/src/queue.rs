@@ -30,6 +30,11 @@ pub trait MessageLoader: Send + Sync {
     fn load(&self, stored: u64) -> Option<Message>;
     /// Entries up to this index can be loaded.
     fn readable_upto(&self) -> u64;
+    /// Whether the message stored under `stored` can be read back now (so
+    /// its body may leave memory).
+    fn can_page(&self, stored: u64) -> bool {
+        stored <= self.readable_upto()
+    }
     /// Writes a message that is in no log entry (transient, or in a
     /// non-durable queue) to the spill; its reference, or `None` to keep it
     /// in memory.
@@ -38,6 +43,16 @@ pub trait MessageLoader: Send + Sync {
     }
     /// A spilled body is no longer needed (read back, or dropped unread).
     fn release_spilled(&self, _reference: u64) {}
+}
+
+/// A queue's own [`MessageLoader`].
+#[derive(Clone)]
+pub struct OwnLoader(pub Arc<dyn MessageLoader>);
+
+impl std::fmt::Debug for OwnLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OwnLoader")
+    }
 }
 
 /// Set in spill references, never in a log index: a paged entry holds
@@ -239,6 +254,9 @@ pub struct Queue {
     /// group, keyed by each message's own stored index, and its bodies
     /// stay in memory (the log that holds them is the group's).
     pub replicated: bool,
+    /// Where this queue's bodies are read back from, when not the virtual
+    /// host's store (a quorum queue's come from its group's log).
+    pub own_loader: Option<OwnLoader>,
     /// A quorum queue led from another node: publishes to it are handed
     /// to its leader through the cluster (journaled, never kept here), and
     /// it cannot be consumed from here.
@@ -284,13 +302,15 @@ impl Queue {
             paging: Paging::default(),
             paging_due: false,
             replicated: false,
+            own_loader: None,
             remote: false,
         }
     }
 
     /// Its in-memory window now.
     pub fn window(&self) -> usize {
-        if self.replicated {
+        // A replicated queue pages only with a loader of its own.
+        if self.replicated && self.own_loader.is_none() {
             return usize::MAX;
         }
         self.paging.window(self.ready_len, self.ready_bytes)
@@ -477,6 +497,8 @@ impl Queue {
     /// paged out. Stored messages that cannot be read are skipped and kept
     /// in `unreadable` for the caller to settle.
     pub fn pop(&mut self, loader: Option<&dyn MessageLoader>) -> Option<QueuedMessage> {
+        let own = self.own_loader.clone();
+        let loader = own.as_ref().map(|own| &*own.0).or(loader);
         loop {
             let lane = self.top_lane()?;
             let entry = self.lanes[lane].pop_front()?;
@@ -523,6 +545,8 @@ impl Queue {
         loader: Option<&dyn MessageLoader>,
         need_body: bool,
     ) -> Option<Result<QueuedMessage, u64>> {
+        let own = self.own_loader.clone();
+        let loader = own.as_ref().map(|own| &*own.0).or(loader);
         for lane in (0..self.lanes.len()).rev() {
             if let (false, Some(ttl)) = (need_body, self.settings.message_ttl_ms) {
                 if let Some(Entry { body: Body::Paged(index, arrived_s), .. }) = self.lanes[lane].front_mut() {
@@ -564,6 +588,8 @@ impl Queue {
     /// Takes messages whose own `expiration` passed by `now`, wherever they
     /// are in the queue.
     pub fn pop_expired_anywhere(&mut self, now: u64, loader: Option<&dyn MessageLoader>, out: &mut Vec<QueuedMessage>) {
+        let own = self.own_loader.clone();
+        let loader = own.as_ref().map(|own| &*own.0).or(loader);
         while let Some(&Reverse((deadline, seq))) = self.expiring.peek() {
             if deadline >= now {
                 break;
@@ -587,6 +613,8 @@ impl Queue {
     /// `due`, as if it had just been returned with a retry delay. False if
     /// it is not there or cannot be read back.
     pub fn hold_for_retry(&mut self, seq: u64, due: u64, loader: Option<&dyn MessageLoader>) -> bool {
+        let own = self.own_loader.clone();
+        let loader = own.as_ref().map(|own| &*own.0).or(loader);
         let Some(entry) = (0..self.lanes.len()).find_map(|lane| self.lanes[lane].remove_seq(seq)) else {
             return false;
         };
@@ -645,6 +673,8 @@ impl Queue {
     /// the spill). Cheap enough to call on every publish.
     /// Returns how many moved.
     pub fn page_out(&mut self, loader: &dyn MessageLoader, budget: usize) -> usize {
+        let own = self.own_loader.clone();
+        let loader = own.as_ref().map_or(loader, |own| &*own.0);
         let mut left = budget;
         let readable = loader.readable_upto();
         let durable = self.durable;
@@ -669,6 +699,8 @@ impl Queue {
     /// Drops every ready message, handing each one's stored index (0 when
     /// not stored) to `dropped` first.
     pub fn purge(&mut self, loader: Option<&dyn MessageLoader>, mut dropped: impl FnMut(u64)) -> usize {
+        let own = self.own_loader.clone();
+        let loader = own.as_ref().map(|own| &*own.0).or(loader);
         let count = self.ready_len;
         let returns = &mut self.returns;
         for lane in &mut self.lanes {

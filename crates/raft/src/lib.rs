@@ -32,7 +32,7 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub use log_store::{LogStore, SharedLog};
+pub use log_store::{KeepFrom, LogReader, LogStore, SharedLog};
 pub use machine::Machine;
 pub use node::{other_request, GroupStatus, Node, NodeError, NodeOptions, Submitted};
 pub use transport::{Call, Transport};
@@ -76,7 +76,24 @@ pub trait StateMachine: Send + Sync + 'static {
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot's.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// Hands the machine its group's log, to read committed entries back
+    /// (before it restores anything).
+    fn attach(&mut self, _log: LogReader) {}
+    /// The first log index whose entry the state still reads (the log is
+    /// kept from there on), if any.
+    fn keep_log_from(&self) -> Option<u64> {
+        None
+    }
+    /// What makes one of this machine's snapshots stand alone for a node
+    /// that has none of the log it refers to (it is sent to one that fell
+    /// behind); `None` if snapshots stand alone already.
+    fn exporter(&self) -> Option<Exporter> {
+        None
+    }
 }
+
+/// Turns a snapshot that refers to log entries into one that holds them.
+pub type Exporter = Box<dyn FnOnce(Vec<u8>) -> Result<Vec<u8>, String> + Send>;
 
 /// The node id of a node name: the first 8 bytes of its SHA-256. The
 /// largest id is kept free (the log stores "voted for nobody" as it).

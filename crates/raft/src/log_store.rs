@@ -128,7 +128,21 @@ impl SharedLog {
 
     /// `group`'s view of the log.
     pub fn store(self: &Arc<Self>, group: GroupId) -> LogStore {
-        LogStore { shared: self.clone(), group }
+        LogStore { shared: self.clone(), group, keep: None }
+    }
+
+    /// Reads `group`'s committed entries back for its state machine.
+    pub fn reader(self: &Arc<Self>, group: GroupId) -> LogReader {
+        LogReader { shared: self.clone(), group }
+    }
+
+    /// The first live entry of `group` (the one after the last purged).
+    pub fn first_index(&self, group: GroupId) -> Option<u64> {
+        match self.log.state(group) {
+            (Some((purged, _)), _) => Some(purged + 1),
+            (None, Some(_)) => Some(0),
+            (None, None) => None,
+        }
     }
 
     /// Fsyncs, and entries made durable by them, since opening.
@@ -178,6 +192,56 @@ impl SharedLog {
 pub struct LogStore {
     shared: Arc<SharedLog>,
     group: GroupId,
+    /// The first index the state machine still reads entries from: purges
+    /// stop below it (a quorum queue's bodies stay in its log).
+    keep: Option<KeepFrom>,
+}
+
+/// Says from which index a group's entries must be kept, if any.
+pub type KeepFrom = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+impl LogStore {
+    /// Purges stop below what `keep` names.
+    pub fn keeping(mut self, keep: KeepFrom) -> LogStore {
+        self.keep = Some(keep);
+        self
+    }
+}
+
+/// A group's committed entries, read back by its state machine (a quorum
+/// queue reads message bodies from them).
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<SharedLog>,
+    group: GroupId,
+}
+
+impl LogReader {
+    /// The commands of the entry at `index` (several writes may share an
+    /// entry), or `None` if it is not in the log (purged, or not a
+    /// command). Blocking: reads files.
+    pub fn commands(&self, index: u64) -> Option<Vec<Vec<u8>>> {
+        let cached = {
+            let tails = self.shared.tails.lock();
+            tails
+                .get(&self.group)
+                .and_then(|tail| tail.iter().find(|(_, e)| e.log_id.index == index).map(|(_, e)| e.clone()))
+        };
+        let entry = match cached {
+            Some(entry) => entry,
+            None => {
+                let read = self.shared.log.read(self.group, index..index + 1).ok()?;
+                let (index, term, payload) = read.into_iter().next()?;
+                decode(index, term, &payload).ok()?
+            }
+        };
+        match entry.payload {
+            EntryPayload::Normal(command) => {
+                crate::batch::decode(&command.0).map(|commands| commands.into_iter().map(<[u8]>::to_vec).collect())
+            }
+            _ => None,
+        }
+    }
 }
 
 fn log_id(index: u64, term: u64) -> LogId {
@@ -363,6 +427,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        let mut log_id = log_id;
+        // Entries the machine still reads stay (openraft counts them purged:
+        // it never asks for entries below its snapshot again). Not when the
+        // log does not reach the purge point: a snapshot from the leader is
+        // being installed, which replaces the machine's state, and the next
+        // entry follows the snapshot.
+        let (_, last) = self.shared.log.state(self.group);
+        let reaches = last.is_some_and(|(index, _)| index >= log_id.index);
+        if let Some(keep) = self.keep.as_ref().and_then(|keep| keep()).filter(|_| reaches) {
+            if keep <= log_id.index {
+                let Some(below) = keep.checked_sub(1) else { return Ok(()) };
+                let (purged, _) = self.shared.log.state(self.group);
+                if purged.is_some_and(|(index, _)| index >= below) {
+                    return Ok(());
+                }
+                let Some(term) = self.shared.log.term_of(self.group, below) else { return Ok(()) };
+                log_id = self::log_id(below, term);
+            }
+        }
         let mut tails = self.shared.tails.lock();
         self.shared.log.purge_upto(self.group, (log_id.index, log_id.leader_id.term)).map_err(write_error)?;
         if let Some(tail) = tails.get_mut(&self.group) {

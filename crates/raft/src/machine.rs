@@ -29,6 +29,8 @@ struct Inner<S> {
     current: Option<(Meta, Option<Vec<u8>>)>,
     built: u64,
     installed: u64,
+    /// The first log index the current snapshot refers to.
+    snapshot_keeps: Option<u64>,
 }
 
 /// A group's state machine as openraft drives it. Clones share it.
@@ -37,11 +39,16 @@ pub struct Machine<S> {
     /// Where the latest snapshot is kept; none for a machine that needs
     /// no restart (tests).
     file: Option<PathBuf>,
+    /// Held while a snapshot is written and made current: openraft may
+    /// build one while another is being written (its policy, and the
+    /// shared log's reclaim asking), and the older must not replace the
+    /// newer.
+    saving: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<S> Clone for Machine<S> {
     fn clone(&self) -> Self {
-        Machine { inner: self.inner.clone(), file: self.file.clone() }
+        Machine { inner: self.inner.clone(), file: self.file.clone(), saving: self.saving.clone() }
     }
 }
 
@@ -74,6 +81,7 @@ impl<S: StateMachine> Machine<S> {
         let mut applied = None;
         let mut membership = StoredMembership::default();
         let mut current = None;
+        let mut snapshot_keeps = None;
         if let Some(path) = &file {
             match std::fs::read(path) {
                 Ok(bytes) => {
@@ -83,6 +91,7 @@ impl<S: StateMachine> Machine<S> {
                         .restore(&saved.data)
                         .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::error(e))))?;
                     applied = saved.meta.last_log_id;
+                    snapshot_keeps = state.keep_log_from();
                     membership = saved.meta.last_membership.clone();
                     current = Some((saved.meta, None));
                 }
@@ -91,8 +100,17 @@ impl<S: StateMachine> Machine<S> {
             }
         }
         Ok(Machine {
-            inner: Arc::new(Mutex::new(Inner { state, applied, membership, current, built: 0, installed: 0 })),
+            inner: Arc::new(Mutex::new(Inner {
+                state,
+                applied,
+                membership,
+                current,
+                built: 0,
+                installed: 0,
+                snapshot_keeps,
+            })),
             file,
+            saving: Arc::default(),
         })
     }
 
@@ -105,6 +123,15 @@ impl<S: StateMachine> Machine<S> {
     /// Runs `f` on the machine's state (for reads served by a replica).
     pub fn with<T>(&self, f: impl FnOnce(&S) -> T) -> T {
         f(&self.inner.lock().state)
+    }
+
+    /// The first log index the state or the current snapshot still reads.
+    pub fn keep_log_from(&self) -> Option<u64> {
+        let inner = self.inner.lock();
+        match (inner.state.keep_log_from(), inner.snapshot_keeps) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Snapshots received from a leader since opening.
@@ -145,10 +172,20 @@ impl<S: StateMachine> RaftSnapshotBuilder<TypeConfig> for Machine<S> {
                 None => format!("--{}", inner.built),
             };
             let meta = Meta { last_log_id: inner.applied, last_membership: inner.membership.clone(), snapshot_id: id };
-            (meta, inner.state.snapshot())
+            (meta, (inner.state.snapshot(), inner.state.keep_log_from()))
         };
-        self.save(&meta, &data).await?;
-        self.inner.lock().current = Some((meta.clone(), self.kept(&data)));
+        let (data, keeps) = data;
+        let _saving = self.saving.lock().await;
+        let newer_saved = {
+            let inner = self.inner.lock();
+            inner.current.as_ref().is_some_and(|(current, _)| current.last_log_id >= meta.last_log_id)
+        };
+        if !newer_saved {
+            self.save(&meta, &data).await?;
+            let mut inner = self.inner.lock();
+            inner.current = Some((meta.clone(), self.kept(&data)));
+            inner.snapshot_keeps = keeps;
+        }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -207,6 +244,7 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
+        let _saving = self.saving.lock().await;
         // Durable first: the log before it is purged once this returns.
         self.save(meta, &data).await?;
         let mut inner = self.inner.lock();
@@ -217,12 +255,16 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
         inner.applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
         inner.current = Some((meta.clone(), self.kept(&data)));
+        inner.snapshot_keeps = inner.state.keep_log_from();
         inner.installed += 1;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let current = self.inner.lock().current.clone();
+        let (current, exporter) = {
+            let inner = self.inner.lock();
+            (inner.current.clone(), inner.state.exporter())
+        };
         let Some((meta, kept)) = current else { return Ok(None) };
         let data = match (kept, &self.file) {
             (Some(data), _) => data,
@@ -235,6 +277,15 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for Machine<S> {
                 saved.data
             }
             (None, None) => return Ok(None),
+        };
+        // Made to stand alone: the node it goes to has none of our log.
+        let data = match exporter {
+            Some(export) => match tokio::task::spawn_blocking(move || export(data)).await {
+                Ok(Ok(data)) => data,
+                Ok(Err(e)) => return Err(read_error(std::io::Error::other(e))),
+                Err(e) => return Err(read_error(std::io::Error::other(e.to_string()))),
+            },
+            None => data,
         };
         Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }

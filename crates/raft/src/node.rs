@@ -123,6 +123,8 @@ struct Pending {
 struct Group {
     raft: Raft,
     pending: Arc<Mutex<Pending>>,
+    /// The first index its machine still reads (purges stop below it).
+    keep: crate::KeepFrom,
 }
 
 /// At most this many commands, or about this many bytes, in one entry.
@@ -153,6 +155,7 @@ fn raft_config(options: &NodeOptions) -> Result<openraft::Config, NodeError> {
         // The log up to a snapshot goes at once: a member far behind gets
         // the snapshot.
         max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: options.snapshot_every.clamp(1, 256),
         ..Default::default()
     }
     .validate()
@@ -236,17 +239,21 @@ impl Node {
             return Err(NodeError::Exists(group));
         }
         let file = self.inner.snapshots.join(format!("{group:016x}.snapshot"));
+        let mut state = state;
+        state.attach(self.inner.log.reader(group));
         let machine = Machine::open(state, Some(file)).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let keeping = machine.clone();
+        let keep: crate::KeepFrom = Arc::new(move || keeping.keep_log_from());
         let raft = Raft::new(
             self.inner.id,
             self.inner.config.clone(),
             Network { transport, group, hints: self.inner.hints.clone() },
-            self.inner.log.store(group),
+            self.inner.log.store(group).keeping(keep.clone()),
             machine.clone(),
         )
         .await
         .map_err(|e| NodeError::Raft(group, e.to_string()))?;
-        self.inner.groups.write().insert(group, Group { raft, pending: Arc::default() });
+        self.inner.groups.write().insert(group, Group { raft, pending: Arc::default(), keep });
         Ok(machine)
     }
 
@@ -272,7 +279,8 @@ impl Node {
     /// commands submitted one after another are committed in that order)
     /// and the receiver gets the reply. Called within a tokio runtime.
     pub fn submit(&self, group: GroupId, command: Vec<u8>) -> Result<Submitted, NodeError> {
-        let Group { raft, pending } = self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))?;
+        let Group { raft, pending, .. } =
+            self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))?;
         let (reply, replied) = oneshot::channel();
         let start = {
             let mut pending = pending.lock();
@@ -842,7 +850,14 @@ async fn reclaim(inner: Weak<Inner>) {
             if forced.get(&group).is_some_and(|at| now.duration_since(*at) < FORCED_SNAPSHOT_EVERY) {
                 continue;
             }
-            let Some(raft) = node.groups.read().get(&group).map(|g| g.raft.clone()) else { continue };
+            let Some((raft, keep)) = node.groups.read().get(&group).map(|g| (g.raft.clone(), g.keep.clone())) else {
+                continue;
+            };
+            // A machine that still reads its oldest entries (a quorum
+            // queue's oldest message) would release nothing.
+            if keep().is_some_and(|from| node.log.first_index(group).is_none_or(|first| from <= first)) {
+                continue;
+            }
             forced.insert(group, now);
             debug!(group, "snapshot to release the shared log");
             let _ = raft.trigger().snapshot().await;

@@ -129,6 +129,9 @@ pub struct Config {
     /// File holding the secret every node of the cluster shares (RabbitMQ's
     /// Erlang cookie); required with `cluster_port`.
     pub cluster_secret_file: Option<PathBuf>,
+    /// Log entries a Raft group (a quorum queue, the metadata) applies
+    /// between snapshots.
+    pub cluster_snapshot_every: u64,
 }
 
 /// AMQP over TLS, RabbitMQ's `ssl_options` under Warren's names.
@@ -280,6 +283,7 @@ impl Default for Config {
             cluster_port: 0,
             cluster_seeds: Vec::new(),
             cluster_secret_file: None,
+            cluster_snapshot_every: 8192,
         }
     }
 }

@@ -210,6 +210,14 @@ impl GroupLog {
         Ok(wal)
     }
 
+    /// The term of `group`'s live entry at `index`, if it has one.
+    pub fn term_of(&self, group: GroupId, index: u64) -> Option<u64> {
+        let groups = self.groups.lock();
+        let g = groups.get(&group)?;
+        let at = usize::try_from(index.checked_sub(g.first)?).ok()?;
+        g.entries.get(at).map(|(_, term)| *term)
+    }
+
     pub fn save_vote(&self, group: GroupId, vote: Vote) -> Result<u64, GroupLogError> {
         let mut groups = self.groups.lock();
         let wal = self.commit.append(&record(b'V', group, &[vote.term, vote.node], &[u8::from(vote.committed)]))?;

@@ -100,6 +100,9 @@ struct ServeArgs {
     /// File holding the secret every node of the cluster shares; required with --cluster-port.
     #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE", value_name = "FILE")]
     cluster_secret_file: Option<PathBuf>,
+    /// Log entries a Raft group applies between snapshots [default: 8192].
+    #[arg(long, env = "WARREN_CLUSTER_SNAPSHOT_EVERY", value_name = "ENTRIES")]
+    cluster_snapshot_every: Option<u64>,
     /// Log filter, e.g. `info` or `warren_server=debug` [default: info]. openraft logs only errors unless the filter names it (`info,openraft=info`).
     #[arg(long, env = "WARREN_LOG", default_value = "info")]
     log: String,
@@ -155,6 +158,9 @@ impl ServeArgs {
         }
         if let Some(file) = &self.cluster_secret_file {
             config.cluster_secret_file = Some(file.clone());
+        }
+        if let Some(entries) = self.cluster_snapshot_every {
+            config.cluster_snapshot_every = entries;
         }
         config.validate()?;
         Ok(config)
@@ -270,7 +276,7 @@ async fn cluster(
         warren_server::config::Fsync::Always => warren_raft::FsyncPolicy::Always,
         warren_server::config::Fsync::Never => warren_raft::FsyncPolicy::Never,
     };
-    let options = warren_raft::NodeOptions { fsync, ..warren_raft::NodeOptions::default() };
+    let options = warren_raft::NodeOptions { fsync, snapshot_every: config.cluster_snapshot_every.max(1) };
     let raft = warren_raft::Node::open(&config.node_name(), &config.data_dir.join("raft"), options)?;
     let members =
         warren_cluster::ClusterConfig { node_name: config.node_name(), seeds: config.cluster_seeds.clone(), secret };

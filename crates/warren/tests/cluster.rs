@@ -46,6 +46,9 @@ fn start_in(name: &str, cluster_port: u16, seeds: &[String], secret: &Path, data
         .args(["--bind", "127.0.0.1", "--node-name", name])
         .args(["--log", &std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into())])
         .args(["--cluster-port", &cluster_port.to_string(), "--cluster-seeds", &seeds.join(",")])
+        // Snapshots every few entries: restarts and catching up go through
+        // them, and through quorum queues' logs kept for their bodies.
+        .args(["--cluster-snapshot-every", "8"])
         .arg("--cluster-secret-file")
         .arg(secret)
         .arg("--data-dir")
@@ -526,6 +529,29 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
             assert!(restarted.elapsed() < Duration::from_secs(20), "the wiped replica never caught up");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    });
+    // It caught up from a snapshot that carried the bodies (the leader's
+    // log before it was purged): once it is the only member, it leads and
+    // serves them all.
+    for other in ["pa@test", "pb@test"] {
+        let (ok, printed) = ctl(&c, &["delete_member", "jobs", other]);
+        assert!(ok, "{printed}");
+    }
+    runtime.block_on(async {
+        let alone = Instant::now();
+        while !leads(&c, "jobs").await {
+            assert!(alone.elapsed() < Duration::from_secs(20), "the caught-up node never led the queue alone");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conn = connect(&c).await;
+        let channel = conn.create_channel().await.unwrap();
+        let mut got = Vec::new();
+        while let Some(delivery) =
+            channel.basic_get("jobs".into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap()
+        {
+            got.push(String::from_utf8(delivery.delivery.data.clone()).unwrap());
+        }
+        assert_eq!(got, (200..250).map(|i| format!("j{i}")).collect::<Vec<_>>());
     });
     drop((a, b, c));
     let _ = std::fs::remove_dir_all(&dir);

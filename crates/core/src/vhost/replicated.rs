@@ -228,6 +228,7 @@ impl VirtualHostState {
         queue.clear_retrying();
         queue.returns.clear();
         queue.remote = true;
+        queue.own_loader = None;
         self.timed.remove(&id);
         for key in serving {
             self.close_channel(*key);
@@ -282,22 +283,29 @@ impl VirtualHostState {
         self.queue_ids.get(name).and_then(|id| self.queues.get(id)).is_some_and(|q| q.replicated)
     }
 
-    /// Fills a quorum queue just taken over with its group's messages, in
-    /// their order, each with the returns counted so far.
-    pub fn restore_replicated(&mut self, name: &str, messages: impl IntoIterator<Item = (Arc<Message>, u64)>) {
+    /// Fills a quorum queue taken up here from its replica with its
+    /// messages paged out: (key, body size, priority, returns) each, in
+    /// order; bodies are read back through `loader` (from the group's log)
+    /// as consumers need them. Marked redelivered, as recovered messages
+    /// are (a previous leader may have delivered them).
+    pub fn restore_replicated_paged(
+        &mut self,
+        name: &str,
+        loader: Arc<dyn crate::MessageLoader>,
+        messages: impl IntoIterator<Item = (u64, u64, u8, u64)>,
+    ) {
         let Some(id) = self.queue_ids.get(name).copied() else { return };
         let now = self.clock.now_ms();
         let Some(queue) = self.queues.get_mut(&id) else { return };
-        let mut timed = false;
-        for (message, returns) in messages {
-            timed |= message.expiration().is_some();
-            let seq = queue.push_recovered(message);
+        queue.own_loader = Some(crate::queue::OwnLoader(loader));
+        for (key, size, priority, returns) in messages {
+            let seq = queue.push_stored(key, size, priority);
             if returns > 0 {
                 queue.returns.insert(seq, returns);
             }
         }
         queue.last_used = now;
-        if (timed || queue.settings.has_ttl()) && !self.timed.contains(&id) {
+        if queue.settings.has_ttl() && !self.timed.contains(&id) {
             self.timed.insert(id);
         }
         if !queue.consumers.is_empty() && !self.dirty.contains(&id) {

@@ -645,7 +645,7 @@ impl Replication {
         };
         let mut restored = local.restored.lock();
         let Some(machine) = &local.machine else { return };
-        let (messages, last_key, last_index) = machine.with(|r| (r.messages(), r.last_key(), r.last_index()));
+        let (messages, last_key, last_index) = machine.with(|r| (r.entries(), r.last_key(), r.last_index()));
         let count = messages.len();
         let _applying = definitions::Applying::enter();
         let mut session = Session::open(&vhost, &broker.store);
@@ -663,7 +663,8 @@ impl Replication {
         local.next_key.store(last_key + 1, Ordering::Release);
         local.active.store(true, Ordering::Release);
         *restored = Some((last_index, term));
-        session.restore_replicated(&local.name, messages.into_iter().map(|(m, returns)| (Arc::new(m), returns)));
+        let loader = Arc::new(replica::ReplicaLoader(machine.clone()));
+        session.restore_replicated_paged(&local.name, loader, messages);
         drop(session);
         drop(restored);
         info!(vhost = %local.vhost, queue = %local.name, term, messages = count, "quorum queue led from this node");

@@ -4,15 +4,22 @@
 //! becomes this machine's commands, so every replica holds what the
 //! leader held once it was committed, and a new leader starts from it.
 //!
-//! Bodies are kept in memory here for now (and in the snapshots): the
-//! queue's log is the group's, and reading bodies back from it is to come.
+//! Bodies stay in the group's log: a replica keeps, per message, the
+//! entry that holds it and its place there (some 40 bytes), and reads it
+//! back when asked (the leader's queue pages bodies out and reads them
+//! back through [`ReplicaLoader`]). The log is kept from the oldest
+//! message's entry on ([`StateMachine::keep_log_from`]), and snapshots
+//! refer to entries too; a snapshot sent to a node that lacks the log
+//! carries the bodies, which that node then keeps in memory until they
+//! are settled. Without a log (tests), bodies are kept in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use warren_codec::properties::Properties;
-use warren_core::Message;
-use warren_raft::StateMachine;
+use warren_core::{Message, MessageLoader};
+use warren_raft::{Exporter, LogReader, Machine, StateMachine};
 
 const ENQUEUE: u8 = b'E';
 const SETTLE: u8 = b'S';
@@ -28,14 +35,21 @@ const FORWARDED_ONCE: u8 = b'G';
 /// Marks a snapshot that carries the forwarding nodes' last batches (no
 /// leader key is this large).
 const SNAPSHOT_V2: u64 = u64::MAX;
+/// Marks a snapshot whose messages refer to log entries (or carry their
+/// bytes, when the entry is not in the log).
+const SNAPSHOT_V3: u64 = u64::MAX - 1;
 
-/// Keys of forwarded messages: the leader's own keys stay below.
-const FORWARDED_BIT: u64 = 1 << 62;
+/// Keys of forwarded messages: the leader's own keys stay below, and
+/// paged-out spill references (bit 62) above.
+const FORWARDED_BIT: u64 = 1 << 61;
+/// Forwarded keys written before: never paged out (the bit marks spill
+/// references in a queue), still settled by key.
+const OLD_FORWARDED_BIT: u64 = 1 << 62;
 
 /// The key of the `position`th message of the forwarded batch at log
 /// `index`: the same on every replica, and never one a leader hands out.
 fn forwarded_key(index: u64, position: u64) -> u64 {
-    FORWARDED_BIT | (index << 20) | (position & 0xF_FFFF)
+    FORWARDED_BIT | ((index & 0x1FF_FFFF_FFFF) << 20) | (position & 0xF_FFFF)
 }
 
 /// A forwarded message as applied, for the leader's node to put in its
@@ -45,24 +59,85 @@ pub struct Applied {
     pub message: Message,
 }
 
-/// A message as the replica keeps it: when it arrived, then exchange,
-/// routing key, properties and body, as [`encode_enqueue`] wrote them.
+/// Where a message is and what the leader's queue needs to know of it
+/// without reading it.
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Kept {
-    data: Box<[u8]>,
-    returns: u64,
+    /// The log entry holding it; 0 when its bytes are in `inline`.
+    index: u64,
+    /// Its place among the messages of that entry ([`message_records`]).
+    at: u32,
+    /// Body bytes.
+    size: u32,
+    returns: u32,
+    priority: u8,
 }
 
 #[derive(Default)]
 pub struct QueueReplica {
     messages: BTreeMap<u64, Kept>,
+    /// Messages in no entry of this node's log: from a snapshot another
+    /// node sent, or every message when there is no log.
+    inline: HashMap<u64, Box<[u8]>>,
     /// The largest key a leader ever gave (a new leader goes on above it).
     last_key: u64,
     /// The log index of the last command applied.
     last_index: u64,
+    /// The entry being applied and the place of its next message.
+    cursor: (u64, u32),
     /// Where forwarded messages are told as they are applied.
     forwarded: Option<tokio::sync::mpsc::UnboundedSender<Applied>>,
     /// Each forwarding node's (per run) last batch applied.
     batches: BTreeMap<u64, u64>,
+    /// The group's log, where the bodies are.
+    log: Option<LogReader>,
+    /// The last entry read back: its messages' bytes.
+    cache: Mutex<Option<ReadBack>>,
+}
+
+/// An entry read back from the log: its index and its messages' bytes.
+type ReadBack = (u64, Vec<Box<[u8]>>);
+
+/// A message's key, body size, priority and returns, as the leader's queue
+/// is rebuilt from them.
+pub type Entry = (u64, u64, u8, u64);
+
+/// The messages a command holds (their bytes as [`encode_message`] wrote
+/// them), in order: one for `E`, each of a forwarded batch's (skipped or
+/// not), none for the others. A message's place in its entry counts these
+/// over the entry's commands.
+fn message_records(command: &[u8]) -> Vec<&[u8]> {
+    let mut rest = match command.first() {
+        Some(&ENQUEUE) => return command.get(9..).into_iter().collect(),
+        Some(&FORWARDED) => command.get(1..).unwrap_or_default(),
+        Some(&FORWARDED_ONCE) => command.get(17..).unwrap_or_default(),
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    while let Some(len) = u64_at(rest, 0).and_then(|l| usize::try_from(l).ok()) {
+        let Some(data) = rest.get(8..8 + len) else { break };
+        out.push(data);
+        rest = &rest[8 + len..];
+    }
+    out
+}
+
+/// Body size and priority of a message as [`encode_message`] wrote it.
+fn measure(data: &[u8]) -> Option<(u32, u8)> {
+    let mut at = 8;
+    at += 1 + usize::from(*data.get(at)?);
+    at += 1 + usize::from(*data.get(at)?);
+    let props_len = usize::try_from(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?)).ok()?;
+    let properties = data.get(at + 4..at + 4 + props_len)?;
+    let body = data.len().checked_sub(at + 4 + props_len)?;
+    let priority = Properties::view(properties).priority().unwrap_or(0);
+    Some((u32::try_from(body).unwrap_or(u32::MAX), priority))
+}
+
+/// Every message of the entry at `index`, read from `log`.
+fn read_entry(log: &LogReader, index: u64) -> Option<Vec<Box<[u8]>>> {
+    let commands = log.commands(index)?;
+    Some(commands.iter().flat_map(|c| message_records(c)).map(Box::from).collect())
 }
 
 /// `E`, key, then the message as `encode_message` writes it.
@@ -169,54 +244,245 @@ impl QueueReplica {
         self.last_key
     }
 
-    fn apply_forwarded(&mut self, index: u64, mut rest: &[u8]) {
-        let mut position = 0;
-        while let Some(len) = u64_at(rest, 0).and_then(|l| usize::try_from(l).ok()) {
-            let Some(data) = rest.get(8..8 + len) else { break };
-            let key = forwarded_key(index, position);
+    /// Whether the message of this key is here (committed, not settled).
+    pub fn holds(&self, key: u64) -> bool {
+        self.messages.contains_key(&key)
+    }
+
+    /// The place of the next message of the entry at `index`.
+    fn next_at(&mut self, index: u64) -> u32 {
+        if self.cursor.0 != index {
+            self.cursor = (index, 0);
+        }
+        let at = self.cursor.1;
+        self.cursor.1 = at.saturating_add(1);
+        at
+    }
+
+    /// Keeps a committed message: where it is in the log, or its bytes
+    /// when there is no log.
+    fn keep(&mut self, key: u64, index: u64, at: u32, data: &[u8]) {
+        let (size, priority) = measure(data).unwrap_or((0, 0));
+        let index = if self.log.is_some() {
+            index
+        } else {
+            self.inline.insert(key, data.into());
+            0
+        };
+        self.messages.insert(key, Kept { index, at, size, returns: 0, priority });
+    }
+
+    fn apply_forwarded(&mut self, index: u64, command: &[u8], apply: bool) {
+        for (position, data) in message_records(command).into_iter().enumerate() {
+            let at = self.next_at(index);
+            if !apply {
+                continue;
+            }
+            let key = forwarded_key(index, position as u64);
             if let Some(forwarded) = &self.forwarded {
                 if let Some(message) = decode_message(data) {
                     message.set_stored_index(key);
                     let _ = forwarded.send(Applied { index, message });
                 }
             }
-            self.messages.insert(key, Kept { data: data.into(), returns: 0 });
-            rest = &rest[8 + len..];
-            position += 1;
+            self.keep(key, index, at, data);
         }
     }
 
-    /// The messages in key order (the order they were enqueued), each with
-    /// its key set as its stored index, and its returns.
+    /// The messages in key order (the order they were enqueued): key, body
+    /// size, priority and returns.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.messages.iter().map(|(&key, k)| (key, u64::from(k.size), k.priority, u64::from(k.returns))).collect()
+    }
+
+    /// The bytes of a kept message (from the log, or from memory).
+    fn data(&self, key: u64, kept: &Kept) -> Option<Box<[u8]>> {
+        if kept.index == 0 {
+            return self.inline.get(&key).cloned();
+        }
+        let log = self.log.as_ref()?;
+        let at = usize::try_from(kept.at).ok()?;
+        let mut cache = self.cache.lock();
+        if let Some((index, messages)) = cache.as_ref() {
+            if *index == kept.index {
+                return messages.get(at).cloned();
+            }
+        }
+        let messages = read_entry(log, kept.index)?;
+        let found = messages.get(at).cloned();
+        *cache = Some((kept.index, messages));
+        found
+    }
+
+    /// The message of this key, read back, with its key as its stored
+    /// index.
+    pub fn body(&self, key: u64) -> Option<Message> {
+        let kept = self.messages.get(&key)?;
+        let data = self.data(key, kept)?;
+        let message = decode_message(&data)?;
+        message.set_stored_index(key);
+        Some(message)
+    }
+
+    /// The messages in key order, each read back with its key as its
+    /// stored index, and its returns.
+    #[cfg(test)]
     pub fn messages(&self) -> Vec<(Message, u64)> {
         let mut out = Vec::with_capacity(self.messages.len());
         for (&key, kept) in &self.messages {
-            match decode_message(&kept.data) {
-                Some(message) => {
-                    message.set_stored_index(key);
-                    out.push((message, kept.returns));
-                }
+            match self.body(key) {
+                Some(message) => out.push((message, u64::from(kept.returns))),
                 None => tracing::error!(key, "a replicated message cannot be read: skipped"),
             }
         }
         out
     }
+
+    fn settle(&mut self, key: u64) {
+        if let Some(kept) = self.messages.remove(&key) {
+            if kept.index == 0 {
+                self.inline.remove(&key);
+            }
+        }
+    }
+
+    /// The snapshot's header: marker, last key, last index, batches.
+    fn snapshot_header(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&SNAPSHOT_V3.to_le_bytes());
+        out.extend_from_slice(&self.last_key.to_le_bytes());
+        out.extend_from_slice(&self.last_index.to_le_bytes());
+        out.extend_from_slice(&(self.batches.len() as u64).to_le_bytes());
+        for (origin, batch) in &self.batches {
+            out.extend_from_slice(&origin.to_le_bytes());
+            out.extend_from_slice(&batch.to_le_bytes());
+        }
+    }
+}
+
+/// One message of a snapshot: key, returns, entry index, place, size,
+/// priority, then (entry index 0) the message's bytes with their length.
+fn put_kept(out: &mut Vec<u8>, key: u64, kept: &Kept, data: Option<&[u8]>) {
+    out.extend_from_slice(&key.to_le_bytes());
+    out.extend_from_slice(&u64::from(kept.returns).to_le_bytes());
+    out.extend_from_slice(&kept.index.to_le_bytes());
+    out.extend_from_slice(&kept.at.to_le_bytes());
+    out.extend_from_slice(&kept.size.to_le_bytes());
+    out.push(kept.priority);
+    if kept.index == 0 {
+        let data = data.unwrap_or_default();
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+}
+
+/// A snapshot as read: header fields and each message with its bytes when
+/// they were carried.
+struct Parsed<'a> {
+    last_key: u64,
+    last_index: u64,
+    batches: BTreeMap<u64, u64>,
+    messages: Vec<(u64, Kept, Option<&'a [u8]>)>,
+}
+
+fn parse_snapshot(snapshot: &[u8]) -> Result<Parsed<'_>, String> {
+    let bad = || "a quorum queue snapshot is cut short".to_string();
+    let marker = u64_at(snapshot, 0);
+    let v3 = marker == Some(SNAPSHOT_V3);
+    let v2 = marker == Some(SNAPSHOT_V2);
+    let mut at = if v2 || v3 { 8 } else { 0 };
+    let last_key = u64_at(snapshot, at).ok_or_else(bad)?;
+    let last_index = u64_at(snapshot, at + 8).ok_or_else(bad)?;
+    at += 16;
+    let mut batches = BTreeMap::new();
+    if v2 || v3 {
+        let count = u64_at(snapshot, at).ok_or_else(bad)?;
+        at += 8;
+        for _ in 0..count {
+            batches.insert(u64_at(snapshot, at).ok_or_else(bad)?, u64_at(snapshot, at + 8).ok_or_else(bad)?);
+            at += 16;
+        }
+    }
+    let mut messages = Vec::new();
+    while at < snapshot.len() {
+        let key = u64_at(snapshot, at).ok_or_else(bad)?;
+        let returns = u32::try_from(u64_at(snapshot, at + 8).ok_or_else(bad)?).unwrap_or(u32::MAX);
+        if !v3 {
+            // Earlier layouts carry every message's bytes.
+            let len = usize::try_from(u64_at(snapshot, at + 16).ok_or_else(bad)?).map_err(|_| bad())?;
+            let data = snapshot.get(at + 24..at + 24 + len).ok_or_else(bad)?;
+            let (size, priority) = measure(data).unwrap_or((0, 0));
+            messages.push((key, Kept { index: 0, at: 0, size, returns, priority }, Some(data)));
+            at += 24 + len;
+            continue;
+        }
+        let index = u64_at(snapshot, at + 16).ok_or_else(bad)?;
+        let fields = snapshot.get(at + 24..at + 33).ok_or_else(bad)?;
+        let place = u32::from_le_bytes([fields[0], fields[1], fields[2], fields[3]]);
+        let size = u32::from_le_bytes([fields[4], fields[5], fields[6], fields[7]]);
+        let kept = Kept { index, at: place, size, returns, priority: fields[8] };
+        at += 33;
+        let data = if index == 0 {
+            let len = usize::try_from(u64_at(snapshot, at).ok_or_else(bad)?).map_err(|_| bad())?;
+            let data = snapshot.get(at + 8..at + 8 + len).ok_or_else(bad)?;
+            at += 8 + len;
+            Some(data)
+        } else {
+            None
+        };
+        messages.push((key, kept, data));
+    }
+    Ok(Parsed { last_key, last_index, batches, messages })
+}
+
+/// Carries in `snapshot` the bytes of every message it refers to in `log`.
+fn export(log: &LogReader, snapshot: &[u8]) -> Result<Vec<u8>, String> {
+    let parsed = parse_snapshot(snapshot)?;
+    let header = QueueReplica {
+        last_key: parsed.last_key,
+        last_index: parsed.last_index,
+        batches: parsed.batches,
+        ..QueueReplica::default()
+    };
+    let mut out = Vec::with_capacity(snapshot.len());
+    header.snapshot_header(&mut out);
+    let mut entry: Option<(u64, Vec<Box<[u8]>>)> = None;
+    for (key, kept, data) in parsed.messages {
+        let data: Box<[u8]> = match data {
+            Some(data) => data.into(),
+            None => {
+                if entry.as_ref().is_none_or(|(index, _)| *index != kept.index) {
+                    let read = read_entry(log, kept.index)
+                        .ok_or_else(|| format!("log entry {} of a snapshot's message is gone", kept.index))?;
+                    entry = Some((kept.index, read));
+                }
+                let place = usize::try_from(kept.at).unwrap_or(usize::MAX);
+                entry
+                    .as_ref()
+                    .and_then(|(_, messages)| messages.get(place).cloned())
+                    .ok_or_else(|| format!("a snapshot's message is not in log entry {}", kept.index))?
+            }
+        };
+        put_kept(&mut out, key, &Kept { index: 0, at: 0, ..kept }, Some(&data));
+    }
+    Ok(out)
 }
 
 impl StateMachine for QueueReplica {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
         self.last_index = index;
         if command.first() == Some(&FORWARDED) {
-            self.apply_forwarded(index, &command[1..]);
+            self.apply_forwarded(index, command, true);
             return Vec::new();
         }
         if command.first() == Some(&FORWARDED_ONCE) {
             if let (Some(origin), Some(batch)) = (u64_at(command, 1), u64_at(command, 9)) {
                 let last = self.batches.entry(origin).or_insert(0);
-                if batch > *last {
+                let fresh = batch > *last;
+                if fresh {
                     *last = batch;
-                    self.apply_forwarded(index, &command[17..]);
                 }
+                // A batch sent again still counts its places in the entry.
+                self.apply_forwarded(index, command, fresh);
             }
             return Vec::new();
         }
@@ -224,15 +490,14 @@ impl StateMachine for QueueReplica {
         match (command.first(), key) {
             (Some(&ENQUEUE), Some(key)) => {
                 let data = command.get(9..).unwrap_or_default();
-                self.messages.insert(key, Kept { data: data.into(), returns: 0 });
+                let at = self.next_at(index);
+                self.keep(key, index, at, data);
                 self.last_key = self.last_key.max(key);
             }
-            (Some(&SETTLE), Some(key)) => {
-                self.messages.remove(&key);
-            }
+            (Some(&SETTLE), Some(key)) => self.settle(key),
             (Some(&RETURN), Some(key)) => {
                 if let (Some(kept), Some(returns)) = (self.messages.get_mut(&key), u64_at(command, 9)) {
-                    kept.returns = returns;
+                    kept.returns = u32::try_from(returns).unwrap_or(u32::MAX);
                 }
             }
             // Commands are written by this module only: a replica that
@@ -243,52 +508,72 @@ impl StateMachine for QueueReplica {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&SNAPSHOT_V2.to_le_bytes());
-        out.extend_from_slice(&self.last_key.to_le_bytes());
-        out.extend_from_slice(&self.last_index.to_le_bytes());
-        out.extend_from_slice(&(self.batches.len() as u64).to_le_bytes());
-        for (origin, batch) in &self.batches {
-            out.extend_from_slice(&origin.to_le_bytes());
-            out.extend_from_slice(&batch.to_le_bytes());
-        }
+        let mut out = Vec::with_capacity(64 + self.messages.len() * 33);
+        self.snapshot_header(&mut out);
         for (key, kept) in &self.messages {
-            out.extend_from_slice(&key.to_le_bytes());
-            out.extend_from_slice(&kept.returns.to_le_bytes());
-            out.extend_from_slice(&(kept.data.len() as u64).to_le_bytes());
-            out.extend_from_slice(&kept.data);
+            let data = (kept.index == 0).then(|| self.inline.get(key)).flatten();
+            put_kept(&mut out, *key, kept, data.map(|d| &d[..]));
         }
         out
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        let bad = || "a quorum queue snapshot is cut short".to_string();
-        let v2 = u64_at(snapshot, 0) == Some(SNAPSHOT_V2);
-        let mut at = if v2 { 8 } else { 0 };
-        let last_key = u64_at(snapshot, at).ok_or_else(bad)?;
-        let last_index = u64_at(snapshot, at + 8).ok_or_else(bad)?;
-        at += 16;
-        let mut batches = BTreeMap::new();
-        if v2 {
-            let count = u64_at(snapshot, at).ok_or_else(bad)?;
-            at += 8;
-            for _ in 0..count {
-                batches.insert(u64_at(snapshot, at).ok_or_else(bad)?, u64_at(snapshot, at + 8).ok_or_else(bad)?);
-                at += 16;
-            }
-        }
+        let parsed = parse_snapshot(snapshot)?;
         let mut messages = BTreeMap::new();
-        while at < snapshot.len() {
-            let key = u64_at(snapshot, at).ok_or_else(bad)?;
-            let returns = u64_at(snapshot, at + 8).ok_or_else(bad)?;
-            let len = usize::try_from(u64_at(snapshot, at + 16).ok_or_else(bad)?).map_err(|_| bad())?;
-            let data = snapshot.get(at + 24..at + 24 + len).ok_or_else(bad)?;
-            messages.insert(key, Kept { data: data.into(), returns });
-            at += 24 + len;
+        let mut inline = HashMap::new();
+        for (key, kept, data) in parsed.messages {
+            if let (0, Some(data)) = (kept.index, data) {
+                inline.insert(key, Box::from(data));
+            }
+            messages.insert(key, kept);
         }
-        let forwarded = self.forwarded.take();
-        *self = QueueReplica { messages, last_key, last_index, forwarded, batches };
+        self.messages = messages;
+        self.inline = inline;
+        self.last_key = parsed.last_key;
+        self.last_index = parsed.last_index;
+        self.batches = parsed.batches;
+        self.cursor = (0, 0);
+        *self.cache.lock() = None;
         Ok(())
+    }
+
+    fn attach(&mut self, log: LogReader) {
+        self.log = Some(log);
+    }
+
+    /// The oldest entry a message is in. Within each kind of key (the
+    /// leaders' own, forwarded ones, forwarded ones of the earlier
+    /// layout), keys rise with the entries that hold them: the first of
+    /// each kind not in memory is the oldest of its kind.
+    fn keep_log_from(&self) -> Option<u64> {
+        let kinds = [0..FORWARDED_BIT, FORWARDED_BIT..OLD_FORWARDED_BIT, OLD_FORWARDED_BIT..u64::MAX];
+        kinds
+            .into_iter()
+            .filter_map(|kind| self.messages.range(kind).map(|(_, k)| k.index).find(|&index| index != 0))
+            .min()
+    }
+
+    fn exporter(&self) -> Option<Exporter> {
+        let log = self.log.clone()?;
+        Some(Box::new(move |snapshot: Vec<u8>| export(&log, &snapshot)))
+    }
+}
+
+/// Reads a quorum queue's bodies back for the leader's queue, which pages
+/// them out once its replica holds them.
+pub struct ReplicaLoader(pub Machine<QueueReplica>);
+
+impl MessageLoader for ReplicaLoader {
+    fn load(&self, stored: u64) -> Option<Message> {
+        self.0.with(|replica| replica.body(stored))
+    }
+
+    fn readable_upto(&self) -> u64 {
+        0
+    }
+
+    fn can_page(&self, stored: u64) -> bool {
+        stored & OLD_FORWARDED_BIT == 0 && self.0.with(|replica| replica.holds(stored))
     }
 }
 
@@ -359,15 +644,58 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_written_before_batches_had_numbers_still_restores() {
+    fn snapshots_of_the_earlier_layouts_still_restore() {
+        let mut data = Vec::new();
+        encode_message(&mut data, &message(b"old"));
+        // Last key, last index, then key, returns, length and bytes.
+        let entry = [&5u64.to_le_bytes()[..], &2u64.to_le_bytes(), &(data.len() as u64).to_le_bytes(), &data].concat();
+        let v1 = [&5u64.to_le_bytes()[..], &1u64.to_le_bytes(), &entry].concat();
+        // The same after a marker and the batches (one: origin 9, batch 4).
+        let v2 = [
+            &SNAPSHOT_V2.to_le_bytes()[..],
+            &v1[..16],
+            &1u64.to_le_bytes(),
+            &9u64.to_le_bytes(),
+            &4u64.to_le_bytes(),
+            &entry,
+        ]
+        .concat();
+        for old in [v1, v2] {
+            let mut restored = QueueReplica::default();
+            assert_eq!(restored.restore(&old), Ok(()));
+            assert_eq!(restored.len(), 1);
+            assert_eq!(restored.last_key(), 5);
+            assert_eq!(restored.entries(), vec![(5, 3, 0, 2)], "key, size, priority, returns");
+            let body = restored.body(5).map(|m| m.body().to_vec());
+            assert_eq!(body.as_deref(), Some(&b"old"[..]));
+            // Written again in the current layout, it reads the same.
+            let mut again = QueueReplica::default();
+            assert_eq!(again.restore(&restored.snapshot()), Ok(()));
+            assert_eq!(again.entries(), restored.entries());
+        }
+    }
+
+    #[test]
+    fn places_in_an_entry_count_every_message_of_its_commands() {
+        let (a, b, c) = (message(b"a"), message(b"bb"), message(b"ccc"));
+        // One entry: a forwarded batch of two, a settle, an enqueue, and the
+        // same batch sent again (skipped, but its places count).
+        let batch = command(|o| encode_forwarded(o, 7, 1, [&a, &b]));
+        let commands = [batch.clone(), command(|o| encode_settle(o, 99)), command(|o| encode_enqueue(o, 3, &c)), batch];
         let mut replica = QueueReplica::default();
-        replica.apply(1, &command(|o| encode_enqueue(o, 5, &message(b"old"))));
-        let v2 = replica.snapshot();
-        // The earlier layout: the same without the marker and the batches.
-        let old = [&v2[8..24], &v2[32..]].concat();
-        let mut restored = QueueReplica::default();
-        assert_eq!(restored.restore(&old), Ok(()));
-        assert_eq!(restored.len(), 1);
-        assert_eq!(restored.last_key(), 5);
+        for command in &commands {
+            replica.apply(10, command);
+        }
+        let places: Vec<u32> = replica.messages.values().map(|k| k.at).collect();
+        let records: Vec<Vec<u8>> = commands.iter().flat_map(|c| message_records(c)).map(<[u8]>::to_vec).collect();
+        assert_eq!(records.len(), 5);
+        for (key, kept) in &replica.messages {
+            let data = replica.inline.get(key).map(|d| d.to_vec());
+            assert_eq!(data.as_ref(), records.get(kept.at as usize), "key {key} at place {}", kept.at);
+        }
+        assert_eq!(places.len(), 3);
+        // Sizes and priorities come from the bytes.
+        let sizes: Vec<u64> = replica.entries().iter().map(|e| e.1).collect();
+        assert_eq!(sizes, [3, 1, 2]);
     }
 }
