@@ -295,6 +295,44 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        self.entries(range, usize::MAX).await
+    }
+
+    /// What a leader sends a follower in one request: openraft counts
+    /// entries (300), and a quorum queue's entries hold its message bodies
+    /// (up to 8 MiB each), so the bytes are bounded here.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        self.entries(start..end, APPEND_BYTES).await
+    }
+}
+
+/// A committed index is noted every this many entries: a restart applies
+/// the entries up to the note in steps of 64 (openraft's), and at most
+/// this many more at once once a leader tells it the rest.
+const COMMITTED_EVERY: u64 = 32;
+
+/// About the most payload bytes sent to a follower in one append request.
+const APPEND_BYTES: usize = 4 << 20;
+
+fn payload_len(entry: &Entry<TypeConfig>) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(command) => command.0.len(),
+        _ => 64,
+    }
+}
+
+impl LogStore {
+    /// The entries in `range` (those there are), stopping once their
+    /// payloads reach `max_bytes` (at least one is returned).
+    async fn entries<RB: RangeBounds<u64>>(
+        &mut self,
+        range: RB,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i.saturating_add(1),
@@ -325,12 +363,22 @@ impl RaftLogReader<TypeConfig> for LogStore {
             // a runtime thread, which serves connections meanwhile (a
             // follower catching up is sent thousands of entries this way).
             let (shared, group, range) = (self.shared.clone(), self.group, start..from.min(end));
-            let read = tokio::task::spawn_blocking(move || shared.log.read(group, range)).await.map_err(read_error)?;
+            let read = tokio::task::spawn_blocking(move || shared.log.read_limited(group, range, max_bytes))
+                .await
+                .map_err(read_error)?;
             for (index, term, payload) in read.map_err(read_error)? {
                 out.push(decode(index, term, &payload)?);
             }
         }
-        out.extend(cached);
+        let mut bytes: usize = out.iter().map(payload_len).sum();
+        for entry in cached {
+            // The file part stops short only once it reached the limit.
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(payload_len(&entry));
+            out.push(entry);
+        }
         Ok(out)
     }
 }
@@ -366,6 +414,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .until_durable(wal)
             .await
             .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError<NodeId>> {
+        let Some(committed) = committed else { return Ok(()) };
+        self.shared
+            .log
+            .save_committed(self.group, (committed.index, committed.leader_id.term), COMMITTED_EVERY)
+            .map_err(write_error)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError<NodeId>> {
+        Ok(self.shared.log.committed(self.group).map(|(index, term)| log_id(index, term)))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {

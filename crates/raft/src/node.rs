@@ -123,7 +123,8 @@ struct Pending {
 struct Group {
     raft: Raft,
     pending: Arc<Mutex<Pending>>,
-    /// The first index its machine still reads (purges stop below it).
+    /// The first index its machine's state still reads (a new snapshot
+    /// would keep the log from there).
     keep: crate::KeepFrom,
 }
 
@@ -155,7 +156,9 @@ fn raft_config(options: &NodeOptions) -> Result<openraft::Config, NodeError> {
         // The log up to a snapshot goes at once: a member far behind gets
         // the snapshot.
         max_in_snapshot_log_to_keep: 0,
-        purge_batch_size: options.snapshot_every.clamp(1, 256),
+        // Every snapshot purges: one taken to release the shared log (a
+        // drained quorum queue) may follow the last by a few entries only.
+        purge_batch_size: 1,
         ..Default::default()
     }
     .validate()
@@ -243,12 +246,14 @@ impl Node {
         state.attach(self.inner.log.reader(group));
         let machine = Machine::open(state, Some(file)).map_err(|e| NodeError::Storage(e.to_string()))?;
         let keeping = machine.clone();
-        let keep: crate::KeepFrom = Arc::new(move || keeping.keep_log_from());
+        let purge_from: crate::KeepFrom = Arc::new(move || keeping.keep_log_from());
+        let keeping = machine.clone();
+        let keep: crate::KeepFrom = Arc::new(move || keeping.with(StateMachine::keep_log_from));
         let raft = Raft::new(
             self.inner.id,
             self.inner.config.clone(),
             Network { transport, group, hints: self.inner.hints.clone() },
-            self.inner.log.store(group).keeping(keep.clone()),
+            self.inner.log.store(group).keeping(purge_from),
             machine.clone(),
         )
         .await

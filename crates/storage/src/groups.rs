@@ -10,7 +10,10 @@
 //! - `T` group, index: the group's entries from `index` on are gone;
 //! - `U` group, index, term: the group's entries up to `index` are purged
 //!   (a snapshot covers them);
-//! - `V` group, term, node, committed: the group's vote.
+//! - `V` group, term, node, committed: the group's vote;
+//! - `C` group, index, term: an entry the group knows committed (so a
+//!   restart applies the entries up to it in bounded steps, before it
+//!   hears from a leader).
 //!
 //! Memory per group is its live entries' WAL positions (16 bytes each).
 //! [`GroupLog::reclaim`] deletes the shared log's segments no group needs:
@@ -51,6 +54,8 @@ struct Group {
     purged: Option<(LogPosition, u64)>,
     /// The vote, and the WAL index of its record.
     vote: Option<(Vote, u64)>,
+    /// The last committed entry written, and the WAL index of its record.
+    committed: Option<(LogPosition, u64)>,
 }
 
 impl Group {
@@ -155,6 +160,7 @@ impl GroupLog {
                     let committed = payload.get(25) == Some(&1);
                     state.vote = Some((Vote { term, node, committed }, wal));
                 }
+                (b'C', Some(index), Some(term)) => state.committed = Some(((index, term), wal)),
                 _ => {}
             }
         })?;
@@ -218,6 +224,30 @@ impl GroupLog {
         g.entries.get(at).map(|(_, term)| *term)
     }
 
+    /// Notes that `group`'s entry `position` is committed, if it is at
+    /// least `every` entries past the one noted last. Not waited for: a
+    /// lost note only means more to apply after a restart.
+    pub fn save_committed(&self, group: GroupId, position: LogPosition, every: u64) -> Result<(), GroupLogError> {
+        let mut groups = self.groups.lock();
+        let g = groups.entry(group).or_default();
+        if g.committed.is_some_and(|((index, _), _)| position.0 < index.saturating_add(every)) {
+            return Ok(());
+        }
+        let wal = self.commit.append(&record(b'C', group, &[position.0, position.1], &[]))?;
+        g.committed = Some((position, wal));
+        Ok(())
+    }
+
+    /// The last committed entry noted for `group`, if that entry is still
+    /// in its log.
+    pub fn committed(&self, group: GroupId) -> Option<LogPosition> {
+        let groups = self.groups.lock();
+        let g = groups.get(&group)?;
+        let ((index, term), _) = g.committed?;
+        let at = crate::usize_of(index.checked_sub(g.first)?);
+        g.entries.get(at).is_some_and(|(_, t)| *t == term).then_some((index, term))
+    }
+
     pub fn save_vote(&self, group: GroupId, vote: Vote) -> Result<u64, GroupLogError> {
         let mut groups = self.groups.lock();
         let wal = self.commit.append(&record(b'V', group, &[vote.term, vote.node], &[u8::from(vote.committed)]))?;
@@ -240,6 +270,17 @@ impl GroupLog {
 
     /// `group`'s entries with indices in `range`: (index, term, payload).
     pub fn read(&self, group: GroupId, range: std::ops::Range<u64>) -> Result<Vec<(u64, u64, Vec<u8>)>, GroupLogError> {
+        self.read_limited(group, range, usize::MAX)
+    }
+
+    /// Like [`GroupLog::read`], stopping once the payloads read reach
+    /// `max_bytes` (at least one entry is read).
+    pub fn read_limited(
+        &self,
+        group: GroupId,
+        range: std::ops::Range<u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, GroupLogError> {
         let wanted: Vec<(u64, u64, u64)> = {
             let groups = self.groups.lock();
             let Some(g) = groups.get(&group) else { return Ok(Vec::new()) };
@@ -251,11 +292,17 @@ impl GroupLog {
                 })
                 .collect()
         };
-        let mut out = Vec::with_capacity(wanted.len());
+        let mut out = Vec::with_capacity(wanted.len().min(1024));
+        let mut bytes = 0usize;
         for (index, term, wal) in wanted {
+            if bytes >= max_bytes && !out.is_empty() {
+                break;
+            }
             self.commit.wait_written(wal)?;
             let entry = self.commit.read(wal)?;
-            out.push((index, term, entry.payload.get(25..).unwrap_or_default().to_vec()));
+            let payload = entry.payload.get(25..).unwrap_or_default().to_vec();
+            bytes = bytes.saturating_add(payload.len());
+            out.push((index, term, payload));
         }
         Ok(out)
     }
@@ -286,6 +333,13 @@ impl GroupLog {
                     let new =
                         self.commit.append(&record(b'V', *id, &[vote.term, vote.node], &[u8::from(vote.committed)]))?;
                     g.vote = Some((vote, new));
+                    last = new;
+                }
+            }
+            if let Some((position, wal)) = g.committed {
+                if wal < keep {
+                    let new = self.commit.append(&record(b'C', *id, &[position.0, position.1], &[]))?;
+                    g.committed = Some((position, new));
                     last = new;
                 }
             }
@@ -388,6 +442,36 @@ mod tests {
             log.append(7, [(47, 1, &b"gap"[..])]),
             Err(GroupLogError::NotContiguous { group: 7, index: 47, next: 46 })
         ));
+    }
+
+    #[test]
+    fn committed_notes_come_back_only_for_entries_still_there_and_reads_stop_at_a_byte_limit() {
+        let sim = SimBackend::new();
+        let log = open(&sim, 1 << 20);
+        let mut last = 0;
+        for index in 1..=100u64 {
+            last = log.append(3, [(index, 1, &[0u8; 100][..])]).unwrap();
+        }
+        log.save_committed(3, (40, 1), 32).unwrap();
+        log.save_committed(3, (60, 1), 32).unwrap();
+        assert_eq!(log.committed(3), Some((40, 1)), "a note closer than `every` to the last is skipped");
+        log.save_committed(3, (72, 1), 32).unwrap();
+        log.save_committed(5, (9, 1), 32).unwrap();
+        assert_eq!(log.committed(5), None, "no such entry");
+        let read = log.read_limited(3, 1..101, 250).unwrap();
+        assert_eq!(read.len(), 3, "stops once 250 bytes are read");
+        assert_eq!(log.read_limited(3, 1..101, 0).unwrap().len(), 1, "one entry at least");
+        // Written after the note: both durable once it is.
+        let truncated = log.truncate_from(3, 90).unwrap();
+        wait(&log, last.max(truncated));
+        log.shutdown();
+        sim.power_cut();
+
+        let log = open(&sim, 1 << 20);
+        assert_eq!(log.committed(3), Some((72, 1)));
+        let truncated = log.truncate_from(3, 50).unwrap();
+        wait(&log, truncated);
+        assert_eq!(log.committed(3), None, "its entry is gone");
     }
 
     #[test]

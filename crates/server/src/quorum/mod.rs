@@ -23,6 +23,7 @@
 
 mod definitions;
 mod forward;
+mod kept;
 pub mod placements;
 mod relay;
 pub mod replica;

@@ -5,7 +5,7 @@
 //! leader held once it was committed, and a new leader starts from it.
 //!
 //! Bodies stay in the group's log: a replica keeps, per message, the
-//! entry that holds it and its place there (some 40 bytes), and reads it
+//! entry that holds it and its place there (about 24 bytes, [`KeptMap`]), and reads it
 //! back when asked (the leader's queue pages bodies out and reads them
 //! back through [`ReplicaLoader`]). The log is kept from the oldest
 //! message's entry on ([`StateMachine::keep_log_from`]), and snapshots
@@ -20,6 +20,8 @@ use parking_lot::Mutex;
 use warren_codec::properties::Properties;
 use warren_core::{Message, MessageLoader};
 use warren_raft::{Exporter, LogReader, Machine, StateMachine};
+
+use super::kept::{Kept, KeptMap};
 
 const ENQUEUE: u8 = b'E';
 const SETTLE: u8 = b'S';
@@ -41,10 +43,10 @@ const SNAPSHOT_V3: u64 = u64::MAX - 1;
 
 /// Keys of forwarded messages: the leader's own keys stay below, and
 /// paged-out spill references (bit 62) above.
-const FORWARDED_BIT: u64 = 1 << 61;
+pub(super) const FORWARDED_BIT: u64 = 1 << 61;
 /// Forwarded keys written before: never paged out (the bit marks spill
 /// references in a queue), still settled by key.
-const OLD_FORWARDED_BIT: u64 = 1 << 62;
+pub(super) const OLD_FORWARDED_BIT: u64 = 1 << 62;
 
 /// The key of the `position`th message of the forwarded batch at log
 /// `index`: the same on every replica, and never one a leader hands out.
@@ -59,23 +61,9 @@ pub struct Applied {
     pub message: Message,
 }
 
-/// Where a message is and what the leader's queue needs to know of it
-/// without reading it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Kept {
-    /// The log entry holding it; 0 when its bytes are in `inline`.
-    index: u64,
-    /// Its place among the messages of that entry ([`message_records`]).
-    at: u32,
-    /// Body bytes.
-    size: u32,
-    returns: u32,
-    priority: u8,
-}
-
 #[derive(Default)]
 pub struct QueueReplica {
-    messages: BTreeMap<u64, Kept>,
+    messages: KeptMap,
     /// Messages in no entry of this node's log: from a snapshot another
     /// node sent, or every message when there is no log.
     inline: HashMap<u64, Box<[u8]>>,
@@ -246,7 +234,7 @@ impl QueueReplica {
 
     /// Whether the message of this key is here (committed, not settled).
     pub fn holds(&self, key: u64) -> bool {
-        self.messages.contains_key(&key)
+        self.messages.contains_key(key)
     }
 
     /// The place of the next message of the entry at `index`.
@@ -292,7 +280,7 @@ impl QueueReplica {
     /// The messages in key order (the order they were enqueued): key, body
     /// size, priority and returns.
     pub fn entries(&self) -> Vec<Entry> {
-        self.messages.iter().map(|(&key, k)| (key, u64::from(k.size), k.priority, u64::from(k.returns))).collect()
+        self.messages.iter().map(|(key, k)| (key, u64::from(k.size), k.priority, u64::from(k.returns))).collect()
     }
 
     /// The bytes of a kept message (from the log, or from memory).
@@ -317,8 +305,8 @@ impl QueueReplica {
     /// The message of this key, read back, with its key as its stored
     /// index.
     pub fn body(&self, key: u64) -> Option<Message> {
-        let kept = self.messages.get(&key)?;
-        let data = self.data(key, kept)?;
+        let kept = self.messages.get(key)?;
+        let data = self.data(key, &kept)?;
         let message = decode_message(&data)?;
         message.set_stored_index(key);
         Some(message)
@@ -329,7 +317,7 @@ impl QueueReplica {
     #[cfg(test)]
     pub fn messages(&self) -> Vec<(Message, u64)> {
         let mut out = Vec::with_capacity(self.messages.len());
-        for (&key, kept) in &self.messages {
+        for (key, kept) in self.messages.iter() {
             match self.body(key) {
                 Some(message) => out.push((message, u64::from(kept.returns))),
                 None => tracing::error!(key, "a replicated message cannot be read: skipped"),
@@ -339,7 +327,7 @@ impl QueueReplica {
     }
 
     fn settle(&mut self, key: u64) {
-        if let Some(kept) = self.messages.remove(&key) {
+        if let Some(kept) = self.messages.remove(key) {
             if kept.index == 0 {
                 self.inline.remove(&key);
             }
@@ -496,8 +484,8 @@ impl StateMachine for QueueReplica {
             }
             (Some(&SETTLE), Some(key)) => self.settle(key),
             (Some(&RETURN), Some(key)) => {
-                if let (Some(kept), Some(returns)) = (self.messages.get_mut(&key), u64_at(command, 9)) {
-                    kept.returns = u32::try_from(returns).unwrap_or(u32::MAX);
+                if let Some(returns) = u64_at(command, 9) {
+                    self.messages.set_returns(key, u32::try_from(returns).unwrap_or(u32::MAX));
                 }
             }
             // Commands are written by this module only: a replica that
@@ -510,16 +498,16 @@ impl StateMachine for QueueReplica {
     fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.messages.len() * 33);
         self.snapshot_header(&mut out);
-        for (key, kept) in &self.messages {
-            let data = (kept.index == 0).then(|| self.inline.get(key)).flatten();
-            put_kept(&mut out, *key, kept, data.map(|d| &d[..]));
+        for (key, kept) in self.messages.iter() {
+            let data = (kept.index == 0).then(|| self.inline.get(&key)).flatten();
+            put_kept(&mut out, key, &kept, data.map(|d| &d[..]));
         }
         out
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
         let parsed = parse_snapshot(snapshot)?;
-        let mut messages = BTreeMap::new();
+        let mut messages = KeptMap::default();
         let mut inline = HashMap::new();
         for (key, kept, data) in parsed.messages {
             if let (0, Some(data)) = (kept.index, data) {
@@ -541,16 +529,8 @@ impl StateMachine for QueueReplica {
         self.log = Some(log);
     }
 
-    /// The oldest entry a message is in. Within each kind of key (the
-    /// leaders' own, forwarded ones, forwarded ones of the earlier
-    /// layout), keys rise with the entries that hold them: the first of
-    /// each kind not in memory is the oldest of its kind.
     fn keep_log_from(&self) -> Option<u64> {
-        let kinds = [0..FORWARDED_BIT, FORWARDED_BIT..OLD_FORWARDED_BIT, OLD_FORWARDED_BIT..u64::MAX];
-        kinds
-            .into_iter()
-            .filter_map(|kind| self.messages.range(kind).map(|(_, k)| k.index).find(|&index| index != 0))
-            .min()
+        self.messages.oldest_entry()
     }
 
     fn exporter(&self) -> Option<Exporter> {
@@ -686,11 +666,11 @@ mod tests {
         for command in &commands {
             replica.apply(10, command);
         }
-        let places: Vec<u32> = replica.messages.values().map(|k| k.at).collect();
+        let places: Vec<u32> = replica.messages.iter().map(|(_, k)| k.at).collect();
         let records: Vec<Vec<u8>> = commands.iter().flat_map(|c| message_records(c)).map(<[u8]>::to_vec).collect();
         assert_eq!(records.len(), 5);
-        for (key, kept) in &replica.messages {
-            let data = replica.inline.get(key).map(|d| d.to_vec());
+        for (key, kept) in replica.messages.iter() {
+            let data = replica.inline.get(&key).map(|d| d.to_vec());
             assert_eq!(data.as_ref(), records.get(kept.at as usize), "key {key} at place {}", kept.at);
         }
         assert_eq!(places.len(), 3);
