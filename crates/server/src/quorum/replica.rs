@@ -5,7 +5,7 @@
 //! leader held once it was committed, and a new leader starts from it.
 //!
 //! Bodies stay in the group's log: a replica keeps, per message, the
-//! entry that holds it and its place there (about 24 bytes, [`KeptMap`]), and reads it
+//! entry that holds it and its place there (about 24 bytes, packed by `kept.rs`), and reads it
 //! back when asked (the leader's queue pages bodies out and reads them
 //! back through [`ReplicaLoader`]). The log is kept from the oldest
 //! message's entry on ([`StateMachine::keep_log_from`]), and snapshots
