@@ -55,6 +55,7 @@ impl<S> Clone for Machine<S> {
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: Meta,
+    #[serde(with = "crate::bytes")]
     data: Vec<u8>,
 }
 
@@ -63,6 +64,7 @@ struct SnapshotFile {
 #[derive(Serialize)]
 struct SnapshotFileRef<'a> {
     meta: &'a Meta,
+    #[serde(serialize_with = "crate::bytes::serialize")]
     data: &'a [u8],
 }
 
