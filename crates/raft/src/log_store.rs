@@ -514,3 +514,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogReader;
+    use warren_storage::{FsBackend, FsyncPolicy};
+
+    use super::*;
+
+    /// A follower far behind a quorum queue is sent its entries a few MiB
+    /// at a time: 300 entries of bodies in one request were over the
+    /// cluster's frame limit, and it never caught up.
+    #[tokio::test]
+    async fn appends_to_a_follower_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let shared =
+            SharedLog::open(Arc::new(FsBackend), dir.path(), FsyncPolicy::Always).unwrap_or_else(|e| panic!("{e}"));
+        let body = vec![7u8; 256 * 1024];
+        let entries: Vec<Vec<u8>> = (1..=40u64)
+            .map(|index| {
+                encode(&Entry { log_id: log_id(index, 1), payload: EntryPayload::Normal(Command(body.clone())) })
+            })
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}"));
+        shared
+            .log
+            .append(3, entries.iter().enumerate().map(|(at, e)| (at as u64 + 1, 1, &e[..])))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut store = shared.store(3);
+        let all = store.try_get_log_entries(1..41).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(all.len(), 40);
+        let limited = store.limited_get_log_entries(1, 41).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(limited.len(), APPEND_BYTES / body.len(), "about 4 MiB, from the first entry on");
+        assert_eq!(limited.first().map(|e| e.log_id.index), Some(1));
+        let one = store.limited_get_log_entries(40, 41).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one.len(), 1);
+        shared.shutdown();
+    }
+}
