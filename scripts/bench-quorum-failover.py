@@ -14,7 +14,9 @@ none may be missing, and a message delivered twice must say so
 (`redelivered`) the second time.
 
 Usage:
-  scripts/bench-quorum-failover.py [--cycles N] [--consumer] [--rabbitmq]
+  scripts/bench-quorum-failover.py [--cycles N] [--consumer] [--rabbitmq] [--stop]
+
+With --stop the leader is stopped gracefully (SIGTERM) instead of killed.
 """
 
 import argparse
@@ -192,6 +194,15 @@ class Consumer(threading.Thread):
             self.error = e
 
 
+def running(pid):
+    """Whether the process is there and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))]
@@ -202,6 +213,7 @@ def main():
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--rabbitmq", action="store_true")
     parser.add_argument("--consumer", action="store_true", help="an acking consumer through the third node")
+    parser.add_argument("--stop", action="store_true", help="stop the leader with SIGTERM instead of SIGKILL")
     args = parser.parse_args()
     broker = RabbitMQ() if args.rabbitmq else Warren()
     broker.up()
@@ -229,7 +241,8 @@ def main():
         time.sleep(1.0)
         assert publisher.error is None, publisher.error
         killed_at = time.monotonic()
-        os.kill(broker.pid(leader), signal.SIGKILL)
+        pid = broker.pid(leader)
+        os.kill(pid, signal.SIGTERM if args.stop else signal.SIGKILL)
         while time.monotonic() - killed_at < 30:
             if publisher.times and publisher.times[-1] > killed_at:
                 break
@@ -250,7 +263,12 @@ def main():
             assert consumer.error is None, consumer.error
             consumed.extend(consumer.received)
             cancels += consumer.cancelled
-        print(f"cycle {cycle + 1}: leader node {leader} killed, publisher through node {via}: longest wait for a confirm {gap * 1000:.0f} ms", flush=True)
+        how = "stopped" if args.stop else "killed"
+        print(f"cycle {cycle + 1}: leader node {leader} {how}, publisher through node {via}: longest wait for a confirm {gap * 1000:.0f} ms", flush=True)
+        deadline = time.monotonic() + 30
+        while running(pid):
+            assert time.monotonic() < deadline, f"node {leader} did not stop"
+            time.sleep(0.05)
         broker.restart(leader)
         deadline = time.monotonic() + 60
         while not (broker.ready() and broker.caught_up(leader)):
@@ -276,7 +294,7 @@ def main():
         seen[body] = seen.get(body, 0) + 1
     lost = [b for b in confirmed if b not in seen]
     duplicates = sum(n - 1 for n in seen.values() if n > 1)
-    print(f"{broker.name}: {len(gaps)} cycles, longest wait for a confirm across a kill -9 of the leader: "
+    print(f"{broker.name}: {len(gaps)} cycles, longest wait for a confirm across a {'graceful stop' if args.stop else 'kill -9'} of the leader: "
           f"p50 {percentile(gaps, 0.5) * 1000:.0f} ms, p90 {percentile(gaps, 0.9) * 1000:.0f} ms, "
           f"max {max(gaps) * 1000:.0f} ms; {len(confirmed)} confirmed, {len(lost)} lost, "
           f"{duplicates} delivered twice ({unflagged} of them without redelivered)"
