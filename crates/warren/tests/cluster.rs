@@ -13,8 +13,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// A port nothing listens on, below the kernel's ephemeral range (32768
+/// on): a port found by binding port 0 is in that range, and a node's
+/// outgoing connection could take it before the node meant to listen on it
+/// starts. Ports are handed out in turn from a place of this process's.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id() % 12_000;
+    loop {
+        let port = 20_000 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let port = u16::try_from(port).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 struct Node {
