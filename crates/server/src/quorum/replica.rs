@@ -277,10 +277,14 @@ impl QueueReplica {
         }
     }
 
-    /// The messages in key order (the order they were enqueued): key, body
-    /// size, priority and returns.
+    /// The messages in the order they were committed: key, body size,
+    /// priority and returns.
     pub fn entries(&self) -> Vec<Entry> {
-        self.messages.iter().map(|(key, k)| (key, u64::from(k.size), k.priority, u64::from(k.returns))).collect()
+        self.messages
+            .in_log_order()
+            .into_iter()
+            .map(|(key, k)| (key, u64::from(k.size), k.priority, u64::from(k.returns)))
+            .collect()
     }
 
     /// The bytes of a kept message (from the log, or from memory).
