@@ -384,6 +384,27 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
 
 
+def test_a_new_leader_serves_messages_in_the_order_they_were_confirmed_whichever_node_took_them(cluster):
+    first, second, third = cluster.nodes
+    name = "ordered-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+    eventually("the first node leads the queue", lambda: leader_of((first,), name))
+    # The first half through a node that forwards them, the second through
+    # the leader's own node.
+    for node, numbers in ((second, range(100)), (first, range(100, 200))):
+        conn = connect(node["amqp"])
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for i in numbers:
+            ch.basic_publish("", name, b"o%d" % i, pika.BasicProperties(delivery_mode=2))
+        conn.close()
+    cluster.kill(first)
+
+    leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
+    bodies = consume_all(leader["amqp"], name, 200)
+    assert [int(b[1:]) for b, _ in bodies] == list(range(200))
+
+
 def test_an_exclusive_consumer_through_another_node_holds_the_queue_on_every_node(cluster):
     first, second, third = cluster.nodes
     name = "solo-" + uuid.uuid4().hex[:8]
