@@ -305,7 +305,8 @@ impl VirtualHostState {
             }
         }
         queue.last_used = now;
-        if queue.settings.has_ttl() && !self.timed.contains(&id) {
+        // Their own expirations are not known unread: the head is watched.
+        if !queue.is_empty() && !self.timed.contains(&id) {
             self.timed.insert(id);
         }
         if !queue.consumers.is_empty() && !self.dirty.contains(&id) {

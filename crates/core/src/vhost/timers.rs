@@ -31,7 +31,11 @@ impl VirtualHostState {
                 }
             }
             expired.clear();
-            if queue.settings.has_ttl() {
+            // A quorum queue taken over holds its messages paged, their own
+            // expirations unknown until read: its head is looked at, as
+            // RabbitMQ's quorum queues expire messages at the head.
+            let paged_head = queue.own_loader.is_some() && !queue.is_empty();
+            if queue.settings.has_ttl() || paged_head {
                 let need_body =
                     queue.settings.dead_letter_exchange.is_some() || queue.settings.max_length_bytes.is_some();
                 let mut taken = 0;
@@ -52,7 +56,11 @@ impl VirtualHostState {
             if queue.release_retries(now) > 0 && !queue.consumers.is_empty() && !self.dirty.contains(&id) {
                 self.dirty.push(id);
             }
-            if !queue.settings.is_timed() && queue.next_expiry().is_none() && queue.retrying().next().is_none() {
+            if !queue.settings.is_timed()
+                && !paged_head
+                && queue.next_expiry().is_none()
+                && queue.retrying().next().is_none()
+            {
                 self.timed.remove(&id);
             }
             for message in expired.drain(..) {
