@@ -327,12 +327,7 @@ def test_nodes_without_a_replica_take_publishes_and_consumers_too(cluster):
     # Declared again on a node without a replica: answered as placed.
     declare(second["amqp"], name, **{"x-quorum-initial-group-size": 1})
 
-    conn = connect(second["amqp"])
-    ch = conn.channel()
-    ch.confirm_delivery()
-    for i in range(100):
-        ch.basic_publish("", name, b"s%d" % i, pika.BasicProperties(delivery_mode=2))
-    conn.close()
+    publish_routed(second["amqp"], "", name, ["s%d" % i for i in range(100)])
     bodies = consume_all(third["amqp"], name, 100)
     assert bodies == [("s%d" % i, False) for i in range(100)]
     # The acks reach the leader after the consumer is gone (as in
@@ -371,12 +366,7 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     first, second, third = cluster.nodes
     name = "jobs-" + uuid.uuid4().hex[:8]
     eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
-    conn = connect(first["amqp"])
-    ch = conn.channel()
-    ch.confirm_delivery()
-    for i in range(200):
-        ch.basic_publish("", name, b"j%d" % i, pika.BasicProperties(delivery_mode=2))
-    conn.close()
+    publish_routed(first["amqp"], "", name, ["j%d" % i for i in range(200)])
     cluster.kill(first)
 
     leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
@@ -392,12 +382,7 @@ def test_a_new_leader_serves_messages_in_the_order_they_were_confirmed_whichever
     # The first half through a node that forwards them, the second through
     # the leader's own node.
     for node, numbers in ((second, range(100)), (first, range(100, 200))):
-        conn = connect(node["amqp"])
-        ch = conn.channel()
-        ch.confirm_delivery()
-        for i in numbers:
-            ch.basic_publish("", name, b"o%d" % i, pika.BasicProperties(delivery_mode=2))
-        conn.close()
+        publish_routed(node["amqp"], "", name, ["o%d" % i for i in numbers])
     cluster.kill(first)
 
     leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
@@ -432,12 +417,7 @@ def test_a_consumer_through_another_node_carries_on_across_a_kill_of_the_leader(
     first, second, third = cluster.nodes
     name = "feed-" + uuid.uuid4().hex[:8]
     eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
-    conn = connect(first["amqp"])
-    ch = conn.channel()
-    ch.confirm_delivery()
-    for i in range(300):
-        ch.basic_publish("", name, b"f%d" % i, pika.BasicProperties(delivery_mode=2))
-    conn.close()
+    publish_routed(first["amqp"], "", name, ["f%d" % i for i in range(300)])
 
     conn = connect(second["amqp"])
     ch = conn.channel()

@@ -344,16 +344,7 @@ impl StateMachine for Placements {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn binding(source: &str, destination: &str, to_queue: bool) -> BindingDefinition {
-        BindingDefinition {
-            source: source.into(),
-            destination: destination.into(),
-            destination_is_queue: to_queue,
-            routing_key: "k".into(),
-            arguments: FieldTable::default(),
-        }
-    }
+    use crate::store::definitions::tests::binding;
 
     fn exchange(name: &str, kind: &str) -> ExchangeDefinition {
         ExchangeDefinition {

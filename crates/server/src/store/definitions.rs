@@ -253,7 +253,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use warren_codec::types::FieldTable;
     use warren_storage::sim::{Faults, SimBackend};
@@ -262,7 +262,7 @@ mod tests {
         QueueDefinition { name: name.into(), auto_delete: false, arguments: FieldTable::default() }
     }
 
-    fn binding(source: &str, destination: &str, to_queue: bool) -> BindingDefinition {
+    pub(crate) fn binding(source: &str, destination: &str, to_queue: bool) -> BindingDefinition {
         BindingDefinition {
             source: source.into(),
             destination: destination.into(),

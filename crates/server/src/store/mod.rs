@@ -30,7 +30,7 @@
 //! docs/durability.md.
 
 mod compaction;
-mod definitions;
+pub(crate) mod definitions;
 mod liveness;
 mod record;
 mod recovery;
