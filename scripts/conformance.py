@@ -129,16 +129,6 @@ def delivery_limit_on_any_queue(reference):
                                      for d in reference["declares"]])
 
 
-def no_stream_queues(reference):
-    """Warren has no stream queues yet: it refuses the type as RabbitMQ
-    refuses an unknown one, instead of giving a classic queue that would
-    consume destructively."""
-    refused = {"closed": "channel", "reply_code": 406, "reply_text":
-               "PRECONDITION_FAILED - invalid arg 'x-queue-type' for queue 'qf-typed' in vhost '/': "
-               "\"unsupported queue type 'stream'\" (Warren has no stream queues yet)"}
-    return dict({k: v for k, v in reference.items() if k != "result"}, **refused)
-
-
 # Applied to every case: the reference turned into Warren's documented answer.
 DELIBERATE_EVERYWHERE = sorted_x_death_keys
 
@@ -148,7 +138,6 @@ DELIBERATE_EVERYWHERE = sorted_x_death_keys
 # delivery_limit) answers the quorum case as RabbitMQ does: no entry needed.
 DELIBERATE_QUEUE_FEATURES = {
     "queue.declare argument errors": delivery_limit_on_any_queue,
-    "x-queue-type=stream declare": no_stream_queues,
 }
 
 

@@ -28,6 +28,7 @@ pub mod quorum;
 pub mod scheduler;
 pub mod settings;
 pub mod stats;
+pub mod stream;
 pub mod topic;
 pub mod vhost;
 

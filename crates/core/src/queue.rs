@@ -159,6 +159,8 @@ pub struct QueueConsumer {
     pub exclusive: bool,
     /// `x-priority`: higher is served first.
     pub priority: i64,
+    /// A stream consumer's own place in the stream.
+    pub stream: Option<Box<crate::stream::StreamCursor>>,
 }
 
 /// Entries at the head of a queue that stay in memory, by default.
@@ -261,6 +263,9 @@ pub struct Queue {
     /// to its leader through the cluster (journaled, never kept here), and
     /// it cannot be consumed from here.
     pub remote: bool,
+    /// A stream (`x-queue-type: stream`): its messages are numbered into
+    /// the store's log instead of entering the lanes.
+    pub stream: Option<Box<crate::stream::StreamState>>,
 }
 
 impl Queue {
@@ -304,6 +309,7 @@ impl Queue {
             replicated: false,
             own_loader: None,
             remote: false,
+            stream: None,
         }
     }
 

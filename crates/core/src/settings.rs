@@ -18,16 +18,16 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
-/// `x-queue-type`. Every Warren queue has the same implementation on one
-/// node; the type chooses RabbitMQ's declare rules for it, so that
-/// applications that declare quorum queues behave as they will once queues
-/// are replicated. Stream queues are refused until they exist: their
-/// non-destructive reads cannot be imitated by a classic queue.
+/// `x-queue-type`. Classic and quorum queues share one implementation on
+/// one node (a cluster replicates quorum queues); the type chooses
+/// RabbitMQ's declare rules. A stream is a log read without being consumed
+/// (`crate::stream`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QueueType {
     #[default]
     Classic,
     Quorum,
+    Stream,
 }
 
 /// How a queue type refuses a declaration, in RabbitMQ's words.
@@ -51,9 +51,7 @@ impl QueueType {
             // A non-string is refused by the argument type check.
             None | Some("classic") => Ok(QueueType::Classic),
             Some("quorum") => Ok(QueueType::Quorum),
-            Some("stream") => Err(TypeRefusal::UnknownType(
-                "\"unsupported queue type 'stream'\" (Warren has no stream queues yet)".into(),
-            )),
+            Some("stream") => Ok(QueueType::Stream),
             Some(other) => Err(TypeRefusal::UnknownType(format!("\"unsupported queue type '{other}'\""))),
         }
     }
@@ -63,6 +61,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "rabbit_classic_queue",
             QueueType::Quorum => "rabbit_quorum_queue",
+            QueueType::Stream => "rabbit_stream_queue",
         }
     }
 
@@ -91,6 +90,24 @@ impl QueueType {
                 "x-queue-mode",
                 "x-queue-master-locator",
                 "x-queue-version",
+            ],
+            QueueType::Stream => &[
+                "x-expires",
+                "x-message-ttl",
+                "x-dead-letter-exchange",
+                "x-dead-letter-routing-key",
+                "x-max-length",
+                "x-max-priority",
+                "x-overflow",
+                "x-queue-mode",
+                "x-queue-version",
+                "x-single-active-consumer",
+                "x-delivery-limit",
+                "x-quorum-initial-group-size",
+                "x-dead-letter-strategy",
+                "x-max-in-memory-length",
+                "x-max-in-memory-bytes",
+                "x-queue-master-locator",
             ],
         }
     }
@@ -133,6 +150,9 @@ impl QueueType {
 
     /// Values of this type's own arguments, with RabbitMQ's problem texts.
     fn check_own_arguments(self, arguments: &FieldTable) -> Result<(), (&'static str, String)> {
+        if self == QueueType::Stream {
+            return check_stream_arguments(arguments).map(|_| ());
+        }
         if self != QueueType::Quorum {
             return Ok(());
         }
@@ -152,6 +172,35 @@ impl QueueType {
         }
         Ok(())
     }
+}
+
+/// A stream's own arguments, with RabbitMQ's problem texts.
+pub fn check_stream_arguments(arguments: &FieldTable) -> Result<crate::stream::StreamSettings, (&'static str, String)> {
+    let mut settings =
+        crate::stream::StreamSettings { max_segment_bytes: crate::stream::DEFAULT_SEGMENT_BYTES, ..Default::default() };
+    let positive = |key: &'static str| -> Result<Option<u64>, (&'static str, String)> {
+        match table::get(arguments, key) {
+            None => Ok(None),
+            Some(value) => match table::as_i64(value) {
+                Some(n) if n < 0 => Err((key, format!("{{value_negative,{n}}}"))),
+                Some(n) => Ok(Some(n.unsigned_abs())),
+                None => Err((key, format!("{{unacceptable_type,{}}}", value_type(value)))),
+            },
+        }
+    };
+    settings.max_length_bytes = positive("x-max-length-bytes")?;
+    if let Some(size) = positive("x-stream-max-segment-size-bytes")? {
+        if size > crate::stream::MAX_SEGMENT_BYTES {
+            return Err(("x-stream-max-segment-size-bytes", format!("{{value_too_large,{size}}}")));
+        }
+        settings.max_segment_bytes = size.max(1);
+    }
+    if let Some(value) = table::get(arguments, "x-max-age") {
+        let age = table::as_str(value).and_then(crate::stream::parse_age);
+        settings.max_age_ms = Some(age.ok_or(("x-max-age", "invalid_max_age".to_string()))?);
+    }
+    positive("x-stream-filter-size-bytes")?;
+    Ok(settings)
 }
 
 /// Upper bound of `x-max-priority`, as in RabbitMQ.
@@ -403,6 +452,10 @@ mod tests {
     use super::*;
     use crate::test_support::{table as args, text};
 
+    fn bad_stream(pairs: &[(&str, AMQPValue)]) -> String {
+        QueueSettings::from_arguments(&args(pairs)).unwrap_err().1
+    }
+
     #[test]
     fn reads_every_argument() {
         let settings = QueueSettings::from_arguments(&args(&[
@@ -463,10 +516,17 @@ mod tests {
         );
         assert_eq!(QueueType::Quorum.check_properties(false, false, false), Err(TypeRefusal::Property("non-durable")));
         assert_eq!(QueueType::Classic.check_properties(false, true, true), Ok(()));
-        assert!(matches!(
-            QueueType::from_arguments(&args(&[("x-queue-type", text("stream"))])),
-            Err(TypeRefusal::UnknownType(text)) if text.contains("'stream'")
-        ));
+        assert_eq!(QueueType::from_arguments(&args(&[("x-queue-type", text("stream"))])), Ok(QueueType::Stream));
+        assert_eq!(QueueType::Stream.check_properties(true, false, false), Ok(()));
+        assert_eq!(QueueType::Stream.check_properties(false, false, false), Err(TypeRefusal::Property("non-durable")));
+        let stream = args(&[("x-queue-type", text("stream")), ("x-message-ttl", AMQPValue::LongInt(5))]);
+        assert_eq!(QueueType::Stream.unsupported_argument(&stream), Some("x-message-ttl"));
+        let stream_with = |key: &'static str, value: AMQPValue| [("x-queue-type", text("stream")), (key, value)];
+        assert_eq!(bad_stream(&stream_with("x-max-age", text("7d"))), "invalid_max_age");
+        let settings =
+            check_stream_arguments(&args(&[("x-max-age", text("12h")), ("x-max-length-bytes", AMQPValue::LongInt(9))]))
+                .unwrap();
+        assert_eq!((settings.max_age_ms, settings.max_length_bytes), (Some(12 * 3_600_000), Some(9)));
         let bad = |pairs: &[(&str, AMQPValue)]| QueueSettings::from_arguments(&args(pairs)).unwrap_err();
         let quorum_with = |key: &'static str, value: AMQPValue| [("x-queue-type", text("quorum")), (key, value)];
         assert_eq!(bad(&quorum_with("x-dead-letter-strategy", text("bogus"))).1, "invalid_dlx_strategy");

@@ -129,7 +129,7 @@ pub struct Broker {
     /// (`max_pending_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Publishes into quorum queues wait on these (`quorum::tickets`).
-    pub tickets: crate::quorum::tickets::Tickets,
+    pub tickets: Arc<crate::quorum::tickets::Tickets>,
     /// In a cluster: the quorum queues (set once the cluster is up).
     pub replication: std::sync::OnceLock<Arc<crate::quorum::Replication>>,
     /// In a cluster: where a change of the access file made here goes.
@@ -204,6 +204,7 @@ impl Broker {
             0 => tokio::sync::Semaphore::MAX_PERMITS,
             n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
         };
+        let tickets = store.tickets();
         let broker = Broker {
             config,
             counters: Counters::default(),
@@ -225,7 +226,7 @@ impl Broker {
             alarms: crate::alarm::Alarms::default(),
             paging_pressure: AtomicBool::new(false),
             handshakes: Arc::new(tokio::sync::Semaphore::new(handshake_slots)),
-            tickets: Default::default(),
+            tickets,
             replication: std::sync::OnceLock::new(),
             access_sink: std::sync::OnceLock::new(),
             access_shared: Mutex::new(None),
@@ -249,6 +250,7 @@ impl Broker {
         // The clock first: recovered retries are held against it.
         state.set_clock(self.clock.clone());
         state.set_loader(self.store.clone());
+        state.set_streams(self.store.streams());
         state.set_consumer_timeout((config.consumer_timeout_ms > 0).then_some(config.consumer_timeout_ms));
         state.set_consumer_timeout_closes_channel(
             config.consumer_timeout_action == crate::config::ConsumerTimeoutAction::CloseChannel,

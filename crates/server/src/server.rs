@@ -134,6 +134,29 @@ impl Server {
                 }
             }
         });
+        // Streams' consumers are served up to what is fsynced: the streams'
+        // writer says how far each stream got.
+        let (notify, mut notices) = tokio::sync::mpsc::unbounded_channel();
+        self.broker.store.streams().set_notify(notify);
+        let stream_broker = self.broker.clone();
+        let stream_notices = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while notices.recv_many(&mut batch, 1024).await > 0 {
+                let mut latest: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> =
+                    Default::default();
+                for (vhost, queue, durable) in batch.drain(..) {
+                    let entry = latest.entry(vhost).or_default().entry(queue).or_default();
+                    *entry = (*entry).max(durable);
+                }
+                for (vhost, streams) in &latest {
+                    let Some(host) = stream_broker.vhost(vhost) else { continue };
+                    let mut session = Session::open(&host, &stream_broker.store);
+                    for (queue, durable) in streams {
+                        session.stream_durable(queue, *durable);
+                    }
+                }
+            }
+        });
         // Give disk space back as messages are settled.
         let janitor_store = self.broker.store.clone();
         let janitor_broker = self.broker.clone();
@@ -202,6 +225,7 @@ impl Server {
         access_watch.abort();
         janitor.abort();
         timers.abort();
+        stream_notices.abort();
         info!("shutting down: closing connections");
         let _ = stop_tx.send(true);
         let drain = async { while accepts.join_next().await.is_some() {} };

@@ -14,6 +14,8 @@
 //!   commit, so one fsync serves every group.
 //! - [`spill`]: unsynced append-only files for bodies that need not survive
 //!   a restart but do not fit in memory, emptied at start.
+//! - [`stream`]: a stream queue's own log of numbered records in chunks,
+//!   read from any offset by many readers and trimmed a segment at a time.
 //!
 //! Invariant: an index is reported durable only after the bytes holding it
 //! (and the directory entry of a new segment) were fsynced. After a failed
@@ -36,6 +38,7 @@ pub mod groups;
 pub mod log;
 pub mod sim;
 pub mod spill;
+pub mod stream;
 
 pub use backend::{Backend, FsBackend, StorageFile};
 pub use error::StorageError;

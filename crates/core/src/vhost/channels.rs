@@ -245,6 +245,10 @@ impl VirtualHostState {
             self.relay_settle(&unacked, Outcome::Requeue);
             return;
         }
+        if self.queues.get(&unacked.queue).is_some_and(|q| q.stream.is_some()) {
+            // A stream keeps every message: nothing goes back.
+            return;
+        }
         let Some(unacked) = self.count_return(unacked) else { return };
         if let Some(queue) = self.queues.get_mut(&unacked.queue) {
             queue.requeue(unacked.seq, unacked.message);

@@ -60,6 +60,10 @@ impl VirtualHostState {
             return Ok(tag.to_string());
         }
         let id = self.queue_id(key.connection, queue)?;
+        let stream = match self.queues.get(&id).is_some_and(|q| q.stream.is_some()) {
+            true => Some(Box::new(self.stream_cursor(id, key, no_ack, &arguments)?)),
+            false => None,
+        };
         let global_qos = self.channels.get(&key).is_some_and(|c| c.prefetch_count > 0);
         if global_qos && self.queues.get(&id).is_some_and(|q| q.settings.queue_type == QueueType::Quorum) {
             return Err(AmqpError::hard(
@@ -88,7 +92,7 @@ impl VirtualHostState {
         }
         // Sorted by priority, highest first; registration order within one.
         let position = q.consumers.partition_point(|c| c.priority >= priority);
-        q.consumers.insert(position, QueueConsumer { channel: key, tag: tag.clone(), exclusive, priority });
+        q.consumers.insert(position, QueueConsumer { channel: key, tag: tag.clone(), exclusive, priority, stream });
         q.had_consumer = true;
         q.last_used = self.clock.now_ms();
         let consumer_id = self.next_consumer_id;
@@ -163,6 +167,10 @@ impl VirtualHostState {
         let Some(queue) = self.queues.get_mut(&id) else {
             return;
         };
+        if queue.stream.is_some() {
+            self.dispatch_stream(id);
+            return;
+        }
         let mut expired = Vec::new();
         let mut now = None;
         while let Some(size) = queue.front_size() {
@@ -247,6 +255,14 @@ impl VirtualHostState {
     pub fn get(&mut self, key: ChannelKey, queue: &str, no_ack: bool) -> Result<Option<GetResult>, AmqpError> {
         let id = self.queue_id(key.connection, queue)?;
         self.check_local(id)?;
+        if self.queues.get(&id).is_some_and(|q| q.stream.is_some()) {
+            return Err(AmqpError::hard(
+                ReplyCode::NotImplemented,
+                format!("basic.get not supported by stream queues queue '{queue}' in vhost '{}'", self.name),
+                0,
+                0,
+            ));
+        }
         let Some(q) = self.queues.get_mut(&id) else {
             return Err(self.not_found_queue(queue));
         };

@@ -123,6 +123,7 @@ impl VirtualHostState {
             queue_type: match queue.settings.queue_type {
                 QueueType::Classic => "classic",
                 QueueType::Quorum => "quorum",
+                QueueType::Stream => "stream",
             },
             consumers: queue.consumers.len(),
             ready: queue.len() as u64,

@@ -162,6 +162,10 @@ pub enum JournalEvent {
     /// (`x-delivery-limit`, `x-retry-*`); `returns` is its count so far,
     /// `retry_at_ms` when it is ready again (`x-retry-delay`; wall clock).
     Returned { queue: Arc<str>, stored: u64, returns: u64, retry_at_ms: Option<u64> },
+    /// Messages numbered into a stream (offsets `first` on, in order),
+    /// stamped `timestamp` (milliseconds): the store appends them to the
+    /// stream's log as one chunk.
+    StreamAppended { queue: Arc<str>, first: u64, timestamp: u64, messages: Vec<Arc<Message>> },
     /// What a consumer of a quorum queue's stand-in asks of the queue's
     /// leader (nothing stored here: the server sends it to the leader's
     /// node).
@@ -262,6 +266,8 @@ enum Enqueued {
     Rejected,
     /// Accepted and dropped at once by the length limit.
     Dropped,
+    /// Numbered into a stream (journaled by the stream itself).
+    Streamed,
 }
 
 /// What `queue.declare` asks for.
@@ -356,6 +362,8 @@ pub struct VirtualHostState {
     next_consumer_id: u64,
     journal: Vec<JournalEvent>,
     loader: Option<Arc<dyn MessageLoader>>,
+    /// Where streams' logs are (`set_streams`).
+    streams: Option<Arc<dyn crate::stream::StreamStorage>>,
     clock: Arc<dyn Clock>,
     dead_letters: VecDeque<DeadLetter>,
     dead_lettering: bool,
@@ -433,6 +441,7 @@ mod durable;
 mod inspect;
 mod replicated;
 mod routing;
+mod streams;
 mod timers;
 mod topology;
 
@@ -461,6 +470,7 @@ impl VirtualHostState {
             stats: crate::stats::MessageStats::default(),
             churn: crate::stats::QueueChurn::default(),
             loader: None,
+            streams: None,
             clock: Arc::new(SystemClock),
             dead_letters: VecDeque::new(),
             dead_lettering: false,

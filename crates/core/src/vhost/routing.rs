@@ -182,7 +182,10 @@ impl VirtualHostState {
                         durable.push(queue.name.clone());
                     }
                 }
-                Enqueued::Accepted { durable: false } | Enqueued::Dropped | Enqueued::Duplicate => {}
+                Enqueued::Accepted { durable: false }
+                | Enqueued::Dropped
+                | Enqueued::Duplicate
+                | Enqueued::Streamed => {}
                 Enqueued::Rejected => rejected = true,
             }
         }
@@ -196,6 +199,9 @@ impl VirtualHostState {
         let Some(queue) = self.queues.get_mut(&id) else {
             return Enqueued::Dropped;
         };
+        if queue.stream.is_some() {
+            return self.append_to_stream(id, message);
+        }
         if queue.remote {
             // Journaled by `enqueue_all`; its leader's queue decides.
             queue.stats.publish += 1;

@@ -518,8 +518,23 @@ impl VirtualHostState {
         let mut queue = Queue::new(id, &name, durable, owner, auto_delete, arguments, settings);
         queue.last_used = now;
         queue.paging = self.paging;
+        let stream = queue_type == QueueType::Stream;
         self.queues.insert(id, queue);
         self.queue_ids.insert(name.as_str().into(), id);
+        if stream {
+            if let Err(error) = self.open_stream(id) {
+                tracing::error!(queue = %name, %error, "stream cannot be opened");
+                self.queues.remove(&id);
+                self.queue_ids.remove(name.as_str());
+                self.journal.retain(|e| !matches!(e, JournalEvent::QueueDeclared(q) if q.name == name));
+                return Err(AmqpError::hard(
+                    ReplyCode::InternalError,
+                    format!("cannot open the log of stream '{name}' in vhost '{}'", self.name),
+                    0,
+                    0,
+                ));
+            }
+        }
         self.churn.declared += 1;
         self.churn.created += 1;
         Ok(self.declared(id))
@@ -572,7 +587,10 @@ impl VirtualHostState {
         match self.queues.get(&id) {
             Some(queue) => QueueDeclared {
                 name: queue.name.to_string(),
-                message_count: count_u32(queue.len()),
+                message_count: match queue.stream {
+                    Some(_) => count_u32(usize::try_from(self.stream_len(queue)).unwrap_or(usize::MAX)),
+                    None => count_u32(queue.len()),
+                },
                 consumer_count: count_u32(queue.consumers.len()),
             },
             None => QueueDeclared { name: String::new(), message_count: 0, consumer_count: 0 },

@@ -35,6 +35,7 @@ mod liveness;
 mod record;
 mod recovery;
 mod sidecar;
+pub mod streams;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -133,9 +134,24 @@ pub struct Store {
     files: Arc<dyn warren_storage::Backend>,
     /// Set in a cluster: where replicated queues' events go.
     replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// Stream queues' own logs (`streams/`).
+    streams: Arc<streams::Streams>,
+    /// What confirms wait on besides the log: streams' fsyncs and quorum
+    /// queues' commits.
+    tickets: Arc<crate::quorum::tickets::Tickets>,
 }
 
 impl Store {
+    /// Stream queues' logs.
+    pub fn streams(&self) -> Arc<streams::Streams> {
+        self.streams.clone()
+    }
+
+    /// What confirms wait on besides the log's durable index.
+    pub fn tickets(&self) -> Arc<crate::quorum::tickets::Tickets> {
+        self.tickets.clone()
+    }
+
     /// Durable log index, as a watch for connections waiting on confirms.
     pub fn durable_watch(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()
@@ -168,6 +184,7 @@ impl Store {
         scratch: &mut Vec<u8>,
     ) -> Result<Appended, StorageError> {
         let mut appended = Appended::default();
+        let mut streamed = false;
         let mut live = self.live.lock();
         let mut events = events.drain(..).peekable();
         while let Some(event) = events.next() {
@@ -209,7 +226,11 @@ impl Store {
                         live.settle(stored);
                     }
                 }
+                JournalEvent::StreamAppended { queue, first, timestamp, messages } => {
+                    streamed |= self.streams.append(vhost, &queue, first, timestamp, messages);
+                }
                 JournalEvent::QueueDeleted { queue } => {
+                    self.streams.delete(vhost, &queue);
                     encode_deleted(scratch, vhost, &queue);
                     let index = self.commit.append(scratch)?;
                     self.definitions.lock().apply(index, vhost, Change::QueueDeleted(&queue));
@@ -229,6 +250,9 @@ impl Store {
                     appended.definitions = Some(index);
                 }
             }
+        }
+        if streamed {
+            appended.replicated = Some(self.streams.commit());
         }
         Ok(appended)
     }
@@ -251,7 +275,9 @@ impl Store {
         let mut appended = self.append(&state.name, events, scratch).inspect_err(|error| {
             tracing::error!(%error, "the store refused journal entries");
         })?;
-        appended.replicated = replicated;
+        // Tickets resolve in any order, but a confirm waits until every
+        // ticket up to its own is resolved: the later one covers both.
+        appended.replicated = appended.replicated.max(replicated);
         Ok(appended)
     }
 
@@ -274,6 +300,7 @@ impl Store {
 
     /// Commits what is pending and stops the commit thread (shutdown).
     pub fn shutdown(&self) {
+        self.streams.shutdown();
         self.commit.shutdown();
     }
 

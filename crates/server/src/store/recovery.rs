@@ -253,6 +253,9 @@ impl Store {
             }
             None => (sidecar::DedupKeys::new(), 0),
         };
+        let tickets = Arc::new(crate::quorum::tickets::Tickets::default());
+        let streams = super::streams::Streams::open(files.clone(), &data_dir.join("streams"), tickets.clone())
+            .map_err(|source| StoreError::Io { path: data_dir.join("streams"), source })?;
         let store = Store {
             commit,
             durable,
@@ -269,6 +272,8 @@ impl Store {
             spill_failing: std::sync::atomic::AtomicBool::new(false),
             files,
             replicator: std::sync::OnceLock::new(),
+            streams: Arc::new(streams),
+            tickets,
         };
         store.replay_dedup(dedup_file.as_ref(), vhosts);
         Ok((Arc::new(store), recovered))
