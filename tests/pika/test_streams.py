@@ -201,3 +201,36 @@ def test_retention_by_size_drops_whole_old_segments(conn, ch, res):
     assert len(got) == count
     first = got[0][1]
     assert first > 0 and [o for _, o in got] == list(range(first, 200))
+
+
+def test_server_side_offset_tracking_resumes_after_the_last_ack(conn, ch, res):
+    if is_rabbitmq(conn):
+        pytest.skip("server-side offset tracking over AMQP is LavinMQ's and Warren's")
+    q = stream(ch, res)
+    publish(ch, q, ["m%d" % i for i in range(10)])
+    tag = "tracker-" + q
+
+    def consume_acking(limit, arguments):
+        reader = conn.channel()
+        reader.basic_qos(prefetch_count=1)
+        got = []
+
+        def on_message(channel, method, props, body):
+            if len(got) < limit:
+                got.append(props.headers["x-stream-offset"])
+                channel.basic_ack(method.delivery_tag)
+
+        reader.basic_consume(q, on_message, consumer_tag=tag, arguments=arguments)
+        pump(conn, lambda: len(got) >= limit)
+        pump(conn, lambda: False, 0.2)
+        reader.close()
+        return got
+
+    # x-stream-offset void: from the first message, then from after the last ack.
+    assert consume_acking(4, {"x-stream-offset": None}) == [0, 1, 2, 3]
+    assert consume_acking(3, {"x-stream-offset": None}) == [4, 5, 6]
+    # With automatic tracking, a given offset counts only the first time; a
+    # tag that tracked before resumes.
+    assert consume_acking(2, {"x-stream-offset": "first", "x-stream-automatic-offset-tracking": True}) == [7, 8]
+    # A plain offset turns tracking off for that consumer.
+    assert consume_acking(2, {"x-stream-offset": 1}) == [1, 2]

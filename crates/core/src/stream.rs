@@ -88,6 +88,10 @@ pub trait StreamStorage: Send + Sync {
     /// the offset after what was read or skipped; `None` when nothing is
     /// durable at `cursor.next` yet.
     fn read(&self, vhost: &str, queue: &str, cursor: &mut StreamCursor, max_bytes: usize) -> Option<u64>;
+    /// A tracking consumer acked `offset` (server-side offset tracking).
+    fn track(&self, vhost: &str, queue: &str, consumer_tag: &str, offset: u64);
+    /// The last offset a tracking consumer of this tag acked.
+    fn tracked(&self, vhost: &str, queue: &str, consumer_tag: &str) -> Option<u64>;
 }
 
 /// Where a consumer starts (`x-stream-offset`).
@@ -284,6 +288,9 @@ pub struct StreamCursor {
     pub ahead: VecDeque<StreamItem>,
     pub hint: ReadHint,
     pub filter: Option<StreamFilter>,
+    /// Its acks are remembered under its consumer tag, and a consumer with
+    /// that tag starts after the last one (LavinMQ's server-side tracking).
+    pub tracking: bool,
 }
 
 #[cfg(test)]

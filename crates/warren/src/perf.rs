@@ -99,6 +99,10 @@ pub struct PerfArgs {
     /// is sent as a number), e.g. `x-message-ttl=60000`. Repeatable.
     #[arg(long = "queue-arg", value_name = "KEY=VALUE")]
     queue_args: Vec<String>,
+    /// Consumer argument, `KEY=VALUE` as --queue-arg, e.g.
+    /// `x-stream-offset=first` to read a stream from its start. Repeatable.
+    #[arg(long = "consume-arg", value_name = "KEY=VALUE")]
+    consume_args: Vec<String>,
     /// Message priority property to publish with.
     #[arg(long)]
     priority: Option<u8>,
@@ -123,10 +127,13 @@ pub struct PerfArgs {
 
 impl PerfArgs {
     fn arguments(&self) -> anyhow::Result<FieldTable> {
+        Self::table(&self.queue_args)
+    }
+
+    fn table(pairs: &[String]) -> anyhow::Result<FieldTable> {
         let mut table = FieldTable::default();
-        for pair in &self.queue_args {
-            let (key, value) =
-                pair.split_once('=').with_context(|| format!("--queue-arg {pair}: expected KEY=VALUE"))?;
+        for pair in pairs {
+            let (key, value) = pair.split_once('=').with_context(|| format!("{pair}: expected KEY=VALUE"))?;
             let value = match value.parse::<i64>() {
                 Ok(n) => AMQPValue::LongLongInt(n),
                 Err(_) => AMQPValue::LongString(LongString::from(value)),
@@ -453,7 +460,7 @@ async fn consumer(args: PerfArgs, queue: String, shared: Arc<Shared>) -> anyhow:
             no_ack: args.no_ack,
             exclusive: false,
             nowait: false,
-            arguments: FieldTable::default(),
+            arguments: PerfArgs::table(&args.consume_args)?,
         })),
         1,
     )

@@ -61,7 +61,10 @@ impl VirtualHostState {
         }
         let id = self.queue_id(key.connection, queue)?;
         let stream = match self.queues.get(&id).is_some_and(|q| q.stream.is_some()) {
-            true => Some(Box::new(self.stream_cursor(id, key, no_ack, &arguments)?)),
+            true => {
+                let client_tag = (!consumer_tag.is_empty()).then_some(&*tag);
+                Some(Box::new(self.stream_cursor(id, key, client_tag, no_ack, &arguments)?))
+            }
             false => None,
         };
         let global_qos = self.channels.get(&key).is_some_and(|c| c.prefetch_count > 0);

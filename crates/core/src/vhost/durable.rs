@@ -20,6 +20,12 @@ impl VirtualHostState {
             self.relay_settle(unacked, Outcome::Ack);
             return;
         }
+        if q.stream.is_some() {
+            if let Some(q) = self.queues.get(&unacked.queue) {
+                self.stream_acked(q, unacked);
+            }
+            return;
+        }
         if !q.returns.is_empty() {
             q.returns.remove(&unacked.seq);
         }

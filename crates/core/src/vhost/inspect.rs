@@ -126,7 +126,8 @@ impl VirtualHostState {
                 QueueType::Stream => "stream",
             },
             consumers: queue.consumers.len(),
-            ready: queue.len() as u64,
+            // A stream's messages are its retained ones (RabbitMQ's count).
+            ready: if queue.stream.is_some() { self.stream_len(queue) } else { queue.len() as u64 },
             unacked: queue.unacked,
             ready_bytes: queue.bytes(),
             ready_ram: queue.loaded_len() as u64,

@@ -84,6 +84,7 @@ impl VirtualHostState {
         &self,
         id: QueueId,
         key: ChannelKey,
+        client_tag: Option<&str>,
         no_ack: bool,
         arguments: &FieldTable,
     ) -> Result<StreamCursor, AmqpError> {
@@ -111,11 +112,23 @@ impl VirtualHostState {
             return Err(precondition(format!("consumer prefetch count is not set for {described}")));
         }
         let now = self.clock.now_ms();
-        let spec = OffsetSpec::parse(table::get(arguments, crate::stream::OFFSET_HEADER), now)
-            .ok_or_else(|| precondition(format!("invalid x-stream-offset for {described}")))?;
+        // Tracking (LavinMQ's): asked for with `x-stream-offset` void (then
+        // from the first message) or `x-stream-automatic-offset-tracking`,
+        // under the consumer tag the client chose.
+        let offset = table::get(arguments, crate::stream::OFFSET_HEADER);
+        let void = matches!(offset, Some(AMQPValue::Void));
+        let automatic = matches!(table::get(arguments, TRACKING_ARGUMENT), Some(AMQPValue::Boolean(true)));
+        let tracking = client_tag.filter(|_| void || automatic);
+        let spec = match void {
+            true => OffsetSpec::First,
+            false => OffsetSpec::parse(offset, now)
+                .ok_or_else(|| precondition(format!("invalid x-stream-offset for {described}")))?,
+        };
         let vhost = &self.name;
         let bounds = self.streams.as_ref().and_then(|s| s.bounds(vhost, &queue.name)).unwrap_or_default();
+        let resumed = tracking.and_then(|tag| self.streams.as_ref()?.tracked(vhost, &queue.name, tag));
         let next = match spec {
+            _ if resumed.is_some() => resumed.map_or(0, |acked| (acked + 1).clamp(bounds.first, stream.next)),
             OffsetSpec::First => bounds.first,
             OffsetSpec::Last => bounds.last_chunk.unwrap_or(stream.next),
             OffsetSpec::Next => stream.next,
@@ -125,7 +138,12 @@ impl VirtualHostState {
                 None => stream.next,
             },
         };
-        Ok(StreamCursor { next, filter: stream_filter(arguments), ..StreamCursor::default() })
+        Ok(StreamCursor {
+            next,
+            filter: stream_filter(arguments),
+            tracking: tracking.is_some(),
+            ..StreamCursor::default()
+        })
     }
 
     /// Delivers to every consumer of stream `id` what it has credit for,
@@ -187,6 +205,15 @@ impl VirtualHostState {
         }
     }
 
+    /// An ack of a stream delivery: only a tracking consumer's is kept.
+    pub(super) fn stream_acked(&self, queue: &Queue, unacked: &Unacked) {
+        let (Some(storage), Some((tag, _))) = (&self.streams, &unacked.consumer) else { return };
+        let tracking = queue.consumers.iter().any(|c| c.tag == *tag && c.stream.as_ref().is_some_and(|s| s.tracking));
+        if tracking {
+            storage.track(&self.name, &queue.name, tag, unacked.seq);
+        }
+    }
+
     /// A stream's retained messages, as `queue.declare` reports them.
     pub(super) fn stream_len(&self, queue: &Queue) -> u64 {
         let Some(stream) = &queue.stream else { return 0 };
@@ -194,6 +221,9 @@ impl VirtualHostState {
         bounds.map_or(stream.next, |b| stream.next.saturating_sub(b.first))
     }
 }
+
+/// The consumer argument that turns on server-side offset tracking.
+pub const TRACKING_ARGUMENT: &str = "x-stream-automatic-offset-tracking";
 
 /// `x-stream-filter` (a string or an array of strings) and
 /// `x-stream-match-unfiltered`.

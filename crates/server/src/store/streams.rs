@@ -24,7 +24,11 @@ use warren_storage::Backend;
 use super::record;
 use crate::quorum::tickets::Tickets;
 
-/// How often streams with `x-max-age` drop their expired segments.
+/// Tracking consumers' offsets, in a stream's directory.
+const OFFSETS_FILE: &str = "offsets.json";
+
+/// How often streams with `x-max-age` drop their expired segments, and
+/// tracked offsets are saved.
 const AGE_CHECK: Duration = Duration::from_secs(1);
 
 /// (virtual host, stream, durable offset): consumers may now read below it.
@@ -33,7 +37,13 @@ pub type DurableNotice = (String, String, u64);
 struct Handle {
     vhost: String,
     queue: String,
+    dir: PathBuf,
     log: Mutex<StreamLog>,
+    /// Tracking consumers' last acked offsets, by consumer tag; saved to
+    /// `offsets.json` in the stream's directory once a second when changed
+    /// (a consumer resuming after a crash may get up to a second again).
+    offsets: Mutex<std::collections::BTreeMap<String, u64>>,
+    offsets_dirty: AtomicBool,
     settings: StreamSettings,
     /// Offsets below are fsynced.
     durable: AtomicU64,
@@ -148,6 +158,7 @@ impl Streams {
         if let Err(error) = handle.log.lock().destroy() {
             warn!(vhost, queue, %error, "a deleted stream's files were not removed");
         }
+        let _ = self.shared.backend.remove(&handle.dir.join(OFFSETS_FILE));
         let dir = self.shared.root.join(escape(vhost));
         let _ = std::fs::remove_dir(dir.join(escape(queue)));
         let _ = std::fs::remove_dir(&dir);
@@ -200,9 +211,23 @@ impl StreamStorage for Streams {
             warn!(vhost, queue, bytes = recovery.truncated_bytes, "a stream's torn or corrupt tail was cut off");
         }
         let durable = AtomicU64::new(log.next_offset());
+        let offsets = match warren_storage::backend::read_whole(&*self.shared.backend, &dir.join(OFFSETS_FILE)) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                warn!(vhost, queue, %error, "a stream's tracked offsets are unreadable; consumers start afresh");
+                Default::default()
+            }),
+            Ok(None) => Default::default(),
+            Err(error) => {
+                warn!(vhost, queue, %error, "a stream's tracked offsets cannot be read");
+                Default::default()
+            }
+        };
         let handle = Arc::new(Handle {
             vhost: vhost.to_string(),
             queue: queue.to_string(),
+            dir,
+            offsets: Mutex::new(offsets),
+            offsets_dirty: AtomicBool::new(false),
             log: Mutex::new(log),
             settings: *settings,
             durable,
@@ -211,6 +236,18 @@ impl StreamStorage for Streams {
         let result = bounds(&handle);
         self.shared.handles.write().insert((vhost.to_string(), queue.to_string()), handle);
         Ok(result)
+    }
+
+    fn track(&self, vhost: &str, queue: &str, consumer_tag: &str, offset: u64) {
+        let Some(handle) = self.handle(vhost, queue) else { return };
+        let mut offsets = handle.offsets.lock();
+        let stored = offsets.entry(consumer_tag.to_string()).or_insert(offset);
+        *stored = (*stored).max(offset);
+        handle.offsets_dirty.store(true, Ordering::Relaxed);
+    }
+
+    fn tracked(&self, vhost: &str, queue: &str, consumer_tag: &str) -> Option<u64> {
+        self.handle(vhost, queue)?.offsets.lock().get(consumer_tag).copied()
     }
 
     fn bounds(&self, vhost: &str, queue: &str) -> Option<StreamBounds> {
@@ -225,7 +262,7 @@ impl StreamStorage for Streams {
     }
 
     fn read(&self, vhost: &str, queue: &str, reader: &mut ReaderState, max_bytes: usize) -> Option<u64> {
-        let ReaderState { next: from, ahead: out, hint, filter } = reader;
+        let ReaderState { next: from, ahead: out, hint, filter, .. } = reader;
         let (from, filter) = (*from, filter.as_ref());
         let handle = self.handle(vhost, queue)?;
         let durable = handle.durable.load(Ordering::Acquire);
@@ -366,12 +403,35 @@ fn write_loop(shared: &Shared) {
         for ticket in work.tickets {
             shared.tickets.resolve(ticket, !failed);
         }
-        if last_age_check.elapsed() >= AGE_CHECK {
+        if last_age_check.elapsed() >= AGE_CHECK || work.stop {
             last_age_check = std::time::Instant::now();
             drop_aged(shared);
+            save_offsets(shared);
         }
         if work.stop {
             return;
+        }
+    }
+}
+
+/// Saves the tracked offsets of the streams whose changed.
+fn save_offsets(shared: &Shared) {
+    let changed: Vec<Arc<Handle>> =
+        shared.handles.read().values().filter(|h| h.offsets_dirty.swap(false, Ordering::Relaxed)).cloned().collect();
+    for handle in changed {
+        if handle.deleted.load(Ordering::Relaxed) {
+            continue;
+        }
+        let bytes = match serde_json::to_vec(&*handle.offsets.lock()) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                warn!(queue = %handle.queue, %error, "a stream's tracked offsets cannot be encoded");
+                continue;
+            }
+        };
+        if let Err(error) = warren_storage::backend::replace(&*shared.backend, &handle.dir.join(OFFSETS_FILE), &bytes) {
+            warn!(queue = %handle.queue, %error, "a stream's tracked offsets were not saved");
+            handle.offsets_dirty.store(true, Ordering::Relaxed);
         }
     }
 }
