@@ -150,6 +150,20 @@ def test_pubsub_each_service_gets_exactly_its_statuses(res):
     assert result["ok"]
 
 
+# ------------------------------------------------------------------ event log
+
+
+def test_event_log_readers_replay_from_a_timestamp_and_consume_nothing(res):
+    stream = res.queue()
+    result = load("event_log").main(["--url", AMQP_URL, "--stream", stream])
+    morning = [("1001", "created"), ("1001", "paid"), ("1002", "created")]
+    afternoon = [("1002", "paid"), ("1001", "shipped"), ("1003", "created"), ("1002", "cancelled")]
+    assert result["results"] == {"dashboard": morning + afternoon, "analytics": afternoon,
+                                 "auditor": morning + afternoon}
+    assert result["held"] == 7
+    assert result["ok"]
+
+
 # -------------------------------------------------------------- request-reply
 
 
@@ -270,7 +284,7 @@ def test_chat_rooms_in_order_to_their_participants_only(res):
 
 
 def test_documented_commands_run(res, tmp_path):
-    """`python3 examples/<example>/run.py` for the four examples at once, the
+    """`python3 examples/<example>/run.py` for the five examples at once, the
     broker in WARREN_AMQP_URL, each with names of its own."""
     services = ["packaging", "shipping", "delivery", "notifications", "loyalty"]
     runs = {}
@@ -279,9 +293,10 @@ def test_documented_commands_run(res, tmp_path):
         ("pubsub", "--exchange", "each service got exactly the changes it subscribed to, in order"),
         ("request_reply", "--queue", "timed out while no worker ran; then every answer matched its request"),
         ("chat", "--exchange", "everyone saw exactly the lines of their rooms, in order"),
+        ("event_log", "--stream", "every reader got its events, and reading consumed nothing"),
     ]:
         name = unique("warren-test-" + example)
-        if option == "--queue":
+        if option in ("--queue", "--stream"):
             res.queues.append(name)
         else:
             res.exchanges.append(name)
