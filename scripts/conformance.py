@@ -7,6 +7,8 @@ answers with RabbitMQ's recorded ones:
 - scripts/reference/queue_features.py vs docs/rabbitmq-queue-features.json:
   everything a client sees in each case (bodies, properties, header values,
   their Python and wire types, top-level header key order, confirms, closes).
+- scripts/reference/streams.py vs docs/rabbitmq-streams.json: stream queues
+  (declare rules and arguments, offsets, credit, refusals, retention).
 - scripts/reference/access_control.py vs docs/rabbitmq-access-control.json:
   logins, permissions, topic permissions, limits and changes made while
   connected, with users and vhosts managed through REF_CTL (`warren ctl
@@ -141,6 +143,159 @@ DELIBERATE_QUEUE_FEATURES = {
 }
 
 
+# ------------------------------------------------------------------- streams
+
+OFFSET = "x-stream-offset"
+
+
+def header_order_sorted(value, offset_must_be_last):
+    """Every `header_order` with the publisher's keys sorted and the offset
+    last: RabbitMQ re-encodes headers sorted by key, Warren keeps the
+    publisher's bytes and appends x-stream-offset (a Warren order with the
+    offset anywhere else is left as it is, and then differs)."""
+    if isinstance(value, dict):
+        return {k: (header_order_sorted(v, offset_must_be_last) if k != "header_order" else
+                    sort_keys_offset_last(v, offset_must_be_last)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [header_order_sorted(v, offset_must_be_last) for v in value]
+    return value
+
+
+def sort_keys_offset_last(order, offset_must_be_last):
+    if not isinstance(order, list) or OFFSET not in order:
+        return order
+    if offset_must_be_last and order[-1] != OFFSET:
+        return order
+    return sorted(k for k in order if k != OFFSET) + [OFFSET]
+
+
+def refused(closed, code, text):
+    return {"closed": closed, "reply_code": code, "reply_text": text}
+
+
+def bad_max_age(reference, _actual):
+    """RabbitMQ 3.10 fails with 541 INTERNAL_ERROR (closing the
+    connection) on x-max-age "abc" and "-1h"; Warren refuses them as it
+    refuses "7d": 406 invalid_max_age."""
+    declares = []
+    for d in reference["declares"]:
+        if d.get("reply_code") == 541:
+            d = dict(d, **refused("channel", 406, "PRECONDITION_FAILED - invalid arg 'x-max-age' for queue "
+                                  "'st-decl' in vhost '/': invalid_max_age"))
+        declares.append(d)
+    return dict(reference, declares=declares)
+
+
+def bad_offset(term):
+    """RabbitMQ 3.10 fails with 541 INTERNAL_ERROR on x-stream-offset
+    values it cannot read ('bad', 'FIRST', '', a decimal, a boolean);
+    Warren answers them as RabbitMQ answers '7d': 406 naming the value."""
+    def documented(reference, _actual):
+        return dict(reference, **refused("channel", 406, "PRECONDITION_FAILED - invalid arg 'x-stream-offset' "
+                                         "for queue 'st-offset' in vhost '/': {invalid_stream_offset_arg,%s}" % term))
+    return documented
+
+
+def exclusive_enforced(reference, _actual):
+    """RabbitMQ 3.10 accepts a second consumer beside an exclusive one on
+    a stream; Warren refuses it as on any queue."""
+    return dict(reference, after=refused("channel", 403, "ACCESS_REFUSED - queue 'st-exclusive' in vhost '/' "
+                                         "in exclusive use"))
+
+
+def recover_refused(reference, _actual):
+    """basic.recover on a channel holding stream deliveries: RabbitMQ 3.10
+    fails with 541 INTERNAL_ERROR; Warren refuses it with 540, as it
+    refuses nack and reject there."""
+    return dict(reference, reply_code=540, reply_text="NOT_IMPLEMENTED - basic.recover not supported by stream "
+                "queues queue 'st-settle' in vhost '/'")
+
+
+def real_consumer_count(reference, _actual):
+    """RabbitMQ 3.10 reports 0 consumers on a stream; Warren counts them."""
+    key = "passive_declare_with_a_consumer_holding_5_unacked"
+    counted = dict(reference[key], **{"consumer_count (at once, after 1.5 s)": [1, 1]})
+    return dict(reference, **{key: counted})
+
+
+def if_unused_kept(reference, _actual):
+    """queue.delete if_unused on a stream with a consumer: RabbitMQ 3.10
+    deletes it anyway; Warren refuses, as on any queue (the consumer keeps
+    reading)."""
+    return dict(reference, **{
+        "if_unused with a consumer": refused("channel", 406, "PRECONDITION_FAILED - queue 'st-if-unused' in "
+                                             "vhost '/' in use"),
+        "consumer after it": {"cancel_received": [], "channel_open": True},
+        "passive after if_unused": {"result": "declare-ok", "message_count": 10, "consumer_count": 1},
+    })
+
+
+def exact_filters(reference, _actual):
+    """RabbitMQ 3.10 has no stream filtering (3.13 added it, with a Bloom
+    filter per chunk and matching left to the client); Warren filters
+    exactly: a consumer gets the messages whose x-stream-filter-value is
+    one of its values, and, with x-stream-match-unfiltered, those without."""
+    wanted = {"x-stream-filter 'a'": ({"a"}, False), "x-stream-filter ['a','b']": ({"a", "b"}, False),
+              "x-stream-filter 'a' + x-stream-match-unfiltered true": ({"a"}, True)}
+    documented = dict(reference)
+    for key, (values, unfiltered) in wanted.items():
+        got = reference[key]
+        keep = [i for i, h in enumerate(got["other_headers"])
+                if h.get("x-stream-filter-value") in values or (unfiltered and "x-stream-filter-value" not in h)]
+        documented[key] = dict(got, **{field: [got[field][i] for i in keep]
+                                       for field in ("bodies", "offsets", "other_headers")})
+    return documented
+
+
+def retention_by_segments(reference, actual):
+    """Both keep whole newest segments within x-max-length-bytes, so how
+    many survive depends on each one's segment layout (RabbitMQ also spends
+    offsets on chunks that are not messages). Warren's answer must be: the
+    newest n of the published, 0 < n and n x 500 bytes within the limit
+    plus one segment, offsets contiguous to the last, and the passive
+    declare counting exactly them."""
+    n = (actual or {}).get("received", 0)
+    if not 0 < n <= (10000 + 2000) // 500:
+        return reference
+    published = reference["published"]
+    prefixes = ["%03d" % i for i in range(published - n, published)]
+    return dict(reference, received=n, bodies_prefixes=prefixes, offsets=list(range(published - n, published)),
+                first_offset=published - n, last_offset=published - 1, first_body_prefix=prefixes[0] + "-",
+                contiguous=True, passive_declare_message_count=n)
+
+
+DELIBERATE_STREAMS = {
+    "stream declare arguments: retention and segment size": bad_max_age,
+    "stream consume: exclusive consumer, then a second consumer": exclusive_enforced,
+    "stream offsets: 'FIRST' (wrong case) on 10 messages published one by one": bad_offset('{longstr,<<"FIRST">>}'),
+    "stream offsets: 'bad' on 10 messages published one by one": bad_offset('{longstr,<<"bad">>}'),
+    "stream offsets: empty string on 10 messages published one by one": bad_offset('{longstr,<<"">>}'),
+    "stream offsets: decimal 1.5 (AMQP 'D'; pika cannot send a float) on 10 messages published one by one":
+        bad_offset("{decimal,{1,15}}"),
+    "stream offsets: boolean true on 10 messages published one by one": bad_offset("{bool,true}"),
+    "stream acks: basic.recover requeue=true": recover_refused,
+    "stream: queue.purge and passive declare (12 messages, then a consumer)": real_consumer_count,
+    "stream: queue.delete if_empty, if_unused (with a consumer), plain": if_unused_kept,
+    "stream filtering: x-stream-filter-value on publish, x-stream-filter on consume": exact_filters,
+    "stream retention: x-max-length-bytes=10000, segments of 2000 bytes, 100 x 500 bytes": retention_by_segments,
+}
+
+
+def streams():
+    """Stream queues, every case field for field (header key order compared
+    as documented in `header_order_sorted`)."""
+    expected = recorded("rabbitmq-streams.json")
+    actual = {case: header_order_sorted(got, True) for case, got in probe("streams.py").items()}
+
+    def documented(case, reference):
+        reference = header_order_sorted(reference, False)
+        if case in DELIBERATE_STREAMS:
+            reference = DELIBERATE_STREAMS[case](reference, actual.get(case))
+        return reference
+
+    return compare_all(expected, actual, documented)
+
+
 MISSING = "<missing>"
 
 
@@ -208,7 +363,8 @@ def main():
     started = start_probe("error_cases.py", REF_SET_LIMIT="0")
     total = 0
     failed = 0
-    for name, compare in (("queue features", queue_features), ("access control", access_control),
+    for name, compare in (("queue features", queue_features), ("streams", streams),
+                          ("access control", access_control),
                           ("error cases", lambda: error_cases(started))):
         cases, failures = compare()
         print(f"conformance ({name}): {cases - failures} passed, {failures} failed")

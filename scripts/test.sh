@@ -40,8 +40,9 @@ WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" WARREN_HTTP_PORT="$http
     WARREN_BIN=./target/debug/warren step 300 python3 -m pytest -q tests/pika tests/clients
 WARREN_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F" step 120 node --test tests/node
 # RabbitMQ conformance: 85 recorded error cases (same codes and texts), the
-# recorded queue-feature cases (docs/rabbitmq-queue-features.json) and the
-# access-control cases (docs/rabbitmq-access-control.json).
+# recorded queue-feature cases (docs/rabbitmq-queue-features.json), the stream
+# queue cases (docs/rabbitmq-streams.json) and the access-control cases
+# (docs/rabbitmq-access-control.json).
 REF_PORT="$port" REF_CTL="./target/debug/warren ctl --data-dir $data_dir" step 300 python3 scripts/conformance.py
 # The management API against RabbitMQ 3.10.8's recorded answers: statuses,
 # and every JSON field's name and type (docs/rabbitmq-management-api.json).

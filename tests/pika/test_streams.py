@@ -156,7 +156,7 @@ def test_consume_without_prefetch_is_refused(conn, ch, res):
         conn.process_data_events(time_limit=0.5)
     assert e.value.reply_code == 406
     assert e.value.reply_text == \
-        "PRECONDITION_FAILED - consumer prefetch count is not set for queue '%s' in vhost '/'" % q
+        "PRECONDITION_FAILED - consumer prefetch count is not set for 'queue '%s' in vhost '/''" % q
 
 
 def test_declare_must_be_durable_and_not_exclusive_or_auto_delete(conn, res):

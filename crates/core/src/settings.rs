@@ -190,16 +190,31 @@ pub fn check_stream_arguments(arguments: &FieldTable) -> Result<crate::stream::S
     };
     settings.max_length_bytes = positive("x-max-length-bytes")?;
     if let Some(size) = positive("x-stream-max-segment-size-bytes")? {
-        if size > crate::stream::MAX_SEGMENT_BYTES {
-            return Err(("x-stream-max-segment-size-bytes", format!("{{value_too_large,{size}}}")));
-        }
-        settings.max_segment_bytes = size.max(1);
+        // Larger ones are refused before this (their own text); 0 is taken
+        // as RabbitMQ takes it: a segment per chunk.
+        settings.max_segment_bytes = size.clamp(1, crate::stream::MAX_SEGMENT_BYTES);
     }
     if let Some(value) = table::get(arguments, "x-max-age") {
-        let age = table::as_str(value).and_then(crate::stream::parse_age);
+        let Some(text) = table::as_str(value) else {
+            return Err(("x-max-age", format!("{{unacceptable_type,{}}}", value_type(value))));
+        };
+        // RabbitMQ 3.10 fails with an internal error on some of these
+        // ("abc", "-1h"); Warren says what is wrong with all of them.
+        let age = crate::stream::parse_age(text).filter(|ms| *ms > 0);
         settings.max_age_ms = Some(age.ok_or(("x-max-age", "invalid_max_age".to_string()))?);
     }
-    positive("x-stream-filter-size-bytes")?;
+    if let Some(value) = table::get(arguments, "x-queue-leader-locator") {
+        if !table::as_str(value).is_some_and(|v| v == "client-local" || v == "balanced") {
+            return Err(("x-queue-leader-locator", "invalid_queue_locator_arg".into()));
+        }
+    }
+    if let Some(value) = table::get(arguments, "x-initial-cluster-size") {
+        match table::as_i64(value) {
+            Some(0) => return Err(("x-initial-cluster-size", "{value_zero,0}".into())),
+            Some(n) if n < 0 => return Err(("x-initial-cluster-size", format!("{{value_negative,{n}}}"))),
+            _ => {}
+        }
+    }
     Ok(settings)
 }
 

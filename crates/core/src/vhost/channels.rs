@@ -180,6 +180,9 @@ impl VirtualHostState {
     /// `basic.nack` / `basic.reject`: requeue, or dead-letter (dropped when
     /// the queue has no dead-letter exchange).
     pub fn nack(&mut self, key: ChannelKey, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<(), AmqpError> {
+        if let Some(stream) = self.settles_stream(key, delivery_tag, multiple) {
+            return Err(self.not_for_streams("basic.nack and basic.reject", &stream));
+        }
         let taken = self.take_unacked(key, delivery_tag, multiple)?;
         if requeue {
             for unacked in taken.into_iter().rev() {
@@ -194,12 +197,18 @@ impl VirtualHostState {
         Ok(())
     }
     /// `basic.recover`: every unacked message of the channel is requeued.
-    pub fn recover(&mut self, key: ChannelKey) {
+    /// Refused while the channel holds stream deliveries (RabbitMQ 3.10
+    /// fails with an internal error there).
+    pub fn recover(&mut self, key: ChannelKey) -> Result<(), AmqpError> {
+        if let Some(stream) = self.settles_stream(key, 0, true) {
+            return Err(self.not_for_streams("basic.recover", &stream));
+        }
         if let Ok(taken) = self.take_unacked(key, 0, true) {
             for unacked in taken.into_iter().rev() {
                 self.requeue(unacked);
             }
         }
+        Ok(())
     }
     /// A delivery its consumer gave up on: rejected without requeue
     /// (`Rejected`) or not acknowledged in time (`Expired`). With `x-retry-*`

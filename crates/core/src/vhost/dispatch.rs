@@ -65,7 +65,13 @@ impl VirtualHostState {
                 let client_tag = (!consumer_tag.is_empty()).then_some(&*tag);
                 Some(Box::new(self.stream_cursor(id, key, client_tag, no_ack, &arguments)?))
             }
-            false => None,
+            false => {
+                if warren_codec::table::get(&arguments, crate::stream::OFFSET_HEADER).is_some() {
+                    let queue_type = self.queues.get(&id).map(|q| q.settings.queue_type).unwrap_or_default();
+                    return Err(self.type_refusal(queue, queue_type, TypeRefusal::Argument("x-stream-offset")));
+                }
+                None
+            }
         };
         let global_qos = self.channels.get(&key).is_some_and(|c| c.prefetch_count > 0);
         if global_qos && self.queues.get(&id).is_some_and(|q| q.settings.queue_type == QueueType::Quorum) {

@@ -136,7 +136,7 @@ proptest! {
                     }
                 }
                 Op::Recover(c) => {
-                    vhost.recover(key(c));
+                    vhost.recover(key(c)).unwrap();
                     outstanding.remove(&c);
                 }
                 Op::Close(c) => {

@@ -100,16 +100,9 @@ impl VirtualHostState {
             ));
         }
         let channel = self.channels.get(&key).ok_or_else(|| soft(ReplyCode::ChannelError, "channel is not open"))?;
-        if channel.prefetch_count > 0 {
-            return Err(AmqpError::hard(
-                ReplyCode::NotImplemented,
-                format!("{described} does not support global qos"),
-                0,
-                0,
-            ));
-        }
+        // A global prefetch alone does not count (RabbitMQ's quoting).
         if channel.consumer_prefetch == 0 {
-            return Err(precondition(format!("consumer prefetch count is not set for {described}")));
+            return Err(precondition(format!("consumer prefetch count is not set for '{described}'")));
         }
         let now = self.clock.now_ms();
         // Tracking (LavinMQ's): asked for with `x-stream-offset` void (then
@@ -121,8 +114,12 @@ impl VirtualHostState {
         let tracking = client_tag.filter(|_| void || automatic);
         let spec = match void {
             true => OffsetSpec::First,
-            false => OffsetSpec::parse(offset, now)
-                .ok_or_else(|| precondition(format!("invalid x-stream-offset for {described}")))?,
+            false => OffsetSpec::parse(offset, now).ok_or_else(|| {
+                let value = offset.map(erlang_term).unwrap_or_default();
+                precondition(format!(
+                    "invalid arg 'x-stream-offset' for {described}: {{invalid_stream_offset_arg,{value}}}"
+                ))
+            })?,
         };
         let vhost = &self.name;
         let bounds = self.streams.as_ref().and_then(|s| s.bounds(vhost, &queue.name)).unwrap_or_default();
@@ -205,6 +202,34 @@ impl VirtualHostState {
         }
     }
 
+    /// What a stream refuses (nack, reject, recover, purge), in RabbitMQ's
+    /// words: it closes the connection.
+    pub(super) fn not_for_streams(&self, what: &str, queue: &str) -> AmqpError {
+        AmqpError::hard(
+            ReplyCode::NotImplemented,
+            format!("{what} not supported by stream queues queue '{queue}' in vhost '{}'", self.name),
+            0,
+            0,
+        )
+    }
+
+    /// The stream a settlement of `delivery_tag` (or every delivery up to
+    /// it, with `multiple`; all with tag 0) would touch, if any.
+    pub(super) fn settles_stream(&self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Option<Arc<str>> {
+        let channel = self.channels.get(&key)?;
+        channel
+            .unacked
+            .iter()
+            .filter(|u| {
+                if multiple {
+                    delivery_tag == 0 || u.delivery_tag <= delivery_tag
+                } else {
+                    u.delivery_tag == delivery_tag
+                }
+            })
+            .find_map(|u| self.queues.get(&u.queue).filter(|q| q.stream.is_some()).map(|q| q.name.clone()))
+    }
+
     /// An ack of a stream delivery: only a tracking consumer's is kept.
     pub(super) fn stream_acked(&self, queue: &Queue, unacked: &Unacked) {
         let (Some(storage), Some((tag, _))) = (&self.streams, &unacked.consumer) else { return };
@@ -219,6 +244,20 @@ impl VirtualHostState {
         let Some(stream) = &queue.stream else { return 0 };
         let bounds = self.streams.as_ref().and_then(|s| s.bounds(&self.name, &queue.name));
         bounds.map_or(stream.next, |b| stream.next.saturating_sub(b.first))
+    }
+}
+
+/// A field value as RabbitMQ's error texts show it: `{longstr,<<"7d">>}`.
+fn erlang_term(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            format!("{{longstr,<<\"{}\">>}}", table::as_str(value).unwrap_or_default())
+        }
+        AMQPValue::Boolean(b) => format!("{{bool,{b}}}"),
+        AMQPValue::DecimalValue(d) => format!("{{decimal,{{{},{}}}}}", d.scale, d.value),
+        AMQPValue::Float(f) => format!("{{float,{f}}}"),
+        AMQPValue::Double(d) => format!("{{double,{d}}}"),
+        other => format!("{{{},{other:?}}}", crate::settings::value_type(other)),
     }
 }
 

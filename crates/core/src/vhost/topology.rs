@@ -27,6 +27,8 @@ pub(super) const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-single-active-consumer",
     "x-delivery-limit",
     "x-queue-master-locator",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
 ];
 
 pub(super) fn describe(value: Option<&warren_codec::types::AMQPValue>) -> String {
@@ -89,7 +91,14 @@ pub(super) fn validate_queue_argument(key: &str, value: &warren_codec::types::AM
     };
     let wants_integer = matches!(
         key,
-        "x-message-ttl" | "x-expires" | "x-max-length" | "x-max-length-bytes" | "x-max-priority" | "x-delivery-limit"
+        "x-message-ttl"
+            | "x-expires"
+            | "x-max-length"
+            | "x-max-length-bytes"
+            | "x-max-priority"
+            | "x-delivery-limit"
+            | "x-stream-max-segment-size-bytes"
+            | "x-initial-cluster-size"
     );
     let wants_string = matches!(
         key,
@@ -128,6 +137,10 @@ impl VirtualHostState {
                     self.name
                 )));
             }
+        }
+        let segment = warren_codec::table::get(arguments, "x-stream-max-segment-size-bytes");
+        if segment.and_then(warren_codec::table::as_i64).is_some_and(|n| n > crate::stream::MAX_SEGMENT_BYTES as i64) {
+            return Err(precondition("Exceeded max value for x-stream-max-segment-size-bytes"));
         }
         QueueSettings::from_arguments(arguments).map_err(|(key, problem)| {
             precondition(format!("invalid arg '{key}' for queue '{name}' in vhost '{}': {problem}", self.name))
@@ -598,6 +611,9 @@ impl VirtualHostState {
     }
     pub fn purge_queue(&mut self, connection: ConnectionId, name: &str) -> Result<u32, AmqpError> {
         let id = self.queue_id(connection, name)?;
+        if self.queues.get(&id).is_some_and(|q| q.stream.is_some()) {
+            return Err(self.not_for_streams("queue.purge", name));
+        }
         let Some(queue) = self.queues.get_mut(&id) else {
             return Ok(0);
         };

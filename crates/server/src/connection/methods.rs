@@ -417,12 +417,12 @@ impl Connection {
                 Err(AmqpError::hard(ReplyCode::NotImplemented, "requeue=false", 60, 110))
             }
             basic::AMQPMethod::Recover(_) => {
-                state.recover(key);
+                state.recover(key)?;
                 self.send(number, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
                 Ok(())
             }
             basic::AMQPMethod::RecoverAsync(_) => {
-                state.recover(key);
+                state.recover(key)?;
                 Ok(())
             }
             basic::AMQPMethod::Qos(_) | basic::AMQPMethod::Publish(_) => Ok(()),
