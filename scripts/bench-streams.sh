@@ -25,7 +25,7 @@ if [ "$1" = warren ]; then
     pid=$WARREN_PID
 else
     port=${RABBITMQ_PORT:-5673}
-    pid=$(pgrep -f 'beam.smp.*warren-ref' | head -n1)
+    pid=$(scripts/rabbitmq.sh status | grep -o 'pid [0-9]*' | grep -o '[0-9]*')
 fi
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 common=(--port "$port" --size 1024 --persistent --queue "$STREAM" --queue-arg x-queue-type=stream --json)

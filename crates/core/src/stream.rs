@@ -27,8 +27,9 @@ pub const MAX_SEGMENT_BYTES: u64 = 3_000_000_000;
 /// Messages and bytes of the in-memory tail (the newest messages).
 const TAIL_MESSAGES: usize = 1024;
 const TAIL_BYTES: u64 = 4 << 20;
-/// What one read from the store brings in for one consumer.
-pub const READ_AHEAD_BYTES: usize = 256 * 1024;
+/// What one read from the store brings in for one consumer (at least one
+/// chunk): small, since every reader holds this much decoded.
+pub const READ_AHEAD_BYTES: usize = 64 * 1024;
 
 /// A stream's retention and layout, from its arguments.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,6 +185,19 @@ pub fn filter_value(message: &Message) -> Option<Vec<u8>> {
 /// A copy of `message` whose headers end with `x-stream-offset` (a long,
 /// as RabbitMQ sends it); every other byte of the properties is kept.
 pub fn with_offset(message: &Message, offset: u64) -> Message {
+    let properties = offset_properties(message, offset);
+    let mut builder = Message::builder(message.exchange(), message.routing_key(), &properties, message.body_len());
+    builder.push_body(message.body());
+    let mut copy = builder.finish();
+    copy.persistent = message.persistent;
+    copy
+}
+
+/// `message`'s properties with `x-stream-offset` appended to its headers
+/// (a publisher's own `x-stream-offset` dropped); every other byte kept.
+/// Built per delivery from the tail and per record written, so the body is
+/// never copied for it.
+pub fn offset_properties(message: &Message, offset: u64) -> Properties {
     let view = message.properties_view();
     let stripped;
     let properties: Properties<&[u8]> = match view.headers_raw() {
@@ -207,12 +221,7 @@ pub fn with_offset(message: &Message, offset: u64) -> Message {
     headers.extend_from_slice(OFFSET_HEADER.as_bytes());
     headers.push(b'l');
     headers.extend_from_slice(&i64::try_from(offset).unwrap_or(i64::MAX).to_be_bytes());
-    let properties = properties.with_field(flag::HEADERS, Some(&headers));
-    let mut builder = Message::builder(message.exchange(), message.routing_key(), &properties, message.body_len());
-    builder.push_body(message.body());
-    let mut copy = builder.finish();
-    copy.persistent = message.persistent;
-    copy
+    properties.with_field(flag::HEADERS, Some(&headers))
 }
 
 /// The core's side of one stream: the next offset and the newest messages.
@@ -221,7 +230,8 @@ pub struct StreamState {
     pub settings: StreamSettings,
     /// The offset the next message gets.
     pub next: u64,
-    /// The newest messages, offsets `next - tail.len()` to `next - 1`.
+    /// The newest messages, offsets `next - tail.len()` to `next - 1`, as
+    /// published (without their offset header, which a delivery adds).
     tail: VecDeque<Arc<Message>>,
     tail_bytes: u64,
     /// Offsets below this one are durable in the store: consumers get
@@ -234,14 +244,13 @@ impl StreamState {
         StreamState { settings, next, tail: VecDeque::new(), tail_bytes: 0, durable: next }
     }
 
-    /// Numbers a message: returns its offset and the copy that carries it.
-    pub fn append(&mut self, message: &Message) -> (u64, Arc<Message>) {
+    /// Numbers a message; returns its offset.
+    pub fn append(&mut self, message: &Arc<Message>) -> u64 {
         let offset = self.next;
         self.next += 1;
-        let numbered = Arc::new(with_offset(message, offset));
-        self.tail_bytes += numbered.body_len() as u64;
-        self.tail.push_back(numbered.clone());
-        (offset, numbered)
+        self.tail_bytes += message.body_len() as u64;
+        self.tail.push_back(message.clone());
+        offset
     }
 
     /// The first offset the tail holds.
@@ -371,17 +380,16 @@ mod tests {
     #[test]
     fn the_tail_keeps_what_the_store_has_not_written() {
         let mut stream = StreamState::new(StreamSettings::default(), 10);
+        let one = Arc::new(message(None));
         for _ in 0..3000 {
-            stream.append(&message(None));
+            stream.append(&one);
         }
         assert_eq!(stream.next, 3010);
         stream.trim(100);
         assert_eq!(stream.tail_start(), 100, "nothing unwritten is dropped");
         stream.trim(3010);
         assert_eq!(stream.tail_start(), 3010 - TAIL_MESSAGES as u64);
-        let m = stream.tail_get(3009).unwrap();
-        let headers = m.properties_view().headers().unwrap();
-        assert_eq!(table::get(&headers, OFFSET_HEADER), Some(&AMQPValue::LongLongInt(3009)));
+        assert!(stream.tail_get(3009).is_some_and(|m| Arc::ptr_eq(m, &one)), "the tail shares the published message");
         assert!(stream.tail_get(3010).is_none());
     }
 }

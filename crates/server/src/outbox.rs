@@ -181,6 +181,29 @@ impl Outbox for ConnectionOutbox {
         });
     }
 
+    fn deliver_with_properties(
+        &self,
+        channel: u16,
+        consumer_tag: &str,
+        delivery_tag: u64,
+        message: &Message,
+        properties: &[u8],
+    ) {
+        let frame_max = self.frame_max();
+        self.write(|buf| {
+            encode::basic_deliver(
+                buf,
+                channel,
+                consumer_tag.as_bytes(),
+                delivery_tag,
+                false,
+                message.exchange(),
+                message.routing_key(),
+            );
+            encode::content(buf, channel, properties, message.body(), frame_max);
+        });
+    }
+
     fn consumer_cancelled(&self, channel: u16, consumer_tag: &str) {
         if self.cancel_notify.load(Ordering::Relaxed) {
             self.write(|buf| encode::basic_cancel(buf, channel, consumer_tag.as_bytes()));

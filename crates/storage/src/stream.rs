@@ -351,6 +351,25 @@ impl StreamLog {
         filters: &[&[u8]],
         records: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<u64, StorageError> {
+        let mut records = records.into_iter();
+        self.append_with(timestamp, filters, |out| match records.next() {
+            Some(record) => {
+                out.extend_from_slice(record);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// [`Self::append`] with each record encoded straight into the chunk:
+    /// `next_record` appends one record's bytes and returns true, or
+    /// returns false (appending nothing) when there are no more.
+    pub fn append_with(
+        &mut self,
+        timestamp: i64,
+        filters: &[&[u8]],
+        mut next_record: impl FnMut(&mut Vec<u8>) -> bool,
+    ) -> Result<u64, StorageError> {
         if self.poisoned {
             return Err(StorageError::Poisoned);
         }
@@ -367,10 +386,16 @@ impl StreamLog {
         // At most 255 bytes per distinct value; a chunk has few.
         let filters_len = u32::try_from(chunk.len() - CHUNK_HEADER).unwrap_or(u32::MAX);
         let mut count = 0u32;
-        for record in records {
-            let len = u32::try_from(record.len()).map_err(|_| StorageError::BatchTooLarge(record.len() as u64))?;
-            chunk.extend_from_slice(&len.to_le_bytes());
-            chunk.extend_from_slice(record);
+        loop {
+            let at = chunk.len();
+            chunk.extend_from_slice(&[0; RECORD_HEADER]);
+            if !next_record(&mut chunk) {
+                chunk.truncate(at);
+                break;
+            }
+            let len = chunk.len() - at - RECORD_HEADER;
+            let len = u32::try_from(len).map_err(|_| StorageError::BatchTooLarge(len as u64))?;
+            chunk[at..at + RECORD_HEADER].copy_from_slice(&len.to_le_bytes());
             count += 1;
         }
         if count == 0 {

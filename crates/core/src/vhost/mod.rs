@@ -50,6 +50,24 @@ pub struct ChannelKey {
 /// Where the core writes frames for a connection.
 pub trait Outbox: Send + Sync {
     fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message);
+    /// A first delivery of `message` with other properties (a stream's
+    /// message with its offset header), the body sent as it is.
+    fn deliver_with_properties(
+        &self,
+        channel: u16,
+        consumer_tag: &str,
+        delivery_tag: u64,
+        message: &Message,
+        properties: &[u8],
+    ) {
+        let raw = bytes::Bytes::copy_from_slice(properties);
+        let Some(properties) = warren_codec::properties::Properties::parse(raw) else {
+            return self.deliver(channel, consumer_tag, delivery_tag, false, message);
+        };
+        let mut copy = Message::builder(message.exchange(), message.routing_key(), &properties, message.body_len());
+        copy.push_body(message.body());
+        self.deliver(channel, consumer_tag, delivery_tag, false, &copy.finish());
+    }
     /// The server cancelled a consumer (its queue was deleted).
     fn consumer_cancelled(&self, channel: u16, consumer_tag: &str);
     /// True while the connection's unsent bytes are above its limit: the core

@@ -56,7 +56,7 @@ impl VirtualHostState {
         let now = self.coarse_now.max(1);
         let Some(queue) = self.queues.get_mut(&id) else { return Enqueued::Dropped };
         let Some(stream) = queue.stream.as_mut() else { return Enqueued::Dropped };
-        let (offset, numbered) = stream.append(message);
+        let offset = stream.append(message);
         if stream.over_tail() {
             let durable = stream.durable;
             stream.trim(durable);
@@ -66,13 +66,13 @@ impl VirtualHostState {
             Some(JournalEvent::StreamAppended { queue: name, first, messages, .. })
                 if *name == queue.name && *first + messages.len() as u64 == offset =>
             {
-                messages.push(numbered);
+                messages.push(message.clone());
             }
             _ => self.journal.push(JournalEvent::StreamAppended {
                 queue: queue.name.clone(),
                 first: offset,
                 timestamp: now,
-                messages: vec![numbered],
+                messages: vec![message.clone()],
             }),
         }
         Enqueued::Streamed
@@ -154,10 +154,12 @@ impl VirtualHostState {
             let Some(cursor) = consumer.stream.as_mut() else { continue };
             let Some(channel) = self.channels.get_mut(&consumer.channel) else { continue };
             while cursor.next < durable && channel.can_deliver(&consumer.tag, 0) {
-                let item = if cursor.next >= stream.tail_start() {
+                // From the tail: the message as published, its offset header
+                // added as it is sent; from the store: as stored, with it.
+                let (item, from_tail) = if cursor.next >= stream.tail_start() {
                     cursor.ahead.clear();
                     let Some(message) = stream.tail_get(cursor.next) else { break };
-                    crate::stream::StreamItem { offset: cursor.next, message: message.clone() }
+                    (crate::stream::StreamItem { offset: cursor.next, message: message.clone() }, true)
                 } else {
                     if cursor.ahead.is_empty() {
                         let Some(storage) = &self.streams else { break };
@@ -174,7 +176,7 @@ impl VirtualHostState {
                         }
                     }
                     let Some(item) = cursor.ahead.pop_front() else { break };
-                    item
+                    (item, false)
                 };
                 cursor.next = item.offset + 1;
                 if let Some(filter) = &cursor.filter {
@@ -183,7 +185,19 @@ impl VirtualHostState {
                     }
                 }
                 let delivery_tag = channel.next_tag();
-                channel.outbox.deliver(consumer.channel.channel, &consumer.tag, delivery_tag, false, &item.message);
+                let (number, tag) = (consumer.channel.channel, &consumer.tag);
+                if from_tail {
+                    let properties = crate::stream::offset_properties(&item.message, item.offset);
+                    channel.outbox.deliver_with_properties(
+                        number,
+                        tag,
+                        delivery_tag,
+                        &item.message,
+                        properties.as_bytes(),
+                    );
+                } else {
+                    channel.outbox.deliver(number, tag, delivery_tag, false, &item.message);
+                }
                 let Some(state) = channel.consumers.get_mut(&consumer.tag) else { break };
                 queue.stats.delivered(false, false);
                 self.stats.delivered(false, false);

@@ -41,11 +41,22 @@ impl Tickets {
     }
 
     pub fn resolve(&self, ticket: u64, ok: bool) {
+        self.resolve_all(&[ticket], ok);
+    }
+
+    /// Resolves several tickets under one lock, with one wake-up of the
+    /// connections watching.
+    pub fn resolve_all(&self, tickets: &[u64], ok: bool) {
+        if tickets.is_empty() {
+            return;
+        }
         let mark = {
             let mut state = self.state.lock();
-            state.outstanding.remove(&ticket);
-            if !ok {
-                state.failed.insert(ticket);
+            for ticket in tickets {
+                state.outstanding.remove(ticket);
+                if !ok {
+                    state.failed.insert(*ticket);
+                }
             }
             let mark = state.outstanding.first().map_or(state.issued, |first| first - 1);
             let forget = mark.saturating_sub(FAILED_KEPT);
@@ -90,5 +101,11 @@ mod tests {
         assert!(tickets.failed(b) && !tickets.failed(a));
         tickets.resolve(c, true);
         assert_eq!(tickets.resolved(), c);
+        let (d, e, f) = (tickets.issue(), tickets.issue(), tickets.issue());
+        tickets.resolve_all(&[f, d], true);
+        assert_eq!(tickets.resolved(), d, "e is still out");
+        tickets.resolve_all(&[e], false);
+        assert_eq!(tickets.resolved(), f);
+        assert!(tickets.failed(e) && !tickets.failed(f));
     }
 }

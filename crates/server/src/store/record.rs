@@ -96,13 +96,24 @@ pub(super) fn encode_linked(out: &mut Vec<u8>, vhost: &str, body_at: u64, messag
 
 /// Everything of a message before its body.
 fn encode_head(out: &mut Vec<u8>, message: &Message) {
+    encode_head_with(out, message, message.properties());
+}
+
+fn encode_head_with(out: &mut Vec<u8>, message: &Message, properties: &[u8]) {
     put_short(out, message.exchange());
     put_short(out, message.routing_key());
     // Properties come from one content header frame: below frame_max (u32).
-    let properties_len = u32::try_from(message.properties().len()).unwrap_or(u32::MAX);
+    let properties_len = u32::try_from(properties.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&properties_len.to_le_bytes());
-    out.extend_from_slice(message.properties());
+    out.extend_from_slice(properties);
     out.extend_from_slice(&message.arrived().to_le_bytes());
+}
+
+/// [`encode_message`] with other properties (a stream's message, with its
+/// offset header).
+pub(super) fn encode_message_with(out: &mut Vec<u8>, message: &Message, properties: &[u8]) {
+    encode_head_with(out, message, properties);
+    out.extend_from_slice(message.body());
 }
 
 /// A live message rewritten at the head (compaction): `message` is the

@@ -31,6 +31,10 @@ const OFFSETS_FILE: &str = "offsets.json";
 /// tracked offsets are saved.
 const AGE_CHECK: Duration = Duration::from_secs(1);
 
+thread_local! {
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// (virtual host, stream, durable offset): consumers may now read below it.
 pub type DurableNotice = (String, String, u64);
 
@@ -68,7 +72,9 @@ struct Work {
 struct Shared {
     root: PathBuf,
     backend: Arc<dyn Backend>,
-    handles: RwLock<HashMap<(String, String), Arc<Handle>>>,
+    /// Virtual host -> stream -> its log (looked up by `&str`, without
+    /// allocating, on every publish).
+    handles: RwLock<HashMap<String, HashMap<String, Arc<Handle>>>>,
     work: Mutex<Work>,
     wake: Condvar,
     tickets: Arc<Tickets>,
@@ -122,7 +128,7 @@ impl Streams {
     }
 
     fn handle(&self, vhost: &str, queue: &str) -> Option<Arc<Handle>> {
-        self.shared.handles.read().get(&(vhost.to_string(), queue.to_string())).cloned()
+        self.shared.handles.read().get(vhost)?.get(queue).cloned()
     }
 
     /// Hands a batch of a stream's messages (numbered from the stream's
@@ -151,7 +157,7 @@ impl Streams {
 
     /// Removes a deleted stream's files.
     pub fn delete(&self, vhost: &str, queue: &str) {
-        let Some(handle) = self.shared.handles.write().remove(&(vhost.to_string(), queue.to_string())) else {
+        let Some(handle) = self.shared.handles.write().get_mut(vhost).and_then(|streams| streams.remove(queue)) else {
             return;
         };
         handle.deleted.store(true, Ordering::Relaxed);
@@ -167,7 +173,7 @@ impl Streams {
     /// Removes every stream of a virtual host.
     pub fn delete_vhost(&self, vhost: &str) {
         let queues: Vec<String> =
-            self.shared.handles.read().keys().filter(|(v, _)| v == vhost).map(|(_, q)| q.clone()).collect();
+            self.shared.handles.read().get(vhost).map(|streams| streams.keys().cloned().collect()).unwrap_or_default();
         for queue in queues {
             self.delete(vhost, &queue);
         }
@@ -185,7 +191,7 @@ impl Streams {
     /// Bytes and segments of every stream (for operators).
     pub fn disk_usage(&self) -> (u64, usize) {
         let handles = self.shared.handles.read();
-        handles.values().fold((0, 0), |(bytes, segments), h| {
+        handles.values().flat_map(HashMap::values).fold((0, 0), |(bytes, segments), h| {
             let log = h.log.lock();
             (bytes + log.bytes(), segments + log.segment_count())
         })
@@ -234,7 +240,7 @@ impl StreamStorage for Streams {
             deleted: AtomicBool::new(false),
         });
         let result = bounds(&handle);
-        self.shared.handles.write().insert((vhost.to_string(), queue.to_string()), handle);
+        self.shared.handles.write().entry(vhost.to_string()).or_default().insert(queue.to_string(), handle);
         Ok(result)
     }
 
@@ -273,13 +279,21 @@ impl StreamStorage for Streams {
         let wanted_dyn: Option<&warren_storage::stream::Wanted<'_>> = wanted.as_ref().map(|w| w as _);
         let cursor = (*hint != ReadHint::default()).then(|| StreamCursor::from_parts(hint.0));
         let log = handle.log.lock();
-        let mut buffer = Vec::new();
-        let result = log.read(from, cursor, max_bytes, wanted_dyn, &mut buffer, |record| {
-            if record.offset < durable {
-                if let Some(message) = record::decode_message(record.bytes) {
-                    out.push_back(StreamItem { offset: record.offset, message: Arc::new(message) });
+        // One read buffer per thread, kept: readers call this all the time.
+        let result = READ_BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            let read = log.read(from, cursor, max_bytes, wanted_dyn, &mut buffer, |record| {
+                if record.offset < durable {
+                    if let Some(message) = record::decode_message(record.bytes) {
+                        out.push_back(StreamItem { offset: record.offset, message: Arc::new(message) });
+                    }
                 }
+            });
+            // A large chunk's buffer is not kept.
+            if buffer.capacity() > 4 << 20 {
+                *buffer = Vec::new();
             }
+            read
         });
         match result {
             Ok(Some((cursor, next))) => {
@@ -315,8 +329,6 @@ fn now_ms() -> u64 {
 /// stream, fsyncs, then resolves the tickets and announces the durable
 /// offsets. Also drops segments past `x-max-age`.
 fn write_loop(shared: &Shared) {
-    let mut encoded: Vec<u8> = Vec::new();
-    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
     let mut last_age_check = std::time::Instant::now();
     loop {
         let work = {
@@ -341,13 +353,8 @@ fn write_loop(shared: &Shared) {
             if handle.deleted.load(Ordering::Relaxed) || failed {
                 continue;
             }
-            encoded.clear();
-            ranges.clear();
             let mut filters: Vec<Vec<u8>> = Vec::new();
             for message in group.iter().flat_map(|b| b.messages.iter()) {
-                let start = encoded.len();
-                record::encode_message(&mut encoded, message);
-                ranges.push(start..encoded.len());
                 if let Some(value) = warren_core::stream::filter_value(message) {
                     if !filters.contains(&value) {
                         filters.push(value);
@@ -362,9 +369,18 @@ fn write_loop(shared: &Shared) {
                 failed = true;
                 continue;
             }
-            let records = ranges.iter().map(|r| &encoded[r.clone()]);
+            // Stored with the offset header, so a read is sent as it is.
+            let mut messages = group.iter().flat_map(|b| b.messages.iter()).zip(first_offset..);
             let stamp = i64::try_from(timestamp).unwrap_or(i64::MAX);
-            if let Err(error) = log.append(stamp, &filter_refs, records) {
+            let appended = log.append_with(stamp, &filter_refs, |out| match messages.next() {
+                Some((message, offset)) => {
+                    let properties = warren_core::stream::offset_properties(message, offset);
+                    record::encode_message_with(out, message, properties.as_bytes());
+                    true
+                }
+                None => false,
+            });
+            if let Err(error) = appended {
                 error!(vhost = %handle.vhost, queue = %handle.queue, %error, "a stream refused a write");
                 failed = true;
                 continue;
@@ -376,9 +392,6 @@ fn write_loop(shared: &Shared) {
             }
             unsynced.push(log.take_unsynced());
             touched.push((handle.clone(), log.next_offset()));
-        }
-        if encoded.capacity() > 8 << 20 {
-            encoded = Vec::new();
         }
         for files in &unsynced {
             if failed {
@@ -400,9 +413,7 @@ fn write_loop(shared: &Shared) {
                 }
             }
         }
-        for ticket in work.tickets {
-            shared.tickets.resolve(ticket, !failed);
-        }
+        shared.tickets.resolve_all(&work.tickets, !failed);
         if last_age_check.elapsed() >= AGE_CHECK || work.stop {
             last_age_check = std::time::Instant::now();
             drop_aged(shared);
@@ -416,8 +427,14 @@ fn write_loop(shared: &Shared) {
 
 /// Saves the tracked offsets of the streams whose changed.
 fn save_offsets(shared: &Shared) {
-    let changed: Vec<Arc<Handle>> =
-        shared.handles.read().values().filter(|h| h.offsets_dirty.swap(false, Ordering::Relaxed)).cloned().collect();
+    let changed: Vec<Arc<Handle>> = shared
+        .handles
+        .read()
+        .values()
+        .flat_map(HashMap::values)
+        .filter(|h| h.offsets_dirty.swap(false, Ordering::Relaxed))
+        .cloned()
+        .collect();
     for handle in changed {
         if handle.deleted.load(Ordering::Relaxed) {
             continue;
@@ -440,8 +457,14 @@ fn save_offsets(shared: &Shared) {
 /// `x-max-age`.
 fn drop_aged(shared: &Shared) {
     let now = now_ms();
-    let aged: Vec<Arc<Handle>> =
-        shared.handles.read().values().filter(|h| h.settings.max_age_ms.is_some()).cloned().collect();
+    let aged: Vec<Arc<Handle>> = shared
+        .handles
+        .read()
+        .values()
+        .flat_map(HashMap::values)
+        .filter(|h| h.settings.max_age_ms.is_some())
+        .cloned()
+        .collect();
     for handle in aged {
         let Some(age) = handle.settings.max_age_ms else { continue };
         let min = i64::try_from(now.saturating_sub(age)).unwrap_or(i64::MAX);
