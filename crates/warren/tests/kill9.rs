@@ -565,3 +565,103 @@ fn kill9_keeps_a_streams_confirmed_messages_at_the_offsets_consumers_saw() {
     assert_eq!(stream.keys().copied().collect::<Vec<_>>(), (0..stream.len() as u64).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// Server-side offset tracking and retention by age across a `kill -9`: a
+/// consumer under the tag `billing` acks five messages; after the broker is
+/// killed and restarted, the next `billing` consumer starts at offset 5. A
+/// stream with `x-max-age` 2s and small segments drops its old segments
+/// once they are older (the newest segment stays).
+#[test]
+fn kill9_keeps_tracked_stream_offsets_and_streams_expire_by_age() {
+    use lapin::types::AMQPValue;
+    let Scene { data, port, uri, runtime } = scene("tracked");
+    let stream = |extra: &[(&str, AMQPValue)]| {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        for (key, value) in extra {
+            args.insert((*key).into(), value.clone());
+        }
+        args
+    };
+    let aged = || {
+        stream(&[
+            ("x-max-age", AMQPValue::LongString("2s".into())),
+            ("x-stream-max-segment-size-bytes", AMQPValue::LongLongInt(2000)),
+        ])
+    };
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let first_offsets = |ch: lapin::Channel, queue: &'static str, tag: &'static str, args: FieldTable, n: usize| async move {
+        ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        let mut deliveries =
+            ch.basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args).await.unwrap();
+        let mut offsets = Vec::new();
+        while offsets.len() < n {
+            let delivery =
+                tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await.unwrap().unwrap().unwrap();
+            let headers = delivery.properties.headers().clone().unwrap();
+            let Some(AMQPValue::LongLongInt(offset)) = headers.inner().get("x-stream-offset").cloned() else {
+                panic!("no offset header")
+            };
+            offsets.push(offset);
+            delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        ch.basic_cancel(tag.into(), BasicCancelOptions::default()).await.unwrap();
+        offsets
+    };
+    let (mut broker, _) = start(port, &data);
+    runtime.block_on(async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        ch.queue_declare("ledger".into(), durable, stream(&[])).await.unwrap();
+        ch.queue_declare("recent".into(), durable, aged()).await.unwrap();
+        for i in 0..20u32 {
+            let body = i.to_be_bytes();
+            let props = BasicProperties::default().with_delivery_mode(2);
+            ch.basic_publish("".into(), "ledger".into(), Default::default(), &body, props.clone())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            let padding = [0u8; 500];
+            ch.basic_publish("".into(), "recent".into(), Default::default(), &padding, props)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let void = stream(&[("x-stream-offset", AMQPValue::Void)]);
+        let reader = conn.create_channel().await.unwrap();
+        assert_eq!(first_offsets(reader, "ledger", "billing", void, 5).await, vec![0, 1, 2, 3, 4]);
+    });
+    // Tracked offsets are saved once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let (mut broker, _) = start(port, &data);
+    runtime.block_on(async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let void = stream(&[("x-stream-offset", AMQPValue::Void)]);
+        assert_eq!(first_offsets(ch, "ledger", "billing", void, 2).await, vec![5, 6], "resumed after the last ack");
+        // The old segments of `recent` are past 2 s now (checked every second).
+        let ch = conn.create_channel().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut retained;
+        loop {
+            let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+            retained = ch.queue_declare("recent".into(), passive, aged()).await.unwrap().message_count();
+            if retained < 20 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(0 < retained && retained < 20, "whole old segments went, the newest stayed: {retained} of 20 retained");
+        let first = stream(&[("x-stream-offset", AMQPValue::LongString("first".into()))]);
+        let from = first_offsets(ch, "recent", "reader", first, 1).await;
+        assert_eq!(from, vec![20 - i64::from(retained)], "a read from `first` starts at the oldest retained");
+    });
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+}
