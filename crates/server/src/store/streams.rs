@@ -80,6 +80,9 @@ struct Shared {
     tickets: Arc<Tickets>,
     notify: Mutex<Option<tokio::sync::mpsc::UnboundedSender<DurableNotice>>>,
     poisoned: AtomicBool,
+    /// `fsync = always`: chunks are fsynced before they count as durable
+    /// (with `never`, once written to the operating system).
+    sync: bool,
 }
 
 pub struct Streams {
@@ -105,7 +108,12 @@ fn escape(name: &str) -> String {
 }
 
 impl Streams {
-    pub fn open(backend: Arc<dyn Backend>, root: &Path, tickets: Arc<Tickets>) -> Result<Streams, std::io::Error> {
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        root: &Path,
+        tickets: Arc<Tickets>,
+        sync: bool,
+    ) -> Result<Streams, std::io::Error> {
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
             backend,
@@ -115,6 +123,7 @@ impl Streams {
             tickets,
             notify: Mutex::new(None),
             poisoned: AtomicBool::new(false),
+            sync,
         });
         let thread_shared = shared.clone();
         let writer =
@@ -393,7 +402,7 @@ fn write_loop(shared: &Shared) {
             unsynced.push(log.take_unsynced());
             touched.push((handle.clone(), log.next_offset()));
         }
-        for files in &unsynced {
+        for files in unsynced.iter().filter(|_| shared.sync) {
             if failed {
                 break;
             }
