@@ -865,21 +865,5 @@ def normalise(value):
     return value
 
 
-def run():
-    results = []
-    for title, fn in CASES:
-        try:
-            r = fn()
-        except Exception as e:  # record probe failures instead of aborting
-            r = {"result": "probe error: %s: %s" % (type(e).__name__, e)}
-        results.append(normalise(dict({"case": title}, **r)))
-    return results
-
-
 if __name__ == "__main__":
-    text = json.dumps(run(), indent=2) + "\n"
-    if "--out" in sys.argv:  # otherwise (with or without --json) to stdout
-        with open(sys.argv[sys.argv.index("--out") + 1], "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    queue_features.write(queue_features.run(CASES, normalise))

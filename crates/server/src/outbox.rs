@@ -162,10 +162,17 @@ impl ConnectionOutbox {
             }
         }
     }
-}
 
-impl Outbox for ConnectionOutbox {
-    fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message) {
+    /// `basic.deliver` and the message's content, sent with `properties`.
+    fn write_delivery(
+        &self,
+        channel: u16,
+        consumer_tag: &str,
+        delivery_tag: u64,
+        redelivered: bool,
+        message: &Message,
+        properties: &[u8],
+    ) {
         let frame_max = self.frame_max();
         self.write(|buf| {
             encode::basic_deliver(
@@ -177,8 +184,14 @@ impl Outbox for ConnectionOutbox {
                 message.exchange(),
                 message.routing_key(),
             );
-            encode::content(buf, channel, message.properties(), message.body(), frame_max);
+            encode::content(buf, channel, properties, message.body(), frame_max);
         });
+    }
+}
+
+impl Outbox for ConnectionOutbox {
+    fn deliver(&self, channel: u16, consumer_tag: &str, delivery_tag: u64, redelivered: bool, message: &Message) {
+        self.write_delivery(channel, consumer_tag, delivery_tag, redelivered, message, message.properties());
     }
 
     fn deliver_with_properties(
@@ -189,19 +202,7 @@ impl Outbox for ConnectionOutbox {
         message: &Message,
         properties: &[u8],
     ) {
-        let frame_max = self.frame_max();
-        self.write(|buf| {
-            encode::basic_deliver(
-                buf,
-                channel,
-                consumer_tag.as_bytes(),
-                delivery_tag,
-                false,
-                message.exchange(),
-                message.routing_key(),
-            );
-            encode::content(buf, channel, properties, message.body(), frame_max);
-        });
+        self.write_delivery(channel, consumer_tag, delivery_tag, false, message, properties);
     }
 
     fn consumer_cancelled(&self, channel: u16, consumer_tag: &str) {
