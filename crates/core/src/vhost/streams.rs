@@ -231,17 +231,14 @@ impl VirtualHostState {
     /// it, with `multiple`; all with tag 0) would touch, if any.
     pub(super) fn settles_stream(&self, key: ChannelKey, delivery_tag: u64, multiple: bool) -> Option<Arc<str>> {
         let channel = self.channels.get(&key)?;
-        channel
-            .unacked
-            .iter()
-            .filter(|u| {
-                if multiple {
-                    delivery_tag == 0 || u.delivery_tag <= delivery_tag
-                } else {
-                    u.delivery_tag == delivery_tag
-                }
-            })
-            .find_map(|u| self.queues.get(&u.queue).filter(|q| q.stream.is_some()).map(|q| q.name.clone()))
+        let stream_of = |u: &Unacked| self.queues.get(&u.queue).filter(|q| q.stream.is_some()).map(|q| q.name.clone());
+        // Unacked entries are sorted by tag: one is found by a binary
+        // search; `multiple` looks only at those it settles anyway.
+        if !multiple {
+            let at = channel.unacked.binary_search_by_key(&delivery_tag, |u| u.delivery_tag).ok()?;
+            return channel.unacked.get(at).and_then(stream_of);
+        }
+        channel.unacked.iter().take_while(|u| delivery_tag == 0 || u.delivery_tag <= delivery_tag).find_map(stream_of)
     }
 
     /// An ack of a stream delivery: only a tracking consumer's is kept.
