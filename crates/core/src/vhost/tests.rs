@@ -422,3 +422,49 @@ fn message_stats_count_publishes_deliveries_gets_redeliveries_and_acks() {
     let all = vhost.message_stats();
     assert_eq!((all.publish, all.unroutable, all.deliver, all.ack), (4, 1, 3, 2));
 }
+
+/// A message routed to a durable queue and to a stream is stored once, for
+/// the durable queue: neither reading it from the stream, nor deleting the
+/// stream with the delivery unacked, settles that entry.
+#[test]
+fn a_stream_sharing_a_stored_message_never_settles_it() {
+    let (mut vhost, recorder, key) = setup();
+    vhost.declare_exchange(ExchangeDeclare::new("orders", "fanout").durable()).unwrap();
+    vhost.declare_queue(1, QueueDeclare::named("jobs").durable()).unwrap();
+    let stream = args(&[("x-queue-type", text("stream"))]);
+    vhost.declare_queue(1, QueueDeclare::named("log").durable().with_arguments(stream)).unwrap();
+    vhost.bind_queue(1, "jobs", "orders", "", FieldTable::default(), true).unwrap();
+    vhost.bind_queue(1, "log", "orders", "", FieldTable::default(), true).unwrap();
+    let mut journal = Vec::new();
+    vhost.drain_journal(&mut journal);
+    let mut shared = message("", b"order 1");
+    Arc::get_mut(&mut shared).unwrap().persistent = true;
+    journal.clear();
+    vhost.publish("orders", shared.clone(), &[]).unwrap();
+    vhost.drain_journal(&mut journal);
+    assert_eq!(journal.len(), 2, "{journal:?}");
+    assert!(journal
+        .iter()
+        .any(|e| matches!(e, JournalEvent::StreamAppended { first: 0, queue, .. } if &**queue == "log")));
+    assert!(journal
+        .iter()
+        .any(|e| matches!(e, JournalEvent::Published { queues, .. } if queues.iter().map(|q| &**q).eq(["jobs"]))));
+    // The store gave the message its entry, and made the stream durable.
+    shared.set_stored_index(7);
+    vhost.stream_durable("log", 1);
+    vhost.qos(key, 0, 10, false);
+    let mut consume = Consume::new("log", "reader");
+    consume.arguments = args(&[("x-stream-offset", text("first"))]);
+    vhost.consume(key, consume).unwrap();
+    vhost.run_dispatch();
+    assert_eq!(recorder.deliveries.lock().len(), 1);
+    journal.clear();
+    vhost.delete_queue(1, "log", false, false).unwrap();
+    vhost.drain_journal(&mut journal);
+    assert!(!journal.iter().any(|e| matches!(e, JournalEvent::Settled { .. })), "nothing settled: {journal:?}");
+    assert!(journal.iter().any(|e| matches!(e, JournalEvent::QueueDeleted { queue } if &**queue == "log")));
+    vhost.ack(key, 1, false).unwrap();
+    vhost.drain_journal(&mut journal);
+    assert!(!journal.iter().any(|e| matches!(e, JournalEvent::Settled { .. })));
+    assert_eq!(bodies(&mut vhost, key, "jobs"), vec![b"order 1".to_vec()]);
+}

@@ -669,7 +669,10 @@ impl VirtualHostState {
             }
         });
         if queue.durable {
-            for channel in self.channels.values() {
+            // A stream's deliveries are no stored entries of its own (a
+            // message it shares with a durable queue has that queue's).
+            let stored_here = queue.stream.is_none();
+            for channel in self.channels.values().filter(|_| stored_here) {
                 for unacked in channel.unacked.iter().filter(|u| u.queue == id && u.message.stored_index() != 0) {
                     self.journal.push(JournalEvent::Settled {
                         queue: queue.name.clone(),
