@@ -54,6 +54,9 @@ const CALL_PATIENCE: Duration = Duration::from_secs(10);
 /// How long one subscription request may take (then it is tried again,
 /// at whichever node leads by then).
 const SUBSCRIBE_CALL_PATIENCE: Duration = Duration::from_secs(1);
+/// How often a connection waiting for its relayed consumer's answer looks
+/// whether this node took the queue over meanwhile.
+const RELAY_ANSWER_CHECK: Duration = Duration::from_millis(200);
 /// How long `basic.consume` through a stand-in waits for the leader.
 const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(10);
 /// Unsent delivery bytes above which the leader stops delivering to a
@@ -505,11 +508,20 @@ impl Replication {
         // Already gone (cancelled meanwhile) or served here.
         let Some(subscriber) = subscriber else { return Ok(()) };
         let mut answered = subscriber.answered.subscribe();
-        let outcome = match answered.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
-            Err(_) => Ok(()),
-        };
-        outcome
+        loop {
+            let waited = tokio::time::timeout(RELAY_ANSWER_CHECK, answered.wait_for(Option::is_some)).await;
+            match waited {
+                Ok(Ok(outcome)) => return outcome.clone().unwrap_or(Ok(())),
+                Ok(Err(_)) => return Ok(()),
+                // This node took the queue over meanwhile: the consumer is
+                // its own queue's, as `subscribe` answers then (a wait left
+                // unanswered here held the connection, unread, for good).
+                Err(_) if self.node.known_leader(subscriber.local.group).as_deref() == Some(self.node.name()) => {
+                    return Ok(());
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// The client has its `consume-ok`: deliveries may go to it.
