@@ -116,6 +116,16 @@ fn running(node: &Node) -> Vec<String> {
     names
 }
 
+/// Runs `work` on `runtime`, failing the test if it takes longer than
+/// `seconds`: a broker that stops answering fails the suite instead of
+/// hanging it.
+fn within<T>(runtime: &tokio::runtime::Runtime, seconds: u64, work: impl std::future::Future<Output = T>) -> T {
+    match runtime.block_on(async { tokio::time::timeout(Duration::from_secs(seconds), work).await }) {
+        Ok(value) => value,
+        Err(_) => panic!("a step of this test took longer than {seconds} s"),
+    }
+}
+
 fn eventually(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
     while !check() {
@@ -326,7 +336,7 @@ fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed(
         [&a, &b, &c].iter().all(|n| metadata(n).is_some_and(|(_, _, leader, members)| leader.is_some() && members == 3))
     });
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         let conn = connect(&a).await;
         let channel = conn.create_channel().await.unwrap();
@@ -386,7 +396,7 @@ fn a_quorum_queue_keeps_every_confirmed_message_when_its_leaders_node_is_killed(
     a.child.kill().unwrap();
     a.child.wait().unwrap();
 
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         // A consumer through b: served by the new leader (b or c) once it
         // took the queue up.
         let conn = connect(&b).await;
@@ -483,7 +493,7 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
         assert!(Command::new("kill").args([name, &pid.to_string()]).status().unwrap().success());
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let conn = connect(&a).await;
         let channel = conn.create_channel().await.unwrap();
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
@@ -496,7 +506,7 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
     // heartbeats start the election.
     signal("-STOP", a.child.id());
     let paused = Instant::now();
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let led = leader_among(&[&b, &c], "jobs", Duration::from_secs(20)).await;
         println!("a paused quorum leader was replaced after {:?}", paused.elapsed());
         // Through the node that does not lead it: served by the leader.
@@ -519,7 +529,7 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
     // Woken, the old leader learns of the new term and gives the queue up:
     // it no longer serves it, and its replica has what the new leader took.
     signal("-CONT", a.child.id());
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let woken = Instant::now();
         loop {
             if !leads(&a, "jobs").await && replica_count(&a, "jobs").await == Some(50) {
@@ -536,7 +546,7 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
     let data = c.data.clone();
     std::fs::remove_dir_all(&data).unwrap();
     let c = start_in("pc@test", ports[2], &seeds, &secret, data);
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let restarted = Instant::now();
         while replica_count(&c, "jobs").await != Some(50) {
             assert!(restarted.elapsed() < Duration::from_secs(20), "the wiped replica never caught up");
@@ -550,7 +560,7 @@ fn a_paused_quorum_leader_is_replaced_steps_down_when_it_wakes_and_a_wiped_repli
         let (ok, printed) = ctl(&c, &["delete_member", "jobs", other]);
         assert!(ok, "{printed}");
     }
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let alone = Instant::now();
         while !leads(&c, "jobs").await {
             assert!(alone.elapsed() < Duration::from_secs(20), "the caught-up node never led the queue alone");
@@ -611,7 +621,7 @@ fn quorum_queue_members_are_added_and_removed_by_ctl_and_the_queue_carries_on() 
         names
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         // Two replicas: a (declaring, leading) and the next node up, b.
         let conn = connect(&a).await;
         let channel = conn.create_channel().await.unwrap();
@@ -646,7 +656,7 @@ fn quorum_queue_members_are_added_and_removed_by_ctl_and_the_queue_carries_on() 
             && on_b["leader"].as_str().is_some_and(|l| l != "ma@test")
             && status(&a)["raft_state"].is_null()
     });
-    runtime.block_on(async {
+    within(&runtime, 120, async {
         let conn = connect(&b).await;
         let channel = conn.create_channel().await.unwrap();
         let options = BasicConsumeOptions::default();
