@@ -109,9 +109,11 @@ impl VirtualHostState {
         let remote = q.remote.then(|| q.name.clone());
         if let Some(channel) = self.channels.get_mut(&key) {
             let prefetch_count = channel.consumer_prefetch;
-            channel
-                .consumers
-                .insert(tag.clone(), ConsumerState { id: consumer_id, queue: id, no_ack, prefetch_count, unacked: 0 });
+            let answered = remote.is_none();
+            channel.consumers.insert(
+                tag.clone(),
+                ConsumerState { id: consumer_id, queue: id, no_ack, prefetch_count, unacked: 0, answered },
+            );
             if let Some(queue) = remote {
                 let relayed = RelayedConsumer {
                     key,

@@ -99,6 +99,11 @@ struct ConsumerState {
     no_ack: bool,
     prefetch_count: u16,
     unacked: u32,
+    /// Its `consume-ok` is out. A consumer of a stand-in is answered only
+    /// once the leader accepted it; if this node takes the queue over
+    /// meanwhile, its deliveries wait for that answer (the client knows
+    /// no consumer before it).
+    answered: bool,
 }
 
 struct ChannelState {
@@ -130,7 +135,7 @@ impl ChannelState {
         if !self.flow_active || self.outbox.is_congested() {
             return false;
         }
-        let Some(consumer) = self.consumers.get(tag) else {
+        let Some(consumer) = self.consumers.get(tag).filter(|c| c.answered) else {
             return false;
         };
         if consumer.no_ack {

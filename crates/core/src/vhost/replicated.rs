@@ -156,6 +156,15 @@ impl VirtualHostState {
         }
     }
 
+    /// The client of the consumer `tag` (of a stand-in) has its
+    /// `consume-ok`: deliveries from this node may go to it.
+    pub fn consumer_answered(&mut self, key: ChannelKey, tag: &str) {
+        let Some(consumer) = self.channels.get_mut(&key).and_then(|c| c.consumers.get_mut(tag)) else { return };
+        consumer.answered = true;
+        let queue = consumer.queue;
+        self.mark_dirty(queue);
+    }
+
     /// The leader refused `consumer` when it was subscribed again (a
     /// new leader): it is cancelled, and its client told so.
     pub fn cancel_relayed(&mut self, consumer: &RelayedConsumer) {

@@ -468,3 +468,21 @@ fn a_stream_sharing_a_stored_message_never_settles_it() {
     assert!(!journal.iter().any(|e| matches!(e, JournalEvent::Settled { .. })));
     assert_eq!(bodies(&mut vhost, key, "jobs"), vec![b"order 1".to_vec()]);
 }
+
+/// A consumer of a stand-in is answered (`consume-ok`) once the leader
+/// accepted it. If this node takes the queue over first, the queue's
+/// messages wait for that answer: a delivery before it names a consumer
+/// the client does not know yet.
+#[test]
+fn a_stand_in_consumer_taken_over_gets_nothing_before_its_answer() {
+    let (mut vhost, recorder, key) = setup();
+    vhost.declare_replicated("orders", args(&[("x-queue-type", text("quorum"))]), true).unwrap();
+    vhost.consume(key, Consume::new("orders", "c")).unwrap();
+    vhost.promote_replicated("orders");
+    vhost.accept_replicated("orders", message("orders", b"m1"));
+    vhost.run_dispatch();
+    assert_eq!(recorder.deliveries.lock().len(), 0, "not answered yet");
+    vhost.consumer_answered(key, "c");
+    vhost.run_dispatch();
+    assert_eq!(recorder.deliveries.lock().len(), 1);
+}

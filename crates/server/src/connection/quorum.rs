@@ -87,11 +87,17 @@ impl Connection {
     pub(crate) fn finish_relayed_consume(&mut self, consume: &RelayedConsume, accepted: Result<(), AmqpError>) {
         let RelayedConsume { channel, tag, nowait } = consume;
         match accepted {
-            Ok(()) if !nowait => {
-                let ok = basic::ConsumeOk { consumer_tag: short(tag) };
-                self.send(*channel, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
+            Ok(()) => {
+                if !nowait {
+                    let ok = basic::ConsumeOk { consumer_tag: short(tag) };
+                    self.send(*channel, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
+                }
+                // After the answer: were the queue taken over meanwhile,
+                // this node's deliveries to it waited for it.
+                let Some(vhost) = self.vhost.clone() else { return };
+                let store = self.store.clone();
+                Session::open(&vhost, &store).consumer_answered(self.key(*channel), tag);
             }
-            Ok(()) => {}
             Err(error) => {
                 let Some(vhost) = self.vhost.clone() else { return };
                 let store = self.store.clone();
