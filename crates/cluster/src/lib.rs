@@ -55,13 +55,42 @@ const FRAME_REQUEST: u8 = 2;
 const FRAME_RESPONSE: u8 = 3;
 const FRAME_HEADER: usize = 1 + 8 + 4;
 
-fn frame(kind: u8, id: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
-    out.push(kind);
-    out.extend_from_slice(&id.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
+/// A frame on its way out: the header apart, so that a large payload is
+/// written as it is and never copied behind one.
+struct Frame {
+    header: [u8; FRAME_HEADER],
+    payload: Vec<u8>,
+}
+
+fn frame(kind: u8, id: u64, payload: Vec<u8>) -> Frame {
+    let mut header = [0u8; FRAME_HEADER];
+    header[0] = kind;
+    header[1..9].copy_from_slice(&id.to_le_bytes());
+    header[9..].copy_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+    Frame { header, payload }
+}
+
+/// Payloads up to this size are copied into the write of the frames queued
+/// with them (many groups' small requests go out in one write); larger ones
+/// are written from where they are.
+const COPIED_PAYLOAD: usize = 16 << 10;
+
+/// Writes `first` then `second` with as few calls as the socket allows.
+async fn write_both(writer: &mut (impl AsyncWriteExt + Unpin), first: &[u8], second: &[u8]) -> std::io::Result<()> {
+    let (mut first, mut second) = (first, second);
+    while !first.is_empty() {
+        let written = writer.write_vectored(&[std::io::IoSlice::new(first), std::io::IoSlice::new(second)]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if written < first.len() {
+            first = &first[written..];
+        } else {
+            second = &second[written - first.len()..];
+            first = &[];
+        }
+    }
+    writer.write_all(second).await
 }
 
 /// Answers the requests other nodes send with [`Members::call`].
@@ -123,7 +152,7 @@ pub struct PeerStatus {
 #[derive(Clone)]
 struct Link {
     id: u64,
-    outbox: mpsc::Sender<Vec<u8>>,
+    outbox: mpsc::Sender<Frame>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
 }
 
@@ -291,6 +320,12 @@ impl Members {
     /// Sends `request` to `peer`'s handler and waits up to `timeout` for
     /// its answer.
     pub async fn call(&self, peer: &str, request: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
+        self.call_owned(peer, request.to_vec(), timeout).await
+    }
+
+    /// [`Members::call`] with a request this node no longer needs (it is
+    /// sent without a copy).
+    pub async fn call_owned(&self, peer: &str, request: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, CallError> {
         if request.len() > FRAME_MAX {
             return Err(CallError::TooLarge(request.len()));
         }
@@ -393,7 +428,7 @@ async fn run_connection(stream: TcpStream, greeted: handshake::Greeted, address:
         debug!(peer = %peer, %address, "a node removed from the cluster connected: closed");
         return;
     }
-    let (outbox, mut outgoing) = mpsc::channel::<Vec<u8>>(1024);
+    let (outbox, mut outgoing) = mpsc::channel::<Frame>(1024);
     let link = Link {
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),
         outbox: outbox.clone(),
@@ -420,24 +455,32 @@ async fn run_connection(stream: TcpStream, greeted: handshake::Greeted, address:
     let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
     let write = async {
         let mut tick = tokio::time::interval(HEARTBEAT);
-        let heartbeat = frame(FRAME_HEARTBEAT, 0, &[]);
+        let mut buf = Vec::with_capacity(WRITE_BATCH);
         loop {
-            let mut bytes = tokio::select! {
-                _ = tick.tick() => heartbeat.clone(),
+            let mut next = Some(tokio::select! {
+                _ = tick.tick() => frame(FRAME_HEARTBEAT, 0, Vec::new()),
                 next = outgoing.recv() => match next {
-                    Some(bytes) => bytes,
+                    Some(frame) => frame,
                     None => return,
                 },
-            };
-            // Many groups' small requests go out in one write: what is
-            // queued meanwhile joins this one, up to a bound.
-            while bytes.len() < WRITE_BATCH {
-                match outgoing.try_recv() {
-                    Ok(more) => bytes.extend_from_slice(&more),
-                    Err(_) => break,
+            });
+            // What is queued meanwhile joins this write, up to a bound.
+            buf.clear();
+            while let Some(frame) = next.take() {
+                buf.extend_from_slice(&frame.header);
+                if frame.payload.len() <= COPIED_PAYLOAD {
+                    buf.extend_from_slice(&frame.payload);
+                } else {
+                    if write_both(&mut writer, &buf, &frame.payload).await.is_err() {
+                        return;
+                    }
+                    buf.clear();
+                }
+                if buf.len() < WRITE_BATCH {
+                    next = outgoing.try_recv().ok();
                 }
             }
-            if writer.write_all(&bytes).await.is_err() {
+            if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
                 return;
             }
         }
@@ -471,7 +514,7 @@ async fn run_connection(stream: TcpStream, greeted: handshake::Greeted, address:
                     tokio::spawn(async move {
                         let response = handler.handle(&from, payload).await;
                         if response.len() <= FRAME_MAX {
-                            let _ = outbox.send(frame(FRAME_RESPONSE, id, &response)).await;
+                            let _ = outbox.send(frame(FRAME_RESPONSE, id, response)).await;
                         }
                     });
                 }

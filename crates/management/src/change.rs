@@ -41,9 +41,7 @@ pub async fn change<T>(
         wait_durable(&store, index).await?;
     }
     if let Some(ticket) = ticket {
-        let tickets = &state.broker.tickets;
-        let _ = tickets.watch().wait_for(|&resolved| resolved >= ticket).await;
-        if tickets.failed(ticket) {
+        if !state.broker.tickets.wait(ticket).await {
             return Err(ApiError::Internal("the change could not be replicated (see the broker log)".into()));
         }
     }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use log_store::{KeepFrom, LogReader, LogStore, SharedLog};
 pub use machine::Machine;
-pub use node::{other_request, GroupStatus, Node, NodeError, NodeOptions, Submitted};
+pub use node::{other_request, GroupStatus, Node, NodeError, NodeOptions, Submission, Submitted};
 pub use transport::{Call, Transport};
 pub use warren_storage::{FsyncPolicy, GroupId};
 
@@ -42,9 +42,11 @@ pub use warren_storage::{FsyncPolicy, GroupId};
 /// ([`node_id`]), so every node computes the same id for the same name.
 pub type NodeId = u64;
 
-/// A command for a group's state machine, as the log stores it.
+/// A command for a group's state machine, as the log stores it. Shared:
+/// the log's in-memory tail hands each follower's append a clone, which
+/// for a `Vec` copied every body once per follower.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(#[serde(with = "bytes")] pub Vec<u8>);
+pub struct Command(#[serde(with = "shared_bytes")] pub ::bytes::Bytes);
 
 /// A state machine's answer to one command.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +92,19 @@ pub(crate) mod bytes {
             }
             Ok(out)
         }
+    }
+}
+
+/// [`bytes`] for a shared byte string (read into one buffer, as a `Vec`).
+pub(crate) mod shared_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &::bytes::Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<::bytes::Bytes, D::Error> {
+        super::bytes::deserialize(deserializer).map(::bytes::Bytes::from)
     }
 }
 
@@ -154,7 +169,7 @@ mod tests {
     #[test]
     fn commands_are_written_as_before_and_read_back() {
         let body: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let command = Command(body.clone());
+        let command = Command(body.clone().into());
         let written = bincode::serialize(&command).unwrap_or_default();
         assert_eq!(written, bincode::serialize(&body).unwrap_or_default(), "the layout of a Vec<u8>");
         assert_eq!(bincode::deserialize::<Command>(&written).ok(), Some(command));

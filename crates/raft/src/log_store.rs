@@ -277,7 +277,7 @@ fn decode(index: u64, term: u64, payload: &[u8]) -> Result<Entry<TypeConfig>, St
     let log_id = log_id(index, term);
     let payload = match payload.split_first() {
         Some((&BLANK, _)) => EntryPayload::Blank,
-        Some((&NORMAL, command)) => EntryPayload::Normal(Command(command.to_vec())),
+        Some((&NORMAL, command)) => EntryPayload::Normal(Command(::bytes::Bytes::copy_from_slice(command))),
         Some((&MEMBERSHIP, membership)) => {
             EntryPayload::Membership(bincode::deserialize(membership).map_err(read_error)?)
         }
@@ -442,21 +442,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut encoded = Vec::new();
-        let mut appended = Vec::new();
-        for entry in entries {
-            encoded.push((entry.log_id.index, entry.log_id.leader_id.term, encode(&entry)?));
-            appended.push(entry);
+        let appended: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // A command goes to the log as its kind and its bytes, without a
+        // copy put together first; other entries are encoded.
+        let mut encoded = Vec::with_capacity(appended.len());
+        for entry in &appended {
+            encoded.push(match &entry.payload {
+                EntryPayload::Normal(_) => None,
+                _ => Some(encode(entry)?),
+            });
         }
         let wal = {
             // Under the tails' lock, so that a reader sees an entry either
             // in the tail or in the log.
             let mut tails = self.shared.tails.lock();
-            let wal = self
-                .shared
-                .log
-                .append(self.group, encoded.iter().map(|(index, term, payload)| (*index, *term, &payload[..])))
-                .map_err(write_error)?;
+            let parts = appended.iter().zip(&encoded).map(|(entry, encoded)| {
+                let parts: [&[u8]; 2] = match (&entry.payload, encoded) {
+                    (EntryPayload::Normal(command), _) => [&[NORMAL], &command.0],
+                    (_, Some(encoded)) => [encoded, &[]],
+                    (_, None) => [&[], &[]],
+                };
+                (entry.log_id.index, entry.log_id.leader_id.term, parts)
+            });
+            let wal = self.shared.log.append_parts(self.group, parts).map_err(write_error)?;
             let durable = self.shared.flushes.durable.load(Ordering::Acquire);
             let tail = tails.entry(self.group).or_default();
             if let Some(first) = appended.first() {
@@ -533,7 +541,7 @@ mod tests {
         let body = vec![7u8; 256 * 1024];
         let entries: Vec<Vec<u8>> = (1..=40u64)
             .map(|index| {
-                encode(&Entry { log_id: log_id(index, 1), payload: EntryPayload::Normal(Command(body.clone())) })
+                encode(&Entry { log_id: log_id(index, 1), payload: EntryPayload::Normal(Command(body.clone().into())) })
             })
             .collect::<Result<_, _>>()
             .unwrap_or_else(|e| panic!("{e}"));

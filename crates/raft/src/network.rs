@@ -129,7 +129,10 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let mut request = Vec::with_capacity(64);
+        // Sized first: an append of bodies grown by doubling was copied
+        // again at each step.
+        let size = bincode::serialized_size(rpc).map_or(0, |n| usize::try_from(n).unwrap_or(0));
+        let mut request = Vec::with_capacity(9 + size);
         request.extend_from_slice(&self.group.to_le_bytes());
         request.push(kind);
         bincode::serialize_into(&mut request, rpc)

@@ -111,10 +111,38 @@ type Answer = oneshot::Sender<Result<Vec<u8>, NodeError>>;
 /// A submitted write's reply, once it is committed (or refused).
 pub type Submitted = oneshot::Receiver<Result<Vec<u8>, NodeError>>;
 
+/// A command as submitted: its bytes, or how to write them. A deferred
+/// one is written straight into the group's next entry by the task that
+/// writes it, so the submitter (holding a virtual host's lock) neither
+/// copies a body nor waits for it.
+pub enum Submission {
+    Bytes(Vec<u8>),
+    Deferred { len: usize, write: WriteCommand },
+}
+
+/// Writes a deferred command's bytes at the end of the entry being built.
+pub type WriteCommand = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
+
+impl Submission {
+    fn len(&self) -> usize {
+        match self {
+            Submission::Bytes(bytes) => bytes.len(),
+            Submission::Deferred { len, .. } => *len,
+        }
+    }
+
+    fn write(self, out: &mut Vec<u8>) {
+        match self {
+            Submission::Bytes(bytes) => out.extend_from_slice(&bytes),
+            Submission::Deferred { write, .. } => write(out),
+        }
+    }
+}
+
 /// Writes waiting for the group's next entry.
 #[derive(Default)]
 struct Pending {
-    commands: Vec<(Vec<u8>, Answer)>,
+    commands: Vec<(Submission, Answer)>,
     /// A task is writing the group's entries.
     flushing: bool,
 }
@@ -284,6 +312,11 @@ impl Node {
     /// commands submitted one after another are committed in that order)
     /// and the receiver gets the reply. Called within a tokio runtime.
     pub fn submit(&self, group: GroupId, command: Vec<u8>) -> Result<Submitted, NodeError> {
+        self.submit_as(group, Submission::Bytes(command))
+    }
+
+    /// [`Node::submit`] of a command written when its entry is.
+    pub fn submit_as(&self, group: GroupId, command: Submission) -> Result<Submitted, NodeError> {
         let Group { raft, pending, .. } =
             self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))?;
         let (reply, replied) = oneshot::channel();
@@ -589,24 +622,31 @@ async fn flush(group: GroupId, raft: Raft, pending: Arc<Mutex<Pending>>) {
                 .max(1);
             pending.commands.drain(..count).collect()
         };
-        let payload = crate::batch::encode(batch.iter().map(|(command, _)| command.as_slice()));
+        let mut payload = Vec::with_capacity(batch.iter().map(|(command, _)| command.len() + 4).sum());
+        let batch: Vec<Answer> = batch
+            .into_iter()
+            .map(|(command, answer)| {
+                crate::batch::push(&mut payload, |out| command.write(out));
+                answer
+            })
+            .collect();
         let result = write_while_leader(group, &raft, payload).await;
         match result {
             Ok(reply) => match crate::batch::decode(&reply.0).filter(|r| r.len() == batch.len()) {
                 Some(replies) => {
-                    for ((_, reply), answer) in batch.into_iter().zip(replies) {
+                    for (reply, answer) in batch.into_iter().zip(replies) {
                         let _ = reply.send(Ok(answer.to_vec()));
                     }
                 }
                 None => {
                     let e = NodeError::Raft(group, "the state machine's replies do not match the batch".into());
-                    for (_, reply) in batch {
+                    for reply in batch {
                         let _ = reply.send(Err(e.clone()));
                     }
                 }
             },
             Err(e) => {
-                for (_, reply) in batch {
+                for reply in batch {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
@@ -633,7 +673,7 @@ async fn write_while_leader(group: GroupId, raft: &Raft, payload: Vec<u8>) -> Re
         return Err(not_leader(&metrics.borrow()));
     }
     tokio::select! {
-        result = raft.client_write(Command(payload)) => result.map(|r| r.data).map_err(|e| write_error(group, e)),
+        result = raft.client_write(Command(payload.into())) => result.map(|r| r.data).map_err(|e| write_error(group, e)),
         changed = metrics.wait_for(|m| m.state != ServerState::Leader || m.current_term != term) => match changed {
             Ok(m) => Err(not_leader(&m)),
             Err(_) => Err(NodeError::Raft(group, "the group stopped".into())),

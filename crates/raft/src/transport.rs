@@ -27,7 +27,7 @@ impl Transport for warren_cluster::Members {
     fn call(&self, peer: &str, request: Vec<u8>, timeout: Duration) -> Call {
         let members = self.clone();
         let peer = peer.to_string();
-        Box::pin(async move { members.call(&peer, &request, timeout).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { members.call_owned(&peer, request, timeout).await.map_err(|e| e.to_string()) })
     }
 
     fn up(&self) -> HashSet<String> {

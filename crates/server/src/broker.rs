@@ -128,8 +128,8 @@ pub struct Broker {
     /// One permit per connection still in its handshake
     /// (`max_pending_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
-    /// Publishes into quorum queues wait on these (`quorum::tickets`).
-    pub tickets: Arc<crate::quorum::tickets::Tickets>,
+    /// Publishes into quorum queues wait on these (`store::tickets`).
+    pub tickets: Arc<crate::store::tickets::Tickets>,
     /// In a cluster: the quorum queues (set once the cluster is up).
     pub replication: std::sync::OnceLock<Arc<crate::quorum::Replication>>,
     /// In a cluster: where a change of the access file made here goes.

@@ -120,6 +120,9 @@ impl Server {
                 tick.tick().await;
                 // Consumer timeouts are checked every 100 ms.
                 let check_consumers = ticks.is_multiple_of(20);
+                if check_consumers {
+                    timer_broker.tickets.age(std::time::Instant::now());
+                }
                 for vhost in timer_broker.vhosts() {
                     let mut session = Session::open(&vhost, &timer_broker.store);
                     if session.has_paging_due() {

@@ -109,15 +109,24 @@ impl GroupCommit {
     /// Buffers one entry; returns its index. Durable once
     /// [`GroupCommit::durable_index`] reaches it.
     pub fn append(&self, payload: &[u8]) -> Result<u64, StorageError> {
+        self.append_parts(&[payload])
+    }
+
+    /// [`GroupCommit::append`] of the entry `parts` make end to end (put
+    /// together here, not in a buffer of the caller's first).
+    pub fn append_parts(&self, parts: &[&[u8]]) -> Result<u64, StorageError> {
         if self.shared.poisoned.load(Ordering::Acquire) {
             return Err(StorageError::Poisoned);
         }
+        let len: usize = parts.iter().map(|part| part.len()).sum();
         let mut pending = self.shared.pending.lock();
         let index = pending.next_index;
         pending.next_index += 1;
         // Entries are below 4 GiB (see `log::encode_record`).
-        pending.buf.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
-        pending.buf.extend_from_slice(payload);
+        pending.buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+        for part in parts {
+            pending.buf.extend_from_slice(part);
+        }
         pending.count += 1;
         if pending.count == 1 {
             self.shared.wake.notify_one();

@@ -178,14 +178,26 @@ impl GroupLog {
         group: GroupId,
         entries: impl IntoIterator<Item = (u64, u64, &'a [u8])>,
     ) -> Result<u64, GroupLogError> {
+        self.append_parts(group, entries.into_iter().map(|(index, term, payload)| (index, term, [payload, &[]])))
+    }
+
+    /// [`GroupLog::append`] of entries whose payload is two parts end to
+    /// end (a kind and a command: a body is copied once, into the commit's
+    /// buffer).
+    pub fn append_parts<'a>(
+        &self,
+        group: GroupId,
+        entries: impl IntoIterator<Item = (u64, u64, [&'a [u8]; 2])>,
+    ) -> Result<u64, GroupLogError> {
         let mut groups = self.groups.lock();
         let state = groups.entry(group).or_default();
         let mut wal = 0;
-        for (index, term, payload) in entries {
+        for (index, term, [first, second]) in entries {
             if let Some(next) = state.next_index().filter(|next| index > *next) {
                 return Err(GroupLogError::NotContiguous { group, index, next });
             }
-            wal = self.commit.append(&record(b'E', group, &[index, term], payload))?;
+            let header = record(b'E', group, &[index, term], &[]);
+            wal = self.commit.append_parts(&[&header, first, second])?;
             state.put(index, term, wal);
         }
         Ok(wal)

@@ -21,12 +21,9 @@ pub(super) enum Pending {
     Refused,
 }
 
-/// Where the quorum queues' commands stand: every ticket up to `resolved`
-/// is resolved, and `failed` tells those that failed.
-pub(super) struct Replicated<'a> {
-    pub(super) resolved: u64,
-    pub(super) failed: &'a dyn Fn(u64) -> bool,
-}
+/// Where the work handed over stands (`store::tickets`): a ticket's
+/// outcome once it is resolved (`Some(false)`: failed), `None` before.
+pub(super) type Replicated<'a> = &'a dyn Fn(u64) -> Option<bool>;
 
 /// A confirm to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,23 +91,23 @@ impl Confirms {
         &mut self,
         durable: u64,
         poisoned: bool,
-        replicated: &Replicated,
+        replicated: Replicated,
         mut emit: impl FnMut(Confirm),
     ) {
-        for entry in self.waiting.iter_mut() {
-            let failed = match entry.1 {
-                Pending::Stored { ticket, .. } => {
-                    ticket != 0 && ticket <= replicated.resolved && (replicated.failed)(ticket)
-                }
-                Pending::Refused => false,
-            };
-            if poisoned || failed {
+        if poisoned {
+            for entry in self.waiting.iter_mut() {
                 entry.1 = Pending::Refused;
             }
         }
-        let done = |p: Pending| matches!(p, Pending::Stored { index, ticket } if index <= durable && ticket <= replicated.resolved);
+        // Only the first publishes waiting are looked at: confirms go out
+        // in order, so a later outcome matters once those before it are in.
+        let outcome = |p: Pending| match p {
+            Pending::Refused => Some(false),
+            Pending::Stored { index, .. } if index > durable => None,
+            Pending::Stored { ticket, .. } => replicated(ticket),
+        };
         loop {
-            while self.waiting.front().is_some_and(|&(_, p)| done(p)) {
+            while self.waiting.front().is_some_and(|&(_, p)| outcome(p) == Some(true)) {
                 self.waiting.pop_front();
             }
             let confirmable = self.waiting.front().map_or(self.published, |&(seq, _)| seq - 1);
@@ -119,7 +116,7 @@ impl Confirms {
                 self.confirmed = confirmable;
             }
             match self.waiting.front() {
-                Some(&(seq, Pending::Refused)) if seq == self.confirmed + 1 => {
+                Some(&(seq, p)) if seq == self.confirmed + 1 && outcome(p) == Some(false) => {
                     self.waiting.pop_front();
                     emit(Confirm::Nack { tag: seq });
                     self.confirmed = seq;
@@ -146,12 +143,14 @@ impl Connection {
         let durable = self.store.durable_index();
         let poisoned = self.store.is_poisoned();
         let tickets = &self.broker.tickets;
-        let replicated = Replicated { resolved: tickets.resolved(), failed: &|ticket| tickets.failed(ticket) };
+        // Tickets above the mark wait for it, resolved or not (`store::tickets`).
+        let mark = tickets.mark();
+        let replicated: Replicated = &|ticket| if ticket > mark { None } else { tickets.outcome(ticket) };
         let mut acked = 0;
         for (&number, ch) in self.channels.iter_mut().filter(|(_, ch)| ch.confirms.enabled && !ch.closing) {
             let before = ch.confirms.confirmed();
             let mut nacked = 0;
-            ch.confirms.release(durable, poisoned, &replicated, |confirm| match confirm {
+            ch.confirms.release(durable, poisoned, replicated, |confirm| match confirm {
                 Confirm::Ack { tag, multiple } => {
                     self.outbox.write(|buf| encode::basic_ack(buf, number, tag, multiple))
                 }
@@ -183,9 +182,27 @@ mod tests {
 
     fn release(confirms: &mut Confirms, durable: u64, poisoned: bool) -> Vec<Confirm> {
         let mut out = Vec::new();
-        let replicated = Replicated { resolved: u64::MAX, failed: &|_| false };
-        confirms.release(durable, poisoned, &replicated, |c| out.push(c));
+        confirms.release(durable, poisoned, &|_| Some(true), |c| out.push(c));
         out
+    }
+
+    #[test]
+    fn tickets_release_in_publish_order_whatever_order_they_resolve_in() {
+        let mut c = confirms();
+        for ticket in [1, 2, 3] {
+            let seq = c.publish().unwrap_or_default();
+            c.wait(seq, Pending::Stored { index: 0, ticket });
+        }
+        let mut out = Vec::new();
+        // 2 and 3 resolved (3 failed), 1 not yet: nothing goes out.
+        let outcome = |resolved: &'static [(u64, bool)]| {
+            move |ticket: u64| resolved.iter().find(|(t, _)| *t == ticket).map(|&(_, ok)| ok)
+        };
+        c.release(0, false, &outcome(&[(2, true), (3, false)]), |confirm| out.push(confirm));
+        assert_eq!(out, vec![]);
+        c.release(0, false, &outcome(&[(1, true), (2, true), (3, false)]), |confirm| out.push(confirm));
+        assert_eq!(out, vec![Confirm::Ack { tag: 2, multiple: true }, Confirm::Nack { tag: 3 }]);
+        assert!(!c.is_waiting());
     }
 
     #[test]

@@ -191,8 +191,7 @@ async fn serve_stream<R, W>(
                 Some(Wait::Durable(deferred)) => {
                     let mut stored = wait_durable(&mut durable, &conn.store, deferred.index).await;
                     if let (Ok(()), Some(ticket)) = (&stored, deferred.ticket) {
-                        let _ = replicated.wait_for(|&resolved| resolved >= ticket).await;
-                        if broker.tickets.failed(ticket) {
+                        if !broker.tickets.wait(ticket).await {
                             stored = Err(StorageError::Poisoned);
                         }
                     }

@@ -8,7 +8,7 @@
 //! of the local store ([`Replication`] is the store's
 //! [`crate::store::Replicator`]). A publisher confirm waits until those
 //! commands are committed, that is fsynced on a majority of the members
-//! ([`tickets`]). When leadership moves, the old leader's node drops the
+//! (`store::tickets`). When leadership moves, the old leader's node drops the
 //! queue and the new leader's node rebuilds it from its replica
 //! ([`replica`]); what was delivered and not acknowledged is delivered
 //! again, marked redelivered. The other members hold a stand-in that
@@ -27,7 +27,6 @@ mod kept;
 pub mod placements;
 mod relay;
 pub mod replica;
-pub mod tickets;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +40,7 @@ use warren_codec::reply::{AmqpError, ReplyCode};
 use warren_codec::types::FieldTable;
 use warren_core::vhost::JournalEvent;
 use warren_raft::metadata::METADATA;
-use warren_raft::{GroupId, Machine, Node};
+use warren_raft::{GroupId, Machine, Node, Submission};
 
 use crate::broker::Broker;
 use crate::session::Session;
@@ -694,17 +693,27 @@ impl Replication {
     /// group is gone.
     fn submit(&self, local: &Local, event: &JournalEvent, out: &mut Vec<Submitted>) -> Result<(), ()> {
         let mut command = Vec::new();
-        match event {
+        let submission = match event {
+            // Written into the entry by the group's writing task, outside
+            // the virtual host's lock held here.
             JournalEvent::Published { message, .. } => {
                 let key = local.next_key.fetch_add(1, Ordering::AcqRel);
                 message.set_stored_index(key);
-                replica::encode_enqueue(&mut command, key, message);
+                let message = message.clone();
+                let len = replica::enqueue_len(&message);
+                Submission::Deferred { len, write: Box::new(move |out| replica::encode_enqueue(out, key, &message)) }
             }
-            JournalEvent::Settled { stored, .. } => replica::encode_settle(&mut command, *stored),
-            JournalEvent::Returned { stored, returns, .. } => replica::encode_return(&mut command, *stored, *returns),
+            JournalEvent::Settled { stored, .. } => {
+                replica::encode_settle(&mut command, *stored);
+                Submission::Bytes(command)
+            }
+            JournalEvent::Returned { stored, returns, .. } => {
+                replica::encode_return(&mut command, *stored, *returns);
+                Submission::Bytes(command)
+            }
             _ => return Ok(()),
-        }
-        out.push(self.node.submit(local.group, command).map_err(|_| ())?);
+        };
+        out.push(self.node.submit_as(local.group, submission).map_err(|_| ())?);
         Ok(())
     }
 }
@@ -722,13 +731,16 @@ impl crate::store::Replicator for Replication {
         let ticket = broker.tickets.issue();
         let tickets = Arc::downgrade(&broker);
         tokio::spawn(async move {
-            let mut ok = !failed;
-            for reply in submitted {
-                match tokio::time::timeout(COMMIT_PATIENCE, reply).await {
-                    Ok(Ok(Ok(_))) => {}
-                    _ => ok = false,
+            // One deadline for them all (they commit in order): a timer per
+            // reply was a cost per message.
+            let committed = tokio::time::timeout(COMMIT_PATIENCE, async {
+                let mut ok = true;
+                for reply in submitted {
+                    ok &= matches!(reply.await, Ok(Ok(_)));
                 }
-            }
+                ok
+            });
+            let mut ok = !failed && committed.await.unwrap_or(false);
             for committed in forwarded {
                 ok &= committed.await.unwrap_or(false);
             }

@@ -135,6 +135,13 @@ pub fn encode_enqueue(out: &mut Vec<u8>, key: u64, message: &Message) {
     encode_message(out, message);
 }
 
+/// The length [`encode_enqueue`] writes.
+pub fn enqueue_len(message: &Message) -> usize {
+    // Kind, key, arrival, the names' two lengths, the properties' length.
+    let fixed = 1 + 8 + 8 + 2 + 4;
+    fixed + message.exchange().len() + message.routing_key().len() + message.properties().len() + message.body().len()
+}
+
 /// Arrival time, exchange, routing key, properties, body.
 pub(super) fn encode_message(out: &mut Vec<u8>, message: &Message) {
     out.extend_from_slice(&message.arrived().to_le_bytes());
@@ -588,6 +595,9 @@ mod tests {
         replica.apply(3, &command(|o| encode_enqueue(o, 11, &message(b"three"))));
         replica.apply(4, &command(|o| encode_settle(o, 9)));
         replica.apply(5, &command(|o| encode_return(o, 11, 2)));
+        let mut written = Vec::new();
+        encode_enqueue(&mut written, 7, &first);
+        assert_eq!(enqueue_len(&first), written.len(), "the length a deferred enqueue is batched by");
         let check = |replica: &QueueReplica| {
             let messages = replica.messages();
             let seen: Vec<(u64, Vec<u8>, u64)> =

@@ -36,6 +36,7 @@ mod record;
 mod recovery;
 mod sidecar;
 pub mod streams;
+pub mod tickets;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -85,7 +86,7 @@ pub struct Appended {
     /// definitions waits until it is durable.
     pub definitions: Option<u64>,
     /// The ticket of the commands handed to quorum queues' groups: a
-    /// publisher confirm waits until it is resolved (`quorum::tickets`).
+    /// publisher confirm waits until it is resolved (`store::tickets`).
     pub replicated: Option<u64>,
 }
 
@@ -138,7 +139,7 @@ pub struct Store {
     streams: Arc<streams::Streams>,
     /// What confirms wait on besides the log: streams' fsyncs and quorum
     /// queues' commits.
-    tickets: Arc<crate::quorum::tickets::Tickets>,
+    tickets: Arc<crate::store::tickets::Tickets>,
 }
 
 impl Store {
@@ -148,7 +149,7 @@ impl Store {
     }
 
     /// What confirms wait on besides the log's durable index.
-    pub fn tickets(&self) -> Arc<crate::quorum::tickets::Tickets> {
+    pub fn tickets(&self) -> Arc<crate::store::tickets::Tickets> {
         self.tickets.clone()
     }
 
@@ -275,9 +276,11 @@ impl Store {
         let mut appended = self.append(&state.name, events, scratch).inspect_err(|error| {
             tracing::error!(%error, "the store refused journal entries");
         })?;
-        // Tickets resolve in any order, but a confirm waits until every
-        // ticket up to its own is resolved: the later one covers both.
-        appended.replicated = appended.replicated.max(replicated);
+        // A publish both to a stream and to a quorum queue waits for both.
+        appended.replicated = match (appended.replicated, replicated) {
+            (Some(a), Some(b)) => Some(self.tickets.join(a, b)),
+            (a, b) => a.or(b),
+        };
         Ok(appended)
     }
 

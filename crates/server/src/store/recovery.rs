@@ -253,7 +253,7 @@ impl Store {
             }
             None => (sidecar::DedupKeys::new(), 0),
         };
-        let tickets = Arc::new(crate::quorum::tickets::Tickets::default());
+        let tickets = Arc::new(crate::store::tickets::Tickets::default());
         let sync = policy == FsyncPolicy::Always;
         let streams = super::streams::Streams::open(files.clone(), &data_dir.join("streams"), tickets.clone(), sync)
             .map_err(|source| StoreError::Io { path: data_dir.join("streams"), source })?;

@@ -2,7 +2,7 @@
 //! `streams/<vhost>/<queue>/`, written and fsynced by one thread for all
 //! streams (group commit: everything handed over since the last round is
 //! one chunk per stream, one write, one fsync). A publish's confirm waits
-//! for its ticket (`quorum::tickets`), resolved after the fsync; consumers
+//! for its ticket (`store::tickets`), resolved after the fsync; consumers
 //! are told how far a stream is durable through `notify`, and are served
 //! only that far.
 
@@ -22,7 +22,7 @@ use warren_storage::stream::{StreamCursor, StreamLog, StreamOptions, Unsynced};
 use warren_storage::Backend;
 
 use super::record;
-use crate::quorum::tickets::Tickets;
+use crate::store::tickets::Tickets;
 
 /// Tracking consumers' offsets, in a stream's directory.
 const OFFSETS_FILE: &str = "offsets.json";
