@@ -374,6 +374,29 @@ def test_confirmed_messages_survive_a_kill_of_the_leaders_node(cluster):
     assert sorted(int(b[1:]) for b, _ in bodies) == list(range(200))
 
 
+def test_committed_transactions_survive_a_kill_of_the_leaders_node(cluster):
+    first, second, third = cluster.nodes
+    name = "tx-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+    eventually("the first node leads the queue", lambda: leader_of((first,), name))
+    # commit-ok comes once the group committed the messages (through a
+    # node that forwards them, and through the leader's node, killed the
+    # moment commit-ok arrives: large bodies keep the commit under way).
+    padding = "x" * (64 << 10)
+    for node, numbers in ((second, range(50)), (first, range(50, 250))):
+        conn = connect(node["amqp"])
+        ch = conn.channel()
+        ch.tx_select()
+        for i in numbers:
+            ch.basic_publish("", name, "t%d %s" % (i, padding), pika.BasicProperties(delivery_mode=2))
+        ch.tx_commit()
+    cluster.kill(first)
+
+    leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
+    bodies = consume_all(leader["amqp"], name, 250)
+    assert sorted(int(b.split()[0][1:]) for b, _ in bodies) == list(range(250))
+
+
 def test_a_new_leader_serves_messages_in_the_order_they_were_confirmed_whichever_node_took_them(cluster):
     first, second, third = cluster.nodes
     name = "ordered-" + uuid.uuid4().hex[:8]

@@ -203,7 +203,8 @@ impl Connection {
 
     /// Routes a complete message; sends `basic.return` when mandatory and
     /// unroutable; counts it for publisher confirms. Returns the log index
-    /// its persistence waits for, if any (`Err` if the store refused it).
+    /// its persistence waits for and the ticket of what quorum queues or
+    /// streams must commit, if any (`Err` if the store refused it).
     pub(super) fn route(
         &mut self,
         number: u16,
@@ -212,7 +213,7 @@ impl Connection {
         mandatory: bool,
         extra_keys: &[Vec<u8>],
         state: &mut Session<'_>,
-    ) -> Result<Result<Option<u64>, ()>, AmqpError> {
+    ) -> Result<Result<WaitsFor, ()>, AmqpError> {
         let seq = self.channels.get_mut(&number).and_then(|ch| ch.confirms.publish());
         if seq.is_some() {
             Counters::add(&self.broker.counters.received_confirm, 1);
@@ -221,9 +222,9 @@ impl Connection {
         let routed = state.publish(exchange, message.clone(), extra_keys)?;
         let stored = state.flush_indices();
         let waits_for = match &stored {
-            Ok(appended) => Ok(appended.published),
+            Ok(appended) => Ok((appended.published, appended.replicated)),
             Err(_) if message.persistent => Err(()),
-            Err(_) => Ok(None),
+            Err(_) => Ok((None, None)),
         };
         if let (Some(seq), Some(ch)) = (seq, self.channels.get_mut(&number)) {
             match stored {
@@ -255,3 +256,7 @@ impl Connection {
         Ok(waits_for)
     }
 }
+
+/// What a routed message's persistence waits for: a log index, and a ticket
+/// (`store::tickets`).
+pub(super) type WaitsFor = (Option<u64>, Option<u64>);

@@ -484,13 +484,18 @@ impl Connection {
                     return Err(AmqpError::soft(ReplyCode::PreconditionFailed, "channel is not transactional", 0, 0));
                 };
                 let mut waits_for = None;
+                // What quorum queues and streams must commit first.
+                let tickets = self.broker.tickets.clone();
+                let mut ticket = 0;
                 for op in ops {
                     match op {
                         TxOp::Publish { exchange, message, mandatory, extra_keys } => {
                             let exchange = str_of(&exchange)?;
                             let stored =
                                 self.route(number, exchange, Arc::new(message), mandatory, &extra_keys, state)?;
-                            waits_for = waits_for.max(stored.map_err(|()| not_stored())?);
+                            let (index, replicated) = stored.map_err(|()| not_stored())?;
+                            waits_for = waits_for.max(index);
+                            ticket = tickets.join(ticket, replicated.unwrap_or(0));
                         }
                         TxOp::Ack { delivery_tag, multiple } => state.ack(key, delivery_tag, multiple)?,
                         TxOp::Nack { delivery_tag, multiple, requeue } => {
@@ -500,15 +505,20 @@ impl Connection {
                 }
                 // Persistent messages into durable queues are fsynced before
                 // commit-ok, as RabbitMQ promises (one group-committed fsync
-                // per commit); a store that cannot take them closes with 541.
+                // per commit), and those into quorum queues or streams
+                // committed there; a store that cannot take them closes
+                // with 541.
+                // Those into quorum queues or streams, once committed there.
                 let appended = state.flush_indices().map_err(|_| not_stored())?;
+                let ticket = tickets.join(ticket, appended.replicated.unwrap_or(0));
                 let reply = AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}));
-                match waits_for.max(appended.published) {
-                    Some(index) if index > self.store.durable_index() => {
-                        self.waiting =
-                            Some(Wait::Durable(DeferredReply { index, ticket: None, channel: number, reply }));
-                    }
-                    _ => self.send(number, reply),
+                let index = waits_for.max(appended.published).filter(|&index| index > self.store.durable_index());
+                let ticket = (ticket != 0).then_some(ticket);
+                if index.is_none() && ticket.is_none() {
+                    self.send(number, reply);
+                } else {
+                    let index = index.unwrap_or(0);
+                    self.waiting = Some(Wait::Durable(DeferredReply { index, ticket, channel: number, reply }));
                 }
                 Ok(())
             }
