@@ -345,6 +345,33 @@ def test_nodes_without_a_replica_take_publishes_and_consumers_too(cluster):
     assert [body for body, _ in consume_all(third["amqp"], name, 1)] == ["after"]
 
 
+def test_a_passive_declare_on_any_node_reports_the_leaders_counts(cluster):
+    first, second, third = cluster.nodes
+    name = "counted-" + uuid.uuid4().hex[:8]
+    # Two replicas, the leader's on the first node: the third holds none.
+    eventually("the quorum queue is declared",
+               lambda: declare(first["amqp"], name, **{"x-quorum-initial-group-size": 2}) or True)
+    eventually("the first node leads the queue", lambda: leader_of((first,), name))
+    publish_routed(first["amqp"], "", name, ["c%d" % i for i in range(10)])
+    # Three delivered and not acknowledged: not ready, as RabbitMQ counts.
+    conn = connect(first["amqp"])
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=3)
+    held = []
+    ch.basic_consume(name, lambda channel, method, properties, body: held.append(method.delivery_tag))
+    deadline = time.monotonic() + 10
+    while len(held) < 3 and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    assert len(held) == 3
+
+    for node in (first, second, third):
+        other = connect(node["amqp"])
+        declared = other.channel().queue_declare(name, passive=True).method
+        other.close()
+        assert (declared.message_count, declared.consumer_count) == (7, 1), node["name"]
+    conn.close()
+
+
 def test_a_quorum_queue_refuses_what_rabbitmq_refuses(cluster):
     first = cluster.nodes[0]
     conn = eventually("a connection", lambda: connect(first["amqp"]))

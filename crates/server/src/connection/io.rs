@@ -207,6 +207,14 @@ async fn serve_stream<R, W>(
                     };
                     conn.finish_quorum_declare(declare, placed);
                 }
+                Some(Wait::Counts(declare)) => {
+                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
+                    let counts = match (broker.replication.get(), vhost) {
+                        (Some(replication), Some(vhost)) => replication.leader_counts(&vhost, &declare.name).await,
+                        _ => None,
+                    };
+                    conn.finish_passive_declare(declare, counts);
+                }
                 Some(Wait::Relay(consume)) => {
                     let key = warren_core::vhost::ChannelKey { connection: conn.id, channel: consume.channel };
                     let replication = broker.replication.get().cloned();

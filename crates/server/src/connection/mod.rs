@@ -90,6 +90,18 @@ pub(crate) enum Wait {
     /// Subscribe a consumer at its quorum queue's leader (the queue here is
     /// a stand-in), then [`Connection::finish_relayed_consume`].
     Relay(RelayedConsume),
+    /// Ask a quorum queue's leader for its counts (a passive declare
+    /// here), then [`Connection::finish_passive_declare`].
+    Counts(PassiveDeclare),
+}
+
+/// A passive `queue.declare` of a quorum queue led from another node.
+pub(crate) struct PassiveDeclare {
+    pub(crate) channel: u16,
+    pub(crate) name: String,
+    nowait: bool,
+    /// What this node knows without its leader: its replica's messages.
+    known: u32,
 }
 
 /// A `basic.consume` on a quorum queue led from another node.

@@ -9,7 +9,7 @@ use warren_codec::spec::{basic, queue, AMQPClass};
 use warren_core::settings::QueueType;
 use warren_core::QueueDeclare;
 
-use super::{access_refused, short, Connection, QuorumDeclare, RelayedConsume, Wait};
+use super::{access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, Wait};
 use crate::access::{Permission, Resource};
 use crate::session::Session;
 
@@ -30,8 +30,11 @@ impl Connection {
             return Ok(false);
         }
         if d.passive {
-            let Some(message_count) = replication.placed(&state.name, name) else { return Ok(false) };
-            self.answer_declare(number, name, (message_count, 0), d.nowait);
+            let Some(known) = replication.placed(&state.name, name) else { return Ok(false) };
+            // The counts are the leader's (a replica does not know which
+            // messages are out with consumers, nor the consumers).
+            let declare = PassiveDeclare { channel: number, name: name.to_string(), nowait: d.nowait, known };
+            self.waiting = Some(Wait::Counts(declare));
             return Ok(true);
         }
         let declare = QueueDeclare {
@@ -106,6 +109,13 @@ impl Connection {
                 self.channel_error(*channel, error, Some(&mut session));
             }
         }
+    }
+
+    /// Answers a passive declare of a quorum queue led elsewhere with its
+    /// leader's counts, or what this node knows if none came.
+    pub(crate) fn finish_passive_declare(&mut self, declare: PassiveDeclare, counts: Option<(u32, u32)>) {
+        let PassiveDeclare { channel, name, nowait, known } = declare;
+        self.answer_declare(channel, &name, counts.unwrap_or((known, 0)), nowait);
     }
 
     fn answer_declare(&mut self, number: u16, name: &str, (message_count, consumer_count): (u32, u32), nowait: bool) {

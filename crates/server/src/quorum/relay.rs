@@ -11,9 +11,10 @@
 //! subscription is recognised and dropped, never applied to the new one.
 //!
 //! Requests (this node's handler beside Raft's, `Node::serve_also`), first
-//! byte: to the leader `C` subscribe, `S` settle, `X` cancel; to the
-//! stand-in's node `D` deliver, `G` gone (the leader stopped serving it),
-//! `F` failed (a delivery acknowledgement timed out: close the channel).
+//! byte: to the leader `C` subscribe, `S` settle, `X` cancel, `N` the
+//! queue's counts (a passive declare elsewhere); to the stand-in's node `D`
+//! deliver, `G` gone (the leader stopped serving it), `F` failed (a
+//! delivery acknowledgement timed out: close the channel).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +38,7 @@ const CANCEL: u8 = b'X';
 const DELIVER: u8 = b'D';
 const GONE: u8 = b'G';
 const FAILED: u8 = b'F';
+const COUNTS: u8 = b'N';
 
 const OK: u8 = 0;
 /// The queue does not run on the node asked (not its leader, or not yet).
@@ -57,6 +59,9 @@ const SUBSCRIBE_CALL_PATIENCE: Duration = Duration::from_secs(1);
 /// How often a connection waiting for its relayed consumer's answer looks
 /// whether this node took the queue over meanwhile.
 const RELAY_ANSWER_CHECK: Duration = Duration::from_millis(200);
+/// How long a passive declare through a stand-in waits for the leader's
+/// counts (then it answers from what this node knows).
+const COUNTS_PATIENCE: Duration = Duration::from_secs(2);
 /// How long `basic.consume` through a stand-in waits for the leader.
 const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(10);
 /// Unsent delivery bytes above which the leader stops delivering to a
@@ -524,6 +529,39 @@ impl Replication {
         }
     }
 
+    /// A quorum queue's ready messages and consumers as its leader counts
+    /// them (what `queue.declare-ok` reports, as RabbitMQ answers from
+    /// the leader); `None` if no leader answered in time or this node
+    /// leads it (its own queue answers then).
+    pub async fn leader_counts(&self, vhost: &str, name: &str) -> Option<(u32, u32)> {
+        let group = self.local(vhost, name)?.group;
+        let leader = self.node.known_leader(group).filter(|leader| leader != self.node.name())?;
+        let mut request = vec![COUNTS];
+        put_str(&mut request, vhost);
+        put_str(&mut request, name);
+        let answer = self.call_within(&leader, &request, COUNTS_PATIENCE).await?;
+        let mut reader = Reader(&answer);
+        (reader.u8()? == OK).then_some(())?;
+        Some((reader.u32()?, reader.u32()?))
+    }
+
+    /// Answers [`Self::leader_counts`] for a queue this node leads.
+    fn counts(&self, mut reader: Reader<'_>) -> Vec<u8> {
+        let (Some(vhost), Some(name)) = (reader.str(), reader.str()) else { return vec![UNKNOWN] };
+        let Some(broker) = self.broker.upgrade() else { return vec![NOT_LEADER] };
+        let Some(vhost) = broker.vhost(vhost) else { return vec![NOT_LEADER] };
+        let mut session = Session::open(&vhost, &broker.store);
+        if !session.is_replicated(name) || session.is_remote(name) {
+            return vec![NOT_LEADER];
+        }
+        let passive = warren_core::QueueDeclare { passive: true, ..warren_core::QueueDeclare::named(name) };
+        let Ok(declared) = session.declare_queue(0, passive) else { return vec![NOT_LEADER] };
+        let mut answer = vec![OK];
+        answer.extend_from_slice(&declared.message_count.to_le_bytes());
+        answer.extend_from_slice(&declared.consumer_count.to_le_bytes());
+        answer
+    }
+
     /// The client has its `consume-ok`: deliveries may go to it.
     pub fn relay_ready(&self, vhost: &str, key: ChannelKey, tag: &str) {
         let subscribers = self.relays.subscribers.lock();
@@ -877,6 +915,7 @@ impl Replication {
             CANCEL => self.cancel_served(from, reader),
             DELIVER => self.delivered(reader).await,
             GONE | FAILED => self.ended(kind, reader),
+            COUNTS => self.counts(reader),
             _ => vec![UNKNOWN],
         }
     }
