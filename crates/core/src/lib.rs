@@ -24,7 +24,6 @@ pub mod message;
 pub mod names;
 pub mod policy;
 pub mod queue;
-pub mod quorum;
 pub mod scheduler;
 pub mod settings;
 pub mod stats;
