@@ -424,6 +424,35 @@ def test_committed_transactions_survive_a_kill_of_the_leaders_node(cluster):
     assert sorted(int(b.split()[0][1:]) for b, _ in bodies) == list(range(250))
 
 
+def test_messages_with_their_own_expiration_expire_after_a_change_of_leader(cluster):
+    first, second, third = cluster.nodes
+    name = "expiring-" + uuid.uuid4().hex[:8]
+    eventually("the quorum queue is declared", lambda: declare(first["amqp"], name) or True)
+    eventually("the first node leads the queue", lambda: leader_of((first,), name))
+    conn = connect(first["amqp"])
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for i in range(50):
+        ch.basic_publish("", name, "e%d" % i, pika.BasicProperties(delivery_mode=2, expiration="1500"))
+    ch.basic_publish("", name, "kept", pika.BasicProperties(delivery_mode=2))
+    conn.close()
+    cluster.kill(first)
+
+    # Nothing consumes: the new leader expires them at the head, as
+    # RabbitMQ's quorum queues do.
+    leader = eventually("another node leads the queue", lambda: leader_of((second, third), name), timeout=20)
+
+    def count():
+        other = connect(leader["amqp"])
+        try:
+            return other.channel().queue_declare(name, passive=True).method.message_count
+        finally:
+            other.close()
+
+    eventually("the expired messages are gone", lambda: count() == 1, timeout=10)
+    assert [body for body, _ in consume_all(leader["amqp"], name, 1)] == ["kept"]
+
+
 def test_a_new_leader_serves_messages_in_the_order_they_were_confirmed_whichever_node_took_them(cluster):
     first, second, third = cluster.nodes
     name = "ordered-" + uuid.uuid4().hex[:8]

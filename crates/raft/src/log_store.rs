@@ -300,7 +300,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
 
     /// What a leader sends a follower in one request: openraft counts
     /// entries (300), and a quorum queue's entries hold its message bodies
-    /// (up to 8 MiB each), so the bytes are bounded here.
+    /// (up to 1 MiB each, more for one larger message), so the bytes are
+    /// bounded here.
     async fn limited_get_log_entries(
         &mut self,
         start: u64,
@@ -316,7 +317,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
 const COMMITTED_EVERY: u64 = 32;
 
 /// About the most payload bytes sent to a follower in one append request.
-const APPEND_BYTES: usize = 4 << 20;
+/// openraft gives an append `heartbeat_interval` (100 ms) to be answered,
+/// and sends it again if not: an append that a loaded follower cannot
+/// write and fsync within that is sent over and over, and the group stops
+/// committing (seen with 4 MiB appends on two cores under load).
+const APPEND_BYTES: usize = 1 << 20;
 
 fn payload_len(entry: &Entry<TypeConfig>) -> usize {
     match &entry.payload {
@@ -553,7 +558,7 @@ mod tests {
         let all = store.try_get_log_entries(1..41).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(all.len(), 40);
         let limited = store.limited_get_log_entries(1, 41).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(limited.len(), APPEND_BYTES / body.len(), "about 4 MiB, from the first entry on");
+        assert_eq!(limited.len(), APPEND_BYTES / body.len(), "about 1 MiB, from the first entry on");
         assert_eq!(limited.first().map(|e| e.log_id.index), Some(1));
         let one = store.limited_get_log_entries(40, 41).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(one.len(), 1);

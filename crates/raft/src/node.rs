@@ -156,9 +156,10 @@ struct Group {
     keep: crate::KeepFrom,
 }
 
-/// At most this many commands, or about this many bytes, in one entry.
+/// At most this many commands, or about this many bytes, in one entry (an
+/// entry is sent to a follower whole: see `log_store::APPEND_BYTES`).
 const BATCH_COMMANDS: usize = 4096;
-const BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 1 << 20;
 
 /// This node's Raft groups. Clones share them.
 #[derive(Clone)]
@@ -174,9 +175,15 @@ pub struct Node {
 fn raft_config(options: &NodeOptions) -> Result<openraft::Config, NodeError> {
     openraft::Config {
         cluster_name: "warren".into(),
-        election_timeout_min: 60,
+        // Only the maximum counts (the lease); the minimum bounds the
+        // interval from above.
+        election_timeout_min: LEADER_LEASE_MS - 10,
         election_timeout_max: LEADER_LEASE_MS,
-        heartbeat_interval: 20,
+        // With heartbeats off, this is how long an append may take to be
+        // answered before openraft sends it again (and how often a group's
+        // timer ticks, times 1.5). It was 20 ms: large appends to a loaded
+        // follower timed out again and again, and the group stalled.
+        heartbeat_interval: 100,
         enable_heartbeat: false,
         enable_elect: false,
         max_payload_entries: 4096,
