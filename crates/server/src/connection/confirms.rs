@@ -145,7 +145,12 @@ impl Connection {
         let tickets = &self.broker.tickets;
         // Tickets above the mark wait for it, resolved or not (`store::tickets`).
         let mark = tickets.mark();
-        let replicated: Replicated = &|ticket| if ticket > mark { None } else { tickets.outcome(ticket) };
+        // Ticket 0 (a classic queue's publish) waits for nothing: no lock.
+        let replicated: Replicated = &|ticket| match ticket {
+            0 => Some(true),
+            _ if ticket > mark => None,
+            _ => tickets.outcome(ticket),
+        };
         let mut acked = 0;
         for (&number, ch) in self.channels.iter_mut().filter(|(_, ch)| ch.confirms.enabled && !ch.closing) {
             let before = ch.confirms.confirmed();
