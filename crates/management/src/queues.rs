@@ -471,7 +471,7 @@ pub async fn quorum_list(State(state): State<Arc<AppState>>, caller: Caller) -> 
     let placements = replication.placements();
     let visible: Vec<Value> = placements
         .into_iter()
-        .filter(|p| caller.vhost_access(&state, &p.vhost).is_ok())
+        .filter(|p| p.classic.is_none() && caller.vhost_access(&state, &p.vhost).is_ok())
         .map(|p| json!({ "vhost": p.vhost, "name": p.name, "group": p.group, "members": p.members }))
         .collect();
     Ok(Json(Value::Array(visible)))

@@ -155,7 +155,8 @@ impl VirtualHostState {
         };
         q.consumers.retain(|c| !(c.channel == key && &*c.tag == tag));
         q.last_used = self.clock.now_ms();
-        if q.auto_delete && q.had_consumer && q.consumers.is_empty() {
+        // A stand-in is deleted with its queue, on the queue's node.
+        if q.auto_delete && q.had_consumer && q.consumers.is_empty() && !q.remote {
             self.remove_queue(queue);
         }
     }

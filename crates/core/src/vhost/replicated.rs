@@ -54,8 +54,34 @@ impl VirtualHostState {
     /// journaled: the cluster's metadata holds it), led from this node or,
     /// `remote`, from another one.
     pub fn declare_replicated(&mut self, name: &str, arguments: FieldTable, remote: bool) -> Result<(), AmqpError> {
+        self.declare_shared(name, arguments, (true, false), remote)
+    }
+
+    /// Declares a stand-in for a classic queue that lives on another node:
+    /// it answers declarations as that queue does (`durable`,
+    /// `auto_delete`), holds no message, never deletes itself, and its
+    /// publishes and consumers go to that node as a quorum queue's go to
+    /// its leader.
+    pub fn declare_stand_in(
+        &mut self,
+        name: &str,
+        arguments: FieldTable,
+        durable: bool,
+        auto_delete: bool,
+    ) -> Result<(), AmqpError> {
+        self.declare_shared(name, arguments, (durable, auto_delete), true)
+    }
+
+    fn declare_shared(
+        &mut self,
+        name: &str,
+        arguments: FieldTable,
+        (durable, auto_delete): (bool, bool),
+        remote: bool,
+    ) -> Result<(), AmqpError> {
         let journaled = self.journal.len();
-        let declared = self.declare_queue(0, QueueDeclare::named(name).durable().with_arguments(arguments));
+        let declare = QueueDeclare { durable, auto_delete, ..QueueDeclare::named(name).with_arguments(arguments) };
+        let declared = self.declare_queue(0, declare);
         self.journal.truncate(journaled);
         declared?;
         let Some(queue) = self.queue_ids.get(name).and_then(|id| self.queues.get_mut(id)) else {
@@ -83,11 +109,50 @@ impl VirtualHostState {
         self.process_dead_letters();
     }
 
-    /// Refuses `basic.get` on a quorum queue led from another node.
+    /// Messages published through another node into classic queue `name`
+    /// here (its home): enqueued as a publish routed to it alone would be,
+    /// journaled if persistent and the queue durable. False if the queue
+    /// refused it (`reject-publish`) or is not a classic queue here.
+    pub fn accept_forwarded(&mut self, name: &str, message: Arc<Message>) -> bool {
+        let Some(id) = self.queue_ids.get(name).copied() else { return false };
+        if !self.queues.get(&id).is_some_and(|q| !q.replicated && q.stream.is_none()) {
+            return false;
+        }
+        let rejected = self.enqueue_all(&[id], &message);
+        self.process_dead_letters();
+        !rejected
+    }
+
+    /// A classic queue here that other nodes of a cluster may reach (not
+    /// exclusive, not a stream, not a quorum queue or a stand-in): whether
+    /// it is durable and auto-delete, and its arguments.
+    pub fn shareable(&self, name: &str) -> Option<(bool, bool, FieldTable)> {
+        let queue = self.queue_ids.get(name).and_then(|id| self.queues.get(id))?;
+        let shared = !queue.replicated && queue.stream.is_none() && queue.exclusive_owner.is_none();
+        shared.then(|| (queue.durable, queue.auto_delete, queue.arguments.clone()))
+    }
+
+    /// The names of the queues [`Self::shareable`] answers for.
+    pub fn shareable_names(&self) -> Vec<Arc<str>> {
+        self.queues
+            .values()
+            .filter(|q| !q.replicated && q.stream.is_none() && q.exclusive_owner.is_none())
+            .map(|q| q.name.clone())
+            .collect()
+    }
+
+    /// Refuses `basic.get` on a queue that lives on (or is led from)
+    /// another node.
     pub(super) fn check_local(&self, id: QueueId) -> Result<(), AmqpError> {
         match self.queues.get(&id) {
+            Some(queue) if queue.remote && queue.settings.queue_type == crate::settings::QueueType::Quorum => {
+                Err(precondition(format!(
+                    "quorum queue '{}' in vhost '{}' is led from another node: basic.get works there only (consume instead, which works through any node)",
+                    queue.name, self.name
+                )))
+            }
             Some(queue) if queue.remote => Err(precondition(format!(
-                "quorum queue '{}' in vhost '{}' is led from another node: basic.get works there only (consume instead, which works through any node)",
+                "queue '{}' in vhost '{}' is on another node: basic.get works there only (consume instead, which works through any node)",
                 queue.name, self.name
             ))),
             _ => Ok(()),

@@ -23,7 +23,8 @@ impl VirtualHostState {
                 self.timed.remove(&id);
                 continue;
             };
-            if let Some(expires) = queue.settings.expires_ms {
+            // A stand-in expires with its queue, on the queue's node.
+            if let (Some(expires), false) = (queue.settings.expires_ms, queue.remote) {
                 if queue.consumers.is_empty() && now.saturating_sub(queue.last_used) >= expires {
                     tracing::debug!(queue = %queue.name, "queue expired");
                     self.remove_queue(id);

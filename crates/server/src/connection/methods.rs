@@ -179,12 +179,28 @@ impl Connection {
         nowait: bool,
         state: &mut Session<'_>,
     ) -> Result<(), AmqpError> {
+        self.reply_stored_after(number, reply, nowait, state, None)
+    }
+
+    /// [`Self::reply_stored`], also after ticket `also` (a classic queue's
+    /// placement in the cluster).
+    pub(super) fn reply_stored_after(
+        &mut self,
+        number: u16,
+        reply: AMQPClass,
+        nowait: bool,
+        state: &mut Session<'_>,
+        also: Option<u64>,
+    ) -> Result<(), AmqpError> {
         let appended = state.flush_indices().map_err(|_| not_stored())?;
         if nowait {
             return Ok(());
         }
         let index = appended.definitions.filter(|&index| index > self.store.durable_index());
-        let ticket = appended.replicated;
+        let ticket = match (appended.replicated, also) {
+            (Some(a), Some(b)) => Some(self.broker.tickets.join(a, b)),
+            (a, b) => a.or(b),
+        };
         if index.is_none() && ticket.is_none() {
             self.send(number, reply);
         } else {
@@ -287,7 +303,8 @@ impl Connection {
                     message_count: declared.message_count,
                     consumer_count: declared.consumer_count,
                 };
-                self.reply_stored(number, AMQPClass::Queue(M::DeclareOk(ok)), d.nowait, state)?;
+                let placing = if d.passive { None } else { self.place_classic(&declared.name, state) };
+                self.reply_stored_after(number, AMQPClass::Queue(M::DeclareOk(ok)), d.nowait, state, placing)?;
             }
             M::Bind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
@@ -316,11 +333,13 @@ impl Connection {
                 let name = self.queue_name(number, d.queue.as_str())?;
                 self.allow(Permission::Configure, Resource::Queue, &name)?;
                 let message_count = state.delete_queue(conn, &name, d.if_unused, d.if_empty)?;
-                self.reply_stored(
+                let unplacing = self.broker.replication.get().and_then(|r| r.unplace_classic(&state.name, &name));
+                self.reply_stored_after(
                     number,
                     AMQPClass::Queue(M::DeleteOk(queue::DeleteOk { message_count })),
                     d.nowait,
                     state,
+                    unplacing,
                 )?;
             }
             _ => return Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected queue method from client", 0, 0)),

@@ -59,6 +59,16 @@ impl Connection {
         Ok(true)
     }
 
+    /// In a cluster, a classic queue declared here that the other nodes do
+    /// not know yet is placed (they put up stand-ins): the ticket its
+    /// `declare-ok` waits for.
+    pub(super) fn place_classic(&self, name: &str, state: &Session<'_>) -> Option<u64> {
+        let replication = self.broker.replication.get()?;
+        let (durable, auto_delete, arguments) = state.shareable(name)?;
+        let classic = crate::quorum::placements::Classic { durable, auto_delete };
+        replication.place_classic(&state.name, name, classic, &arguments)
+    }
+
     /// Answers a quorum queue's declaration once it is placed: from the
     /// queue here if this node leads it, else as placed elsewhere.
     pub(crate) fn finish_quorum_declare(&mut self, declare: QuorumDeclare, placed: Result<(), AmqpError>) {

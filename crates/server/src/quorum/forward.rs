@@ -21,7 +21,13 @@ impl Replication {
         if session.has_queue(&local.name) {
             return;
         }
-        match session.declare_replicated(&local.name, local.arguments.clone(), true) {
+        let declared = match &local.home {
+            Some((_, classic)) => {
+                session.declare_stand_in(&local.name, local.arguments.clone(), classic.durable, classic.auto_delete)
+            }
+            None => session.declare_replicated(&local.name, local.arguments.clone(), true),
+        };
+        match declared {
             Ok(()) => {
                 local.stand_in.store(true, Ordering::Release);
                 self.bind_known(&mut session, local);
@@ -105,6 +111,13 @@ impl Replication {
                 forwarding.batches += 1;
                 (forwarding.batches, forwarding.waiting.drain(..count).collect())
             };
+            if let Some((home, _)) = &local.home {
+                let accepted = self.forward_home(home, local, batch.iter().map(|(message, _)| &**message)).await;
+                for (i, (_, done)) in batch.into_iter().enumerate() {
+                    let _ = done.send(accepted.get(i).copied().unwrap_or(false));
+                }
+                continue;
+            }
             let mut command = Vec::new();
             replica::encode_forwarded(&mut command, self.origin, number, batch.iter().map(|(message, _)| &**message));
             let ok = self.node.write_anywhere(local.group, command, COMMIT_PATIENCE).await.is_ok();

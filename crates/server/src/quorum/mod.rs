@@ -19,8 +19,15 @@
 //! it rebuilt.
 //!
 //! Durable exchanges and the bindings to quorum queues are known on every
-//! node (`definitions.rs`). Not yet: bodies stay in memory.
+//! node (`definitions.rs`).
+//!
+//! Classic queues (not exclusive) are reachable from every node the same
+//! way (`classic.rs`): the metadata group places each on the node that
+//! declared it (its home, which is its fixed "leader"), the other nodes
+//! hold stand-ins, publishes through them are forwarded to the home node
+//! and confirmed once stored there, and their consumers are relayed.
 
+mod classic;
 mod definitions;
 mod forward;
 mod kept;
@@ -44,7 +51,7 @@ use warren_raft::{GroupId, Machine, Node, Submission};
 
 use crate::broker::Broker;
 use crate::session::Session;
-use placements::{Change, Event, Placement, Placements};
+use placements::{Change, Classic, Event, Placement, Placements};
 use replica::QueueReplica;
 
 /// How long a quorum queue's declaration may take (the metadata write,
@@ -94,6 +101,9 @@ struct Local {
     stand_in: AtomicBool,
     /// Messages published here waiting to be forwarded to the leader.
     forwarding: parking_lot::Mutex<Forwarding>,
+    /// A classic queue: the node it lives on (always its "leader"), and
+    /// what its stand-ins answer declarations with.
+    home: Option<(String, Classic)>,
 }
 
 impl Local {
@@ -114,6 +124,7 @@ impl Local {
             restored: parking_lot::Mutex::new(None),
             stand_in: AtomicBool::new(stand_in),
             forwarding: parking_lot::Mutex::default(),
+            home: placement.home().zip(placement.classic).map(|(home, classic)| (home.to_string(), classic)),
         })
     }
 }
@@ -164,6 +175,10 @@ pub struct Replication {
     forgetting: AtomicBool,
     /// Definition changes made here, on their way to the metadata group.
     defining: mpsc::UnboundedSender<definitions::Defining>,
+    /// Classic queues here whose placement is being written.
+    placing: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
+    /// When this node last matched its classic queues with their placements.
+    swept: parking_lot::Mutex<Option<std::time::Instant>>,
     /// Itself, for the tasks it starts.
     me: Weak<Replication>,
 }
@@ -195,6 +210,8 @@ impl Replication {
             origin,
             forgetting: AtomicBool::new(false),
             defining,
+            placing: parking_lot::Mutex::default(),
+            swept: parking_lot::Mutex::new(None),
             me: me.clone(),
         });
         replication.node.serve_also(Arc::new(relay::RelayHandler(Arc::downgrade(&replication))));
@@ -211,6 +228,15 @@ impl Replication {
 
     fn local(&self, vhost: &str, name: &str) -> Option<Arc<Local>> {
         self.queues.read().get(vhost).and_then(|queues| queues.get(name)).cloned()
+    }
+
+    /// The node a queue's publishes and consumers go to: a classic queue's
+    /// home, or the quorum queue's leader as last known.
+    fn leader_of(&self, local: &Local) -> Option<String> {
+        match &local.home {
+            Some((home, _)) => Some(home.clone()),
+            None => self.node.known_leader(local.group),
+        }
     }
 
     /// Whether a quorum queue of this name is placed in the cluster, and
@@ -269,8 +295,13 @@ impl Replication {
                 });
             }
             members.truncate(size);
-            let change =
-                Change::Declare { vhost: vhost.into(), name: name.into(), members, arguments: arguments.clone() };
+            let change = Change::Declare {
+                vhost: vhost.into(),
+                name: name.into(),
+                members,
+                arguments: arguments.clone(),
+                classic: None,
+            };
             let command = serde_json::to_vec(&change).map_err(|e| unavailable(e.to_string()))?;
             self.node
                 .write_anywhere(METADATA, command, DECLARE_PATIENCE)
@@ -316,7 +347,8 @@ impl Replication {
     /// shows it).
     pub async fn set_member(&self, vhost: &str, name: &str, node: &str, add: bool) -> Result<Vec<String>, AmqpError> {
         let refused = |why: String| AmqpError::soft(ReplyCode::PreconditionFailed, why, 50, 0);
-        let Some(placement) = self.metadata.with(|p| p.get(vhost, name).cloned()) else {
+        let Some(placement) = self.metadata.with(|p| p.get(vhost, name).filter(|p| p.classic.is_none()).cloned())
+        else {
             return Err(AmqpError::soft(
                 ReplyCode::NotFound,
                 format!("no quorum queue '{name}' in vhost '{vhost}'"),
@@ -470,7 +502,7 @@ impl Replication {
     /// A quorum queue was deleted on this node (its leader): its placement
     /// goes.
     fn deleted(&self, vhost: &str, name: &str) {
-        let change = Change::Delete { vhost: vhost.into(), name: name.into() };
+        let change = Change::Delete { vhost: vhost.into(), name: name.into(), origin: self.origin };
         let Ok(command) = serde_json::to_vec(&change) else { return };
         let node = self.node.clone();
         let (vhost, name) = (vhost.to_string(), name.to_string());
@@ -482,6 +514,10 @@ impl Replication {
     }
 
     async fn placed_event(&self, placement: Placement) {
+        if placement.classic.is_some() {
+            self.placed_classic(&placement);
+            return;
+        }
         let member = placement.members.iter().any(|m| m == self.node.name());
         let existing = self.local(&placement.vhost, &placement.name);
         match &existing {
@@ -527,8 +563,12 @@ impl Replication {
         }
     }
 
-    async fn removed_event(&self, vhost: &str, name: &str, group: GroupId) {
+    async fn removed_event(&self, vhost: &str, name: &str, group: GroupId, origin: u64) {
         let local = self.queues.write().get_mut(vhost).and_then(|queues| queues.remove(name));
+        if let Some(local) = local.as_ref().filter(|l| l.home.is_some()) {
+            self.removed_classic(local, origin);
+            return;
+        }
         if let Some(local) = local {
             self.give_up(&local);
             self.forget_subscriptions(&local);
@@ -553,7 +593,12 @@ impl Replication {
         self.check_served(&up);
         self.forget_in_metadata();
         let locals: Vec<Arc<Local>> = self.queues.read().values().flat_map(|q| q.values().cloned()).collect();
+        self.sweep_classic();
         for local in locals {
+            if local.home.is_some() {
+                self.watch_classic(&local);
+                continue;
+            }
             if local.machine.is_none() {
                 self.watch_from_outside(&local, &up);
                 continue;
@@ -828,7 +873,9 @@ async fn run(
                 let (Some(event), Some(this)) = (event, replication.upgrade()) else { return };
                 match event {
                     Event::Placed(placement) => this.placed_event(placement).await,
-                    Event::Removed { vhost, name, group } => this.removed_event(&vhost, &name, group).await,
+                    Event::Removed { vhost, name, group, origin } => {
+                        this.removed_event(&vhost, &name, group, origin).await
+                    }
                     Event::Forgotten(node) => {
                         this.members.forget(&node);
                     }

@@ -1,5 +1,6 @@
 //! What the metadata group holds: where each quorum queue is placed (its
-//! group and the nodes holding its replicas) and its arguments, and the
+//! group and the nodes holding its replicas) and its arguments, which node
+//! each classic queue is on (reachable from every node), and the
 //! durable exchanges and the bindings every node routes by (those between
 //! exchanges, and those to quorum queues). Every node applies the same
 //! placements and starts the groups it is a member of, and makes its
@@ -24,6 +25,24 @@ pub struct Placement {
     /// leads it first: `client-local`).
     pub members: Vec<String>,
     pub arguments: FieldTable,
+    /// A classic queue: it lives on its one member (its home node) and
+    /// nowhere else; the group is never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classic: Option<Classic>,
+}
+
+/// What a classic queue's stand-ins elsewhere must answer as it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Classic {
+    pub durable: bool,
+    pub auto_delete: bool,
+}
+
+impl Placement {
+    /// The node a classic queue lives on.
+    pub fn home(&self) -> Option<&str> {
+        self.classic.and(self.members.first().map(String::as_str))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,10 +52,15 @@ pub enum Change {
         name: String,
         members: Vec<String>,
         arguments: FieldTable,
+        #[serde(default)]
+        classic: Option<Classic>,
     },
     Delete {
         vhost: String,
         name: String,
+        /// The run of the node that asked (0: none known).
+        #[serde(default)]
+        origin: u64,
     },
     /// A replica of the queue is to be on `node` (`add`) or not any more
     /// (`add_member`, `delete_member`, `grow`, `shrink`): a new member
@@ -44,30 +68,17 @@ pub enum Change {
     /// member left out drops its replica once the group no longer counts
     /// it. Applied to the members the log has by then (two changes at once
     /// both count), never removing the last one.
-    Member {
-        vhost: String,
-        name: String,
-        node: String,
-        add: bool,
-    },
+    Member { vhost: String, name: String, node: String, add: bool },
     /// Node `node` left the cluster for good (`forget_cluster_node`): it
-    /// leaves every queue it is a member of (but not a queue's last).
-    Forget {
-        node: String,
-    },
+    /// leaves every queue it is a member of (but not a quorum queue's
+    /// last); its classic queues are gone with it.
+    Forget { node: String },
     /// Exchanges and bindings changed on one node (`origin`: its run,
     /// which has them already): every other node makes the same changes.
-    Definitions {
-        vhost: String,
-        origin: u64,
-        changes: Vec<Definition>,
-    },
+    Definitions { vhost: String, origin: u64, changes: Vec<Definition> },
     /// Users, virtual hosts, permissions, limits and policies changed on
     /// the node of run `origin`: the whole access file, as it is there now.
-    Access {
-        origin: u64,
-        definitions: Box<AccessDefinitions>,
-    },
+    Access { origin: u64, definitions: Box<AccessDefinitions> },
 }
 
 /// A change of the definitions every node routes by.
@@ -87,6 +98,8 @@ pub enum Event {
         vhost: String,
         name: String,
         group: GroupId,
+        /// The run of the node that asked.
+        origin: u64,
     },
     Forgotten(String),
     /// Definitions changed on the node of run `origin`.
@@ -215,7 +228,7 @@ impl Placements {
     /// How many queues each node was placed first for (it led them first).
     pub fn first_members(&self) -> std::collections::HashMap<String, usize> {
         let mut counts = std::collections::HashMap::new();
-        for placement in self.state.placements.values() {
+        for placement in self.state.placements.values().filter(|p| p.classic.is_none()) {
             if let Some(first) = placement.members.first() {
                 *counts.entry(first.clone()).or_insert(0) += 1;
             }
@@ -223,11 +236,23 @@ impl Placements {
         counts
     }
 
+    /// The classic queues placed on `node`: (vhost, name) each.
+    pub fn homed_at(&self, node: &str) -> Vec<(String, String)> {
+        self.state.placements.iter().filter(|(_, p)| p.home() == Some(node)).map(|(key, _)| key.clone()).collect()
+    }
+
     /// The replicated bindings to queue `name`.
     pub fn bindings_to(&self, vhost: &str, name: &str) -> Vec<BindingDefinition> {
         self.state.definitions.get(vhost).map_or_else(Vec::new, |d| {
             d.bindings.iter().filter(|b| b.destination_is_queue && b.destination == name).cloned().collect()
         })
+    }
+
+    fn remove(&mut self, vhost: String, name: String, origin: u64) {
+        self.state.unbind_queue(&vhost, &name);
+        if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
+            self.tell(Event::Removed { vhost: gone.vhost, name: gone.name, group: gone.group, origin });
+        }
     }
 
     fn tell(&self, event: Event) {
@@ -242,7 +267,7 @@ impl StateMachine for Placements {
     /// was placed already).
     fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
         match serde_json::from_slice::<Change>(command) {
-            Ok(Change::Declare { vhost, name, members, arguments }) => {
+            Ok(Change::Declare { vhost, name, members, arguments, classic }) => {
                 let key = (vhost.clone(), name.clone());
                 if let Some(existing) = self.state.placements.get(&key) {
                     return existing.group.to_le_bytes().to_vec();
@@ -250,13 +275,14 @@ impl StateMachine for Placements {
                 self.state.next_group = self.state.next_group.max(1);
                 let group = self.state.next_group;
                 self.state.next_group += 1;
-                let placement = Placement { vhost, name, group, members, arguments };
+                let placement = Placement { vhost, name, group, members, arguments, classic };
                 self.state.placements.insert(key, placement.clone());
                 self.tell(Event::Placed(placement));
                 group.to_le_bytes().to_vec()
             }
             Ok(Change::Member { vhost, name, node, add }) => {
-                if let Some(placement) = self.state.placements.get_mut(&(vhost, name)) {
+                let key = (vhost, name);
+                if let Some(placement) = self.state.placements.get_mut(&key).filter(|p| p.classic.is_none()) {
                     let member = placement.members.contains(&node);
                     if add && !member {
                         placement.members.push(node);
@@ -269,6 +295,13 @@ impl StateMachine for Placements {
                 Vec::new()
             }
             Ok(Change::Forget { node }) => {
+                let lost: Vec<(String, String)> = (self.state.placements.iter())
+                    .filter(|(_, p)| p.home() == Some(node.as_str()))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for (vhost, name) in lost {
+                    self.remove(vhost, name, 0);
+                }
                 let mut changed = Vec::new();
                 for placement in self.state.placements.values_mut() {
                     if placement.members.contains(&node) && placement.members.len() > 1 {
@@ -295,11 +328,8 @@ impl StateMachine for Placements {
                 self.tell(Event::Access { origin, definitions });
                 Vec::new()
             }
-            Ok(Change::Delete { vhost, name }) => {
-                self.state.unbind_queue(&vhost, &name);
-                if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
-                    self.tell(Event::Removed { vhost: gone.vhost, name: gone.name, group: gone.group });
-                }
+            Ok(Change::Delete { vhost, name, origin }) => {
+                self.remove(vhost, name, origin);
                 Vec::new()
             }
             Err(error) => {
@@ -387,7 +417,7 @@ mod tests {
         apply(&mut machine, &Change::Definitions { vhost: "/".into(), origin: 8, changes: deleted });
         assert_eq!(machine.bindings_to("/", "q"), vec![binding("orders", "q", true)]);
         assert_eq!(machine.state.definitions["/"].bindings.len(), 1, "orders -> audit went too");
-        apply(&mut machine, &Change::Delete { vhost: "/".into(), name: "q".into() });
+        apply(&mut machine, &Change::Delete { vhost: "/".into(), name: "q".into(), origin: 0 });
         assert!(machine.bindings_to("/", "q").is_empty());
 
         // A restored snapshot tells every definition it holds.
@@ -417,6 +447,7 @@ mod tests {
             name: "q".into(),
             members: vec!["a".into()],
             arguments: FieldTable::default(),
+            classic: None,
         };
         machine.apply(1, &serde_json::to_vec(&declare).unwrap_or_default());
         let snapshot = machine.snapshot();

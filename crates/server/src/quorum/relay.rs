@@ -12,7 +12,8 @@
 //!
 //! Requests (this node's handler beside Raft's, `Node::serve_also`), first
 //! byte: to the leader `C` subscribe, `S` settle, `X` cancel, `N` the
-//! queue's counts (a passive declare elsewhere); to the stand-in's node `D`
+//! queue's counts (a passive declare elsewhere), `P` publish (to a classic
+//! queue's home, `classic.rs`); to the stand-in's node `D`
 //! deliver, `G` gone (the leader stopped serving it), `F` failed (a
 //! delivery acknowledgement timed out: close the channel).
 
@@ -39,14 +40,16 @@ const DELIVER: u8 = b'D';
 const GONE: u8 = b'G';
 const FAILED: u8 = b'F';
 const COUNTS: u8 = b'N';
+/// Messages published through a stand-in, to a classic queue's home node.
+pub(super) const PUBLISH: u8 = b'P';
 
-const OK: u8 = 0;
+pub(super) const OK: u8 = 0;
 /// The queue does not run on the node asked (not its leader, or not yet).
-const NOT_LEADER: u8 = 1;
+pub(super) const NOT_LEADER: u8 = 1;
 /// The leader refused the consumer (then code, hard flag, text).
 const REFUSED: u8 = 2;
 /// No such subscription (or an older one).
-const UNKNOWN: u8 = 3;
+pub(super) const UNKNOWN: u8 = 3;
 /// A cancelled consumer's last delivery was settled: the leader no longer
 /// serves it.
 const CLOSED: u8 = 4;
@@ -180,7 +183,7 @@ impl Outbox for RelayOutbox {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&u16::try_from(s.len()).unwrap_or(u16::MAX).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
@@ -196,27 +199,27 @@ fn header(kind: u8, wire: u64, consumer: u64, vhost: &str) -> Vec<u8> {
 }
 
 /// Reads what [`put_str`] and the fixed-size writes put, in order.
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(super) fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, tail) = (self.0.get(..n)?, self.0.get(n..)?);
         self.0 = tail;
         Some(head)
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(super) fn u8(&mut self) -> Option<u8> {
         self.bytes(1).map(|b| b[0])
     }
-    fn u16(&mut self) -> Option<u16> {
+    pub(super) fn u16(&mut self) -> Option<u16> {
         self.bytes(2)?.try_into().ok().map(u16::from_le_bytes)
     }
-    fn u32(&mut self) -> Option<u32> {
+    pub(super) fn u32(&mut self) -> Option<u32> {
         self.bytes(4)?.try_into().ok().map(u32::from_le_bytes)
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub(super) fn u64(&mut self) -> Option<u64> {
         self.bytes(8)?.try_into().ok().map(u64::from_le_bytes)
     }
-    fn str(&mut self) -> Option<&'a str> {
+    pub(super) fn str(&mut self) -> Option<&'a str> {
         let n = usize::from(self.u16()?);
         std::str::from_utf8(self.bytes(n)?).ok()
     }
@@ -384,7 +387,7 @@ impl Replication {
         self.call_within(node, payload, CALL_PATIENCE).await
     }
 
-    async fn call_within(&self, node: &str, payload: &[u8], patience: Duration) -> Option<Vec<u8>> {
+    pub(super) async fn call_within(&self, node: &str, payload: &[u8], patience: Duration) -> Option<Vec<u8>> {
         let request = warren_raft::other_request(payload);
         self.members.call(node, &request, patience).await.ok()
     }
@@ -407,7 +410,7 @@ impl Replication {
         }
     }
 
-    fn is_up(&self, node: &str) -> bool {
+    pub(super) fn is_up(&self, node: &str) -> bool {
         self.members.status().iter().any(|p| p.name == node && p.up)
     }
 
@@ -431,7 +434,7 @@ impl Replication {
                     return;
                 }
             }
-            let leader = self.node.known_leader(subscriber.local.group);
+            let leader = self.leader_of(&subscriber.local);
             match leader {
                 // Led from here (or about to be): the consumer stays on the
                 // queue, which is served here once taken up.
@@ -468,13 +471,23 @@ impl Replication {
                         }
                         // Asked again from outside the group (the watch
                         // asks its members who leads).
-                        Some([NOT_LEADER, ..]) if !self.node.hosts(subscriber.local.group) => {
+                        Some([NOT_LEADER, ..])
+                            if subscriber.local.home.is_none() && !self.node.hosts(subscriber.local.group) =>
+                        {
                             self.node.set_leader_hint(subscriber.local.group, None);
                         }
                         _ => {}
                     }
                 }
                 _ => {}
+            }
+            if let (true, Some((home, classic))) = (first, &subscriber.local.home) {
+                if !self.is_up(home) {
+                    let error =
+                        super::classic::home_down(home, &subscriber.local.name, &subscriber.vhost, *classic, 60, 20);
+                    subscriber.answered.send_replace(Some(Err(error)));
+                    return;
+                }
             }
             if first && tokio::time::Instant::now() >= give_up {
                 let error = AmqpError::soft(
@@ -521,7 +534,7 @@ impl Replication {
                 // This node took the queue over meanwhile: the consumer is
                 // its own queue's, as `subscribe` answers then (a wait left
                 // unanswered here held the connection, unread, for good).
-                Err(_) if self.node.known_leader(subscriber.local.group).as_deref() == Some(self.node.name()) => {
+                Err(_) if self.leader_of(&subscriber.local).as_deref() == Some(self.node.name()) => {
                     return Ok(());
                 }
                 Err(_) => {}
@@ -534,8 +547,8 @@ impl Replication {
     /// the leader); `None` if no leader answered in time or this node
     /// leads it (its own queue answers then).
     pub async fn leader_counts(&self, vhost: &str, name: &str) -> Option<(u32, u32)> {
-        let group = self.local(vhost, name)?.group;
-        let leader = self.node.known_leader(group).filter(|leader| leader != self.node.name())?;
+        let local = self.local(vhost, name)?;
+        let leader = self.leader_of(&local).filter(|leader| leader != self.node.name())?;
         let mut request = vec![COUNTS];
         put_str(&mut request, vhost);
         put_str(&mut request, name);
@@ -551,7 +564,7 @@ impl Replication {
         let Some(broker) = self.broker.upgrade() else { return vec![NOT_LEADER] };
         let Some(vhost) = broker.vhost(vhost) else { return vec![NOT_LEADER] };
         let mut session = Session::open(&vhost, &broker.store);
-        if !session.is_replicated(name) || session.is_remote(name) {
+        if !session.has_queue(name) || session.is_remote(name) {
             return vec![NOT_LEADER];
         }
         let passive = warren_core::QueueDeclare { passive: true, ..warren_core::QueueDeclare::named(name) };
@@ -580,7 +593,7 @@ impl Replication {
                 let state = subscriber.state.lock();
                 (state.wire, state.leader.clone(), !state.sending && !state.cancelled)
             };
-            let current = self.node.known_leader(subscriber.local.group);
+            let current = self.leader_of(&subscriber.local);
             let moved = match &leader {
                 Some(leader) => current.as_ref() != Some(leader) || !up.contains(leader),
                 // Left to this node, which then did not take the queue up
@@ -710,7 +723,7 @@ impl Replication {
         let Some(vhost) = broker.vhost(vhost_name) else { return vec![NOT_LEADER] };
         let id = (from.to_string(), vhost_name.to_string(), consumer);
         let mut session = Session::open(&vhost, &broker.store);
-        if !session.is_replicated(queue) || session.is_remote(queue) {
+        if !session.has_queue(queue) || session.is_remote(queue) {
             return vec![NOT_LEADER];
         }
         // A stand-in subscribes again (its last answer was lost): the
@@ -916,6 +929,7 @@ impl Replication {
             DELIVER => self.delivered(reader).await,
             GONE | FAILED => self.ended(kind, reader),
             COUNTS => self.counts(reader),
+            PUBLISH => self.accept_forwarded(reader).await,
             _ => vec![UNKNOWN],
         }
     }

@@ -1,0 +1,166 @@
+"""Classic queues on a three-node Warren cluster, through pika: a queue
+lives on the node that declared it and is reachable from every node, as in
+a RabbitMQ cluster.
+
+Starts its own three `warren` processes (see test_quorum_cluster.py).
+"""
+
+import uuid
+
+import pika
+import pytest
+from pika.exceptions import ChannelClosedByBroker
+
+from test_quorum_cluster import BINARY, cluster, connect, consume_all, eventually  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not BINARY.exists(), reason="no warren binary to start a cluster with")
+
+
+def passive(node, name):
+    """(messages, consumers) of `name` as `node` answers a passive declare,
+    or the reply code it refused it with."""
+    conn = connect(node["amqp"])
+    try:
+        ok = conn.channel().queue_declare(name, passive=True)
+        return (ok.method.message_count, ok.method.consumer_count)
+    except ChannelClosedByBroker as e:
+        return e.reply_code
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def publish(node, exchange, key, bodies, mandatory=True):
+    """Publishes persistent messages with confirms (raises on a nack or,
+    mandatory, on an unroutable message)."""
+    conn = connect(node["amqp"])
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for body in bodies:
+        ch.basic_publish(exchange, key, body.encode(), pika.BasicProperties(delivery_mode=2), mandatory=mandatory)
+    conn.close()
+
+
+def test_a_classic_queue_is_reachable_through_every_node(cluster):
+    home, second, third = cluster.nodes
+    name = "jobs-" + uuid.uuid4().hex[:8]
+    conn = connect(home["amqp"])
+    conn.channel().queue_declare(name, durable=True)
+    conn.close()
+
+    # The other nodes know it once they applied its placement.
+    eventually("the second node knows the queue", lambda: passive(second, name) == (0, 0), timeout=5)
+    eventually("the third node knows the queue", lambda: passive(third, name) == (0, 0), timeout=5)
+
+    # Published through the second node (mandatory: routed by the default
+    # exchange to the queue there), confirmed once stored on its home.
+    publish(second, "", name, ["m%d" % i for i in range(200)])
+    assert passive(home, name) == (200, 0)
+    # Every node reports the home node's counts.
+    assert passive(third, name) == (200, 0)
+
+    # basic.get works on the home node only, as the error says.
+    conn = connect(second["amqp"])
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        conn.channel().basic_get(name)
+    assert refused.value.reply_code == 406
+    assert "is on another node" in refused.value.reply_text
+    conn.close()
+
+    # Consumed through the third node, in order.
+    got = consume_all(third["amqp"], name, 200)
+    assert [body for body, _ in got] == ["m%d" % i for i in range(200)]
+    assert not any(redelivered for _, redelivered in got)
+    eventually("the home node has no message left", lambda: passive(home, name) == (0, 0), timeout=5)
+
+    # A binding made through the second node routes on every node.
+    conn = connect(second["amqp"])
+    conn.channel().queue_bind(name, "amq.topic", routing_key="jobs.#")
+    conn.close()
+
+    def routes(node, body):
+        try:
+            publish(node, "amq.topic", "jobs.new", [body])
+            return True
+        except pika.exceptions.UnroutableError:
+            return False
+
+    eventually("the third node routes by the binding", lambda: routes(third, "via-third"), timeout=5)
+    assert routes(home, "via-home")
+    assert sorted(body for body, _ in consume_all(home["amqp"], name, 2)) == ["via-home", "via-third"]
+
+    # Deleted through the second node: gone on every node.
+    conn = connect(second["amqp"])
+    conn.channel().queue_delete(name)
+    conn.close()
+    assert passive(second, name) == 404
+    eventually("the home node deleted the queue", lambda: passive(home, name) == 404, timeout=5)
+    eventually("the third node forgot the queue", lambda: passive(third, name) == 404, timeout=5)
+
+
+def test_a_transient_auto_delete_queue_goes_on_every_node_with_its_last_consumer(cluster):
+    home, second, third = cluster.nodes
+    name = "replies-" + uuid.uuid4().hex[:8]
+    conn = connect(home["amqp"])
+    conn.channel().queue_declare(name, auto_delete=True)
+    conn.close()
+    # Declared again through another node as it was: equivalent.
+    eventually("the second node knows the queue", lambda: passive(second, name) == (0, 0), timeout=5)
+    conn = connect(second["amqp"])
+    ch = conn.channel()
+    ch.queue_declare(name, auto_delete=True)
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        conn.channel().queue_declare(name, durable=True, auto_delete=True)
+    assert refused.value.reply_code == 406
+
+    # A consumer through the second node counts on the home node.
+    got = []
+    ch.basic_consume(name, lambda c, m, p, body: (got.append(body), c.basic_ack(m.delivery_tag)))
+    eventually("the home node counts the consumer", lambda: passive(home, name) == (0, 1), timeout=5)
+    publish(third, "", name, ["r1", "r2"])
+    while len(got) < 2:
+        conn.process_data_events(time_limit=0.1)
+    assert got == [b"r1", b"r2"]
+
+    # Its cancel is the last consumer gone: the queue goes everywhere.
+    ch.basic_cancel(ch.consumer_tags[0])
+    conn.close()
+    for node in cluster.nodes:
+        eventually("%s forgot the queue" % node["name"], lambda: passive(node, name) == 404, timeout=5)
+
+
+def test_a_classic_queue_waits_for_its_home_node(cluster):
+    home, second, third = cluster.nodes
+    durable = "ledger-" + uuid.uuid4().hex[:8]
+    transient = "scratch-" + uuid.uuid4().hex[:8]
+    conn = connect(home["amqp"])
+    ch = conn.channel()
+    ch.queue_declare(durable, durable=True)
+    ch.queue_declare(transient)
+    conn.close()
+    eventually("the second node knows the queues",
+               lambda: passive(second, durable) == (0, 0) and passive(second, transient) == (0, 0), timeout=5)
+    publish(second, "", durable, ["kept-%d" % i for i in range(50)])
+
+    cluster.kill(home)
+    # Publishes to it are not confirmed while its node is down.
+    with pytest.raises(pika.exceptions.NackError):
+        publish(second, "", durable, ["lost"])
+    # A consumer is refused as RabbitMQ refuses it.
+    conn = connect(third["amqp"])
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        ch = conn.channel()
+        ch.basic_consume(durable, lambda *a: None)
+        conn.process_data_events(time_limit=1)
+    assert refused.value.reply_code == 404
+    assert "is down or inaccessible" in refused.value.reply_text
+    conn.close()
+
+    # Back: the durable queue and its confirmed messages are there; the
+    # transient queue was lost with the node, and every node forgets it.
+    cluster.start(home)
+    eventually("the durable queue is reachable again", lambda: passive(third, durable) == (50, 0))
+    got = consume_all(third["amqp"], durable, 50)
+    assert [body for body, _ in got] == ["kept-%d" % i for i in range(50)]
+    for node in cluster.nodes:
+        eventually("%s forgot the transient queue" % node["name"], lambda: passive(node, transient) == 404)
