@@ -89,6 +89,13 @@ def test_a_classic_queue_is_reachable_through_every_node(cluster):
     assert routes(home, "via-home")
     assert sorted(body for body, _ in consume_all(home["amqp"], name, 2)) == ["via-home", "via-third"]
 
+    # Purged through the third node: its home node purges it.
+    publish(second, "", name, ["purged-%d" % i for i in range(7)])
+    conn = connect(third["amqp"])
+    assert conn.channel().queue_purge(name).method.message_count == 7
+    conn.close()
+    assert passive(home, name) == (0, 0)
+
     # Deleted through the second node: gone on every node.
     conn = connect(second["amqp"])
     conn.channel().queue_delete(name)

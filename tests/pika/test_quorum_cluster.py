@@ -327,6 +327,12 @@ def test_nodes_without_a_replica_take_publishes_and_consumers_too(cluster):
     # Declared again on a node without a replica: answered as placed.
     declare(second["amqp"], name, **{"x-quorum-initial-group-size": 1})
 
+    # A purge through a node without a replica purges the leader's queue.
+    publish_routed(second["amqp"], "", name, ["purged-%d" % i for i in range(5)])
+    conn = connect(third["amqp"])
+    assert conn.channel().queue_purge(name).method.message_count == 5
+    conn.close()
+
     publish_routed(second["amqp"], "", name, ["s%d" % i for i in range(100)])
     bodies = consume_all(third["amqp"], name, 100)
     assert bodies == [("s%d" % i, False) for i in range(100)]

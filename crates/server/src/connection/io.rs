@@ -215,6 +215,14 @@ async fn serve_stream<R, W>(
                     };
                     conn.finish_passive_declare(declare, counts);
                 }
+                Some(Wait::Purge(purge)) => {
+                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
+                    let purged = match (broker.replication.get(), vhost) {
+                        (Some(replication), Some(vhost)) => replication.purge_remote(&vhost, &purge.name).await,
+                        _ => Ok(0),
+                    };
+                    conn.finish_remote_purge(purge, purged);
+                }
                 Some(Wait::Relay(consume)) => {
                     let key = warren_core::vhost::ChannelKey { connection: conn.id, channel: consume.channel };
                     let replication = broker.replication.get().cloned();

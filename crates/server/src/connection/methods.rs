@@ -321,6 +321,10 @@ impl Connection {
             M::Purge(p) => {
                 let name = self.queue_name(number, p.queue.as_str())?;
                 self.allow(Permission::Read, Resource::Queue, &name)?;
+                if state.is_remote(&name) {
+                    self.remote_purge(number, name, p.nowait);
+                    return Ok(());
+                }
                 let message_count = state.purge_queue(conn, &name)?;
                 self.reply_stored(
                     number,

@@ -93,6 +93,16 @@ pub(crate) enum Wait {
     /// Ask a quorum queue's leader for its counts (a passive declare
     /// here), then [`Connection::finish_passive_declare`].
     Counts(PassiveDeclare),
+    /// Purge a queue that lives on (or is led from) another node, then
+    /// [`Connection::finish_remote_purge`].
+    Purge(RemotePurge),
+}
+
+/// A `queue.purge` of a stand-in: the queue's node purges it.
+pub(crate) struct RemotePurge {
+    pub(crate) channel: u16,
+    pub(crate) name: String,
+    nowait: bool,
 }
 
 /// A passive `queue.declare` of a quorum queue led from another node.

@@ -9,7 +9,7 @@ use warren_codec::spec::{basic, queue, AMQPClass};
 use warren_core::settings::QueueType;
 use warren_core::QueueDeclare;
 
-use super::{access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, Wait};
+use super::{access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, RemotePurge, Wait};
 use crate::access::{Permission, Resource};
 use crate::session::Session;
 
@@ -117,6 +117,30 @@ impl Connection {
                 let mut session = Session::open(&vhost, &store);
                 session.cancel(self.key(*channel), tag);
                 self.channel_error(*channel, error, Some(&mut session));
+            }
+        }
+    }
+
+    /// A purge of a stand-in: the queue's own node purges it.
+    pub(super) fn remote_purge(&mut self, channel: u16, name: String, nowait: bool) {
+        self.waiting = Some(Wait::Purge(RemotePurge { channel, name, nowait }));
+    }
+
+    /// Answers a purge made on the queue's node: `purge-ok` with its
+    /// count, or why not.
+    pub(crate) fn finish_remote_purge(&mut self, purge: RemotePurge, purged: Result<u32, AmqpError>) {
+        let RemotePurge { channel, nowait, .. } = purge;
+        match purged {
+            Ok(message_count) if !nowait => {
+                let ok = queue::PurgeOk { message_count };
+                self.send(channel, AMQPClass::Queue(queue::AMQPMethod::PurgeOk(ok)));
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let Some(vhost) = self.vhost.clone() else { return };
+                let store = self.store.clone();
+                let mut session = Session::open(&vhost, &store);
+                self.channel_error(channel, error.at(50, 30), Some(&mut session));
             }
         }
     }

@@ -12,7 +12,7 @@
 //!
 //! Requests (this node's handler beside Raft's, `Node::serve_also`), first
 //! byte: to the leader `C` subscribe, `S` settle, `X` cancel, `N` the
-//! queue's counts (a passive declare elsewhere), `P` publish (to a classic
+//! queue's counts (a passive declare elsewhere), `U` purge, `P` publish (to a classic
 //! queue's home, `classic.rs`); to the stand-in's node `D`
 //! deliver, `G` gone (the leader stopped serving it), `F` failed (a
 //! delivery acknowledgement timed out: close the channel).
@@ -40,6 +40,8 @@ const DELIVER: u8 = b'D';
 const GONE: u8 = b'G';
 const FAILED: u8 = b'F';
 const COUNTS: u8 = b'N';
+/// Purge the queue (through a stand-in), to its leader or home node.
+const PURGE: u8 = b'U';
 /// Messages published through a stand-in, to a classic queue's home node.
 pub(super) const PUBLISH: u8 = b'P';
 
@@ -558,6 +560,55 @@ impl Replication {
         Some((reader.u32()?, reader.u32()?))
     }
 
+    /// Purges a queue through its stand-in here: its leader (or home node)
+    /// purges it; the count it purged.
+    pub async fn purge_remote(&self, vhost: &str, name: &str) -> Result<u32, AmqpError> {
+        let unavailable = |local: Option<&Local>| match local.and_then(|l| l.home.as_ref()) {
+            Some((home, classic)) => super::classic::home_down(home, name, vhost, *classic, 50, 30),
+            None => AmqpError::soft(
+                ReplyCode::ResourceLocked,
+                format!("cannot purge quorum queue '{name}' in vhost '{vhost}': it has no leader now"),
+                50,
+                30,
+            ),
+        };
+        let local = self.local(vhost, name);
+        let Some(leader) = local.as_ref().and_then(|l| self.leader_of(l)).filter(|l| self.is_up(l)) else {
+            return Err(unavailable(local.as_deref()));
+        };
+        let mut request = vec![PURGE];
+        put_str(&mut request, vhost);
+        put_str(&mut request, name);
+        let answer = self.call(&leader, &request).await.ok_or_else(|| unavailable(local.as_deref()))?;
+        let mut reader = Reader(&answer);
+        match reader.u8() {
+            Some(OK) => Ok(reader.u32().unwrap_or(0)),
+            _ => Err(unavailable(local.as_deref())),
+        }
+    }
+
+    /// Purges a queue here for a stand-in elsewhere (`U`), once what it
+    /// settled is stored (or committed by its group).
+    async fn purge_here(&self, mut reader: Reader<'_>) -> Vec<u8> {
+        let (Some(vhost), Some(name)) = (reader.str(), reader.str()) else { return vec![UNKNOWN] };
+        let Some(broker) = self.broker.upgrade() else { return vec![NOT_LEADER] };
+        let Some(host) = broker.vhost(vhost) else { return vec![NOT_LEADER] };
+        let (count, appended) = {
+            let mut session = Session::open(&host, &broker.store);
+            if !session.has_queue(name) || session.is_remote(name) {
+                return vec![NOT_LEADER];
+            }
+            let Ok(count) = session.purge_queue(0, name) else { return vec![NOT_LEADER] };
+            (count, session.flush_indices())
+        };
+        if let Some(ticket) = appended.ok().and_then(|a| a.replicated) {
+            broker.tickets.wait(ticket).await;
+        }
+        let mut answer = vec![OK];
+        answer.extend_from_slice(&count.to_le_bytes());
+        answer
+    }
+
     /// Answers [`Self::leader_counts`] for a queue this node leads.
     fn counts(&self, mut reader: Reader<'_>) -> Vec<u8> {
         let (Some(vhost), Some(name)) = (reader.str(), reader.str()) else { return vec![UNKNOWN] };
@@ -930,6 +981,7 @@ impl Replication {
             GONE | FAILED => self.ended(kind, reader),
             COUNTS => self.counts(reader),
             PUBLISH => self.accept_forwarded(reader).await,
+            PURGE => self.purge_here(reader).await,
             _ => vec![UNKNOWN],
         }
     }
