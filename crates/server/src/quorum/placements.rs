@@ -354,6 +354,13 @@ impl StateMachine for Placements {
         } else {
             serde_json::from_slice(snapshot).map_err(|e| e.to_string())?
         };
+        // Placements the snapshot no longer has were removed meanwhile.
+        for (key, gone) in &self.state.placements {
+            if !state.placements.contains_key(key) {
+                let (vhost, name, group) = (gone.vhost.clone(), gone.name.clone(), gone.group);
+                self.tell(Event::Removed { vhost, name, group, origin: 0 });
+            }
+        }
         for placement in state.placements.values() {
             self.tell(Event::Placed(placement.clone()));
         }
@@ -454,5 +461,55 @@ mod tests {
         let mut restored = Placements::default();
         assert_eq!(restored.restore(&snapshot), Ok(()));
         assert!(restored.get("/", "q").is_some(), "snapshot: {}", String::from_utf8_lossy(&snapshot));
+    }
+
+    #[test]
+    fn classic_queues_are_placed_on_their_home_and_go_with_a_forgotten_node() {
+        let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
+        let mut machine = Placements::new(events);
+        let classic = |name: &str, home: &str| Change::Declare {
+            vhost: "/".into(),
+            name: name.into(),
+            members: vec![home.into()],
+            arguments: FieldTable::default(),
+            classic: Some(Classic { durable: true, auto_delete: false }),
+        };
+        apply(&mut machine, &classic("jobs", "a"));
+        apply(&mut machine, &classic("mail", "b"));
+        // Declared again elsewhere: the first placement stands.
+        apply(&mut machine, &classic("jobs", "b"));
+        assert_eq!(machine.get("/", "jobs").and_then(Placement::home), Some("a"));
+        assert_eq!(machine.homed_at("a"), vec![("/".to_string(), "jobs".to_string())]);
+        // A classic queue takes no members and leads nothing for `balanced`.
+        let member = Change::Member { vhost: "/".into(), name: "jobs".into(), node: "c".into(), add: true };
+        apply(&mut machine, &member);
+        assert_eq!(machine.get("/", "jobs").map(|p| p.members.clone()), Some(vec!["a".to_string()]));
+        assert!(machine.first_members().is_empty());
+        let snapshot = machine.snapshot();
+
+        // Its home forgotten, a classic queue is gone.
+        apply(&mut machine, &Change::Forget { node: "a".into() });
+        assert!(machine.get("/", "jobs").is_none());
+        let mut removed = Vec::new();
+        while let Ok(event) = told.try_recv() {
+            if let Event::Removed { name, .. } = event {
+                removed.push(name);
+            }
+        }
+        assert_eq!(removed, ["jobs"]);
+
+        // A snapshot without a placement held here tells of its removal.
+        let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
+        let mut restored = Placements::new(events);
+        assert_eq!(restored.restore(&snapshot), Ok(()));
+        while told.try_recv().is_ok() {}
+        assert_eq!(restored.restore(&machine.snapshot()), Ok(()));
+        let mut removed = Vec::new();
+        while let Ok(event) = told.try_recv() {
+            if let Event::Removed { name, origin, .. } = event {
+                removed.push((name, origin));
+            }
+        }
+        assert_eq!(removed, [("jobs".to_string(), 0)]);
     }
 }
