@@ -807,8 +807,11 @@ pub async fn run(args: PerfArgs) -> anyhow::Result<()> {
         for _ in 0..args.consumers {
             consumers.push(tokio::spawn(consumer(args.clone(), queue.clone(), shared.clone())));
         }
-        // Let consumers declare and subscribe before publishing starts.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Let consumers declare and subscribe before publishing starts (a
+        // drain is timed from the start: a fast one is over in 300 ms).
+        if !args.consume_only {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
     let per_producer_rate = if args.rate > 0 { (args.rate / args.producers.max(1) as u64).max(1) } else { 0 };
     let cpu_before = args.broker_pid.and_then(cpu_seconds);
