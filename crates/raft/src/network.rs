@@ -64,6 +64,9 @@ pub(crate) const OTHER: u8 = 6;
 /// Who leads the group as the node asked knows it (the answer is
 /// `ANSWERED` and the leader's name, empty if it knows none).
 pub(crate) const LEADER: u8 = 7;
+/// Stand for election now: the leader, about to stop, hands the group over
+/// (answered `ANSWERED` once the election started).
+pub(crate) const CAMPAIGN: u8 = 8;
 
 /// How long a vote waits for a member to create its group.
 const NO_GROUP_PATIENCE: Duration = Duration::from_secs(1);

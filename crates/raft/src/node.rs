@@ -93,6 +93,9 @@ struct Inner {
     /// The leaders of groups this node has no member of, as last learned
     /// ([`Node::set_leader_hint`], or from a forward's refusal).
     leader_hints: RwLock<HashMap<GroupId, String>>,
+    /// The node is handing its leaderships over before it stops: it takes
+    /// no more writes (forwarded ones are sent again to the next leader).
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 /// A request for another node's [`Node::serve_also`] handler, to send with
@@ -240,6 +243,7 @@ impl Node {
                 other: OnceLock::new(),
                 hints: Arc::default(),
                 leader_hints: RwLock::default(),
+                handing_over: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -324,6 +328,9 @@ impl Node {
 
     /// [`Node::submit`] of a command written when its entry is.
     pub fn submit_as(&self, group: GroupId, command: Submission) -> Result<Submitted, NodeError> {
+        if self.inner.handing_over.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(NodeError::NotLeader { group, leader: None });
+        }
         let Group { raft, pending, .. } =
             self.inner.groups.read().get(&group).cloned().ok_or(NodeError::NoGroup(group))?;
         let (reply, replied) = oneshot::channel();
@@ -592,6 +599,45 @@ impl Node {
         }
     }
 
+    /// Hands the groups this node leads over before it stops: it takes no
+    /// more writes, and in each group, once a member's log has every entry
+    /// the leader's has, that member is asked to stand for election, and
+    /// this node, the leader, votes for it. The other
+    /// members refuse while their lease on this leader lasts, so this
+    /// works where the two suffice (groups of two or three members), and
+    /// once the leader has led for a lease's length (until then it refuses
+    /// votes too);
+    /// elsewhere, and for any group not handed over within `patience`, the
+    /// members elect a leader once this node is gone, as after a crash.
+    /// Returns (handed over, led).
+    pub async fn hand_over(&self, patience: Duration) -> (usize, usize) {
+        let Some(transport) = self.inner.transport.get().cloned() else { return (0, 0) };
+        self.inner.handing_over.store(true, std::sync::atomic::Ordering::Release);
+        let up = transport.up();
+        let led: Vec<(GroupId, Group)> = self
+            .inner
+            .groups
+            .read()
+            .iter()
+            .filter(|(_, g)| g.raft.metrics().borrow().state == ServerState::Leader)
+            .map(|(id, g)| (*id, g.clone()))
+            .collect();
+        let count = led.len();
+        let deadline = Instant::now() + patience;
+        let tasks: Vec<_> = led
+            .into_iter()
+            .map(|(id, group)| {
+                let (me, transport, up) = (self.inner.id, transport.clone(), up.clone());
+                tokio::spawn(async move { hand_over_group(id, &group, me, transport, &up, deadline).await })
+            })
+            .collect();
+        let mut handed = 0;
+        for task in tasks {
+            handed += usize::from(matches!(task.await, Ok(true)));
+        }
+        (handed, count)
+    }
+
     /// Stops every group and the shared log.
     pub async fn shutdown(&self) {
         let rafts: Vec<Raft> = self.inner.groups.write().drain().map(|(_, group)| group.raft).collect();
@@ -603,6 +649,62 @@ impl Node {
 
     fn raft(&self, group: GroupId) -> Result<Raft, NodeError> {
         self.inner.groups.read().get(&group).map(|g| g.raft.clone()).ok_or(NodeError::NoGroup(group))
+    }
+}
+
+/// How often a leader handing its group over looks again.
+const HAND_OVER_STEP: Duration = Duration::from_millis(5);
+
+/// [`Node::hand_over`] for one group: waits until the commands queued
+/// before are written and a voter that is up has every entry, asks it to
+/// campaign, and waits until this node no longer leads; whether it was
+/// handed over by `deadline`.
+async fn hand_over_group(
+    group: GroupId,
+    Group { raft, pending, .. }: &Group,
+    me: NodeId,
+    transport: Arc<dyn Transport>,
+    up: &HashSet<String>,
+    deadline: Instant,
+) -> bool {
+    let mut asked = false;
+    loop {
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return asked;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        let written = {
+            let pending = pending.lock();
+            pending.commands.is_empty() && !pending.flushing
+        };
+        if !asked && written {
+            let membership = metrics.membership_config.membership();
+            let caught_up = metrics
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(id, matched)| {
+                    **id != me
+                        && matched.map(|m| m.index) == metrics.last_log_index
+                        && membership.voter_ids().any(|v| v == **id)
+                })
+                .filter_map(|(id, _)| membership.get_node(id).filter(|n| up.contains(&n.addr)))
+                .map(|node| node.addr.clone())
+                .min();
+            if let Some(target) = caught_up {
+                let mut request = group.to_le_bytes().to_vec();
+                request.push(network::CAMPAIGN);
+                let patience = deadline.saturating_duration_since(Instant::now());
+                asked = matches!(transport.call(&target, request, patience).await.as_deref(), Ok([network::ANSWERED]));
+                if asked {
+                    debug!(group, to = %target, "leadership handed over");
+                }
+            }
+        }
+        tokio::time::sleep(HAND_OVER_STEP).await;
     }
 }
 
@@ -727,6 +829,15 @@ impl Handler for Serve {
                         [&[network::NOT_LEADER][..], leader.as_bytes()].concat()
                     }
                     Err(_) => vec![network::NOT_LEADER],
+                }
+            });
+        }
+        if kind == network::CAMPAIGN {
+            let raft = self.0.upgrade().and_then(|inner| inner.groups.read().get(&group).map(|g| g.raft.clone()));
+            return Box::pin(async move {
+                match raft {
+                    Some(raft) if raft.trigger().elect().await.is_ok() => vec![network::ANSWERED],
+                    _ => vec![network::NO_GROUP],
                 }
             });
         }

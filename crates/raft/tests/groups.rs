@@ -91,8 +91,12 @@ async fn write(members: &BTreeMap<String, Member>, command: &[u8]) -> u64 {
     }
 }
 
+/// What `member` applied. A write retried across a change of leader may
+/// have been committed by the old leader as well: once more, right after.
 fn journal(member: &Member) -> Vec<Vec<u8>> {
-    member.machine.with(|j| j.0.clone())
+    let mut applied = member.machine.with(|j| j.0.clone());
+    applied.dedup();
+    applied
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +113,7 @@ async fn a_group_replicates_fails_over_and_members_catch_up() {
         members.insert(name.clone(), start(name, dir.path(), listener, &seeds, 50).await);
     }
     members["a"].node.initialize(GROUP, &names).await.unwrap();
-    let first = eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
+    eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
 
     // Every write is committed at the next index, and every replica
     // applies the same commands in the same order.
@@ -119,10 +123,17 @@ async fn a_group_replicates_fails_over_and_members_catch_up() {
         write(&members, &command).await;
         written.push(command);
     }
-    eventually("all three applied all", Duration::from_secs(5), || {
-        members.values().all(|m| journal(m) == written).then_some(())
-    })
-    .await;
+    let applied_all = tokio::time::timeout(Duration::from_secs(5), async {
+        while !members.values().all(|m| journal(m) == written) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    if applied_all.await.is_err() {
+        let seen: Vec<_> = members.values().map(|m| (journal(m).len(), m.node.status(GROUP))).collect();
+        panic!("not every member applied all {} within 5 s: {seen:?}", written.len());
+    }
+    // (A loaded machine may have seen an election meanwhile.)
+    let first = eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
     let status = members[&first].node.status(GROUP).unwrap();
     assert_eq!(status.voters.len(), 3);
     assert_eq!(status.matched.len(), 3, "the leader reports each member: {status:?}");
@@ -183,6 +194,59 @@ async fn a_group_replicates_fails_over_and_members_catch_up() {
     assert_eq!(members["d"].machine.snapshots_installed(), 1, "d was given a snapshot");
     assert!(dirs[3].path().join("snapshots").read_dir().unwrap().count() > 0, "and keeps it on disk");
 
+    for member in members.values() {
+        member.node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_its_group_over() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let seeds: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let names = ["a", "b", "c"].map(String::from);
+    let mut members = BTreeMap::new();
+    for ((name, listener), dir) in names.iter().zip(listeners).zip(&dirs) {
+        members.insert(name.clone(), start(name, dir.path(), listener, &seeds, 1000).await);
+    }
+    members["a"].node.initialize(GROUP, &names).await.unwrap();
+    eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
+    let mut written = Vec::new();
+    for i in 0..50u32 {
+        let command = format!("m{i}").into_bytes();
+        write(&members, &command).await;
+        written.push(command);
+    }
+    // A leader refuses votes for a lease's length after its election (as
+    // its members do on its behalf): one that has led a while hands over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = eventually("a leader", Duration::from_secs(5), || leader(&members)).await;
+    let term = members[&first].node.status(GROUP).unwrap().term;
+
+    // Asked to hand over, the leader gets a member with its whole log
+    // elected while it still runs: no member waits out a lease.
+    let (handed, led) = members[&first].node.hand_over(Duration::from_secs(5)).await;
+    assert_eq!((handed, led), (1, 1));
+    assert_ne!(members[&first].node.status(GROUP).unwrap().state, "Leader");
+    let second = eventually("the new leader", Duration::from_secs(5), || leader(&members)).await;
+    assert_ne!(second, first);
+    // Elected at the first try (a refused candidate would have raised the
+    // term again before anyone won).
+    assert_eq!(members[&second].node.status(GROUP).unwrap().term, term + 1);
+
+    // The old leader's node stops; the group carries on with every entry.
+    let gone = members.remove(&first).unwrap();
+    gone.cluster.stop().await;
+    gone.node.shutdown().await;
+    write(&members, b"after").await;
+    written.push(b"after".to_vec());
+    eventually("both applied all", Duration::from_secs(5), || {
+        members.values().all(|m| journal(m) == written).then_some(())
+    })
+    .await;
     for member in members.values() {
         member.node.shutdown().await;
     }

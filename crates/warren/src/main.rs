@@ -167,6 +167,9 @@ impl ServeArgs {
     }
 }
 
+/// How long a stopping node waits for its leaderships to be taken over.
+const HAND_OVER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -229,6 +232,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     server.run(shutdown_signal()).await;
     if let Some((cluster, raft)) = cluster {
+        // Before the cluster connections close: the members take over at
+        // once instead of waiting out their lease on this node.
+        let (handed, led) = raft.hand_over(HAND_OVER_PATIENCE).await;
+        if led > 0 {
+            tracing::info!(handed, led, "leaderships handed over");
+        }
         cluster.stop().await;
         raft.shutdown().await;
     }
