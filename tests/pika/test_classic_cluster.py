@@ -5,6 +5,7 @@ a RabbitMQ cluster.
 Starts its own three `warren` processes (see test_quorum_cluster.py).
 """
 
+import time
 import uuid
 
 import pika
@@ -171,3 +172,52 @@ def test_a_classic_queue_waits_for_its_home_node(cluster):
     assert [body for body, _ in got] == ["kept-%d" % i for i in range(50)]
     for node in cluster.nodes:
         eventually("%s forgot the transient queue" % node["name"], lambda: passive(node, transient) == 404)
+
+
+def test_publish_subscribe_reaches_subscribers_on_every_node(cluster):
+    """The pattern of RabbitMQ's tutorials: every client declares a
+    non-durable fanout exchange; each subscriber binds an exclusive,
+    server-named queue to it; the publisher is on another node."""
+    first, second, third = cluster.nodes
+    exchange = "logs-" + uuid.uuid4().hex[:8]
+    subscribers = []
+    for node in (second, third):
+        conn = connect(node["amqp"])
+        ch = conn.channel()
+        ch.exchange_declare(exchange, "fanout")
+        queue = ch.queue_declare("", exclusive=True).method.queue
+        ch.queue_bind(queue, exchange)
+        subscribers.append((node, conn, ch, queue))
+
+    # Another connection cannot use an exclusive queue, on any node.
+    for node in cluster.nodes:
+        eventually("%s refuses the queue to another connection" % node["name"],
+                   lambda: passive(node, subscribers[0][3]) == 405, timeout=5)
+
+    conn = connect(first["amqp"])
+    ch = conn.channel()
+    ch.exchange_declare(exchange, "fanout")
+    conn.close()
+    publish(first, exchange, "", ["event-%d" % i for i in range(10)], mandatory=False)
+    for node, conn, ch, queue in subscribers:
+        got = []
+        ch.basic_consume(queue, lambda c, m, p, body: got.append(body.decode()), auto_ack=True)
+        deadline = time.monotonic() + 10
+        while len(got) < 10 and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert got == ["event-%d" % i for i in range(10)], node["name"]
+
+    # A subscriber that leaves takes its queue with it, on every node.
+    gone = subscribers[0][3]
+    subscribers[0][1].close()
+    for node in cluster.nodes:
+        eventually("%s forgot the queue" % node["name"], lambda: passive(node, gone) == 404, timeout=5)
+    publish(first, exchange, "", ["after"], mandatory=True)
+    node, conn, ch, queue = subscribers[1]
+    got = []
+    ch.basic_consume(queue, lambda c, m, p, body: got.append(body.decode()), auto_ack=True)
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    assert got == ["after"]
+    conn.close()

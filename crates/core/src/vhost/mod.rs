@@ -413,6 +413,9 @@ pub struct VirtualHostState {
     /// held back once the store can read them.
     recovered_retries: Vec<(QueueId, u64, u64)>,
     scratch_destinations: Vec<Destination>,
+    /// A queue of another node is being declared here (a stand-in): its
+    /// name may be a server-generated one (`amq.gen-`).
+    declaring_shared: bool,
     scratch_queues: Vec<QueueId>,
     /// The virtual host's queue limit (RabbitMQ's `max-queues`).
     max_queues: Option<u64>,
@@ -454,7 +457,7 @@ pub(crate) fn count_u32(count: usize) -> u32 {
 }
 
 pub use inspect::{BindingSummary, ChannelSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
-pub use replicated::{Outcome, Relay, RelayedConsumer};
+pub use replicated::{Outcome, Relay, RelayedConsumer, SharedQueue, ELSEWHERE};
 pub use routing::dedup_key;
 
 mod channels;
@@ -508,6 +511,7 @@ impl VirtualHostState {
             recovering: None,
             recovered_retries: Vec::new(),
             scratch_destinations: Vec::new(),
+            declaring_shared: false,
             scratch_queues: Vec::new(),
             max_queues: None,
             paging: crate::queue::Paging::default(),

@@ -14,6 +14,21 @@
 
 use super::*;
 
+/// A classic queue other nodes of a cluster may reach, as they must
+/// declare its stand-ins.
+#[derive(Clone, Debug)]
+pub struct SharedQueue {
+    pub durable: bool,
+    pub auto_delete: bool,
+    /// Its stand-ins refuse every connection but take publishes.
+    pub exclusive: bool,
+    pub arguments: FieldTable,
+}
+
+/// The connection a stand-in of an exclusive queue is exclusive to: none
+/// of this node's.
+pub const ELSEWHERE: ConnectionId = u64::MAX;
+
 /// What a stand-in's consumer asks of the queue's leader.
 #[derive(Clone, Debug)]
 pub enum Relay {
@@ -54,34 +69,28 @@ impl VirtualHostState {
     /// journaled: the cluster's metadata holds it), led from this node or,
     /// `remote`, from another one.
     pub fn declare_replicated(&mut self, name: &str, arguments: FieldTable, remote: bool) -> Result<(), AmqpError> {
-        self.declare_shared(name, arguments, (true, false), remote)
+        let queue = SharedQueue { durable: true, auto_delete: false, exclusive: false, arguments };
+        self.declare_shared(name, queue, remote)
     }
 
     /// Declares a stand-in for a classic queue that lives on another node:
     /// it answers declarations as that queue does (`durable`,
-    /// `auto_delete`), holds no message, never deletes itself, and its
-    /// publishes and consumers go to that node as a quorum queue's go to
-    /// its leader.
-    pub fn declare_stand_in(
-        &mut self,
-        name: &str,
-        arguments: FieldTable,
-        durable: bool,
-        auto_delete: bool,
-    ) -> Result<(), AmqpError> {
-        self.declare_shared(name, arguments, (durable, auto_delete), true)
+    /// `auto_delete`; an exclusive one refuses every connection here, as
+    /// the queue refuses connections but its own), holds no message, never
+    /// deletes itself, and its publishes and consumers go to that node as
+    /// a quorum queue's go to its leader.
+    pub fn declare_stand_in(&mut self, name: &str, queue: SharedQueue) -> Result<(), AmqpError> {
+        self.declare_shared(name, queue, true)
     }
 
-    fn declare_shared(
-        &mut self,
-        name: &str,
-        arguments: FieldTable,
-        (durable, auto_delete): (bool, bool),
-        remote: bool,
-    ) -> Result<(), AmqpError> {
+    fn declare_shared(&mut self, name: &str, queue: SharedQueue, remote: bool) -> Result<(), AmqpError> {
         let journaled = self.journal.len();
-        let declare = QueueDeclare { durable, auto_delete, ..QueueDeclare::named(name).with_arguments(arguments) };
-        let declared = self.declare_queue(0, declare);
+        let SharedQueue { durable, auto_delete, exclusive, arguments } = queue;
+        let declare =
+            QueueDeclare { durable, auto_delete, exclusive, ..QueueDeclare::named(name).with_arguments(arguments) };
+        self.declaring_shared = true;
+        let declared = self.declare_queue(if exclusive { ELSEWHERE } else { 0 }, declare);
+        self.declaring_shared = false;
         self.journal.truncate(journaled);
         declared?;
         let Some(queue) = self.queue_ids.get(name).and_then(|id| self.queues.get_mut(id)) else {
@@ -123,22 +132,21 @@ impl VirtualHostState {
         !rejected
     }
 
-    /// A classic queue here that other nodes of a cluster may reach (not
-    /// exclusive, not a stream, not a quorum queue or a stand-in): whether
-    /// it is durable and auto-delete, and its arguments.
-    pub fn shareable(&self, name: &str) -> Option<(bool, bool, FieldTable)> {
+    /// A classic queue here that other nodes of a cluster may reach (not a
+    /// stream, not a quorum queue or a stand-in).
+    pub fn shareable(&self, name: &str) -> Option<SharedQueue> {
         let queue = self.queue_ids.get(name).and_then(|id| self.queues.get(id))?;
-        let shared = !queue.replicated && queue.stream.is_none() && queue.exclusive_owner.is_none();
-        shared.then(|| (queue.durable, queue.auto_delete, queue.arguments.clone()))
+        (!queue.replicated && queue.stream.is_none()).then(|| SharedQueue {
+            durable: queue.durable,
+            auto_delete: queue.auto_delete,
+            exclusive: queue.exclusive_owner.is_some(),
+            arguments: queue.arguments.clone(),
+        })
     }
 
     /// The names of the queues [`Self::shareable`] answers for.
     pub fn shareable_names(&self) -> Vec<Arc<str>> {
-        self.queues
-            .values()
-            .filter(|q| !q.replicated && q.stream.is_none() && q.exclusive_owner.is_none())
-            .map(|q| q.name.clone())
-            .collect()
+        self.queues.values().filter(|q| !q.replicated && q.stream.is_none()).map(|q| q.name.clone()).collect()
     }
 
     /// Refuses `basic.get` on a queue that lives on (or is led from)
@@ -345,6 +353,13 @@ impl VirtualHostState {
 
     pub(super) fn is_remote_id(&self, id: QueueId) -> bool {
         self.queues.get(&id).is_some_and(|q| q.remote)
+    }
+
+    /// Whether `name` stands in for an exclusive queue of another node
+    /// (every connection here is refused it).
+    pub fn is_exclusive_elsewhere(&self, name: &str) -> bool {
+        let queue = self.queue_ids.get(name).and_then(|id| self.queues.get(id));
+        queue.is_some_and(|q| q.remote && q.exclusive_owner == Some(ELSEWHERE))
     }
 
     /// Whether `name` is a stand-in for a quorum queue led from another node.

@@ -496,7 +496,7 @@ impl VirtualHostState {
             self.churn.declared += 1;
             return Ok(self.declared(id));
         }
-        if !server_named && name.starts_with("amq.") {
+        if !server_named && !self.declaring_shared && name.starts_with("amq.") {
             return Err(soft(
                 ReplyCode::AccessRefused,
                 format!("queue name '{name}' contains reserved prefix 'amq.*'"),

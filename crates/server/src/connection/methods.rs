@@ -240,28 +240,37 @@ impl Connection {
                     internal: d.internal,
                     arguments: d.arguments,
                 })?;
-                self.reply_stored(number, AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})), d.nowait, state)?;
+                let sharing = if d.passive { None } else { self.share_exchange(name, state) };
+                let reply = AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {}));
+                self.reply_stored_after(number, reply, d.nowait, state, sharing)?;
             }
             M::Delete(d) => {
                 self.allow(Permission::Configure, Resource::Exchange, d.exchange.as_str())?;
+                let shared = self.shared_transient_exchange(d.exchange.as_str(), state);
                 state.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})), d.nowait, state)?;
+                let sharing = if shared { self.unshare_exchange(d.exchange.as_str(), state) } else { None };
+                let reply = AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {}));
+                self.reply_stored_after(number, reply, d.nowait, state, sharing)?;
             }
             M::Bind(b) => {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
                 self.allow(Permission::Write, Resource::Exchange, destination)?;
                 self.allow(Permission::Read, Resource::Exchange, source)?;
                 self.allow_topic(Permission::Read, source, key, state)?;
-                state.bind_exchange(destination, source, key, b.arguments, true)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})), b.nowait, state)?;
+                state.bind_exchange(destination, source, key, b.arguments.clone(), true)?;
+                let sharing = self.share_binding((source, destination, false), key, &b.arguments, true, state);
+                let reply = AMQPClass::Exchange(M::BindOk(exchange::BindOk {}));
+                self.reply_stored_after(number, reply, b.nowait, state, sharing)?;
             }
             M::Unbind(b) => {
                 let (destination, source, key) = (b.destination.as_str(), b.source.as_str(), b.routing_key.as_str());
                 self.allow(Permission::Write, Resource::Exchange, destination)?;
                 self.allow(Permission::Read, Resource::Exchange, source)?;
                 self.allow_topic(Permission::Read, source, key, state)?;
-                state.bind_exchange(destination, source, key, b.arguments, false)?;
-                self.reply_stored(number, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})), b.nowait, state)?;
+                state.bind_exchange(destination, source, key, b.arguments.clone(), false)?;
+                let sharing = self.share_binding((source, destination, false), key, &b.arguments, false, state);
+                let reply = AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {}));
+                self.reply_stored_after(number, reply, b.nowait, state, sharing)?;
             }
             _ => {
                 return Err(AmqpError::hard(ReplyCode::CommandInvalid, "unexpected exchange method from client", 0, 0));
@@ -309,14 +318,20 @@ impl Connection {
             M::Bind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
                 self.allow_bind(&name, b.exchange.as_str(), b.routing_key.as_str(), state)?;
-                state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, true)?;
-                self.reply_stored(number, AMQPClass::Queue(M::BindOk(queue::BindOk {})), b.nowait, state)?;
+                let (exchange, key) = (b.exchange.as_str(), b.routing_key.as_str());
+                state.bind_queue(conn, &name, exchange, key, b.arguments.clone(), true)?;
+                let sharing = self.share_binding((exchange, &name, true), key, &b.arguments, true, state);
+                let reply = AMQPClass::Queue(M::BindOk(queue::BindOk {}));
+                self.reply_stored_after(number, reply, b.nowait, state, sharing)?;
             }
             M::Unbind(b) => {
                 let name = self.queue_name(number, b.queue.as_str())?;
                 self.allow_bind(&name, b.exchange.as_str(), b.routing_key.as_str(), state)?;
-                state.bind_queue(conn, &name, b.exchange.as_str(), b.routing_key.as_str(), b.arguments, false)?;
-                self.reply_stored(number, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})), false, state)?;
+                let (exchange, key) = (b.exchange.as_str(), b.routing_key.as_str());
+                state.bind_queue(conn, &name, exchange, key, b.arguments.clone(), false)?;
+                let sharing = self.share_binding((exchange, &name, true), key, &b.arguments, false, state);
+                let reply = AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {}));
+                self.reply_stored_after(number, reply, false, state, sharing)?;
             }
             M::Purge(p) => {
                 let name = self.queue_name(number, p.queue.as_str())?;

@@ -6,11 +6,14 @@
 
 use warren_codec::reply::AmqpError;
 use warren_codec::spec::{basic, queue, AMQPClass};
+use warren_codec::types::FieldTable;
 use warren_core::settings::QueueType;
+use warren_core::vhost::{BindingDefinition, ExchangeDefinition};
 use warren_core::QueueDeclare;
 
 use super::{access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, RemotePurge, Wait};
 use crate::access::{Permission, Resource};
+use crate::quorum::placements::Definition;
 use crate::session::Session;
 
 impl Connection {
@@ -27,6 +30,10 @@ impl Connection {
         // A stand-in (the queue is led elsewhere) answers a passive
         // declare from this node's replica, as a missing queue does.
         if name.is_empty() || (state.has_queue(name) && !(d.passive && state.is_remote(name))) {
+            return Ok(false);
+        }
+        // Refused here, as its own node refuses it to other connections.
+        if state.is_exclusive_elsewhere(name) {
             return Ok(false);
         }
         if d.passive {
@@ -64,9 +71,85 @@ impl Connection {
     /// `declare-ok` waits for.
     pub(super) fn place_classic(&self, name: &str, state: &Session<'_>) -> Option<u64> {
         let replication = self.broker.replication.get()?;
-        let (durable, auto_delete, arguments) = state.shareable(name)?;
-        let classic = crate::quorum::placements::Classic { durable, auto_delete };
-        replication.place_classic(&state.name, name, classic, &arguments)
+        let queue = state.shareable(name)?;
+        let classic = crate::quorum::placements::Classic {
+            durable: queue.durable,
+            auto_delete: queue.auto_delete,
+            exclusive: queue.exclusive,
+        };
+        replication.place_classic(&state.name, name, classic, &queue.arguments)
+    }
+
+    /// In a cluster, a non-durable exchange declared here that the other
+    /// nodes do not know yet is declared on them too (the journal carries
+    /// durable ones): the ticket the reply waits for.
+    pub(super) fn share_exchange(&self, name: &str, state: &Session<'_>) -> Option<u64> {
+        let replication = self.broker.replication.get()?;
+        let x = state.exchange(name).filter(|x| !x.durable)?;
+        if replication.shares_exchange(&state.name, name) {
+            return None;
+        }
+        let definition = ExchangeDefinition {
+            name: name.to_string(),
+            kind: x.type_name().to_string(),
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            arguments: x.arguments.clone(),
+        };
+        replication.share_transient(&state.name, vec![Definition::TransientExchange(definition)])
+    }
+
+    /// Whether deleting exchange `name` here must be told to every node:
+    /// a non-durable one they know (the journal carries durable ones).
+    pub(super) fn shared_transient_exchange(&self, name: &str, state: &Session<'_>) -> bool {
+        let Some(replication) = self.broker.replication.get() else { return false };
+        state.exchange(name).is_some_and(|x| !x.durable) && replication.shares_exchange(&state.name, name)
+    }
+
+    /// Tells every node that non-durable exchange `name` was deleted.
+    pub(super) fn unshare_exchange(&self, name: &str, state: &Session<'_>) -> Option<u64> {
+        let replication = self.broker.replication.get()?;
+        replication.share_transient(&state.name, vec![Definition::ExchangeDeleted(name.to_string())])
+    }
+
+    /// In a cluster, a binding made or removed here that the journal does
+    /// not carry (an end is not durable) but whose ends every node may know
+    /// (a placed queue, an exchange) is made there too (a node without
+    /// them skips it): the ticket the reply waits for.
+    pub(super) fn share_binding(
+        &self,
+        (source, destination, destination_is_queue): (&str, &str, bool),
+        routing_key: &str,
+        arguments: &FieldTable,
+        bind: bool,
+        state: &Session<'_>,
+    ) -> Option<u64> {
+        let replication = self.broker.replication.get()?;
+        let vhost = &state.name;
+        let durable_exchange = |name: &str| state.exchange(name).is_some_and(|x| x.durable);
+        // Shared when declared (its commit may not be applied here yet).
+        let known_exchange = |name: &str| state.exchange(name).is_some() || replication.shares_exchange(vhost, name);
+        let (stored, known) = if destination_is_queue {
+            let durable = state.shareable(destination).is_some_and(|q| q.durable && !q.exclusive);
+            // A queue declared here is placed, or about to be (the
+            // binding is written after its placement).
+            let placed = state.shareable(destination).is_some() || replication.shares_queue(vhost, destination);
+            (durable && durable_exchange(source), placed)
+        } else {
+            (durable_exchange(source) && durable_exchange(destination), known_exchange(destination))
+        };
+        if stored || !known || !known_exchange(source) {
+            return None;
+        }
+        let binding = BindingDefinition {
+            source: source.to_string(),
+            destination: destination.to_string(),
+            destination_is_queue,
+            routing_key: routing_key.to_string(),
+            arguments: arguments.clone(),
+        };
+        let change = if bind { Definition::Bound(binding) } else { Definition::Unbound(binding) };
+        replication.share_transient(vhost, vec![change])
     }
 
     /// Answers a quorum queue's declaration once it is placed: from the

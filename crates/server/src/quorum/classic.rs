@@ -55,11 +55,16 @@ impl Replication {
     /// it already; the ticket resolves once the metadata group committed
     /// the placement (or gave up: the queue is here either way, and is
     /// placed again later), so `declare-ok` goes out after it.
+    /// An exclusive queue's declaration does not wait (its own connection
+    /// alone consumes from it; others learn its name from that client).
     pub fn place_classic(&self, vhost: &str, name: &str, classic: Classic, arguments: &FieldTable) -> Option<u64> {
         if self.metadata.with(|p| p.get(vhost, name).is_some()) {
             return None;
         }
         let committed = self.write_placement(vhost, name, classic, arguments)?;
+        if classic.exclusive {
+            return None;
+        }
         let broker = self.broker.upgrade()?;
         let ticket = broker.tickets.issue();
         let tickets = Arc::downgrade(&broker);
@@ -214,8 +219,13 @@ impl Replication {
                         if self.metadata.with(|p| p.get(&vhost, &name).is_some()) {
                             return None;
                         }
-                        let (durable, auto_delete, arguments) = state.shareable(&name)?;
-                        Some((name.to_string(), Classic { durable, auto_delete }, arguments))
+                        let queue = state.shareable(&name)?;
+                        let classic = Classic {
+                            durable: queue.durable,
+                            auto_delete: queue.auto_delete,
+                            exclusive: queue.exclusive,
+                        };
+                        Some((name.to_string(), classic, queue.arguments))
                     })
                     .collect()
             };
@@ -270,8 +280,11 @@ impl Replication {
         let mut answer = vec![OK];
         let appended = {
             let mut session = Session::open(&host, &broker.store);
+            // Gone (deleted meanwhile): the messages are dropped, as a
+            // publish routed to a queue deleted at that moment is.
             if session.shareable(name).is_none() {
-                return vec![NOT_LEADER];
+                answer.resize(1 + count as usize, 1);
+                return answer;
             }
             for _ in 0..count {
                 let message = reader.u32().and_then(|len| reader.bytes(len as usize)).and_then(replica::decode_message);

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
-use warren_core::vhost::{BindingDefinition, Definitions, JournalEvent};
+use warren_core::vhost::{BindingDefinition, Definitions, ExchangeDefinition, JournalEvent};
 use warren_core::ExchangeDeclare;
 use warren_raft::metadata::METADATA;
 use warren_raft::Node;
@@ -129,6 +129,41 @@ impl Replication {
         Some(committed)
     }
 
+    /// Shares changes the journal does not carry (a non-durable exchange, a
+    /// binding to a transient queue placed in the cluster) with every
+    /// node; the ticket resolves once the metadata group committed them
+    /// (or gave up: they hold here either way).
+    pub fn share_transient(&self, vhost: &str, changes: Vec<Definition>) -> Option<u64> {
+        if changes.is_empty() || APPLYING.get() {
+            return None;
+        }
+        let change = Change::Definitions { vhost: vhost.to_string(), origin: self.origin, changes };
+        let command = serde_json::to_vec(&change).ok()?;
+        let (done, committed) = oneshot::channel();
+        self.defining.send((command, done)).ok()?;
+        let broker = self.broker.upgrade()?;
+        let ticket = broker.tickets.issue();
+        let tickets = std::sync::Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let _ = committed.await;
+            if let Some(broker) = tickets.upgrade() {
+                broker.tickets.resolve(ticket, true);
+            }
+        });
+        Some(ticket)
+    }
+
+    /// Whether exchange `name` is known on every node.
+    pub fn shares_exchange(&self, vhost: &str, name: &str) -> bool {
+        self.metadata.with(|p| p.has_exchange(vhost, name))
+    }
+
+    /// Whether queue `name` is placed in the cluster (reachable from every
+    /// node).
+    pub fn shares_queue(&self, vhost: &str, name: &str) -> bool {
+        self.metadata.with(|p| p.get(vhost, name).is_some())
+    }
+
     /// Applies changes another node (or an earlier run of this one) made.
     pub(super) fn defined_event(&self, vhost: &str, origin: u64, changes: &[Definition]) {
         if origin == self.origin {
@@ -139,7 +174,15 @@ impl Replication {
 
     /// A restored metadata snapshot: every exchange and binding it holds is
     /// made here (the log's later changes follow).
-    pub(super) fn known_event(&self, known: BTreeMap<String, Definitions>) {
+    pub(super) fn known_event(
+        &self,
+        known: BTreeMap<String, Definitions>,
+        transient: BTreeMap<String, Vec<ExchangeDefinition>>,
+    ) {
+        for (vhost, exchanges) in transient {
+            let changes: Vec<Definition> = exchanges.into_iter().map(Definition::TransientExchange).collect();
+            self.apply_definitions(&vhost, &changes);
+        }
         for (vhost, definitions) in known {
             let mut changes: Vec<Definition> = definitions.exchanges.into_iter().map(Definition::Exchange).collect();
             changes.extend(definitions.bindings.into_iter().map(Definition::Bound));
@@ -157,15 +200,17 @@ impl Replication {
         let mut session = Session::open(&host, &broker.store);
         for change in changes {
             let applied = match change {
-                Definition::Exchange(x) => session.declare_exchange(ExchangeDeclare {
-                    name: &x.name,
-                    kind: &x.kind,
-                    passive: false,
-                    durable: true,
-                    auto_delete: x.auto_delete,
-                    internal: x.internal,
-                    arguments: x.arguments.clone(),
-                }),
+                Definition::Exchange(x) | Definition::TransientExchange(x) => {
+                    session.declare_exchange(ExchangeDeclare {
+                        name: &x.name,
+                        kind: &x.kind,
+                        passive: false,
+                        durable: matches!(change, Definition::Exchange(_)),
+                        auto_delete: x.auto_delete,
+                        internal: x.internal,
+                        arguments: x.arguments.clone(),
+                    })
+                }
                 Definition::ExchangeDeleted(name) => session.delete_exchange(name, false),
                 Definition::Bound(binding) => bind(&mut session, binding, true),
                 Definition::Unbound(binding) => bind(&mut session, binding, false),
@@ -191,7 +236,9 @@ impl Replication {
 
 fn bind(session: &mut Session<'_>, b: &BindingDefinition, bind: bool) -> Result<(), warren_codec::reply::AmqpError> {
     if b.destination_is_queue {
-        session.bind_queue(0, &b.destination, &b.source, &b.routing_key, b.arguments.clone(), bind)
+        // A stand-in of an exclusive queue is bound as its owner would.
+        let owner = if session.is_exclusive_elsewhere(&b.destination) { warren_core::vhost::ELSEWHERE } else { 0 };
+        session.bind_queue(owner, &b.destination, &b.source, &b.routing_key, b.arguments.clone(), bind)
     } else {
         session.bind_exchange(&b.destination, &b.source, &b.routing_key, b.arguments.clone(), bind)
     }

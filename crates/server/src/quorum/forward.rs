@@ -23,7 +23,13 @@ impl Replication {
         }
         let declared = match &local.home {
             Some((_, classic)) => {
-                session.declare_stand_in(&local.name, local.arguments.clone(), classic.durable, classic.auto_delete)
+                let queue = warren_core::vhost::SharedQueue {
+                    durable: classic.durable,
+                    auto_delete: classic.auto_delete,
+                    exclusive: classic.exclusive,
+                    arguments: local.arguments.clone(),
+                };
+                session.declare_stand_in(&local.name, queue)
             }
             None => session.declare_replicated(&local.name, local.arguments.clone(), true),
         };
@@ -32,7 +38,11 @@ impl Replication {
                 local.stand_in.store(true, Ordering::Release);
                 self.bind_known(&mut session, local);
             }
-            Err(error) => warn!(queue = %local.name, %error, "cannot put a quorum queue's stand-in here"),
+            // Said once: the watch tries again every few milliseconds.
+            Err(error) if !local.refused.swap(true, Ordering::AcqRel) => {
+                warn!(queue = %local.name, %error, "cannot put a queue's stand-in here");
+            }
+            Err(_) => {}
         }
     }
 

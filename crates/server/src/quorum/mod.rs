@@ -101,6 +101,8 @@ struct Local {
     stand_in: AtomicBool,
     /// Messages published here waiting to be forwarded to the leader.
     forwarding: parking_lot::Mutex<Forwarding>,
+    /// Putting its stand-in up here was refused (and said so).
+    refused: AtomicBool,
     /// A classic queue: the node it lives on (always its "leader"), and
     /// what its stand-ins answer declarations with.
     home: Option<(String, Classic)>,
@@ -124,6 +126,7 @@ impl Local {
             restored: parking_lot::Mutex::new(None),
             stand_in: AtomicBool::new(stand_in),
             forwarding: parking_lot::Mutex::default(),
+            refused: AtomicBool::new(false),
             home: placement.home().zip(placement.classic).map(|(home, classic)| (home.to_string(), classic)),
         })
     }
@@ -880,7 +883,7 @@ async fn run(
                         this.members.forget(&node);
                     }
                     Event::Defined { vhost, origin, changes } => this.defined_event(&vhost, origin, &changes),
-                    Event::Known(known) => this.known_event(known),
+                    Event::Known(known, transient) => this.known_event(known, transient),
                     Event::Access { origin, definitions } => this.access_event(origin, *definitions),
                 }
             }

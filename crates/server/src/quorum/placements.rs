@@ -36,6 +36,10 @@ pub struct Placement {
 pub struct Classic {
     pub durable: bool,
     pub auto_delete: bool,
+    /// Only its declaring connection may use it; every node may publish
+    /// to it.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 impl Placement {
@@ -85,6 +89,9 @@ pub enum Change {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Definition {
     Exchange(ExchangeDefinition),
+    /// A non-durable exchange (known on every node while the cluster
+    /// keeps its metadata, as RabbitMQ's are while a node of it runs).
+    TransientExchange(ExchangeDefinition),
     ExchangeDeleted(String),
     Bound(BindingDefinition),
     Unbound(BindingDefinition),
@@ -108,8 +115,9 @@ pub enum Event {
         origin: u64,
         changes: Vec<Definition>,
     },
-    /// A snapshot was restored: every definition it holds, by vhost.
-    Known(BTreeMap<String, Definitions>),
+    /// A snapshot was restored: every definition it holds, by vhost (and
+    /// the non-durable exchanges).
+    Known(BTreeMap<String, Definitions>, BTreeMap<String, Vec<ExchangeDefinition>>),
     /// The access file changed on the node of run `origin` (0: restored).
     Access {
         origin: u64,
@@ -133,6 +141,9 @@ struct State {
     /// The access file as last changed on any node.
     #[serde(default)]
     access: Option<Box<AccessDefinitions>>,
+    /// vhost -> its non-durable exchanges.
+    #[serde(default)]
+    transient: BTreeMap<String, Vec<ExchangeDefinition>>,
 }
 
 /// Placements keyed by (vhost, name), written as the list of placements.
@@ -168,8 +179,22 @@ mod by_queue {
 
 impl State {
     fn define(&mut self, vhost: &str, change: &Definition) {
+        let transient = self.transient.entry(vhost.to_string()).or_default();
+        match change {
+            Definition::TransientExchange(exchange) => {
+                transient.retain(|x| x.name != exchange.name);
+                transient.push(exchange.clone());
+            }
+            Definition::Exchange(exchange) => transient.retain(|x| x.name != exchange.name),
+            Definition::ExchangeDeleted(name) => transient.retain(|x| x.name != *name),
+            Definition::Bound(_) | Definition::Unbound(_) => {}
+        }
+        if transient.is_empty() {
+            self.transient.remove(vhost);
+        }
         let definitions = self.definitions.entry(vhost.to_string()).or_default();
         match change {
+            Definition::TransientExchange(exchange) => definitions.exchanges.retain(|x| x.name != exchange.name),
             Definition::Exchange(exchange) => {
                 definitions.exchanges.retain(|x| x.name != exchange.name);
                 definitions.exchanges.push(exchange.clone());
@@ -239,6 +264,12 @@ impl Placements {
     /// The classic queues placed on `node`: (vhost, name) each.
     pub fn homed_at(&self, node: &str) -> Vec<(String, String)> {
         self.state.placements.iter().filter(|(_, p)| p.home() == Some(node)).map(|(key, _)| key.clone()).collect()
+    }
+
+    /// Whether exchange `name` is known to every node (durable or not).
+    pub fn has_exchange(&self, vhost: &str, name: &str) -> bool {
+        let known = |list: Option<&Vec<ExchangeDefinition>>| list.is_some_and(|l| l.iter().any(|x| x.name == name));
+        known(self.state.transient.get(vhost)) || known(self.state.definitions.get(vhost).map(|d| &d.exchanges))
     }
 
     /// The replicated bindings to queue `name`.
@@ -370,8 +401,8 @@ impl StateMachine for Placements {
         if let Some(definitions) = &state.access {
             self.tell(Event::Access { origin: 0, definitions: definitions.clone() });
         }
-        if !state.definitions.is_empty() {
-            self.tell(Event::Known(state.definitions.clone()));
+        if !state.definitions.is_empty() || !state.transient.is_empty() {
+            self.tell(Event::Known(state.definitions.clone(), state.transient.clone()));
         }
         self.state = state;
         Ok(())
@@ -435,7 +466,7 @@ mod tests {
         let mut restored = Placements::new(events);
         assert_eq!(restored.restore(&snapshot), Ok(()));
         match told.try_recv() {
-            Ok(Event::Known(known)) => {
+            Ok(Event::Known(known, _)) => {
                 assert_eq!(known["/"].exchanges.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["orders"]);
                 assert_eq!(known["/"].bindings, vec![binding("orders", "q", true)]);
             }
@@ -472,7 +503,7 @@ mod tests {
             name: name.into(),
             members: vec![home.into()],
             arguments: FieldTable::default(),
-            classic: Some(Classic { durable: true, auto_delete: false }),
+            classic: Some(Classic { durable: true, auto_delete: false, exclusive: false }),
         };
         apply(&mut machine, &classic("jobs", "a"));
         apply(&mut machine, &classic("mail", "b"));
