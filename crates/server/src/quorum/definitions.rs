@@ -62,15 +62,44 @@ impl Drop for Applying {
 /// A metadata command and who waits for its commit.
 pub(super) type Defining = (Vec<u8>, oneshot::Sender<bool>);
 
-/// Writes definition changes to the metadata group one at a time, in the
-/// order they were made (a binding after the exchange it needs).
+/// Changes written in one metadata command, at most.
+const BATCH_CHANGES: usize = 256;
+
+/// Writes definition changes to the metadata group in the order they were
+/// made (a binding after the exchange it needs): those waiting while the
+/// last write was under way go in one command (`Change::Batch`), so a
+/// burst of declarations (a thousand clients connecting, each with a
+/// queue) costs a few commits, not one each.
 pub(super) async fn write_in_order(node: Node, mut changes: mpsc::UnboundedReceiver<Defining>) {
-    while let Some((command, done)) = changes.recv().await {
+    while let Some(first) = changes.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_CHANGES {
+            match changes.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let command = if batch.len() == 1 {
+            std::mem::take(&mut batch[0].0)
+        } else {
+            // Each command is a `Change` in JSON already.
+            let mut command = b"{\"Batch\":[".to_vec();
+            for (i, (change, _)) in batch.iter().enumerate() {
+                if i > 0 {
+                    command.push(b',');
+                }
+                command.extend_from_slice(change);
+            }
+            command.extend_from_slice(b"]}");
+            command
+        };
         let written = node.write_anywhere(METADATA, command, DECLARE_PATIENCE).await;
         if let Err(e) = &written {
-            warn!(%e, "a definition change was not replicated");
+            warn!(%e, changes = batch.len(), "a definition change was not replicated");
         }
-        let _ = done.send(written.is_ok());
+        for (_, done) in batch {
+            let _ = done.send(written.is_ok());
+        }
     }
 }
 

@@ -80,6 +80,9 @@ pub enum Change {
     /// Exchanges and bindings changed on one node (`origin`: its run,
     /// which has them already): every other node makes the same changes.
     Definitions { vhost: String, origin: u64, changes: Vec<Definition> },
+    /// Changes written together, applied in order (what one node had
+    /// waiting to be written).
+    Batch(Vec<Change>),
     /// Users, virtual hosts, permissions, limits and policies changed on
     /// the node of run `origin`: the whole access file, as it is there now.
     Access { origin: u64, definitions: Box<AccessDefinitions> },
@@ -279,26 +282,16 @@ impl Placements {
         })
     }
 
-    fn remove(&mut self, vhost: String, name: String, origin: u64) {
-        self.state.unbind_queue(&vhost, &name);
-        if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
-            self.tell(Event::Removed { vhost: gone.vhost, name: gone.name, group: gone.group, origin });
-        }
-    }
-
-    fn tell(&self, event: Event) {
-        if let Some(events) = &self.events {
-            let _ = events.send(event);
-        }
-    }
-}
-
-impl StateMachine for Placements {
-    /// Answers a declaration with its group (the existing one if the queue
-    /// was placed already).
-    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
-        match serde_json::from_slice::<Change>(command) {
-            Ok(Change::Declare { vhost, name, members, arguments, classic }) => {
+    /// Applies one change (a batch, each of its changes in order).
+    fn apply_change(&mut self, change: Change) -> Vec<u8> {
+        match change {
+            Change::Batch(changes) => {
+                for change in changes {
+                    self.apply_change(change);
+                }
+                Vec::new()
+            }
+            Change::Declare { vhost, name, members, arguments, classic } => {
                 let key = (vhost.clone(), name.clone());
                 if let Some(existing) = self.state.placements.get(&key) {
                     return existing.group.to_le_bytes().to_vec();
@@ -311,7 +304,7 @@ impl StateMachine for Placements {
                 self.tell(Event::Placed(placement));
                 group.to_le_bytes().to_vec()
             }
-            Ok(Change::Member { vhost, name, node, add }) => {
+            Change::Member { vhost, name, node, add } => {
                 let key = (vhost, name);
                 if let Some(placement) = self.state.placements.get_mut(&key).filter(|p| p.classic.is_none()) {
                     let member = placement.members.contains(&node);
@@ -325,7 +318,7 @@ impl StateMachine for Placements {
                 }
                 Vec::new()
             }
-            Ok(Change::Forget { node }) => {
+            Change::Forget { node } => {
                 let lost: Vec<(String, String)> = (self.state.placements.iter())
                     .filter(|(_, p)| p.home() == Some(node.as_str()))
                     .map(|(key, _)| key.clone())
@@ -347,22 +340,45 @@ impl StateMachine for Placements {
                 self.tell(Event::Forgotten(node));
                 Vec::new()
             }
-            Ok(Change::Definitions { vhost, origin, changes }) => {
+            Change::Definitions { vhost, origin, changes } => {
                 for change in &changes {
                     self.state.define(&vhost, change);
                 }
                 self.tell(Event::Defined { vhost, origin, changes });
                 Vec::new()
             }
-            Ok(Change::Access { origin, definitions }) => {
+            Change::Access { origin, definitions } => {
                 self.state.access = Some(definitions.clone());
                 self.tell(Event::Access { origin, definitions });
                 Vec::new()
             }
-            Ok(Change::Delete { vhost, name, origin }) => {
+            Change::Delete { vhost, name, origin } => {
                 self.remove(vhost, name, origin);
                 Vec::new()
             }
+        }
+    }
+
+    fn remove(&mut self, vhost: String, name: String, origin: u64) {
+        self.state.unbind_queue(&vhost, &name);
+        if let Some(gone) = self.state.placements.remove(&(vhost, name)) {
+            self.tell(Event::Removed { vhost: gone.vhost, name: gone.name, group: gone.group, origin });
+        }
+    }
+
+    fn tell(&self, event: Event) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
+}
+
+impl StateMachine for Placements {
+    /// Answers a declaration with its group (the existing one if the queue
+    /// was placed already).
+    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+        match serde_json::from_slice::<Change>(command) {
+            Ok(change) => self.apply_change(change),
             Err(error) => {
                 tracing::error!(%error, "unreadable metadata command ignored");
                 Vec::new()
@@ -542,5 +558,28 @@ mod tests {
             }
         }
         assert_eq!(removed, [("jobs".to_string(), 0)]);
+    }
+
+    #[test]
+    fn a_batch_applies_its_changes_in_order() {
+        let (events, _told) = tokio::sync::mpsc::unbounded_channel();
+        let mut machine = Placements::new(events);
+        let declare = |name: &str| Change::Declare {
+            vhost: "/".into(),
+            name: name.into(),
+            members: vec!["a".into()],
+            arguments: FieldTable::default(),
+            classic: Some(Classic { durable: false, auto_delete: false, exclusive: true }),
+        };
+        let changes = [
+            serde_json::to_vec(&declare("r1")).unwrap_or_default(),
+            serde_json::to_vec(&declare("r2")).unwrap_or_default(),
+            serde_json::to_vec(&Change::Delete { vhost: "/".into(), name: "r1".into(), origin: 3 }).unwrap_or_default(),
+        ];
+        // As the writer joins them: the commands side by side.
+        let command = [&b"{\"Batch\":["[..], &changes.join(&b","[..]), b"]}"].concat();
+        machine.apply(1, &command);
+        assert!(machine.get("/", "r1").is_none());
+        assert_eq!(machine.homed_at("a"), vec![("/".to_string(), "r2".to_string())]);
     }
 }
