@@ -15,9 +15,9 @@
 //! file) are shared whole: a change made on one node (`warren ctl`, the
 //! API) replaces the file on every other.
 //!
-//! Bindings to durable classic queues are shared as those to quorum queues
-//! are (those queues are placed too, `classic.rs`); bindings to transient
-//! queues stay on their node. A binding to a queue whose stand-in
+//! Non-durable exchanges, and bindings with a non-durable end, are not in
+//! the journal: the connection that made them shares them
+//! ([`Replication::share_transient`]). A binding to a queue whose stand-in
 //! is not up yet on a node is made when it is ([`Replication::bind_known`]).
 //! Two nodes changing the same exchange at once in conflicting ways (one
 //! declares it as a fanout while another declares it as a topic) can end
