@@ -355,6 +355,13 @@ impl VirtualHostState {
         self.queues.get(&id).is_some_and(|q| q.remote)
     }
 
+    /// Whether bindings to queue `name` from a durable exchange are
+    /// journaled (it is durable and not exclusive).
+    pub fn is_stored_queue(&self, name: &str) -> bool {
+        let id = self.queue_ids.get(name).copied();
+        id.is_some_and(|id| self.stored_destination(&Destination::Queue(id)).is_some())
+    }
+
     /// Whether `name` stands in for an exclusive queue of another node
     /// (every connection here is refused it).
     pub fn is_exclusive_elsewhere(&self, name: &str) -> bool {

@@ -129,12 +129,12 @@ impl Connection {
         let durable_exchange = |name: &str| state.exchange(name).is_some_and(|x| x.durable);
         // Shared when declared (its commit may not be applied here yet).
         let known_exchange = |name: &str| state.exchange(name).is_some() || replication.shares_exchange(vhost, name);
+        // Journaled bindings are shared from the journal.
         let (stored, known) = if destination_is_queue {
-            let durable = state.shareable(destination).is_some_and(|q| q.durable && !q.exclusive);
             // A queue declared here is placed, or about to be (the
             // binding is written after its placement).
             let placed = state.shareable(destination).is_some() || replication.shares_queue(vhost, destination);
-            (durable && durable_exchange(source), placed)
+            (durable_exchange(source) && state.is_stored_queue(destination), placed)
         } else {
             (durable_exchange(source) && durable_exchange(destination), known_exchange(destination))
         };
