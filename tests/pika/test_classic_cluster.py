@@ -60,17 +60,28 @@ def test_a_classic_queue_is_reachable_through_every_node(cluster):
     # Every node reports the home node's counts.
     assert passive(third, name) == (200, 0)
 
-    # basic.get works on the home node only, as the error says.
+    # basic.get through the second node: acked, rejected back into the
+    # queue, left unsettled on a channel that closes (back too), no-ack.
     conn = connect(second["amqp"])
-    with pytest.raises(ChannelClosedByBroker) as refused:
-        conn.channel().basic_get(name)
-    assert refused.value.reply_code == 406
-    assert "is on another node" in refused.value.reply_text
+    ch = conn.channel()
+    method, _, body = ch.basic_get(name)
+    assert (body, method.redelivered, method.message_count) == (b"m0", False, 199)
+    ch.basic_ack(method.delivery_tag)
+    method, _, body = ch.basic_get(name)
+    assert body == b"m1"
+    ch.basic_reject(method.delivery_tag, requeue=True)
+    other = conn.channel()
+    method, _, body = other.basic_get(name)
+    assert (body, method.redelivered) == (b"m1", True)
+    other.close()
+    method, _, body = ch.basic_get(name, auto_ack=True)
+    assert (body, method.redelivered) == (b"m1", True)
     conn.close()
+    eventually("the home node settled the gets", lambda: passive(home, name) == (198, 0), timeout=5)
 
     # Consumed through the third node, in order.
-    got = consume_all(third["amqp"], name, 200)
-    assert [body for body, _ in got] == ["m%d" % i for i in range(200)]
+    got = consume_all(third["amqp"], name, 198)
+    assert [body for body, _ in got] == ["m%d" % i for i in range(2, 200)]
     assert not any(redelivered for _, redelivered in got)
     eventually("the home node has no message left", lambda: passive(home, name) == (0, 0), timeout=5)
 
@@ -154,7 +165,12 @@ def test_a_classic_queue_waits_for_its_home_node(cluster):
     # Publishes to it are not confirmed while its node is down.
     with pytest.raises(pika.exceptions.NackError):
         publish(second, "", durable, ["lost"])
-    # A consumer is refused as RabbitMQ refuses it.
+    # A consumer and a get are refused as RabbitMQ refuses them.
+    conn = connect(second["amqp"])
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        conn.channel().basic_get(durable)
+    assert refused.value.reply_code == 404
+    conn.close()
     conn = connect(third["amqp"])
     with pytest.raises(ChannelClosedByBroker) as refused:
         ch = conn.channel()

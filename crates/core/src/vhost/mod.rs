@@ -457,7 +457,7 @@ pub(crate) fn count_u32(count: usize) -> u32 {
 }
 
 pub use inspect::{BindingSummary, ChannelSummary, ConsumerSummary, ExchangeSummary, QueueSummary};
-pub use replicated::{Outcome, Relay, RelayedConsumer, SharedQueue, ELSEWHERE};
+pub use replicated::{Outcome, Relay, RelayedConsumer, SharedQueue, ELSEWHERE, GOT};
 pub use routing::dedup_key;
 
 mod channels;

@@ -29,6 +29,10 @@ pub struct SharedQueue {
 /// of this node's.
 pub const ELSEWHERE: ConnectionId = u64::MAX;
 
+/// The consumer id under which a `basic.get` through a stand-in holds
+/// its delivery (consumers are numbered from 1).
+pub const GOT: u64 = 0;
+
 /// What a stand-in's consumer asks of the queue's leader.
 #[derive(Clone, Debug)]
 pub enum Relay {
@@ -202,6 +206,41 @@ impl VirtualHostState {
             });
         }
         true
+    }
+
+    /// A message the home node of classic queue `name` handed to a
+    /// `basic.get` through its stand-in here: sent under this channel's
+    /// next delivery tag and, unless `no_ack`, unacknowledged here until
+    /// the client settles it (then the home node hears of it under
+    /// `upstream`, its own tag). `None` if the channel or the stand-in is
+    /// gone.
+    pub fn deliver_got(
+        &mut self,
+        key: ChannelKey,
+        name: &str,
+        (upstream, redelivered, no_ack): (u64, bool, bool),
+        message: Arc<Message>,
+        message_count: u32,
+    ) -> Option<GetResult> {
+        let id = self.queue_ids.get(name).copied().filter(|id| self.is_remote_id(*id))?;
+        let channel = self.channels.get_mut(&key)?;
+        let queue = self.queues.get_mut(&id)?;
+        let delivery_tag = channel.next_tag();
+        queue.stats.got(no_ack, redelivered);
+        self.stats.got(no_ack, redelivered);
+        if !no_ack {
+            queue.unacked += 1;
+            channel.unacked_bytes += message.body_len() as u64;
+            channel.unacked.push_back(Unacked {
+                delivery_tag,
+                queue: id,
+                seq: upstream,
+                message: message.clone(),
+                consumer: Some((Arc::from(""), GOT)),
+                delivered_at: self.coarse_now,
+            });
+        }
+        Some(GetResult { delivery_tag, redelivered, message, message_count })
     }
 
     /// The stand-in `consumer` reads, while it is still there.

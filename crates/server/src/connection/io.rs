@@ -215,6 +215,16 @@ async fn serve_stream<R, W>(
                     };
                     conn.finish_passive_declare(declare, counts);
                 }
+                Some(Wait::Get(get)) => {
+                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
+                    let got = match (broker.replication.get(), vhost) {
+                        (Some(replication), Some(vhost)) => {
+                            replication.relayed_get(&vhost, &get.name, get.no_ack).await
+                        }
+                        _ => Ok(None),
+                    };
+                    conn.finish_remote_get(&get, got);
+                }
                 Some(Wait::Purge(purge)) => {
                     let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
                     let purged = match (broker.replication.get(), vhost) {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use warren_codec::encode;
 use warren_codec::method::Method;
 use warren_codec::reply::{AmqpError, ReplyCode};
 use warren_codec::spec::{self, basic, channel, confirm, exchange, queue, tx, AMQPClass};
@@ -427,22 +426,11 @@ impl Connection {
             basic::AMQPMethod::Get(g) => {
                 let name = self.queue_name(number, g.queue.as_str())?;
                 self.allow(Permission::Read, Resource::Queue, &name)?;
+                if self.remote_get(number, &name, g.no_ack, state) {
+                    return Ok(());
+                }
                 match state.get(key, &name, g.no_ack)? {
-                    Some(got) => {
-                        let frame_max = self.outbox.frame_max();
-                        self.outbox.write(|buf| {
-                            encode::basic_get_ok(
-                                buf,
-                                number,
-                                got.delivery_tag,
-                                got.redelivered,
-                                got.message.exchange(),
-                                got.message.routing_key(),
-                                got.message_count,
-                            );
-                            encode::content(buf, number, got.message.properties(), got.message.body(), frame_max);
-                        });
-                    }
+                    Some(got) => self.send_get_ok(number, &got),
                     None => self.send(number, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
                 }
                 Ok(())

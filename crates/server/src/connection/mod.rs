@@ -96,6 +96,16 @@ pub(crate) enum Wait {
     /// Purge a queue that lives on (or is led from) another node, then
     /// [`Connection::finish_remote_purge`].
     Purge(RemotePurge),
+    /// `basic.get` from a classic queue on another node, then
+    /// [`Connection::finish_remote_get`].
+    Get(RemoteGet),
+}
+
+/// A `basic.get` on the stand-in of a classic queue of another node.
+pub(crate) struct RemoteGet {
+    pub(crate) channel: u16,
+    pub(crate) name: String,
+    pub(crate) no_ack: bool,
 }
 
 /// A `queue.purge` of a stand-in: the queue's node purges it.
@@ -267,6 +277,23 @@ impl Connection {
 
     fn send(&self, channel: u16, class: AMQPClass) {
         self.outbox.write(|buf| encode::method(buf, channel, &class));
+    }
+
+    fn send_get_ok(&self, channel: u16, got: &warren_core::vhost::GetResult) {
+        let frame_max = self.outbox.frame_max();
+        let message = &got.message;
+        self.outbox.write(|buf| {
+            encode::basic_get_ok(
+                buf,
+                channel,
+                got.delivery_tag,
+                got.redelivered,
+                message.exchange(),
+                message.routing_key(),
+                got.message_count,
+            );
+            encode::content(buf, channel, message.properties(), message.body(), frame_max);
+        });
     }
 
     fn key(&self, channel: u16) -> ChannelKey {

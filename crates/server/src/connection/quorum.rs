@@ -11,10 +11,14 @@ use warren_core::settings::QueueType;
 use warren_core::vhost::{BindingDefinition, ExchangeDefinition};
 use warren_core::QueueDeclare;
 
-use super::{access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, RemotePurge, Wait};
+use super::{
+    access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, RemoteGet, RemotePurge, Wait,
+};
 use crate::access::{Permission, Resource};
 use crate::quorum::placements::Definition;
+use crate::quorum::RelayedGot;
 use crate::session::Session;
+use warren_core::vhost::Outcome;
 
 impl Connection {
     /// Handles the declaration here if it is a quorum queue's that the
@@ -201,6 +205,45 @@ impl Connection {
                 session.cancel(self.key(*channel), tag);
                 self.channel_error(*channel, error, Some(&mut session));
             }
+        }
+    }
+
+    /// A `basic.get` on the stand-in of a classic queue of another node:
+    /// the home node hands the message over (a quorum queue's stand-in
+    /// refuses it in the core). True if it is to wait for that.
+    pub(super) fn remote_get(&mut self, channel: u16, name: &str, no_ack: bool, state: &Session<'_>) -> bool {
+        let Some(replication) = self.broker.replication.get() else { return false };
+        if !state.is_remote(name) || state.is_exclusive_elsewhere(name) || !replication.is_classic(&state.name, name) {
+            return false;
+        }
+        self.waiting = Some(Wait::Get(RemoteGet { channel, name: name.to_string(), no_ack }));
+        true
+    }
+
+    /// Answers a `basic.get` made on the queue's home node: `get-ok` under
+    /// this channel's tag, `get-empty`, or why not.
+    pub(crate) fn finish_remote_get(&mut self, get: &RemoteGet, got: Result<Option<RelayedGot>, AmqpError>) {
+        let Some(vhost) = self.vhost.clone() else { return };
+        let store = self.store.clone();
+        let mut session = Session::open(&vhost, &store);
+        match got {
+            Ok(Some(got)) => {
+                let key = self.key(get.channel);
+                let upstream = (got.upstream, got.redelivered, get.no_ack);
+                let message = std::sync::Arc::new(got.message);
+                match session.deliver_got(key, &get.name, upstream, message, got.message_count) {
+                    Some(delivered) => self.send_get_ok(get.channel, &delivered),
+                    // The channel closed meanwhile: the home node takes it back.
+                    None if !get.no_ack => {
+                        if let Some(replication) = self.broker.replication.get() {
+                            replication.settle_got(&session.name, &get.name, got.upstream, Outcome::Requeue);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Ok(None) => self.send(get.channel, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+            Err(error) => self.channel_error(get.channel, error.at(60, 70), Some(&mut session)),
         }
     }
 

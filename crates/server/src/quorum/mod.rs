@@ -150,6 +150,15 @@ fn run_seed() -> u64 {
         .map_or(1, |d| (d.as_secs() << 30) ^ u64::from(d.subsec_nanos()))
 }
 
+/// What a `basic.get` through a stand-in got from the queue's home node.
+pub struct RelayedGot {
+    /// Its delivery tag there.
+    pub upstream: u64,
+    pub redelivered: bool,
+    pub message_count: u32,
+    pub message: warren_core::Message,
+}
+
 /// A quorum queue as one node sees it.
 pub struct QuorumStatus {
     pub placement: Placement,

@@ -12,7 +12,8 @@
 //!
 //! Requests (this node's handler beside Raft's, `Node::serve_also`), first
 //! byte: to the leader `C` subscribe, `S` settle, `X` cancel, `N` the
-//! queue's counts (a passive declare elsewhere), `U` purge, `P` publish (to a classic
+//! queue's counts (a passive declare elsewhere), `U` purge, `T` get and
+//! `K` settle what it got (classic queues only), `P` publish (to a classic
 //! queue's home, `classic.rs`); to the stand-in's node `D`
 //! deliver, `G` gone (the leader stopped serving it), `F` failed (a
 //! delivery acknowledgement timed out: close the channel).
@@ -30,7 +31,7 @@ use warren_codec::types::{AMQPValue, FieldTable};
 use warren_core::vhost::{ChannelKey, Outcome, Relay, RelayedConsumer};
 use warren_core::{Consume, Message, Outbox};
 
-use super::{replica, Local, Replication};
+use super::{replica, Local, RelayedGot, Replication};
 use crate::session::Session;
 
 const SUBSCRIBE: u8 = b'C';
@@ -42,6 +43,12 @@ const FAILED: u8 = b'F';
 const COUNTS: u8 = b'N';
 /// Purge the queue (through a stand-in), to its leader or home node.
 const PURGE: u8 = b'U';
+/// `basic.get` through a classic queue's stand-in, to its home node; and
+/// the settling of what it got.
+const GET: u8 = b'T';
+const SETTLE_GOT: u8 = b'K';
+/// The queue had nothing for a get.
+const EMPTY: u8 = 5;
 /// Messages published through a stand-in, to a classic queue's home node.
 pub(super) const PUBLISH: u8 = b'P';
 
@@ -80,6 +87,9 @@ const RETRY_EVERY: Duration = Duration::from_millis(25);
 pub(super) struct Relays {
     /// Stand-in side: (vhost, consumer id) -> its subscription.
     subscribers: Mutex<HashMap<(String, u64), Arc<Subscriber>>>,
+    /// Home side: (node, vhost) -> the channel holding what `basic.get`
+    /// through that node's stand-ins took and the client has not settled.
+    getters: Mutex<HashMap<(String, String), ChannelKey>>,
     /// Leader side: (node, vhost, consumer id) -> the consumer served here.
     served: Mutex<HashMap<(String, String, u64), Arc<Served>>>,
     next_wire: AtomicU64,
@@ -185,6 +195,18 @@ impl Outbox for RelayOutbox {
     }
 }
 
+/// The channel of no connection that holds other nodes' `basic.get`s:
+/// nothing is delivered on it.
+struct NoDeliveries;
+
+impl Outbox for NoDeliveries {
+    fn deliver(&self, _channel: u16, _consumer_tag: &str, _delivery_tag: u64, _redelivered: bool, _message: &Message) {}
+    fn consumer_cancelled(&self, _channel: u16, _consumer_tag: &str) {}
+    fn is_congested(&self) -> bool {
+        false
+    }
+}
+
 pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&u16::try_from(s.len()).unwrap_or(u16::MAX).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
@@ -285,6 +307,11 @@ impl Replication {
                 state.ops.push_back(Op::Cancel(wire));
                 drop(state);
                 subscriber
+            }
+            Relay::Settle { consumer: warren_core::vhost::GOT, upstream, outcome } => {
+                drop(subscribers);
+                self.settle_got(vhost, &local.name, upstream, outcome);
+                return;
             }
             Relay::Settle { consumer, upstream, outcome } => {
                 let Some(subscriber) = subscribers.get(&(vhost.to_string(), consumer)).cloned() else { return };
@@ -959,8 +986,146 @@ impl Replication {
         keys
     }
 
+    /// Whether `name` is a classic queue of another node (`basic.get`
+    /// through its stand-in goes to that node).
+    pub fn is_classic(&self, vhost: &str, name: &str) -> bool {
+        self.local(vhost, name).is_some_and(|l| l.home.as_ref().is_some_and(|(home, _)| home != self.node.name()))
+    }
+
+    /// `basic.get` through the stand-in of classic queue `name`: its home
+    /// node takes the message and holds it unacknowledged (unless
+    /// `no_ack`) until this node settles it.
+    pub async fn relayed_get(&self, vhost: &str, name: &str, no_ack: bool) -> Result<Option<RelayedGot>, AmqpError> {
+        let local = self.local(vhost, name);
+        let Some((home, classic)) = local.as_ref().and_then(|l| l.home.clone()) else {
+            return Err(AmqpError::soft(ReplyCode::NotFound, format!("no queue '{name}' in vhost '{vhost}'"), 60, 70));
+        };
+        let down = || super::classic::home_down(&home, name, vhost, classic, 60, 70);
+        if !self.is_up(&home) {
+            return Err(down());
+        }
+        let mut request = vec![GET];
+        put_str(&mut request, vhost);
+        put_str(&mut request, name);
+        request.push(u8::from(no_ack));
+        let answer = self.call(&home, &request).await.ok_or_else(down)?;
+        let mut reader = Reader(&answer);
+        match reader.u8() {
+            Some(OK) => {
+                let parsed = (|| {
+                    let (upstream, redelivered, message_count) = (reader.u64()?, reader.u8()? == 1, reader.u32()?);
+                    let message = replica::decode_message(reader.0)?;
+                    Some(RelayedGot { upstream, redelivered, message_count, message })
+                })();
+                parsed.map(Some).ok_or_else(down)
+            }
+            Some(EMPTY) => Ok(None),
+            Some(REFUSED) => {
+                let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
+                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED")).at(60, 70))
+            }
+            _ => Err(down()),
+        }
+    }
+
+    /// Tells the home node of classic queue `name` how the client settled
+    /// what a `basic.get` through the stand-in here took (its tag there:
+    /// `upstream`). Lost with a home node that went: it has the message
+    /// back then (or lost it with a transient queue).
+    pub fn settle_got(&self, vhost: &str, name: &str, upstream: u64, outcome: Outcome) {
+        let Some(home) = self.local(vhost, name).and_then(|l| l.home.as_ref().map(|(home, _)| home.clone())) else {
+            return;
+        };
+        let mut request = vec![SETTLE_GOT];
+        put_str(&mut request, vhost);
+        request.extend_from_slice(&upstream.to_le_bytes());
+        request.push(outcome_byte(outcome));
+        let Some(this) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            let _ = this.call(&home, &request).await;
+        });
+    }
+
+    /// The channel that holds `basic.get`s for node `from` here.
+    fn getter(&self, from: &str, vhost: &str, session: &mut Session<'_>) -> ChannelKey {
+        let mut getters = self.relays.getters.lock();
+        *getters.entry((from.to_string(), vhost.to_string())).or_insert_with(|| {
+            let connection = (1 << 62) | self.relays.next_connection.fetch_add(1, Ordering::Relaxed);
+            let key = ChannelKey { connection, channel: 1 };
+            session.open_channel(key, Arc::new(NoDeliveries));
+            key
+        })
+    }
+
+    /// A `basic.get` through another node's stand-in (`T`).
+    fn get_here(&self, from: &str, mut reader: Reader<'_>) -> Vec<u8> {
+        let (Some(vhost_name), Some(name), Some(no_ack)) = (reader.str(), reader.str(), reader.u8()) else {
+            return vec![UNKNOWN];
+        };
+        let Some(broker) = self.broker.upgrade() else { return vec![NOT_LEADER] };
+        let Some(vhost) = broker.vhost(vhost_name) else { return vec![NOT_LEADER] };
+        let mut session = Session::open(&vhost, &broker.store);
+        if !session.has_queue(name) || session.is_remote(name) {
+            return vec![NOT_LEADER];
+        }
+        let key = self.getter(from, vhost_name, &mut session);
+        match session.get(key, name, no_ack == 1) {
+            Ok(Some(got)) => {
+                let mut answer = vec![OK];
+                answer.extend_from_slice(&got.delivery_tag.to_le_bytes());
+                answer.push(u8::from(got.redelivered));
+                answer.extend_from_slice(&got.message_count.to_le_bytes());
+                replica::encode_message(&mut answer, &got.message);
+                answer
+            }
+            Ok(None) => vec![EMPTY],
+            Err(error) => {
+                let mut answer = vec![REFUSED];
+                answer.extend_from_slice(&error.code.code().to_le_bytes());
+                answer.push(u8::from(error.hard));
+                put_str(&mut answer, &error.text);
+                answer
+            }
+        }
+    }
+
+    /// Another node's client settled what its `basic.get` took here (`K`).
+    fn settle_got_here(&self, from: &str, mut reader: Reader<'_>) -> Vec<u8> {
+        let (Some(vhost_name), Some(tag), Some(outcome)) = (reader.str(), reader.u64(), reader.u8()) else {
+            return vec![UNKNOWN];
+        };
+        let Some(key) = self.relays.getters.lock().get(&(from.to_string(), vhost_name.to_string())).copied() else {
+            return vec![UNKNOWN];
+        };
+        let Some(broker) = self.broker.upgrade() else { return vec![UNKNOWN] };
+        let Some(vhost) = broker.vhost(vhost_name) else { return vec![UNKNOWN] };
+        let mut session = Session::open(&vhost, &broker.store);
+        // A tag taken back meanwhile (its node went and came back) is no error.
+        let _ = match outcome {
+            0 => session.ack(key, tag, false),
+            1 => session.nack(key, tag, false, true),
+            _ => session.nack(key, tag, false, false),
+        };
+        vec![OK]
+    }
+
     /// Consumers served for a node that went down are dropped.
     pub(super) fn check_served(&self, up: &std::collections::HashSet<String>) {
+        let gone: Vec<((String, String), ChannelKey)> = {
+            let mut getters = self.relays.getters.lock();
+            let gone =
+                getters.iter().filter(|((node, _), _)| !up.contains(node)).map(|(k, v)| (k.clone(), *v)).collect();
+            getters.retain(|(node, _), _| up.contains(node));
+            gone
+        };
+        // What their gets held goes back to its queues.
+        if let Some(broker) = self.broker.upgrade() {
+            for ((_, vhost), key) in gone {
+                if let Some(vhost) = broker.vhost(&vhost) {
+                    Session::open(&vhost, &broker.store).close_channel(key);
+                }
+            }
+        }
         let gone: Vec<Arc<Served>> =
             self.relays.served.lock().values().filter(|s| !up.contains(&s.node)).cloned().collect();
         for served in gone {
@@ -982,6 +1147,8 @@ impl Replication {
             COUNTS => self.counts(reader),
             PUBLISH => self.accept_forwarded(reader).await,
             PURGE => self.purge_here(reader).await,
+            GET => self.get_here(from, reader),
+            SETTLE_GOT => self.settle_got_here(from, reader),
             _ => vec![UNKNOWN],
         }
     }
