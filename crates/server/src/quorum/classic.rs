@@ -15,10 +15,10 @@
 //! stand-ins go with it. A queue deleted through another node is deleted
 //! here when its placement goes.
 //!
-//! Not reached through a stand-in: `basic.get` (refused: it works on the
-//! home node), and `if-unused`/`if-empty` on delete and `queue.purge`,
-//! which see the stand-in (no message, this node's consumers only).
-//! Bindings to a transient queue stay on the node that made them.
+//! `basic.get` through a stand-in takes the message on the home node,
+//! which holds it until the client settles it (relay requests `T`, `K`).
+//! Not reached through a stand-in: `if-unused`/`if-empty` on delete, which
+//! see the stand-in (no message, this node's consumers only).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
