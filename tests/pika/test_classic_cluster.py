@@ -108,9 +108,14 @@ def test_a_classic_queue_is_reachable_through_every_node(cluster):
     conn.close()
     assert passive(home, name) == (0, 0)
 
-    # Deleted through the second node: gone on every node.
+    # Deleted through the second node, its home node checks if-empty and
+    # counts what it deleted; then it is gone on every node.
+    publish(third, "", name, ["left-%d" % i for i in range(3)])
     conn = connect(second["amqp"])
-    conn.channel().queue_delete(name)
+    with pytest.raises(ChannelClosedByBroker) as refused:
+        conn.channel().queue_delete(name, if_empty=True)
+    assert refused.value.reply_code == 406
+    assert conn.channel().queue_delete(name).method.message_count == 3
     conn.close()
     assert passive(second, name) == 404
     eventually("the home node deleted the queue", lambda: passive(home, name) == 404, timeout=5)

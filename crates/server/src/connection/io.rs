@@ -225,6 +225,16 @@ async fn serve_stream<R, W>(
                     };
                     conn.finish_remote_get(&get, got);
                 }
+                Some(Wait::Delete(delete)) => {
+                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
+                    let deleted = match (broker.replication.get(), vhost) {
+                        (Some(replication), Some(vhost)) => {
+                            replication.delete_remote(&vhost, &delete.name, delete.if_unused, delete.if_empty).await
+                        }
+                        _ => Ok(0),
+                    };
+                    conn.finish_remote_delete(&delete, deleted);
+                }
                 Some(Wait::Purge(purge)) => {
                     let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
                     let purged = match (broker.replication.get(), vhost) {

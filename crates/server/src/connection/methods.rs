@@ -350,6 +350,9 @@ impl Connection {
             M::Delete(d) => {
                 let name = self.queue_name(number, d.queue.as_str())?;
                 self.allow(Permission::Configure, Resource::Queue, &name)?;
+                if self.remote_delete(number, &name, (d.if_unused, d.if_empty, d.nowait), state) {
+                    return Ok(());
+                }
                 let message_count = state.delete_queue(conn, &name, d.if_unused, d.if_empty)?;
                 let unplacing = self.broker.replication.get().and_then(|r| r.unplace_classic(&state.name, &name));
                 self.reply_stored_after(

@@ -99,6 +99,18 @@ pub(crate) enum Wait {
     /// `basic.get` from a classic queue on another node, then
     /// [`Connection::finish_remote_get`].
     Get(RemoteGet),
+    /// Delete a classic queue on another node, then
+    /// [`Connection::finish_remote_delete`].
+    Delete(RemoteDelete),
+}
+
+/// A `queue.delete` on the stand-in of a classic queue of another node.
+pub(crate) struct RemoteDelete {
+    pub(crate) channel: u16,
+    pub(crate) name: String,
+    pub(crate) if_unused: bool,
+    pub(crate) if_empty: bool,
+    nowait: bool,
 }
 
 /// A `basic.get` on the stand-in of a classic queue of another node.

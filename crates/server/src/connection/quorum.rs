@@ -12,7 +12,8 @@ use warren_core::vhost::{BindingDefinition, ExchangeDefinition};
 use warren_core::QueueDeclare;
 
 use super::{
-    access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, RemoteGet, RemotePurge, Wait,
+    access_refused, short, Connection, PassiveDeclare, QuorumDeclare, RelayedConsume, RemoteDelete, RemoteGet,
+    RemotePurge, Wait,
 };
 use crate::access::{Permission, Resource};
 use crate::quorum::placements::Definition;
@@ -244,6 +245,43 @@ impl Connection {
             }
             Ok(None) => self.send(get.channel, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
             Err(error) => self.channel_error(get.channel, error.at(60, 70), Some(&mut session)),
+        }
+    }
+
+    /// A `queue.delete` on the stand-in of a classic queue of another node:
+    /// its home node deletes it (and checks `if-unused`, `if-empty`).
+    /// True if it is to wait for that.
+    pub(super) fn remote_delete(
+        &mut self,
+        channel: u16,
+        name: &str,
+        (if_unused, if_empty, nowait): (bool, bool, bool),
+        state: &Session<'_>,
+    ) -> bool {
+        let Some(replication) = self.broker.replication.get() else { return false };
+        if !state.is_remote(name) || state.is_exclusive_elsewhere(name) || !replication.is_classic(&state.name, name) {
+            return false;
+        }
+        let name = name.to_string();
+        self.waiting = Some(Wait::Delete(RemoteDelete { channel, name, if_unused, if_empty, nowait }));
+        true
+    }
+
+    /// Answers a delete made on the queue's home node: `delete-ok` with
+    /// the count it deleted, or why not.
+    pub(crate) fn finish_remote_delete(&mut self, delete: &RemoteDelete, deleted: Result<u32, AmqpError>) {
+        match deleted {
+            Ok(message_count) if !delete.nowait => {
+                let ok = queue::DeleteOk { message_count };
+                self.send(delete.channel, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)));
+            }
+            Ok(_) => {}
+            Err(error) => {
+                let Some(vhost) = self.vhost.clone() else { return };
+                let store = self.store.clone();
+                let mut session = Session::open(&vhost, &store);
+                self.channel_error(delete.channel, error.at(50, 40), Some(&mut session));
+            }
         }
     }
 

@@ -13,7 +13,7 @@
 //! Requests (this node's handler beside Raft's, `Node::serve_also`), first
 //! byte: to the leader `C` subscribe, `S` settle, `X` cancel, `N` the
 //! queue's counts (a passive declare elsewhere), `U` purge, `T` get and
-//! `K` settle what it got (classic queues only), `P` publish (to a classic
+//! `K` settle what it got, `Q` delete (classic queues only), `P` publish (to a classic
 //! queue's home, `classic.rs`); to the stand-in's node `D`
 //! deliver, `G` gone (the leader stopped serving it), `F` failed (a
 //! delivery acknowledgement timed out: close the channel).
@@ -47,6 +47,11 @@ const PURGE: u8 = b'U';
 /// the settling of what it got.
 const GET: u8 = b'T';
 const SETTLE_GOT: u8 = b'K';
+/// Delete a classic queue (through its stand-in), to its home node.
+const DELETE: u8 = b'Q';
+/// How long a node that had a queue deleted on its home node waits to see
+/// the placement go (then its stand-in is gone here too).
+const UNPLACED_PATIENCE: Duration = Duration::from_secs(2);
 /// The queue had nothing for a get.
 const EMPTY: u8 = 5;
 /// Messages published through a stand-in, to a classic queue's home node.
@@ -1028,6 +1033,81 @@ impl Replication {
         }
     }
 
+    /// Deletes classic queue `name` on its home node, through its stand-in
+    /// here; answered once the placement is gone here too (the stand-in
+    /// with it). The count of messages deleted, or the home node's refusal.
+    pub async fn delete_remote(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, AmqpError> {
+        let local = self.local(vhost, name);
+        let Some((home, classic)) = local.as_ref().and_then(|l| l.home.clone()) else { return Ok(0) };
+        let down = || super::classic::home_down(&home, name, vhost, classic, 50, 40);
+        if !self.is_up(&home) {
+            return Err(down());
+        }
+        let mut request = vec![DELETE];
+        put_str(&mut request, vhost);
+        put_str(&mut request, name);
+        request.push(u8::from(if_unused));
+        request.push(u8::from(if_empty));
+        let answer = self.call(&home, &request).await.ok_or_else(down)?;
+        let mut reader = Reader(&answer);
+        match reader.u8() {
+            Some(OK) => {
+                let count = reader.u32().unwrap_or(0);
+                let give_up = tokio::time::Instant::now() + UNPLACED_PATIENCE;
+                while self.shares_queue(vhost, name) && tokio::time::Instant::now() < give_up {
+                    tokio::time::sleep(RETRY_EVERY).await;
+                }
+                Ok(count)
+            }
+            Some(REFUSED) => {
+                let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
+                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED")).at(50, 40))
+            }
+            // Gone from its home already.
+            Some(NOT_LEADER) => Ok(0),
+            _ => Err(down()),
+        }
+    }
+
+    /// Deletes a classic queue here for another node's stand-in (`Q`),
+    /// answered once its placement is removed.
+    async fn delete_here(&self, mut reader: Reader<'_>) -> Vec<u8> {
+        let parsed = (reader.str(), reader.str(), reader.u8(), reader.u8());
+        let (Some(vhost_name), Some(name), Some(if_unused), Some(if_empty)) = parsed else { return vec![UNKNOWN] };
+        let Some(broker) = self.broker.upgrade() else { return vec![NOT_LEADER] };
+        let Some(vhost) = broker.vhost(vhost_name) else { return vec![NOT_LEADER] };
+        let deleted = {
+            let mut session = Session::open(&vhost, &broker.store);
+            if session.shareable(name).is_none() {
+                return vec![NOT_LEADER];
+            }
+            session.delete_queue(0, name, if_unused == 1, if_empty == 1)
+        };
+        match deleted {
+            Ok(count) => {
+                if let Some(ticket) = self.unplace_classic(vhost_name, name) {
+                    broker.tickets.wait(ticket).await;
+                }
+                let mut answer = vec![OK];
+                answer.extend_from_slice(&count.to_le_bytes());
+                answer
+            }
+            Err(error) => {
+                let mut answer = vec![REFUSED];
+                answer.extend_from_slice(&error.code.code().to_le_bytes());
+                answer.push(u8::from(error.hard));
+                put_str(&mut answer, &error.text);
+                answer
+            }
+        }
+    }
+
     /// Tells the home node of classic queue `name` how the client settled
     /// what a `basic.get` through the stand-in here took (its tag there:
     /// `upstream`). Lost with a home node that went: it has the message
@@ -1148,6 +1228,7 @@ impl Replication {
             PUBLISH => self.accept_forwarded(reader).await,
             PURGE => self.purge_here(reader).await,
             GET => self.get_here(from, reader),
+            DELETE => self.delete_here(reader).await,
             SETTLE_GOT => self.settle_got_here(from, reader),
             _ => vec![UNKNOWN],
         }
