@@ -16,9 +16,8 @@
 //! here when its placement goes.
 //!
 //! `basic.get` through a stand-in takes the message on the home node,
-//! which holds it until the client settles it (relay requests `T`, `K`).
-//! Not reached through a stand-in: `if-unused`/`if-empty` on delete, which
-//! see the stand-in (no message, this node's consumers only).
+//! which holds it until the client settles it (relay requests `T`, `K`);
+//! `queue.delete` is made there (`Q`: `if-unused`, `if-empty`, the count).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
