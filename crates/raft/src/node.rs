@@ -602,14 +602,14 @@ impl Node {
     /// Hands the groups this node leads over before it stops: it takes no
     /// more writes, and in each group, once a member's log has every entry
     /// the leader's has, that member is asked to stand for election, and
-    /// this node, the leader, votes for it. The other
-    /// members refuse while their lease on this leader lasts, so this
-    /// works where the two suffice (groups of two or three members), and
-    /// once the leader has led for a lease's length (until then it refuses
-    /// votes too);
-    /// elsewhere, and for any group not handed over within `patience`, the
-    /// members elect a leader once this node is gone, as after a crash.
-    /// Returns (handed over, led).
+    /// this node, the leader, votes for it. The other members refuse votes
+    /// while their lease on this leader lasts (120 ms from its last
+    /// append): in a group of two or three the two votes suffice at once;
+    /// a larger group's candidate stands once the leases ran out with
+    /// nothing appended. A leader elected less than a lease before refuses
+    /// too. Any group not handed over within `patience` elects a leader
+    /// once this node is gone, as after a crash. Returns (handed over,
+    /// led).
     pub async fn hand_over(&self, patience: Duration) -> (usize, usize) {
         let Some(transport) = self.inner.transport.get().cloned() else { return (0, 0) };
         self.inner.handing_over.store(true, std::sync::atomic::Ordering::Release);
@@ -654,6 +654,9 @@ impl Node {
 
 /// How often a leader handing its group over looks again.
 const HAND_OVER_STEP: Duration = Duration::from_millis(5);
+/// How much longer than the members' lease a larger group waits before
+/// its candidate stands (clocks and scheduling differ between nodes).
+const HAND_OVER_MARGIN: Duration = Duration::from_millis(30);
 
 /// [`Node::hand_over`] for one group: waits until the commands queued
 /// before are written and a voter that is up has every entry, asks it to
@@ -668,6 +671,9 @@ async fn hand_over_group(
     deadline: Instant,
 ) -> bool {
     let mut asked = false;
+    // Since when the log has been complete on a member and nothing was
+    // appended (the members' leases run from the last append).
+    let mut quiet: Option<(Instant, Option<u64>)> = None;
     loop {
         let metrics = raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
@@ -694,7 +700,16 @@ async fn hand_over_group(
                 .filter_map(|(id, _)| membership.get_node(id).filter(|n| up.contains(&n.addr)))
                 .map(|node| node.addr.clone())
                 .min();
-            if let Some(target) = caught_up {
+            let voters = membership.voter_ids().count();
+            let since = match quiet {
+                Some((at, last)) if last == metrics.last_log_index => at,
+                _ => {
+                    quiet = Some((Instant::now(), metrics.last_log_index));
+                    Instant::now()
+                }
+            };
+            let votes_enough = voters <= 3 || since.elapsed() > LEADER_LEASE + HAND_OVER_MARGIN;
+            if let Some(target) = caught_up.filter(|_| votes_enough) {
                 let mut request = group.to_le_bytes().to_vec();
                 request.push(network::CAMPAIGN);
                 let patience = deadline.saturating_duration_since(Instant::now());
