@@ -52,9 +52,7 @@ async fn publish_until_cut(
         if started.elapsed() >= cut_after {
             // The power goes now: whatever the disk has not made durable is
             // gone, and the disk accepts nothing more.
-            sim.set_faults(Faults { crash_after_ops: Some(0), ..Faults::default() });
-            sim.power_cut();
-            sim.set_faults(Faults { crash_after_ops: Some(0), ..Faults::default() });
+            sim.power_cut_and_stay_off();
         }
         for (seq, confirm) in window {
             if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), confirm).await {
@@ -298,9 +296,7 @@ async fn dead_lettering_through_a_power_cut_loses_nothing() {
         let cutter = sim.clone();
         let cut = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            cutter.set_faults(Faults { crash_after_ops: Some(0), ..Faults::default() });
-            cutter.power_cut();
-            cutter.set_faults(Faults { crash_after_ops: Some(0), ..Faults::default() });
+            cutter.power_cut_and_stay_off();
         });
         let mut rejected = 0;
         while !cut.is_finished() {

@@ -639,6 +639,35 @@ mod tests {
         assert!(entries.iter().all(|e| e.term == 3 && e.payload == payload(e.index)));
     }
 
+    /// What a log that outlives a power cut (the process running on) may
+    /// do: with the disk back on at once, an append lands at its old
+    /// length past a hole, and its sync succeeds although recovery cannot
+    /// reach it. A cut that stays off refuses both.
+    #[test]
+    fn a_log_that_outlives_a_power_cut_cannot_make_anything_durable() {
+        let sim = SimBackend::new();
+        let (mut log, _) = open(&sim, 1 << 20);
+        log.append(1, [b"durable".as_slice()]).unwrap();
+        log.sync().unwrap();
+        log.append(1, [b"lost".as_slice()]).unwrap();
+        sim.power_cut();
+        log.append(1, [b"past a hole".as_slice()]).unwrap();
+        log.sync().unwrap();
+        let (_, recovery) = open(&sim, 1 << 20);
+        assert_eq!(recovery.entries, 1, "synced after the cut, yet not recovered");
+
+        let sim = SimBackend::new();
+        let (mut log, _) = open(&sim, 1 << 20);
+        log.append(1, [b"durable".as_slice()]).unwrap();
+        log.sync().unwrap();
+        log.append(1, [b"lost".as_slice()]).unwrap();
+        sim.power_cut_and_stay_off();
+        assert!(log.append(1, [b"refused".as_slice()]).is_err() || log.sync().is_err());
+        sim.set_faults(Faults::default());
+        let (_, recovery) = open(&sim, 1 << 20);
+        assert_eq!(recovery.entries, 1);
+    }
+
     #[test]
     fn unsynced_entries_vanish_and_torn_tails_are_cut() {
         let sim = SimBackend::new();

@@ -80,7 +80,22 @@ impl SimBackend {
 
     /// Power cut: everything not durable is lost, except that each file may
     /// keep `torn(unsynced_len)` bytes of its unsynced tail.
-    pub fn power_cut_with(&self, mut torn: impl FnMut(usize) -> usize) {
+    pub fn power_cut_with(&self, torn: impl FnMut(usize) -> usize) {
+        self.cut(torn, false);
+    }
+
+    /// A power cut that a process running on the disk (a broker started in
+    /// the test's own process) outlives: as [`Self::power_cut`], and in the
+    /// same step the disk refuses every operation until
+    /// [`Self::set_faults`] clears it. After `power_cut` (which clears the
+    /// faults) a write and fsync could land on the cut disk before the
+    /// caller set them again, at the old length past a hole, and be
+    /// confirmed: no real disk comes back on under the process that wrote.
+    pub fn power_cut_and_stay_off(&self) {
+        self.cut(|_| 0, true);
+    }
+
+    fn cut(&self, mut torn: impl FnMut(usize) -> usize, stay_off: bool) {
         let mut disk = self.disk.lock();
         let durable_names = disk.durable_names.clone();
         let mut files = std::mem::take(&mut disk.files);
@@ -100,7 +115,8 @@ impl SimBackend {
             }
         }
         disk.files = files;
-        disk.faults = Faults::default();
+        let off = Faults { crash_after_ops: Some(0), ..Faults::default() };
+        disk.faults = if stay_off { off } else { Faults::default() };
     }
 
     pub fn power_cut(&self) {
