@@ -254,8 +254,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The leader's refusal as the client is to hear it.
-fn refusal(code: u16, hard: bool, text: &str) -> AmqpError {
+/// The refusal of the queue's node as the client is to hear it, for the
+/// method (`class_id`, `method_id`) it answers.
+fn refusal(code: u16, hard: bool, text: &str, (class_id, method_id): (u16, u16)) -> AmqpError {
     let code = match code {
         403 => ReplyCode::AccessRefused,
         404 => ReplyCode::NotFound,
@@ -264,7 +265,7 @@ fn refusal(code: u16, hard: bool, text: &str) -> AmqpError {
         540 => ReplyCode::NotImplemented,
         _ => ReplyCode::PreconditionFailed,
     };
-    AmqpError { code, text: text.to_string(), class_id: 60, method_id: 20, hard }
+    AmqpError { code, text: text.to_string(), class_id, method_id, hard }
 }
 
 fn outcome_byte(outcome: Outcome) -> u8 {
@@ -494,7 +495,7 @@ impl Replication {
                         Some([REFUSED, rest @ ..]) => {
                             let mut reader = Reader(rest);
                             let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
-                            let error = refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"));
+                            let error = refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"), (60, 20));
                             if first {
                                 subscriber.answered.send_replace(Some(Err(error)));
                             } else {
@@ -1027,7 +1028,7 @@ impl Replication {
             Some(EMPTY) => Ok(None),
             Some(REFUSED) => {
                 let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
-                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED")).at(60, 70))
+                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"), (60, 70)))
             }
             _ => Err(down()),
         }
@@ -1067,7 +1068,7 @@ impl Replication {
             }
             Some(REFUSED) => {
                 let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
-                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED")).at(50, 40))
+                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"), (50, 40)))
             }
             // Gone from its home already.
             Some(NOT_LEADER) => Ok(0),
