@@ -254,9 +254,21 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The refusal of the queue's node as the client is to hear it, for the
-/// method (`class_id`, `method_id`) it answers.
-fn refusal(code: u16, hard: bool, text: &str, (class_id, method_id): (u16, u16)) -> AmqpError {
+/// A refusal (`REFUSED`, the reply code, whether it is hard, the text) as
+/// the queue's node answers it.
+fn refused(error: &AmqpError) -> Vec<u8> {
+    let mut answer = vec![REFUSED];
+    answer.extend_from_slice(&error.code.code().to_le_bytes());
+    answer.push(u8::from(error.hard));
+    put_str(&mut answer, &error.text);
+    answer
+}
+
+/// The refusal of the queue's node (after `REFUSED`) as the client is to
+/// hear it, for the method (`class_id`, `method_id`) it answers.
+fn refusal(reader: &mut Reader<'_>, (class_id, method_id): (u16, u16)) -> AmqpError {
+    let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
+    let text = reader.str().unwrap_or("PRECONDITION_FAILED");
     let code = match code {
         403 => ReplyCode::AccessRefused,
         404 => ReplyCode::NotFound,
@@ -493,9 +505,7 @@ impl Replication {
                             return;
                         }
                         Some([REFUSED, rest @ ..]) => {
-                            let mut reader = Reader(rest);
-                            let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
-                            let error = refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"), (60, 20));
+                            let error = refusal(&mut Reader(rest), (60, 20));
                             if first {
                                 subscriber.answered.send_replace(Some(Err(error)));
                             } else {
@@ -838,11 +848,7 @@ impl Replication {
             Ok(tag) => tag,
             Err(error) => {
                 session.close_channel(key);
-                let mut answer = vec![REFUSED];
-                answer.extend_from_slice(&error.code.code().to_le_bytes());
-                answer.push(u8::from(error.hard));
-                put_str(&mut answer, &error.text);
-                return answer;
+                return refused(&error);
             }
         };
         let served = Arc::new(Served {
@@ -998,23 +1004,49 @@ impl Replication {
         self.local(vhost, name).is_some_and(|l| l.home.as_ref().is_some_and(|(home, _)| home != self.node.name()))
     }
 
+    /// Request `kind` (the virtual host, the queue, then `more`) to the home
+    /// node of classic queue `local`: its answer, or RabbitMQ's refusal for
+    /// a home node that is down, for the method `at`.
+    async fn ask_home(&self, kind: u8, local: &Local, more: &[u8], at: (u16, u16)) -> Result<Vec<u8>, AmqpError> {
+        let home_down = || self.home_down(local, at);
+        let Some((home, _)) = local.home.as_ref().filter(|(home, _)| self.is_up(home)) else {
+            return Err(home_down());
+        };
+        let mut request = vec![kind];
+        put_str(&mut request, &local.vhost);
+        put_str(&mut request, &local.name);
+        request.extend_from_slice(more);
+        self.call(home, &request).await.ok_or_else(home_down)
+    }
+
+    fn home_down(&self, local: &Local, (class, method): (u16, u16)) -> AmqpError {
+        match &local.home {
+            Some((home, classic)) => {
+                super::classic::home_down(home, &local.name, &local.vhost, *classic, class, method)
+            }
+            None => AmqpError::soft(
+                ReplyCode::NotFound,
+                format!("no queue '{}' in vhost '{}'", local.name, local.vhost),
+                class,
+                method,
+            ),
+        }
+    }
+
     /// `basic.get` through the stand-in of classic queue `name`: its home
     /// node takes the message and holds it unacknowledged (unless
     /// `no_ack`) until this node settles it.
     pub async fn relayed_get(&self, vhost: &str, name: &str, no_ack: bool) -> Result<Option<RelayedGot>, AmqpError> {
-        let local = self.local(vhost, name);
-        let Some((home, classic)) = local.as_ref().and_then(|l| l.home.clone()) else {
-            return Err(AmqpError::soft(ReplyCode::NotFound, format!("no queue '{name}' in vhost '{vhost}'"), 60, 70));
+        const AT: (u16, u16) = (60, 70);
+        let Some(local) = self.local(vhost, name) else {
+            return Err(AmqpError::soft(
+                ReplyCode::NotFound,
+                format!("no queue '{name}' in vhost '{vhost}'"),
+                AT.0,
+                AT.1,
+            ));
         };
-        let down = || super::classic::home_down(&home, name, vhost, classic, 60, 70);
-        if !self.is_up(&home) {
-            return Err(down());
-        }
-        let mut request = vec![GET];
-        put_str(&mut request, vhost);
-        put_str(&mut request, name);
-        request.push(u8::from(no_ack));
-        let answer = self.call(&home, &request).await.ok_or_else(down)?;
+        let answer = self.ask_home(GET, &local, &[u8::from(no_ack)], AT).await?;
         let mut reader = Reader(&answer);
         match reader.u8() {
             Some(OK) => {
@@ -1023,14 +1055,11 @@ impl Replication {
                     let message = replica::decode_message(reader.0)?;
                     Some(RelayedGot { upstream, redelivered, message_count, message })
                 })();
-                parsed.map(Some).ok_or_else(down)
+                parsed.map(Some).ok_or_else(|| self.home_down(&local, AT))
             }
             Some(EMPTY) => Ok(None),
-            Some(REFUSED) => {
-                let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
-                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"), (60, 70)))
-            }
-            _ => Err(down()),
+            Some(REFUSED) => Err(refusal(&mut reader, AT)),
+            _ => Err(self.home_down(&local, AT)),
         }
     }
 
@@ -1044,18 +1073,9 @@ impl Replication {
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u32, AmqpError> {
-        let local = self.local(vhost, name);
-        let Some((home, classic)) = local.as_ref().and_then(|l| l.home.clone()) else { return Ok(0) };
-        let down = || super::classic::home_down(&home, name, vhost, classic, 50, 40);
-        if !self.is_up(&home) {
-            return Err(down());
-        }
-        let mut request = vec![DELETE];
-        put_str(&mut request, vhost);
-        put_str(&mut request, name);
-        request.push(u8::from(if_unused));
-        request.push(u8::from(if_empty));
-        let answer = self.call(&home, &request).await.ok_or_else(down)?;
+        const AT: (u16, u16) = (50, 40);
+        let Some(local) = self.local(vhost, name) else { return Ok(0) };
+        let answer = self.ask_home(DELETE, &local, &[u8::from(if_unused), u8::from(if_empty)], AT).await?;
         let mut reader = Reader(&answer);
         match reader.u8() {
             Some(OK) => {
@@ -1066,13 +1086,10 @@ impl Replication {
                 }
                 Ok(count)
             }
-            Some(REFUSED) => {
-                let (code, hard) = (reader.u16().unwrap_or(406), reader.u8() == Some(1));
-                Err(refusal(code, hard, reader.str().unwrap_or("PRECONDITION_FAILED"), (50, 40)))
-            }
+            Some(REFUSED) => Err(refusal(&mut reader, AT)),
             // Gone from its home already.
             Some(NOT_LEADER) => Ok(0),
-            _ => Err(down()),
+            _ => Err(self.home_down(&local, AT)),
         }
     }
 
@@ -1099,13 +1116,7 @@ impl Replication {
                 answer.extend_from_slice(&count.to_le_bytes());
                 answer
             }
-            Err(error) => {
-                let mut answer = vec![REFUSED];
-                answer.extend_from_slice(&error.code.code().to_le_bytes());
-                answer.push(u8::from(error.hard));
-                put_str(&mut answer, &error.text);
-                answer
-            }
+            Err(error) => refused(&error),
         }
     }
 
@@ -1160,13 +1171,7 @@ impl Replication {
                 answer
             }
             Ok(None) => vec![EMPTY],
-            Err(error) => {
-                let mut answer = vec![REFUSED];
-                answer.extend_from_slice(&error.code.code().to_le_bytes());
-                answer.push(u8::from(error.hard));
-                put_str(&mut answer, &error.text);
-                answer
-            }
+            Err(error) => refused(&error),
         }
     }
 
