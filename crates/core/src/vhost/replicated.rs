@@ -33,6 +33,12 @@ pub const ELSEWHERE: ConnectionId = u64::MAX;
 /// its delivery (consumers are numbered from 1).
 pub const GOT: u64 = 0;
 
+/// A classic queue of this node's (not a stream, a quorum queue or a
+/// stand-in).
+fn shareable(queue: &Queue) -> bool {
+    !queue.replicated && queue.stream.is_none()
+}
+
 /// What a stand-in's consumer asks of the queue's leader.
 #[derive(Clone, Debug)]
 pub enum Relay {
@@ -140,7 +146,7 @@ impl VirtualHostState {
     /// stream, not a quorum queue or a stand-in).
     pub fn shareable(&self, name: &str) -> Option<SharedQueue> {
         let queue = self.queue_ids.get(name).and_then(|id| self.queues.get(id))?;
-        (!queue.replicated && queue.stream.is_none()).then(|| SharedQueue {
+        shareable(queue).then(|| SharedQueue {
             durable: queue.durable,
             auto_delete: queue.auto_delete,
             exclusive: queue.exclusive_owner.is_some(),
@@ -150,7 +156,7 @@ impl VirtualHostState {
 
     /// The names of the queues [`Self::shareable`] answers for.
     pub fn shareable_names(&self) -> Vec<Arc<str>> {
-        self.queues.values().filter(|q| !q.replicated && q.stream.is_none()).map(|q| q.name.clone()).collect()
+        self.queues.values().filter(|q| shareable(q)).map(|q| q.name.clone()).collect()
     }
 
     /// Refuses `basic.get` on a queue that lives on (or is led from)

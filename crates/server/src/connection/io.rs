@@ -181,6 +181,12 @@ async fn serve_stream<R, W>(
         }
         let before = conn.phase;
         conn.process(&mut buf);
+        // The cluster's replication and this connection's virtual host, for
+        // the waits that go to another node.
+        let in_cluster = |conn: &Connection| {
+            let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
+            broker.replication.get().cloned().zip(vhost)
+        };
         // What made processing stop before the end of the input.
         loop {
             match conn.take_wait() {
@@ -208,38 +214,32 @@ async fn serve_stream<R, W>(
                     conn.finish_quorum_declare(declare, placed);
                 }
                 Some(Wait::Counts(declare)) => {
-                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
-                    let counts = match (broker.replication.get(), vhost) {
-                        (Some(replication), Some(vhost)) => replication.leader_counts(&vhost, &declare.name).await,
-                        _ => None,
+                    let counts = match in_cluster(&conn) {
+                        Some((replication, vhost)) => replication.leader_counts(&vhost, &declare.name).await,
+                        None => None,
                     };
                     conn.finish_passive_declare(declare, counts);
                 }
                 Some(Wait::Get(get)) => {
-                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
-                    let got = match (broker.replication.get(), vhost) {
-                        (Some(replication), Some(vhost)) => {
-                            replication.relayed_get(&vhost, &get.name, get.no_ack).await
-                        }
-                        _ => Ok(None),
+                    let got = match in_cluster(&conn) {
+                        Some((replication, vhost)) => replication.relayed_get(&vhost, &get.name, get.no_ack).await,
+                        None => Ok(None),
                     };
                     conn.finish_remote_get(&get, got);
                 }
                 Some(Wait::Delete(delete)) => {
-                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
-                    let deleted = match (broker.replication.get(), vhost) {
-                        (Some(replication), Some(vhost)) => {
+                    let deleted = match in_cluster(&conn) {
+                        Some((replication, vhost)) => {
                             replication.delete_remote(&vhost, &delete.name, delete.if_unused, delete.if_empty).await
                         }
-                        _ => Ok(0),
+                        None => Ok(0),
                     };
                     conn.finish_remote_delete(&delete, deleted);
                 }
                 Some(Wait::Purge(purge)) => {
-                    let vhost = conn.vhost.as_ref().map(|vhost| vhost.lock().name.to_string());
-                    let purged = match (broker.replication.get(), vhost) {
-                        (Some(replication), Some(vhost)) => replication.purge_remote(&vhost, &purge.name).await,
-                        _ => Ok(0),
+                    let purged = match in_cluster(&conn) {
+                        Some((replication, vhost)) => replication.purge_remote(&vhost, &purge.name).await,
+                        None => Ok(0),
                     };
                     conn.finish_remote_purge(purge, purged);
                 }

@@ -77,12 +77,7 @@ impl Connection {
     pub(super) fn place_classic(&self, name: &str, state: &Session<'_>) -> Option<u64> {
         let replication = self.broker.replication.get()?;
         let queue = state.shareable(name)?;
-        let classic = crate::quorum::placements::Classic {
-            durable: queue.durable,
-            auto_delete: queue.auto_delete,
-            exclusive: queue.exclusive,
-        };
-        replication.place_classic(&state.name, name, classic, &queue.arguments)
+        replication.place_classic(&state.name, name, crate::quorum::placements::Classic::of(&queue), &queue.arguments)
     }
 
     /// In a cluster, a non-durable exchange declared here that the other

@@ -64,16 +64,7 @@ impl Replication {
         if classic.exclusive {
             return None;
         }
-        let broker = self.broker.upgrade()?;
-        let ticket = broker.tickets.issue();
-        let tickets = Arc::downgrade(&broker);
-        tokio::spawn(async move {
-            let _ = committed.await;
-            if let Some(broker) = tickets.upgrade() {
-                broker.tickets.resolve(ticket, true);
-            }
-        });
-        Some(ticket)
+        self.ticket_for(committed, true)
     }
 
     /// Removes the placement of classic queue `name` (deleted here, or
@@ -82,16 +73,7 @@ impl Replication {
     pub fn unplace_classic(&self, vhost: &str, name: &str) -> Option<u64> {
         self.metadata.with(|p| p.get(vhost, name).and_then(|p| p.classic))?;
         let committed = self.write_removal(vhost, name)?;
-        let broker = self.broker.upgrade()?;
-        let ticket = broker.tickets.issue();
-        let tickets = Arc::downgrade(&broker);
-        tokio::spawn(async move {
-            let ok = committed.await.unwrap_or(false);
-            if let Some(broker) = tickets.upgrade() {
-                broker.tickets.resolve(ticket, ok);
-            }
-        });
-        Some(ticket)
+        self.ticket_for(committed, false)
     }
 
     /// Writes the placement (in order with this node's definition changes:
@@ -208,6 +190,7 @@ impl Replication {
         let mut here = std::collections::HashSet::new();
         for vhost in broker.vhost_names() {
             let Some(host) = broker.vhost(&vhost) else { continue };
+            let known = self.metadata.with(|p| p.names_in(&vhost));
             let unplaced: Vec<(String, Classic, FieldTable)> = {
                 let state = host.lock();
                 state
@@ -215,16 +198,11 @@ impl Replication {
                     .into_iter()
                     .filter_map(|name| {
                         here.insert((vhost.clone(), name.to_string()));
-                        if self.metadata.with(|p| p.get(&vhost, &name).is_some()) {
+                        if known.contains(&*name) {
                             return None;
                         }
                         let queue = state.shareable(&name)?;
-                        let classic = Classic {
-                            durable: queue.durable,
-                            auto_delete: queue.auto_delete,
-                            exclusive: queue.exclusive,
-                        };
-                        Some((name.to_string(), classic, queue.arguments))
+                        Some((name.to_string(), Classic::of(&queue), queue.arguments))
                     })
                     .collect()
             };

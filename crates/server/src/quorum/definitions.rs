@@ -170,16 +170,7 @@ impl Replication {
         let command = serde_json::to_vec(&change).ok()?;
         let (done, committed) = oneshot::channel();
         self.defining.send((command, done)).ok()?;
-        let broker = self.broker.upgrade()?;
-        let ticket = broker.tickets.issue();
-        let tickets = std::sync::Arc::downgrade(&broker);
-        tokio::spawn(async move {
-            let _ = committed.await;
-            if let Some(broker) = tickets.upgrade() {
-                broker.tickets.resolve(ticket, true);
-            }
-        });
-        Some(ticket)
+        self.ticket_for(committed, true)
     }
 
     /// Whether exchange `name` is known on every node.

@@ -22,15 +22,7 @@ impl Replication {
             return;
         }
         let declared = match &local.home {
-            Some((_, classic)) => {
-                let queue = warren_core::vhost::SharedQueue {
-                    durable: classic.durable,
-                    auto_delete: classic.auto_delete,
-                    exclusive: classic.exclusive,
-                    arguments: local.arguments.clone(),
-                };
-                session.declare_stand_in(&local.name, queue)
-            }
+            Some((_, classic)) => session.declare_stand_in(&local.name, classic.stand_in(local.arguments.clone())),
             None => session.declare_replicated(&local.name, local.arguments.clone(), true),
         };
         match declared {

@@ -21,8 +21,8 @@
 //! Durable exchanges and the bindings to quorum queues are known on every
 //! node (`definitions.rs`).
 //!
-//! Classic queues (not exclusive) are reachable from every node the same
-//! way (`classic.rs`): the metadata group places each on the node that
+//! Classic queues, exclusive ones too, are reachable from every node the
+//! same way (`classic.rs`): the metadata group places each on the node that
 //! declared it (its home, which is its fixed "leader"), the other nodes
 //! hold stand-ins, publishes through them are forwarded to the home node
 //! and confirmed once stored there, and their consumers are relayed.
@@ -240,6 +240,22 @@ impl Replication {
 
     fn local(&self, vhost: &str, name: &str) -> Option<Arc<Local>> {
         self.queues.read().get(vhost).and_then(|queues| queues.get(name)).cloned()
+    }
+
+    /// A ticket resolved once `committed` answers: with its outcome, or
+    /// (`done_anyway`) as done whatever it was (the change holds here either
+    /// way and is written again later).
+    fn ticket_for(&self, committed: tokio::sync::oneshot::Receiver<bool>, done_anyway: bool) -> Option<u64> {
+        let broker = self.broker.upgrade()?;
+        let ticket = broker.tickets.issue();
+        let tickets = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let ok = committed.await.unwrap_or(false) || done_anyway;
+            if let Some(broker) = tickets.upgrade() {
+                broker.tickets.resolve(ticket, ok);
+            }
+        });
+        Some(ticket)
     }
 
     /// The node a queue's publishes and consumers go to: a classic queue's

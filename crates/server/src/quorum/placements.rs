@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 use warren_codec::types::FieldTable;
-use warren_core::vhost::{BindingDefinition, Definitions, ExchangeDefinition};
+use warren_core::vhost::{BindingDefinition, Definitions, ExchangeDefinition, SharedQueue};
 use warren_raft::{GroupId, StateMachine};
 
 use crate::access::AccessDefinitions;
@@ -40,6 +40,18 @@ pub struct Classic {
     /// to it.
     #[serde(default)]
     pub exclusive: bool,
+}
+
+impl Classic {
+    /// What queue `queue` of this node is to its stand-ins elsewhere.
+    pub fn of(queue: &SharedQueue) -> Classic {
+        Classic { durable: queue.durable, auto_delete: queue.auto_delete, exclusive: queue.exclusive }
+    }
+
+    /// The stand-in to declare for it, with its arguments.
+    pub fn stand_in(self, arguments: FieldTable) -> SharedQueue {
+        SharedQueue { durable: self.durable, auto_delete: self.auto_delete, exclusive: self.exclusive, arguments }
+    }
 }
 
 impl Placement {
@@ -262,6 +274,11 @@ impl Placements {
             }
         }
         counts
+    }
+
+    /// The names of the queues placed in `vhost`.
+    pub fn names_in(&self, vhost: &str) -> std::collections::HashSet<String> {
+        self.state.placements.keys().filter(|(v, _)| v == vhost).map(|(_, name)| name.clone()).collect()
     }
 
     /// The classic queues placed on `node`: (vhost, name) each.
