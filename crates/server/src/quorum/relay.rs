@@ -526,11 +526,9 @@ impl Replication {
                 }
                 _ => {}
             }
-            if let (true, Some((home, classic))) = (first, &subscriber.local.home) {
+            if let (true, Some((home, _))) = (first, &subscriber.local.home) {
                 if !self.is_up(home) {
-                    let error =
-                        super::classic::home_down(home, &subscriber.local.name, &subscriber.vhost, *classic, 60, 20);
-                    subscriber.answered.send_replace(Some(Err(error)));
+                    subscriber.answered.send_replace(Some(Err(self.unavailable(&subscriber.local, (60, 20)))));
                     return;
                 }
             }
@@ -606,27 +604,13 @@ impl Replication {
     /// Purges a queue through its stand-in here: its leader (or home node)
     /// purges it; the count it purged.
     pub async fn purge_remote(&self, vhost: &str, name: &str) -> Result<u32, AmqpError> {
-        let unavailable = |local: Option<&Local>| match local.and_then(|l| l.home.as_ref()) {
-            Some((home, classic)) => super::classic::home_down(home, name, vhost, *classic, 50, 30),
-            None => AmqpError::soft(
-                ReplyCode::ResourceLocked,
-                format!("cannot purge quorum queue '{name}' in vhost '{vhost}': it has no leader now"),
-                50,
-                30,
-            ),
-        };
-        let local = self.local(vhost, name);
-        let Some(leader) = local.as_ref().and_then(|l| self.leader_of(l)).filter(|l| self.is_up(l)) else {
-            return Err(unavailable(local.as_deref()));
-        };
-        let mut request = vec![PURGE];
-        put_str(&mut request, vhost);
-        put_str(&mut request, name);
-        let answer = self.call(&leader, &request).await.ok_or_else(|| unavailable(local.as_deref()))?;
+        const AT: (u16, u16) = (50, 30);
+        let Some(local) = self.local(vhost, name) else { return Ok(0) };
+        let answer = self.ask(PURGE, &local, &[], AT).await?;
         let mut reader = Reader(&answer);
         match reader.u8() {
             Some(OK) => Ok(reader.u32().unwrap_or(0)),
-            _ => Err(unavailable(local.as_deref())),
+            _ => Err(self.unavailable(&local, AT)),
         }
     }
 
@@ -1004,29 +988,31 @@ impl Replication {
         self.local(vhost, name).is_some_and(|l| l.home.as_ref().is_some_and(|(home, _)| home != self.node.name()))
     }
 
-    /// Request `kind` (the virtual host, the queue, then `more`) to the home
-    /// node of classic queue `local`: its answer, or RabbitMQ's refusal for
-    /// a home node that is down, for the method `at`.
-    async fn ask_home(&self, kind: u8, local: &Local, more: &[u8], at: (u16, u16)) -> Result<Vec<u8>, AmqpError> {
-        let home_down = || self.home_down(local, at);
-        let Some((home, _)) = local.home.as_ref().filter(|(home, _)| self.is_up(home)) else {
-            return Err(home_down());
+    /// Request `kind` (the virtual host, the queue, then `more`) to the node
+    /// queue `local` runs on (a classic queue's home, a quorum queue's
+    /// leader): its answer, or why none came, for the method `at`.
+    async fn ask(&self, kind: u8, local: &Local, more: &[u8], at: (u16, u16)) -> Result<Vec<u8>, AmqpError> {
+        let unavailable = || self.unavailable(local, at);
+        let Some(node) = self.leader_of(local).filter(|node| self.is_up(node)) else {
+            return Err(unavailable());
         };
         let mut request = vec![kind];
         put_str(&mut request, &local.vhost);
         put_str(&mut request, &local.name);
         request.extend_from_slice(more);
-        self.call(home, &request).await.ok_or_else(home_down)
+        self.call(&node, &request).await.ok_or_else(unavailable)
     }
 
-    fn home_down(&self, local: &Local, (class, method): (u16, u16)) -> AmqpError {
+    /// RabbitMQ's refusal for a classic queue whose home node is down; a
+    /// quorum queue with no leader is locked.
+    fn unavailable(&self, local: &Local, (class, method): (u16, u16)) -> AmqpError {
         match &local.home {
             Some((home, classic)) => {
                 super::classic::home_down(home, &local.name, &local.vhost, *classic, class, method)
             }
             None => AmqpError::soft(
-                ReplyCode::NotFound,
-                format!("no queue '{}' in vhost '{}'", local.name, local.vhost),
+                ReplyCode::ResourceLocked,
+                format!("quorum queue '{}' in vhost '{}' has no leader now", local.name, local.vhost),
                 class,
                 method,
             ),
@@ -1046,7 +1032,7 @@ impl Replication {
                 AT.1,
             ));
         };
-        let answer = self.ask_home(GET, &local, &[u8::from(no_ack)], AT).await?;
+        let answer = self.ask(GET, &local, &[u8::from(no_ack)], AT).await?;
         let mut reader = Reader(&answer);
         match reader.u8() {
             Some(OK) => {
@@ -1055,11 +1041,11 @@ impl Replication {
                     let message = replica::decode_message(reader.0)?;
                     Some(RelayedGot { upstream, redelivered, message_count, message })
                 })();
-                parsed.map(Some).ok_or_else(|| self.home_down(&local, AT))
+                parsed.map(Some).ok_or_else(|| self.unavailable(&local, AT))
             }
             Some(EMPTY) => Ok(None),
             Some(REFUSED) => Err(refusal(&mut reader, AT)),
-            _ => Err(self.home_down(&local, AT)),
+            _ => Err(self.unavailable(&local, AT)),
         }
     }
 
@@ -1075,7 +1061,7 @@ impl Replication {
     ) -> Result<u32, AmqpError> {
         const AT: (u16, u16) = (50, 40);
         let Some(local) = self.local(vhost, name) else { return Ok(0) };
-        let answer = self.ask_home(DELETE, &local, &[u8::from(if_unused), u8::from(if_empty)], AT).await?;
+        let answer = self.ask(DELETE, &local, &[u8::from(if_unused), u8::from(if_empty)], AT).await?;
         let mut reader = Reader(&answer);
         match reader.u8() {
             Some(OK) => {
@@ -1089,7 +1075,7 @@ impl Replication {
             Some(REFUSED) => Err(refusal(&mut reader, AT)),
             // Gone from its home already.
             Some(NOT_LEADER) => Ok(0),
-            _ => Err(self.home_down(&local, AT)),
+            _ => Err(self.unavailable(&local, AT)),
         }
     }
 
