@@ -134,7 +134,7 @@ impl VirtualHostState {
     /// refused it (`reject-publish`) or is not a classic queue here.
     pub fn accept_forwarded(&mut self, name: &str, message: Arc<Message>) -> bool {
         let Some(id) = self.queue_ids.get(name).copied() else { return false };
-        if !self.queues.get(&id).is_some_and(|q| !q.replicated && q.stream.is_none()) {
+        if !self.queues.get(&id).is_some_and(shareable) {
             return false;
         }
         let rejected = self.enqueue_all(&[id], &message);
