@@ -966,7 +966,14 @@ async fn drive(inner: Weak<Inner>, transport: Arc<dyn Transport>) {
             // raise the term, and unseat a working leader once it is back
             // (the job Raft's pre-vote does, done by the failure detector).
             let hopeless = live.len() * 2 <= voters.len();
-            if leader_alive || hopeless || !voters.contains(&inner.id) || metrics.state == ServerState::Learner {
+            // A node handing its groups over stands for none of them.
+            let stopping = inner.handing_over.load(std::sync::atomic::Ordering::Acquire);
+            if leader_alive
+                || hopeless
+                || stopping
+                || !voters.contains(&inner.id)
+                || metrics.state == ServerState::Learner
+            {
                 next_try.remove(&group);
                 inner.hints.clear(group);
                 continue;
